@@ -1,0 +1,219 @@
+//! Round-trip latency and throughput of the gRPC front end, and the idle
+//! footprint of `filevol serve`.
+//!
+//! Run: `cargo bench --bench rpc_latency` (release build; prints a Markdown
+//! table for the README). It starts the real binary on a temporary socket and
+//! pool and measures, over the UNIX socket:
+//! - Probe: answered on the probe lane;
+//! - GetPluginInfo: handed to the worker pool and answered from a worker,
+//!   so it pays the full hand-off (completion queue -> crossbeam channel ->
+//!   worker -> oneshot -> completion queue);
+//! - calls/s with several client threads on their own connections;
+//! - the server's resident memory when idle and after the load.
+//!
+//! Environment: `BENCH_CALLS` (sequential calls per RPC, default 20000),
+//! `BENCH_THREADS` (client threads for the throughput run, default 8).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use filevol::proto::csi;
+use filevol::proto::grpc::IdentityClient;
+use grpcio::{ChannelBuilder, EnvBuilder, Environment};
+
+const NO_SUCH_METHOD: grpcio::Method<csi::ProbeRequest, csi::ProbeResponse> = grpcio::Method {
+    ty: grpcio::MethodType::Unary,
+    name: "/csi.v1.Identity/NoSuchMethod",
+    req_mar: grpcio::Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+    resp_mar: grpcio::Marshaller {
+        ser: grpcio::pb_ser,
+        de: grpcio::pb_de,
+    },
+};
+
+struct Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server() -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pool = dir.path().join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    let socket = dir.path().join("csi.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_filevol"))
+        .arg("serve")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--pool")
+        .arg(&pool)
+        .args(["--node-id", "bench", "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start filevol");
+    let address = format!("unix:{}", socket.display());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "filevol did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Server {
+        child,
+        _dir: dir,
+        address,
+    }
+}
+
+fn client(env: &Arc<Environment>, address: &str) -> IdentityClient {
+    // A local subchannel pool gives each client its own connection, as
+    // separate sidecars would have.
+    let channel = ChannelBuilder::new(Arc::clone(env))
+        .use_local_subchannel_pool(true)
+        .connect(address);
+    IdentityClient::new(channel)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/pid/status")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Times `calls` sequential calls of `f` after a warm-up.
+fn latencies(calls: usize, mut f: impl FnMut()) -> Vec<Duration> {
+    for _ in 0..calls / 10 {
+        f();
+    }
+    let mut out = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        f();
+        out.push(t.elapsed());
+    }
+    out.sort();
+    out
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
+    // and only wants to know the target builds and starts.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let calls = env_usize("BENCH_CALLS", 20_000);
+    let threads = env_usize("BENCH_THREADS", 8);
+    let server = start_server();
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let c = client(&env, &server.address);
+
+    // Wait until it answers, then let it settle before reading its RSS.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.probe(&csi::ProbeRequest::new()).is_err() {
+        assert!(Instant::now() < deadline, "filevol did not answer Probe");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss = rss_kib(server.child.id());
+
+    let probe = latencies(calls, || {
+        c.probe(&csi::ProbeRequest::new()).unwrap();
+    });
+    let info = latencies(calls, || {
+        c.get_plugin_info(&csi::GetPluginInfoRequest::new())
+            .unwrap();
+    });
+
+    // The floor: a method the server does not have, answered UNIMPLEMENTED
+    // by gRPC core on its own thread, with no filevol code and no hand-off.
+    let raw = grpcio::Client::new(
+        ChannelBuilder::new(Arc::clone(&env))
+            .use_local_subchannel_pool(true)
+            .connect(&server.address),
+    );
+    let floor = latencies(calls, || {
+        let r = raw.unary_call(
+            &NO_SUCH_METHOD,
+            &csi::ProbeRequest::new(),
+            Default::default(),
+        );
+        assert!(r.is_err());
+    });
+
+    let per_thread = calls / threads.max(1);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let c = client(&env, &server.address);
+            std::thread::spawn(move || {
+                for _ in 0..per_thread {
+                    c.get_plugin_info(&csi::GetPluginInfoRequest::new())
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let rate = (per_thread * threads) as f64 / started.elapsed().as_secs_f64();
+    let loaded_rss = rss_kib(server.child.id());
+
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| Probe round trip p50 / p99 (probe lane, {calls} calls) | {:.0} us / {:.0} us |",
+        us(percentile(&probe, 0.5)),
+        us(percentile(&probe, 0.99))
+    );
+    println!(
+        "| GetPluginInfo round trip p50 / p99 (worker pool, {calls} calls) | {:.0} us / {:.0} us |",
+        us(percentile(&info, 0.5)),
+        us(percentile(&info, 0.99))
+    );
+    println!(
+        "| floor: unknown method answered inline by gRPC core, p50 / p99 | {:.0} us / {:.0} us |",
+        us(percentile(&floor, 0.5)),
+        us(percentile(&floor, 0.99))
+    );
+    println!("| GetPluginInfo throughput, {threads} client threads | {rate:.0} calls/s |");
+    println!(
+        "| server RSS idle / after the load | {:.1} MiB / {:.1} MiB |",
+        idle_rss as f64 / 1024.0,
+        loaded_rss as f64 / 1024.0
+    );
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing filevol needs on a fresh Debian/Ubuntu
+# machine. Idempotent: packages already present are left alone.
+#
+# Build: cmake (grpcio-sys builds gRPC core with it), a C/C++ compiler.
+# Tests: the filesystem tools the node service runs (mkfs, growfs, probing)
+# and util-linux for losetup/blkid in test assertions.
+set -euo pipefail
+
+packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  echo "install-deps: installing ${missing[*]}" >&2
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The loop driver must be loaded for the node tests; it is built in on most
+# kernels, a module on some.
+[[ -e /dev/loop-control ]] || modprobe loop 2>/dev/null || true

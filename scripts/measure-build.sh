@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Measures what the README reports about the build: a clean release build's
+# wall time (dependencies and gRPC core included) and the stripped binary's
+# size. Builds in a throwaway target directory so the developer's target/ is
+# neither reused nor disturbed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target=$(mktemp -d)
+trap 'rm -rf "$target"' EXIT
+
+cargo fetch --locked >/dev/null
+start=$(date +%s)
+CARGO_TARGET_DIR="$target" cargo build --release --locked --offline --quiet
+end=$(date +%s)
+
+bin="$target/release/filevol"
+echo "clean release build: $((end - start)) s on $(nproc) cores"
+echo "binary size: $(stat -c %s "$bin") bytes ($(du -h --apparent-size "$bin" | cut -f1))"

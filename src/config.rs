@@ -1,0 +1,290 @@
+//! The driver's settings, resolved and checked from the command line before
+//! anything starts: a bad flag is a clear start-up error, never a surprise at
+//! the first call.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::{Mode, ServeArgs};
+use crate::server::socket::{Endpoint, SocketError};
+
+/// Everything `filevol serve` runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Services served.
+    pub mode: Mode,
+    /// Where the gRPC server listens.
+    pub endpoint: Endpoint,
+    /// Permission bits of the socket file.
+    pub socket_mode: u32,
+    /// The pool directory.
+    pub pool: PathBuf,
+    /// This node's id.
+    pub node_id: String,
+    /// Kubelet's root directory.
+    pub kubelet_dir: PathBuf,
+    /// The CSI driver name.
+    pub driver_name: String,
+    /// Worker threads.
+    pub workers: usize,
+    /// Calls that may wait for a worker.
+    pub queue_depth: usize,
+    /// Time in-flight calls get after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Settings that were not given and took their default, so start-up can
+    /// tell a new user where things are.
+    pub defaulted: Vec<String>,
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The endpoint is not a UNIX socket address filevol can use.
+    #[error("--endpoint")]
+    Endpoint(#[source] SocketError),
+    /// The pool directory given does not exist or is not a directory.
+    #[error("--pool {path}: {reason}")]
+    Pool {
+        /// The pool path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The default pool could not be created.
+    #[error("create default pool {path}")]
+    CreatePool {
+        /// The default pool path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The driver name breaks the CSI naming rule.
+    #[error("--driver-name {name:?}: {reason}")]
+    DriverName {
+        /// The name given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The node id is empty or too long.
+    #[error("--node-id {id:?}: {reason}")]
+    NodeId {
+        /// The id given.
+        id: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The kubelet directory is not absolute.
+    #[error("--kubelet-dir {0}: must be an absolute path")]
+    KubeletDir(PathBuf),
+}
+
+impl Config {
+    /// Resolves defaults and checks every setting.
+    pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
+        let root = rustix::process::getuid().is_root();
+        let mut defaulted = Vec::new();
+
+        let endpoint = match args.endpoint {
+            Some(e) => Endpoint::parse(&e).map_err(ConfigError::Endpoint)?,
+            None => {
+                let ep = Endpoint::from_path(default_socket(root));
+                defaulted.push(format!("endpoint {ep}"));
+                ep
+            }
+        };
+
+        let pool = match args.pool {
+            Some(p) => {
+                check_pool(&p)?;
+                p
+            }
+            None => {
+                let p = default_pool(root);
+                std::fs::create_dir_all(&p).map_err(|source| ConfigError::CreatePool {
+                    path: p.clone(),
+                    source,
+                })?;
+                defaulted.push(format!("pool {}", p.display()));
+                p
+            }
+        };
+
+        let node_id = match args.node_id {
+            Some(id) => id,
+            None => {
+                let host = rustix::system::uname()
+                    .nodename()
+                    .to_string_lossy()
+                    .into_owned();
+                defaulted.push(format!("node id {host:?} (the host name)"));
+                host
+            }
+        };
+        check_node_id(&node_id)?;
+        check_driver_name(&args.driver_name)?;
+        if !args.kubelet_dir.is_absolute() {
+            return Err(ConfigError::KubeletDir(args.kubelet_dir));
+        }
+
+        Ok(Config {
+            mode: args.mode,
+            endpoint,
+            socket_mode: args.socket_mode,
+            pool,
+            node_id,
+            kubelet_dir: args.kubelet_dir,
+            driver_name: args.driver_name,
+            workers: usize::from(args.workers),
+            queue_depth: usize::from(args.queue_depth),
+            shutdown_grace: Duration::from_secs(args.shutdown_grace),
+            defaulted,
+        })
+    }
+}
+
+fn default_socket(root: bool) -> PathBuf {
+    if root {
+        return PathBuf::from("/run/filevol/csi.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if Path::new(&dir).is_absolute() => Path::new(&dir).join("filevol/csi.sock"),
+        _ => PathBuf::from(format!(
+            "/tmp/filevol-{}/csi.sock",
+            rustix::process::getuid().as_raw()
+        )),
+    }
+}
+
+fn default_pool(root: bool) -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) if !root && Path::new(&home).is_absolute() => {
+            Path::new(&home).join(".local/share/filevol")
+        }
+        _ => PathBuf::from("/var/lib/filevol"),
+    }
+}
+
+fn check_pool(path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::Pool {
+        path: path.to_owned(),
+        reason,
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(err("not a directory".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(err(
+            "does not exist; create it, or mount the shared filesystem there first".into(),
+        )),
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// The CSI spec: at most 63 characters, starting and ending with an
+/// alphanumeric, with `-`, `.` and alphanumerics between (domain notation).
+fn check_driver_name(name: &str) -> Result<(), ConfigError> {
+    let err = |reason| {
+        Err(ConfigError::DriverName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > 63 {
+        return err("must be 1 to 63 characters");
+    }
+    let bytes = name.as_bytes();
+    if !bytes[0].is_ascii_alphanumeric() || !bytes[bytes.len() - 1].is_ascii_alphanumeric() {
+        return err("must begin and end with a letter or digit");
+    }
+    if !bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'.')
+    {
+        return err("may contain only letters, digits, '-' and '.'");
+    }
+    Ok(())
+}
+
+/// The CSI spec caps node ids at 256 bytes.
+fn check_node_id(id: &str) -> Result<(), ConfigError> {
+    let reason = if id.is_empty() {
+        "must not be empty"
+    } else if id.len() > 256 {
+        "must be at most 256 bytes"
+    } else if id.contains('\0') {
+        "must not contain NUL"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::NodeId {
+        id: id.to_owned(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["filevol", "serve"];
+        argv.extend_from_slice(extra);
+        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command;
+        args
+    }
+
+    #[test]
+    fn driver_names_follow_the_spec() {
+        assert!(check_driver_name("filevol.csi.rs").is_ok());
+        assert!(check_driver_name("a").is_ok());
+        assert!(check_driver_name("").is_err());
+        assert!(check_driver_name("-filevol").is_err());
+        assert!(check_driver_name("filevol.").is_err());
+        assert!(check_driver_name("file_vol").is_err());
+        assert!(check_driver_name(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn node_ids_are_bounded() {
+        assert!(check_node_id("node-1").is_ok());
+        assert!(check_node_id("").is_err());
+        assert!(check_node_id(&"n".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn an_explicit_pool_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nfs-not-mounted");
+        let err = Config::from_args(args(&[
+            "--pool",
+            missing.to_str().unwrap(),
+            "--endpoint",
+            "unix:///tmp/x.sock",
+            "--node-id",
+            "n1",
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Pool { .. }), "{err}");
+        assert!(!missing.exists(), "a missing pool must not be created");
+    }
+
+    #[test]
+    fn explicit_settings_are_not_reported_as_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_args(args(&[
+            "--pool",
+            dir.path().to_str().unwrap(),
+            "--endpoint",
+            "unix:///tmp/x.sock",
+            "--node-id",
+            "n1",
+        ]))
+        .unwrap();
+        assert!(cfg.defaulted.is_empty(), "{:?}", cfg.defaulted);
+        assert_eq!(cfg.endpoint.path(), Path::new("/tmp/x.sock"));
+        assert_eq!(cfg.workers, 8);
+    }
+}

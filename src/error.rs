@@ -1,0 +1,193 @@
+//! Errors a CSI call can end with, and the one place that turns them into
+//! gRPC status codes.
+//!
+//! Each layer below (request validation, the executor, later the pool and the
+//! node's kernel layer) has its own error type; they all meet in [`Error`],
+//! and [`to_status`] is the only function that picks a gRPC code. The mapping
+//! is keyed by the RPC as well as the error, because the CSI spec's error
+//! tables give different codes for the same condition in different calls, and
+//! it has no catch-all arm: a new error variant does not compile until someone
+//! has decided its code.
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+
+use grpcio::{RpcStatus, RpcStatusCode};
+
+use crate::rpc::Rpc;
+
+/// Why a CSI call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed: a required field is missing or a value is
+    /// outside what the spec or filevol accepts.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The request field at fault, as named in the CSI spec.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another call on the same volume or snapshot is in progress. The CSI
+    /// spec's concurrency section asks for ABORTED so the caller retries.
+    #[error("an operation on {key} is already in progress; retry later")]
+    Busy {
+        /// The lock key that was held (`volume/<id>`, `snapshot/<id>`, ...).
+        key: String,
+    },
+    /// Every worker is busy and the queue in front of them is full.
+    #[error("all workers are busy and {queued} calls are queued; retry later")]
+    QueueFull {
+        /// How many calls were waiting when this one was refused.
+        queued: usize,
+    },
+    /// The server is draining after SIGTERM/SIGINT and takes no new work.
+    #[error("filevol is shutting down")]
+    ShuttingDown,
+    /// The operation panicked. The worker survived; the call did not.
+    #[error("internal error: the operation panicked: {0}")]
+    Panicked(String),
+    /// The call is registered but filevol does not implement it (yet).
+    #[error("{0} is not implemented")]
+    Unimplemented(Rpc),
+    /// The plugin cannot serve: the pool is unusable or workers are gone.
+    /// Needs an operator, so Probe reports it as FAILED_PRECONDITION.
+    #[error("not healthy: {0}")]
+    Unhealthy(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The gRPC status code for `err` as an answer to `rpc`.
+pub fn status_code(rpc: Rpc, err: &Error) -> RpcStatusCode {
+    match err {
+        Error::InvalidArgument { .. } => RpcStatusCode::INVALID_ARGUMENT,
+        Error::Busy { .. } => RpcStatusCode::ABORTED,
+        Error::QueueFull { .. } => RpcStatusCode::RESOURCE_EXHAUSTED,
+        Error::ShuttingDown => RpcStatusCode::UNAVAILABLE,
+        Error::Panicked(_) => RpcStatusCode::INTERNAL,
+        Error::Unimplemented(_) => RpcStatusCode::UNIMPLEMENTED,
+        // The spec's Probe table: an unhealthy plugin that needs intervention
+        // answers FAILED_PRECONDITION. Any other call cannot be served at all
+        // right now, which is what UNAVAILABLE means to a retrying sidecar.
+        Error::Unhealthy(_) => match rpc {
+            Rpc::Probe => RpcStatusCode::FAILED_PRECONDITION,
+            _ => RpcStatusCode::UNAVAILABLE,
+        },
+    }
+}
+
+/// The canonical name of a gRPC status code (`NOT_FOUND`), for log lines.
+pub fn code_name(code: RpcStatusCode) -> &'static str {
+    const NAMES: [(RpcStatusCode, &str); 17] = [
+        (RpcStatusCode::OK, "OK"),
+        (RpcStatusCode::CANCELLED, "CANCELLED"),
+        (RpcStatusCode::UNKNOWN, "UNKNOWN"),
+        (RpcStatusCode::INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (RpcStatusCode::DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+        (RpcStatusCode::NOT_FOUND, "NOT_FOUND"),
+        (RpcStatusCode::ALREADY_EXISTS, "ALREADY_EXISTS"),
+        (RpcStatusCode::PERMISSION_DENIED, "PERMISSION_DENIED"),
+        (RpcStatusCode::RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+        (RpcStatusCode::FAILED_PRECONDITION, "FAILED_PRECONDITION"),
+        (RpcStatusCode::ABORTED, "ABORTED"),
+        (RpcStatusCode::OUT_OF_RANGE, "OUT_OF_RANGE"),
+        (RpcStatusCode::UNIMPLEMENTED, "UNIMPLEMENTED"),
+        (RpcStatusCode::INTERNAL, "INTERNAL"),
+        (RpcStatusCode::UNAVAILABLE, "UNAVAILABLE"),
+        (RpcStatusCode::DATA_LOSS, "DATA_LOSS"),
+        (RpcStatusCode::UNAUTHENTICATED, "UNAUTHENTICATED"),
+    ];
+    NAMES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("UNKNOWN", |(_, name)| name)
+}
+
+/// The full answer for `err`: its code and a message with the whole cause
+/// chain, so the sidecar's event tells the operator what went wrong.
+pub fn to_status(rpc: Rpc, err: &Error) -> RpcStatus {
+    RpcStatus::with_message(status_code(rpc, err), message_chain(err))
+}
+
+/// `err` followed by each of its sources, `: `-separated. Errors in this
+/// crate do not repeat their source in their own message, so nothing is said
+/// twice.
+pub fn message_chain(err: &dyn StdError) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let _ = write!(msg, ": {cause}");
+        source = cause.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_is_aborted_so_sidecars_retry() {
+        let err = Error::Busy {
+            key: "volume/v1".into(),
+        };
+        assert_eq!(
+            status_code(Rpc::NodeStageVolume, &err),
+            RpcStatusCode::ABORTED
+        );
+        assert_eq!(status_code(Rpc::CreateVolume, &err), RpcStatusCode::ABORTED);
+    }
+
+    #[test]
+    fn unhealthy_depends_on_the_rpc() {
+        let err = Error::Unhealthy("pool gone".into());
+        assert_eq!(
+            status_code(Rpc::Probe, &err),
+            RpcStatusCode::FAILED_PRECONDITION
+        );
+        assert_eq!(
+            status_code(Rpc::GetPluginInfo, &err),
+            RpcStatusCode::UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn status_message_carries_the_cause_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("open pool")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such directory",
+        ));
+        assert_eq!(message_chain(&err), "open pool: no such directory");
+    }
+
+    #[test]
+    fn queue_full_and_shutdown_codes() {
+        assert_eq!(
+            status_code(Rpc::GetPluginInfo, &Error::QueueFull { queued: 3 }),
+            RpcStatusCode::RESOURCE_EXHAUSTED
+        );
+        assert_eq!(
+            status_code(Rpc::DeleteVolume, &Error::ShuttingDown),
+            RpcStatusCode::UNAVAILABLE
+        );
+        assert_eq!(
+            status_code(Rpc::DeleteVolume, &Error::Panicked("boom".into())),
+            RpcStatusCode::INTERNAL
+        );
+        let st = to_status(Rpc::ListVolumes, &Error::Unimplemented(Rpc::ListVolumes));
+        assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
+        assert_eq!(st.message(), "ListVolumes is not implemented");
+    }
+}

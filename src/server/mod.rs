@@ -1,0 +1,132 @@
+//! The gRPC server's life: claim the socket, start the workers and gRPC core,
+//! serve until a signal, drain, and clean up.
+
+pub mod signals;
+pub mod socket;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpcio::{ChannelBuilder, EnvBuilder, ServerBuilder};
+
+use crate::config::{Config, ConfigError};
+use crate::service::{CsiService, Driver};
+use socket::{SocketClaim, SocketError};
+
+/// Largest request accepted. CSI requests are a few KiB at most (ids,
+/// parameters, secrets); the bound keeps a hostile client from making the
+/// driver buffer gRPC's default 4 MiB per call.
+pub const MAX_REQUEST_BYTES: i32 = 1 << 20;
+
+/// How long cancelled calls get to unwind after the grace period.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// Why `filevol serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A setting is unusable.
+    #[error("configuration")]
+    Config(#[from] ConfigError),
+    /// The socket path cannot be used.
+    #[error("socket")]
+    Socket(#[from] SocketError),
+    /// Threads could not be started.
+    #[error("start worker threads")]
+    Threads(#[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// gRPC core refused the server.
+    #[error("build the gRPC server")]
+    Grpc(#[from] grpcio::Error),
+}
+
+/// Serves CSI on `config.endpoint` until SIGTERM or SIGINT, then drains.
+pub fn run(config: Config) -> Result<(), ServeError> {
+    let mut claim = SocketClaim::claim(&config.endpoint)?;
+    let grace = config.shutdown_grace;
+    let socket_mode = config.socket_mode;
+    let driver = Driver::start(config).map_err(ServeError::Threads)?;
+    let cfg = &driver.config;
+
+    // One completion queue: its thread only decodes, validates and hands
+    // off, which one thread does at tens of thousands of calls a second.
+    let env = Arc::new(
+        EnvBuilder::new()
+            .cq_count(1)
+            .name_prefix("filevol-grpc")
+            .build(),
+    );
+    let args = ChannelBuilder::new(Arc::clone(&env))
+        .max_receive_message_len(MAX_REQUEST_BYTES)
+        .build_args();
+    let mut builder = ServerBuilder::new(env).channel_args(args);
+    for service in CsiService::new(Arc::clone(&driver)).grpc_services() {
+        builder = builder.register_service(service);
+    }
+    let mut server = builder.build()?;
+    claim.bind(&mut server, socket_mode)?;
+    // Watch signals before serving, so a SIGTERM that arrives during
+    // start-up still drains instead of killing the process mid-call.
+    let stop = signals::watch().map_err(ServeError::Signals)?;
+    server.start();
+
+    log::info!(
+        "filevol {} serving mode={} driver={} node={} endpoint={} pool={} workers={} queue={}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.mode,
+        cfg.driver_name,
+        cfg.node_id,
+        cfg.endpoint,
+        cfg.pool.display(),
+        cfg.workers,
+        cfg.queue_depth
+    );
+    if !cfg.defaulted.is_empty() {
+        eprintln!(
+            "filevol: serving with defaults: {} (see `filevol serve --help`)",
+            cfg.defaulted.join(", ")
+        );
+    }
+
+    let sig = stop.recv().unwrap_or(signal_hook::consts::SIGTERM);
+    log::info!(
+        "{} received: refusing new calls, finishing those in flight (up to {}s); a second signal exits at once",
+        signals::name(sig),
+        grace.as_secs()
+    );
+    drain(&mut server, grace);
+    driver.executor.shutdown();
+    drop(server);
+    drop(claim);
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Stops accepting calls and waits up to `grace` for those in progress,
+/// then cancels what is left.
+fn drain(server: &mut grpcio::Server, grace: Duration) {
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let shutdown = server.shutdown();
+    let waiter = std::thread::Builder::new()
+        .name("filevol-drain".into())
+        .spawn(move || {
+            if let Err(e) = futures_executor::block_on(shutdown) {
+                log::warn!("gRPC shutdown: {e}");
+            }
+            let _ = done_tx.send(());
+        });
+    if waiter.is_err() {
+        log::warn!("could not start the drain thread; cancelling calls in flight");
+        server.cancel_all_calls();
+        return;
+    }
+    if done_rx.recv_timeout(grace).is_err() {
+        log::warn!(
+            "calls still in flight after {}s: cancelling them",
+            grace.as_secs()
+        );
+        server.cancel_all_calls();
+        let _ = done_rx.recv_timeout(CANCEL_WAIT);
+    }
+}

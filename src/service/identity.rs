@@ -1,0 +1,180 @@
+//! The Identity service: who the plugin is, what it offers, whether it can
+//! serve.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use protobuf::well_known_types::wrappers::BoolValue;
+
+use super::{Driver, Operation};
+use crate::cli::Mode;
+use crate::error::Error;
+use crate::executor::{Job, Lane, WorkerPool};
+use crate::proto::csi;
+use crate::proto::csi::plugin_capability::{service, volume_expansion};
+use crate::rpc::Rpc;
+
+impl Operation for csi::GetPluginInfoRequest {
+    type Response = csi::GetPluginInfoResponse;
+    const RPC: Rpc = Rpc::GetPluginInfo;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let mut resp = csi::GetPluginInfoResponse::new();
+            resp.name.clone_from(&driver.config.driver_name);
+            resp.vendor_version = env!("CARGO_PKG_VERSION").to_owned();
+            resp.manifest
+                .insert("mode".into(), driver.config.mode.to_string());
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::GetPluginCapabilitiesRequest {
+    type Response = csi::GetPluginCapabilitiesResponse;
+    const RPC: Rpc = Rpc::GetPluginCapabilities;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let mode = driver.config.mode;
+        Ok(Job::new(move || {
+            let mut resp = csi::GetPluginCapabilitiesResponse::new();
+            resp.capabilities = plugin_capabilities(mode);
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::ProbeRequest {
+    type Response = csi::ProbeResponse;
+    const RPC: Rpc = Rpc::Probe;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let driver = Arc::clone(driver);
+        let job = Job::new(move || {
+            check_health(&driver.config.pool, driver.executor.workers())?;
+            let mut resp = csi::ProbeResponse::new();
+            resp.ready = Some(BoolValue {
+                value: true,
+                ..Default::default()
+            })
+            .into();
+            Ok(resp)
+        });
+        Ok(job.on_lane(Lane::Probe))
+    }
+}
+
+/// What this process offers: the controller service and topology only where
+/// it serves the controller; volume expansion, online and offline, always.
+fn plugin_capabilities(mode: Mode) -> Vec<csi::PluginCapability> {
+    let svc = |t: service::Type| {
+        let mut cap = csi::PluginCapability::new();
+        let mut s = csi::plugin_capability::Service::new();
+        s.type_ = t.into();
+        cap.set_service(s);
+        cap
+    };
+    let expansion = |t: volume_expansion::Type| {
+        let mut cap = csi::PluginCapability::new();
+        let mut e = csi::plugin_capability::VolumeExpansion::new();
+        e.type_ = t.into();
+        cap.set_volume_expansion(e);
+        cap
+    };
+    let mut caps = Vec::new();
+    if mode.serves_controller() {
+        caps.push(svc(service::Type::CONTROLLER_SERVICE));
+        caps.push(svc(service::Type::VOLUME_ACCESSIBILITY_CONSTRAINTS));
+    }
+    caps.push(expansion(volume_expansion::Type::ONLINE));
+    caps.push(expansion(volume_expansion::Type::OFFLINE));
+    caps
+}
+
+/// Ready means: the pool is a directory this process can read and write,
+/// and every worker thread is running.
+fn check_health(pool: &Path, workers: &WorkerPool) -> Result<(), Error> {
+    use rustix::fs::Access;
+    // access(2) reports EROFS for a read-only mount even to root, and needs
+    // no write to the pool, so probing costs no I/O.
+    rustix::fs::access(pool, Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK).map_err(
+        |e| {
+            Error::Unhealthy(format!(
+                "pool {} is not readable and writable: {}",
+                pool.display(),
+                std::io::Error::from(e)
+            ))
+        },
+    )?;
+    let alive = workers.alive();
+    if alive < workers.size() {
+        return Err(Error::Unhealthy(format!(
+            "only {alive} of {} worker threads are running",
+            workers.size()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(mode: Mode) -> Vec<service::Type> {
+        plugin_capabilities(mode)
+            .iter()
+            .filter(|c| c.has_service())
+            .map(|c| c.service().type_.enum_value().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn controller_capabilities_only_where_served() {
+        assert!(services(Mode::Node).is_empty());
+        for mode in [Mode::Controller, Mode::All] {
+            assert_eq!(
+                services(mode),
+                [
+                    service::Type::CONTROLLER_SERVICE,
+                    service::Type::VOLUME_ACCESSIBILITY_CONSTRAINTS
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn expansion_is_online_and_offline() {
+        let exp: Vec<_> = plugin_capabilities(Mode::Node)
+            .iter()
+            .filter(|c| c.has_volume_expansion())
+            .map(|c| c.volume_expansion().type_.enum_value().unwrap())
+            .collect();
+        assert_eq!(
+            exp,
+            [
+                volume_expansion::Type::ONLINE,
+                volume_expansion::Type::OFFLINE
+            ]
+        );
+    }
+
+    #[test]
+    fn health_needs_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let workers = WorkerPool::start("t-health", 1, 1).unwrap();
+        check_health(dir.path(), &workers).unwrap();
+        let gone = dir.path().join("gone");
+        let err = check_health(&gone, &workers).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
+    }
+
+    #[test]
+    fn health_needs_every_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let workers = WorkerPool::start("t-health2", 2, 1).unwrap();
+        workers.shutdown();
+        let err = check_health(dir.path(), &workers).unwrap_err();
+        assert!(err.to_string().contains("0 of 2"), "{err}");
+    }
+}

@@ -1,0 +1,178 @@
+//! The CSI services: from a decoded request to a queued job.
+//!
+//! Each request type implements [`Operation`]: on the completion-queue thread
+//! it checks the request and turns it into typed values and a [`Job`] (the
+//! blocking work, the volumes it locks); the executor runs the job on a
+//! worker. One generic `CsiService::dispatch` does the rest for every RPC,
+//! so logging, locking, back-pressure and the error mapping cannot differ
+//! between calls.
+
+mod controller;
+mod identity;
+mod node;
+
+use std::sync::Arc;
+
+use grpcio::{RpcContext, UnarySink};
+use protobuf::MessageFull;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::executor::{Executor, Job};
+use crate::proto::{csi, grpc};
+use crate::redact::redacted_text;
+use crate::rpc::Rpc;
+
+/// State shared by every call.
+#[derive(Debug)]
+pub struct Driver {
+    /// The settings the driver runs with.
+    pub config: Config,
+    /// Worker pool, probe lane and lock table.
+    pub executor: Executor,
+}
+
+impl Driver {
+    /// Starts the executor for `config`.
+    pub fn start(config: Config) -> std::io::Result<Arc<Driver>> {
+        let executor = Executor::start(config.workers, config.queue_depth)?;
+        Ok(Arc::new(Driver { config, executor }))
+    }
+}
+
+/// A CSI request that filevol can run.
+pub trait Operation: MessageFull + Send + 'static {
+    /// The matching response message.
+    type Response: Send + 'static;
+    /// Which RPC this request belongs to.
+    const RPC: Rpc;
+    /// Checks the request and builds its job. Runs on a completion-queue
+    /// thread: no syscalls, no blocking.
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error>;
+}
+
+/// The lock key of a volume.
+pub fn volume_key(id: &str) -> String {
+    format!("volume/{id}")
+}
+
+/// The one implementation of every generated service trait.
+#[derive(Debug, Clone)]
+pub struct CsiService {
+    driver: Arc<Driver>,
+}
+
+impl CsiService {
+    /// Serves calls against `driver`.
+    pub fn new(driver: Arc<Driver>) -> Self {
+        CsiService { driver }
+    }
+
+    /// The gRPC services this driver's mode serves.
+    pub fn grpc_services(&self) -> Vec<grpcio::Service> {
+        let mode = self.driver.config.mode;
+        let mut services = vec![grpc::create_identity(self.clone())];
+        if mode.serves_controller() {
+            services.push(grpc::create_controller(self.clone()));
+            services.push(grpc::create_group_controller(self.clone()));
+        }
+        if mode.serves_node() {
+            services.push(grpc::create_node(self.clone()));
+        }
+        services
+    }
+
+    fn dispatch<Req: Operation>(
+        &self,
+        ctx: RpcContext<'_>,
+        req: Req,
+        sink: UnarySink<Req::Response>,
+    ) {
+        if log::log_enabled!(log::Level::Trace) {
+            log::trace!("{} request: {}", Req::RPC, redacted_text(&req));
+        }
+        let job = req.prepare(&self.driver);
+        self.driver.executor.submit(&ctx, Req::RPC, sink, job);
+    }
+}
+
+/// Implements a generated service trait by sending every method through
+/// `CsiService::dispatch`.
+macro_rules! dispatch_all {
+    ($service:path { $($method:ident($req:ident) -> $resp:ident;)* }) => {
+        impl $service for CsiService {
+            $(
+                fn $method(&mut self, ctx: RpcContext<'_>, req: csi::$req, sink: UnarySink<csi::$resp>) {
+                    self.dispatch(ctx, req, sink)
+                }
+            )*
+        }
+    };
+}
+
+/// Declares requests whose RPC filevol registers but does not implement
+/// yet: they pass through validation-free dispatch (so they are logged,
+/// locked per volume and queued like the rest) and answer UNIMPLEMENTED.
+macro_rules! not_implemented {
+    ($($req:ident -> $resp:ident as $rpc:ident $(locking $field:ident)?;)*) => {
+        $(
+            impl $crate::service::Operation for csi::$req {
+                type Response = csi::$resp;
+                const RPC: Rpc = Rpc::$rpc;
+                fn prepare(self, _driver: &Arc<Driver>) -> Result<Job<csi::$resp>, Error> {
+                    #[allow(unused_mut)]
+                    let mut job = Job::new(|| Err(Error::Unimplemented(Rpc::$rpc)));
+                    $(
+                        if !self.$field.is_empty() {
+                            job = job.locking($crate::service::volume_key(&self.$field));
+                        }
+                    )?
+                    Ok(job)
+                }
+            }
+        )*
+    };
+}
+pub(crate) use not_implemented;
+
+dispatch_all!(grpc::Identity {
+    get_plugin_info(GetPluginInfoRequest) -> GetPluginInfoResponse;
+    get_plugin_capabilities(GetPluginCapabilitiesRequest) -> GetPluginCapabilitiesResponse;
+    probe(ProbeRequest) -> ProbeResponse;
+});
+
+dispatch_all!(grpc::Controller {
+    create_volume(CreateVolumeRequest) -> CreateVolumeResponse;
+    delete_volume(DeleteVolumeRequest) -> DeleteVolumeResponse;
+    controller_publish_volume(ControllerPublishVolumeRequest) -> ControllerPublishVolumeResponse;
+    controller_unpublish_volume(ControllerUnpublishVolumeRequest) -> ControllerUnpublishVolumeResponse;
+    validate_volume_capabilities(ValidateVolumeCapabilitiesRequest) -> ValidateVolumeCapabilitiesResponse;
+    list_volumes(ListVolumesRequest) -> ListVolumesResponse;
+    get_capacity(GetCapacityRequest) -> GetCapacityResponse;
+    controller_get_capabilities(ControllerGetCapabilitiesRequest) -> ControllerGetCapabilitiesResponse;
+    create_snapshot(CreateSnapshotRequest) -> CreateSnapshotResponse;
+    delete_snapshot(DeleteSnapshotRequest) -> DeleteSnapshotResponse;
+    list_snapshots(ListSnapshotsRequest) -> ListSnapshotsResponse;
+    get_snapshot(GetSnapshotRequest) -> GetSnapshotResponse;
+    controller_expand_volume(ControllerExpandVolumeRequest) -> ControllerExpandVolumeResponse;
+    controller_get_volume(ControllerGetVolumeRequest) -> ControllerGetVolumeResponse;
+    controller_modify_volume(ControllerModifyVolumeRequest) -> ControllerModifyVolumeResponse;
+});
+
+dispatch_all!(grpc::GroupController {
+    group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest) -> GroupControllerGetCapabilitiesResponse;
+    create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest) -> CreateVolumeGroupSnapshotResponse;
+    delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest) -> DeleteVolumeGroupSnapshotResponse;
+    get_volume_group_snapshot(GetVolumeGroupSnapshotRequest) -> GetVolumeGroupSnapshotResponse;
+});
+
+dispatch_all!(grpc::Node {
+    node_stage_volume(NodeStageVolumeRequest) -> NodeStageVolumeResponse;
+    node_unstage_volume(NodeUnstageVolumeRequest) -> NodeUnstageVolumeResponse;
+    node_publish_volume(NodePublishVolumeRequest) -> NodePublishVolumeResponse;
+    node_unpublish_volume(NodeUnpublishVolumeRequest) -> NodeUnpublishVolumeResponse;
+    node_get_volume_stats(NodeGetVolumeStatsRequest) -> NodeGetVolumeStatsResponse;
+    node_expand_volume(NodeExpandVolumeRequest) -> NodeExpandVolumeResponse;
+    node_get_capabilities(NodeGetCapabilitiesRequest) -> NodeGetCapabilitiesResponse;
+    node_get_info(NodeGetInfoRequest) -> NodeGetInfoResponse;
+});

@@ -1,0 +1,8 @@
+//! Integration tests: the real `filevol` binary on a temporary socket and
+//! pool, driven over gRPC. One test binary (gRPC core is linked into each).
+
+mod dispatch;
+mod identity;
+mod lifecycle;
+mod logging;
+mod util;
