@@ -108,10 +108,39 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u16).range(0..=16384))]
     pub queue_depth: u16,
 
+    /// Bytes of the pool filesystem never promised to volumes (suffixes Ki,
+    /// Mi, Gi, Ti).
+    #[arg(long, env = "FILEVOL_RESERVE", default_value = "64Mi", value_parser = parse_size)]
+    pub reserve: u64,
+
+    /// How many times its usable size the pool may promise to thin volumes
+    /// (1.0: never more than it can write).
+    #[arg(long, env = "FILEVOL_OVERCOMMIT", default_value_t = 1.0)]
+    pub overcommit: f64,
+
+    /// The topology segment of this pool's volumes, `key=value[,key=value]`.
+    /// Default: `topology.filevol.csi.rs/node=<node id>`, a node-local pool.
+    /// An empty value means reachable from every node: a shared pool.
+    #[arg(long, env = "FILEVOL_TOPOLOGY")]
+    pub topology: Option<String>,
+
     /// Seconds in-flight calls get to finish after SIGTERM before they are
     /// cancelled.
     #[arg(long, env = "FILEVOL_SHUTDOWN_GRACE", default_value_t = 20)]
     pub shutdown_grace: u64,
+}
+
+/// Parses a byte count with an optional binary suffix: `512`, `64Mi`, `2Gi`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = [("Ki", 10), ("Mi", 20), ("Gi", 30), ("Ti", 40)]
+        .iter()
+        .find_map(|(suffix, shift)| s.strip_suffix(suffix).map(|d| (d, *shift)))
+        .unwrap_or((s, 0));
+    let n: u64 = digits
+        .parse()
+        .map_err(|e| format!("{s:?} is not a size (bytes, or a number with Ki/Mi/Gi/Ti): {e}"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_octal_mode(s: &str) -> Result<u32, String> {
@@ -150,6 +179,15 @@ mod tests {
         assert_eq!(parse_octal_mode("0o640").unwrap(), 0o640);
         assert!(parse_octal_mode("0888").is_err());
         assert!(parse_octal_mode("10000").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64Mi").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2Ti").unwrap(), 2 << 40);
+        assert!(parse_size("1.5Gi").is_err());
+        assert!(parse_size("99999999999Ti").is_err());
     }
 
     #[test]

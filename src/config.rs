@@ -2,6 +2,7 @@
 //! anything starts: a bad flag is a clear start-up error, never a surprise at
 //! the first call.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +30,12 @@ pub struct Config {
     pub workers: usize,
     /// Calls that may wait for a worker.
     pub queue_depth: usize,
+    /// Bytes of the pool never promised to volumes.
+    pub reserve_bytes: u64,
+    /// Thin-provisioning bound (times the usable size).
+    pub overcommit: f64,
+    /// The topology segment of the pool's volumes (empty: everywhere).
+    pub topology: BTreeMap<String, String>,
     /// Time in-flight calls get after SIGTERM.
     pub shutdown_grace: Duration,
     /// Settings that were not given and took their default, so start-up can
@@ -75,6 +82,12 @@ pub enum ConfigError {
         /// Which rule it breaks.
         reason: &'static str,
     },
+    /// The topology is not `key=value[,key=value]`.
+    #[error("--topology {0:?}: expected key=value[,key=value]")]
+    Topology(String),
+    /// The overcommit ratio is not a positive number.
+    #[error("--overcommit {0}: must be a positive number")]
+    Overcommit(f64),
     /// The kubelet directory is not absolute.
     #[error("--kubelet-dir {0}: must be an absolute path")]
     KubeletDir(PathBuf),
@@ -128,8 +141,19 @@ impl Config {
             return Err(ConfigError::KubeletDir(args.kubelet_dir));
         }
 
+        let topology = match &args.topology {
+            None => BTreeMap::from([(TOPOLOGY_NODE_KEY.to_owned(), node_id.clone())]),
+            Some(spec) => parse_topology(spec)?,
+        };
+        if !(args.overcommit.is_finite() && args.overcommit > 0.0) {
+            return Err(ConfigError::Overcommit(args.overcommit));
+        }
+
         Ok(Config {
             mode: args.mode,
+            reserve_bytes: args.reserve,
+            overcommit: args.overcommit,
+            topology,
             endpoint,
             socket_mode: args.socket_mode,
             pool,
@@ -142,6 +166,22 @@ impl Config {
             defaulted,
         })
     }
+}
+
+/// The topology key of a node-local pool's segment.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.filevol.csi.rs/node";
+
+fn parse_topology(spec: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+            _ => return Err(ConfigError::Topology(spec.to_owned())),
+        }
+    }
+    Ok(out)
 }
 
 fn default_socket(root: bool) -> PathBuf {
@@ -248,6 +288,16 @@ mod tests {
     }
 
     #[test]
+    fn topology_forms() {
+        assert!(parse_topology("").unwrap().is_empty());
+        let t = parse_topology("zone=a, rack=r1").unwrap();
+        assert_eq!(t["zone"], "a");
+        assert_eq!(t["rack"], "r1");
+        assert!(parse_topology("zone").is_err());
+        assert!(parse_topology("=a").is_err());
+    }
+
+    #[test]
     fn node_ids_are_bounded() {
         assert!(check_node_id("node-1").is_ok());
         assert!(check_node_id("").is_err());
@@ -284,6 +334,7 @@ mod tests {
         ]))
         .unwrap();
         assert!(cfg.defaulted.is_empty(), "{:?}", cfg.defaulted);
+        assert_eq!(cfg.topology[TOPOLOGY_NODE_KEY], "n1");
         assert_eq!(cfg.endpoint.path(), Path::new("/tmp/x.sock"));
         assert_eq!(cfg.workers, 8);
     }

@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 
 use grpcio::{RpcStatus, RpcStatusCode};
 
+use crate::pool::PoolError;
 use crate::rpc::Rpc;
 
 /// Why a CSI call failed.
@@ -54,6 +55,12 @@ pub enum Error {
     /// Needs an operator, so Probe reports it as FAILED_PRECONDITION.
     #[error("not healthy: {0}")]
     Unhealthy(String),
+    /// A pagination token this driver did not hand out.
+    #[error("starting_token {0:?} was not issued by this driver; start the listing again")]
+    BadToken(String),
+    /// The pool refused or failed the operation.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
 }
 
 impl Error {
@@ -82,6 +89,35 @@ pub fn status_code(rpc: Rpc, err: &Error) -> RpcStatusCode {
             Rpc::Probe => RpcStatusCode::FAILED_PRECONDITION,
             _ => RpcStatusCode::UNAVAILABLE,
         },
+        Error::BadToken(_) => RpcStatusCode::ABORTED,
+        Error::Pool(e) => pool_code(rpc, e),
+    }
+}
+
+fn pool_code(rpc: Rpc, err: &PoolError) -> RpcStatusCode {
+    match err {
+        PoolError::NotFound { .. } | PoolError::NodeNotFound(_) => RpcStatusCode::NOT_FOUND,
+        PoolError::Incompatible { .. } | PoolError::AttachedIncompatibly { .. } => {
+            RpcStatusCode::ALREADY_EXISTS
+        }
+        PoolError::OutOfRange(_) => RpcStatusCode::OUT_OF_RANGE,
+        // "Insufficient capacity", "not enough space to create snapshot",
+        // "unable to provision in accessible_topology": all
+        // RESOURCE_EXHAUSTED in the spec's tables.
+        PoolError::Exhausted { .. } | PoolError::NoSpace { .. } | PoolError::Topology { .. } => {
+            RpcStatusCode::RESOURCE_EXHAUSTED
+        }
+        PoolError::InUse(_) | PoolError::AttachedElsewhere { .. } | PoolError::NeedsReflink(_) => {
+            RpcStatusCode::FAILED_PRECONDITION
+        }
+        // "Exceeds capabilities" is INVALID_ARGUMENT for controller calls
+        // but FAILED_PRECONDITION for NodeStage/NodePublish.
+        PoolError::Unsupported(_) => match rpc {
+            Rpc::NodeStageVolume | Rpc::NodePublishVolume => RpcStatusCode::FAILED_PRECONDITION,
+            _ => RpcStatusCode::INVALID_ARGUMENT,
+        },
+        PoolError::Mismatch(_) => RpcStatusCode::INVALID_ARGUMENT,
+        PoolError::Io { .. } | PoolError::Damaged { .. } => RpcStatusCode::INTERNAL,
     }
 }
 
@@ -170,6 +206,33 @@ mod tests {
             "no such directory",
         ));
         assert_eq!(message_chain(&err), "open pool: no such directory");
+    }
+
+    #[test]
+    fn exceeding_capabilities_depends_on_the_rpc() {
+        let err = Error::Pool(PoolError::Unsupported("block on a dir volume".into()));
+        assert_eq!(
+            status_code(Rpc::ControllerExpandVolume, &err),
+            RpcStatusCode::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            status_code(Rpc::NodeStageVolume, &err),
+            RpcStatusCode::FAILED_PRECONDITION
+        );
+    }
+
+    #[test]
+    fn pool_full_is_resource_exhausted() {
+        let err = Error::Pool(PoolError::NoSpace {
+            step: "copy image",
+            path: "/pool/x".into(),
+        });
+        assert_eq!(
+            status_code(Rpc::CreateSnapshot, &err),
+            RpcStatusCode::RESOURCE_EXHAUSTED
+        );
+        let bad = Error::BadToken("x".into());
+        assert_eq!(status_code(Rpc::ListVolumes, &bad), RpcStatusCode::ABORTED);
     }
 
     #[test]

@@ -4,23 +4,32 @@
 //! - `delay:<Rpc>:<ms>`: a worker sleeps before running the call, to hold a
 //!   worker or a volume lock for a known time (back-pressure, contention,
 //!   drain-on-shutdown tests);
-//! - `panic:<Rpc>`: the call panics on its worker (the INTERNAL path).
+//! - `panic:<Rpc>`: the call panics on its worker (the INTERNAL path);
+//! - `crash:<point>`: the process SIGKILLs itself when it reaches a
+//!   named point of a multi-step pool operation (see [`crash_point`]), to
+//!   prove a restart finds the pool consistent.
 //!
 //! Release builds ignore the variable: nothing in production can be slowed
 //! or crashed through it.
 
 use crate::rpc::Rpc;
 
+#[cfg(debug_assertions)]
+fn rules() -> &'static [Rule] {
+    use std::sync::OnceLock;
+    static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
+    RULES.get_or_init(|| parse(&std::env::var("FILEVOL_FAULTS").unwrap_or_default()))
+}
+
 /// Runs the faults configured for `rpc`, if any. A no-op in release builds.
 #[cfg(debug_assertions)]
 pub fn before_work(rpc: Rpc) {
-    use std::sync::OnceLock;
-    static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
-    let rules = RULES.get_or_init(|| parse(&std::env::var("FILEVOL_FAULTS").unwrap_or_default()));
-    for rule in rules.iter().filter(|r| r.rpc == rpc.to_string()) {
+    let name = rpc.to_string();
+    for rule in rules().iter().filter(|r| r.target == name) {
         match rule.action {
             Action::Delay(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
             Action::Panic => panic!("fault injected into {rpc}"),
+            Action::Crash => {}
         }
     }
 }
@@ -29,10 +38,32 @@ pub fn before_work(rpc: Rpc) {
 #[cfg(not(debug_assertions))]
 pub fn before_work(_rpc: Rpc) {}
 
+/// Marks a point between two steps of a pool operation; aborts the process
+/// there when `crash:<point>` is configured. A no-op in release builds.
+#[cfg(debug_assertions)]
+pub fn crash_point(point: &str) {
+    if rules()
+        .iter()
+        .any(|r| r.action == Action::Crash && r.target == point)
+    {
+        eprintln!("FILEVOL_FAULTS: SIGKILL at {point}");
+        // SIGKILL, not abort(): no core file, no unwinding, exactly what an
+        // OOM kill or a node losing power does to the process.
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        unreachable!("SIGKILL is not delivered late");
+    }
+}
+
+/// Marks a point between two steps of a pool operation; aborts the process
+/// there when `crash:<point>` is configured. A no-op in release builds.
+#[cfg(not(debug_assertions))]
+pub fn crash_point(_point: &str) {}
+
 #[cfg_attr(not(debug_assertions), allow(dead_code))]
 #[derive(Debug, PartialEq)]
 struct Rule {
-    rpc: String,
+    target: String,
     action: Action,
 }
 
@@ -41,6 +72,7 @@ struct Rule {
 enum Action {
     Delay(u64),
     Panic,
+    Crash,
 }
 
 #[cfg_attr(not(debug_assertions), allow(dead_code))]
@@ -51,12 +83,16 @@ fn parse(spec: &str) -> Vec<Rule> {
             let parts: Vec<&str> = rule.trim().split(':').collect();
             let parsed = match parts.as_slice() {
                 ["delay", rpc, ms] => ms.parse().ok().map(|ms| Rule {
-                    rpc: (*rpc).to_owned(),
+                    target: (*rpc).to_owned(),
                     action: Action::Delay(ms),
                 }),
                 ["panic", rpc] => Some(Rule {
-                    rpc: (*rpc).to_owned(),
+                    target: (*rpc).to_owned(),
                     action: Action::Panic,
+                }),
+                ["crash", point] => Some(Rule {
+                    target: (*point).to_owned(),
+                    action: Action::Crash,
                 }),
                 _ => None,
             };
@@ -74,17 +110,23 @@ mod tests {
 
     #[test]
     fn parses_rules_and_skips_malformed_ones() {
-        let rules = parse("delay:GetPluginInfo:250, panic:Probe,bogus,delay:X:notanumber");
+        let rules = parse(
+            "delay:GetPluginInfo:250, panic:Probe,bogus,delay:X:notanumber,crash:create.renamed",
+        );
         assert_eq!(
             rules,
             vec![
                 Rule {
-                    rpc: "GetPluginInfo".into(),
+                    target: "GetPluginInfo".into(),
                     action: Action::Delay(250)
                 },
                 Rule {
-                    rpc: "Probe".into(),
+                    target: "Probe".into(),
                     action: Action::Panic
+                },
+                Rule {
+                    target: "create.renamed".into(),
+                    action: Action::Crash
                 },
             ]
         );

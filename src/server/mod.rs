@@ -10,6 +10,9 @@ use std::time::Duration;
 use grpcio::{ChannelBuilder, EnvBuilder, ServerBuilder};
 
 use crate::config::{Config, ConfigError};
+use crate::executor::Executor;
+use crate::pool::meta::NodeRecord;
+use crate::pool::{Pool, PoolError, PoolOptions};
 use crate::service::{CsiService, Driver};
 use socket::{SocketClaim, SocketError};
 
@@ -30,6 +33,9 @@ pub enum ServeError {
     /// The socket path cannot be used.
     #[error("socket")]
     Socket(#[from] SocketError),
+    /// The pool cannot be opened.
+    #[error("open the pool")]
+    Pool(#[from] PoolError),
     /// Threads could not be started.
     #[error("start worker threads")]
     Threads(#[source] std::io::Error),
@@ -46,7 +52,28 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let mut claim = SocketClaim::claim(&config.endpoint)?;
     let grace = config.shutdown_grace;
     let socket_mode = config.socket_mode;
-    let driver = Driver::start(config).map_err(ServeError::Threads)?;
+    let pool = Pool::open(
+        &config.pool,
+        PoolOptions {
+            reserve_bytes: config.reserve_bytes,
+            overcommit: config.overcommit,
+            topology: config.topology.clone(),
+        },
+    )?;
+    if config.mode.serves_node() {
+        // The controller publishes only to nodes that registered here.
+        pool.register_node(&NodeRecord {
+            node_id: config.node_id.clone(),
+            topology: config.topology.clone(),
+        })?;
+    }
+    let executor =
+        Executor::start(config.workers, config.queue_depth).map_err(ServeError::Threads)?;
+    let driver = Arc::new(Driver {
+        config,
+        executor,
+        pool,
+    });
     let cfg = &driver.config;
 
     // One completion queue: its thread only decodes, validates and hands

@@ -1,32 +1,720 @@
-//! The Controller and GroupController services. Not implemented yet: every
-//! call answers UNIMPLEMENTED after passing through the common dispatch path.
+//! The Controller and GroupController services: volumes, snapshots and
+//! attachments on the pool.
+//!
+//! Each `prepare` checks its request on the completion-queue thread, turns
+//! it into typed values, and names the objects its job locks; the job then
+//! calls the pool on a worker and converts the result.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{not_implemented, Driver};
+use super::validate::{self, Capability};
+use super::{convert, group_key, snapshot_key, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
+use crate::pool::meta::{AccessType, FsType, Layout, Source};
+use crate::pool::{ids, parse_thick, PoolError, VolumeSpec, ALIGN};
 use crate::proto::csi;
+use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
+use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
 use crate::rpc::Rpc;
 
-not_implemented! {
-    CreateVolumeRequest -> CreateVolumeResponse as CreateVolume;
-    DeleteVolumeRequest -> DeleteVolumeResponse as DeleteVolume locking volume_id;
-    ControllerPublishVolumeRequest -> ControllerPublishVolumeResponse as ControllerPublishVolume locking volume_id;
-    ControllerUnpublishVolumeRequest -> ControllerUnpublishVolumeResponse as ControllerUnpublishVolume locking volume_id;
-    ValidateVolumeCapabilitiesRequest -> ValidateVolumeCapabilitiesResponse as ValidateVolumeCapabilities;
-    ListVolumesRequest -> ListVolumesResponse as ListVolumes;
-    GetCapacityRequest -> GetCapacityResponse as GetCapacity;
-    ControllerGetCapabilitiesRequest -> ControllerGetCapabilitiesResponse as ControllerGetCapabilities;
-    CreateSnapshotRequest -> CreateSnapshotResponse as CreateSnapshot locking source_volume_id;
-    DeleteSnapshotRequest -> DeleteSnapshotResponse as DeleteSnapshot;
-    ListSnapshotsRequest -> ListSnapshotsResponse as ListSnapshots;
-    GetSnapshotRequest -> GetSnapshotResponse as GetSnapshot;
-    ControllerExpandVolumeRequest -> ControllerExpandVolumeResponse as ControllerExpandVolume locking volume_id;
-    ControllerGetVolumeRequest -> ControllerGetVolumeResponse as ControllerGetVolume;
-    ControllerModifyVolumeRequest -> ControllerModifyVolumeResponse as ControllerModifyVolume locking volume_id;
-    GroupControllerGetCapabilitiesRequest -> GroupControllerGetCapabilitiesResponse as GroupControllerGetCapabilities;
-    CreateVolumeGroupSnapshotRequest -> CreateVolumeGroupSnapshotResponse as CreateVolumeGroupSnapshot;
-    DeleteVolumeGroupSnapshotRequest -> DeleteVolumeGroupSnapshotResponse as DeleteVolumeGroupSnapshot;
-    GetVolumeGroupSnapshotRequest -> GetVolumeGroupSnapshotResponse as GetVolumeGroupSnapshot;
+/// StorageClass parameters CreateVolume understands.
+const PARAM_LAYOUT: &str = "layout";
+const PARAM_THICK: &str = "thick";
+const PARAM_MKFS_OPTIONS: &str = "mkfsOptions";
+/// Keys the external-provisioner adds itself (PVC name and namespace with
+/// --extra-create-metadata); recorded, not interpreted.
+const CO_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
+/// Mutable parameters (CreateVolume and ControllerModifyVolume).
+const MUTABLE_KEYS: &[&str] = &[PARAM_THICK];
+
+fn sorted(map: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn check_mutable(params: &BTreeMap<String, String>) -> Result<(), Error> {
+    if let Some(k) = params.keys().find(|k| !MUTABLE_KEYS.contains(&k.as_str())) {
+        return Err(Error::invalid(
+            "mutable_parameters",
+            format!(
+                "unknown key {k:?}; mutable parameters are: {}",
+                MUTABLE_KEYS.join(", ")
+            ),
+        ));
+    }
+    parse_thick(params).map_err(|e| Error::invalid("mutable_parameters", e.to_string()))?;
+    Ok(())
+}
+
+/// Whether `pool` (a topology segment; empty for a shared pool) is one of
+/// the topologies a CreateVolume requires.
+fn reachable(pool: &BTreeMap<String, String>, req: &csi::TopologyRequirement) -> bool {
+    if pool.is_empty() || req.requisite.is_empty() {
+        return true;
+    }
+    req.requisite
+        .iter()
+        .any(|t| pool.iter().all(|(k, v)| t.segments.get(k) == Some(v)))
+}
+
+impl Operation for csi::CreateVolumeRequest {
+    type Response = csi::CreateVolumeResponse;
+    const RPC: Rpc = Rpc::CreateVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::name(&self.name)?;
+        let caps = validate::capabilities("volume_capabilities", &self.volume_capabilities)?;
+        let capacity = validate::capacity(&self.capacity_range)?;
+        let parameters = sorted(&self.parameters);
+        let mutable_parameters = sorted(&self.mutable_parameters);
+        check_mutable(&mutable_parameters)?;
+
+        let mut layout = Layout::Image;
+        let mut thick = false;
+        let mut mkfs_options = Vec::new();
+        for (key, value) in &parameters {
+            match key.as_str() {
+                PARAM_LAYOUT => {
+                    layout = match value.as_str() {
+                        "image" => Layout::Image,
+                        "dir" => Layout::Dir,
+                        other => {
+                            return Err(Error::invalid(
+                                "parameters",
+                                format!("layout={other:?}: expected \"image\" or \"dir\""),
+                            ))
+                        }
+                    }
+                }
+                PARAM_THICK => {
+                    thick = parse_thick(&parameters)
+                        .map_err(|e| Error::invalid("parameters", e.to_string()))?
+                        .unwrap_or(false)
+                }
+                // Separate argv entries, never a shell.
+                PARAM_MKFS_OPTIONS => {
+                    mkfs_options = value.split_whitespace().map(str::to_owned).collect()
+                }
+                k if k.starts_with(CO_PARAM_PREFIX) => {}
+                other => return Err(Error::invalid(
+                    "parameters",
+                    format!(
+                        "unknown parameter {other:?}; filevol takes layout, thick and mkfsOptions"
+                    ),
+                )),
+            }
+        }
+        if let Some(t) = parse_thick(&mutable_parameters).ok().flatten() {
+            thick = t;
+        }
+
+        let access = caps[0].access;
+        if caps.iter().any(|c| c.access != access) {
+            return Err(Error::invalid(
+                "volume_capabilities",
+                "mixes mount and block; a volume is one or the other",
+            ));
+        }
+        let fs_type = match (layout, access) {
+            (Layout::Dir, AccessType::Block) => {
+                return Err(Error::invalid(
+                    "volume_capabilities",
+                    "a dir volume cannot be a block device; use layout=image",
+                ))
+            }
+            (Layout::Dir, AccessType::Mount) => None,
+            (Layout::Image, AccessType::Block) => None,
+            (Layout::Image, AccessType::Mount) => {
+                let mut fs_types = caps
+                    .iter()
+                    .map(|c| c.fs_type.as_str())
+                    .filter(|f| !f.is_empty());
+                let first = fs_types.next().unwrap_or("");
+                if fs_types.any(|f| f != first) {
+                    return Err(Error::invalid(
+                        "volume_capabilities",
+                        "names different filesystems",
+                    ));
+                }
+                Some(FsType::parse(first).ok_or_else(|| {
+                    Error::invalid(
+                        "volume_capabilities",
+                        format!("fs_type {first:?} is not supported; use ext4, xfs or btrfs"),
+                    )
+                })?)
+            }
+        };
+        if let Some(c) = caps.iter().find(|c| !c.mode.supported_by(layout)) {
+            return Err(Error::invalid(
+                "volume_capabilities",
+                format!(
+                    "access mode {:?} needs several writers on several nodes; use layout=dir",
+                    c.mode
+                ),
+            ));
+        }
+        if layout == Layout::Dir && (thick || !mkfs_options.is_empty()) {
+            return Err(Error::invalid(
+                "parameters",
+                "thick and mkfsOptions apply to image volumes only",
+            ));
+        }
+
+        let source = match self.volume_content_source.as_ref() {
+            None => None,
+            Some(cs) if cs.has_snapshot() => {
+                let id = cs.snapshot().snapshot_id.clone();
+                validate::id("volume_content_source.snapshot.snapshot_id", &id)?;
+                Some(Source::Snapshot(id))
+            }
+            Some(cs) if cs.has_volume() => {
+                let id = cs.volume().volume_id.clone();
+                validate::id("volume_content_source.volume.volume_id", &id)?;
+                Some(Source::Volume(id))
+            }
+            Some(_) => {
+                return Err(Error::invalid(
+                    "volume_content_source",
+                    "names neither a snapshot nor a volume",
+                ))
+            }
+        };
+        if let Some(req) = self.accessibility_requirements.as_ref() {
+            if !reachable(&driver.config.topology, req) {
+                return Err(PoolError::Topology {
+                    pool: format!("{:?}", driver.config.topology),
+                }
+                .into());
+            }
+        }
+
+        let spec = VolumeSpec {
+            name: self.name.clone(),
+            layout,
+            capacity,
+            access,
+            fs_type,
+            thick,
+            mkfs_options,
+            parameters,
+            mutable_parameters,
+            source: source.clone(),
+            modes: caps.iter().map(|c| c.mode).collect(),
+        };
+        let id = ids::derive(ids::Kind::Volume, &self.name);
+        let driver = Arc::clone(driver);
+        let mut job = Job::new(move || {
+            let v = driver.pool.create_volume(&spec)?;
+            let mut resp = csi::CreateVolumeResponse::new();
+            resp.volume = Some(convert::volume(&v)).into();
+            Ok(resp)
+        })
+        .locking(volume_key(&id));
+        job = match source {
+            Some(Source::Volume(src)) => job.locking(volume_key(&src)),
+            Some(Source::Snapshot(src)) => job.locking(snapshot_key(&src)),
+            None => job,
+        };
+        Ok(job)
+    }
+}
+
+impl Operation for csi::DeleteVolumeRequest {
+    type Response = csi::DeleteVolumeResponse;
+    const RPC: Rpc = Rpc::DeleteVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let driver = Arc::clone(driver);
+        let id = self.volume_id;
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                driver.pool.delete_volume(&id)?;
+                Ok(csi::DeleteVolumeResponse::new())
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::ControllerPublishVolumeRequest {
+    type Response = csi::ControllerPublishVolumeResponse;
+    const RPC: Rpc = Rpc::ControllerPublishVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        if self.node_id.is_empty() {
+            return Err(Error::invalid("node_id", "must not be empty"));
+        }
+        let cap = match self.volume_capability.as_ref() {
+            Some(c) => validate::capability("volume_capability", c)?,
+            None => return Err(Error::invalid("volume_capability", "is required")),
+        };
+        let (driver, id, node, readonly) = (
+            Arc::clone(driver),
+            self.volume_id,
+            self.node_id,
+            self.readonly,
+        );
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                let v = driver.pool.volume(&id)?;
+                if let Some(why) = validate::mismatch(&v, &cap) {
+                    return Err(PoolError::Unsupported(why).into());
+                }
+                let v = driver.pool.publish(&id, &node, cap.mode, readonly)?;
+                let mut resp = csi::ControllerPublishVolumeResponse::new();
+                resp.publish_context = convert::volume_context(&v);
+                resp.publish_context
+                    .insert("readonly".into(), readonly.to_string());
+                Ok(resp)
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::ControllerUnpublishVolumeRequest {
+    type Response = csi::ControllerUnpublishVolumeResponse;
+    const RPC: Rpc = Rpc::ControllerUnpublishVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let (driver, id, node) = (Arc::clone(driver), self.volume_id, self.node_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                let node = (!node.is_empty()).then_some(node.as_str());
+                driver.pool.unpublish(&id, node)?;
+                Ok(csi::ControllerUnpublishVolumeResponse::new())
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::ValidateVolumeCapabilitiesRequest {
+    type Response = csi::ValidateVolumeCapabilitiesResponse;
+    const RPC: Rpc = Rpc::ValidateVolumeCapabilities;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let caps = validate::capabilities("volume_capabilities", &self.volume_capabilities)?;
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let v = driver.pool.volume(&self.volume_id)?;
+            let mut resp = csi::ValidateVolumeCapabilitiesResponse::new();
+            let problems: Vec<String> = caps
+                .iter()
+                .filter_map(|c: &Capability| validate::mismatch(&v, c))
+                .collect();
+            if problems.is_empty() {
+                let mut confirmed = csi::validate_volume_capabilities_response::Confirmed::new();
+                confirmed.volume_context = self.volume_context;
+                confirmed.volume_capabilities = self.volume_capabilities;
+                confirmed.parameters = self.parameters;
+                confirmed.mutable_parameters = self.mutable_parameters;
+                resp.confirmed = Some(confirmed).into();
+            } else {
+                resp.message = problems.join("; ");
+            }
+            Ok(resp)
+        }))
+    }
+}
+
+fn volume_status(
+    driver: &Driver,
+    v: &crate::pool::meta::VolumeMeta,
+) -> (Vec<String>, csi::VolumeCondition) {
+    (
+        convert::published_nodes(v),
+        convert::condition(driver.pool.volume_problem(v)),
+    )
+}
+
+impl Operation for csi::ListVolumesRequest {
+    type Response = csi::ListVolumesResponse;
+    const RPC: Rpc = Rpc::ListVolumes;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let max = validate::max_entries(self.max_entries)?;
+        let start = validate::starting_token(&self.starting_token)?;
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let (entries, next) = driver.pool.list_volumes(start.as_deref(), max);
+            let mut resp = csi::ListVolumesResponse::new();
+            for (id, entry) in entries {
+                let mut e = csi::list_volumes_response::Entry::new();
+                let mut status = csi::list_volumes_response::VolumeStatus::new();
+                match entry {
+                    Ok(v) => {
+                        let (nodes, condition) = volume_status(&driver, &v);
+                        status.published_node_ids = nodes;
+                        status.volume_condition = Some(condition).into();
+                        e.volume = Some(convert::volume(&v)).into();
+                    }
+                    Err(problem) => {
+                        let mut vol = csi::Volume::new();
+                        vol.volume_id = id;
+                        e.volume = Some(vol).into();
+                        status.volume_condition = Some(convert::condition(Some(format!(
+                            "metadata damaged: {problem}"
+                        ))))
+                        .into();
+                    }
+                }
+                e.status = Some(status).into();
+                resp.entries.push(e);
+            }
+            resp.next_token = validate::next_token(next);
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::ControllerGetVolumeRequest {
+    type Response = csi::ControllerGetVolumeResponse;
+    const RPC: Rpc = Rpc::ControllerGetVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let v = driver.pool.volume(&self.volume_id)?;
+            let (nodes, condition) = volume_status(&driver, &v);
+            let mut status = csi::controller_get_volume_response::VolumeStatus::new();
+            status.published_node_ids = nodes;
+            status.volume_condition = Some(condition).into();
+            let mut resp = csi::ControllerGetVolumeResponse::new();
+            resp.volume = Some(convert::volume(&v)).into();
+            resp.status = Some(status).into();
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::GetCapacityRequest {
+    type Response = csi::GetCapacityResponse;
+    const RPC: Rpc = Rpc::GetCapacity;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        for c in &self.volume_capabilities {
+            validate::capability("volume_capabilities", c)?;
+        }
+        let elsewhere = self.accessible_topology.as_ref().is_some_and(|t| {
+            let pool = &driver.config.topology;
+            !pool.is_empty() && !pool.iter().all(|(k, v)| t.segments.get(k) == Some(v))
+        });
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let available = if elsewhere {
+                0
+            } else {
+                driver.pool.capacity()?
+            };
+            let mut resp = csi::GetCapacityResponse::new();
+            resp.available_capacity = i64::try_from(available).unwrap_or(i64::MAX);
+            resp.maximum_volume_size = Some(protobuf::well_known_types::wrappers::Int64Value {
+                value: resp.available_capacity,
+                ..Default::default()
+            })
+            .into();
+            resp.minimum_volume_size = Some(protobuf::well_known_types::wrappers::Int64Value {
+                value: ALIGN as i64,
+                ..Default::default()
+            })
+            .into();
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::ControllerGetCapabilitiesRequest {
+    type Response = csi::ControllerGetCapabilitiesResponse;
+    const RPC: Rpc = Rpc::ControllerGetCapabilities;
+
+    fn prepare(self, _driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        Ok(Job::new(|| {
+            let mut resp = csi::ControllerGetCapabilitiesResponse::new();
+            for t in [
+                CtrlCap::CREATE_DELETE_VOLUME,
+                CtrlCap::PUBLISH_UNPUBLISH_VOLUME,
+                CtrlCap::LIST_VOLUMES,
+                CtrlCap::GET_CAPACITY,
+                CtrlCap::CREATE_DELETE_SNAPSHOT,
+                CtrlCap::LIST_SNAPSHOTS,
+                CtrlCap::CLONE_VOLUME,
+                CtrlCap::PUBLISH_READONLY,
+                CtrlCap::EXPAND_VOLUME,
+                CtrlCap::LIST_VOLUMES_PUBLISHED_NODES,
+                CtrlCap::VOLUME_CONDITION,
+                CtrlCap::GET_VOLUME,
+                CtrlCap::SINGLE_NODE_MULTI_WRITER,
+                CtrlCap::MODIFY_VOLUME,
+                CtrlCap::GET_SNAPSHOT,
+            ] {
+                let mut rpc = csi::controller_service_capability::RPC::new();
+                rpc.type_ = t.into();
+                let mut cap = csi::ControllerServiceCapability::new();
+                cap.set_rpc(rpc);
+                resp.capabilities.push(cap);
+            }
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::ControllerExpandVolumeRequest {
+    type Response = csi::ControllerExpandVolumeResponse;
+    const RPC: Rpc = Rpc::ControllerExpandVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        if self.capacity_range.is_none() {
+            return Err(Error::invalid("capacity_range", "is required"));
+        }
+        let range = validate::capacity(&self.capacity_range)?;
+        let cap = self
+            .volume_capability
+            .as_ref()
+            .map(|c| validate::capability("volume_capability", c))
+            .transpose()?;
+        let (driver, id) = (Arc::clone(driver), self.volume_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                if let Some(cap) = &cap {
+                    if let Some(why) = validate::mismatch(&driver.pool.volume(&id)?, cap) {
+                        return Err(PoolError::Unsupported(why).into());
+                    }
+                }
+                let v = driver.pool.expand_volume(&id, range)?;
+                let mut resp = csi::ControllerExpandVolumeResponse::new();
+                resp.capacity_bytes = i64::try_from(v.capacity_bytes).unwrap_or(i64::MAX);
+                // The loop device and the filesystem grow on the node.
+                resp.node_expansion_required = v.layout == Layout::Image;
+                Ok(resp)
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::ControllerModifyVolumeRequest {
+    type Response = csi::ControllerModifyVolumeResponse;
+    const RPC: Rpc = Rpc::ControllerModifyVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let params = sorted(&self.mutable_parameters);
+        check_mutable(&params)?;
+        let (driver, id) = (Arc::clone(driver), self.volume_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                driver.pool.modify_volume(&id, &params)?;
+                Ok(csi::ControllerModifyVolumeResponse::new())
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::CreateSnapshotRequest {
+    type Response = csi::CreateSnapshotResponse;
+    const RPC: Rpc = Rpc::CreateSnapshot;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::name(&self.name)?;
+        validate::id("source_volume_id", &self.source_volume_id)?;
+        if let Some(k) = self
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with(CO_PARAM_PREFIX))
+        {
+            return Err(Error::invalid(
+                "parameters",
+                format!("unknown parameter {k:?}; snapshots take none"),
+            ));
+        }
+        let id = ids::derive(ids::Kind::Snapshot, &self.name);
+        let (driver, name, source) = (Arc::clone(driver), self.name, self.source_volume_id);
+        let source_key = volume_key(&source);
+        Ok(Job::new(move || {
+            let s = driver.pool.create_snapshot(&name, &source)?;
+            let mut resp = csi::CreateSnapshotResponse::new();
+            resp.snapshot = Some(convert::snapshot(&s)).into();
+            Ok(resp)
+        })
+        .locking(snapshot_key(&id))
+        .locking(source_key))
+    }
+}
+
+impl Operation for csi::DeleteSnapshotRequest {
+    type Response = csi::DeleteSnapshotResponse;
+    const RPC: Rpc = Rpc::DeleteSnapshot;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("snapshot_id", &self.snapshot_id)?;
+        let (driver, id) = (Arc::clone(driver), self.snapshot_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                driver.pool.delete_snapshot(&id)?;
+                Ok(csi::DeleteSnapshotResponse::new())
+            }
+        })
+        .locking(snapshot_key(&id)))
+    }
+}
+
+impl Operation for csi::ListSnapshotsRequest {
+    type Response = csi::ListSnapshotsResponse;
+    const RPC: Rpc = Rpc::ListSnapshots;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let max = validate::max_entries(self.max_entries)?;
+        let start = validate::starting_token(&self.starting_token)?;
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let (snapshots, next) = driver.pool.list_snapshots(start.as_deref(), max, |s| {
+                (self.snapshot_id.is_empty() || s.id == self.snapshot_id)
+                    && (self.source_volume_id.is_empty()
+                        || s.source_volume_id == self.source_volume_id)
+            });
+            let mut resp = csi::ListSnapshotsResponse::new();
+            for s in snapshots {
+                let mut e = csi::list_snapshots_response::Entry::new();
+                e.snapshot = Some(convert::snapshot(&s)).into();
+                resp.entries.push(e);
+            }
+            resp.next_token = validate::next_token(next);
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::GetSnapshotRequest {
+    type Response = csi::GetSnapshotResponse;
+    const RPC: Rpc = Rpc::GetSnapshot;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("snapshot_id", &self.snapshot_id)?;
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let s = driver.pool.snapshot(&self.snapshot_id)?;
+            let mut resp = csi::GetSnapshotResponse::new();
+            resp.snapshot = Some(convert::snapshot(&s)).into();
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::GroupControllerGetCapabilitiesRequest {
+    type Response = csi::GroupControllerGetCapabilitiesResponse;
+    const RPC: Rpc = Rpc::GroupControllerGetCapabilities;
+
+    fn prepare(self, _driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        Ok(Job::new(|| {
+            let mut rpc = csi::group_controller_service_capability::RPC::new();
+            rpc.type_ = GroupCap::CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT.into();
+            let mut cap = csi::GroupControllerServiceCapability::new();
+            cap.set_rpc(rpc);
+            let mut resp = csi::GroupControllerGetCapabilitiesResponse::new();
+            resp.capabilities.push(cap);
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::CreateVolumeGroupSnapshotRequest {
+    type Response = csi::CreateVolumeGroupSnapshotResponse;
+    const RPC: Rpc = Rpc::CreateVolumeGroupSnapshot;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::name(&self.name)?;
+        if self.source_volume_ids.is_empty() {
+            return Err(Error::invalid(
+                "source_volume_ids",
+                "at least one volume is required",
+            ));
+        }
+        for id in &self.source_volume_ids {
+            validate::id("source_volume_ids", id)?;
+        }
+        if let Some(k) = self
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with(CO_PARAM_PREFIX))
+        {
+            return Err(Error::invalid(
+                "parameters",
+                format!("unknown parameter {k:?}; group snapshots take none"),
+            ));
+        }
+        let id = ids::derive(ids::Kind::Group, &self.name);
+        // Every member volume is held for the group's duration, so the
+        // snapshots are taken together with no call changing a member.
+        let mut job_keys: Vec<String> = self
+            .source_volume_ids
+            .iter()
+            .map(|v| volume_key(v))
+            .collect();
+        job_keys.push(group_key(&id));
+        let (driver, name, sources) = (Arc::clone(driver), self.name, self.source_volume_ids);
+        let mut job = Job::new(move || {
+            let g = driver.pool.create_group(&name, &sources)?;
+            let mut resp = csi::CreateVolumeGroupSnapshotResponse::new();
+            resp.group_snapshot = Some(convert::group(&driver.pool, &g)).into();
+            Ok(resp)
+        });
+        for key in job_keys {
+            job = job.locking(key);
+        }
+        Ok(job)
+    }
+}
+
+impl Operation for csi::DeleteVolumeGroupSnapshotRequest {
+    type Response = csi::DeleteVolumeGroupSnapshotResponse;
+    const RPC: Rpc = Rpc::DeleteVolumeGroupSnapshot;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("group_snapshot_id", &self.group_snapshot_id)?;
+        let (driver, id, members) = (
+            Arc::clone(driver),
+            self.group_snapshot_id,
+            self.snapshot_ids,
+        );
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                driver.pool.delete_group(&id, &members)?;
+                Ok(csi::DeleteVolumeGroupSnapshotResponse::new())
+            }
+        })
+        .locking(group_key(&id)))
+    }
+}
+
+impl Operation for csi::GetVolumeGroupSnapshotRequest {
+    type Response = csi::GetVolumeGroupSnapshotResponse;
+    const RPC: Rpc = Rpc::GetVolumeGroupSnapshot;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("group_snapshot_id", &self.group_snapshot_id)?;
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let g = driver.pool.group(&self.group_snapshot_id)?;
+            crate::pool::check_members(&g, &self.snapshot_ids)?;
+            let mut resp = csi::GetVolumeGroupSnapshotResponse::new();
+            resp.group_snapshot = Some(convert::group(&driver.pool, &g)).into();
+            Ok(resp)
+        }))
+    }
 }

@@ -8,8 +8,10 @@
 //! between calls.
 
 mod controller;
+mod convert;
 mod identity;
 mod node;
+mod validate;
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use protobuf::MessageFull;
 use crate::config::Config;
 use crate::error::Error;
 use crate::executor::{Executor, Job};
+use crate::pool::Pool;
 use crate::proto::{csi, grpc};
 use crate::redact::redacted_text;
 use crate::rpc::Rpc;
@@ -30,14 +33,8 @@ pub struct Driver {
     pub config: Config,
     /// Worker pool, probe lane and lock table.
     pub executor: Executor,
-}
-
-impl Driver {
-    /// Starts the executor for `config`.
-    pub fn start(config: Config) -> std::io::Result<Arc<Driver>> {
-        let executor = Executor::start(config.workers, config.queue_depth)?;
-        Ok(Arc::new(Driver { config, executor }))
-    }
+    /// The pool.
+    pub pool: Pool,
 }
 
 /// A CSI request that filevol can run.
@@ -54,6 +51,16 @@ pub trait Operation: MessageFull + Send + 'static {
 /// The lock key of a volume.
 pub fn volume_key(id: &str) -> String {
     format!("volume/{id}")
+}
+
+/// The lock key of a snapshot.
+pub fn snapshot_key(id: &str) -> String {
+    format!("snapshot/{id}")
+}
+
+/// The lock key of a group snapshot.
+pub fn group_key(id: &str) -> String {
+    format!("group/{id}")
 }
 
 /// The one implementation of every generated service trait.

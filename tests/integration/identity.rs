@@ -69,7 +69,8 @@ fn controller_mode_serves_no_node_service() {
 #[test]
 fn probe_reports_a_vanished_pool() {
     let d = Driver::start();
-    std::fs::remove_dir(&d.pool).unwrap();
+    let moved = d.pool.with_extension("moved");
+    std::fs::rename(&d.pool, &moved).unwrap();
     let st = status(d.identity().probe(&csi::ProbeRequest::new()));
     assert_eq!(st.code(), RpcStatusCode::FAILED_PRECONDITION);
     assert!(
@@ -77,7 +78,7 @@ fn probe_reports_a_vanished_pool() {
         "{}",
         st.message()
     );
-    std::fs::create_dir(&d.pool).unwrap();
+    std::fs::rename(&moved, &d.pool).unwrap();
     assert!(
         d.identity()
             .probe(&csi::ProbeRequest::new())

@@ -1,8 +1,12 @@
 //! Integration tests: the real `filevol` binary on a temporary socket and
 //! pool, driven over gRPC. One test binary (gRPC core is linked into each).
 
+mod controller;
+mod crash;
 mod dispatch;
 mod identity;
 mod lifecycle;
 mod logging;
+mod loopfs;
+mod req;
 mod util;

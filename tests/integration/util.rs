@@ -74,6 +74,16 @@ impl Driver {
         Driver::spawn_at(dir, socket, pool, opts)
     }
 
+    /// Starts a driver (mode `all` unless `opts` says otherwise) on an
+    /// existing pool directory and waits until it answers Probe.
+    pub fn start_on(pool: &Path, opts: Opts) -> Driver {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("csi.sock");
+        let mut d = Driver::spawn_at(dir, socket, pool.to_owned(), opts);
+        d.wait_ready();
+        d
+    }
+
     /// Starts a driver on a given socket and pool inside `dir`.
     pub fn spawn_at(dir: tempfile::TempDir, socket: PathBuf, pool: PathBuf, opts: Opts) -> Driver {
         let log = dir.path().join(format!(
@@ -89,9 +99,10 @@ impl Driver {
             cmd.arg("--endpoint")
                 .arg(format!("unix://{}", socket.display()))
                 .arg("--pool")
-                .arg(&pool)
-                .arg("--node-id")
-                .arg("test-node");
+                .arg(&pool);
+            if !opts.args.iter().any(|a| a == "--node-id") {
+                cmd.args(["--node-id", "test-node"]);
+            }
         }
         cmd.args(&opts.args)
             .env_remove("CSI_ENDPOINT")
@@ -148,6 +159,11 @@ impl Driver {
     /// A fresh Controller client.
     pub fn controller(&self) -> ControllerClient {
         ControllerClient::new(self.channel())
+    }
+
+    /// A fresh GroupController client.
+    pub fn group_controller(&self) -> filevol::proto::grpc::GroupControllerClient {
+        filevol::proto::grpc::GroupControllerClient::new(self.channel())
     }
 
     /// A fresh Node client.

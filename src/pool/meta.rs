@@ -1,0 +1,250 @@
+//! What the pool records about its objects, as small JSON files written
+//! crash-safely beside the data. The field names are the on-disk format:
+//! rename none without a migration.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the metadata format.
+pub const FORMAT: u32 = 1;
+
+/// How a volume stores its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// A sparse (or preallocated) image file behind a loop device.
+    Image,
+    /// A plain directory, for ReadWriteMany; no size enforcement.
+    Dir,
+}
+
+/// How the volume is handed to the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessType {
+    /// A mounted filesystem.
+    Mount,
+    /// A raw block device.
+    Block,
+}
+
+/// Filesystems the node can make and grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    /// ext4 (the default).
+    Ext4,
+    /// XFS; clones share their source's UUID, so the node mounts it `nouuid`.
+    Xfs,
+    /// btrfs.
+    Btrfs,
+}
+
+impl FsType {
+    /// Parses a CSI `fs_type`; empty means the default, ext4.
+    pub fn parse(s: &str) -> Option<FsType> {
+        match s {
+            "" | "ext4" => Some(FsType::Ext4),
+            "xfs" => Some(FsType::Xfs),
+            "btrfs" => Some(FsType::Btrfs),
+            _ => None,
+        }
+    }
+
+    /// The name mkfs and mount know it by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+            FsType::Btrfs => "btrfs",
+        }
+    }
+
+    /// Smallest filesystem mkfs will make, in bytes.
+    pub fn min_bytes(self) -> u64 {
+        match self {
+            FsType::Ext4 => 1 << 20,
+            FsType::Xfs => 300 << 20,
+            FsType::Btrfs => 114 << 20,
+        }
+    }
+}
+
+/// CSI access modes, as filevol stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessMode {
+    /// ReadWriteOnce.
+    SingleNodeWriter,
+    /// Read-only on one node.
+    SingleNodeReaderOnly,
+    /// ReadOnlyMany.
+    MultiNodeReaderOnly,
+    /// One writer, many readers, across nodes.
+    MultiNodeSingleWriter,
+    /// ReadWriteMany.
+    MultiNodeMultiWriter,
+    /// ReadWriteOncePod.
+    SingleNodeSingleWriter,
+    /// Several writers on one node.
+    SingleNodeMultiWriter,
+}
+
+impl AccessMode {
+    /// Whether the mode confines the volume to one node.
+    pub fn is_single_node(self) -> bool {
+        matches!(
+            self,
+            AccessMode::SingleNodeWriter
+                | AccessMode::SingleNodeReaderOnly
+                | AccessMode::SingleNodeSingleWriter
+                | AccessMode::SingleNodeMultiWriter
+        )
+    }
+
+    /// Whether the mode only reads.
+    pub fn is_read_only(self) -> bool {
+        matches!(
+            self,
+            AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
+        )
+    }
+
+    /// Whether a layout can serve the mode safely. An image holds a
+    /// single-writer filesystem: several nodes may only read it.
+    pub fn supported_by(self, layout: Layout) -> bool {
+        match layout {
+            Layout::Dir => true,
+            Layout::Image => !matches!(
+                self,
+                AccessMode::MultiNodeSingleWriter | AccessMode::MultiNodeMultiWriter
+            ),
+        }
+    }
+}
+
+/// Where a volume's first content came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Restored from a snapshot.
+    Snapshot(String),
+    /// Cloned from a volume.
+    Volume(String),
+}
+
+/// A ControllerPublish record: this volume is attached to this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The node.
+    pub node_id: String,
+    /// The access mode it was published with.
+    pub mode: AccessMode,
+    /// Published read-only.
+    pub readonly: bool,
+}
+
+/// Everything the pool knows about a volume (`volumes/<id>/meta.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    /// Metadata format version.
+    pub format: u32,
+    /// The volume id.
+    pub id: String,
+    /// The CreateVolume name.
+    pub name: String,
+    /// Image or directory.
+    pub layout: Layout,
+    /// Size in bytes (for `dir`, what was asked; not enforced).
+    pub capacity_bytes: u64,
+    /// Mount or block.
+    pub access: AccessType,
+    /// The filesystem, for mount volumes on images.
+    pub fs_type: Option<FsType>,
+    /// Whether the image is preallocated.
+    pub thick: bool,
+    /// Extra mkfs arguments, passed as separate argv entries.
+    pub mkfs_options: Vec<String>,
+    /// StorageClass parameters as given.
+    pub parameters: BTreeMap<String, String>,
+    /// Mutable parameters as last applied.
+    pub mutable_parameters: BTreeMap<String, String>,
+    /// Where the first content came from.
+    pub source: Option<Source>,
+    /// The topology segment the volume is reachable from.
+    pub topology: BTreeMap<String, String>,
+    /// Creation time, milliseconds since the epoch.
+    pub created_unix_ms: u64,
+    /// Nodes the volume is ControllerPublished to.
+    pub attachments: Vec<Attachment>,
+}
+
+/// How a snapshot's data was copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMethod {
+    /// FICLONE: shares blocks with the source.
+    Reflink,
+    /// A byte copy that skips holes.
+    Sparse,
+}
+
+/// A snapshot (`snapshots/<id>/meta.json`). It exists only once its data is
+/// complete, so it is always ready to use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// Metadata format version.
+    pub format: u32,
+    /// The snapshot id.
+    pub id: String,
+    /// The CreateSnapshot name.
+    pub name: String,
+    /// The volume it was taken from.
+    pub source_volume_id: String,
+    /// The source's capacity.
+    pub size_bytes: u64,
+    /// The source's layout, access type and filesystem, for restores.
+    pub layout: Layout,
+    /// See [`VolumeMeta::access`].
+    pub access: AccessType,
+    /// See [`VolumeMeta::fs_type`].
+    pub fs_type: Option<FsType>,
+    /// How the data was copied.
+    pub method: CopyMethod,
+    /// The group snapshot it belongs to.
+    pub group_id: Option<String>,
+    /// Creation time, seconds and nanoseconds since the epoch.
+    pub created_secs: i64,
+    /// See `created_secs`.
+    pub created_nanos: i32,
+}
+
+/// A group snapshot (`groups/<id>.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    /// Metadata format version.
+    pub format: u32,
+    /// The group id.
+    pub id: String,
+    /// The CreateVolumeGroupSnapshot name.
+    pub name: String,
+    /// Member snapshots, in the order of their source volumes.
+    pub snapshot_ids: Vec<String>,
+    /// The volumes snapshotted.
+    pub source_volume_ids: Vec<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_secs: i64,
+    /// See `created_secs`.
+    pub created_nanos: i32,
+}
+
+/// A node plugin that serves this pool (`nodes/<id>.json`), written at the
+/// node plugin's start so the controller can tell a real node from a typo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node id.
+    pub node_id: String,
+    /// Its topology segment.
+    pub topology: BTreeMap<String, String>,
+}

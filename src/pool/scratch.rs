@@ -1,0 +1,132 @@
+//! Per-process scratch space inside the pool, where objects are built before
+//! they are renamed into place.
+//!
+//! Each process gets `.scratch/<instance>/` and holds an flock on
+//! `.scratch/<instance>.lock` for its life. At start, a process removes the
+//! scratch of every instance whose lock is free (it crashed or was killed),
+//! and never touches the scratch of one that still runs, so a second
+//! controller or a node plugin on a shared pool cannot delete work in
+//! progress.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use super::error::{io_error, PoolError};
+use crate::sys::fs::{self as sysfs, LockKind};
+
+/// This process's scratch directory.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    _lock: File,
+    seq: AtomicU64,
+}
+
+/// Scratch directories with no lock file at all are left by a process that
+/// died between creating its lock and its directory; after this long they
+/// are certainly debris.
+const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
+impl Scratch {
+    /// Cleans up after dead instances and creates this process's scratch.
+    pub fn open(base: &Path) -> Result<Scratch, PoolError> {
+        std::fs::create_dir_all(base).map_err(io_error("create", base))?;
+        clean(base)?;
+        let host = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let instance: String = format!("{host}-{}-{nanos}", std::process::id())
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let lock_path = base.join(format!("{instance}.lock"));
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&lock_path)
+            .map_err(io_error("create", &lock_path))?;
+        if !sysfs::try_lock(&lock, LockKind::Exclusive).map_err(io_error("lock", &lock_path))? {
+            return Err(PoolError::InUse(format!(
+                "{} is locked by another process",
+                lock_path.display()
+            )));
+        }
+        let dir = base.join(&instance);
+        std::fs::create_dir(&dir).map_err(io_error("create", &dir))?;
+        Ok(Scratch {
+            dir,
+            lock_path,
+            _lock: lock,
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// A fresh path inside this process's scratch (not created).
+    pub fn new_path(&self, what: &str) -> PathBuf {
+        self.dir.join(format!(
+            "{what}-{}",
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.lock_path);
+    }
+}
+
+/// Removes the scratch of instances that no longer run.
+fn clean(base: &Path) -> Result<(), PoolError> {
+    for entry in std::fs::read_dir(base).map_err(io_error("read directory", base))? {
+        let entry = entry.map_err(io_error("read directory", base))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(instance) = name.strip_suffix(".lock") {
+            let Ok(lock) = File::open(&path) else {
+                continue;
+            };
+            if sysfs::try_lock(&lock, LockKind::Exclusive).unwrap_or(false) {
+                let dir = base.join(instance);
+                if dir.exists() {
+                    log::warn!(
+                        "removing scratch {} left by a process that stopped mid-operation",
+                        dir.display()
+                    );
+                    std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+        } else if entry.file_type().is_ok_and(|t| t.is_dir())
+            && !base.join(format!("{name}.lock")).exists()
+        {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > ORPHAN_AGE);
+            if old {
+                log::warn!("removing orphaned scratch {}", path.display());
+                std::fs::remove_dir_all(&path).map_err(io_error("remove", &path))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! File operations the pool is built on: crash-safe replacement, reflink and
+//! sparse copies, preallocation, capacity, advisory locks.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{FallocateFlags, FlockOperation, SeekFrom};
+
+/// Flushes a directory's entries (a rename or create inside it) to disk.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the
+/// new content, never a mix: write a temporary file beside it, fsync it,
+/// rename it over `path`, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Makes `dst` share `src`'s blocks (FICLONE): instant, atomic, no space
+/// used until either side is written. Fails with EOPNOTSUPP/EXDEV/EINVAL
+/// where the filesystem cannot.
+pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
+    rustix::fs::ioctl_ficlone(dst, src).map_err(io::Error::from)
+}
+
+/// Copies the first `len` bytes of `src` into `dst`, skipping holes
+/// (SEEK_DATA/SEEK_HOLE), so a sparse image stays sparse. `dst` is set to
+/// `len` bytes.
+pub fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    dst.set_len(len)?;
+    let mut offset = 0;
+    while offset < len {
+        let data = match rustix::fs::seek(src, SeekFrom::Data(offset)) {
+            Ok(pos) => pos,
+            // ENXIO: no data after `offset`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if data >= len {
+            break;
+        }
+        let hole = rustix::fs::seek(src, SeekFrom::Hole(data))?.min(len);
+        copy_range(src, dst, data, hole - data)?;
+        offset = hole;
+    }
+    Ok(())
+}
+
+fn copy_range(src: &File, dst: &File, start: u64, mut count: u64) -> io::Result<()> {
+    let (mut src_off, mut dst_off) = (start, start);
+    while count > 0 {
+        let chunk = count.min(1 << 30) as usize;
+        let n =
+            rustix::fs::copy_file_range(src, Some(&mut src_off), dst, Some(&mut dst_off), chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source shrank during copy",
+            ));
+        }
+        count -= n as u64;
+    }
+    Ok(())
+}
+
+/// Allocates `len` bytes of `file` on disk (a thick image), so later writes
+/// cannot fail for lack of space.
+pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len).map_err(io::Error::from)
+}
+
+/// Bytes the file really occupies on disk (`st_blocks` x 512).
+pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
+    Ok(std::fs::symlink_metadata(path)?.blocks() * 512)
+}
+
+/// Size and free space of the filesystem holding `path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    /// Total bytes.
+    pub total: u64,
+    /// Bytes an unprivileged writer can still use.
+    pub available: u64,
+}
+
+/// statvfs(2) on `path`.
+pub fn space(path: &Path) -> io::Result<FsSpace> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(FsSpace {
+        total: st.f_blocks.saturating_mul(st.f_frsize),
+        available: st.f_bavail.saturating_mul(st.f_frsize),
+    })
+}
+
+/// Which advisory lock to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKind {
+    /// Many holders (readers, copiers).
+    Shared,
+    /// One holder (a node that has the image staged).
+    Exclusive,
+}
+
+/// Takes an flock on `file` without waiting. `Ok(false)` when another open
+/// file description holds a conflicting lock.
+pub fn try_lock(file: &impl AsFd, kind: LockKind) -> io::Result<bool> {
+    let op = match kind {
+        LockKind::Shared => FlockOperation::NonBlockingLockShared,
+        LockKind::Exclusive => FlockOperation::NonBlockingLockExclusive,
+    };
+    match rustix::fs::flock(file, op) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, Write};
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn sparse_copy_keeps_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sp, dp) = (dir.path().join("src"), dir.path().join("dst"));
+        let mut src = File::create(&sp).unwrap();
+        src.set_len(64 << 20).unwrap();
+        src.seek(io::SeekFrom::Start(10 << 20)).unwrap();
+        src.write_all(&[7u8; 1 << 20]).unwrap();
+        src.seek(io::SeekFrom::Start((64 << 20) - 4096)).unwrap();
+        src.write_all(&[9u8; 4096]).unwrap();
+        src.sync_all().unwrap();
+        let src = File::open(&sp).unwrap();
+        let dst = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&dp)
+            .unwrap();
+        sparse_copy(&src, &dst, 64 << 20).unwrap();
+        dst.sync_all().unwrap();
+        assert_eq!(std::fs::read(&sp).unwrap(), std::fs::read(&dp).unwrap());
+        // About 1 MiB + 4 KiB of data, far below the 64 MiB length.
+        assert!(allocated_bytes(&dp).unwrap() < 4 << 20);
+    }
+
+    #[test]
+    fn flocks_conflict_between_open_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("image");
+        File::create(&p).unwrap();
+        let a = File::open(&p).unwrap();
+        let b = File::open(&p).unwrap();
+        assert!(try_lock(&a, LockKind::Exclusive).unwrap());
+        assert!(!try_lock(&b, LockKind::Shared).unwrap());
+        drop(a);
+        assert!(try_lock(&b, LockKind::Shared).unwrap());
+    }
+}

@@ -1,0 +1,869 @@
+//! The Controller service over the socket, on real pools: loop-mounted xfs
+//! (reflink), ext4 (no reflink) and tiny filesystems (pool full). Needs root
+//! for the mounts; skips with a message otherwise.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use filevol::proto::csi;
+use filevol::proto::csi::volume_capability::access_mode::Mode;
+use grpcio::RpcStatusCode;
+
+use crate::loopfs::LoopFs;
+use crate::req::{self, GIB, MIB};
+use crate::util::{code, status, Driver, Opts};
+
+/// A pool directory on a fresh loop-mounted filesystem.
+pub fn pool_on(fs: &str, mib: u64) -> Option<(LoopFs, PathBuf)> {
+    let lfs = LoopFs::new(fs, mib)?;
+    let pool = lfs.path().join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    Some((lfs, pool))
+}
+
+pub fn image(pool: &Path, id: &str) -> PathBuf {
+    pool.join("volumes").join(id).join("image")
+}
+
+fn snapshot_image(pool: &Path, id: &str) -> PathBuf {
+    pool.join("snapshots").join(id).join("image")
+}
+
+/// Writes `len` bytes of a pattern seeded by `seed` at `offset`.
+pub fn fill(path: &Path, offset: u64, len: usize, seed: u8) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        f.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    f.sync_all().unwrap();
+}
+
+/// A content digest (FNV-1a over the whole file).
+pub fn digest(path: &Path) -> u64 {
+    let mut f = File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h: u64 = 0xcbf29ce484222325;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return h;
+        }
+        for b in &buf[..n] {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+}
+
+pub fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let st = rustix::fs::statvfs(path).unwrap();
+    st.f_bavail * st.f_frsize
+}
+
+fn no_reserve() -> Opts {
+    Opts::default().args(&["--reserve", "0"])
+}
+
+#[test]
+fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
+    let Some((_fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "100"]));
+    let c = d.controller();
+    let v = c
+        .create_volume(&req::create("pvc-sparse", 10 * GIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 10 * GIB);
+    assert!(v.volume_id.starts_with("pvc-sparse-"), "{}", v.volume_id);
+    let img = image(&pool, &v.volume_id);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 10 << 30);
+    assert!(allocated(&img) < 1 << 20, "a new image is sparse");
+    // Node-local pool: pinned to its node.
+    assert_eq!(
+        v.accessible_topology[0].segments["topology.filevol.csi.rs/node"],
+        "test-node"
+    );
+
+    let again = c
+        .create_volume(&req::create("pvc-sparse", 10 * GIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, v.volume_id);
+    let err = c.create_volume(&req::create("pvc-sparse", 20 * GIB));
+    assert_eq!(code(err), RpcStatusCode::ALREADY_EXISTS);
+    let err = c.create_volume(&req::create_with(
+        "pvc-sparse",
+        10 * GIB,
+        &[("layout", "dir")],
+    ));
+    assert_eq!(code(err), RpcStatusCode::ALREADY_EXISTS);
+
+    c.delete_volume(&req::delete(&v.volume_id)).unwrap();
+    c.delete_volume(&req::delete(&v.volume_id)).unwrap();
+    assert!(!pool.join("volumes").join(&v.volume_id).exists());
+    assert_eq!(
+        code(c.delete_volume(&req::delete(""))),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+}
+
+#[test]
+fn requests_are_checked_before_anything_is_made() {
+    let Some((_fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "10"]));
+    let c = d.controller();
+    let invalid = |r: csi::CreateVolumeRequest| {
+        let st = status(c.create_volume(&r));
+        assert_eq!(
+            st.code(),
+            RpcStatusCode::INVALID_ARGUMENT,
+            "{}",
+            st.message()
+        );
+    };
+    invalid(req::create_with("p1", 64 * MIB, &[("colour", "blue")]));
+    invalid(req::create_with("p1", 64 * MIB, &[("layout", "lvm")]));
+    invalid(req::create_with("p1", 64 * MIB, &[("thick", "maybe")]));
+    let mut r = req::create("p1", 64 * MIB);
+    r.volume_capabilities[0] = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ntfs");
+    invalid(r);
+    let mut r = req::create_with("p1", 64 * MIB, &[("layout", "dir")]);
+    r.volume_capabilities[0] = req::block_cap(Mode::SINGLE_NODE_WRITER);
+    invalid(r);
+    let mut r = req::create("p1", 64 * MIB);
+    r.volume_capabilities[0] = req::mount_cap(Mode::MULTI_NODE_MULTI_WRITER, "ext4");
+    invalid(r);
+    let mut r = req::create("p1", 64 * MIB);
+    r.mutable_parameters.insert("iops".into(), "100".into());
+    invalid(r);
+    let mut r = req::create("", 64 * MIB);
+    invalid(r.clone());
+    r.name = "p1".into();
+    r.volume_capabilities.clear();
+    invalid(r);
+
+    // Limits below what is required, or below the filesystem's minimum.
+    let mut r = req::create("p1", 64 * MIB);
+    r.capacity_range.as_mut().unwrap().limit_bytes = 32 * MIB;
+    assert_eq!(code(c.create_volume(&r)), RpcStatusCode::OUT_OF_RANGE);
+    let mut r = req::create("p1", 64 * MIB);
+    r.volume_capabilities[0] = req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs");
+    r.capacity_range.as_mut().unwrap().limit_bytes = 100 * MIB;
+    assert_eq!(code(c.create_volume(&r)), RpcStatusCode::OUT_OF_RANGE);
+
+    // A missing source is NOT_FOUND.
+    assert_eq!(
+        code(c.create_volume(&req::restore("p2", 64 * MIB, "no-such-snapshot"))),
+        RpcStatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        code(c.create_volume(&req::clone("p2", 64 * MIB, "no-such-volume"))),
+        RpcStatusCode::NOT_FOUND
+    );
+    assert_eq!(std::fs::read_dir(pool.join("volumes")).unwrap().count(), 0);
+
+    // Unaligned sizes round up to whole MiB; xfs gets its minimum.
+    let v = c
+        .create_volume(&req::create("p3", 5 * MIB + 1))
+        .unwrap()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 6 * MIB);
+    let mut r = req::create("p4", 0);
+    r.volume_capabilities[0] = req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs");
+    r.capacity_range = protobuf::MessageField::none();
+    let v = c.create_volume(&r).unwrap().volume.unwrap();
+    assert_eq!(v.capacity_bytes, GIB, "no range: the 1 GiB default");
+}
+
+#[test]
+fn thick_images_and_directory_volumes() {
+    let Some((_fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    let v = c
+        .create_volume(&req::create_with("thick", 64 * MIB, &[("thick", "true")]))
+        .unwrap()
+        .volume
+        .unwrap();
+    assert!(allocated(&image(&pool, &v.volume_id)) >= 64 << 20);
+
+    let mut r = req::create_with("shared", 64 * MIB, &[("layout", "dir")]);
+    r.volume_capabilities[0] = req::mount_cap(Mode::MULTI_NODE_MULTI_WRITER, "");
+    let v = c.create_volume(&r).unwrap().volume.unwrap();
+    let data = pool.join("volumes").join(&v.volume_id).join("data");
+    assert!(data.is_dir());
+    assert_eq!(
+        std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+        0o777
+    );
+    assert_eq!(v.volume_context["layout"], "dir");
+}
+
+#[test]
+fn snapshots_are_reflinks_on_xfs() {
+    let Some((_fs, pool)) = pool_on("xfs", 1024) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "4"]));
+    let c = d.controller();
+    let v = c
+        .create_volume(&req::create("src", 256 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    let img = image(&pool, &v.volume_id);
+    fill(&img, 16 << 20, 64 << 20, 1);
+    let before = free_bytes(&pool);
+
+    // A node holding the image staged (exclusive lock) does not stop a
+    // reflink: it is atomic.
+    let staged = File::open(&img).unwrap();
+    rustix::fs::flock(&staged, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let s = c
+        .create_snapshot(&req::snapshot("snap-1", &v.volume_id))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    drop(staged);
+    assert!(s.ready_to_use);
+    assert_eq!(s.size_bytes, 256 * MIB);
+    assert_eq!(s.source_volume_id, v.volume_id);
+    let used = before.saturating_sub(free_bytes(&pool));
+    assert!(
+        used < 8 << 20,
+        "a reflink snapshot of 64 MiB of data used {used} bytes"
+    );
+    assert_eq!(digest(&snapshot_image(&pool, &s.snapshot_id)), digest(&img));
+    let again = c
+        .create_snapshot(&req::snapshot("snap-1", &v.volume_id))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, s.snapshot_id);
+
+    // Restore (larger) and clone carry the data.
+    let r = c
+        .create_volume(&req::restore("restored", 512 * MIB, &s.snapshot_id))
+        .unwrap()
+        .volume
+        .unwrap();
+    assert_eq!(r.capacity_bytes, 512 * MIB);
+    let restored = image(&pool, &r.volume_id);
+    assert_eq!(std::fs::metadata(&restored).unwrap().len(), 512 << 20);
+    let mut a = vec![0u8; 80 << 20];
+    let mut b = vec![0u8; 80 << 20];
+    File::open(&img).unwrap().read_exact(&mut a).unwrap();
+    File::open(&restored).unwrap().read_exact(&mut b).unwrap();
+    assert!(a == b, "restored data differs");
+    assert_eq!(
+        code(c.create_volume(
+            &req::restore("too-small", 128 * MIB, &s.snapshot_id).tap_limit(128 * MIB)
+        )),
+        RpcStatusCode::OUT_OF_RANGE
+    );
+    let cl = c
+        .create_volume(&req::clone("cloned", 256 * MIB, &v.volume_id))
+        .unwrap()
+        .volume
+        .unwrap();
+    assert_eq!(digest(&image(&pool, &cl.volume_id)), digest(&img));
+
+    // Deleting the source leaves the snapshot intact.
+    c.delete_volume(&req::delete(&v.volume_id)).unwrap();
+    let listed = c.list_snapshots(&csi::ListSnapshotsRequest::new()).unwrap();
+    assert_eq!(listed.entries.len(), 1);
+    let mut get = csi::GetSnapshotRequest::new();
+    get.snapshot_id = s.snapshot_id.clone();
+    assert!(c.get_snapshot(&get).unwrap().snapshot.ready_to_use);
+    c.delete_snapshot(&req::delete_snapshot(&s.snapshot_id))
+        .unwrap();
+    c.delete_snapshot(&req::delete_snapshot(&s.snapshot_id))
+        .unwrap();
+    assert_eq!(code(c.get_snapshot(&get)), RpcStatusCode::NOT_FOUND);
+}
+
+#[test]
+fn group_snapshots_reflink_every_member() {
+    let Some((_fs, pool)) = pool_on("xfs", 1024) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    let g = d.group_controller();
+    let a = c
+        .create_volume(&req::create("db-data", 64 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    let b = c
+        .create_volume(&req::create("db-wal", 64 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    fill(&image(&pool, &a.volume_id), 0, 4 << 20, 7);
+    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
+    r.name = "db-backup".into();
+    r.source_volume_ids = vec![a.volume_id.clone(), b.volume_id.clone()];
+    let group = g
+        .create_volume_group_snapshot(&r)
+        .unwrap()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(group.snapshots.len(), 2);
+    assert!(group.ready_to_use);
+    for s in &group.snapshots {
+        assert_eq!(s.group_snapshot_id, group.group_snapshot_id);
+    }
+    let again = g
+        .create_volume_group_snapshot(&r)
+        .unwrap()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again.group_snapshot_id, group.group_snapshot_id);
+    // A member goes only with its group.
+    let member = &group.snapshots[0].snapshot_id;
+    assert_eq!(
+        code(c.delete_snapshot(&req::delete_snapshot(member))),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    let mut del = csi::DeleteVolumeGroupSnapshotRequest::new();
+    del.group_snapshot_id = group.group_snapshot_id.clone();
+    del.snapshot_ids = vec!["wrong".into()];
+    assert_eq!(
+        code(g.delete_volume_group_snapshot(&del)),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    del.snapshot_ids = group
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    g.delete_volume_group_snapshot(&del).unwrap();
+    assert_eq!(
+        std::fs::read_dir(pool.join("snapshots")).unwrap().count(),
+        0
+    );
+    let mut get = csi::GetVolumeGroupSnapshotRequest::new();
+    get.group_snapshot_id = group.group_snapshot_id.clone();
+    assert_eq!(
+        code(g.get_volume_group_snapshot(&get)),
+        RpcStatusCode::NOT_FOUND
+    );
+}
+
+#[test]
+fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
+    let Some((_fs, pool)) = pool_on("ext4", 512) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "4"]));
+    let c = d.controller();
+    let v = c
+        .create_volume(&req::create("src", 256 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    let img = image(&pool, &v.volume_id);
+    fill(&img, 100 << 20, 32 << 20, 3);
+
+    let staged = File::open(&img).unwrap();
+    rustix::fs::flock(&staged, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let st = status(c.create_snapshot(&req::snapshot("torn", &v.volume_id)));
+    assert_eq!(st.code(), RpcStatusCode::FAILED_PRECONDITION);
+    assert!(st.message().contains("staged"), "{}", st.message());
+    let st = status(c.create_volume(&req::clone("torn-clone", 256 * MIB, &v.volume_id)));
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+    drop(staged);
+
+    let s = c
+        .create_snapshot(&req::snapshot("copy", &v.volume_id))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    let snap = snapshot_image(&pool, &s.snapshot_id);
+    assert_eq!(digest(&snap), digest(&img));
+    let alloc = allocated(&snap);
+    assert!(
+        (32 << 20..40 << 20).contains(&alloc),
+        "holes kept: {alloc} bytes allocated"
+    );
+
+    // Group snapshots need reflink: refused whole.
+    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
+    r.name = "g".into();
+    r.source_volume_ids = vec![v.volume_id.clone()];
+    assert_eq!(
+        code(d.group_controller().create_volume_group_snapshot(&r)),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        std::fs::read_dir(pool.join("snapshots")).unwrap().count(),
+        1
+    );
+    assert_eq!(std::fs::read_dir(pool.join("groups")).unwrap().count(), 0);
+}
+
+#[test]
+fn list_volumes_paginates_and_refuses_foreign_tokens() {
+    let Some((_fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    let mut made: Vec<String> = (0..7)
+        .map(|i| {
+            c.create_volume(&req::create(&format!("vol-{i}"), 8 * MIB))
+                .unwrap()
+                .volume
+                .unwrap()
+                .volume_id
+        })
+        .collect();
+    made.sort();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c.list_volumes(&req::list(3, &token)).unwrap();
+        assert!(page.entries.len() <= 3);
+        seen.extend(page.entries.iter().map(|e| e.volume.volume_id.clone()));
+        pages += 1;
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, made);
+    assert_eq!(
+        code(c.list_volumes(&req::list(3, "invalid-token"))),
+        RpcStatusCode::ABORTED
+    );
+    assert_eq!(
+        code(c.list_volumes(&req::list(-1, ""))),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+}
+
+#[test]
+fn volume_condition_turns_abnormal_when_the_image_goes() {
+    let Some((_fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    let v = c
+        .create_volume(&req::create("watched", 8 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    let got = c
+        .controller_get_volume(&req::get_volume(&v.volume_id))
+        .unwrap();
+    assert!(!got.status.volume_condition.abnormal);
+    std::fs::remove_file(image(&pool, &v.volume_id)).unwrap();
+    let got = c
+        .controller_get_volume(&req::get_volume(&v.volume_id))
+        .unwrap();
+    assert!(got.status.volume_condition.abnormal);
+    assert!(
+        got.status.volume_condition.message.contains("image"),
+        "{}",
+        got.status.volume_condition.message
+    );
+    let listed = c.list_volumes(&req::list(0, "")).unwrap();
+    assert!(listed.entries[0].status.volume_condition.abnormal);
+    assert_eq!(
+        code(c.controller_get_volume(&req::get_volume("no-such-volume"))),
+        RpcStatusCode::NOT_FOUND
+    );
+}
+
+#[test]
+fn capacity_counts_what_volumes_were_promised() {
+    let Some((_fs, pool)) = pool_on("ext4", 512) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, Opts::default().args(&["--reserve", "64Mi"]));
+    let c = d.controller();
+    let cap = || {
+        c.get_capacity(&csi::GetCapacityRequest::new())
+            .unwrap()
+            .available_capacity
+    };
+    let before = cap();
+    let st = rustix::fs::statvfs(&pool).unwrap();
+    assert_eq!(
+        before,
+        (st.f_blocks * st.f_frsize) as i64 - 64 * MIB,
+        "size less the reserve"
+    );
+    c.create_volume(&req::create("a", 100 * MIB)).unwrap();
+    let after = cap();
+    assert!(before - after >= 100 * MIB, "{before} -> {after}");
+    // Thin, overcommit 1.0: a volume larger than what remains is refused.
+    let st = status(c.create_volume(&req::create("b", after + 64 * MIB)));
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+        "{}",
+        st.message()
+    );
+    // Another node's topology has nothing here.
+    let mut r = csi::GetCapacityRequest::new();
+    let mut t = csi::Topology::new();
+    t.segments
+        .insert("topology.filevol.csi.rs/node".into(), "elsewhere".into());
+    r.accessible_topology = Some(t).into();
+    assert_eq!(c.get_capacity(&r).unwrap().available_capacity, 0);
+}
+
+#[test]
+fn attachments_follow_the_access_mode() {
+    let Some((_fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve());
+    // A second node plugin on the same (shared) pool registers node-b.
+    let _node_b = Driver::start_on(
+        &pool,
+        Opts::default().args(&["--mode", "node", "--node-id", "node-b"]),
+    );
+    let c = d.controller();
+    let v = c
+        .create_volume(&req::create("rwo", 8 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    let id = &v.volume_id;
+    let ctx = c
+        .controller_publish_volume(&req::publish(
+            id,
+            "test-node",
+            Mode::SINGLE_NODE_WRITER,
+            false,
+        ))
+        .unwrap();
+    assert_eq!(ctx.publish_context["fsType"], "ext4");
+    c.controller_publish_volume(&req::publish(
+        id,
+        "test-node",
+        Mode::SINGLE_NODE_WRITER,
+        false,
+    ))
+    .unwrap();
+    assert_eq!(
+        code(c.controller_publish_volume(&req::publish(
+            id,
+            "test-node",
+            Mode::SINGLE_NODE_WRITER,
+            true
+        ))),
+        RpcStatusCode::ALREADY_EXISTS
+    );
+    assert_eq!(
+        code(c.controller_publish_volume(&req::publish(
+            id,
+            "node-b",
+            Mode::SINGLE_NODE_WRITER,
+            false
+        ))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code(c.controller_publish_volume(&req::publish(
+            id,
+            "no-such-node",
+            Mode::SINGLE_NODE_WRITER,
+            false
+        ))),
+        RpcStatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        code(c.controller_publish_volume(&req::publish(
+            "no-such-volume",
+            "test-node",
+            Mode::SINGLE_NODE_WRITER,
+            false
+        ))),
+        RpcStatusCode::NOT_FOUND
+    );
+    let got = c.controller_get_volume(&req::get_volume(id)).unwrap();
+    assert_eq!(got.status.published_node_ids, ["test-node"]);
+    assert_eq!(
+        code(c.delete_volume(&req::delete(id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    c.controller_unpublish_volume(&req::unpublish(id, "test-node"))
+        .unwrap();
+    c.controller_unpublish_volume(&req::unpublish(id, "test-node"))
+        .unwrap();
+    c.controller_unpublish_volume(&req::unpublish("no-such-volume", "test-node"))
+        .unwrap();
+    c.delete_volume(&req::delete(id)).unwrap();
+
+    // Read-only many: several nodes.
+    let v = c
+        .create_volume(&req::create("rox", 8 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    c.controller_publish_volume(&req::publish(
+        &v.volume_id,
+        "test-node",
+        Mode::MULTI_NODE_READER_ONLY,
+        true,
+    ))
+    .unwrap();
+    c.controller_publish_volume(&req::publish(
+        &v.volume_id,
+        "node-b",
+        Mode::MULTI_NODE_READER_ONLY,
+        true,
+    ))
+    .unwrap();
+}
+
+#[test]
+fn expansion_grows_and_never_shrinks_and_modify_preallocates() {
+    let Some((_fs, pool)) = pool_on("ext4", 512) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    let v = c
+        .create_volume(&req::create("grow", 100 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    let id = &v.volume_id;
+    let r = c
+        .controller_expand_volume(&req::expand(id, 200 * MIB))
+        .unwrap();
+    assert_eq!(r.capacity_bytes, 200 * MIB);
+    assert!(r.node_expansion_required);
+    assert_eq!(
+        std::fs::metadata(image(&pool, id)).unwrap().len(),
+        200 << 20
+    );
+    let r = c
+        .controller_expand_volume(&req::expand(id, 150 * MIB))
+        .unwrap();
+    assert_eq!(r.capacity_bytes, 200 * MIB, "never shrinks");
+    let mut over = req::expand(id, 300 * MIB);
+    over.capacity_range.as_mut().unwrap().limit_bytes = 250 * MIB;
+    assert_eq!(
+        code(c.controller_expand_volume(&over)),
+        RpcStatusCode::OUT_OF_RANGE
+    );
+    assert_eq!(
+        code(c.controller_expand_volume(&req::expand("no-such-volume", GIB))),
+        RpcStatusCode::NOT_FOUND
+    );
+
+    let mut m = csi::ControllerModifyVolumeRequest::new();
+    m.volume_id = id.clone();
+    m.mutable_parameters.insert("thick".into(), "true".into());
+    c.controller_modify_volume(&m).unwrap();
+    assert!(allocated(&image(&pool, id)) >= 200 << 20);
+    m.mutable_parameters.insert("iops".into(), "5".into());
+    assert_eq!(
+        code(c.controller_modify_volume(&m)),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+}
+
+#[test]
+fn a_full_pool_refuses_and_leaves_no_partial_files() {
+    let Some((_fs, pool)) = pool_on("ext4", 64) else {
+        return;
+    };
+    // Overcommitted, so the promise check passes and the filesystem itself
+    // runs out of space mid-operation.
+    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "50"]));
+    let c = d.controller();
+    let st = status(c.create_volume(&req::create_with(
+        "too-thick",
+        512 * MIB,
+        &[("thick", "true")],
+    )));
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+        "{}",
+        st.message()
+    );
+    let v = c
+        .create_volume(&req::create("data", 256 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    fill(&image(&pool, &v.volume_id), 0, 40 << 20, 5);
+    let st = status(c.create_snapshot(&req::snapshot("no-room", &v.volume_id)));
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+        "{}",
+        st.message()
+    );
+    let st = status(c.create_volume(&req::clone("no-room-clone", 256 * MIB, &v.volume_id)));
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+        "{}",
+        st.message()
+    );
+
+    let volumes: Vec<_> = std::fs::read_dir(pool.join("volumes")).unwrap().collect();
+    assert_eq!(volumes.len(), 1, "only the one good volume");
+    assert_eq!(
+        std::fs::read_dir(pool.join("snapshots")).unwrap().count(),
+        0
+    );
+    for entry in std::fs::read_dir(pool.join(".scratch")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            assert_eq!(
+                std::fs::read_dir(&path).unwrap().count(),
+                0,
+                "debris in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn hostile_names_and_ids_stay_inside_the_pool() {
+    let Some((fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let outside = fs.path().join("outside");
+    std::fs::write(&outside, b"keep").unwrap();
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    for name in [
+        "../outside",
+        "../../etc/evil",
+        "/abs/name",
+        "a/../../b",
+        &"n".repeat(900),
+    ] {
+        let v = c
+            .create_volume(&req::create(name, 8 * MIB))
+            .unwrap()
+            .volume
+            .unwrap();
+        assert!(
+            pool.join("volumes")
+                .join(&v.volume_id)
+                .join("meta.json")
+                .is_file(),
+            "{name}"
+        );
+        c.delete_volume(&req::delete(&v.volume_id)).unwrap();
+    }
+    for id in ["../outside", "..", "/etc/passwd", "a\0b", &"x".repeat(200)] {
+        assert_eq!(
+            code(c.delete_volume(&req::delete(id))),
+            RpcStatusCode::INVALID_ARGUMENT,
+            "{id:?}"
+        );
+        assert_eq!(
+            code(c.delete_snapshot(&req::delete_snapshot(id))),
+            RpcStatusCode::INVALID_ARGUMENT,
+            "{id:?}"
+        );
+        assert_eq!(
+            code(c.create_snapshot(&req::snapshot("s", id))),
+            RpcStatusCode::INVALID_ARGUMENT,
+            "{id:?}"
+        );
+    }
+    assert_eq!(
+        code(c.create_volume(&req::create(&"n".repeat(2000), 8 * MIB))),
+        RpcStatusCode::INVALID_ARGUMENT
+    );
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+    assert_eq!(
+        std::fs::read_dir(fs.path()).unwrap().count(),
+        3,
+        "pool, outside, lost+found"
+    );
+}
+
+#[test]
+fn a_restarted_controller_sees_the_same_pool() {
+    let Some((_fs, pool)) = pool_on("xfs", 512) else {
+        return;
+    };
+    let mut d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    for i in 0..3 {
+        c.create_volume(&req::create(&format!("keep-{i}"), 8 * MIB))
+            .unwrap();
+    }
+    let first = c.list_volumes(&req::list(0, "")).unwrap().entries[0]
+        .volume
+        .volume_id
+        .clone();
+    c.create_snapshot(&req::snapshot("keep-snap", &first))
+        .unwrap();
+    c.controller_publish_volume(&req::publish(
+        &first,
+        "test-node",
+        Mode::SINGLE_NODE_WRITER,
+        false,
+    ))
+    .unwrap();
+    let volumes = c.list_volumes(&req::list(0, "")).unwrap();
+    let snapshots = c.list_snapshots(&csi::ListSnapshotsRequest::new()).unwrap();
+    assert!(d.stop().success());
+
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    assert_eq!(c.list_volumes(&req::list(0, "")).unwrap(), volumes);
+    assert_eq!(
+        c.list_snapshots(&csi::ListSnapshotsRequest::new()).unwrap(),
+        snapshots
+    );
+}
+
+/// `limit_bytes` on a request, fluently.
+trait TapLimit {
+    fn tap_limit(self, limit: i64) -> Self;
+}
+
+impl TapLimit for csi::CreateVolumeRequest {
+    fn tap_limit(mut self, limit: i64) -> Self {
+        self.capacity_range.as_mut().unwrap().limit_bytes = limit;
+        self
+    }
+}

@@ -1,0 +1,226 @@
+//! SIGKILL between the steps of create, clone, snapshot, group snapshot,
+//! expand and delete (the debug build's `crash:<point>` fault), then a
+//! restart: every volume and snapshot is whole or absent, no scratch debris
+//! survives the restart's clean-up, and the retried call succeeds.
+
+use std::path::Path;
+use std::time::Duration;
+
+use filevol::proto::csi;
+
+use crate::controller::{image, pool_on};
+use crate::req::{self, MIB};
+use crate::util::{Driver, Opts};
+
+fn start(pool: &Path, fault: &str) -> Driver {
+    Driver::start_on(
+        pool,
+        Opts::default().args(&["--reserve", "0"]).faults(fault),
+    )
+}
+
+/// Runs `op` against a driver that dies at `point`, and checks that it
+/// died there.
+fn crash_at(pool: &Path, point: &str, op: impl FnOnce(&Driver)) {
+    let mut d = start(pool, &format!("crash:{point}"));
+    op(&d);
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert!(
+        !status.success(),
+        "{point}: the driver should have been killed"
+    );
+    assert!(
+        d.log().contains(&format!("SIGKILL at {point}")),
+        "{point}: {}",
+        d.log()
+    );
+}
+
+/// Every object in the pool is whole; scratch holds only the live
+/// instance's (empty) directory.
+fn assert_consistent(pool: &Path) {
+    for entry in std::fs::read_dir(pool.join("volumes")).unwrap() {
+        let dir = entry.unwrap().path();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+        if meta["layout"] == "image" {
+            let len = std::fs::metadata(dir.join("image")).unwrap().len();
+            assert!(
+                len >= meta["capacity_bytes"].as_u64().unwrap(),
+                "{}",
+                dir.display()
+            );
+        } else {
+            assert!(dir.join("data").is_dir());
+        }
+    }
+    for entry in std::fs::read_dir(pool.join("snapshots")).unwrap() {
+        let dir = entry.unwrap().path();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+        let group = meta["group_id"].as_str();
+        if let Some(g) = group {
+            assert!(
+                pool.join("groups").join(format!("{g}.json")).is_file(),
+                "orphan member {}",
+                dir.display()
+            );
+        }
+        assert!(dir.join("image").is_file() || dir.join("data").is_dir());
+    }
+    let scratch: Vec<_> = std::fs::read_dir(pool.join(".scratch"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let dirs: Vec<_> = scratch.iter().filter(|p| p.is_dir()).collect();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "scratch of dead processes survived: {scratch:?}"
+    );
+    assert_eq!(std::fs::read_dir(dirs[0]).unwrap().count(), 0);
+}
+
+fn volume_ids(d: &Driver) -> Vec<String> {
+    d.controller()
+        .list_volumes(&req::list(0, ""))
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.volume.volume_id.clone())
+        .collect()
+}
+
+fn snapshot_count(d: &Driver) -> usize {
+    d.controller()
+        .list_snapshots(&csi::ListSnapshotsRequest::new())
+        .unwrap()
+        .entries
+        .len()
+}
+
+#[test]
+fn sigkill_between_steps_leaves_a_consistent_pool() {
+    let Some((_fs, pool)) = pool_on("xfs", 1024) else {
+        return;
+    };
+
+    // Create: killed before the rename, the volume is absent; after it,
+    // whole. Either way the retry succeeds.
+    for (point, present) in [("create.built", false), ("create.committed", true)] {
+        let name = format!("vol-{point}");
+        crash_at(&pool, point, |d| {
+            assert!(d
+                .controller()
+                .create_volume(&req::create(&name, 64 * MIB))
+                .is_err());
+        });
+        let d = start(&pool, "");
+        assert_consistent(&pool);
+        let id = filevol::pool::ids::derive(filevol::pool::ids::Kind::Volume, &name);
+        assert_eq!(volume_ids(&d).contains(&id), present, "{point}");
+        let v = d
+            .controller()
+            .create_volume(&req::create(&name, 64 * MIB))
+            .unwrap()
+            .volume
+            .unwrap();
+        assert_eq!(v.volume_id, id);
+    }
+
+    let d = start(&pool, "");
+    let source = d
+        .controller()
+        .create_volume(&req::create("source", 64 * MIB))
+        .unwrap()
+        .volume
+        .unwrap()
+        .volume_id;
+    crate::controller::fill(&image(&pool, &source), 0, 8 << 20, 9);
+    drop(d);
+
+    // Clone, killed after the copy and before the rename.
+    crash_at(&pool, "create.copied", |d| {
+        assert!(d
+            .controller()
+            .create_volume(&req::clone("clone", 64 * MIB, &source))
+            .is_err());
+    });
+    let d = start(&pool, "");
+    assert_consistent(&pool);
+    d.controller()
+        .create_volume(&req::clone("clone", 64 * MIB, &source))
+        .unwrap();
+    drop(d);
+
+    // Snapshot at each step: never a snapshot that claims to be ready
+    // without its data.
+    for (point, present) in [
+        ("snapshot.copied", false),
+        ("snapshot.built", false),
+        ("snapshot.committed", true),
+    ] {
+        let name = format!("snap-{point}");
+        crash_at(&pool, point, |d| {
+            assert!(d
+                .controller()
+                .create_snapshot(&req::snapshot(&name, &source))
+                .is_err());
+        });
+        let d = start(&pool, "");
+        assert_consistent(&pool);
+        let before = snapshot_count(&d);
+        let s = d
+            .controller()
+            .create_snapshot(&req::snapshot(&name, &source))
+            .unwrap()
+            .snapshot
+            .unwrap();
+        assert!(s.ready_to_use);
+        assert_eq!(
+            snapshot_count(&d),
+            before + usize::from(!present),
+            "{point}"
+        );
+    }
+
+    // Group snapshot killed after its first member entered the pool.
+    crash_at(&pool, "group.member_committed", |d| {
+        let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
+        r.name = "group".into();
+        r.source_volume_ids = vec![source.clone()];
+        assert!(d
+            .group_controller()
+            .create_volume_group_snapshot(&r)
+            .is_err());
+    });
+    let d = start(&pool, "");
+    assert_consistent(&pool);
+    assert!(d.log().contains("unfinished group snapshot"), "{}", d.log());
+    drop(d);
+
+    // Expand killed after the image grew, before the metadata did.
+    crash_at(&pool, "expand.grown", |d| {
+        assert!(d
+            .controller()
+            .controller_expand_volume(&req::expand(&source, 128 * MIB))
+            .is_err());
+    });
+    let d = start(&pool, "");
+    assert_consistent(&pool);
+    let r = d
+        .controller()
+        .controller_expand_volume(&req::expand(&source, 128 * MIB))
+        .unwrap();
+    assert_eq!(r.capacity_bytes, 128 * MIB);
+    drop(d);
+
+    // Delete killed after the volume left the pool's namespace.
+    crash_at(&pool, "discard.renamed", |d| {
+        assert!(d.controller().delete_volume(&req::delete(&source)).is_err());
+    });
+    let d = start(&pool, "");
+    assert_consistent(&pool);
+    assert!(!volume_ids(&d).contains(&source));
+    d.controller().delete_volume(&req::delete(&source)).unwrap();
+}
