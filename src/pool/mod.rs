@@ -151,6 +151,21 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PoolError
     })
 }
 
+/// Writes metadata into a new file of an object being built in scratch:
+/// no temporary file needed, nothing can see it before the commit.
+fn write_new_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), PoolError> {
+    use std::io::Write;
+    let bytes = serde_json::to_vec_pretty(value).expect("metadata serialises");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_error("create", path))?;
+    f.write_all(&bytes).map_err(io_error("write", path))?;
+    f.sync_all().map_err(io_error("sync", path))
+}
+
+/// Replaces the metadata of an object already in the pool, atomically.
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), PoolError> {
     let bytes = serde_json::to_vec_pretty(value).expect("metadata serialises");
     sysfs::write_atomic(path, &bytes).map_err(io_error("write", path))
@@ -212,8 +227,10 @@ impl Pool {
         let mut index = Index::default();
         for (id, dir) in list_dir(&self.root.join("volumes"))? {
             let entry = read_json::<VolumeMeta>(&dir.join("meta.json")).map_err(|e| e.to_string());
-            if let Err(problem) = &entry {
-                log::warn!("volume {id}: {problem}");
+            match &entry {
+                Err(problem) => log::warn!("volume {id}: {problem}"),
+                Ok(v) if v.layout == Layout::Image => self.repair_size(v),
+                Ok(_) => {}
             }
             index.volumes.insert(id, entry);
         }
@@ -259,6 +276,31 @@ impl Pool {
         Ok(())
     }
 
+    /// Extends an image that is shorter than its volume (a size change lost
+    /// in a crash, or an expansion cut short): the tail is a hole, so no
+    /// data changes. A missing image is left for the volume condition to
+    /// report.
+    fn repair_size(&self, v: &VolumeMeta) {
+        let path = self.image_path(&v.id);
+        let Ok(f) = OpenOptions::new().write(true).open(&path) else {
+            return;
+        };
+        match f.metadata() {
+            Ok(m) if m.len() < v.capacity_bytes => {
+                log::warn!(
+                    "volume {}: image is {} bytes, the volume {}; extending it",
+                    v.id,
+                    m.len(),
+                    v.capacity_bytes
+                );
+                if let Err(e) = f.set_len(v.capacity_bytes).and_then(|()| f.sync_all()) {
+                    log::warn!("volume {}: extend image: {e}", v.id);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Moves `path` out of the pool's namespace in one rename, then deletes
     /// it at leisure. A crash after the rename leaves only scratch debris.
     fn discard(&self, path: &Path) -> Result<(), PoolError> {
@@ -281,9 +323,19 @@ impl Pool {
         Ok(())
     }
 
-    /// Renames a finished object from scratch into the pool.
+    /// Renames a finished object from scratch into the pool and makes the
+    /// rename durable.
+    ///
+    /// Only the parent is fsynced. The entries and sizes inside `built` were
+    /// created before the rename, and the filesystems a pool lives on order
+    /// metadata: xfs and ext4 journal it in sequence (forcing the journal
+    /// for the rename forces what came before), NFS servers commit metadata
+    /// operations before answering. File *data* is not ordered that way, so
+    /// every file with content (meta.json, copied or preallocated images) is
+    /// fsynced when written. Should a filesystem still lose an image's size,
+    /// the next start extends it back (see `load`): growing a sparse file
+    /// loses nothing.
     fn commit(&self, built: &Path, dest: &Path) -> Result<(), PoolError> {
-        sysfs::fsync_dir(built).map_err(io_error("sync", built))?;
         std::fs::rename(built, dest).map_err(io_error("move into the pool", dest))?;
         let parent = dest.parent().expect("pool objects have a parent");
         sysfs::fsync_dir(parent).map_err(io_error("sync", parent))
@@ -544,11 +596,13 @@ impl Pool {
                             .map_err(io_error("create image", &image))?;
                         f.set_len(capacity)
                             .map_err(io_error("size image", &image))?;
+                        // A fresh sparse image has no data to sync; its size
+                        // is metadata, made durable by the commit.
                         if spec.thick {
                             sysfs::preallocate(&f, capacity)
                                 .map_err(io_error("preallocate image", &image))?;
+                            f.sync_all().map_err(io_error("sync image", &image))?;
                         }
-                        f.sync_all().map_err(io_error("sync image", &image))?;
                     }
                     Some(source) => {
                         let from = self.source_image(source)?;
@@ -598,7 +652,7 @@ impl Pool {
             created_unix_ms: now_ms(),
             attachments: Vec::new(),
         };
-        write_json(&built.join("meta.json"), &meta)?;
+        write_new_json(&built.join("meta.json"), &meta)?;
         Ok(meta)
     }
 
@@ -931,7 +985,7 @@ impl Pool {
             created_secs: secs,
             created_nanos: nanos,
         };
-        write_json(&built.join("meta.json"), &meta)?;
+        write_new_json(&built.join("meta.json"), &meta)?;
         Ok(meta)
     }
 
@@ -1171,5 +1225,52 @@ struct Promise<'a> {
 impl Drop for Promise<'_> {
     fn drop(&mut self) {
         *self.pool.in_flight.lock() -= self.bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_resume_at_the_cursor_and_filter() {
+        let map: BTreeMap<String, u32> = (0..10).map(|i| (format!("v{i:02}"), i)).collect();
+        let (first, next) = page(&map, None, 4, |_| true);
+        assert_eq!(first.len(), 4);
+        assert_eq!(next.as_deref(), Some("v04"));
+        let (rest, next) = page(&map, next.as_deref(), 0, |_| true);
+        assert_eq!(rest.len(), 6);
+        assert_eq!(next, None);
+        let (even, _) = page(&map, None, 0, |v| v % 2 == 0);
+        assert_eq!(even.len(), 5);
+        // A cursor whose entry was deleted meanwhile resumes after it.
+        let (after, _) = page(&map, Some("v03x"), 1, |_| true);
+        assert_eq!(after[0].0, "v04");
+    }
+
+    #[test]
+    fn sizes_round_up_to_whole_mib() {
+        assert_eq!(align_up(1), ALIGN);
+        assert_eq!(align_up(ALIGN), ALIGN);
+        assert_eq!(align_up(5 * ALIGN + 1), 6 * ALIGN);
+        // The largest size a CSI request can carry (int64) still rounds.
+        assert_eq!(align_up(i64::MAX as u64), 1 << 63);
+    }
+
+    #[test]
+    fn group_member_lists_must_match_exactly() {
+        let g = GroupMeta {
+            format: FORMAT,
+            id: "g".into(),
+            name: "g".into(),
+            snapshot_ids: vec!["a".into(), "b".into()],
+            source_volume_ids: vec![],
+            created_secs: 0,
+            created_nanos: 0,
+        };
+        check_members(&g, &[]).unwrap();
+        check_members(&g, &["b".into(), "a".into()]).unwrap();
+        assert!(check_members(&g, &["a".into()]).is_err());
+        assert!(check_members(&g, &["a".into(), "c".into()]).is_err());
     }
 }

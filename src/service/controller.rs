@@ -97,12 +97,14 @@ impl Operation for csi::CreateVolumeRequest {
                     mkfs_options = value.split_whitespace().map(str::to_owned).collect()
                 }
                 k if k.starts_with(CO_PARAM_PREFIX) => {}
-                other => return Err(Error::invalid(
-                    "parameters",
-                    format!(
+                other => {
+                    return Err(Error::invalid(
+                        "parameters",
+                        format!(
                         "unknown parameter {other:?}; filevol takes layout, thick and mkfsOptions"
                     ),
-                )),
+                    ))
+                }
             }
         }
         if let Some(t) = parse_thick(&mutable_parameters).ok().flatten() {

@@ -1,0 +1,257 @@
+//! Controller figures for the README, measured over the UNIX socket against
+//! the release binary on loop-mounted pools (needs root):
+//! - CreateVolume of a sparse 10 GiB image (then DeleteVolume), p50/p99;
+//! - CreateSnapshot of a 1 GiB image holding 512 MiB of data, reflink
+//!   (xfs pool) against sparse copy (ext4 pool);
+//! - ListVolumes over 10,000 volumes, every page.
+//!
+//! Run: `cargo bench --bench controller`. `BENCH_CREATES` (default 300) and
+//! `BENCH_LIST_VOLUMES` (default 10000) scale it down.
+
+#[path = "../tests/integration/loopfs.rs"]
+mod loopfs;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use filevol::proto::csi;
+use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol::proto::grpc::{ControllerClient, IdentityClient};
+use grpcio::{ChannelBuilder, EnvBuilder};
+
+struct Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+    controller: ControllerClient,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(pool: &Path) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_filevol"))
+        .args(["serve", "--node-id", "bench", "--log-level", "warn"])
+        .args(["--reserve", "0", "--overcommit", "100000"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--pool")
+        .arg(pool)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
+    let channel = ChannelBuilder::new(env)
+        .max_receive_message_len(64 << 20)
+        .connect(&format!("unix:{}", socket.display()));
+    let identity = IdentityClient::new(channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while identity.probe(&csi::ProbeRequest::new()).is_err() {
+        assert!(Instant::now() < deadline, "filevol did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server {
+        child,
+        _dir: dir,
+        controller: ControllerClient::new(channel),
+    }
+}
+
+fn create_req(name: &str, bytes: i64) -> csi::CreateVolumeRequest {
+    let mut r = csi::CreateVolumeRequest::new();
+    r.name = name.into();
+    let mut cr = csi::CapacityRange::new();
+    cr.required_bytes = bytes;
+    r.capacity_range = Some(cr).into();
+    let mut cap = csi::VolumeCapability::new();
+    let mut am = csi::volume_capability::AccessMode::new();
+    am.mode = Mode::SINGLE_NODE_WRITER.into();
+    cap.access_mode = Some(am).into();
+    cap.set_mount(Default::default());
+    r.volume_capabilities.push(cap);
+    r
+}
+
+fn pool_dir(fs: &loopfs::LoopFs) -> PathBuf {
+    let p = fs.path().join("pool");
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Writes 512 MiB of data into the first half of a 1 GiB image.
+fn fill_half(image: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    let chunk: Vec<u8> = (0..(4 << 20)).map(|i| (i % 251) as u8).collect();
+    for _ in 0..128 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn snapshot_time(fs_type: &str) -> (Duration, String) {
+    let fs = loopfs::LoopFs::new(fs_type, 3072).expect("root");
+    let pool = pool_dir(&fs);
+    let server = start(&pool);
+    let v = server
+        .controller
+        .create_volume(&create_req("snap-source", 1 << 30))
+        .unwrap()
+        .volume
+        .unwrap();
+    fill_half(&pool.join("volumes").join(&v.volume_id).join("image"));
+    let mut times = Vec::new();
+    for i in 0..3 {
+        let mut r = csi::CreateSnapshotRequest::new();
+        r.name = format!("snap-{i}");
+        r.source_volume_id = v.volume_id.clone();
+        let t = Instant::now();
+        let s = server
+            .controller
+            .create_snapshot(&r)
+            .unwrap()
+            .snapshot
+            .unwrap();
+        times.push(t.elapsed());
+        let mut d = csi::DeleteSnapshotRequest::new();
+        d.snapshot_id = s.snapshot_id;
+        server.controller.delete_snapshot(&d).unwrap();
+    }
+    times.sort();
+    let meta = std::fs::read_dir(pool.join("volumes")).unwrap().count();
+    (times[1], format!("{meta} volume, median of 3"))
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: the controller benchmark needs root for loop-mounted pools");
+        return;
+    }
+    let creates = env_usize("BENCH_CREATES", 300);
+    let list_n = env_usize("BENCH_LIST_VOLUMES", 10_000);
+
+    // CreateVolume, sparse 10 GiB.
+    let fs = loopfs::LoopFs::new("xfs", 2048).expect("root");
+    let pool = pool_dir(&fs);
+    let server = start(&pool);
+    let mut create = Vec::with_capacity(creates);
+    let mut delete = Vec::with_capacity(creates);
+    for i in 0..creates {
+        let t = Instant::now();
+        let v = server
+            .controller
+            .create_volume(&create_req(&format!("pvc-bench-{i}"), 10 << 30))
+            .unwrap()
+            .volume
+            .unwrap();
+        create.push(t.elapsed());
+        let mut d = csi::DeleteVolumeRequest::new();
+        d.volume_id = v.volume_id;
+        let t = Instant::now();
+        server.controller.delete_volume(&d).unwrap();
+        delete.push(t.elapsed());
+    }
+    create.sort();
+    delete.sort();
+    drop(server);
+    drop(fs);
+
+    let (reflink, _) = snapshot_time("xfs");
+    let (sparse, _) = snapshot_time("ext4");
+
+    // ListVolumes over many volumes.
+    let fs = loopfs::LoopFs::new("xfs", 2048).expect("root");
+    let pool = pool_dir(&fs);
+    let server = start(&pool);
+    let fill_started = Instant::now();
+    for i in 0..list_n {
+        server
+            .controller
+            .create_volume(&create_req(&format!("pvc-list-{i:05}"), 1 << 20))
+            .unwrap();
+    }
+    let fill_time = fill_started.elapsed();
+    let mut page_times = Vec::new();
+    for page_size in [0, 1000] {
+        let started = Instant::now();
+        let mut token = String::new();
+        let mut seen = 0;
+        loop {
+            let mut r = csi::ListVolumesRequest::new();
+            r.max_entries = page_size;
+            r.starting_token = token;
+            let resp = server.controller.list_volumes(&r).unwrap();
+            seen += resp.entries.len();
+            if resp.next_token.is_empty() {
+                break;
+            }
+            token = resp.next_token;
+        }
+        assert_eq!(seen, list_n);
+        page_times.push((page_size, started.elapsed()));
+    }
+    drop(server);
+    drop(fs);
+
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| CreateVolume, sparse 10 GiB image on xfs, p50 / p99 ({creates} calls) | {:.2} ms / {:.2} ms |",
+        ms(pct(&create, 0.5)),
+        ms(pct(&create, 0.99))
+    );
+    println!(
+        "| DeleteVolume of it, p50 / p99 | {:.2} ms / {:.2} ms |",
+        ms(pct(&delete, 0.5)),
+        ms(pct(&delete, 0.99))
+    );
+    println!(
+        "| CreateSnapshot, 1 GiB image with 512 MiB of data: reflink (xfs) | {:.2} ms |",
+        ms(reflink)
+    );
+    println!(
+        "| CreateSnapshot, same image: sparse copy (ext4, no reflink) | {:.1} ms |",
+        ms(sparse)
+    );
+    for (page_size, t) in page_times {
+        let pages = if page_size == 0 {
+            "one page".to_owned()
+        } else {
+            format!("pages of {page_size}")
+        };
+        println!(
+            "| ListVolumes over {list_n} volumes, all entries, {pages} | {:.1} ms |",
+            ms(t)
+        );
+    }
+    println!(
+        "| (creating those {list_n} volumes took {:.1} s) | |",
+        fill_time.as_secs_f64()
+    );
+}
