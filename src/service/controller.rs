@@ -386,13 +386,29 @@ impl Operation for csi::ControllerGetVolumeRequest {
         validate::id("volume_id", &self.volume_id)?;
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
-            let v = driver.pool.volume(&self.volume_id)?;
-            let (nodes, condition) = volume_status(&driver, &v);
             let mut status = csi::controller_get_volume_response::VolumeStatus::new();
-            status.published_node_ids = nodes;
-            status.volume_condition = Some(condition).into();
             let mut resp = csi::ControllerGetVolumeResponse::new();
-            resp.volume = Some(convert::volume(&v)).into();
+            match driver.pool.volume(&self.volume_id) {
+                Ok(v) => {
+                    let (nodes, condition) = volume_status(&driver, &v);
+                    status.published_node_ids = nodes;
+                    status.volume_condition = Some(condition).into();
+                    resp.volume = Some(convert::volume(&v)).into();
+                }
+                // Damaged metadata is a condition to report, not a failure
+                // of the call: the health monitor should see it.
+                Err(PoolError::Damaged { path, problem }) => {
+                    let mut vol = csi::Volume::new();
+                    vol.volume_id.clone_from(&self.volume_id);
+                    resp.volume = Some(vol).into();
+                    status.volume_condition = Some(convert::condition(Some(format!(
+                        "metadata {} is damaged: {problem}",
+                        path.display()
+                    ))))
+                    .into();
+                }
+                Err(e) => return Err(e.into()),
+            }
             resp.status = Some(status).into();
             Ok(resp)
         }))

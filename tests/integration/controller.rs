@@ -431,6 +431,59 @@ fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
 }
 
 #[test]
+fn directory_volumes_snapshot_and_restore_as_trees() {
+    let Some((_fs, pool)) = pool_on("xfs", 512) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    let dir_create = |name: &str| {
+        let mut r = req::create_with(name, 8 * MIB, &[("layout", "dir")]);
+        r.volume_capabilities[0] = req::mount_cap(Mode::MULTI_NODE_MULTI_WRITER, "");
+        r
+    };
+    let v = c
+        .create_volume(&dir_create("shared-src"))
+        .unwrap()
+        .volume
+        .unwrap();
+    let data = pool.join("volumes").join(&v.volume_id).join("data");
+    std::fs::create_dir(data.join("sub")).unwrap();
+    std::fs::write(data.join("sub/file"), b"hello").unwrap();
+    std::os::unix::fs::symlink("sub/file", data.join("link")).unwrap();
+    let s = c
+        .create_snapshot(&req::snapshot("shared-snap", &v.volume_id))
+        .unwrap()
+        .snapshot
+        .unwrap();
+    let mut r = dir_create("shared-restored");
+    let mut src = csi::volume_content_source::SnapshotSource::new();
+    src.snapshot_id = s.snapshot_id.clone();
+    let mut cs = csi::VolumeContentSource::new();
+    cs.set_snapshot(src);
+    r.volume_content_source = Some(cs).into();
+    let restored = c.create_volume(&r).unwrap().volume.unwrap();
+    let out = pool.join("volumes").join(&restored.volume_id).join("data");
+    assert_eq!(std::fs::read(out.join("sub/file")).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::read_link(out.join("link")).unwrap(),
+        Path::new("sub/file")
+    );
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o777
+    );
+    // An image volume cannot be restored from a directory snapshot.
+    let st = status(c.create_volume(&req::restore("wrong-shape", 8 * MIB, &s.snapshot_id)));
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::INVALID_ARGUMENT,
+        "{}",
+        st.message()
+    );
+}
+
+#[test]
 fn list_volumes_paginates_and_refuses_foreign_tokens() {
     let Some((_fs, pool)) = pool_on("ext4", 256) else {
         return;
@@ -500,6 +553,32 @@ fn volume_condition_turns_abnormal_when_the_image_goes() {
     );
     let listed = c.list_volumes(&req::list(0, "")).unwrap();
     assert!(listed.entries[0].status.volume_condition.abnormal);
+    // Damaged metadata is found at start and reported, not hidden.
+    let v2 = c
+        .create_volume(&req::create("damaged", 8 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    drop(c);
+    drop(d);
+    std::fs::write(
+        pool.join("volumes").join(&v2.volume_id).join("meta.json"),
+        b"{ not json",
+    )
+    .unwrap();
+    let d = Driver::start_on(&pool, no_reserve());
+    let c = d.controller();
+    let got = c
+        .controller_get_volume(&req::get_volume(&v2.volume_id))
+        .unwrap();
+    assert!(got.status.volume_condition.abnormal);
+    assert!(
+        got.status.volume_condition.message.contains("damaged"),
+        "{}",
+        got.status.volume_condition.message
+    );
+    c.delete_volume(&req::delete(&v2.volume_id)).unwrap();
+    assert!(!pool.join("volumes").join(&v2.volume_id).exists());
     assert_eq!(
         code(c.controller_get_volume(&req::get_volume("no-such-volume"))),
         RpcStatusCode::NOT_FOUND
