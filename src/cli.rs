@@ -124,6 +124,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FILEVOL_TOPOLOGY")]
     pub topology: Option<String>,
 
+    /// Volumes this node accepts (NodeGetInfo's max_volumes_per_node); 0
+    /// reports no limit.
+    #[arg(long, env = "FILEVOL_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
+    pub max_volumes_per_node: u32,
+
     /// Seconds in-flight calls get to finish after SIGTERM before they are
     /// cancelled.
     #[arg(long, env = "FILEVOL_SHUTDOWN_GRACE", default_value_t = 20)]

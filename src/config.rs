@@ -36,6 +36,8 @@ pub struct Config {
     pub overcommit: f64,
     /// The topology segment of the pool's volumes (empty: everywhere).
     pub topology: BTreeMap<String, String>,
+    /// NodeGetInfo's max_volumes_per_node (0: no limit).
+    pub max_volumes_per_node: u32,
     /// Time in-flight calls get after SIGTERM.
     pub shutdown_grace: Duration,
     /// Settings that were not given and took their default, so start-up can
@@ -152,6 +154,7 @@ impl Config {
         Ok(Config {
             mode: args.mode,
             reserve_bytes: args.reserve,
+            max_volumes_per_node: args.max_volumes_per_node,
             overcommit: args.overcommit,
             topology,
             endpoint,

@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 
 use grpcio::{RpcStatus, RpcStatusCode};
 
+use crate::node::NodeError;
 use crate::pool::PoolError;
 use crate::rpc::Rpc;
 
@@ -61,6 +62,9 @@ pub enum Error {
     /// The pool refused or failed the operation.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// The node refused or failed the operation.
+    #[error(transparent)]
+    Node(#[from] NodeError),
 }
 
 impl Error {
@@ -91,6 +95,28 @@ pub fn status_code(rpc: Rpc, err: &Error) -> RpcStatusCode {
         },
         Error::BadToken(_) => RpcStatusCode::ABORTED,
         Error::Pool(e) => pool_code(rpc, e),
+        Error::Node(e) => node_code(e),
+    }
+}
+
+fn node_code(err: &NodeError) -> RpcStatusCode {
+    match err {
+        NodeError::OutsideKubeletDir { .. } => RpcStatusCode::INVALID_ARGUMENT,
+        NodeError::NotFound { .. } => RpcStatusCode::NOT_FOUND,
+        // "Volume published but is incompatible".
+        NodeError::Occupied { .. } => RpcStatusCode::ALREADY_EXISTS,
+        // States that need the CO or an operator to change something first:
+        // another node holds the image, the volume is not staged, a
+        // ReadWriteOncePod volume is in use, the device is not blank, a
+        // mount point is busy.
+        NodeError::Fenced { .. }
+        | NodeError::NotStaged { .. }
+        | NodeError::SingleWriter { .. }
+        | NodeError::WillNotFormat { .. }
+        | NodeError::Busy { .. } => RpcStatusCode::FAILED_PRECONDITION,
+        NodeError::ProbeFailed { .. } | NodeError::Command { .. } | NodeError::Sys { .. } => {
+            RpcStatusCode::INTERNAL
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod error;
 pub mod executor;
 pub mod faults;
 pub mod logging;
+pub mod node;
 pub mod pool;
 pub mod proto;
 pub mod redact;

@@ -11,6 +11,7 @@ use grpcio::{ChannelBuilder, EnvBuilder, ServerBuilder};
 
 use crate::config::{Config, ConfigError};
 use crate::executor::Executor;
+use crate::node::{Node, NodeError};
 use crate::pool::meta::NodeRecord;
 use crate::pool::{Pool, PoolError, PoolOptions};
 use crate::service::{CsiService, Driver};
@@ -36,6 +37,9 @@ pub enum ServeError {
     /// The pool cannot be opened.
     #[error("open the pool")]
     Pool(#[from] PoolError),
+    /// The node side cannot start.
+    #[error("start the node service")]
+    Node(#[from] NodeError),
     /// Threads could not be started.
     #[error("start worker threads")]
     Threads(#[source] std::io::Error),
@@ -67,12 +71,20 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             topology: config.topology.clone(),
         })?;
     }
+    // The node side re-takes the locks of what it finds staged before it
+    // serves a single call.
+    let node = if config.mode.serves_node() {
+        Some(Node::start(&config.kubelet_dir, &pool)?)
+    } else {
+        None
+    };
     let executor =
         Executor::start(config.workers, config.queue_depth).map_err(ServeError::Threads)?;
     let driver = Arc::new(Driver {
         config,
         executor,
         pool,
+        node,
     });
     let cfg = &driver.config;
 

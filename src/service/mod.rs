@@ -21,6 +21,7 @@ use protobuf::MessageFull;
 use crate::config::Config;
 use crate::error::Error;
 use crate::executor::{Executor, Job};
+use crate::node::Node;
 use crate::pool::Pool;
 use crate::proto::{csi, grpc};
 use crate::redact::redacted_text;
@@ -35,6 +36,8 @@ pub struct Driver {
     pub executor: Executor,
     /// The pool.
     pub pool: Pool,
+    /// The node side, in modes that serve the Node service.
+    pub node: Option<Node>,
 }
 
 /// A CSI request that filevol can run.
@@ -116,31 +119,6 @@ macro_rules! dispatch_all {
         }
     };
 }
-
-/// Declares requests whose RPC filevol registers but does not implement
-/// yet: they pass through validation-free dispatch (so they are logged,
-/// locked per volume and queued like the rest) and answer UNIMPLEMENTED.
-macro_rules! not_implemented {
-    ($($req:ident -> $resp:ident as $rpc:ident $(locking $field:ident)?;)*) => {
-        $(
-            impl $crate::service::Operation for csi::$req {
-                type Response = csi::$resp;
-                const RPC: Rpc = Rpc::$rpc;
-                fn prepare(self, _driver: &Arc<Driver>) -> Result<Job<csi::$resp>, Error> {
-                    #[allow(unused_mut)]
-                    let mut job = Job::new(|| Err(Error::Unimplemented(Rpc::$rpc)));
-                    $(
-                        if !self.$field.is_empty() {
-                            job = job.locking($crate::service::volume_key(&self.$field));
-                        }
-                    )?
-                    Ok(job)
-                }
-            }
-        )*
-    };
-}
-pub(crate) use not_implemented;
 
 dispatch_all!(grpc::Identity {
     get_plugin_info(GetPluginInfoRequest) -> GetPluginInfoResponse;

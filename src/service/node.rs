@@ -1,22 +1,363 @@
-//! The Node service. Not implemented yet: every call answers UNIMPLEMENTED
-//! after passing through the common dispatch path (volume calls take their
-//! volume's lock, so contention behaves as it will once they do real work).
+//! The Node service: requests checked on the completion-queue thread, the
+//! mounts and loop devices done by `crate::node` on a worker.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{not_implemented, Driver};
+use super::validate::{self, Capability};
+use super::{convert, volume_key, Driver, Operation};
+use crate::cli::parse_size;
 use crate::error::Error;
 use crate::executor::Job;
+use crate::node::{Node, NodeError, Request};
+use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
+use crate::pool::{ids, CapacityRange, PoolError, VolumeSpec};
 use crate::proto::csi;
+use crate::proto::csi::node_service_capability::rpc::Type as NodeCap;
 use crate::rpc::Rpc;
 
-not_implemented! {
-    NodeStageVolumeRequest -> NodeStageVolumeResponse as NodeStageVolume locking volume_id;
-    NodeUnstageVolumeRequest -> NodeUnstageVolumeResponse as NodeUnstageVolume locking volume_id;
-    NodePublishVolumeRequest -> NodePublishVolumeResponse as NodePublishVolume locking volume_id;
-    NodeUnpublishVolumeRequest -> NodeUnpublishVolumeResponse as NodeUnpublishVolume locking volume_id;
-    NodeGetVolumeStatsRequest -> NodeGetVolumeStatsResponse as NodeGetVolumeStats locking volume_id;
-    NodeExpandVolumeRequest -> NodeExpandVolumeResponse as NodeExpandVolume locking volume_id;
-    NodeGetCapabilitiesRequest -> NodeGetCapabilitiesResponse as NodeGetCapabilities;
-    NodeGetInfoRequest -> NodeGetInfoResponse as NodeGetInfo;
+/// volume_context key kubelet sets on CSI ephemeral inline volumes.
+const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+/// volume_context key for an ephemeral volume's size.
+const SIZE_KEY: &str = "size";
+/// Size of an ephemeral volume that names none.
+const EPHEMERAL_DEFAULT_SIZE: u64 = 1 << 30;
+
+fn node(driver: &Driver) -> Result<&Node, Error> {
+    driver
+        .node
+        .as_ref()
+        .ok_or(Error::Unimplemented(Rpc::NodeGetInfo))
+}
+
+fn node_path(driver: &Driver, field: &'static str, path: &str) -> Result<PathBuf, Error> {
+    if path.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    Ok(node(driver)?.check_path(field, path)?)
+}
+
+fn required_capability(
+    cap: &protobuf::MessageField<csi::VolumeCapability>,
+) -> Result<Capability, Error> {
+    match cap.as_ref() {
+        Some(c) => validate::capability("volume_capability", c),
+        None => Err(Error::invalid("volume_capability", "is required")),
+    }
+}
+
+fn request(volume_id: &str, cap: &Capability, readonly: bool) -> Result<Request, Error> {
+    let mount_group = if cap.mount_group.is_empty() {
+        None
+    } else {
+        Some(cap.mount_group.parse::<u32>().map_err(|_| {
+            Error::invalid(
+                "volume_capability.mount.volume_mount_group",
+                format!("{:?} is not a group id", cap.mount_group),
+            )
+        })?)
+    };
+    Ok(Request {
+        volume_id: volume_id.to_owned(),
+        access: cap.access,
+        mode: cap.mode,
+        mount_flags: cap.mount_flags.clone(),
+        mount_group,
+        readonly,
+    })
+}
+
+/// The volume, checked against the capability the CO asks for.
+fn volume_for(driver: &Driver, id: &str, cap: &Capability) -> Result<VolumeMeta, Error> {
+    let v = driver.pool.volume(id)?;
+    if let Some(why) = validate::mismatch(&v, cap) {
+        return Err(PoolError::Unsupported(why).into());
+    }
+    Ok(v)
+}
+
+impl Operation for csi::NodeStageVolumeRequest {
+    type Response = csi::NodeStageVolumeResponse;
+    const RPC: Rpc = Rpc::NodeStageVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let staging = node_path(driver, "staging_target_path", &self.staging_target_path)?;
+        let cap = required_capability(&self.volume_capability)?;
+        let req = request(&self.volume_id, &cap, false)?;
+        let (driver, id) = (Arc::clone(driver), self.volume_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                let v = volume_for(&driver, &id, &cap)?;
+                node(&driver)?.stage(&driver.pool, &v, &staging, &req)?;
+                Ok(csi::NodeStageVolumeResponse::new())
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::NodeUnstageVolumeRequest {
+    type Response = csi::NodeUnstageVolumeResponse;
+    const RPC: Rpc = Rpc::NodeUnstageVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let staging = node_path(driver, "staging_target_path", &self.staging_target_path)?;
+        let (driver, id) = (Arc::clone(driver), self.volume_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                node(&driver)?.unstage(&driver.pool, &id, &staging)?;
+                Ok(csi::NodeUnstageVolumeResponse::new())
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::NodePublishVolumeRequest {
+    type Response = csi::NodePublishVolumeResponse;
+    const RPC: Rpc = Rpc::NodePublishVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let target = node_path(driver, "target_path", &self.target_path)?;
+        let cap = required_capability(&self.volume_capability)?;
+        let req = request(&self.volume_id, &cap, self.readonly)?;
+        let ephemeral = self
+            .volume_context
+            .get(EPHEMERAL_KEY)
+            .is_some_and(|v| v == "true");
+        let (driver, id) = (Arc::clone(driver), self.volume_id.clone());
+        if ephemeral {
+            let spec = ephemeral_spec(&self.volume_id, &cap, &self.volume_context)?;
+            let staging = ephemeral_staging(&driver, &self.volume_id)?;
+            return Ok(Job::new(move || {
+                let v = driver.pool.create_volume(&spec)?;
+                let node = node(&driver)?;
+                std::fs::create_dir_all(&staging)
+                    .map_err(crate::node::error::sys("create", &staging))?;
+                node.stage(&driver.pool, &v, &staging, &req)?;
+                node.publish(&v, &staging, &target, &req)?;
+                Ok(csi::NodePublishVolumeResponse::new())
+            })
+            .locking(volume_key(&id)));
+        }
+        if self.staging_target_path.is_empty() {
+            return Err(NodeError::NotStaged {
+                id: self.volume_id,
+                path: PathBuf::new(),
+            }
+            .into());
+        }
+        let staging = node_path(&driver, "staging_target_path", &self.staging_target_path)?;
+        Ok(Job::new(move || {
+            let v = volume_for(&driver, &req.volume_id, &cap)?;
+            node(&driver)?.publish(&v, &staging, &target, &req)?;
+            Ok(csi::NodePublishVolumeResponse::new())
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+/// The pool volume behind an ephemeral inline volume: named after the
+/// kubelet's volume id, sized by the `size` attribute, marked ephemeral so
+/// unpublish removes it.
+fn ephemeral_spec(
+    volume_id: &str,
+    cap: &Capability,
+    context: &std::collections::HashMap<String, String>,
+) -> Result<VolumeSpec, Error> {
+    if cap.access != AccessType::Mount {
+        return Err(Error::invalid(
+            "volume_capability",
+            "ephemeral inline volumes are filesystems",
+        ));
+    }
+    let mut size = EPHEMERAL_DEFAULT_SIZE;
+    for (key, value) in context {
+        match key.as_str() {
+            SIZE_KEY => {
+                size = parse_size(value)
+                    .map_err(|e| Error::invalid("volume_context", format!("size: {e}")))?
+            }
+            k if k.starts_with("csi.storage.k8s.io/") => {}
+            other => {
+                return Err(Error::invalid(
+                    "volume_context",
+                    format!("unknown attribute {other:?}; ephemeral volumes take `size`"),
+                ))
+            }
+        }
+    }
+    let fs_type = FsType::parse(&cap.fs_type).ok_or_else(|| {
+        Error::invalid(
+            "volume_capability",
+            format!("fs_type {:?} is not supported", cap.fs_type),
+        )
+    })?;
+    Ok(VolumeSpec {
+        name: volume_id.to_owned(),
+        layout: Layout::Image,
+        capacity: CapacityRange {
+            required: size,
+            limit: 0,
+        },
+        access: AccessType::Mount,
+        fs_type: Some(fs_type),
+        thick: false,
+        mkfs_options: Vec::new(),
+        parameters: BTreeMap::from([(EPHEMERAL_KEY.to_owned(), "true".to_owned())]),
+        mutable_parameters: BTreeMap::new(),
+        source: None,
+        modes: vec![cap.mode],
+    })
+}
+
+/// Where an ephemeral volume is staged: the plugin's own directory under
+/// the kubelet directory.
+fn ephemeral_staging(driver: &Driver, volume_id: &str) -> Result<PathBuf, Error> {
+    let dir = node(driver)?
+        .kubelet_dir()
+        .join("plugins")
+        .join(&driver.config.driver_name)
+        .join("ephemeral")
+        .join(volume_id);
+    Ok(dir)
+}
+
+impl Operation for csi::NodeUnpublishVolumeRequest {
+    type Response = csi::NodeUnpublishVolumeResponse;
+    const RPC: Rpc = Rpc::NodeUnpublishVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let target = node_path(driver, "target_path", &self.target_path)?;
+        let (driver, id) = (Arc::clone(driver), self.volume_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                let node = node(&driver)?;
+                node.unpublish(&target)?;
+                // An ephemeral volume goes with its last (only) publish.
+                let pool_id = ids::derive(ids::Kind::Volume, &id);
+                if let Ok(v) = driver.pool.volume(&pool_id) {
+                    if v.parameters.get(EPHEMERAL_KEY).is_some_and(|e| e == "true") {
+                        let staging = ephemeral_staging(&driver, &id)?;
+                        node.unstage(&driver.pool, &pool_id, &staging)?;
+                        if staging.exists() {
+                            std::fs::remove_dir(&staging)
+                                .map_err(crate::node::error::sys("remove", &staging))?;
+                        }
+                        driver.pool.delete_volume(&pool_id)?;
+                    }
+                }
+                Ok(csi::NodeUnpublishVolumeResponse::new())
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::NodeGetVolumeStatsRequest {
+    type Response = csi::NodeGetVolumeStatsResponse;
+    const RPC: Rpc = Rpc::NodeGetVolumeStats;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let path = node_path(driver, "volume_path", &self.volume_path)?;
+        let driver = Arc::clone(driver);
+        // Stats read only: no lock, so a long stage does not stall them.
+        Ok(Job::new(move || {
+            let v = driver.pool.volume(&self.volume_id)?;
+            let stats = node(&driver)?.stats(&driver.pool, &v, &path)?;
+            let mut resp = csi::NodeGetVolumeStatsResponse::new();
+            let usage = |unit: csi::volume_usage::Unit, (total, avail, used): (u64, u64, u64)| {
+                let mut u = csi::VolumeUsage::new();
+                u.unit = unit.into();
+                u.total = total as i64;
+                u.available = avail as i64;
+                u.used = used as i64;
+                u
+            };
+            if let Some(b) = stats.bytes {
+                resp.usage.push(usage(csi::volume_usage::Unit::BYTES, b));
+            }
+            if let Some(i) = stats.inodes {
+                resp.usage.push(usage(csi::volume_usage::Unit::INODES, i));
+            }
+            resp.volume_condition = Some(convert::condition(stats.problem)).into();
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::NodeExpandVolumeRequest {
+    type Response = csi::NodeExpandVolumeResponse;
+    const RPC: Rpc = Rpc::NodeExpandVolume;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let path = node_path(driver, "volume_path", &self.volume_path)?;
+        validate::capacity(&self.capacity_range)?;
+        let (driver, id) = (Arc::clone(driver), self.volume_id);
+        Ok(Job::new({
+            let id = id.clone();
+            move || {
+                let v = driver.pool.volume(&id)?;
+                let size = node(&driver)?.expand(&driver.pool, &v, &path)?;
+                let mut resp = csi::NodeExpandVolumeResponse::new();
+                resp.capacity_bytes = size as i64;
+                Ok(resp)
+            }
+        })
+        .locking(volume_key(&id)))
+    }
+}
+
+impl Operation for csi::NodeGetCapabilitiesRequest {
+    type Response = csi::NodeGetCapabilitiesResponse;
+    const RPC: Rpc = Rpc::NodeGetCapabilities;
+
+    fn prepare(self, _driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        Ok(Job::new(|| {
+            let mut resp = csi::NodeGetCapabilitiesResponse::new();
+            for t in [
+                NodeCap::STAGE_UNSTAGE_VOLUME,
+                NodeCap::GET_VOLUME_STATS,
+                NodeCap::EXPAND_VOLUME,
+                NodeCap::VOLUME_CONDITION,
+                NodeCap::SINGLE_NODE_MULTI_WRITER,
+                NodeCap::VOLUME_MOUNT_GROUP,
+            ] {
+                let mut rpc = csi::node_service_capability::RPC::new();
+                rpc.type_ = t.into();
+                let mut cap = csi::NodeServiceCapability::new();
+                cap.set_rpc(rpc);
+                resp.capabilities.push(cap);
+            }
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::NodeGetInfoRequest {
+    type Response = csi::NodeGetInfoResponse;
+    const RPC: Rpc = Rpc::NodeGetInfo;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let mut resp = csi::NodeGetInfoResponse::new();
+            resp.node_id.clone_from(&driver.config.node_id);
+            resp.max_volumes_per_node = i64::from(driver.config.max_volumes_per_node);
+            if !driver.config.topology.is_empty() {
+                resp.accessible_topology = Some(convert::topology(&driver.config.topology)).into();
+            }
+            Ok(resp)
+        }))
+    }
 }

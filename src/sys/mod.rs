@@ -4,3 +4,5 @@
 //! module calls rustix for file, copy or lock operations directly.
 
 pub mod fs;
+pub mod loopdev;
+pub mod mount;

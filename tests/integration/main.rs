@@ -8,5 +8,6 @@ mod identity;
 mod lifecycle;
 mod logging;
 mod loopfs;
+mod node;
 mod req;
 mod util;

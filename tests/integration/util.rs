@@ -103,6 +103,11 @@ impl Driver {
             if !opts.args.iter().any(|a| a == "--node-id") {
                 cmd.args(["--node-id", "test-node"]);
             }
+            if !opts.args.iter().any(|a| a == "--kubelet-dir") {
+                let kubelet = dir.path().join("kubelet");
+                std::fs::create_dir_all(&kubelet).unwrap();
+                cmd.arg("--kubelet-dir").arg(kubelet);
+            }
         }
         cmd.args(&opts.args)
             .env_remove("CSI_ENDPOINT")

@@ -1,0 +1,121 @@
+//! Errors of the node layer. The gRPC code is chosen in `crate::error`.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why a node operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A staging or target path outside the kubelet directory.
+    #[error("{field} {path} is not under the kubelet directory {kubelet_dir}")]
+    OutsideKubeletDir {
+        /// The request field.
+        field: &'static str,
+        /// The path as given.
+        path: PathBuf,
+        /// The kubelet directory.
+        kubelet_dir: PathBuf,
+    },
+    /// Another node (or another staging of this one) holds the image.
+    #[error("volume {id} is staged on another node: its image {image} is locked; a single-writer image is never mounted twice")]
+    Fenced {
+        /// The volume.
+        id: String,
+        /// The image.
+        image: PathBuf,
+    },
+    /// NodePublish before NodeStage.
+    #[error("volume {id} is not staged at {path}")]
+    NotStaged {
+        /// The volume.
+        id: String,
+        /// The staging path.
+        path: PathBuf,
+    },
+    /// Something else, or this volume with other options, is already there.
+    #[error("{path} already holds {what}")]
+    Occupied {
+        /// The path.
+        path: PathBuf,
+        /// What is there.
+        what: String,
+    },
+    /// A ReadWriteOncePod volume already published elsewhere on this node.
+    #[error("volume {id} is single-writer (ReadWriteOncePod) and already published at {other}")]
+    SingleWriter {
+        /// The volume.
+        id: String,
+        /// The existing target.
+        other: PathBuf,
+    },
+    /// The device holds something other than the volume's filesystem, or
+    /// data the probe cannot name: it is never formatted.
+    #[error("{device} holds {found}, the volume expects {expected}; refusing to format a device that is not provably blank")]
+    WillNotFormat {
+        /// The device.
+        device: PathBuf,
+        /// What the probe found.
+        found: String,
+        /// What the volume's metadata says.
+        expected: String,
+    },
+    /// The probe itself failed: treated as "not blank", never formatted.
+    #[error("probe {device} (so it will not be formatted)")]
+    ProbeFailed {
+        /// The device.
+        device: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A filesystem tool failed.
+    #[error("{command} exited with {status}: {stderr}")]
+    Command {
+        /// The command line (program and arguments).
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The path is busy (EBUSY): it stays mounted.
+    #[error("{step} {path}: busy (still in use)")]
+    Busy {
+        /// What was being done.
+        step: &'static str,
+        /// On what.
+        path: PathBuf,
+    },
+    /// No volume at the given path.
+    #[error("{what} {path} does not exist")]
+    NotFound {
+        /// What was looked for.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+    },
+    /// A syscall failed.
+    #[error("{step} {path}")]
+    Sys {
+        /// What was being done.
+        step: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Builds the error for a failed syscall step; EBUSY becomes
+/// [`NodeError::Busy`].
+pub fn sys(step: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> NodeError {
+    let path = path.into();
+    move |source| {
+        if source.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
+            NodeError::Busy { step, path }
+        } else {
+            NodeError::Sys { step, path, source }
+        }
+    }
+}

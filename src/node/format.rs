@@ -1,0 +1,149 @@
+//! Filesystem tools, run as programs with an argument vector (never a
+//! shell): the signature probe, mkfs, and online growth.
+//!
+//! The probe is the guard against the commonest way CSI drivers destroy
+//! data. A device is formatted only when it is *provably* blank: `blkid -p`
+//! finds no signature of any kind (exit code 2) **and** the image file has
+//! no data extents at all. A probe that fails, finds anything, or a device
+//! with data but no recognisable signature is never formatted.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::error::NodeError;
+use crate::pool::meta::FsType;
+
+/// What is on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// No signature and no data: safe to format.
+    Blank,
+    /// A filesystem of this type.
+    Filesystem(String),
+    /// Something else: a partition table, RAID member, or data without a
+    /// signature. Described for the error message.
+    Other(String),
+}
+
+/// Probes `device`, whose backing image is `image`.
+pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(device)
+        .output()
+        .map_err(|source| NodeError::ProbeFailed {
+            device: device.to_owned(),
+            source,
+        })?;
+    match out.status.code() {
+        Some(0) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+                    .map(str::to_owned)
+            };
+            Ok(match (field("TYPE"), field("USAGE")) {
+                (Some(t), Some(usage)) if usage == "filesystem" => Content::Filesystem(t),
+                (Some(t), _) => Content::Other(format!("a {t} signature")),
+                (None, _) => {
+                    Content::Other(format!("signatures ({})", text.trim().replace('\n', " ")))
+                }
+            })
+        }
+        // blkid -p: 2 means nothing was found. Check for data as well.
+        Some(2) => {
+            if image_has_data(image).map_err(|source| NodeError::ProbeFailed {
+                device: device.to_owned(),
+                source,
+            })? {
+                Ok(Content::Other("data without any known signature".into()))
+            } else {
+                Ok(Content::Blank)
+            }
+        }
+        _ => Err(NodeError::ProbeFailed {
+            device: device.to_owned(),
+            source: std::io::Error::other(format!(
+                "blkid exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }),
+    }
+}
+
+/// Whether the image has any data extent (SEEK_DATA finds one). A new
+/// sparse image, or a preallocated one (unwritten extents), has none.
+fn image_has_data(image: &Path) -> std::io::Result<bool> {
+    let f = std::fs::File::open(image)?;
+    match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0)) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NXIO) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), NodeError> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| NodeError::Command {
+            command: program.to_owned(),
+            status: "no start".into(),
+            stderr: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NodeError::Command {
+            command: std::iter::once(program.to_owned())
+                .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Makes a filesystem on a blank device, with the volume's extra options.
+pub fn mkfs(fs: FsType, device: &Path, options: &[String]) -> Result<(), NodeError> {
+    let (program, base): (&str, &[&str]) = match fs {
+        // -F: the device is a loop device, not a partition; the probe has
+        // already proven it blank.
+        FsType::Ext4 => ("mkfs.ext4", &["-F", "-q"]),
+        FsType::Xfs => ("mkfs.xfs", &["-q"]),
+        FsType::Btrfs => ("mkfs.btrfs", &["-q"]),
+    };
+    let mut args: Vec<&std::ffi::OsStr> = base.iter().map(std::ffi::OsStr::new).collect();
+    args.extend(options.iter().map(std::ffi::OsStr::new));
+    args.push(device.as_os_str());
+    run(program, &args)
+}
+
+/// Grows the mounted filesystem to fill its (grown) device.
+pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError> {
+    match fs {
+        FsType::Ext4 => run("resize2fs", &[device.as_os_str()]).map_err(|e| match e {
+            // The kernel's online resize wants CAP_SYS_RESOURCE; say so
+            // rather than leave an operator with "Permission denied".
+            NodeError::Command { command, status, stderr } if stderr.contains("Permission denied") => NodeError::Command {
+                command,
+                status,
+                stderr: format!("{stderr} (growing a mounted ext4 needs CAP_SYS_RESOURCE in the node plugin's container)"),
+            },
+            other => other,
+        }),
+        FsType::Xfs => run("xfs_growfs", &[std::ffi::OsStr::new("-d"), mount_point.as_os_str()]),
+        FsType::Btrfs => run(
+            "btrfs",
+            &[
+                std::ffi::OsStr::new("filesystem"),
+                std::ffi::OsStr::new("resize"),
+                std::ffi::OsStr::new("max"),
+                mount_point.as_os_str(),
+            ],
+        ),
+    }
+}

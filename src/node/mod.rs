@@ -1,0 +1,632 @@
+//! The node side: stage (attach, probe, format only when blank, mount),
+//! publish (bind mounts), unpublish/unstage, stats, expansion, fencing.
+//!
+//! Every decision is read from the kernel, never from memory: whether a
+//! path is mounted (statx `STATX_ATTR_MOUNT_ROOT`), which loop device backs
+//! an image (LOOP_GET_STATUS64), what a mount holds (its device number). A
+//! restarted plugin, a rebooted node or kubelet's out-of-order retries
+//! therefore converge on the right answer.
+//!
+//! Fencing: while an image is staged, this process holds an flock on it,
+//! exclusive for writer modes and shared for read-only ones. A second node
+//! on a shared pool cannot take it, so it never mounts a single-writer
+//! image twice; the controller's byte-copy snapshots need a shared lock and
+//! so refuse staged images. A restarted plugin re-takes the locks of the
+//! images it finds attached before it serves.
+
+pub mod error;
+pub mod format;
+pub mod paths;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use error::sys;
+pub use error::NodeError;
+use format::Content;
+
+use crate::pool::meta::{AccessMode, AccessType, FsType, Layout, VolumeMeta};
+use crate::pool::Pool;
+use crate::sys::fs::{try_lock, LockKind};
+use crate::sys::loopdev::{self, LoopDevice};
+use crate::sys::mount::{self, MountState};
+
+/// The file inside a block volume's staging directory onto which its loop
+/// device is bind-mounted, so the kernel's mount table remembers the stage.
+const BLOCK_DEVICE_FILE: &str = "device";
+
+/// What NodeStage/NodePublish asks for, checked.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The volume.
+    pub volume_id: String,
+    /// Mount or block.
+    pub access: AccessType,
+    /// The access mode.
+    pub mode: AccessMode,
+    /// Mount flags from the capability.
+    pub mount_flags: Vec<String>,
+    /// fsGroup to apply (VOLUME_MOUNT_GROUP), if any.
+    pub mount_group: Option<u32>,
+    /// Publish read-only.
+    pub readonly: bool,
+}
+
+/// Node-side state: the kubelet directory and the fencing locks held.
+#[derive(Debug)]
+pub struct Node {
+    kubelet_dir: PathBuf,
+    /// Open images whose flock fences them, by volume id.
+    locks: Mutex<HashMap<String, File>>,
+}
+
+/// What NodeGetVolumeStats reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes: total, available, used.
+    pub bytes: Option<(u64, u64, u64)>,
+    /// Inodes: total, available, used.
+    pub inodes: Option<(u64, u64, u64)>,
+    /// Why the volume is abnormal, if it is.
+    pub problem: Option<String>,
+}
+
+fn lock_kind(mode: AccessMode) -> LockKind {
+    if mode.is_read_only() {
+        LockKind::Shared
+    } else {
+        LockKind::Exclusive
+    }
+}
+
+impl Node {
+    /// Prepares the node side: resolves the kubelet directory and re-takes
+    /// the fencing locks of every image of `pool` attached to a loop device.
+    pub fn start(kubelet_dir: &Path, pool: &Pool) -> Result<Node, NodeError> {
+        // Paths are compared after resolving symlinks, so the kubelet
+        // directory is resolved too. A missing one is not created (it is
+        // kubelet's): node calls fail until it exists.
+        let kubelet_dir = match kubelet_dir.canonicalize() {
+            Ok(dir) => dir,
+            Err(e) => {
+                log::warn!(
+                    "kubelet directory {}: {e}; node calls will be refused until it exists",
+                    kubelet_dir.display()
+                );
+                kubelet_dir.to_owned()
+            }
+        };
+        let node = Node {
+            kubelet_dir,
+            locks: Mutex::new(HashMap::new()),
+        };
+        node.recover(pool)?;
+        Ok(node)
+    }
+
+    /// The resolved kubelet directory.
+    pub fn kubelet_dir(&self) -> &Path {
+        &self.kubelet_dir
+    }
+
+    fn recover(&self, pool: &Pool) -> Result<(), NodeError> {
+        let attached = loopdev::attached().map_err(sys("list loop devices", "/sys/block"))?;
+        let (volumes, _) = pool.list_volumes(None, 0);
+        for (id, entry) in volumes {
+            let Ok(v) = entry else { continue };
+            if v.layout != Layout::Image {
+                continue;
+            }
+            let image = pool.image_path(&id);
+            let Ok(meta) = std::fs::metadata(&image) else {
+                continue;
+            };
+            let Some((dev, _)) = attached
+                .iter()
+                .find(|(_, b)| *b == (meta.dev(), meta.ino()))
+            else {
+                continue;
+            };
+            let kind = if dev.read_only().unwrap_or(false) {
+                LockKind::Shared
+            } else {
+                LockKind::Exclusive
+            };
+            match self.take_lock(&id, &image, kind) {
+                Ok(()) => log::info!(
+                    "volume {id}: found attached to {}, lock re-taken",
+                    dev.path().display()
+                ),
+                Err(e) => log::error!("volume {id}: attached to {} but {e}", dev.path().display()),
+            }
+        }
+        Ok(())
+    }
+
+    fn take_lock(&self, id: &str, image: &Path, kind: LockKind) -> Result<(), NodeError> {
+        let mut locks = self.locks.lock();
+        if locks.contains_key(id) {
+            return Ok(());
+        }
+        let file = File::open(image).map_err(sys("open image", image))?;
+        if !try_lock(&file, kind).map_err(sys("lock image", image))? {
+            return Err(NodeError::Fenced {
+                id: id.to_owned(),
+                image: image.to_owned(),
+            });
+        }
+        locks.insert(id.to_owned(), file);
+        Ok(())
+    }
+
+    fn release_lock(&self, id: &str) {
+        self.locks.lock().remove(id);
+    }
+
+    /// Checks a staging or target path from a request.
+    pub fn check_path(&self, field: &'static str, path: &str) -> Result<PathBuf, NodeError> {
+        paths::under_kubelet(field, path, &self.kubelet_dir)
+    }
+
+    // ---- stage ----
+
+    /// NodeStageVolume.
+    pub fn stage(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        match (v.layout, req.access) {
+            (Layout::Dir, _) => self.stage_dir(pool, v, staging, req),
+            (Layout::Image, AccessType::Mount) => self.stage_image(pool, v, staging, req),
+            (Layout::Image, AccessType::Block) => self.stage_block(pool, v, staging, req),
+        }
+    }
+
+    fn stage_dir(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        let data = pool.data_path(&v.id);
+        if mount::state(staging).map_err(sys("stat", staging))? == MountState::Mounted {
+            return self.expect_same_fs(staging, &data, "another filesystem");
+        }
+        std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
+        mount::bind(&data, staging).map_err(sys("bind-mount", staging))?;
+        if req.mode.is_read_only() {
+            if let Err(e) = mount::remount_read_only(staging) {
+                let _ = mount::unmount(staging);
+                return Err(sys("remount read-only", staging)(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches (or finds) the image's loop device, holding the fencing
+    /// lock first. Returns the device and whether this call attached it.
+    fn attach(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        read_only: bool,
+        kind: LockKind,
+    ) -> Result<(LoopDevice, bool), NodeError> {
+        let image = pool.image_path(&v.id);
+        self.take_lock(&v.id, &image, kind)?;
+        if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
+            return Ok((dev, false));
+        }
+        match loopdev::attach(&image, read_only, true) {
+            Ok(a) => {
+                if !a.direct_io {
+                    log::info!("volume {}: the pool filesystem refused direct I/O; the loop device is buffered", v.id);
+                }
+                Ok((a.device, true))
+            }
+            Err(e) => {
+                self.release_lock(&v.id);
+                Err(sys("attach a loop device to", &image)(e))
+            }
+        }
+    }
+
+    fn stage_image(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        let fs = v.fs_type.unwrap_or(FsType::Ext4);
+        let read_only = req.mode.is_read_only();
+        let (dev, attached_now) = self.attach(pool, v, read_only, lock_kind(req.mode))?;
+        let undo = |e: NodeError| {
+            if attached_now {
+                let _ = dev.detach();
+                self.release_lock(&v.id);
+            }
+            e
+        };
+        if mount::state(staging).map_err(sys("stat", staging))? == MountState::Mounted {
+            // Staged already (a retry, or a restart): it must be this
+            // volume's device.
+            let source =
+                mount::source_of(staging).map_err(sys("read the mount table for", staging))?;
+            if source.as_deref() != Some(dev.path().to_string_lossy().as_ref()) {
+                return Err(undo(NodeError::Occupied {
+                    path: staging.to_owned(),
+                    what: "another filesystem".into(),
+                }));
+            }
+            return Ok(());
+        }
+
+        match format::probe(&dev.path(), &pool.image_path(&v.id)).map_err(undo)? {
+            Content::Filesystem(found) if found == fs.as_str() => {}
+            Content::Blank if !read_only => {
+                log::info!(
+                    "volume {}: {} is blank, making {}",
+                    v.id,
+                    dev.path().display(),
+                    fs.as_str()
+                );
+                format::mkfs(fs, &dev.path(), &v.mkfs_options).map_err(undo)?;
+            }
+            Content::Blank => {
+                return Err(undo(NodeError::WillNotFormat {
+                    device: dev.path(),
+                    found: "nothing (a blank volume cannot be staged read-only)".into(),
+                    expected: fs.as_str().into(),
+                }))
+            }
+            Content::Filesystem(found) => {
+                return Err(undo(NodeError::WillNotFormat {
+                    device: dev.path(),
+                    found,
+                    expected: fs.as_str().into(),
+                }))
+            }
+            Content::Other(found) => {
+                return Err(undo(NodeError::WillNotFormat {
+                    device: dev.path(),
+                    found,
+                    expected: fs.as_str().into(),
+                }))
+            }
+        }
+
+        let (mut flags, mut data) = mount::parse_options(&req.mount_flags);
+        if read_only {
+            flags |= rustix::mount::MountFlags::RDONLY;
+        }
+        if fs == FsType::Xfs {
+            // Clones and restores share their source's UUID.
+            if !data.is_empty() {
+                data.push(',');
+            }
+            data.push_str("nouuid");
+        }
+        std::fs::create_dir_all(staging)
+            .map_err(sys("create", staging))
+            .map_err(undo)?;
+        mount::mount_fs(&dev.path(), staging, fs.as_str(), flags, &data)
+            .map_err(sys("mount", staging))
+            .map_err(undo)?;
+        // A restored or cloned volume may be larger than its filesystem.
+        if !read_only && v.source.is_some() {
+            if let Err(e) = format::grow(fs, &dev.path(), staging) {
+                log::warn!(
+                    "volume {}: growing the filesystem after a restore: {e}",
+                    v.id
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn stage_block(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        let (dev, attached_now) =
+            self.attach(pool, v, req.mode.is_read_only(), lock_kind(req.mode))?;
+        let file = staging.join(BLOCK_DEVICE_FILE);
+        if mount::state(&file).map_err(sys("stat", &file))? == MountState::Mounted {
+            return Ok(());
+        }
+        let result = (|| {
+            std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&file)
+                .map_err(sys("create", &file))?;
+            mount::bind(&dev.path(), &file).map_err(sys("bind-mount", &file))
+        })();
+        if result.is_err() && attached_now {
+            let _ = dev.detach();
+            self.release_lock(&v.id);
+        }
+        result
+    }
+
+    fn expect_same_fs(&self, mounted: &Path, source: &Path, what: &str) -> Result<(), NodeError> {
+        let a = mount::device_of(mounted).map_err(sys("stat", mounted))?;
+        let b = mount::device_of(source).map_err(sys("stat", source))?;
+        if a == b {
+            Ok(())
+        } else {
+            Err(NodeError::Occupied {
+                path: mounted.to_owned(),
+                what: what.into(),
+            })
+        }
+    }
+
+    // ---- unstage ----
+
+    /// NodeUnstageVolume: unmounts, detaches the loop device, drops the
+    /// lock. Idempotent.
+    pub fn unstage(&self, pool: &Pool, id: &str, staging: &Path) -> Result<(), NodeError> {
+        let device_file = staging.join(BLOCK_DEVICE_FILE);
+        if matches!(
+            mount::state(&device_file).map_err(sys("stat", &device_file))?,
+            MountState::Mounted | MountState::Broken
+        ) {
+            mount::unmount(&device_file).map_err(sys("unmount", &device_file))?;
+        }
+        if device_file.exists() {
+            std::fs::remove_file(&device_file).map_err(sys("remove", &device_file))?;
+        }
+        if matches!(
+            mount::state(staging).map_err(sys("stat", staging))?,
+            MountState::Mounted | MountState::Broken
+        ) {
+            mount::unmount(staging).map_err(sys("unmount", staging))?;
+        }
+        let image = pool.image_path(id);
+        if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
+            dev.detach().map_err(sys("detach", dev.path()))?;
+        }
+        self.release_lock(id);
+        Ok(())
+    }
+
+    // ---- publish ----
+
+    /// NodePublishVolume: binds the staged volume onto the target.
+    pub fn publish(
+        &self,
+        v: &VolumeMeta,
+        staging: &Path,
+        target: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        let block = req.access == AccessType::Block;
+        let source = if block {
+            staging.join(BLOCK_DEVICE_FILE)
+        } else {
+            staging.to_owned()
+        };
+        if mount::state(&source).map_err(sys("stat", &source))? != MountState::Mounted {
+            return Err(NodeError::NotStaged {
+                id: v.id.clone(),
+                path: staging.to_owned(),
+            });
+        }
+        if mount::state(target).map_err(sys("stat", target))? == MountState::Mounted {
+            self.expect_same_fs(target, &source, "another volume")?;
+            let ro = is_read_only(target)?;
+            if ro != (req.readonly || req.mode.is_read_only()) {
+                return Err(NodeError::Occupied {
+                    path: target.to_owned(),
+                    what: "this volume published with another read-only setting".into(),
+                });
+            }
+            return Ok(());
+        }
+        if req.mode == AccessMode::SingleNodeSingleWriter {
+            if let Some(other) = other_publish(&source, staging, target)? {
+                return Err(NodeError::SingleWriter {
+                    id: v.id.clone(),
+                    other,
+                });
+            }
+        }
+        if block {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(sys("create", parent))?;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(target)
+                .map_err(sys("create", target))?;
+        } else {
+            std::fs::create_dir_all(target).map_err(sys("create", target))?;
+        }
+        mount::bind(&source, target).map_err(sys("bind-mount", target))?;
+        let finish = || -> Result<(), NodeError> {
+            if req.readonly || req.mode.is_read_only() {
+                mount::remount_read_only(target).map_err(sys("remount read-only", target))?;
+            }
+            if let (Some(gid), false) = (req.mount_group, block) {
+                apply_group(target, gid)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            let _ = mount::unmount(target);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume: unmounts and removes the target. Idempotent; a
+    /// dead mount (ENOTCONN, EIO, ESTALE) is still unmounted; EBUSY is an
+    /// error.
+    pub fn unpublish(&self, target: &Path) -> Result<(), NodeError> {
+        match mount::state(target).map_err(sys("stat", target))? {
+            MountState::Missing => return Ok(()),
+            MountState::Mounted | MountState::Broken => {
+                mount::unmount(target).map_err(sys("unmount", target))?;
+            }
+            MountState::NotMounted => {}
+        }
+        let meta = std::fs::symlink_metadata(target).map_err(sys("stat", target))?;
+        if meta.is_dir() {
+            std::fs::remove_dir(target).map_err(sys("remove", target))?;
+        } else {
+            std::fs::remove_file(target).map_err(sys("remove", target))?;
+        }
+        Ok(())
+    }
+
+    // ---- stats and expansion ----
+
+    /// NodeGetVolumeStats.
+    pub fn stats(&self, pool: &Pool, v: &VolumeMeta, path: &Path) -> Result<Stats, NodeError> {
+        let state = mount::state(path).map_err(sys("stat", path))?;
+        if state == MountState::Missing {
+            return Err(NodeError::NotFound {
+                what: "volume path",
+                path: path.to_owned(),
+            });
+        }
+        let mut stats = Stats::default();
+        let mut problems = Vec::new();
+        if state != MountState::Mounted {
+            problems.push(format!("{} is not mounted", path.display()));
+        }
+        if v.layout == Layout::Image {
+            let image = pool.image_path(&v.id);
+            match loopdev::find(&image) {
+                Ok(Some(dev)) => {
+                    if v.access == AccessType::Block {
+                        let size = dev.size().map_err(sys("size of", dev.path()))?;
+                        stats.bytes = Some((size, 0, 0));
+                    }
+                }
+                Ok(None) if !image.exists() => {
+                    problems.push(format!("image {} is gone", image.display()))
+                }
+                Ok(None) => problems.push(format!("no loop device backs {}", image.display())),
+                Err(e) => problems.push(format!("loop devices cannot be listed: {e}")),
+            }
+        }
+        if v.access == AccessType::Mount && state == MountState::Mounted {
+            let st = rustix::fs::statvfs(path).map_err(|e| sys("statvfs", path)(e.into()))?;
+            let total = st.f_blocks * st.f_frsize;
+            let avail = st.f_bavail * st.f_frsize;
+            let used = (st.f_blocks - st.f_bfree) * st.f_frsize;
+            stats.bytes = Some((total, avail, used));
+            if st.f_files > 0 {
+                stats.inodes = Some((st.f_files, st.f_favail, st.f_files - st.f_ffree));
+            }
+        }
+        if state == MountState::Broken {
+            problems.push(format!(
+                "the filesystem at {} is gone (stale or disconnected)",
+                path.display()
+            ));
+        }
+        stats.problem = (!problems.is_empty()).then(|| problems.join("; "));
+        Ok(stats)
+    }
+
+    /// NodeExpandVolume: the loop device re-reads the image's size, then the
+    /// filesystem grows online. Returns the device's new size.
+    pub fn expand(&self, pool: &Pool, v: &VolumeMeta, path: &Path) -> Result<u64, NodeError> {
+        if v.layout == Layout::Dir {
+            return Ok(v.capacity_bytes);
+        }
+        let image = pool.image_path(&v.id);
+        let dev = loopdev::find(&image)
+            .map_err(sys("find loop device of", &image))?
+            .ok_or_else(|| NodeError::NotFound {
+                what: "loop device of",
+                path: image.clone(),
+            })?;
+        dev.refresh_capacity()
+            .map_err(sys("refresh capacity of", dev.path()))?;
+        if v.access == AccessType::Mount {
+            format::grow(v.fs_type.unwrap_or(FsType::Ext4), &dev.path(), path)?;
+        }
+        dev.size().map_err(sys("size of", dev.path()))
+    }
+}
+
+fn is_read_only(path: &Path) -> Result<bool, NodeError> {
+    let st = rustix::fs::statvfs(path).map_err(|e| sys("statvfs", path)(e.into()))?;
+    Ok(st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// Another bind mount of the same staged filesystem on this node, other
+/// than the staging mount and `target`. Reads /proc/self/mountinfo: only
+/// for ReadWriteOncePod, where a second publish must be refused.
+fn other_publish(
+    source: &Path,
+    staging: &Path,
+    target: &Path,
+) -> Result<Option<PathBuf>, NodeError> {
+    let dev = mount::device_of(source).map_err(sys("stat", source))?;
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(sys("read", "/proc/self/mountinfo"))?;
+    let wanted = format!("{major}:{minor}");
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 5 || fields[2] != wanted {
+            continue;
+        }
+        let point = PathBuf::from(mount::unescape(fields[4]));
+        if point != staging && point != target && point != source && !point.starts_with(staging) {
+            // Only mounts under the kubelet's pod directories are publishes.
+            if point.components().any(|c| c.as_os_str() == "pods") {
+                return Ok(Some(point));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Gives group `gid` the volume's root (and, when the root's group differs,
+/// everything below it, as kubelet's fsGroup does with OnRootMismatch), with
+/// group write and setgid on directories so new files inherit the group.
+fn apply_group(root: &Path, gid: u32) -> Result<(), NodeError> {
+    let meta = std::fs::metadata(root).map_err(sys("stat", root))?;
+    if meta.gid() == gid {
+        return Ok(());
+    }
+    fn walk(path: &Path, gid: u32) -> Result<(), NodeError> {
+        let meta = std::fs::symlink_metadata(path).map_err(sys("stat", path))?;
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(sys("chown", path))?;
+        if meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        let mut mode = meta.permissions().mode() | 0o060;
+        if meta.is_dir() {
+            mode |= 0o2010;
+            for entry in std::fs::read_dir(path).map_err(sys("read directory", path))? {
+                walk(&entry.map_err(sys("read directory", path))?.path(), gid)?;
+            }
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(sys("chmod", path))
+    }
+    walk(root, gid)
+}

@@ -1,0 +1,262 @@
+//! Loop devices: attach an image in one step, find the device that backs an
+//! image, grow it, detach it.
+//!
+//! Attaching uses LOOP_CTL_GET_FREE and then LOOP_CONFIGURE, which sets the
+//! backing file, the flags (read-only, direct I/O) and the block size in one
+//! ioctl, so no other process can see a half-configured device (the two-step
+//! LOOP_SET_FD + LOOP_SET_STATUS64 has that window). Finding a device asks
+//! the kernel (LOOP_GET_STATUS64: the backing file's device and inode), so it
+//! works after a restart and whatever path the pool is reached by.
+
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use linux_raw_sys::loop_device::{
+    loop_config, loop_info64, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64,
+    LOOP_SET_CAPACITY, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY,
+};
+use rustix::ioctl::{ioctl, Getter, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
+
+/// Logical block size of every loop device filevol attaches. Fixed, so a
+/// filesystem made on one attach always mounts on the next (a filesystem
+/// with 4 KiB sectors cannot mount on a 512-byte device), and aligned for
+/// direct I/O on any pool filesystem.
+pub const BLOCK_SIZE: u32 = 4096;
+
+/// How many times to retry when another process takes the free device
+/// between LOOP_CTL_GET_FREE and LOOP_CONFIGURE.
+const ATTACH_TRIES: usize = 16;
+
+/// An attached loop device, `/dev/loop<number>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// The device's minor number.
+    pub number: u32,
+}
+
+/// How a device was attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    /// The device.
+    pub device: LoopDevice,
+    /// Whether the pool filesystem took direct I/O (no double caching).
+    pub direct_io: bool,
+}
+
+/// LOOP_CTL_GET_FREE: no argument, the free device's number as the result.
+struct GetFree;
+
+// SAFETY: LOOP_CTL_GET_FREE takes no argument and returns the number of a
+// free loop device (or -1 and an errno, which rustix turns into an error).
+unsafe impl Ioctl for GetFree {
+    type Output = u32;
+    const IS_MUTATING: bool = false;
+
+    fn opcode(&self) -> Opcode {
+        LOOP_CTL_GET_FREE as Opcode
+    }
+
+    fn as_ptr(&mut self) -> *mut std::ffi::c_void {
+        std::ptr::null_mut()
+    }
+
+    unsafe fn output_from_ptr(
+        out: IoctlOutput,
+        _: *mut std::ffi::c_void,
+    ) -> rustix::io::Result<u32> {
+        Ok(out as u32)
+    }
+}
+
+impl LoopDevice {
+    /// `/dev/loopN`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/loop{}", self.number))
+    }
+
+    fn sysfs(&self, attr: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/block/loop{}/{attr}", self.number))
+    }
+
+    fn open(&self) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+            .open(self.path())
+    }
+
+    /// Size in bytes, as the kernel sees it now.
+    pub fn size(&self) -> io::Result<u64> {
+        let sectors: u64 = std::fs::read_to_string(self.sysfs("size"))?
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sysfs size: {e}")))?;
+        Ok(sectors * 512)
+    }
+
+    /// Whether the device is read-only.
+    pub fn read_only(&self) -> io::Result<bool> {
+        Ok(std::fs::read_to_string(self.sysfs("ro"))?.trim() == "1")
+    }
+
+    /// Re-reads the backing file's size (after the image grew).
+    pub fn refresh_capacity(&self) -> io::Result<()> {
+        let dev = self.open()?;
+        // SAFETY: LOOP_SET_CAPACITY takes no argument.
+        unsafe { ioctl(&dev, NoArg::<{ LOOP_SET_CAPACITY as Opcode }>::new()) }
+            .map_err(io::Error::from)
+    }
+
+    /// Detaches the backing file. The kernel defers the detach until the
+    /// last opener closes the device, so a device still in use is not torn
+    /// away from its user.
+    pub fn detach(&self) -> io::Result<()> {
+        let dev = self.open()?;
+        // SAFETY: LOOP_CLR_FD takes no argument.
+        match unsafe { ioctl(&dev, NoArg::<{ LOOP_CLR_FD as Opcode }>::new()) } {
+            // ENXIO: already detached.
+            Ok(()) | Err(rustix::io::Errno::NXIO) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The (device, inode) of the backing file, or `None` if unbound.
+    fn backing(&self) -> io::Result<Option<(u64, u64)>> {
+        let dev = self.open()?;
+        // SAFETY: LOOP_GET_STATUS64 fills a `struct loop_info64`.
+        match unsafe {
+            ioctl(
+                &dev,
+                Getter::<{ LOOP_GET_STATUS64 as Opcode }, loop_info64>::new(),
+            )
+        } {
+            Ok(info) => Ok(Some((info.lo_device, info.lo_inode))),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Attaches `image` to a free loop device in one step. Direct I/O is asked
+/// for when `direct_io`, and dropped if the pool filesystem refuses it.
+pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .open(image)?;
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .open("/dev/loop-control")?;
+    let mut dio = direct_io;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        // SAFETY: see `GetFree`.
+        let number = unsafe { ioctl(&control, GetFree) }?;
+        let device = LoopDevice { number };
+        let dev = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+            .open(device.path())?;
+        let config = configuration(&file, image, read_only, dio);
+        // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` whose `fd` is
+        // an open descriptor of the backing file, alive for the call.
+        let result = unsafe {
+            ioctl(
+                &dev,
+                Setter::<{ LOOP_CONFIGURE as Opcode }, loop_config>::new(config),
+            )
+        };
+        match result {
+            Ok(()) => {
+                return Ok(Attached {
+                    device,
+                    direct_io: dio,
+                })
+            }
+            // Another process configured this device first: take the next.
+            Err(rustix::io::Errno::BUSY) if tries < ATTACH_TRIES => continue,
+            // The pool filesystem cannot do direct I/O with this block size.
+            Err(rustix::io::Errno::INVAL) if dio => dio = false,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn configuration(file: &File, image: &Path, read_only: bool, direct_io: bool) -> loop_config {
+    // SAFETY: loop_info64 and loop_config are plain C structs for which all
+    // zero bytes is the valid "nothing set" value.
+    let mut info: loop_info64 = unsafe { std::mem::zeroed() };
+    let mut flags = 0;
+    if read_only {
+        flags |= LO_FLAGS_READ_ONLY as u32;
+    }
+    if direct_io {
+        flags |= LO_FLAGS_DIRECT_IO as u32;
+    }
+    info.lo_flags = flags;
+    // The name is informational (losetup shows it); the kernel truncates.
+    let name = image.as_os_str().as_encoded_bytes();
+    let n = name.len().min(info.lo_file_name.len() - 1);
+    info.lo_file_name[..n].copy_from_slice(&name[..n]);
+    // SAFETY: as above.
+    let mut config: loop_config = unsafe { std::mem::zeroed() };
+    config.fd = file.as_raw_fd() as u32;
+    config.block_size = BLOCK_SIZE;
+    config.info = info;
+    config
+}
+
+/// Every loop device with a backing file, as (device, (st_dev, st_ino)).
+pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/sys/block")? {
+        let name = entry?.file_name();
+        let Some(number) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("loop"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        let device = LoopDevice { number };
+        // Only bound devices have loop/backing_file.
+        if !device.sysfs("loop/backing_file").exists() {
+            continue;
+        }
+        match device.backing() {
+            Ok(Some(backing)) => out.push((device, backing)),
+            Ok(None) => {}
+            // Detached between the sysfs check and the ioctl, or no device
+            // node: not one of ours.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// The loop device backed by `image`, if any.
+pub fn find(image: &Path) -> io::Result<Option<LoopDevice>> {
+    let meta = match std::fs::metadata(image) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // The kernel reports lo_device with new_encode_dev(), which is the
+    // layout of st_dev for every major below 4096 and minor below 2^20.
+    let key = (meta.dev(), meta.ino());
+    Ok(attached()?
+        .into_iter()
+        .find(|(_, backing)| *backing == key)
+        .map(|(d, _)| d))
+}

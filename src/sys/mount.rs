@@ -1,0 +1,210 @@
+//! Mounts: filesystems, bind mounts, read-only remounts, unmounts, and the
+//! O(1) "is this a mount point" question (statx STATX_ATTR_MOUNT_ROOT, no
+//! walk of /proc/self/mountinfo, whose cost grows with the node's mounts).
+
+use std::io;
+use std::path::Path;
+
+use rustix::fs::{AtFlags, StatxFlags, CWD};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+
+/// What statx says about a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountState {
+    /// Nothing at the path.
+    Missing,
+    /// A path that is not the root of a mount.
+    NotMounted,
+    /// The root of a mount.
+    Mounted,
+    /// The path cannot be examined because the filesystem behind it is
+    /// gone (ENOTCONN, EIO, ESTALE): a dead mount that still needs
+    /// unmounting.
+    Broken,
+}
+
+/// Whether `path` is a mount point, without following a final symlink.
+pub fn state(path: &Path) -> io::Result<MountState> {
+    use rustix::io::Errno;
+    match rustix::fs::statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
+    ) {
+        Ok(st) => {
+            let root = rustix::fs::StatxAttributes::MOUNT_ROOT;
+            if !st.stx_attributes_mask.contains(root) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the kernel does not report STATX_ATTR_MOUNT_ROOT (Linux 5.8 or later needed)",
+                ));
+            }
+            Ok(if st.stx_attributes.contains(root) {
+                MountState::Mounted
+            } else {
+                MountState::NotMounted
+            })
+        }
+        Err(Errno::NOENT) => Ok(MountState::Missing),
+        Err(Errno::NOTCONN | Errno::IO | Errno::STALE) => Ok(MountState::Broken),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The device a mounted filesystem (or any path on it) lives on.
+pub fn device_of(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    )?;
+    Ok(rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor))
+}
+
+/// The source (device) of the mount at `mount_point`, from
+/// /proc/self/mountinfo. Only for the rare "is this already our mount?"
+/// question on a retried stage: btrfs reports an anonymous device number in
+/// stat, so the device can only be read from the mount table.
+pub fn source_of(mount_point: &Path) -> io::Result<Option<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let wanted = mount_point.to_string_lossy();
+    // The last entry for a path is the one on top.
+    Ok(info.lines().rev().find_map(|line| {
+        let (head, tail) = line.split_once(" - ")?;
+        let point = head.split(' ').nth(4)?;
+        (unescape(point) == wanted).then(|| tail.split(' ').nth(1).map(unescape))?
+    }))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mounts the filesystem on `device` at `target`.
+pub fn mount_fs(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<()> {
+    let data = std::ffi::CString::new(data)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mount options contain NUL"))?;
+    rustix::mount::mount(device, target, fs_type, flags, Some(data.as_c_str()))
+        .map_err(io::Error::from)
+}
+
+/// Bind-mounts `source` (a directory or a file) onto `target`, and keeps it
+/// private so it does not propagate back into the pool's mount.
+pub fn bind(source: &Path, target: &Path) -> io::Result<()> {
+    rustix::mount::mount_bind(source, target)?;
+    Ok(())
+}
+
+/// Makes the mount at `target` read-only (a bind mount must be remounted to
+/// take MS_RDONLY; the first mount ignores it).
+pub fn remount_read_only(target: &Path) -> io::Result<()> {
+    rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "")
+        .map_err(io::Error::from)
+}
+
+/// Makes `target`'s mount private (no propagation).
+pub fn make_private(target: &Path) -> io::Result<()> {
+    rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE).map_err(io::Error::from)
+}
+
+/// Unmounts `target`. EBUSY and every other failure is reported; EINVAL
+/// ("not a mount point") means there is nothing to do.
+pub fn unmount(target: &Path) -> io::Result<()> {
+    match rustix::mount::unmount(target, UnmountFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Splits CSI mount flags (`ro`, `noatime`, `context=...`) into mount(2)
+/// flags and the filesystem's data string.
+pub fn parse_options<S: AsRef<str>>(options: &[S]) -> (MountFlags, String) {
+    let mut flags = MountFlags::empty();
+    let mut data: Vec<&str> = Vec::new();
+    for opt in options
+        .iter()
+        .flat_map(|o| o.as_ref().split(','))
+        .map(str::trim)
+    {
+        match opt {
+            "" | "rw" | "defaults" | "async" | "auto" | "nouser" | "suid" | "dev" | "exec" => {}
+            "ro" => flags |= MountFlags::RDONLY,
+            "noatime" => flags |= MountFlags::NOATIME,
+            "nodiratime" => flags |= MountFlags::NODIRATIME,
+            "relatime" => flags |= MountFlags::RELATIME,
+            "strictatime" => flags |= MountFlags::STRICTATIME,
+            "nosuid" => flags |= MountFlags::NOSUID,
+            "nodev" => flags |= MountFlags::NODEV,
+            "noexec" => flags |= MountFlags::NOEXEC,
+            "sync" => flags |= MountFlags::SYNCHRONOUS,
+            "dirsync" => flags |= MountFlags::DIRSYNC,
+            "lazytime" => flags |= MountFlags::LAZYTIME,
+            other => data.push(other),
+        }
+    }
+    (flags, data.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let (flags, data) = parse_options(&[
+            "ro,noatime",
+            "context=\"system_u:object_r:container_file_t:s0\"",
+            "discard",
+        ]);
+        assert!(flags.contains(MountFlags::RDONLY | MountFlags::NOATIME));
+        assert_eq!(
+            data,
+            "context=\"system_u:object_r:container_file_t:s0\",discard"
+        );
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            unescape(r"/var/lib/kubelet/pods/a\040b"),
+            "/var/lib/kubelet/pods/a b"
+        );
+        assert_eq!(unescape("/plain"), "/plain");
+        assert!(source_of(Path::new("/")).unwrap().is_some());
+    }
+
+    #[test]
+    fn plain_directories_are_not_mount_points() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(state(dir.path()).unwrap(), MountState::NotMounted);
+        assert_eq!(
+            state(&dir.path().join("nope")).unwrap(),
+            MountState::Missing
+        );
+        assert_eq!(state(Path::new("/")).unwrap(), MountState::Mounted);
+    }
+}
