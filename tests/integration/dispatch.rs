@@ -76,42 +76,43 @@ fn full_queue_answers_resource_exhausted_then_recovers() {
 
 #[test]
 fn same_volume_is_serialised_while_other_volumes_proceed() {
-    // A NodeExpandVolume on vol-a holds vol-a's lock (and one worker) for
-    // 2 s. Other calls are not delayed.
+    // A ControllerExpandVolume on vol-a holds vol-a's lock (and one worker)
+    // for 2 s. Other calls are not delayed.
     let d = Driver::start_with(
         Opts::default()
             .args(&["--workers", "4"])
-            .faults("delay:NodeExpandVolume:2000"),
+            .faults("delay:ControllerExpandVolume:2000"),
     );
-    let node = d.node();
+    let controller = d.controller();
     let slow = thread::spawn(move || {
-        let mut req = csi::NodeExpandVolumeRequest::new();
+        let mut req = csi::ControllerExpandVolumeRequest::new();
         req.volume_id = "vol-a".into();
-        let r = node.node_expand_volume(&req);
+        req.capacity_range = Some(csi::CapacityRange::new()).into();
+        let r = controller.controller_expand_volume(&req);
         (Instant::now(), r.map(|_| ()))
     });
     thread::sleep(Duration::from_millis(300));
 
-    let stage = |id: &str| {
-        let mut req = csi::NodeStageVolumeRequest::new();
+    let delete = |id: &str| {
+        let mut req = csi::DeleteVolumeRequest::new();
         req.volume_id = id.into();
-        d.node().node_stage_volume(&req).map(|_| ())
+        d.controller().delete_volume(&req).map(|_| ())
     };
     // Same volume: ABORTED at once, so the CO retries later.
-    assert_eq!(code(stage("vol-a")), RpcStatusCode::ABORTED);
-    // Another volume goes straight through to its worker (the Node calls
-    // are not implemented yet, so the worker's answer is UNIMPLEMENTED).
-    assert_eq!(code(stage("vol-b")), RpcStatusCode::UNIMPLEMENTED);
+    assert_eq!(code(delete("vol-a")), RpcStatusCode::ABORTED);
+    // Another volume goes straight through (deleting a volume that does
+    // not exist succeeds).
+    delete("vol-b").expect("vol-b is not held");
     let other_done = Instant::now();
 
     let (slow_done, slow_result) = slow.join().unwrap();
-    assert_eq!(code(slow_result), RpcStatusCode::UNIMPLEMENTED);
+    assert_eq!(code(slow_result), RpcStatusCode::NOT_FOUND);
     assert!(
         other_done < slow_done,
         "vol-b waited for vol-a's call to finish"
     );
     // vol-a's lock is released with its call.
-    assert_eq!(code(stage("vol-a")), RpcStatusCode::UNIMPLEMENTED);
+    delete("vol-a").expect("vol-a released");
 }
 
 #[test]
