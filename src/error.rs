@@ -95,13 +95,20 @@ pub fn status_code(rpc: Rpc, err: &Error) -> RpcStatusCode {
         },
         Error::BadToken(_) => RpcStatusCode::ABORTED,
         Error::Pool(e) => pool_code(rpc, e),
-        Error::Node(e) => node_code(e),
+        Error::Node(e) => node_code(rpc, e),
     }
 }
 
-fn node_code(err: &NodeError) -> RpcStatusCode {
+fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
     match err {
-        NodeError::OutsideKubeletDir { .. } => RpcStatusCode::INVALID_ARGUMENT,
+        // Stage and publish would mount there: a bad path is a bad request.
+        // Stats and expansion only look: no volume of ours can be at a path
+        // outside the kubelet directory, which the spec calls NOT_FOUND
+        // ("volume does not exist on the specified path").
+        NodeError::OutsideKubeletDir { .. } => match rpc {
+            Rpc::NodeGetVolumeStats | Rpc::NodeExpandVolume => RpcStatusCode::NOT_FOUND,
+            _ => RpcStatusCode::INVALID_ARGUMENT,
+        },
         NodeError::NotFound { .. } => RpcStatusCode::NOT_FOUND,
         // "Volume published but is incompatible".
         NodeError::Occupied { .. } => RpcStatusCode::ALREADY_EXISTS,
