@@ -4,10 +4,11 @@
 #
 # Build: cmake (grpcio-sys builds gRPC core with it), a C/C++ compiler.
 # Tests: the filesystem tools the node service runs (mkfs, growfs, probing)
-# and util-linux for losetup/blkid in test assertions.
+# (blkid is util-linux), and mount/umount/losetup for the tests' own set-up
+# and clean-up.
 set -euo pipefail
 
-packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux)
+packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount)
 
 missing=()
 for p in "${packages[@]}"; do

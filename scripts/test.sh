@@ -12,4 +12,9 @@ scripts/install-deps.sh
 
 # Doc tests are left out (the crate has none): cargo would otherwise end the
 # run with an empty "0 passed" summary of its own.
-exec cargo test --locked --lib --bins --tests "$@"
+status=0
+cargo test --locked --lib --bins --tests "$@" || status=$?
+
+# Every test cleans up through guards; this proves it for the whole suite.
+scripts/check-leaks.sh || status=1
+exit "$status"
