@@ -238,6 +238,13 @@ fn round_trip(fs_type: &str) {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), fs_type);
+    // The xfs pool takes direct I/O: no double caching of volume data.
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{dev}/loop/dio"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
     n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
