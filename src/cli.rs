@@ -25,6 +25,12 @@ pub enum Command {
     /// Run the CSI driver on a UNIX socket. With no flags: mode `all` on a
     /// local default pool and socket, printed on stderr at start.
     Serve(ServeArgs),
+    /// Make CSI calls by hand against any driver's socket.
+    Client(crate::ops::client::ClientArgs),
+    /// Inspect a pool directory (volumes, sizes, attachments, snapshots).
+    Pool(crate::ops::report::PoolArgs),
+    /// Check this host for what filevol needs, and say how to fix the rest.
+    Doctor(crate::ops::doctor::DoctorArgs),
 }
 
 /// Which CSI services a process serves.
@@ -124,6 +130,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FILEVOL_TOPOLOGY")]
     pub topology: Option<String>,
 
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g.
+    /// `0.0.0.0:9808`). Off when not given.
+    #[arg(long, env = "FILEVOL_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
+
     /// Volumes this node accepts (NodeGetInfo's max_volumes_per_node); 0
     /// reports no limit.
     #[arg(long, env = "FILEVOL_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
@@ -172,7 +183,9 @@ mod tests {
     #[test]
     fn serve_with_no_flags_runs_all() {
         let cli = Cli::try_parse_from(["filevol", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         assert_eq!(args.mode, Mode::All);
         assert_eq!(args.socket_mode, 0o660);
         assert!(args.pool.is_none());

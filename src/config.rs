@@ -36,6 +36,8 @@ pub struct Config {
     pub overcommit: f64,
     /// The topology segment of the pool's volumes (empty: everywhere).
     pub topology: BTreeMap<String, String>,
+    /// Where to serve metrics, if anywhere.
+    pub metrics_address: Option<String>,
     /// NodeGetInfo's max_volumes_per_node (0: no limit).
     pub max_volumes_per_node: u32,
     /// Time in-flight calls get after SIGTERM.
@@ -155,6 +157,7 @@ impl Config {
             mode: args.mode,
             reserve_bytes: args.reserve,
             max_volumes_per_node: args.max_volumes_per_node,
+            metrics_address: args.metrics_address,
             overcommit: args.overcommit,
             topology,
             endpoint,
@@ -275,7 +278,9 @@ mod tests {
     fn args(extra: &[&str]) -> ServeArgs {
         let mut argv = vec!["filevol", "serve"];
         argv.extend_from_slice(extra);
-        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command;
+        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not serve")
+        };
         args
     }
 

@@ -28,6 +28,7 @@ pub use workers::{SubmitError, Task, WorkerPool};
 
 use crate::error::{code_name, message_chain, status_code, to_status, Error};
 use crate::faults;
+use crate::metrics::Metrics;
 use crate::rpc::Rpc;
 
 /// Which threads run a job.
@@ -86,12 +87,14 @@ impl<R> Job<R> {
     }
 }
 
-/// The worker pool, the probe lane and the lock table.
+/// The worker pool, the probe lane, the lock table, and the call metrics
+/// they feed.
 #[derive(Debug)]
 pub struct Executor {
     workers: WorkerPool,
     probe: WorkerPool,
     locks: Arc<LockTable>,
+    metrics: Arc<Metrics>,
 }
 
 /// How many probes may wait behind a stuck one before new ones are refused.
@@ -105,7 +108,13 @@ impl Executor {
             workers: WorkerPool::start("filevol-worker", workers, queue_depth)?,
             probe: WorkerPool::start("filevol-probe", 1, PROBE_QUEUE_DEPTH)?,
             locks: Arc::new(LockTable::default()),
+            metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// Counts and latencies of the calls answered so far.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The worker pool, for health checks and metrics.
@@ -125,11 +134,14 @@ impl Executor {
         let started = Instant::now();
         let job = match job {
             Ok(job) => job,
-            Err(err) => return reject(ctx, rpc, "", sink, err, started),
+            Err(err) => return reject(ctx, rpc, "", sink, err, started, &self.metrics),
         };
         let guard = match self.locks.try_lock(job.keys) {
             Ok(guard) => guard,
-            Err(key) => return reject(ctx, rpc, &job.subject, sink, Error::Busy { key }, started),
+            Err(key) => {
+                let busy = Error::Busy { key };
+                return reject(ctx, rpc, &job.subject, sink, busy, started, &self.metrics);
+            }
         };
 
         // The worker answers the call itself: starting the reply batch on
@@ -143,6 +155,7 @@ impl Executor {
         let subject = job.subject;
         let work = job.work;
         let task_slot = Arc::clone(&slot);
+        let metrics = Arc::clone(&self.metrics);
         let task: Task = Box::new(move || {
             let result = catch_unwind(AssertUnwindSafe(|| {
                 faults::before_work(rpc);
@@ -153,7 +166,7 @@ impl Executor {
             // as soon as it hears back does not find its own call still
             // holding the lock.
             drop(guard);
-            log_outcome(rpc, &subject, result.as_ref().err(), started);
+            finish(rpc, &subject, result.as_ref().err(), started, &metrics);
             if let Some(sink) = task_slot.lock().take() {
                 // The receiver is gone only if the server was torn down.
                 let _ = tx.send(start_reply(rpc, sink, result));
@@ -180,7 +193,7 @@ impl Executor {
                 // Dropping the unrun task releases its lock guard.
                 drop(refused);
                 let sink = slot.lock().take().expect("an unrun task leaves its sink");
-                reject(ctx, rpc, "", sink, err, started);
+                reject(ctx, rpc, "", sink, err, started, &self.metrics);
             }
         }
     }
@@ -200,8 +213,9 @@ fn reject<R: Send + 'static>(
     sink: UnarySink<R>,
     err: Error,
     started: Instant,
+    metrics: &Metrics,
 ) {
-    log_outcome(rpc, subject, Some(&err), started);
+    finish(rpc, subject, Some(&err), started, metrics);
     let sending = start_reply(rpc, sink, Err(err));
     ctx.spawn(async move { log_undelivered(rpc, sending.await) });
 }
@@ -221,6 +235,14 @@ fn log_undelivered(rpc: Rpc, sent: grpcio::Result<()>) {
         // work itself is done and logged.
         log::debug!("{rpc}: reply not delivered: {e}");
     }
+}
+
+/// Where every call ends, answered by a worker or refused before one: its
+/// metrics and its log line.
+fn finish(rpc: Rpc, subject: &str, err: Option<&Error>, started: Instant, metrics: &Metrics) {
+    let code = err.map_or(grpcio::RpcStatusCode::OK, |e| status_code(rpc, e));
+    metrics.record(rpc, code, started.elapsed());
+    log_outcome(rpc, subject, err, started);
 }
 
 /// The one log line per call: info for calls that change state, debug for

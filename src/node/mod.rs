@@ -172,6 +172,56 @@ impl Node {
         paths::under_kubelet(field, path, &self.kubelet_dir)
     }
 
+    /// Mounts of this pool's volumes under the kubelet directory, from the
+    /// mount table: (staged, published). A mount counts as this pool's when
+    /// its source is a loop device backed by a pool image, or when it lives
+    /// on the pool's own filesystem (directory volumes); it is a publish when
+    /// it lies under `<kubelet>/pods/`.
+    pub fn mount_counts(&self, pool: &Pool) -> std::io::Result<(usize, usize)> {
+        let pool_dev = mount::device_of(pool.root())?;
+        let pool_dev = format!(
+            "{}:{}",
+            rustix::fs::major(pool_dev),
+            rustix::fs::minor(pool_dev)
+        );
+        let ours: Vec<String> = loopdev::attached()?
+            .into_iter()
+            .filter(|(_, (dev, _))| {
+                format!("{}:{}", rustix::fs::major(*dev), rustix::fs::minor(*dev)) == pool_dev
+            })
+            .map(|(d, _)| d.path().to_string_lossy().into_owned())
+            .collect();
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let pods = self.kubelet_dir.join("pods");
+        let (mut staged, mut published) = (0, 0);
+        for line in info.lines() {
+            let Some((head, tail)) = line.split_once(" - ") else {
+                continue;
+            };
+            let fields: Vec<&str> = head.split(' ').collect();
+            let (Some(devno), Some(point)) = (fields.get(2), fields.get(4)) else {
+                continue;
+            };
+            let point = PathBuf::from(mount::unescape(point));
+            if !point.starts_with(&self.kubelet_dir) {
+                continue;
+            }
+            let source = tail
+                .split(' ')
+                .nth(1)
+                .map(mount::unescape)
+                .unwrap_or_default();
+            if *devno == pool_dev || ours.contains(&source) {
+                if point.starts_with(&pods) {
+                    published += 1;
+                } else {
+                    staged += 1;
+                }
+            }
+        }
+        Ok((staged, published))
+    }
+
     // ---- stage ----
 
     /// NodeStageVolume.

@@ -387,6 +387,19 @@ impl Pool {
         Ok(Promise { pool: self, bytes })
     }
 
+    /// Volumes, snapshots, and bytes promised to volumes, for metrics and
+    /// reports.
+    pub fn usage(&self) -> (usize, usize, u64) {
+        let index = self.index.read();
+        let provisioned = index
+            .volumes
+            .values()
+            .filter_map(|v| v.as_ref().ok())
+            .map(|v| v.capacity_bytes)
+            .sum();
+        (index.volumes.len(), index.snapshots.len(), provisioned)
+    }
+
     // ---- volumes ----
 
     /// The volume `id`.

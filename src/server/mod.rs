@@ -11,6 +11,7 @@ use grpcio::{ChannelBuilder, EnvBuilder, ServerBuilder};
 
 use crate::config::{Config, ConfigError};
 use crate::executor::Executor;
+use crate::metrics::http::MetricsServer;
 use crate::node::{Node, NodeError};
 use crate::pool::meta::NodeRecord;
 use crate::pool::{Pool, PoolError, PoolOptions};
@@ -34,6 +35,9 @@ pub enum ServeError {
     /// The socket path cannot be used.
     #[error("socket")]
     Socket(#[from] SocketError),
+    /// The metrics address cannot be listened on.
+    #[error("serve metrics on {0}")]
+    Metrics(String, #[source] std::io::Error),
     /// The pool cannot be opened.
     #[error("open the pool")]
     Pool(#[from] PoolError),
@@ -105,6 +109,16 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     }
     let mut server = builder.build()?;
     claim.bind(&mut server, socket_mode)?;
+    let _metrics = match &driver.config.metrics_address {
+        Some(address) => {
+            let d = Arc::clone(&driver);
+            let m = MetricsServer::start(address, move || d.metrics_text())
+                .map_err(|e| ServeError::Metrics(address.clone(), e))?;
+            log::info!("metrics at http://{}/metrics", m.address());
+            Some(m)
+        }
+        None => None,
+    };
     // Watch signals before serving, so a SIGTERM that arrives during
     // start-up still drains instead of killing the process mid-call.
     let stop = signals::watch().map_err(ServeError::Signals)?;

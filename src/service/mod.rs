@@ -21,6 +21,7 @@ use protobuf::MessageFull;
 use crate::config::Config;
 use crate::error::Error;
 use crate::executor::{Executor, Job};
+use crate::metrics::Gauges;
 use crate::node::Node;
 use crate::pool::Pool;
 use crate::proto::{csi, grpc};
@@ -38,6 +39,35 @@ pub struct Driver {
     pub pool: Pool,
     /// The node side, in modes that serve the Node service.
     pub node: Option<Node>,
+}
+
+impl Driver {
+    /// The Prometheus exposition: call metrics plus gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let workers = self.executor.workers();
+        let (volumes, snapshots, provisioned) = self.pool.usage();
+        let space = crate::sys::fs::space(self.pool.root()).unwrap_or(crate::sys::fs::FsSpace {
+            total: 0,
+            available: 0,
+        });
+        let counts = self
+            .node
+            .as_ref()
+            .map(|n| n.mount_counts(&self.pool).unwrap_or((0, 0)));
+        let gauges = Gauges {
+            queued: workers.queued(),
+            busy: workers.busy(),
+            pool_capacity: self.pool.capacity().unwrap_or(0),
+            pool_size: space.total,
+            pool_free: space.available,
+            pool_provisioned: provisioned,
+            volumes,
+            snapshots,
+            staged: counts.map(|c| c.0),
+            published: counts.map(|c| c.1),
+        };
+        self.executor.metrics().render(&gauges)
+    }
 }
 
 /// A CSI request that filevol can run.

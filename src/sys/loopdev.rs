@@ -142,6 +142,17 @@ impl LoopDevice {
     }
 }
 
+/// The number of a free loop device (the kernel creates one if needed).
+pub fn free_device() -> io::Result<u32> {
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .open("/dev/loop-control")?;
+    // SAFETY: see `GetFree`.
+    Ok(unsafe { ioctl(&control, GetFree) }?)
+}
+
 /// Attaches `image` to a free loop device in one step. Direct I/O is asked
 /// for when `direct_io`, and dropped if the pool filesystem refuses it.
 pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached> {

@@ -9,5 +9,6 @@ mod lifecycle;
 mod logging;
 mod loopfs;
 mod node;
+mod ops;
 mod req;
 mod util;

@@ -30,10 +30,15 @@ pub struct NodeEnv {
 
 impl NodeEnv {
     pub fn new(pool_fs: &str, mib: u64) -> Option<NodeEnv> {
+        NodeEnv::with_args(pool_fs, mib, &[])
+    }
+
+    /// The same, with extra `filevol serve` flags.
+    pub fn with_args(pool_fs: &str, mib: u64, extra: &[&str]) -> Option<NodeEnv> {
         let (fs, pool) = pool_on(pool_fs, mib)?;
         let kubelet_dir = tempfile::tempdir().unwrap();
         let kubelet = kubelet_dir.path().canonicalize().unwrap();
-        let d = start_node(&pool, &kubelet, "test-node", "all");
+        let d = start_node_with(&pool, &kubelet, "test-node", "all", extra);
         Some(NodeEnv {
             d,
             pool,
@@ -82,20 +87,32 @@ impl NodeEnv {
 }
 
 pub fn start_node(pool: &Path, kubelet: &Path, node_id: &str, mode: &str) -> Driver {
+    start_node_with(pool, kubelet, node_id, mode, &[])
+}
+
+fn start_node_with(
+    pool: &Path,
+    kubelet: &Path,
+    node_id: &str,
+    mode: &str,
+    extra: &[&str],
+) -> Driver {
     Driver::start_on(
         pool,
-        Opts::default().args(&[
-            "--reserve",
-            "0",
-            "--overcommit",
-            "10",
-            "--node-id",
-            node_id,
-            "--mode",
-            mode,
-            "--kubelet-dir",
-            kubelet.to_str().unwrap(),
-        ]),
+        Opts::default()
+            .args(&[
+                "--reserve",
+                "0",
+                "--overcommit",
+                "10",
+                "--node-id",
+                node_id,
+                "--mode",
+                mode,
+                "--kubelet-dir",
+                kubelet.to_str().unwrap(),
+            ])
+            .args(extra),
     )
 }
 

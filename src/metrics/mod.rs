@@ -1,0 +1,228 @@
+//! Prometheus metrics: per-RPC request counts by gRPC code and latency
+//! histograms (recorded by the executor where each call's outcome is
+//! logged), plus gauges read at scrape time (worker queue, pool capacity and
+//! allocation, volumes staged and published on this node).
+
+pub mod http;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use grpcio::RpcStatusCode;
+use parking_lot::Mutex;
+
+use crate::error::code_name;
+use crate::rpc::Rpc;
+
+/// Upper bounds of the latency buckets, in seconds: from a bind mount
+/// (sub-millisecond) to an mkfs or a byte copy of a large image.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    /// Counts per bucket (not cumulative; made cumulative when rendered).
+    buckets: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+/// Counters and histograms of CSI calls.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, &'static str), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+}
+
+/// Values read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct Gauges {
+    /// Calls waiting for a worker.
+    pub queued: usize,
+    /// Workers running a call.
+    pub busy: usize,
+    /// Bytes the pool can still promise.
+    pub pool_capacity: u64,
+    /// Size of the pool filesystem.
+    pub pool_size: u64,
+    /// Free bytes on the pool filesystem.
+    pub pool_free: u64,
+    /// Bytes promised to volumes.
+    pub pool_provisioned: u64,
+    /// Volumes in the pool.
+    pub volumes: usize,
+    /// Snapshots in the pool.
+    pub snapshots: usize,
+    /// Volumes staged on this node (`None` where the node is not served).
+    pub staged: Option<usize>,
+    /// Volume publishes on this node.
+    pub published: Option<usize>,
+}
+
+impl Metrics {
+    /// Counts one finished call.
+    pub fn record(&self, rpc: Rpc, code: RpcStatusCode, elapsed: Duration) {
+        let name = rpc.to_string();
+        *self
+            .requests
+            .lock()
+            .entry((name.clone(), code_name(code)))
+            .or_insert(0) += 1;
+        let secs = elapsed.as_secs_f64();
+        let mut latency = self.latency.lock();
+        let h = latency.entry(name).or_default();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            h.buckets[i] += 1;
+        }
+        h.sum += secs;
+        h.count += 1;
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(8192);
+        out.push_str(
+            "# HELP filevol_rpc_requests_total CSI calls answered, by RPC and gRPC status code.\n",
+        );
+        out.push_str("# TYPE filevol_rpc_requests_total counter\n");
+        for ((rpc, code), n) in self.requests.lock().iter() {
+            let _ = writeln!(
+                out,
+                "filevol_rpc_requests_total{{rpc=\"{rpc}\",code=\"{code}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP filevol_rpc_duration_seconds Time from a call's arrival to its answer.\n",
+        );
+        out.push_str("# TYPE filevol_rpc_duration_seconds histogram\n");
+        for (rpc, h) in self.latency.lock().iter() {
+            let mut cumulative = 0;
+            for (bound, n) in BUCKETS.iter().zip(h.buckets.iter()) {
+                cumulative += n;
+                let _ = writeln!(out, "filevol_rpc_duration_seconds_bucket{{rpc=\"{rpc}\",le=\"{bound}\"}} {cumulative}");
+            }
+            let _ = writeln!(
+                out,
+                "filevol_rpc_duration_seconds_bucket{{rpc=\"{rpc}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "filevol_rpc_duration_seconds_sum{{rpc=\"{rpc}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "filevol_rpc_duration_seconds_count{{rpc=\"{rpc}\"}} {}",
+                h.count
+            );
+        }
+        let mut gauge = |name: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            "filevol_worker_queue_depth",
+            "Calls waiting for a worker.",
+            g.queued.to_string(),
+        );
+        gauge(
+            "filevol_workers_busy",
+            "Workers running a call.",
+            g.busy.to_string(),
+        );
+        gauge(
+            "filevol_pool_capacity_bytes",
+            "Bytes the pool can still promise to new volumes (GetCapacity).",
+            g.pool_capacity.to_string(),
+        );
+        gauge(
+            "filevol_pool_size_bytes",
+            "Size of the pool filesystem.",
+            g.pool_size.to_string(),
+        );
+        gauge(
+            "filevol_pool_free_bytes",
+            "Free bytes on the pool filesystem.",
+            g.pool_free.to_string(),
+        );
+        gauge(
+            "filevol_pool_provisioned_bytes",
+            "Bytes promised to the pool's volumes.",
+            g.pool_provisioned.to_string(),
+        );
+        gauge(
+            "filevol_pool_volumes",
+            "Volumes in the pool.",
+            g.volumes.to_string(),
+        );
+        gauge(
+            "filevol_pool_snapshots",
+            "Snapshots in the pool.",
+            g.snapshots.to_string(),
+        );
+        if let Some(n) = g.staged {
+            gauge(
+                "filevol_volumes_staged",
+                "Volumes staged on this node.",
+                n.to_string(),
+            );
+        }
+        if let Some(n) = g.published {
+            gauge(
+                "filevol_volumes_published",
+                "Volume publishes (bind mounts into pods) on this node.",
+                n.to_string(),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.record(
+            Rpc::CreateVolume,
+            RpcStatusCode::OK,
+            Duration::from_micros(800),
+        );
+        m.record(
+            Rpc::CreateVolume,
+            RpcStatusCode::OK,
+            Duration::from_millis(20),
+        );
+        m.record(
+            Rpc::CreateVolume,
+            RpcStatusCode::ALREADY_EXISTS,
+            Duration::from_micros(90),
+        );
+        let text = m.render(&Gauges {
+            staged: Some(2),
+            ..Gauges::default()
+        });
+        assert!(
+            text.contains("filevol_rpc_requests_total{rpc=\"CreateVolume\",code=\"OK\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "filevol_rpc_requests_total{rpc=\"CreateVolume\",code=\"ALREADY_EXISTS\"} 1"
+        ));
+        assert!(text
+            .contains("filevol_rpc_duration_seconds_bucket{rpc=\"CreateVolume\",le=\"0.0001\"} 1"));
+        assert!(text
+            .contains("filevol_rpc_duration_seconds_bucket{rpc=\"CreateVolume\",le=\"0.001\"} 2"));
+        assert!(text
+            .contains("filevol_rpc_duration_seconds_bucket{rpc=\"CreateVolume\",le=\"+Inf\"} 3"));
+        assert!(text.contains("filevol_volumes_staged 2"));
+        assert!(!text.contains("filevol_volumes_published"));
+    }
+}

@@ -1,0 +1,314 @@
+//! `filevol doctor`: checks the host for what filevol needs and says how to
+//! fix what is missing. Read-only apart from two small test files inside
+//! the pool, removed before it returns.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::OpsError;
+use crate::sys::fs as sysfs;
+
+/// Flags of `filevol doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The pool directory to check.
+    #[arg(long, env = "FILEVOL_POOL")]
+    pub pool: Option<PathBuf>,
+    /// Kubelet's root directory.
+    #[arg(long, env = "FILEVOL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+}
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Fine.
+    Ok,
+    /// Works, with a limitation.
+    Warn,
+    /// filevol cannot work like this.
+    Fail,
+}
+
+/// One check's outcome.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// The outcome.
+    pub level: Level,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it (for Warn and Fail).
+    pub fix: Option<String>,
+}
+
+fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Option<&str>) -> Check {
+    Check {
+        name,
+        level,
+        detail: detail.into(),
+        fix: fix.map(str::to_owned),
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Runs every check.
+pub fn checks(args: &DoctorArgs) -> Vec<Check> {
+    let mut out = Vec::new();
+    let loop_fix = Some("load the loop module (modprobe loop); in a container, run privileged with /dev from the host");
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+    {
+        Ok(_) => out.push(check(
+            "loop devices",
+            Level::Ok,
+            "/dev/loop-control is usable",
+            None,
+        )),
+        Err(e) => out.push(check(
+            "loop devices",
+            Level::Fail,
+            format!("/dev/loop-control: {e}"),
+            loop_fix,
+        )),
+    }
+    match crate::sys::loopdev::free_device() {
+        Ok(n) => out.push(check(
+            "free loop device",
+            Level::Ok,
+            format!("/dev/loop{n} is free"),
+            None,
+        )),
+        Err(e) => out.push(check(
+            "free loop device",
+            Level::Fail,
+            format!("no free loop device: {e}"),
+            loop_fix,
+        )),
+    }
+
+    let tools_fix = Some("apt-get install e2fsprogs xfsprogs btrfs-progs util-linux (or your distribution's equivalents)");
+    for (program, needed_for, level) in [
+        (
+            "blkid",
+            "the probe that keeps filevol from formatting data",
+            Level::Fail,
+        ),
+        ("mkfs.ext4", "ext4 volumes (the default)", Level::Fail),
+        ("resize2fs", "growing ext4 volumes", Level::Warn),
+        ("mkfs.xfs", "xfs volumes", Level::Warn),
+        ("xfs_growfs", "growing xfs volumes", Level::Warn),
+        ("mkfs.btrfs", "btrfs volumes", Level::Warn),
+        ("btrfs", "growing btrfs volumes", Level::Warn),
+    ] {
+        if on_path(program) {
+            out.push(check("tool", Level::Ok, format!("{program} found"), None));
+        } else {
+            out.push(check(
+                "tool",
+                level,
+                format!("{program} is missing: needed for {needed_for}"),
+                tools_fix,
+            ));
+        }
+    }
+
+    out.push(propagation(&args.kubelet_dir));
+    if let Some(pool) = &args.pool {
+        out.extend(pool_checks(pool));
+    }
+    out.push(if has_cap(24) {
+        check(
+            "CAP_SYS_RESOURCE",
+            Level::Ok,
+            "present: ext4 volumes can grow while mounted",
+            None,
+        )
+    } else {
+        check(
+            "CAP_SYS_RESOURCE",
+            Level::Warn,
+            "missing: a mounted ext4 volume cannot grow (the kernel's rule for EXT4_IOC_RESIZE_FS)",
+            Some("run the node plugin privileged (or add CAP_SYS_RESOURCE)"),
+        )
+    });
+    out
+}
+
+fn has_cap(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps >> bit & 1 == 1)
+}
+
+/// The kubelet directory must sit on a shared mount, or the mounts the
+/// plugin makes in its container never reach kubelet and the pods.
+fn propagation(kubelet_dir: &Path) -> Check {
+    let name = "mount propagation";
+    let Ok(dir) = kubelet_dir.canonicalize() else {
+        return check(
+            name,
+            Level::Warn,
+            format!("{} does not exist on this host", kubelet_dir.display()),
+            Some("pass --kubelet-dir, or run this on a Kubernetes node"),
+        );
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return check(name, Level::Warn, "cannot read /proc/self/mountinfo", None);
+    };
+    // The mount holding the directory: the longest mount point that is a
+    // prefix of it, the last such entry winning.
+    let mut best: Option<(usize, bool)> = None;
+    for line in info.lines() {
+        let Some((head, _)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = head.split(' ').collect();
+        let Some(point) = fields.get(4) else { continue };
+        let point = PathBuf::from(crate::sys::mount::unescape(point));
+        if dir.starts_with(&point) {
+            let shared = fields[6..].iter().any(|f| f.starts_with("shared:"));
+            let len = point.as_os_str().len();
+            if best.is_none_or(|(l, _)| len >= l) {
+                best = Some((len, shared));
+            }
+        }
+    }
+    match best {
+        Some((_, true)) => check(name, Level::Ok, format!("{} is on a shared mount", dir.display()), None),
+        _ => check(
+            name,
+            Level::Warn,
+            format!("{} is not on a shared mount: mounts made by the node plugin will not reach kubelet", dir.display()),
+            Some("mount --make-rshared / on the host, and give the plugin's kubelet volumes mountPropagation: Bidirectional"),
+        ),
+    }
+}
+
+fn pool_checks(pool: &Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    if let Err(e) = rustix::fs::access(
+        pool,
+        rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+    ) {
+        out.push(check("pool", Level::Fail, format!("{}: {}", pool.display(), std::io::Error::from(e)), Some("create the pool directory (or mount the shared filesystem there) and make it writable")));
+        return out;
+    }
+    out.push(check(
+        "pool",
+        Level::Ok,
+        format!("{} is writable", pool.display()),
+        None,
+    ));
+
+    let a = pool.join(format!(".doctor-{}-a", std::process::id()));
+    let b = pool.join(format!(".doctor-{}-b", std::process::id()));
+    let result = (|| -> std::io::Result<bool> {
+        // FICLONE reads the source: it must be open for reading.
+        let mut fa = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&a)?;
+        fa.write_all(&[0x5a; 65536])?;
+        fa.sync_all()?;
+        let fb = std::fs::File::create(&b)?;
+        Ok(sysfs::reflink(&fa, &fb).is_ok())
+    })();
+    out.push(match result {
+        Ok(true) => check("reflink", Level::Ok, "the pool shares blocks: snapshots and clones are instant", None),
+        Ok(false) => check(
+            "reflink",
+            Level::Warn,
+            "the pool cannot reflink: snapshots and clones are byte copies, and a staged volume cannot be snapshotted",
+            Some("put the pool on xfs (mkfs.xfs -m reflink=1) or btrfs"),
+        ),
+        Err(e) => check("reflink", Level::Warn, format!("could not test: {e}"), None),
+    });
+    let dio = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(&a);
+    out.push(match dio {
+        Ok(_) => check(
+            "direct I/O",
+            Level::Ok,
+            "the pool takes O_DIRECT: loop devices skip the double page cache",
+            None,
+        ),
+        Err(e) => check(
+            "direct I/O",
+            Level::Warn,
+            format!("O_DIRECT refused ({e}): loop devices will be buffered"),
+            None,
+        ),
+    });
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+
+    match sysfs::space(pool) {
+        Ok(s) if s.total > 0 && s.available * 10 < s.total => out.push(check(
+            "free space",
+            Level::Warn,
+            format!(
+                "{} of {} free",
+                super::report::human(s.available),
+                super::report::human(s.total)
+            ),
+            Some("grow the pool filesystem or delete volumes and snapshots"),
+        )),
+        Ok(s) => out.push(check(
+            "free space",
+            Level::Ok,
+            format!(
+                "{} of {} free",
+                super::report::human(s.available),
+                super::report::human(s.total)
+            ),
+            None,
+        )),
+        Err(e) => out.push(check(
+            "free space",
+            Level::Fail,
+            format!("statvfs: {e}"),
+            None,
+        )),
+    }
+    out
+}
+
+/// Runs the checks, prints them to `out`, fails when any failed.
+pub fn run(args: DoctorArgs, out: &mut dyn Write) -> Result<(), OpsError> {
+    let results = checks(&args);
+    for c in &results {
+        let tag = match c.level {
+            Level::Ok => " ok ",
+            Level::Warn => "warn",
+            Level::Fail => "FAIL",
+        };
+        writeln!(out, "[{tag}] {}: {}", c.name, c.detail).map_err(OpsError::Output)?;
+        if let (Some(fix), false) = (&c.fix, c.level == Level::Ok) {
+            writeln!(out, "       fix: {fix}").map_err(OpsError::Output)?;
+        }
+    }
+    match results.iter().filter(|c| c.level == Level::Fail).count() {
+        0 => Ok(()),
+        n => Err(OpsError::ChecksFailed(n)),
+    }
+}

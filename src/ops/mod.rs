@@ -1,0 +1,33 @@
+//! Operator tools: a CSI client for any driver's socket, a pool report, and
+//! a host doctor. They share the binary so an operator has them wherever
+//! the driver is installed.
+
+pub mod client;
+pub mod doctor;
+pub mod report;
+
+/// Why an operator command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The endpoint is not usable.
+    #[error("endpoint")]
+    Endpoint(#[from] crate::server::socket::SocketError),
+    /// The call failed.
+    #[error("{call}")]
+    Rpc {
+        /// The RPC.
+        call: &'static str,
+        /// gRPC's error, status code and message included.
+        #[source]
+        source: grpcio::Error,
+    },
+    /// The pool could not be read.
+    #[error("read the pool")]
+    Pool(#[from] crate::pool::PoolError),
+    /// Output could not be written.
+    #[error("write the report")]
+    Output(#[source] std::io::Error),
+    /// The doctor found problems.
+    #[error("{0} check(s) failed")]
+    ChecksFailed(usize),
+}

@@ -1,0 +1,218 @@
+//! Operations: the metrics endpoint, `filevol client`, `filevol pool ls`
+//! and `filevol doctor`, against real pools, loop devices and mounts.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output};
+
+use filevol::proto::csi::volume_capability::access_mode::Mode;
+
+use crate::controller::pool_on;
+use crate::node::{publish_req, stage_req, unpublish_req, unstage_req, NodeEnv};
+use crate::req;
+use crate::util::BIN;
+
+fn scrape(address: &str) -> String {
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+#[test]
+fn metrics_count_calls_and_report_the_pool_and_the_node() {
+    let Some(env) = NodeEnv::with_args("xfs", 1024, &["--metrics-address", "127.0.0.1:0"]) else {
+        return;
+    };
+    let log = env.d.log();
+    let address = log
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .to_owned();
+    let id = env.create("scraped", 64, "ext4");
+    let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
+    let (staging, target) = (env.staging(&id), env.target("pod-m"));
+    let n = env.d.node();
+    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+        .unwrap();
+    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+        .unwrap();
+    let _ = env.d.controller().delete_volume(&req::delete("../bad"));
+
+    let text = scrape(&address);
+    for expected in [
+        "filevol_rpc_requests_total{rpc=\"CreateVolume\",code=\"OK\"} 1",
+        "filevol_rpc_requests_total{rpc=\"DeleteVolume\",code=\"INVALID_ARGUMENT\"} 1",
+        "filevol_rpc_duration_seconds_count{rpc=\"NodeStageVolume\"} 1",
+        "filevol_rpc_duration_seconds_bucket{rpc=\"NodePublishVolume\",le=\"+Inf\"} 1",
+        "filevol_pool_volumes 1",
+        "filevol_pool_provisioned_bytes 67108864",
+        "filevol_volumes_staged 1",
+        "filevol_volumes_published 1",
+        "filevol_worker_queue_depth 0",
+    ] {
+        assert!(text.contains(expected), "{expected} missing:\n{text}");
+    }
+    n.node_unpublish_volume(&unpublish_req(&id, &target))
+        .unwrap();
+    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    let text = scrape(&address);
+    assert!(
+        text.contains("filevol_volumes_staged 0") && text.contains("filevol_volumes_published 0"),
+        "{text}"
+    );
+}
+
+fn client(socket: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["client", "--endpoint"])
+        .arg(format!("unix://{}", socket.display()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The first `key: "value"` in protobuf text output.
+fn field(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}: \"")))
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no {key} in:\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn the_client_drives_a_whole_lifecycle_and_pool_ls_reports_it() {
+    let Some(env) = NodeEnv::new("xfs", 1024) else {
+        return;
+    };
+    let sock = env.d.socket.clone();
+    assert!(ok(client(&sock, &["identity"])).contains("filevol.csi.rs"));
+    let created = ok(client(
+        &sock,
+        &[
+            "create-volume",
+            "cli-vol",
+            "--size",
+            "64Mi",
+            "--fs-type",
+            "xfs",
+        ],
+    ));
+    let id = field(&created, "volume_id");
+    assert!(
+        created.contains("capacity_bytes: 314572800"),
+        "xfs minimum applied:\n{created}"
+    );
+    assert!(ok(client(&sock, &["list-volumes"])).contains(&id));
+    assert!(ok(client(&sock, &["capacity"])).contains("available_capacity"));
+    let staging = env.staging(&id);
+    let target = env.target("pod-cli");
+    let (staging, target) = (staging.to_str().unwrap(), target.to_str().unwrap());
+    ok(client(
+        &sock,
+        &["stage", &id, "--staging-path", staging, "--fs-type", "xfs"],
+    ));
+    ok(client(
+        &sock,
+        &[
+            "publish",
+            &id,
+            "--staging-path",
+            staging,
+            "--target-path",
+            target,
+            "--fs-type",
+            "xfs",
+        ],
+    ));
+    assert!(ok(client(&sock, &["stats", &id, "--volume-path", target])).contains("BYTES"));
+    let snap = field(
+        &ok(client(
+            &sock,
+            &["create-snapshot", "cli-snap", "--source", &id],
+        )),
+        "snapshot_id",
+    );
+    assert!(ok(client(&sock, &["list-snapshots"])).contains(&snap));
+
+    let pool = env.pool.to_str().unwrap();
+    let json = Command::new(BIN)
+        .args(["pool", "ls", "--json", "--pool", pool])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["volumes"][0]["id"], id.as_str());
+    assert_eq!(report["volumes"][0]["kind"], "xfs");
+    assert_eq!(report["volumes"][0]["snapshots"], 1);
+    assert_eq!(report["snapshots"][0]["method"], "reflink");
+    let table = ok(Command::new(BIN)
+        .args(["pool", "ls", "--pool", pool])
+        .output()
+        .unwrap());
+    assert!(
+        table.contains(&id) && table.contains("cli-vol") && table.contains("300.0 MiB"),
+        "{table}"
+    );
+
+    ok(client(&sock, &["unpublish", &id, "--target-path", target]));
+    ok(client(&sock, &["unstage", &id, "--staging-path", staging]));
+    ok(client(&sock, &["delete-snapshot", &snap]));
+    ok(client(&sock, &["delete-volume", &id]));
+    assert!(ok(client(&sock, &["node-info"])).contains("test-node"));
+    let refused = client(&sock, &["delete-volume", "../escape"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("INVALID_ARGUMENT"));
+}
+
+#[test]
+fn doctor_reports_reflink_and_the_tools() {
+    for (fs, reflink) in [("xfs", true), ("ext4", false)] {
+        let Some((_fs, pool)) = pool_on(fs, 512) else {
+            return;
+        };
+        let kubelet = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .args(["doctor", "--pool"])
+            .arg(&pool)
+            .arg("--kubelet-dir")
+            .arg(kubelet.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("[ ok ] loop devices"), "{text}");
+        assert!(text.contains("[ ok ] tool: blkid found"), "{text}");
+        let line = text.lines().find(|l| l.contains("reflink:")).unwrap();
+        assert_eq!(line.starts_with("[ ok ]"), reflink, "{fs}: {line}");
+        assert!(
+            std::fs::read_dir(&pool).unwrap().next().is_none(),
+            "doctor left files in the pool"
+        );
+    }
+    // A missing pool is a failure with a fix, and a non-zero exit.
+    let out = Command::new(BIN)
+        .args(["doctor", "--pool", "/nonexistent/pool"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[FAIL] pool") && text.contains("fix:"),
+        "{text}"
+    );
+}
