@@ -5,10 +5,11 @@
 # Build: cmake (grpcio-sys builds gRPC core with it), a C/C++ compiler.
 # Tests: the filesystem tools the node service runs (mkfs, growfs, probing)
 # (blkid is util-linux), and mount/umount/losetup for the tests' own set-up
-# and clean-up.
+# and clean-up. Deploy validation: python3-venv for its pinned tools
+# (scripts/deploy-requirements.txt); `kubectl kustomize` must be on PATH.
 set -euo pipefail
 
-packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount)
+packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -137,9 +137,10 @@ fn pool_code(rpc: Rpc, err: &PoolError) -> RpcStatusCode {
         // "Insufficient capacity", "not enough space to create snapshot",
         // "unable to provision in accessible_topology": all
         // RESOURCE_EXHAUSTED in the spec's tables.
-        PoolError::Exhausted { .. } | PoolError::NoSpace { .. } | PoolError::Topology { .. } => {
-            RpcStatusCode::RESOURCE_EXHAUSTED
-        }
+        PoolError::Exhausted { .. }
+        | PoolError::NoSpace { .. }
+        | PoolError::Topology { .. }
+        | PoolError::AttachLimit { .. } => RpcStatusCode::RESOURCE_EXHAUSTED,
         PoolError::InUse(_) | PoolError::AttachedElsewhere { .. } | PoolError::NeedsReflink(_) => {
             RpcStatusCode::FAILED_PRECONDITION
         }

@@ -76,6 +76,14 @@ pub enum PoolError {
         /// The node.
         node: String,
     },
+    /// The node already has as many volumes attached as it accepts.
+    #[error("node {node} already has its maximum of {max} volumes attached")]
+    AttachLimit {
+        /// The node.
+        node: String,
+        /// Its limit.
+        max: u32,
+    },
     /// The node has not registered with the pool.
     #[error("node {0} is not known to this pool (no node plugin has registered it)")]
     NodeNotFound(String),

@@ -247,4 +247,7 @@ pub struct NodeRecord {
     pub node_id: String,
     /// Its topology segment.
     pub topology: BTreeMap<String, String>,
+    /// How many volumes it accepts (0: no limit).
+    #[serde(default)]
+    pub max_volumes: u32,
 }

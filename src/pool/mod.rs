@@ -817,14 +817,12 @@ impl Pool {
         )
     }
 
-    /// Whether a node plugin with this id has registered with the pool.
-    pub fn node_registered(&self, node: &str) -> bool {
-        ids::check(node).is_ok()
-            && self
-                .root
-                .join("nodes")
-                .join(format!("{node}.json"))
-                .is_file()
+    /// The registration of the node plugin with this id, if it has one.
+    pub fn node_record(&self, node: &str) -> Option<NodeRecord> {
+        if ids::check(node).is_err() {
+            return None;
+        }
+        read_json(&self.root.join("nodes").join(format!("{node}.json"))).ok()
     }
 
     /// ControllerPublish: attaches the volume to `node`.
@@ -836,9 +834,9 @@ impl Pool {
         readonly: bool,
     ) -> Result<VolumeMeta, PoolError> {
         let mut v = self.volume(id)?;
-        if !self.node_registered(node) {
+        let Some(record) = self.node_record(node) else {
             return Err(PoolError::NodeNotFound(node.to_owned()));
-        }
+        };
         if let Some(a) = v.attachments.iter().find(|a| a.node_id == node) {
             return if a.mode == mode && a.readonly == readonly {
                 Ok(v)
@@ -848,6 +846,22 @@ impl Pool {
                     node: node.to_owned(),
                 })
             };
+        }
+        if record.max_volumes > 0 {
+            let attached = self
+                .index
+                .read()
+                .volumes
+                .values()
+                .filter_map(|v| v.as_ref().ok())
+                .filter(|v| v.attachments.iter().any(|a| a.node_id == node))
+                .count();
+            if attached >= record.max_volumes as usize {
+                return Err(PoolError::AttachLimit {
+                    node: node.to_owned(),
+                    max: record.max_volumes,
+                });
+            }
         }
         if let Some(other) = v
             .attachments

@@ -73,6 +73,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         pool.register_node(&NodeRecord {
             node_id: config.node_id.clone(),
             topology: config.topology.clone(),
+            max_volumes: config.max_volumes_per_node,
         })?;
     }
     // The node side re-takes the locks of what it finds staged before it

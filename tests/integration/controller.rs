@@ -946,3 +946,59 @@ impl TapLimit for csi::CreateVolumeRequest {
         self
     }
 }
+
+#[test]
+fn a_node_takes_no_more_volumes_than_it_accepts() {
+    let Some((_fs, pool)) = pool_on("ext4", 256) else {
+        return;
+    };
+    let d = Driver::start_on(&pool, no_reserve().args(&["--max-volumes-per-node", "2"]));
+    let c = d.controller();
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            c.create_volume(&req::create(&format!("lim-{i}"), 8 * MIB))
+                .unwrap()
+                .volume
+                .unwrap()
+                .volume_id
+        })
+        .collect();
+    for id in &ids[..2] {
+        c.controller_publish_volume(&req::publish(
+            id,
+            "test-node",
+            Mode::SINGLE_NODE_WRITER,
+            false,
+        ))
+        .unwrap();
+    }
+    let st = status(c.controller_publish_volume(&req::publish(
+        &ids[2],
+        "test-node",
+        Mode::SINGLE_NODE_WRITER,
+        false,
+    )));
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+        "{}",
+        st.message()
+    );
+    // Re-publishing an attached volume is not a new attachment.
+    c.controller_publish_volume(&req::publish(
+        &ids[0],
+        "test-node",
+        Mode::SINGLE_NODE_WRITER,
+        false,
+    ))
+    .unwrap();
+    c.controller_unpublish_volume(&req::unpublish(&ids[0], "test-node"))
+        .unwrap();
+    c.controller_publish_volume(&req::publish(
+        &ids[2],
+        "test-node",
+        Mode::SINGLE_NODE_WRITER,
+        false,
+    ))
+    .unwrap();
+}
