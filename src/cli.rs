@@ -31,6 +31,8 @@ pub enum Command {
     Pool(crate::ops::report::PoolArgs),
     /// Check this host for what filevol needs, and say how to fix the rest.
     Doctor(crate::ops::doctor::DoctorArgs),
+    /// Load-test any CSI driver's socket as a busy cluster would.
+    Bench(crate::ops::bench::BenchArgs),
 }
 
 /// Which CSI services a process serves.
@@ -134,6 +136,17 @@ pub struct ServeArgs {
     /// `0.0.0.0:9808`). Off when not given.
     #[arg(long, env = "FILEVOL_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
+
+    /// Seconds a new connection gets to complete its HTTP/2 handshake
+    /// before the server drops it (clients that connect and never speak).
+    #[arg(long, env = "FILEVOL_GRPC_HANDSHAKE_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub grpc_handshake_timeout: u32,
+
+    /// Use direct I/O on the loop devices where the pool filesystem allows
+    /// it (no double caching of volume data in the page cache).
+    #[arg(long, env = "FILEVOL_LOOP_DIRECT_IO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub loop_direct_io: bool,
 
     /// Volumes this node accepts (NodeGetInfo's max_volumes_per_node); 0
     /// reports no limit.

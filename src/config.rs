@@ -36,6 +36,10 @@ pub struct Config {
     pub overcommit: f64,
     /// The topology segment of the pool's volumes (empty: everywhere).
     pub topology: BTreeMap<String, String>,
+    /// Seconds a connection gets to finish its handshake.
+    pub grpc_handshake_timeout: u32,
+    /// Direct I/O on loop devices where the pool allows it.
+    pub loop_direct_io: bool,
     /// Where to serve metrics, if anywhere.
     pub metrics_address: Option<String>,
     /// NodeGetInfo's max_volumes_per_node (0: no limit).
@@ -158,6 +162,8 @@ impl Config {
             reserve_bytes: args.reserve,
             max_volumes_per_node: args.max_volumes_per_node,
             metrics_address: args.metrics_address,
+            grpc_handshake_timeout: args.grpc_handshake_timeout,
+            loop_direct_io: args.loop_direct_io,
             overcommit: args.overcommit,
             topology,
             endpoint,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod executor;
 pub mod faults;
+pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
 pub mod node;

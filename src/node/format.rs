@@ -2,10 +2,11 @@
 //! shell): the signature probe, mkfs, and online growth.
 //!
 //! The probe is the guard against the commonest way CSI drivers destroy
-//! data. A device is formatted only when it is *provably* blank: `blkid -p`
-//! finds no signature of any kind (exit code 2) **and** the image file has
-//! no data extents at all. A probe that fails, finds anything, or a device
-//! with data but no recognisable signature is never formatted.
+//! data. Only an image that is *provably* blank (no data extent at all) is
+//! ever formatted, and then into a new file that replaces it (see
+//! `Node::format_image`). On an attached device, anything `blkid -p` finds,
+//! a probe that fails, or data without a recognisable signature stops the
+//! stage: nothing is ever formatted there.
 
 use std::path::Path;
 use std::process::Command;
@@ -53,7 +54,7 @@ pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
         }
         // blkid -p: 2 means nothing was found. Check for data as well.
         Some(2) => {
-            if image_has_data(image).map_err(|source| NodeError::ProbeFailed {
+            if has_data(image).map_err(|source| NodeError::ProbeFailed {
                 device: device.to_owned(),
                 source,
             })? {
@@ -75,7 +76,7 @@ pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
 
 /// Whether the image has any data extent (SEEK_DATA finds one). A new
 /// sparse image, or a preallocated one (unwritten extents), has none.
-fn image_has_data(image: &Path) -> std::io::Result<bool> {
+pub fn has_data(image: &Path) -> std::io::Result<bool> {
     let f = std::fs::File::open(image)?;
     match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0)) {
         Ok(_) => Ok(true),
@@ -107,18 +108,20 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), NodeError> {
     }
 }
 
-/// Makes a filesystem on a blank device, with the volume's extra options.
-pub fn mkfs(fs: FsType, device: &Path, options: &[String]) -> Result<(), NodeError> {
+/// Makes a filesystem in the file `file` (a new file beside the volume's
+/// image; see `Node::format_image`), with 4 KiB sectors to match the loop
+/// devices (a 512-byte-sector xfs would not mount on them), without discard
+/// (it would undo a thick image's preallocation), then the volume's extra
+/// options.
+pub fn mkfs_file(fs: FsType, file: &Path, options: &[String]) -> Result<(), NodeError> {
     let (program, base): (&str, &[&str]) = match fs {
-        // -F: the device is a loop device, not a partition; the probe has
-        // already proven it blank.
-        FsType::Ext4 => ("mkfs.ext4", &["-F", "-q"]),
-        FsType::Xfs => ("mkfs.xfs", &["-q"]),
-        FsType::Btrfs => ("mkfs.btrfs", &["-q"]),
+        FsType::Ext4 => ("mkfs.ext4", &["-F", "-q", "-b", "4096", "-E", "nodiscard"]),
+        FsType::Xfs => ("mkfs.xfs", &["-q", "-K", "-s", "size=4096"]),
+        FsType::Btrfs => ("mkfs.btrfs", &["-q", "-K", "--sectorsize", "4096"]),
     };
     let mut args: Vec<&std::ffi::OsStr> = base.iter().map(std::ffi::OsStr::new).collect();
     args.extend(options.iter().map(std::ffi::OsStr::new));
-    args.push(device.as_os_str());
+    args.push(file.as_os_str());
     run(program, &args)
 }
 

@@ -20,7 +20,7 @@ pub mod paths;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -34,6 +34,7 @@ use crate::pool::Pool;
 use crate::sys::fs::{try_lock, LockKind};
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mount::{self, MountState};
+use crate::sys::mountinfo;
 
 /// The file inside a block volume's staging directory onto which its loop
 /// device is bind-mounted, so the kernel's mount table remembers the stage.
@@ -60,8 +61,13 @@ pub struct Request {
 #[derive(Debug)]
 pub struct Node {
     kubelet_dir: PathBuf,
-    /// Open images whose flock fences them, by volume id.
-    locks: Mutex<HashMap<String, File>>,
+    /// Direct I/O on loop devices where the pool allows it.
+    direct_io: bool,
+    /// Open images whose flock fences them, by volume id. More than one
+    /// file when the image was replaced while staged (formatting writes a
+    /// new image and renames it into place): the old inode stays locked too,
+    /// so a node that opened it before the rename still finds it taken.
+    locks: Mutex<HashMap<String, Vec<File>>>,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -86,7 +92,7 @@ fn lock_kind(mode: AccessMode) -> LockKind {
 impl Node {
     /// Prepares the node side: resolves the kubelet directory and re-takes
     /// the fencing locks of every image of `pool` attached to a loop device.
-    pub fn start(kubelet_dir: &Path, pool: &Pool) -> Result<Node, NodeError> {
+    pub fn start(kubelet_dir: &Path, pool: &Pool, direct_io: bool) -> Result<Node, NodeError> {
         // Paths are compared after resolving symlinks, so the kubelet
         // directory is resolved too. A missing one is not created (it is
         // kubelet's): node calls fail until it exists.
@@ -102,6 +108,7 @@ impl Node {
         };
         let node = Node {
             kubelet_dir,
+            direct_io,
             locks: Mutex::new(HashMap::new()),
         };
         node.recover(pool)?;
@@ -114,7 +121,16 @@ impl Node {
     }
 
     fn recover(&self, pool: &Pool) -> Result<(), NodeError> {
-        let attached = loopdev::attached().map_err(sys("list loop devices", "/sys/block"))?;
+        let attached = match loopdev::attached() {
+            Ok(a) => a,
+            // Without access to loop devices (not root) there is nothing
+            // this process could have staged; node calls will fail on their
+            // own with the reason.
+            Err(e) => {
+                log::warn!("cannot list loop devices ({e}); no staged volumes to recover");
+                return Ok(());
+            }
+        };
         let (volumes, _) = pool.list_volumes(None, 0);
         for (id, entry) in volumes {
             let Ok(v) = entry else { continue };
@@ -152,15 +168,83 @@ impl Node {
         if locks.contains_key(id) {
             return Ok(());
         }
-        let file = File::open(image).map_err(sys("open image", image))?;
-        if !try_lock(&file, kind).map_err(sys("lock image", image))? {
-            return Err(NodeError::Fenced {
-                id: id.to_owned(),
-                image: image.to_owned(),
-            });
+        // Lock, then check that the locked file is still the one at the
+        // path: if the image was replaced between the open and the lock,
+        // the lock would fence nothing, so try again on the new one.
+        for _ in 0..8 {
+            let file = File::open(image).map_err(sys("open image", image))?;
+            if !try_lock(&file, kind).map_err(sys("lock image", image))? {
+                return Err(NodeError::Fenced {
+                    id: id.to_owned(),
+                    image: image.to_owned(),
+                });
+            }
+            let held = file.metadata().map_err(sys("stat", image))?;
+            let now = std::fs::metadata(image).map_err(sys("stat", image))?;
+            if (held.dev(), held.ino()) == (now.dev(), now.ino()) {
+                locks.insert(id.to_owned(), vec![file]);
+                return Ok(());
+            }
         }
-        locks.insert(id.to_owned(), file);
-        Ok(())
+        Err(NodeError::Fenced {
+            id: id.to_owned(),
+            image: image.to_owned(),
+        })
+    }
+
+    /// Makes the filesystem of a blank image without ever writing to the
+    /// image itself: mkfs runs on a new file beside it, which replaces the
+    /// image by one rename once it is complete and synced. A crash during
+    /// mkfs leaves the blank image and a scratch file (removed on the next
+    /// try), never a half-made filesystem that the probe would then refuse
+    /// to touch. The new file is locked before it takes the image's place.
+    fn format_image(&self, pool: &Pool, v: &VolumeMeta, fs: FsType) -> Result<(), NodeError> {
+        let image = pool.image_path(&v.id);
+        let dir = image
+            .parent()
+            .expect("images live in their volume directory");
+        let scratch = dir.join(".image.mkfs");
+        let _ = std::fs::remove_file(&scratch);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&scratch)
+            .map_err(sys("create", &scratch))?;
+        let result = (|| {
+            if !try_lock(&file, LockKind::Exclusive).map_err(sys("lock", &scratch))? {
+                return Err(NodeError::Fenced {
+                    id: v.id.clone(),
+                    image: scratch.clone(),
+                });
+            }
+            file.set_len(v.capacity_bytes)
+                .map_err(sys("size", &scratch))?;
+            if v.thick {
+                crate::sys::fs::preallocate(&file, v.capacity_bytes)
+                    .map_err(sys("preallocate", &scratch))?;
+            }
+            format::mkfs_file(fs, &scratch, &v.mkfs_options)?;
+            file.sync_all().map_err(sys("sync", &scratch))?;
+            crate::faults::crash_point("stage.formatted");
+            std::fs::rename(&scratch, &image).map_err(sys("replace", &image))?;
+            crate::sys::fs::fsync_dir(dir).map_err(sys("sync", dir))
+        })();
+        match result {
+            Ok(()) => {
+                self.locks
+                    .lock()
+                    .entry(v.id.clone())
+                    .or_default()
+                    .push(file);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&scratch);
+                Err(e)
+            }
+        }
     }
 
     fn release_lock(&self, id: &str) {
@@ -191,28 +275,14 @@ impl Node {
             })
             .map(|(d, _)| d.path().to_string_lossy().into_owned())
             .collect();
-        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
         let pods = self.kubelet_dir.join("pods");
         let (mut staged, mut published) = (0, 0);
-        for line in info.lines() {
-            let Some((head, tail)) = line.split_once(" - ") else {
-                continue;
-            };
-            let fields: Vec<&str> = head.split(' ').collect();
-            let (Some(devno), Some(point)) = (fields.get(2), fields.get(4)) else {
-                continue;
-            };
-            let point = PathBuf::from(mount::unescape(point));
-            if !point.starts_with(&self.kubelet_dir) {
+        for entry in mountinfo::read()? {
+            if !entry.mount_point.starts_with(&self.kubelet_dir) {
                 continue;
             }
-            let source = tail
-                .split(' ')
-                .nth(1)
-                .map(mount::unescape)
-                .unwrap_or_default();
-            if *devno == pool_dev || ours.contains(&source) {
-                if point.starts_with(&pods) {
+            if entry.device == pool_dev || ours.contains(&entry.source) {
+                if entry.mount_point.starts_with(&pods) {
                     published += 1;
                 } else {
                     staged += 1;
@@ -275,7 +345,7 @@ impl Node {
         if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
             return Ok((dev, false));
         }
-        match loopdev::attach(&image, read_only, true) {
+        match loopdev::attach(&image, read_only, self.direct_io) {
             Ok(a) => {
                 if !a.direct_io {
                     log::info!("volume {}: the pool filesystem refused direct I/O; the loop device is buffered", v.id);
@@ -298,7 +368,33 @@ impl Node {
     ) -> Result<(), NodeError> {
         let fs = v.fs_type.unwrap_or(FsType::Ext4);
         let read_only = req.mode.is_read_only();
+        let image = pool.image_path(&v.id);
+        self.take_lock(&v.id, &image, lock_kind(req.mode))?;
+        // A provably blank image (no data extent at all) gets its filesystem
+        // before it is attached. One already attached (a crash between
+        // attach and format) is mounted nowhere: detach it first.
+        if !read_only && !format::has_data(&image).map_err(sys("probe", &image))? {
+            if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
+                dev.detach().map_err(sys("detach", dev.path()))?;
+            }
+            log::info!(
+                "volume {}: the image is blank, making {}",
+                v.id,
+                fs.as_str()
+            );
+            if let Err(e) = self.format_image(pool, v, fs) {
+                self.release_lock(&v.id);
+                return Err(e);
+            }
+        }
         let (dev, attached_now) = self.attach(pool, v, read_only, lock_kind(req.mode))?;
+        if attached_now {
+            if let Err(e) = dev.drop_cached_blocks() {
+                let _ = dev.detach();
+                self.release_lock(&v.id);
+                return Err(sys("drop cached blocks of", dev.path())(e));
+            }
+        }
         let undo = |e: NodeError| {
             if attached_now {
                 let _ = dev.detach();
@@ -322,21 +418,15 @@ impl Node {
 
         match format::probe(&dev.path(), &pool.image_path(&v.id)).map_err(undo)? {
             Content::Filesystem(found) if found == fs.as_str() => {}
-            Content::Blank if !read_only => {
-                log::info!(
-                    "volume {}: {} is blank, making {}",
-                    v.id,
-                    dev.path().display(),
-                    fs.as_str()
-                );
-                format::mkfs(fs, &dev.path(), &v.mkfs_options).map_err(undo)?;
-            }
             Content::Blank => {
+                // A read-only stage of a never-formatted volume, or an image
+                // blanked under us: nothing to mount, nothing to format.
                 return Err(undo(NodeError::WillNotFormat {
                     device: dev.path(),
-                    found: "nothing (a blank volume cannot be staged read-only)".into(),
+                    found: "nothing (a blank volume is formatted at its first read-write stage)"
+                        .into(),
                     expected: fs.as_str().into(),
-                }))
+                }));
             }
             Content::Filesystem(found) => {
                 return Err(undo(NodeError::WillNotFormat {
@@ -634,24 +724,20 @@ fn other_publish(
     target: &Path,
 ) -> Result<Option<PathBuf>, NodeError> {
     let dev = mount::device_of(source).map_err(sys("stat", source))?;
-    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(sys("read", "/proc/self/mountinfo"))?;
-    let wanted = format!("{major}:{minor}");
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 5 || fields[2] != wanted {
-            continue;
-        }
-        let point = PathBuf::from(mount::unescape(fields[4]));
-        if point != staging && point != target && point != source && !point.starts_with(staging) {
-            // Only mounts under the kubelet's pod directories are publishes.
-            if point.components().any(|c| c.as_os_str() == "pods") {
-                return Ok(Some(point));
-            }
-        }
-    }
-    Ok(None)
+    let wanted = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
+    let table = mountinfo::read().map_err(sys("read", "/proc/self/mountinfo"))?;
+    Ok(table
+        .into_iter()
+        .filter(|e| e.device == wanted)
+        .map(|e| e.mount_point)
+        .find(|point| {
+            point != staging
+                && point != target
+                && point != source
+                && !point.starts_with(staging)
+                // Only mounts under the kubelet's pod directories are publishes.
+                && point.components().any(|c| c.as_os_str() == "pods")
+        }))
 }
 
 /// Gives group `gid` the volume's root (and, when the root's group differs,

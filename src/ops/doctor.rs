@@ -169,22 +169,16 @@ fn propagation(kubelet_dir: &Path) -> Check {
             Some("pass --kubelet-dir, or run this on a Kubernetes node"),
         );
     };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(table) = crate::sys::mountinfo::read() else {
         return check(name, Level::Warn, "cannot read /proc/self/mountinfo", None);
     };
     // The mount holding the directory: the longest mount point that is a
     // prefix of it, the last such entry winning.
     let mut best: Option<(usize, bool)> = None;
-    for line in info.lines() {
-        let Some((head, _)) = line.split_once(" - ") else {
-            continue;
-        };
-        let fields: Vec<&str> = head.split(' ').collect();
-        let Some(point) = fields.get(4) else { continue };
-        let point = PathBuf::from(crate::sys::mount::unescape(point));
-        if dir.starts_with(&point) {
-            let shared = fields[6..].iter().any(|f| f.starts_with("shared:"));
-            let len = point.as_os_str().len();
+    for entry in table {
+        if dir.starts_with(&entry.mount_point) {
+            let shared = entry.optional.iter().any(|f| f.starts_with("shared:"));
+            let len = entry.mount_point.as_os_str().len();
             if best.is_none_or(|(l, _)| len >= l) {
                 best = Some((len, shared));
             }

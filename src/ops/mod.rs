@@ -2,6 +2,7 @@
 //! a host doctor. They share the binary so an operator has them wherever
 //! the driver is installed.
 
+pub mod bench;
 pub mod client;
 pub mod doctor;
 pub mod report;

@@ -718,6 +718,17 @@ impl Pool {
                 )));
             }
         }
+        // A node holds its lock on the image while it is staged: deleting it
+        // then would leave a loop device on a deleted file (and the data in
+        // use). The controller only learns of node stages through this lock.
+        let image = self.image_path(id);
+        if let Ok(f) = std::fs::File::open(&image) {
+            if !sysfs::try_lock(&f, sysfs::LockKind::Exclusive).map_err(io_error("lock", &image))? {
+                return Err(PoolError::InUse(format!(
+                    "volume {id} is still staged on a node (its image is locked); unstage it first"
+                )));
+            }
+        }
         let dir = self.volume_dir(id);
         if dir.exists() {
             self.discard(&dir)?;

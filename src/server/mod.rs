@@ -23,6 +23,12 @@ use socket::{SocketClaim, SocketError};
 /// driver buffer gRPC's default 4 MiB per call.
 pub const MAX_REQUEST_BYTES: i32 = 1 << 20;
 
+/// Calls one connection may have open at once (a sidecar makes a handful).
+const MAX_STREAMS_PER_CONNECTION: i32 = 128;
+
+/// gRPC core's memory quota for connection and call buffers.
+const GRPC_MEMORY_QUOTA: usize = 64 << 20;
+
 /// How long cancelled calls get to unwind after the grace period.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
@@ -79,7 +85,11 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     // The node side re-takes the locks of what it finds staged before it
     // serves a single call.
     let node = if config.mode.serves_node() {
-        Some(Node::start(&config.kubelet_dir, &pool)?)
+        Some(Node::start(
+            &config.kubelet_dir,
+            &pool,
+            config.loop_direct_io,
+        )?)
     } else {
         None
     };
@@ -101,8 +111,20 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             .name_prefix("filevol-grpc")
             .build(),
     );
+    // Bounds for hostile or broken clients: requests over 1 MiB are refused
+    // by gRPC core, a connection that does not finish its handshake in time
+    // is dropped, and gRPC core's buffers share one memory quota, so a
+    // flood of connections cannot grow the process without limit.
     let args = ChannelBuilder::new(Arc::clone(&env))
         .max_receive_message_len(MAX_REQUEST_BYTES)
+        .max_concurrent_stream(MAX_STREAMS_PER_CONNECTION)
+        .raw_cfg_int(
+            std::ffi::CString::new("grpc.server_handshake_timeout_ms").expect("no NUL"),
+            (driver.config.grpc_handshake_timeout.saturating_mul(1000)).min(i32::MAX as u32) as i32,
+        )
+        .set_resource_quota(
+            grpcio::ResourceQuota::new(Some("filevol")).resize_memory(GRPC_MEMORY_QUOTA),
+        )
         .build_args();
     let mut builder = ServerBuilder::new(env).channel_args(args);
     for service in CsiService::new(Arc::clone(&driver)).grpc_services() {

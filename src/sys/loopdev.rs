@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use linux_raw_sys::ioctl::BLKFLSBUF;
 use linux_raw_sys::loop_device::{
     loop_config, loop_info64, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64,
     LOOP_SET_CAPACITY, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY,
@@ -92,16 +93,23 @@ impl LoopDevice {
 
     /// Size in bytes, as the kernel sees it now.
     pub fn size(&self) -> io::Result<u64> {
-        let sectors: u64 = std::fs::read_to_string(self.sysfs("size"))?
-            .trim()
-            .parse()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sysfs size: {e}")))?;
-        Ok(sectors * 512)
+        parse_sectors(&std::fs::read_to_string(self.sysfs("size"))?)
     }
 
     /// Whether the device is read-only.
     pub fn read_only(&self) -> io::Result<bool> {
         Ok(std::fs::read_to_string(self.sysfs("ro"))?.trim() == "1")
+    }
+
+    /// Drops whatever the kernel has cached of the device's blocks
+    /// (BLKFLSBUF). A loop device number is reused for other images; if
+    /// anything held the device open across a detach and a new attach,
+    /// pages of the previous image could still be cached, and a probe or a
+    /// mount must never read those.
+    pub fn drop_cached_blocks(&self) -> io::Result<()> {
+        let dev = self.open()?;
+        // SAFETY: BLKFLSBUF takes no argument.
+        unsafe { ioctl(&dev, NoArg::<{ BLKFLSBUF as Opcode }>::new()) }.map_err(io::Error::from)
     }
 
     /// Re-reads the backing file's size (after the image grew).
@@ -140,6 +148,23 @@ impl LoopDevice {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A sysfs `size` attribute (512-byte sectors, whatever the device's block
+/// size) in bytes.
+pub fn parse_sectors(text: &str) -> io::Result<u64> {
+    let sectors: u64 = text.trim().parse().map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("sysfs size {text:?}: {e}"),
+        )
+    })?;
+    sectors.checked_mul(512).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("sysfs size {text:?} overflows"),
+        )
+    })
 }
 
 /// The number of a free loop device (the kernel creates one if needed).

@@ -6,3 +6,4 @@
 pub mod fs;
 pub mod loopdev;
 pub mod mount;
+pub mod mountinfo;

@@ -63,39 +63,17 @@ pub fn device_of(path: &Path) -> io::Result<u64> {
     Ok(rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor))
 }
 
-/// The source (device) of the mount at `mount_point`, from
-/// /proc/self/mountinfo. Only for the rare "is this already our mount?"
-/// question on a retried stage: btrfs reports an anonymous device number in
-/// stat, so the device can only be read from the mount table.
+/// The source (device) of the mount at `mount_point`, from the mount
+/// table. Only for the rare "is this already our mount?" question on a
+/// retried stage: btrfs reports an anonymous device number in stat, so the
+/// device can only be read from the mount table.
 pub fn source_of(mount_point: &Path) -> io::Result<Option<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let wanted = mount_point.to_string_lossy();
     // The last entry for a path is the one on top.
-    Ok(info.lines().rev().find_map(|line| {
-        let (head, tail) = line.split_once(" - ")?;
-        let point = head.split(' ').nth(4)?;
-        (unescape(point) == wanted).then(|| tail.split(' ').nth(1).map(unescape))?
-    }))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-pub fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(super::mountinfo::read()?
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == mount_point)
+        .map(|e| e.source))
 }
 
 /// Mounts the filesystem on `device` at `target`.
@@ -188,12 +166,7 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(
-            unescape(r"/var/lib/kubelet/pods/a\040b"),
-            "/var/lib/kubelet/pods/a b"
-        );
-        assert_eq!(unescape("/plain"), "/plain");
+    fn the_root_has_a_source() {
         assert!(source_of(Path::new("/")).unwrap().is_some());
     }
 

@@ -4,6 +4,7 @@
 mod controller;
 mod crash;
 mod dispatch;
+mod hostile;
 mod identity;
 mod lifecycle;
 mod logging;

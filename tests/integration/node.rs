@@ -250,11 +250,28 @@ fn round_trip(fs_type: &str) {
     assert!(is_mounted(&staging));
     let dev = loop_of(&env.image(&id)).expect("a loop device backs the image");
     let probe = Command::new("blkid")
-        .args(["-o", "value", "-s", "TYPE"])
+        .args(["-p", "-o", "value", "-s", "TYPE"])
         .arg(format!("/dev/{dev}"))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), fs_type);
+    let full = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(format!("/dev/{dev}"))
+        .output()
+        .unwrap();
+    let img = Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(env.image(&id))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        fs_type,
+        "{dev}: DEV {} {} IMG {}",
+        String::from_utf8_lossy(&full.stdout),
+        String::from_utf8_lossy(&full.stderr),
+        String::from_utf8_lossy(&img.stdout),
+    );
     // The xfs pool takes direct I/O: no double caching of volume data.
     assert_eq!(
         std::fs::read_to_string(format!("/sys/block/{dev}/loop/dio"))

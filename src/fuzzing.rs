@@ -1,0 +1,145 @@
+//! Entry points for fuzzing, shared by the cargo-fuzz targets in `fuzz/`
+//! and the corpus replay test that CI runs on stable Rust. Each takes
+//! arbitrary bytes and must neither panic nor touch anything outside the
+//! test pool and kubelet directory it is given.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use clap::Parser;
+use protobuf::Message;
+
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+use crate::executor::Executor;
+use crate::node::Node;
+use crate::pool::meta::{GroupMeta, NodeRecord, SnapshotMeta, VolumeMeta};
+use crate::pool::{Pool, PoolOptions};
+use crate::proto::csi;
+use crate::service::{Driver, Operation};
+
+/// A driver on `pool` with node paths under `kubelet`, for validating
+/// requests; one worker thread, nothing served.
+pub fn driver(pool: &Path, kubelet: &Path) -> Arc<Driver> {
+    let argv = [
+        "filevol",
+        "serve",
+        "--pool",
+        pool.to_str().expect("utf-8 test path"),
+        "--kubelet-dir",
+        kubelet.to_str().expect("utf-8 test path"),
+        "--endpoint",
+        "unix:///nonexistent/fuzz.sock",
+        "--node-id",
+        "fuzz",
+        "--workers",
+        "1",
+    ];
+    let Command::Serve(args) = Cli::parse_from(argv).command else {
+        unreachable!("serve parses as serve")
+    };
+    let config = Config::from_args(args).expect("fuzz configuration");
+    let pool = Pool::open(
+        &config.pool,
+        PoolOptions {
+            reserve_bytes: 0,
+            overcommit: 1.0,
+            topology: config.topology.clone(),
+        },
+    )
+    .expect("fuzz pool");
+    let node = Some(Node::start(&config.kubelet_dir, &pool, true).expect("fuzz node"));
+    let executor = Executor::start(1, 1).expect("fuzz executor");
+    Arc::new(Driver {
+        config,
+        executor,
+        pool,
+        node,
+    })
+}
+
+fn validate<R: Operation + Message>(driver: &Arc<Driver>, bytes: &[u8]) {
+    // Undecodable bytes never reach filevol's code (gRPC answers them);
+    // whatever decodes must validate without panicking. The job is built
+    // but not run: validation is what faces the network.
+    if let Ok(req) = R::parse_from_bytes(bytes) {
+        let _ = req.prepare(driver);
+    }
+}
+
+/// The first byte picks one of the 30 request types; the rest is decoded
+/// as that request and handed to its validation.
+pub fn request(driver: &Arc<Driver>, data: &[u8]) {
+    let Some((selector, bytes)) = data.split_first() else {
+        return;
+    };
+    match selector % 30 {
+        0 => validate::<csi::GetPluginInfoRequest>(driver, bytes),
+        1 => validate::<csi::GetPluginCapabilitiesRequest>(driver, bytes),
+        2 => validate::<csi::ProbeRequest>(driver, bytes),
+        3 => validate::<csi::CreateVolumeRequest>(driver, bytes),
+        4 => validate::<csi::DeleteVolumeRequest>(driver, bytes),
+        5 => validate::<csi::ControllerPublishVolumeRequest>(driver, bytes),
+        6 => validate::<csi::ControllerUnpublishVolumeRequest>(driver, bytes),
+        7 => validate::<csi::ValidateVolumeCapabilitiesRequest>(driver, bytes),
+        8 => validate::<csi::ListVolumesRequest>(driver, bytes),
+        9 => validate::<csi::GetCapacityRequest>(driver, bytes),
+        10 => validate::<csi::ControllerGetCapabilitiesRequest>(driver, bytes),
+        11 => validate::<csi::CreateSnapshotRequest>(driver, bytes),
+        12 => validate::<csi::DeleteSnapshotRequest>(driver, bytes),
+        13 => validate::<csi::ListSnapshotsRequest>(driver, bytes),
+        14 => validate::<csi::GetSnapshotRequest>(driver, bytes),
+        15 => validate::<csi::ControllerExpandVolumeRequest>(driver, bytes),
+        16 => validate::<csi::ControllerGetVolumeRequest>(driver, bytes),
+        17 => validate::<csi::ControllerModifyVolumeRequest>(driver, bytes),
+        18 => validate::<csi::GroupControllerGetCapabilitiesRequest>(driver, bytes),
+        19 => validate::<csi::CreateVolumeGroupSnapshotRequest>(driver, bytes),
+        20 => validate::<csi::DeleteVolumeGroupSnapshotRequest>(driver, bytes),
+        21 => validate::<csi::GetVolumeGroupSnapshotRequest>(driver, bytes),
+        22 => validate::<csi::NodeStageVolumeRequest>(driver, bytes),
+        23 => validate::<csi::NodeUnstageVolumeRequest>(driver, bytes),
+        24 => validate::<csi::NodePublishVolumeRequest>(driver, bytes),
+        25 => validate::<csi::NodeUnpublishVolumeRequest>(driver, bytes),
+        26 => validate::<csi::NodeGetVolumeStatsRequest>(driver, bytes),
+        27 => validate::<csi::NodeExpandVolumeRequest>(driver, bytes),
+        28 => validate::<csi::NodeGetCapabilitiesRequest>(driver, bytes),
+        _ => validate::<csi::NodeGetInfoRequest>(driver, bytes),
+    }
+}
+
+/// The mount-table parser on arbitrary text.
+pub fn mountinfo(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    for entry in crate::sys::mountinfo::parse(&text) {
+        // Every parsed entry came from a line that holds its mount point.
+        assert!(!entry.device.is_empty());
+    }
+}
+
+/// The sysfs readers on arbitrary text.
+pub fn sysfs(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(bytes) = crate::sys::loopdev::parse_sectors(&text) {
+        assert_eq!(bytes % 512, 0);
+    }
+}
+
+/// The pool's metadata reader on arbitrary bytes: whatever parses must
+/// write back and parse to the same value.
+pub fn metadata(data: &[u8]) {
+    fn round_trip<
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    >(
+        data: &[u8],
+    ) {
+        if let Ok(v) = serde_json::from_slice::<T>(data) {
+            let again: T = serde_json::from_slice(&serde_json::to_vec(&v).expect("serialises"))
+                .expect("re-parses");
+            assert_eq!(again, v);
+        }
+    }
+    round_trip::<VolumeMeta>(data);
+    round_trip::<SnapshotMeta>(data);
+    round_trip::<GroupMeta>(data);
+    round_trip::<NodeRecord>(data);
+}

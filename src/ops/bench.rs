@@ -1,0 +1,619 @@
+//! `filevol bench`: a CSI load generator that replays what a busy cluster
+//! does, against any driver's socket, so filevol and other drivers can be
+//! measured in the same run on the same machine.
+//!
+//! Scenarios:
+//! - `lifecycle`: N volumes through create, (controller publish), stage,
+//!   publish, unpublish, unstage, (controller unpublish), delete, at
+//!   concurrency C;
+//! - `publish-storm`: M volumes staged once, then publish/unpublish cycles
+//!   over them from C threads;
+//! - `contention`: half the threads hammer one volume (publish/unpublish)
+//!   while the other half run lifecycles on other volumes.
+//!
+//! It reports per-RPC p50/p90/p99, lifecycles per second, errors by gRPC
+//! code, and the target process's peak RSS (VmHWM, given `--pid`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use grpcio::{CallOption, ChannelBuilder, EnvBuilder, Environment};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::OpsError;
+use crate::cli::parse_size;
+use crate::error::code_name;
+use crate::proto::csi;
+use crate::proto::csi::volume_capability::access_mode::Mode;
+use crate::proto::grpc::{ControllerClient, NodeClient};
+use crate::server::socket::Endpoint;
+
+/// Which load to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Whole volume lifecycles.
+    Lifecycle,
+    /// Publish/unpublish cycles over staged volumes.
+    PublishStorm,
+    /// One hot volume amid lifecycles on others.
+    Contention,
+}
+
+/// Flags of `filevol bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The driver's socket.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: String,
+    /// Pid of the driver, for its peak RSS.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// The load.
+    #[arg(long, value_enum, default_value_t = Scenario::Lifecycle)]
+    pub scenario: Scenario,
+    /// Volumes (lifecycles, or staged volumes for the storm).
+    #[arg(long, default_value_t = 200)]
+    pub volumes: usize,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Publish/unpublish cycles per caller in the storm.
+    #[arg(long, default_value_t = 50)]
+    pub cycles: usize,
+    /// Volume size.
+    #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+    pub size: u64,
+    /// Raw block volumes instead of filesystems.
+    #[arg(long)]
+    pub block: bool,
+    /// Filesystem for mount volumes (empty: the driver's default).
+    #[arg(long, default_value = "")]
+    pub fs_type: String,
+    /// CreateVolume parameters, `key=value`, repeatable (e.g. layout=dir).
+    #[arg(long = "param", value_parser = parse_pair)]
+    pub params: Vec<(String, String)>,
+    /// Directory under which staging and target paths are made (the
+    /// driver's kubelet directory).
+    #[arg(long)]
+    pub kubelet_dir: PathBuf,
+    /// Node id for ControllerPublish (default: NodeGetInfo's).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Seconds to wait for each call.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+/// Latency figures of one RPC.
+#[derive(Debug, Serialize)]
+pub struct RpcFigures {
+    /// Calls made.
+    pub calls: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 90th percentile, ms.
+    pub p90_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+}
+
+/// What a run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Concurrent callers.
+    pub concurrency: usize,
+    /// Whole lifecycles completed.
+    pub lifecycles: usize,
+    /// Wall time of the load, seconds.
+    pub seconds: f64,
+    /// Lifecycles per second.
+    pub lifecycles_per_second: f64,
+    /// Per-RPC latency.
+    pub rpcs: BTreeMap<String, RpcFigures>,
+    /// Failed calls by RPC and code.
+    pub errors: BTreeMap<String, usize>,
+    /// The driver's peak resident set, KiB (VmHWM).
+    pub peak_rss_kib: Option<u64>,
+}
+
+/// Shared recording of latencies and errors.
+#[derive(Default)]
+struct Recorder {
+    latencies: Mutex<BTreeMap<&'static str, Vec<Duration>>>,
+    errors: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Recorder {
+    fn record<T>(&self, rpc: &'static str, started: Instant, r: &grpcio::Result<T>) -> bool {
+        match r {
+            Ok(_) => {
+                self.latencies
+                    .lock()
+                    .entry(rpc)
+                    .or_default()
+                    .push(started.elapsed());
+                true
+            }
+            Err(e) => {
+                let code = match e {
+                    grpcio::Error::RpcFailure(s) => code_name(s.code()).to_owned(),
+                    other => format!("{other:?}").chars().take(40).collect(),
+                };
+                *self
+                    .errors
+                    .lock()
+                    .entry(format!("{rpc} {code}"))
+                    .or_insert(0) += 1;
+                false
+            }
+        }
+    }
+}
+
+/// One caller's clients (its own connection, as sidecars have).
+struct Caller {
+    controller: ControllerClient,
+    node: NodeClient,
+    opt: CallOption,
+}
+
+struct Plan {
+    cap: csi::VolumeCapability,
+    params: std::collections::HashMap<String, String>,
+    size: u64,
+    publish: bool,
+    stage: bool,
+    node_id: String,
+    dir: PathBuf,
+    run: String,
+}
+
+impl Plan {
+    fn staging(&self, name: &str) -> PathBuf {
+        self.dir.join("staging").join(name)
+    }
+    fn target(&self, name: &str, n: usize) -> PathBuf {
+        self.dir
+            .join("pods")
+            .join(format!("{name}-{n}"))
+            .join("mount")
+    }
+}
+
+macro_rules! timed {
+    ($rec:expr, $rpc:literal, $call:expr) => {{
+        let started = Instant::now();
+        let r = $call;
+        $rec.record($rpc, started, &r);
+        r
+    }};
+}
+
+fn caller(env: &Arc<Environment>, endpoint: &Endpoint, timeout: u64) -> Caller {
+    let ch = ChannelBuilder::new(Arc::clone(env))
+        .use_local_subchannel_pool(true)
+        .connect(&endpoint.grpc_address());
+    Caller {
+        controller: ControllerClient::new(ch.clone()),
+        node: NodeClient::new(ch),
+        opt: CallOption::default().timeout(Duration::from_secs(timeout)),
+    }
+}
+
+fn create(c: &Caller, p: &Plan, rec: &Recorder, name: &str) -> Option<String> {
+    let mut r = csi::CreateVolumeRequest::new();
+    r.name = name.to_owned();
+    let mut cr = csi::CapacityRange::new();
+    cr.required_bytes = p.size as i64;
+    r.capacity_range = Some(cr).into();
+    r.volume_capabilities.push(p.cap.clone());
+    r.parameters = p.params.clone();
+    timed!(
+        rec,
+        "CreateVolume",
+        c.controller.create_volume_opt(&r, c.opt.clone())
+    )
+    .ok()
+    .map(|v| v.volume.volume_id.clone())
+}
+
+fn attach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bool {
+    if p.publish {
+        let mut r = csi::ControllerPublishVolumeRequest::new();
+        r.volume_id = id.to_owned();
+        r.node_id.clone_from(&p.node_id);
+        r.volume_capability = Some(p.cap.clone()).into();
+        if timed!(
+            rec,
+            "ControllerPublishVolume",
+            c.controller
+                .controller_publish_volume_opt(&r, c.opt.clone())
+        )
+        .is_err()
+        {
+            return false;
+        }
+    }
+    if p.stage {
+        let _ = std::fs::create_dir_all(staging);
+        let mut r = csi::NodeStageVolumeRequest::new();
+        r.volume_id = id.to_owned();
+        r.staging_target_path = staging.to_string_lossy().into_owned();
+        r.volume_capability = Some(p.cap.clone()).into();
+        if timed!(
+            rec,
+            "NodeStageVolume",
+            c.node.node_stage_volume_opt(&r, c.opt.clone())
+        )
+        .is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+fn publish(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path, target: &Path) -> bool {
+    if let Some(parent) = target.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let mut r = csi::NodePublishVolumeRequest::new();
+    r.volume_id = id.to_owned();
+    if p.stage {
+        r.staging_target_path = staging.to_string_lossy().into_owned();
+    }
+    r.target_path = target.to_string_lossy().into_owned();
+    r.volume_capability = Some(p.cap.clone()).into();
+    timed!(
+        rec,
+        "NodePublishVolume",
+        c.node.node_publish_volume_opt(&r, c.opt.clone())
+    )
+    .is_ok()
+}
+
+fn unpublish(c: &Caller, rec: &Recorder, id: &str, target: &Path) -> bool {
+    let mut r = csi::NodeUnpublishVolumeRequest::new();
+    r.volume_id = id.to_owned();
+    r.target_path = target.to_string_lossy().into_owned();
+    timed!(
+        rec,
+        "NodeUnpublishVolume",
+        c.node.node_unpublish_volume_opt(&r, c.opt.clone())
+    )
+    .is_ok()
+}
+
+fn detach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bool {
+    let mut ok = true;
+    if p.stage {
+        let mut r = csi::NodeUnstageVolumeRequest::new();
+        r.volume_id = id.to_owned();
+        r.staging_target_path = staging.to_string_lossy().into_owned();
+        ok &= timed!(
+            rec,
+            "NodeUnstageVolume",
+            c.node.node_unstage_volume_opt(&r, c.opt.clone())
+        )
+        .is_ok();
+    }
+    if p.publish {
+        let mut r = csi::ControllerUnpublishVolumeRequest::new();
+        r.volume_id = id.to_owned();
+        r.node_id.clone_from(&p.node_id);
+        ok &= timed!(
+            rec,
+            "ControllerUnpublishVolume",
+            c.controller
+                .controller_unpublish_volume_opt(&r, c.opt.clone())
+        )
+        .is_ok();
+    }
+    ok
+}
+
+fn delete(c: &Caller, rec: &Recorder, id: &str) -> bool {
+    let mut r = csi::DeleteVolumeRequest::new();
+    r.volume_id = id.to_owned();
+    timed!(
+        rec,
+        "DeleteVolume",
+        c.controller.delete_volume_opt(&r, c.opt.clone())
+    )
+    .is_ok()
+}
+
+/// One whole lifecycle; true when every step succeeded.
+fn lifecycle(c: &Caller, p: &Plan, rec: &Recorder, n: usize) -> bool {
+    let name = format!("{}-{n}", p.run);
+    let Some(id) = create(c, p, rec, &name) else {
+        return false;
+    };
+    let staging = p.staging(&name);
+    let target = p.target(&name, 0);
+    let mut ok = attach(c, p, rec, &id, &staging);
+    if ok {
+        ok &= publish(c, p, rec, &id, &staging, &target);
+        ok &= unpublish(c, rec, &id, &target);
+    }
+    ok &= detach(c, p, rec, &id, &staging);
+    ok &= delete(c, rec, &id);
+    ok
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0
+}
+
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Runs the scenario and returns what it measured.
+pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
+    let endpoint = Endpoint::parse(&args.endpoint)?;
+    let env = Arc::new(EnvBuilder::new().cq_count(2).build());
+    let probe = caller(&env, &endpoint, args.timeout);
+    let ctrl_caps = probe
+        .controller
+        .controller_get_capabilities_opt(&Default::default(), probe.opt.clone())
+        .map_err(|source| OpsError::Rpc {
+            call: "ControllerGetCapabilities",
+            source,
+        })?;
+    let node_caps = probe
+        .node
+        .node_get_capabilities_opt(&Default::default(), probe.opt.clone())
+        .map_err(|source| OpsError::Rpc {
+            call: "NodeGetCapabilities",
+            source,
+        })?;
+    use csi::controller_service_capability::rpc::Type as C;
+    use csi::node_service_capability::rpc::Type as N;
+    let publish_cap = ctrl_caps
+        .capabilities
+        .iter()
+        .any(|c| c.rpc().type_ == C::PUBLISH_UNPUBLISH_VOLUME.into());
+    let stage_cap = node_caps
+        .capabilities
+        .iter()
+        .any(|c| c.rpc().type_ == N::STAGE_UNSTAGE_VOLUME.into());
+    let node_id = match &args.node_id {
+        Some(n) => n.clone(),
+        None => {
+            probe
+                .node
+                .node_get_info_opt(&Default::default(), probe.opt.clone())
+                .map_err(|source| OpsError::Rpc {
+                    call: "NodeGetInfo",
+                    source,
+                })?
+                .node_id
+        }
+    };
+    let mut cap = csi::VolumeCapability::new();
+    let mut am = csi::volume_capability::AccessMode::new();
+    am.mode = Mode::SINGLE_NODE_WRITER.into();
+    cap.access_mode = Some(am).into();
+    if args.block {
+        cap.set_block(Default::default());
+    } else {
+        let mut m = csi::volume_capability::MountVolume::new();
+        m.fs_type.clone_from(&args.fs_type);
+        cap.set_mount(m);
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let plan = Arc::new(Plan {
+        cap,
+        params: args.params.iter().cloned().collect(),
+        size: args.size,
+        publish: publish_cap,
+        stage: stage_cap,
+        node_id,
+        dir: args.kubelet_dir.join(format!("bench-{stamp}")),
+        run: format!("bench-{stamp}"),
+    });
+    let rec = Arc::new(Recorder::default());
+    let threads = args.concurrency.max(1);
+    let completed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+
+    match args.scenario {
+        Scenario::Lifecycle => {
+            let next = Arc::new(AtomicUsize::new(0));
+            run_threads(threads, |_| {
+                let c = caller(&env, &endpoint, args.timeout);
+                loop {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    if n >= args.volumes {
+                        break;
+                    }
+                    if lifecycle(&c, &plan, &rec, n) {
+                        completed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        Scenario::PublishStorm => {
+            // Set-up (not timed into the storm's figures): M staged volumes.
+            let setup = Recorder::default();
+            let c = caller(&env, &endpoint, args.timeout);
+            let mut staged = Vec::new();
+            for n in 0..args.volumes {
+                let name = format!("{}-{n}", plan.run);
+                if let Some(id) = create(&c, &plan, &setup, &name) {
+                    if attach(&c, &plan, &setup, &id, &plan.staging(&name)) {
+                        staged.push((id, name));
+                    }
+                }
+            }
+            let staged = Arc::new(staged);
+            let storm_started = Instant::now();
+            run_threads(threads, |t| {
+                let c = caller(&env, &endpoint, args.timeout);
+                for k in 0..args.cycles {
+                    let (id, name) = &staged[(t + k * threads) % staged.len().max(1)];
+                    let target = plan.target(name, t + 1);
+                    if publish(&c, &plan, &rec, id, &plan.staging(name), &target)
+                        && unpublish(&c, &rec, id, &target)
+                    {
+                        completed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+            let storm = storm_started.elapsed();
+            for (id, name) in staged.iter() {
+                detach(&c, &plan, &setup, id, &plan.staging(name));
+                delete(&c, &setup, id);
+            }
+            return Ok(report(args, &rec, completed.load(Ordering::SeqCst), storm));
+        }
+        Scenario::Contention => {
+            let c = caller(&env, &endpoint, args.timeout);
+            let hot_name = format!("{}-hot", plan.run);
+            let setup = Recorder::default();
+            let hot = create(&c, &plan, &setup, &hot_name).ok_or(OpsError::ChecksFailed(1))?;
+            attach(&c, &plan, &setup, &hot, &plan.staging(&hot_name));
+            let next = Arc::new(AtomicUsize::new(0));
+            run_threads(threads, |t| {
+                let c = caller(&env, &endpoint, args.timeout);
+                if t % 2 == 0 {
+                    for _ in 0..args.cycles {
+                        let target = plan.target(&hot_name, t + 1);
+                        if publish(&c, &plan, &rec, &hot, &plan.staging(&hot_name), &target) {
+                            unpublish(&c, &rec, &hot, &target);
+                        }
+                    }
+                } else {
+                    loop {
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        if n >= args.volumes {
+                            break;
+                        }
+                        if lifecycle(&c, &plan, &rec, n) {
+                            completed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+            detach(&c, &plan, &setup, &hot, &plan.staging(&hot_name));
+            delete(&c, &setup, &hot);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&plan.dir);
+    Ok(report(
+        args,
+        &rec,
+        completed.load(Ordering::SeqCst),
+        started.elapsed(),
+    ))
+}
+
+fn run_threads(n: usize, work: impl Fn(usize) + Sync) {
+    std::thread::scope(|s| {
+        for t in 0..n {
+            let work = &work;
+            s.spawn(move || work(t));
+        }
+    });
+}
+
+fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration) -> Report {
+    let mut rpcs = BTreeMap::new();
+    for (rpc, lat) in rec.latencies.lock().iter_mut() {
+        lat.sort();
+        rpcs.insert(
+            (*rpc).to_owned(),
+            RpcFigures {
+                calls: lat.len(),
+                p50_ms: percentile(lat, 0.5),
+                p90_ms: percentile(lat, 0.9),
+                p99_ms: percentile(lat, 0.99),
+            },
+        );
+    }
+    let seconds = elapsed.as_secs_f64();
+    Report {
+        scenario: args.scenario,
+        concurrency: args.concurrency,
+        lifecycles,
+        seconds,
+        lifecycles_per_second: lifecycles as f64 / seconds.max(1e-9),
+        rpcs,
+        errors: rec.errors.lock().clone(),
+        peak_rss_kib: args.pid.and_then(peak_rss),
+    }
+}
+
+/// Runs `filevol bench`, printing to `out`.
+pub fn run(args: BenchArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError> {
+    let r = measure(&args)?;
+    let w =
+        |out: &mut dyn std::io::Write, s: String| writeln!(out, "{s}").map_err(OpsError::Output);
+    if args.json {
+        return w(
+            out,
+            serde_json::to_string_pretty(&r).expect("report serialises"),
+        );
+    }
+    w(
+        out,
+        format!(
+            "{:?} at concurrency {}: {} completed in {:.2} s ({:.1}/s)",
+            r.scenario, r.concurrency, r.lifecycles, r.seconds, r.lifecycles_per_second
+        ),
+    )?;
+    w(
+        out,
+        format!(
+            "{:<28} {:>7} {:>9} {:>9} {:>9}",
+            "RPC", "CALLS", "P50 ms", "P90 ms", "P99 ms"
+        ),
+    )?;
+    for (rpc, f) in &r.rpcs {
+        w(
+            out,
+            format!(
+                "{rpc:<28} {:>7} {:>9.3} {:>9.3} {:>9.3}",
+                f.calls, f.p50_ms, f.p90_ms, f.p99_ms
+            ),
+        )?;
+    }
+    for (what, n) in &r.errors {
+        w(out, format!("errors: {what}: {n}"))?;
+    }
+    if let Some(kib) = r.peak_rss_kib {
+        w(
+            out,
+            format!("peak RSS of the driver: {:.1} MiB", kib as f64 / 1024.0),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! The one parser of /proc/self/mountinfo. filevol answers "is this a mount
+//! point" with statx; the mount table is read only where statx cannot say
+//! enough: a mount's source device (btrfs reports anonymous devices), the
+//! other binds of a ReadWriteOncePod volume, propagation for `doctor`, and
+//! the staged/published gauges.
+
+use std::path::PathBuf;
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// `major:minor` of the filesystem.
+    pub device: String,
+    /// The path inside the filesystem that is mounted.
+    pub root: PathBuf,
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Optional fields (`shared:N`, `master:N`, ...).
+    pub optional: Vec<String>,
+    /// Filesystem type.
+    pub fs_type: String,
+    /// Mount source (`/dev/loop3`, `server:/export`, ...).
+    pub source: String,
+}
+
+/// Parses one line; `None` for a line that does not have mountinfo's shape.
+pub fn parse_line(line: &str) -> Option<MountEntry> {
+    let (head, tail) = line.split_once(" - ")?;
+    let fields: Vec<&str> = head.split(' ').collect();
+    if fields.len() < 6 {
+        return None;
+    }
+    let mut tail = tail.split(' ');
+    let fs_type = tail.next()?.to_owned();
+    let source = unescape(tail.next()?);
+    Some(MountEntry {
+        device: fields[2].to_owned(),
+        root: PathBuf::from(unescape(fields[3])),
+        mount_point: PathBuf::from(unescape(fields[4])),
+        optional: fields[6..].iter().map(|s| (*s).to_owned()).collect(),
+        fs_type,
+        source,
+    })
+}
+
+/// Parses a whole table, skipping malformed lines.
+pub fn parse(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+/// This process's mount table.
+pub fn read() -> std::io::Result<Vec<MountEntry>> {
+    Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_real_line() {
+        let e = parse_line(
+            r"36 35 98:0 /mnt1 /var/lib/kubelet/pods/a\040b rw,noatime master:1 shared:7 - ext3 /dev/root rw,errors=continue",
+        )
+        .unwrap();
+        assert_eq!(e.device, "98:0");
+        assert_eq!(e.root, PathBuf::from("/mnt1"));
+        assert_eq!(e.mount_point, PathBuf::from("/var/lib/kubelet/pods/a b"));
+        assert_eq!(e.optional, ["master:1", "shared:7"]);
+        assert_eq!(e.fs_type, "ext3");
+        assert_eq!(e.source, "/dev/root");
+    }
+
+    #[test]
+    fn malformed_lines_are_skipped() {
+        assert_eq!(parse_line("garbage"), None);
+        assert_eq!(parse_line("1 2 - x"), None);
+        assert_eq!(unescape(r"\0"), r"\0");
+        assert_eq!(unescape(r"a\134b"), r"a\b");
+        assert!(!read().unwrap().is_empty());
+    }
+}
