@@ -31,7 +31,7 @@ use format::Content;
 
 use crate::pool::meta::{AccessMode, AccessType, FsType, Layout, VolumeMeta};
 use crate::pool::Pool;
-use crate::sys::fs::{try_lock, LockKind};
+use crate::sys::fs::{try_lock, try_lock_patiently, LockKind};
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mount::{self, MountState};
 use crate::sys::mountinfo;
@@ -141,9 +141,11 @@ impl Node {
             let Ok(meta) = std::fs::metadata(&image) else {
                 continue;
             };
+            // A device with a detach pending was let go of by an unstage
+            // that finished: not staged, nothing to fence.
             let Some((dev, _)) = attached
                 .iter()
-                .find(|(_, b)| *b == (meta.dev(), meta.ino()))
+                .find(|(d, b)| *b == (meta.dev(), meta.ino()) && !d.detaching())
             else {
                 continue;
             };
@@ -173,7 +175,7 @@ impl Node {
         // the lock would fence nothing, so try again on the new one.
         for _ in 0..8 {
             let file = File::open(image).map_err(sys("open image", image))?;
-            if !try_lock(&file, kind).map_err(sys("lock image", image))? {
+            if !try_lock_patiently(&file, kind).map_err(sys("lock image", image))? {
                 return Err(NodeError::Fenced {
                     id: id.to_owned(),
                     image: image.to_owned(),
@@ -182,6 +184,7 @@ impl Node {
             let held = file.metadata().map_err(sys("stat", image))?;
             let now = std::fs::metadata(image).map_err(sys("stat", image))?;
             if (held.dev(), held.ino()) == (now.dev(), now.ino()) {
+                log::debug!("volume {id}: fencing lock taken");
                 locks.insert(id.to_owned(), vec![file]);
                 return Ok(());
             }
@@ -248,7 +251,9 @@ impl Node {
     }
 
     fn release_lock(&self, id: &str) {
-        self.locks.lock().remove(id);
+        if self.locks.lock().remove(id).is_some() {
+            log::debug!("volume {id}: fencing lock released");
+        }
     }
 
     /// Checks a staging or target path from a request.
@@ -703,6 +708,7 @@ impl Node {
             })?;
         dev.refresh_capacity()
             .map_err(sys("refresh capacity of", dev.path()))?;
+        crate::faults::crash_point("expand.device_grown");
         if v.access == AccessType::Mount {
             format::grow(v.fs_type.unwrap_or(FsType::Ext4), &dev.path(), path)?;
         }

@@ -31,7 +31,7 @@ mod scratch;
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -693,7 +693,7 @@ impl Pool {
             return Ok(());
         };
         let path = self.image_path(id);
-        match sysfs::try_lock(image, sysfs::LockKind::Shared) {
+        match sysfs::try_lock_patiently(image, sysfs::LockKind::Shared) {
             Ok(true) => Ok(()),
             Ok(false) => Err(PoolError::InUse(format!(
                 "volume {id} is staged on a node and the pool filesystem cannot reflink: a byte copy of an image in use would be torn; unstage it first or use a pool filesystem with reflink (xfs, btrfs)"
@@ -723,9 +723,16 @@ impl Pool {
         // use). The controller only learns of node stages through this lock.
         let image = self.image_path(id);
         if let Ok(f) = std::fs::File::open(&image) {
-            if !sysfs::try_lock(&f, sysfs::LockKind::Exclusive).map_err(io_error("lock", &image))? {
+            if !sysfs::try_lock_patiently(&f, sysfs::LockKind::Exclusive)
+                .map_err(io_error("lock", &image))?
+            {
+                let holders = f
+                    .metadata()
+                    .map(|m| sysfs::lock_holders(m.ino()))
+                    .unwrap_or_default();
                 return Err(PoolError::InUse(format!(
-                    "volume {id} is still staged on a node (its image is locked); unstage it first"
+                    "volume {id} is still staged on a node (its image is locked{}); unstage it first",
+                    if holders.is_empty() { String::new() } else { format!(" by pid {}", holders.join(", ")) }
                 )));
             }
         }

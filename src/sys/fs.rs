@@ -145,6 +145,39 @@ pub fn try_lock(file: &impl AsFd, kind: LockKind) -> io::Result<bool> {
     }
 }
 
+/// [`try_lock`], asked a few times over ~50 ms before answering "held".
+/// A lock can outlive its holder's close for a moment: a child process
+/// forked by another thread shares the descriptor until it execs (the
+/// descriptor is close-on-exec). Lock tests that decide whether a volume is
+/// in use must not mistake that for a holder.
+pub fn try_lock_patiently(file: &impl AsFd, kind: LockKind) -> io::Result<bool> {
+    for _ in 0..5 {
+        if try_lock(file, kind)? {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(false)
+}
+
+/// Pids on this host holding an flock on inode `ino` (from /proc/locks),
+/// to say who holds a lock in an error message. On a shared pool, holders
+/// on other nodes do not show.
+pub fn lock_holders(ino: u64) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<ino> 0 EOF"
+            let (kind, pid, file) = (f.get(1)?, f.get(4)?, f.get(5)?);
+            let inode: u64 = file.rsplit(':').next()?.parse().ok()?;
+            (*kind == "FLOCK" && inode == ino).then(|| (*pid).to_owned())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,13 @@ impl LoopDevice {
         parse_sectors(&std::fs::read_to_string(self.sysfs("size"))?)
     }
 
+    /// Whether a detach is pending (LOOP_CLR_FD on a device still open sets
+    /// autoclear: it detaches when the last opener closes it). filevol
+    /// never attaches with autoclear, so such a device is one it let go of.
+    pub fn detaching(&self) -> bool {
+        std::fs::read_to_string(self.sysfs("loop/autoclear")).is_ok_and(|s| s.trim() == "1")
+    }
+
     /// Whether the device is read-only.
     pub fn read_only(&self) -> io::Result<bool> {
         Ok(std::fs::read_to_string(self.sysfs("ro"))?.trim() == "1")
@@ -272,9 +279,12 @@ pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
         match device.backing() {
             Ok(Some(backing)) => out.push((device, backing)),
             Ok(None) => {}
-            // Detached between the sysfs check and the ioctl, or no device
-            // node: not one of ours.
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {}
+            // Detached between the sysfs check and the open or the ioctl
+            // (ENXIO), or no device node (ENOENT): not attached.
+            Err(e)
+                if [rustix::io::Errno::NOENT, rustix::io::Errno::NXIO]
+                    .iter()
+                    .any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) => {}
             Err(e) => return Err(e),
         }
     }
@@ -293,6 +303,6 @@ pub fn find(image: &Path) -> io::Result<Option<LoopDevice>> {
     let key = (meta.dev(), meta.ino());
     Ok(attached()?
         .into_iter()
-        .find(|(_, backing)| *backing == key)
+        .find(|(d, backing)| *backing == key && !d.detaching())
         .map(|(d, _)| d))
 }

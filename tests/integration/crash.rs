@@ -38,7 +38,7 @@ fn crash_at(pool: &Path, point: &str, op: impl FnOnce(&Driver)) {
 
 /// Every object in the pool is whole; scratch holds only the live
 /// instance's (empty) directory.
-fn assert_consistent(pool: &Path) {
+pub fn assert_consistent(pool: &Path) {
     for entry in std::fs::read_dir(pool.join("volumes")).unwrap() {
         let dir = entry.unwrap().path();
         let meta: serde_json::Value =
@@ -223,4 +223,101 @@ fn sigkill_between_steps_leaves_a_consistent_pool() {
     assert_consistent(&pool);
     assert!(!volume_ids(&d).contains(&source));
     d.controller().delete_volume(&req::delete(&source)).unwrap();
+}
+
+/// SIGKILL while a blank volume is being formatted (after mkfs, before the
+/// new file replaces the image) and between growing the loop device and
+/// growing the filesystem: the retried calls succeed and the data is kept.
+#[test]
+fn sigkill_during_format_and_node_expansion_converges() {
+    use crate::node::{publish_req, stage_req, unpublish_req, unstage_req, LeakGuard};
+    use filevol::proto::csi::volume_capability::access_mode::Mode;
+
+    let Some((_fs, pool)) = pool_on("xfs", 2048) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = dir.path().canonicalize().unwrap().join("kubelet");
+    let staging = kubelet.join("staging");
+    let target = kubelet.join("pods/p/mount");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let opts = |fault: &str| {
+        Opts::default()
+            .args(&["--reserve", "0", "--kubelet-dir", kubelet.to_str().unwrap()])
+            .faults(fault)
+    };
+    let cap = crate::req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs");
+    let _guard = LeakGuard {
+        kubelet: kubelet.clone(),
+        pool: pool.clone(),
+    };
+
+    let d = Driver::start_on(&pool, opts(""));
+    let mut r = req::create("formatting", 320 * MIB);
+    r.volume_capabilities[0] = cap.clone();
+    let id = d
+        .controller()
+        .create_volume(&r)
+        .unwrap()
+        .volume
+        .unwrap()
+        .volume_id;
+    drop(d);
+
+    let mut d = Driver::start_on(&pool, opts("crash:stage.formatted"));
+    assert!(d
+        .node()
+        .node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+        .is_err());
+    d.wait_exit(Duration::from_secs(10));
+    assert!(d.log().contains("SIGKILL at stage.formatted"));
+    // The image is still blank; the half-done work is a scratch file.
+    assert!(!image(&pool, &id)
+        .with_file_name(".image.mkfs")
+        .as_os_str()
+        .is_empty());
+
+    let d = Driver::start_on(&pool, opts(""));
+    let n = d.node();
+    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+        .unwrap();
+    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+        .unwrap();
+    std::fs::write(target.join("kept"), b"before the crash").unwrap();
+    std::fs::File::open(target.join("kept"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert!(!pool.join("volumes").join(&id).join(".image.mkfs").exists());
+    d.controller()
+        .controller_expand_volume(&req::expand(&id, 640 * MIB))
+        .unwrap();
+    drop(n);
+    drop(d);
+
+    let mut d = Driver::start_on(&pool, opts("crash:expand.device_grown"));
+    let mut e = filevol::proto::csi::NodeExpandVolumeRequest::new();
+    e.volume_id = id.clone();
+    e.volume_path = target.to_str().unwrap().into();
+    assert!(d.node().node_expand_volume(&e).is_err());
+    d.wait_exit(Duration::from_secs(10));
+
+    let d = Driver::start_on(&pool, opts(""));
+    let n = d.node();
+    assert_eq!(n.node_expand_volume(&e).unwrap().capacity_bytes, 640 * MIB);
+    let st = rustix::fs::statvfs(&target).unwrap();
+    assert!(
+        st.f_blocks * st.f_frsize > 500 << 20,
+        "the filesystem did not grow: {} bytes\n{}",
+        st.f_blocks * st.f_frsize,
+        d.log()
+    );
+    assert_eq!(
+        std::fs::read(target.join("kept")).unwrap(),
+        b"before the crash"
+    );
+    n.node_unpublish_volume(&unpublish_req(&id, &target))
+        .unwrap();
+    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
 }

@@ -1,6 +1,7 @@
 //! Integration tests: the real `filevol` binary on a temporary socket and
 //! pool, driven over gRPC. One test binary (gRPC core is linked into each).
 
+mod churn;
 mod controller;
 mod crash;
 mod dispatch;

@@ -118,30 +118,51 @@ fn start_node_with(
 
 impl Drop for NodeEnv {
     fn drop(&mut self) {
-        // Mounts under the kubelet directory, deepest first.
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<String> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(self.kubelet.to_str().unwrap()))
-            .map(str::to_owned)
-            .collect();
-        let leaked_mounts = points.clone();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in &points {
-            let _ = Command::new("umount").arg("-l").arg(p).status();
-        }
-        let leaked_loops = detach_loops_under(&self.pool);
-        if !std::thread::panicking() {
-            assert!(
-                leaked_mounts.is_empty(),
-                "test left mounts: {leaked_mounts:?}"
-            );
-            assert!(
-                leaked_loops.is_empty(),
-                "test left loop devices: {leaked_loops:?}"
-            );
-        }
+        leak_check(&self.kubelet, &self.pool);
+    }
+}
+
+/// Unmounts whatever is left under `kubelet` (deepest first) and detaches
+/// every loop device backed by a file under `pool`, then, unless the test
+/// is already failing, asserts there was nothing to clean.
+pub fn leak_check(kubelet: &Path, pool: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(kubelet.to_str().unwrap()))
+        .map(str::to_owned)
+        .collect();
+    let leaked_mounts = points.clone();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in &points {
+        let _ = Command::new("umount").arg("-l").arg(p).status();
+    }
+    let leaked_loops = detach_loops_under(pool);
+    if !std::thread::panicking() {
+        assert!(
+            leaked_mounts.is_empty(),
+            "test left mounts: {leaked_mounts:?}"
+        );
+        assert!(
+            leaked_loops.is_empty(),
+            "test left loop devices: {leaked_loops:?}"
+        );
+    }
+}
+
+/// Runs [`leak_check`] when dropped: declare it after the pool's `LoopFs`
+/// so it runs first, even when the test panics.
+pub struct LeakGuard {
+    /// The kubelet directory of the test.
+    pub kubelet: PathBuf,
+    /// The pool of the test.
+    pub pool: PathBuf,
+}
+
+impl Drop for LeakGuard {
+    fn drop(&mut self) {
+        leak_check(&self.kubelet, &self.pool);
     }
 }
 
