@@ -111,8 +111,9 @@ pub fn request(driver: &Arc<Driver>, data: &[u8]) {
 pub fn mountinfo(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     for entry in crate::sys::mountinfo::parse(&text) {
-        // Every parsed entry came from a line that holds its mount point.
+        // Whatever parses names a device and an absolute mount point.
         assert!(!entry.device.is_empty());
+        assert!(entry.mount_point.is_absolute());
     }
 }
 

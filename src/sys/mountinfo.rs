@@ -33,6 +33,11 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
     let mut tail = tail.split(' ');
     let fs_type = tail.next()?.to_owned();
     let source = unescape(tail.next()?);
+    // The kernel writes every field; an empty device or a mount point that
+    // is not absolute means the line is not a mount-table line.
+    if fields[2].is_empty() || !fields[4].starts_with('/') || fs_type.is_empty() {
+        return None;
+    }
     Some(MountEntry {
         device: fields[2].to_owned(),
         root: PathBuf::from(unescape(fields[3])),
@@ -95,6 +100,9 @@ mod tests {
     fn malformed_lines_are_skipped() {
         assert_eq!(parse_line("garbage"), None);
         assert_eq!(parse_line("1 2 - x"), None);
+        // Found by fuzzing: empty fields from doubled spaces.
+        assert_eq!(parse_line("1 2  / / rw - ext4 /dev/x rw"), None);
+        assert_eq!(parse_line("1 2 8:1 / relative rw - ext4 /dev/x rw"), None);
         assert_eq!(unescape(r"\0"), r"\0");
         assert_eq!(unescape(r"a\134b"), r"a\b");
         assert!(!read().unwrap().is_empty());
