@@ -12,6 +12,8 @@
 #   HOSTPATH_PLUGIN=/path/to/hostpathplugin scripts/bench-compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/scratch-fs.sh
+source scripts/lib/scratch-fs.sh
 
 hostpath=${HOSTPATH_PLUGIN:-}
 if [[ -z $hostpath || ! -x $hostpath ]]; then
@@ -28,23 +30,16 @@ bin=$PWD/target/release/filevol
 work=$(mktemp -d /tmp/filevol-compare.XXXXXX)
 pids=()
 cleanup() {
+  # Best effort from here on: a failed kill or wait must not skip the rest.
+  set +e
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  awk -v d="$work/" 'index($5, d) == 1 {print length($5), $5}' /proc/self/mountinfo |
-    sort -rn | cut -d' ' -f2- | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  for f in /sys/block/loop*/loop/backing_file; do
-    [[ -r $f ]] && grep -q "^$work/" "$f" 2>/dev/null &&
-      losetup -d "/dev/$(basename "$(dirname "$(dirname "$f")")")" 2>/dev/null
-  done
-  umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
-  rm -rf "$work"
+  scratch_cleanup "$work"
 }
 trap cleanup EXIT
 
 # Both drivers keep their volumes on the same xfs filesystem.
-truncate -s 32G "$work/fs.img"
-mkfs.xfs -q -m reflink=1 "$work/fs.img"
-mkdir -p "$work/mnt" "$work/kubelet"
-mount -o loop "$work/fs.img" "$work/mnt"
+scratch_fs "$work" 32G
+mkdir -p "$work/kubelet"
 mkdir -p "$work/mnt/pool" "$work/mnt/hostpath"
 
 "$bin" serve --endpoint "unix://$work/filevol.sock" --pool "$work/mnt/pool" \

@@ -5,8 +5,13 @@
 # (`--loop-direct-io=false`: the image is read through the page cache).
 # Needs root; installs fio (Debian package) if missing.
 #   scripts/bench-datapath.sh            (BENCH_RUNTIME=15 seconds per job)
+# By default the pool is a loop-mounted xfs in a file (which measures the
+# loop layers against memory-speed storage); BENCH_POOL_DIR=/some/dir on a
+# real disk's filesystem measures against that disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/scratch-fs.sh
+source scripts/lib/scratch-fs.sh
 [[ $(id -u) -eq 0 ]] || { echo "bench-datapath: needs root" >&2; exit 1; }
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 
@@ -17,22 +22,22 @@ bin=$PWD/target/release/filevol
 work=$(mktemp -d /tmp/filevol-datapath.XXXXXX)
 driver=""
 cleanup() {
+  # Best effort from here on: a failed kill or wait must not skip the rest.
+  set +e
   [[ -n $driver ]] && kill "$driver" 2>/dev/null && wait "$driver" 2>/dev/null
-  awk -v d="$work/" 'index($5, d) == 1 {print length($5), $5}' /proc/self/mountinfo |
-    sort -rn | cut -d' ' -f2- | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  for f in /sys/block/loop*/loop/backing_file; do
-    [[ -r $f ]] && grep -q "^$work/" "$f" 2>/dev/null &&
-      losetup -d "/dev/$(basename "$(dirname "$(dirname "$f")")")" 2>/dev/null
-  done
-  umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
-  rm -rf "$work"
+  scratch_cleanup "$work"
 }
 trap cleanup EXIT
 
-truncate -s 16G "$work/fs.img"
-mkfs.xfs -q -m reflink=1 "$work/fs.img"
-mkdir -p "$work/mnt" "$work/kubelet/staging" "$work/kubelet/pods/p"
-mount -o loop "$work/fs.img" "$work/mnt"
+if [[ -n ${BENCH_POOL_DIR:-} ]]; then
+  mkdir -p "$work/mnt"
+  base=$(mktemp -d "$BENCH_POOL_DIR/filevol-datapath.XXXXXX")
+  mount --bind "$base" "$work/mnt"
+  trap 'cleanup; rm -rf "$base"' EXIT
+else
+  scratch_fs "$work" 16G
+fi
+mkdir -p "$work/kubelet/staging" "$work/kubelet/pods/p"
 mkdir -p "$work/mnt/pool" "$work/mnt/direct"
 
 start() { # extra serve flags

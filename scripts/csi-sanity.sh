@@ -13,6 +13,8 @@
 # this says so and exits 0 ("skipped").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/scratch-fs.sh
+source scripts/lib/scratch-fs.sh
 
 sanity=${CSI_SANITY:-$(command -v csi-sanity || true)}
 if [[ -z $sanity || ! -x $sanity ]]; then
@@ -31,23 +33,16 @@ bin=$PWD/target/release/filevol
 work=$(mktemp -d /tmp/filevol-sanity.XXXXXX)
 driver=""
 cleanup() {
+  # Best effort from here on: a failed kill or wait must not skip the rest.
+  set +e
   [[ -n $driver ]] && kill "$driver" 2>/dev/null && wait "$driver" 2>/dev/null
   # Whatever the tests left under the kubelet directory, deepest first.
-  awk -v d="$work/" 'index($5, d) == 1 {print length($5), $5}' /proc/self/mountinfo |
-    sort -rn | cut -d' ' -f2- | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  for f in /sys/block/loop*/loop/backing_file; do
-    [[ -r $f ]] && grep -q "^$work/" "$f" 2>/dev/null &&
-      losetup -d "/dev/$(basename "$(dirname "$(dirname "$f")")")" 2>/dev/null
-  done
-  umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
-  rm -rf "$work"
+  scratch_cleanup "$work"
 }
 trap cleanup EXIT
 
-truncate -s 8G "$work/pool.img"
-mkfs.xfs -q -m reflink=1 "$work/pool.img"
-mkdir -p "$work/mnt" "$work/kubelet"
-mount -o loop "$work/pool.img" "$work/mnt"
+scratch_fs "$work" 8G
+mkdir -p "$work/kubelet"
 mkdir "$work/mnt/pool"
 printf 'thick: "true"\n' >"$work/mutable.yaml"
 

@@ -1,0 +1,25 @@
+# Shared by the scripts that need a throwaway pool filesystem (sourced, not
+# run): a loop-mounted xfs with reflink under a work directory, and a
+# clean-up that removes everything under it however the script ends.
+
+# scratch_fs WORK SIZE: an xfs filesystem of SIZE (truncate syntax) mounted
+# at WORK/mnt.
+scratch_fs() {
+  truncate -s "$2" "$1/fs.img"
+  mkfs.xfs -q -m reflink=1 "$1/fs.img"
+  mkdir -p "$1/mnt"
+  mount -o loop "$1/fs.img" "$1/mnt"
+}
+
+# scratch_cleanup WORK: unmounts everything under WORK (deepest first),
+# detaches every loop device backed by a file under it, removes it.
+scratch_cleanup() {
+  awk -v d="$1/" 'index($5, d) == 1 {print length($5), $5}' /proc/self/mountinfo |
+    sort -rn | cut -d' ' -f2- | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  local f
+  for f in /sys/block/loop*/loop/backing_file; do
+    [[ -r $f ]] && grep -q "^$1/" "$f" 2>/dev/null &&
+      losetup -d "/dev/$(basename "$(dirname "$(dirname "$f")")")" 2>/dev/null
+  done
+  rm -rf "$1"
+}
