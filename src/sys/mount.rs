@@ -111,10 +111,22 @@ pub fn make_private(target: &Path) -> io::Result<()> {
 
 /// Unmounts `target`. EBUSY and every other failure is reported; EINVAL
 /// ("not a mount point") means there is nothing to do.
+///
+/// EBUSY is asked again a few times over ~50 ms first: a child process
+/// forked by any thread on the node holds copies of open descriptors until
+/// it execs, which can pin a mount for a moment. A mount still busy after
+/// that is in real use, and the error says so.
 pub fn unmount(target: &Path) -> io::Result<()> {
-    match rustix::mount::unmount(target, UnmountFlags::empty()) {
-        Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
-        Err(e) => Err(e.into()),
+    let mut tries = 0;
+    loop {
+        match rustix::mount::unmount(target, UnmountFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => return Ok(()),
+            Err(rustix::io::Errno::BUSY) if tries < 5 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
