@@ -230,14 +230,12 @@ impl Operation for csi::DeleteVolumeRequest {
         validate::id("volume_id", &self.volume_id)?;
         let driver = Arc::clone(driver);
         let id = self.volume_id;
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                driver.pool.delete_volume(&id)?;
-                Ok(csi::DeleteVolumeResponse::new())
-            }
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            driver.pool.delete_volume(&id)?;
+            Ok(csi::DeleteVolumeResponse::new())
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -260,22 +258,20 @@ impl Operation for csi::ControllerPublishVolumeRequest {
             self.node_id,
             self.readonly,
         );
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                let v = driver.pool.volume(&id)?;
-                if let Some(why) = validate::mismatch(&v, &cap) {
-                    return Err(PoolError::Unsupported(why).into());
-                }
-                let v = driver.pool.publish(&id, &node, cap.mode, readonly)?;
-                let mut resp = csi::ControllerPublishVolumeResponse::new();
-                resp.publish_context = convert::volume_context(&v);
-                resp.publish_context
-                    .insert("readonly".into(), readonly.to_string());
-                Ok(resp)
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            let v = driver.pool.volume(&id)?;
+            if let Some(why) = validate::mismatch(&v, &cap) {
+                return Err(PoolError::Unsupported(why).into());
             }
+            let v = driver.pool.publish(&id, &node, cap.mode, readonly)?;
+            let mut resp = csi::ControllerPublishVolumeResponse::new();
+            resp.publish_context = convert::volume_context(&v);
+            resp.publish_context
+                .insert("readonly".into(), readonly.to_string());
+            Ok(resp)
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -286,15 +282,13 @@ impl Operation for csi::ControllerUnpublishVolumeRequest {
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::id("volume_id", &self.volume_id)?;
         let (driver, id, node) = (Arc::clone(driver), self.volume_id, self.node_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                let node = (!node.is_empty()).then_some(node.as_str());
-                driver.pool.unpublish(&id, node)?;
-                Ok(csi::ControllerUnpublishVolumeResponse::new())
-            }
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            let node = (!node.is_empty()).then_some(node.as_str());
+            driver.pool.unpublish(&id, node)?;
+            Ok(csi::ControllerUnpublishVolumeResponse::new())
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -504,23 +498,21 @@ impl Operation for csi::ControllerExpandVolumeRequest {
             .map(|c| validate::capability("volume_capability", c))
             .transpose()?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                if let Some(cap) = &cap {
-                    if let Some(why) = validate::mismatch(&driver.pool.volume(&id)?, cap) {
-                        return Err(PoolError::Unsupported(why).into());
-                    }
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            if let Some(cap) = &cap {
+                if let Some(why) = validate::mismatch(&driver.pool.volume(&id)?, cap) {
+                    return Err(PoolError::Unsupported(why).into());
                 }
-                let v = driver.pool.expand_volume(&id, range)?;
-                let mut resp = csi::ControllerExpandVolumeResponse::new();
-                resp.capacity_bytes = i64::try_from(v.capacity_bytes).unwrap_or(i64::MAX);
-                // The loop device and the filesystem grow on the node.
-                resp.node_expansion_required = v.layout == Layout::Image;
-                Ok(resp)
             }
+            let v = driver.pool.expand_volume(&id, range)?;
+            let mut resp = csi::ControllerExpandVolumeResponse::new();
+            resp.capacity_bytes = i64::try_from(v.capacity_bytes).unwrap_or(i64::MAX);
+            // The loop device and the filesystem grow on the node.
+            resp.node_expansion_required = v.layout == Layout::Image;
+            Ok(resp)
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -533,14 +525,12 @@ impl Operation for csi::ControllerModifyVolumeRequest {
         let params = sorted(&self.mutable_parameters);
         check_mutable(&params)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                driver.pool.modify_volume(&id, &params)?;
-                Ok(csi::ControllerModifyVolumeResponse::new())
-            }
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            driver.pool.modify_volume(&id, &params)?;
+            Ok(csi::ControllerModifyVolumeResponse::new())
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -582,14 +572,12 @@ impl Operation for csi::DeleteSnapshotRequest {
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::id("snapshot_id", &self.snapshot_id)?;
         let (driver, id) = (Arc::clone(driver), self.snapshot_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                driver.pool.delete_snapshot(&id)?;
-                Ok(csi::DeleteSnapshotResponse::new())
-            }
+        let key = snapshot_key(&id);
+        Ok(Job::new(move || {
+            driver.pool.delete_snapshot(&id)?;
+            Ok(csi::DeleteSnapshotResponse::new())
         })
-        .locking(snapshot_key(&id)))
+        .locking(key))
     }
 }
 
@@ -711,14 +699,12 @@ impl Operation for csi::DeleteVolumeGroupSnapshotRequest {
             self.group_snapshot_id,
             self.snapshot_ids,
         );
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                driver.pool.delete_group(&id, &members)?;
-                Ok(csi::DeleteVolumeGroupSnapshotResponse::new())
-            }
+        let key = group_key(&id);
+        Ok(Job::new(move || {
+            driver.pool.delete_group(&id, &members)?;
+            Ok(csi::DeleteVolumeGroupSnapshotResponse::new())
         })
-        .locking(group_key(&id)))
+        .locking(key))
     }
 }
 

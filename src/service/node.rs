@@ -87,15 +87,13 @@ impl Operation for csi::NodeStageVolumeRequest {
         let cap = required_capability(&self.volume_capability)?;
         let req = request(&self.volume_id, &cap, false)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                let v = volume_for(&driver, &id, &cap)?;
-                node(&driver)?.stage(&driver.pool, &v, &staging, &req)?;
-                Ok(csi::NodeStageVolumeResponse::new())
-            }
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            let v = volume_for(&driver, &id, &cap)?;
+            node(&driver)?.stage(&driver.pool, &v, &staging, &req)?;
+            Ok(csi::NodeStageVolumeResponse::new())
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -107,14 +105,12 @@ impl Operation for csi::NodeUnstageVolumeRequest {
         validate::id("volume_id", &self.volume_id)?;
         let staging = node_path(driver, "staging_target_path", &self.staging_target_path)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                node(&driver)?.unstage(&driver.pool, &id, &staging)?;
-                Ok(csi::NodeUnstageVolumeResponse::new())
-            }
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            node(&driver)?.unstage(&driver.pool, &id, &staging)?;
+            Ok(csi::NodeUnstageVolumeResponse::new())
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -237,28 +233,26 @@ impl Operation for csi::NodeUnpublishVolumeRequest {
         validate::id("volume_id", &self.volume_id)?;
         let target = node_path(driver, "target_path", &self.target_path)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                let node = node(&driver)?;
-                node.unpublish(&target)?;
-                // An ephemeral volume goes with its last (only) publish.
-                let pool_id = ids::derive(ids::Kind::Volume, &id);
-                if let Ok(v) = driver.pool.volume(&pool_id) {
-                    if v.parameters.get(EPHEMERAL_KEY).is_some_and(|e| e == "true") {
-                        let staging = ephemeral_staging(&driver, &id)?;
-                        node.unstage(&driver.pool, &pool_id, &staging)?;
-                        if staging.exists() {
-                            std::fs::remove_dir(&staging)
-                                .map_err(crate::node::error::sys("remove", &staging))?;
-                        }
-                        driver.pool.delete_volume(&pool_id)?;
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            let node = node(&driver)?;
+            node.unpublish(&target)?;
+            // An ephemeral volume goes with its last (only) publish.
+            let pool_id = ids::derive(ids::Kind::Volume, &id);
+            if let Ok(v) = driver.pool.volume(&pool_id) {
+                if v.parameters.get(EPHEMERAL_KEY).is_some_and(|e| e == "true") {
+                    let staging = ephemeral_staging(&driver, &id)?;
+                    node.unstage(&driver.pool, &pool_id, &staging)?;
+                    if staging.exists() {
+                        std::fs::remove_dir(&staging)
+                            .map_err(crate::node::error::sys("remove", &staging))?;
                     }
+                    driver.pool.delete_volume(&pool_id)?;
                 }
-                Ok(csi::NodeUnpublishVolumeResponse::new())
             }
+            Ok(csi::NodeUnpublishVolumeResponse::new())
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
@@ -304,17 +298,15 @@ impl Operation for csi::NodeExpandVolumeRequest {
         let path = node_path(driver, "volume_path", &self.volume_path)?;
         validate::capacity(&self.capacity_range)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
-        Ok(Job::new({
-            let id = id.clone();
-            move || {
-                let v = driver.pool.volume(&id)?;
-                let size = node(&driver)?.expand(&driver.pool, &v, &path)?;
-                let mut resp = csi::NodeExpandVolumeResponse::new();
-                resp.capacity_bytes = size as i64;
-                Ok(resp)
-            }
+        let key = volume_key(&id);
+        Ok(Job::new(move || {
+            let v = driver.pool.volume(&id)?;
+            let size = node(&driver)?.expand(&driver.pool, &v, &path)?;
+            let mut resp = csi::NodeExpandVolumeResponse::new();
+            resp.capacity_bytes = size as i64;
+            Ok(resp)
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
 }
 
