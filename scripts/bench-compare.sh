@@ -25,7 +25,7 @@ fi
 volumes=${BENCH_VOLUMES:-200}
 concurrency=${BENCH_CONCURRENCY:-16}
 cargo build --release --locked --quiet
-bin=$PWD/target/release/filevol
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
 
 work=$(mktemp -d /tmp/filevol-compare.XXXXXX)
 pids=()

@@ -17,7 +17,7 @@ command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteract
 
 runtime=${BENCH_RUNTIME:-15}
 cargo build --release --locked --quiet
-bin=$PWD/target/release/filevol
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
 
 work=$(mktemp -d /tmp/filevol-datapath.XXXXXX)
 driver=""

@@ -28,7 +28,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 cargo build --release --locked --quiet
-bin=$PWD/target/release/filevol
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
 
 work=$(mktemp -d /tmp/filevol-sanity.XXXXXX)
 driver=""
