@@ -78,12 +78,10 @@ fn opt() -> CallOption {
 /// What the workload was told: live volumes and the digest of their data.
 type Ledger = Arc<Mutex<BTreeMap<String, Option<u64>>>>;
 
-#[allow(clippy::too_many_arguments)]
 fn workload(
     w: usize,
     socket: PathBuf,
     kubelet: PathBuf,
-    pool: PathBuf,
     stop: Arc<AtomicBool>,
     ledger: Ledger,
     rounds: Arc<AtomicUsize>,
@@ -146,7 +144,6 @@ fn workload(
             ledger.lock().remove(&id);
         }
         rounds.fetch_add(1, Ordering::SeqCst);
-        let _ = &pool;
     }
 }
 
@@ -201,10 +198,10 @@ fn sigkill_loop_under_churn_loses_nothing() {
     let rounds = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (socket, kubelet, pool) = (socket.clone(), kubelet.clone(), pool.clone());
+            let (socket, kubelet) = (socket.clone(), kubelet.clone());
             let (stop, ledger, rounds) =
                 (Arc::clone(&stop), Arc::clone(&ledger), Arc::clone(&rounds));
-            std::thread::spawn(move || workload(w, socket, kubelet, pool, stop, ledger, rounds))
+            std::thread::spawn(move || workload(w, socket, kubelet, stop, ledger, rounds))
         })
         .collect();
 

@@ -272,11 +272,10 @@ fn sigkill_during_format_and_node_expansion_converges() {
         .is_err());
     d.wait_exit(Duration::from_secs(10));
     assert!(d.log().contains("SIGKILL at stage.formatted"));
-    // The image is still blank; the half-done work is a scratch file.
-    assert!(!image(&pool, &id)
-        .with_file_name(".image.mkfs")
-        .as_os_str()
-        .is_empty());
+    // The image is still blank (nothing allocated); the half-done work is
+    // a scratch file beside it, removed by the next attempt.
+    assert_eq!(crate::controller::allocated(&image(&pool, &id)), 0);
+    assert!(image(&pool, &id).with_file_name(".image.mkfs").exists());
 
     let d = Driver::start_on(&pool, opts(""));
     let n = d.node();

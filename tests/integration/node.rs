@@ -275,23 +275,10 @@ fn round_trip(fs_type: &str) {
         .arg(format!("/dev/{dev}"))
         .output()
         .unwrap();
-    let full = Command::new("blkid")
-        .args(["-p", "-o", "export"])
-        .arg(format!("/dev/{dev}"))
-        .output()
-        .unwrap();
-    let img = Command::new("blkid")
-        .args(["-p", "-o", "export"])
-        .arg(env.image(&id))
-        .output()
-        .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&probe.stdout).trim(),
         fs_type,
-        "{dev}: DEV {} {} IMG {}",
-        String::from_utf8_lossy(&full.stdout),
-        String::from_utf8_lossy(&full.stderr),
-        String::from_utf8_lossy(&img.stdout),
+        "{dev}"
     );
     // The xfs pool takes direct I/O: no double caching of volume data.
     assert_eq!(
