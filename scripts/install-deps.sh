@@ -3,13 +3,14 @@
 # machine. Idempotent: packages already present are left alone.
 #
 # Build: cmake (grpcio-sys builds gRPC core with it), a C/C++ compiler.
-# Tests: the filesystem tools the node service runs (mkfs, growfs, probing)
-# (blkid is util-linux), and mount/umount/losetup for the tests' own set-up
-# and clean-up. Deploy validation: python3-venv for its pinned tools
+# Tests: the filesystem tools the node service runs (mkfs, growfs, probing;
+# blkid is util-linux), mount/umount/losetup for the tests' own set-up and
+# clean-up, and bindfs: a FUSE view of a pool that stands in for a network
+# share (it cannot report holes, as NFS before 4.2 cannot). Deploy validation: python3-venv for its pinned tools
 # (scripts/deploy-requirements.txt); `kubectl kustomize` must be on PATH.
 set -euo pipefail
 
-packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv)
+packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv bindfs)
 
 missing=()
 for p in "${packages[@]}"; do

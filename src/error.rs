@@ -124,6 +124,7 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         NodeError::ProbeFailed { .. } | NodeError::Command { .. } | NodeError::Sys { .. } => {
             RpcStatusCode::INTERNAL
         }
+        NodeError::Pool(e) => pool_code(rpc, e),
     }
 }
 
@@ -151,6 +152,9 @@ fn pool_code(rpc: Rpc, err: &PoolError) -> RpcStatusCode {
             _ => RpcStatusCode::INVALID_ARGUMENT,
         },
         PoolError::Mismatch(_) => RpcStatusCode::INVALID_ARGUMENT,
+        // The concurrency section: an operation already in progress on the
+        // object is ABORTED, whichever process runs it.
+        PoolError::Busy { .. } => RpcStatusCode::ABORTED,
         PoolError::Io { .. } | PoolError::Damaged { .. } => RpcStatusCode::INTERNAL,
     }
 }

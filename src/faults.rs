@@ -3,7 +3,9 @@
 //! `FILEVOL_FAULTS` holds comma-separated rules, read once at start:
 //! - `delay:<Rpc>:<ms>`: a worker sleeps before running the call, to hold a
 //!   worker or a volume lock for a known time (back-pressure, contention,
-//!   drain-on-shutdown tests);
+//!   drain-on-shutdown tests); `delay:<point>:<ms>` sleeps at a named point
+//!   of a pool operation instead (see [`crash_point`]), to hold an operation
+//!   half-way while another process acts;
 //! - `panic:<Rpc>`: the call panics on its worker (the INTERNAL path);
 //! - `crash:<point>`: the process SIGKILLs itself when it reaches a
 //!   named point of a multi-step pool operation (see [`crash_point`]), to
@@ -42,6 +44,11 @@ pub fn before_work(_rpc: Rpc) {}
 /// there when `crash:<point>` is configured. A no-op in release builds.
 #[cfg(debug_assertions)]
 pub fn crash_point(point: &str) {
+    for rule in rules().iter().filter(|r| r.target == point) {
+        if let Action::Delay(ms) = rule.action {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
     if rules()
         .iter()
         .any(|r| r.action == Action::Crash && r.target == point)

@@ -45,6 +45,7 @@ pub fn driver(pool: &Path, kubelet: &Path) -> Arc<Driver> {
             reserve_bytes: 0,
             overcommit: 1.0,
             topology: config.topology.clone(),
+            janitor: true,
         },
     )
     .expect("fuzz pool");

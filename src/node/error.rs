@@ -94,6 +94,10 @@ pub enum NodeError {
         /// Where.
         path: PathBuf,
     },
+    /// The pool refused or failed a step of the node operation (reading or
+    /// updating the volume's record, taking its lock).
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
     /// A syscall failed.
     #[error("{step} {path}")]
     Sys {

@@ -2,7 +2,7 @@
 //! shell): the signature probe, mkfs, and online growth.
 //!
 //! The probe is the guard against the commonest way CSI drivers destroy
-//! data. Only an image that is *provably* blank (no data extent at all) is
+//! data. Only an image that is *provably* blank (see [`blank_image`]) is
 //! ever formatted, and then into a new file that replaces it (see
 //! `Node::format_image`). On an attached device, anything `blkid -p` finds,
 //! a probe that fails, or data without a recognisable signature stops the
@@ -26,16 +26,18 @@ pub enum Content {
     Other(String),
 }
 
-/// Probes `device`, whose backing image is `image`.
-pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
+/// Runs `blkid -p` on `path` (a device or an image file): `None` when it
+/// finds no signature at all.
+fn blkid(path: &Path) -> Result<Option<Content>, NodeError> {
+    let failed = |source| NodeError::ProbeFailed {
+        device: path.to_owned(),
+        source,
+    };
     let out = Command::new("blkid")
         .args(["-p", "-o", "export"])
-        .arg(device)
+        .arg(path)
         .output()
-        .map_err(|source| NodeError::ProbeFailed {
-            device: device.to_owned(),
-            source,
-        })?;
+        .map_err(failed)?;
     match out.status.code() {
         Some(0) => {
             let text = String::from_utf8_lossy(&out.stdout);
@@ -44,34 +46,70 @@ pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
                     .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
                     .map(str::to_owned)
             };
-            Ok(match (field("TYPE"), field("USAGE")) {
+            Ok(Some(match (field("TYPE"), field("USAGE")) {
                 (Some(t), Some(usage)) if usage == "filesystem" => Content::Filesystem(t),
                 (Some(t), _) => Content::Other(format!("a {t} signature")),
                 (None, _) => {
                     Content::Other(format!("signatures ({})", text.trim().replace('\n', " ")))
                 }
-            })
+            }))
         }
-        // blkid -p: 2 means nothing was found. Check for data as well.
-        Some(2) => {
-            if has_data(image).map_err(|source| NodeError::ProbeFailed {
-                device: device.to_owned(),
-                source,
-            })? {
-                Ok(Content::Other("data without any known signature".into()))
-            } else {
-                Ok(Content::Blank)
-            }
-        }
-        _ => Err(NodeError::ProbeFailed {
-            device: device.to_owned(),
-            source: std::io::Error::other(format!(
-                "blkid exited with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-        }),
+        // blkid -p: 2 means nothing was found.
+        Some(2) => Ok(None),
+        _ => Err(failed(std::io::Error::other(format!(
+            "blkid exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))),
     }
+}
+
+/// Probes `device`, whose backing image is `image`. No signature is
+/// "blank" only when the image has no data extent either; on a pool that
+/// cannot report holes that is never proven here (see [`blank_image`]).
+pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
+    if let Some(found) = blkid(device)? {
+        return Ok(found);
+    }
+    if has_data(image).map_err(|source| NodeError::ProbeFailed {
+        device: device.to_owned(),
+        source,
+    })? {
+        Ok(Content::Other("data without any known signature".into()))
+    } else {
+        Ok(Content::Blank)
+    }
+}
+
+/// Whether the image of a volume is provably blank, so that its first
+/// read-write stage may give it a filesystem.
+///
+/// - Where SEEK_DATA tells holes from data (`reports_holes`), an image with
+///   no data extent at all is blank: nothing was ever written to it.
+/// - Where it cannot (FUSE filesystems, NFS before 4.2, which call every
+///   byte data), the pool's record decides: only an image that no node ever
+///   formatted or handed out raw (`written == Some(false)`) *and* in which
+///   `blkid -p` finds no signature is blank. A record without the field
+///   (`None`, older pools) is never enough.
+pub fn blank_image(
+    image: &Path,
+    reports_holes: bool,
+    written: Option<bool>,
+) -> Result<bool, NodeError> {
+    let failed = |source| NodeError::ProbeFailed {
+        device: image.to_owned(),
+        source,
+    };
+    if written == Some(true) {
+        return Ok(false);
+    }
+    if reports_holes {
+        return Ok(!has_data(image).map_err(failed)?);
+    }
+    if written != Some(false) {
+        return Ok(false);
+    }
+    Ok(blkid(image)?.is_none())
 }
 
 /// Whether the image has any data extent (SEEK_DATA finds one). A new

@@ -7,19 +7,25 @@
 //! restarted plugin, a rebooted node or kubelet's out-of-order retries
 //! therefore converge on the right answer.
 //!
-//! Fencing: while an image is staged, this process holds an flock on it,
-//! exclusive for writer modes and shared for read-only ones. A second node
-//! on a shared pool cannot take it, so it never mounts a single-writer
-//! image twice; the controller's byte-copy snapshots need a shared lock and
-//! so refuse staged images. A restarted plugin re-takes the locks of the
-//! images it finds attached before it serves.
+//! The volume's record is read from the pool at every call (the service
+//! layer hands a fresh one in), so what a controller committed a moment ago
+//! (an expansion, a new volume, an ephemeral volume of another node plugin)
+//! is what the node acts on.
+//!
+//! Fencing: while a volume is staged, this process holds the volume's fence
+//! in the pool (`pool::store`): exclusive for an image staged for writing,
+//! shared for read-only stages and for directories. A second node plugin, on
+//! this host or another sharing the pool, cannot take it, so a
+//! single-writer image is never mounted twice; DeleteVolume needs it
+//! exclusively and byte copies need it shared, so neither can touch a staged
+//! volume. A restarted plugin re-takes the fences of the images it finds
+//! attached and the directories it finds bind-mounted before it serves.
 
 pub mod error;
 pub mod format;
 pub mod paths;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -30,8 +36,9 @@ pub use error::NodeError;
 use format::Content;
 
 use crate::pool::meta::{AccessMode, AccessType, FsType, Layout, VolumeMeta};
+use crate::pool::store::Fence;
 use crate::pool::Pool;
-use crate::sys::fs::{try_lock, try_lock_patiently, LockKind};
+use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mount::{self, MountState};
 use crate::sys::mountinfo;
@@ -63,11 +70,8 @@ pub struct Node {
     kubelet_dir: PathBuf,
     /// Direct I/O on loop devices where the pool allows it.
     direct_io: bool,
-    /// Open images whose flock fences them, by volume id. More than one
-    /// file when the image was replaced while staged (formatting writes a
-    /// new image and renames it into place): the old inode stays locked too,
-    /// so a node that opened it before the rename still finds it taken.
-    locks: Mutex<HashMap<String, Vec<File>>>,
+    /// The fences this process holds, by volume id.
+    fences: Mutex<HashMap<String, Fence>>,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -109,7 +113,7 @@ impl Node {
         let node = Node {
             kubelet_dir,
             direct_io,
-            locks: Mutex::new(HashMap::new()),
+            fences: Mutex::new(HashMap::new()),
         };
         node.recover(pool)?;
         Ok(node)
@@ -131,8 +135,7 @@ impl Node {
                 return Ok(());
             }
         };
-        let (volumes, _) = pool.list_volumes(None, 0);
-        for (id, entry) in volumes {
+        for (id, entry) in pool.all_volumes()? {
             let Ok(v) = entry else { continue };
             if v.layout != Layout::Image {
                 continue;
@@ -154,45 +157,79 @@ impl Node {
             } else {
                 LockKind::Exclusive
             };
-            match self.take_lock(&id, &image, kind) {
-                Ok(()) => log::info!(
-                    "volume {id}: found attached to {}, lock re-taken",
+            match self.take_fence(pool, &id, kind) {
+                Ok(_) => log::info!(
+                    "volume {id}: found attached to {}, fence re-taken",
                     dev.path().display()
                 ),
                 Err(e) => log::error!("volume {id}: attached to {} but {e}", dev.path().display()),
             }
         }
+        match staged_dirs(pool) {
+            Ok(ids) => {
+                for id in ids {
+                    match self.take_fence(pool, &id, LockKind::Shared) {
+                        Ok(_) => log::info!("volume {id}: found bind-mounted, fence re-taken"),
+                        Err(e) => log::error!("volume {id}: bind-mounted but {e}"),
+                    }
+                }
+            }
+            Err(e) => log::warn!(
+                "cannot read the mount table ({e}); staged directory volumes are not fenced"
+            ),
+        }
         Ok(())
     }
 
-    fn take_lock(&self, id: &str, image: &Path, kind: LockKind) -> Result<(), NodeError> {
-        let mut locks = self.locks.lock();
-        if locks.contains_key(id) {
-            return Ok(());
+    /// Takes the volume's fence for this process, unless it holds it
+    /// already. `Ok(true)` when taken by this call (so a failed stage knows
+    /// to let it go).
+    fn take_fence(&self, pool: &Pool, id: &str, kind: LockKind) -> Result<bool, NodeError> {
+        let mut fences = self.fences.lock();
+        if fences.contains_key(id) {
+            return Ok(false);
         }
-        // Lock, then check that the locked file is still the one at the
-        // path: if the image was replaced between the open and the lock,
-        // the lock would fence nothing, so try again on the new one.
-        for _ in 0..8 {
-            let file = File::open(image).map_err(sys("open image", image))?;
-            if !try_lock_patiently(&file, kind).map_err(sys("lock image", image))? {
-                return Err(NodeError::Fenced {
-                    id: id.to_owned(),
-                    image: image.to_owned(),
-                });
+        match pool.fence_volume(id, kind)? {
+            Some(fence) => {
+                log::debug!("volume {id}: fence taken");
+                fences.insert(id.to_owned(), fence);
+                Ok(true)
             }
-            let held = file.metadata().map_err(sys("stat", image))?;
-            let now = std::fs::metadata(image).map_err(sys("stat", image))?;
-            if (held.dev(), held.ino()) == (now.dev(), now.ino()) {
-                log::debug!("volume {id}: fencing lock taken");
-                locks.insert(id.to_owned(), vec![file]);
-                return Ok(());
-            }
+            None => Err(NodeError::Fenced {
+                id: id.to_owned(),
+                image: pool.image_path(id),
+            }),
         }
-        Err(NodeError::Fenced {
-            id: id.to_owned(),
-            image: image.to_owned(),
-        })
+    }
+
+    /// Formats the image if it is provably blank (see
+    /// [`format::blank_image`]), and returns the volume's record as it is
+    /// now. Runs under the volume's lock in the pool: the size formatted is
+    /// the one recorded now (an expansion before the first stage is not
+    /// lost), and no other process changes the record in between.
+    fn format_if_blank(&self, pool: &Pool, id: &str, fs: FsType) -> Result<VolumeMeta, NodeError> {
+        let lock = pool.lock_volume(id)?;
+        let v = pool.volume(id)?;
+        let image = pool.image_path(id);
+        if !format::blank_image(&image, pool.reports_holes(), v.written)? {
+            return Ok(v);
+        }
+        // One already attached (a crash between attach and format) is
+        // mounted nowhere: detach it first.
+        if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
+            dev.detach().map_err(sys("detach", dev.path()))?;
+        }
+        log::info!(
+            "volume {id}: the image is blank, making {} of {} bytes",
+            fs.as_str(),
+            v.capacity_bytes
+        );
+        self.format_image(pool, &v, fs)?;
+        // After the rename: a crash before this line leaves a formatted
+        // image with `written: false`, which the signature probe still
+        // refuses to format again.
+        crate::faults::crash_point("stage.renamed");
+        Ok(pool.mark_written(id, &lock)?)
     }
 
     /// Makes the filesystem of a blank image without ever writing to the
@@ -200,7 +237,7 @@ impl Node {
     /// image by one rename once it is complete and synced. A crash during
     /// mkfs leaves the blank image and a scratch file (removed on the next
     /// try), never a half-made filesystem that the probe would then refuse
-    /// to touch. The new file is locked before it takes the image's place.
+    /// to touch. The caller holds the volume's fence and lock.
     fn format_image(&self, pool: &Pool, v: &VolumeMeta, fs: FsType) -> Result<(), NodeError> {
         let image = pool.image_path(&v.id);
         let dir = image
@@ -216,12 +253,6 @@ impl Node {
             .open(&scratch)
             .map_err(sys("create", &scratch))?;
         let result = (|| {
-            if !try_lock(&file, LockKind::Exclusive).map_err(sys("lock", &scratch))? {
-                return Err(NodeError::Fenced {
-                    id: v.id.clone(),
-                    image: scratch.clone(),
-                });
-            }
             file.set_len(v.capacity_bytes)
                 .map_err(sys("size", &scratch))?;
             if v.thick {
@@ -234,25 +265,15 @@ impl Node {
             std::fs::rename(&scratch, &image).map_err(sys("replace", &image))?;
             crate::sys::fs::fsync_dir(dir).map_err(sys("sync", dir))
         })();
-        match result {
-            Ok(()) => {
-                self.locks
-                    .lock()
-                    .entry(v.id.clone())
-                    .or_default()
-                    .push(file);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&scratch);
-                Err(e)
-            }
+        if result.is_err() {
+            let _ = std::fs::remove_file(&scratch);
         }
+        result
     }
 
-    fn release_lock(&self, id: &str) {
-        if self.locks.lock().remove(id).is_some() {
-            log::debug!("volume {id}: fencing lock released");
+    fn release_fence(&self, id: &str) {
+        if self.fences.lock().remove(id).is_some() {
+            log::debug!("volume {id}: fence released");
         }
     }
 
@@ -322,46 +343,51 @@ impl Node {
         req: &Request,
     ) -> Result<(), NodeError> {
         let data = pool.data_path(&v.id);
-        if mount::state(staging).map_err(sys("stat", staging))? == MountState::Mounted {
-            return self.expect_same_fs(staging, &data, "another filesystem");
-        }
-        std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
-        mount::bind(&data, staging).map_err(sys("bind-mount", staging))?;
-        if req.mode.is_read_only() {
-            if let Err(e) = mount::remount_read_only(staging) {
-                let _ = mount::unmount(staging);
-                return Err(sys("remount read-only", staging)(e));
+        // Shared: a directory serves many nodes at once. Held while staged
+        // so that no DeleteVolume removes a directory in use, whether or not
+        // ControllerPublish is used (the node-local layout skips it).
+        let fenced_now = self.take_fence(pool, &v.id, LockKind::Shared)?;
+        let result = (|| {
+            if mount::state(staging).map_err(sys("stat", staging))? == MountState::Mounted {
+                return self.expect_same_fs(staging, &data, "another filesystem");
             }
+            std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
+            mount::bind(&data, staging).map_err(sys("bind-mount", staging))?;
+            if req.mode.is_read_only() {
+                if let Err(e) = mount::remount_read_only(staging) {
+                    let _ = mount::unmount(staging);
+                    return Err(sys("remount read-only", staging)(e));
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() && fenced_now {
+            self.release_fence(&v.id);
         }
-        Ok(())
+        result
     }
 
-    /// Attaches (or finds) the image's loop device, holding the fencing
-    /// lock first. Returns the device and whether this call attached it.
+    /// Attaches (or finds) the image's loop device; the caller holds the
+    /// fence. Returns the device and whether this call attached it.
     fn attach(
         &self,
         pool: &Pool,
         v: &VolumeMeta,
         read_only: bool,
-        kind: LockKind,
     ) -> Result<(LoopDevice, bool), NodeError> {
         let image = pool.image_path(&v.id);
-        self.take_lock(&v.id, &image, kind)?;
         if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
             return Ok((dev, false));
         }
-        match loopdev::attach(&image, read_only, self.direct_io) {
-            Ok(a) => {
-                if !a.direct_io {
-                    log::info!("volume {}: the pool filesystem refused direct I/O; the loop device is buffered", v.id);
-                }
-                Ok((a.device, true))
-            }
-            Err(e) => {
-                self.release_lock(&v.id);
-                Err(sys("attach a loop device to", &image)(e))
-            }
+        let a = loopdev::attach(&image, read_only, self.direct_io)
+            .map_err(sys("attach a loop device to", &image))?;
+        if !a.direct_io {
+            log::info!(
+                "volume {}: the pool filesystem refused direct I/O; the loop device is buffered",
+                v.id
+            );
         }
+        Ok((a.device, true))
     }
 
     fn stage_image(
@@ -371,39 +397,39 @@ impl Node {
         staging: &Path,
         req: &Request,
     ) -> Result<(), NodeError> {
+        let fenced_now = self.take_fence(pool, &v.id, lock_kind(req.mode))?;
+        let result = self.stage_image_fenced(pool, v, staging, req);
+        if result.is_err() && fenced_now {
+            self.release_fence(&v.id);
+        }
+        result
+    }
+
+    fn stage_image_fenced(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
         let fs = v.fs_type.unwrap_or(FsType::Ext4);
         let read_only = req.mode.is_read_only();
-        let image = pool.image_path(&v.id);
-        self.take_lock(&v.id, &image, lock_kind(req.mode))?;
-        // A provably blank image (no data extent at all) gets its filesystem
-        // before it is attached. One already attached (a crash between
-        // attach and format) is mounted nowhere: detach it first.
-        if !read_only && !format::has_data(&image).map_err(sys("probe", &image))? {
-            if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
-                dev.detach().map_err(sys("detach", dev.path()))?;
-            }
-            log::info!(
-                "volume {}: the image is blank, making {}",
-                v.id,
-                fs.as_str()
-            );
-            if let Err(e) = self.format_image(pool, v, fs) {
-                self.release_lock(&v.id);
-                return Err(e);
-            }
-        }
-        let (dev, attached_now) = self.attach(pool, v, read_only, lock_kind(req.mode))?;
+        // A provably blank image gets its filesystem before it is attached.
+        let v = if !read_only && v.written != Some(true) {
+            self.format_if_blank(pool, &v.id, fs)?
+        } else {
+            v.clone()
+        };
+        let (dev, attached_now) = self.attach(pool, &v, read_only)?;
         if attached_now {
             if let Err(e) = dev.drop_cached_blocks() {
                 let _ = dev.detach();
-                self.release_lock(&v.id);
                 return Err(sys("drop cached blocks of", dev.path())(e));
             }
         }
         let undo = |e: NodeError| {
             if attached_now {
                 let _ = dev.detach();
-                self.release_lock(&v.id);
             }
             e
         };
@@ -449,6 +475,17 @@ impl Node {
             }
         }
 
+        // A filesystem found where the record still says "never written"
+        // (a crash between mkfs and the record, or a record older than the
+        // field): record it now, so the record alone stays conservative.
+        if !read_only && v.written != Some(true) {
+            if let Ok(lock) = pool.lock_volume(&v.id) {
+                if let Err(e) = pool.mark_written(&v.id, &lock) {
+                    log::warn!("volume {}: record that it holds a filesystem: {e}", v.id);
+                }
+            }
+        }
+
         let (mut flags, mut data) = mount::parse_options(&req.mount_flags);
         if read_only {
             flags |= rustix::mount::MountFlags::RDONLY;
@@ -485,25 +522,38 @@ impl Node {
         staging: &Path,
         req: &Request,
     ) -> Result<(), NodeError> {
-        let (dev, attached_now) =
-            self.attach(pool, v, req.mode.is_read_only(), lock_kind(req.mode))?;
-        let file = staging.join(BLOCK_DEVICE_FILE);
-        if mount::state(&file).map_err(sys("stat", &file))? == MountState::Mounted {
-            return Ok(());
-        }
+        let read_only = req.mode.is_read_only();
+        let fenced_now = self.take_fence(pool, &v.id, lock_kind(req.mode))?;
         let result = (|| {
-            std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&file)
-                .map_err(sys("create", &file))?;
-            mount::bind(&dev.path(), &file).map_err(sys("bind-mount", &file))
+            // Recorded before the device is handed out: from here on the
+            // pod may write anything, signature or not, and a later stage as
+            // a filesystem must never take it for blank.
+            if !read_only && v.written != Some(true) {
+                let lock = pool.lock_volume(&v.id)?;
+                pool.mark_written(&v.id, &lock)?;
+            }
+            let (dev, attached_now) = self.attach(pool, v, read_only)?;
+            let file = staging.join(BLOCK_DEVICE_FILE);
+            if mount::state(&file).map_err(sys("stat", &file))? == MountState::Mounted {
+                return Ok(());
+            }
+            let bound = (|| {
+                std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&file)
+                    .map_err(sys("create", &file))?;
+                mount::bind(&dev.path(), &file).map_err(sys("bind-mount", &file))
+            })();
+            if bound.is_err() && attached_now {
+                let _ = dev.detach();
+            }
+            bound
         })();
-        if result.is_err() && attached_now {
-            let _ = dev.detach();
-            self.release_lock(&v.id);
+        if result.is_err() && fenced_now {
+            self.release_fence(&v.id);
         }
         result
     }
@@ -546,7 +596,7 @@ impl Node {
         if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
             dev.detach().map_err(sys("detach", dev.path()))?;
         }
-        self.release_lock(id);
+        self.release_fence(id);
         Ok(())
     }
 
@@ -714,6 +764,41 @@ impl Node {
         }
         dev.size().map_err(sys("size of", dev.path()))
     }
+}
+
+/// Ids of the pool's directory volumes bind-mounted on this host (staged or
+/// published), from the mount table: a bind's `root` field is the path
+/// inside the filesystem it comes from, which for a directory volume is
+/// `<pool, inside its filesystem>/volumes/<id>/data`.
+fn staged_dirs(pool: &Pool) -> std::io::Result<Vec<String>> {
+    let table = mountinfo::read()?;
+    let root = pool.root().canonicalize()?;
+    // The mount that holds the pool: the longest mount point above it.
+    let Some(holder) = table
+        .iter()
+        .filter(|e| root.starts_with(&e.mount_point))
+        .max_by_key(|e| e.mount_point.as_os_str().len())
+    else {
+        return Ok(Vec::new());
+    };
+    let inside = holder.root.join(
+        root.strip_prefix(&holder.mount_point)
+            .expect("the holder's mount point is a prefix of the pool"),
+    );
+    let volumes = inside.join("volumes");
+    let mut ids: Vec<String> = table
+        .iter()
+        .filter(|e| e.device == holder.device)
+        .filter_map(|e| {
+            let rest = e.root.strip_prefix(&volumes).ok()?;
+            let mut parts = rest.components();
+            let id = parts.next()?.as_os_str().to_str()?.to_owned();
+            (parts.next()?.as_os_str() == "data" && parts.next().is_none()).then_some(id)
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
 }
 
 fn is_read_only(path: &Path) -> Result<bool, NodeError> {

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::error::{io_error, PoolError};
 use super::meta::CopyMethod;
+use super::store::Fence;
 use crate::sys::fs as sysfs;
 
 /// What to do where the pool cannot reflink.
@@ -15,9 +16,10 @@ use crate::sys::fs as sysfs;
 pub enum Fallback<'a> {
     /// Refuse: the caller needs a copy that is instant and atomic.
     Refuse,
-    /// Copy the bytes, after `check` has approved the open source (and
-    /// taken whatever lock it needs on it for the copy's duration).
-    Sparse(&'a dyn Fn(&File) -> Result<(), PoolError>),
+    /// Copy the bytes, after `check` has approved the source; what it
+    /// returns (the source's fence, held shared) is kept for the copy's
+    /// duration.
+    Sparse(&'a dyn Fn() -> Result<Option<Fence>, PoolError>),
 }
 
 /// Errors from FICLONE that mean "this filesystem (pair) cannot share
@@ -74,7 +76,7 @@ pub fn copy_image(
                 )))
             }
             Fallback::Sparse(check) => {
-                check(&src_file)?;
+                let _held = check()?;
                 sysfs::sparse_copy(&src_file, &dst_file, len)
                     .map_err(io_error("copy image", dst))?;
                 CopyMethod::Sparse

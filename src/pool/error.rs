@@ -53,6 +53,14 @@ pub enum PoolError {
         /// The pool's segment.
         pool: String,
     },
+    /// Another thread, process or host holds the object's lock in the pool.
+    #[error("another operation on {kind} {id} is in progress (its lock in the pool is held); retry later")]
+    Busy {
+        /// "volume", "snapshot" or "group snapshot".
+        kind: &'static str,
+        /// The object.
+        id: String,
+    },
     /// The object is in use in a way that forbids the operation.
     #[error("{0}")]
     InUse(String),

@@ -178,6 +178,15 @@ pub struct VolumeMeta {
     pub created_unix_ms: u64,
     /// Nodes the volume is ControllerPublished to.
     pub attachments: Vec<Attachment>,
+    /// Whether the image may hold data: set once a node has formatted it or
+    /// handed it out as a raw block device, copied from the source by clones
+    /// and restores. `Some(false)` only for an image nothing was ever
+    /// written to; `None` in records made before this field, where only
+    /// SEEK_DATA can prove an image blank. On a pool filesystem that cannot
+    /// report holes (FUSE, NFS before 4.2) this record, with the signature
+    /// probe, is what keeps a written volume from being formatted.
+    #[serde(default)]
+    pub written: Option<bool>,
 }
 
 /// How a snapshot's data was copied.
@@ -218,6 +227,9 @@ pub struct SnapshotMeta {
     pub created_secs: i64,
     /// See `created_secs`.
     pub created_nanos: i32,
+    /// The source volume's [`VolumeMeta::written`] when it was taken.
+    #[serde(default)]
+    pub written: Option<bool>,
 }
 
 /// A group snapshot (`groups/<id>.json`).

@@ -1,12 +1,12 @@
 //! Per-process scratch space inside the pool, where objects are built before
 //! they are renamed into place.
 //!
-//! Each process gets `.scratch/<instance>/` and holds an flock on
-//! `.scratch/<instance>.lock` for its life. At start, a process removes the
-//! scratch of every instance whose lock is free (it crashed or was killed),
-//! and never touches the scratch of one that still runs, so a second
-//! controller or a node plugin on a shared pool cannot delete work in
-//! progress.
+//! Each process gets `.scratch/<instance>/` and holds a lock (OFD, see
+//! `sys::lock`) on `.scratch/<instance>.lock` for its life. A controller's
+//! janitor removes the scratch of every instance whose lock is free (it
+//! crashed or was killed), and never touches the scratch of one that still
+//! runs, so a second controller or a node plugin on a shared pool cannot
+//! delete work in progress.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::error::{io_error, PoolError};
-use crate::sys::fs::{self as sysfs, LockKind};
+use crate::sys::lock::{self, LockKind};
 
 /// This process's scratch directory.
 #[derive(Debug)]
@@ -31,10 +31,9 @@ pub struct Scratch {
 const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 
 impl Scratch {
-    /// Cleans up after dead instances and creates this process's scratch.
+    /// Creates this process's scratch.
     pub fn open(base: &Path) -> Result<Scratch, PoolError> {
         std::fs::create_dir_all(base).map_err(io_error("create", base))?;
-        clean(base)?;
         let host = rustix::system::uname()
             .nodename()
             .to_string_lossy()
@@ -60,7 +59,7 @@ impl Scratch {
             .create_new(true)
             .open(&lock_path)
             .map_err(io_error("create", &lock_path))?;
-        if !sysfs::try_lock(&lock, LockKind::Exclusive).map_err(io_error("lock", &lock_path))? {
+        if !lock::try_lock(&lock, LockKind::Exclusive).map_err(io_error("lock", &lock_path))? {
             return Err(PoolError::InUse(format!(
                 "{} is locked by another process",
                 lock_path.display()
@@ -74,6 +73,51 @@ impl Scratch {
             _lock: lock,
             seq: AtomicU64::new(0),
         })
+    }
+
+    /// Whether SEEK_DATA on this filesystem tells a hole from data: a new
+    /// sparse file must show no data at all. FUSE filesystems and NFS
+    /// before 4.2 answer with the generic "everything is data".
+    pub fn reports_holes(&self) -> Result<bool, PoolError> {
+        let path = self.new_path("holes");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_error("create", &path))?;
+        let answer = file
+            .set_len(1 << 20)
+            .map_err(io_error("size", &path))
+            .map(|()| {
+                matches!(
+                    rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(0)),
+                    Err(rustix::io::Errno::NXIO)
+                )
+            });
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        answer
+    }
+
+    /// The directory holding every instance's scratch.
+    pub fn base(&self) -> &Path {
+        self.lock_path
+            .parent()
+            .expect("lock files live in the scratch base")
+    }
+
+    /// Whether the instance `name` (a directory in [`Scratch::base`]) still
+    /// runs: its lock file is held. This process counts as alive.
+    pub fn is_alive(&self, name: &str) -> bool {
+        if self.dir.file_name().is_some_and(|own| own == name) {
+            return true;
+        }
+        let path = self.base().join(format!("{name}.lock"));
+        match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => !lock::try_lock(&f, LockKind::Exclusive).unwrap_or(false),
+            Err(_) => false,
+        }
     }
 
     /// A fresh path inside this process's scratch (not created).
@@ -92,17 +136,17 @@ impl Drop for Scratch {
     }
 }
 
-/// Removes the scratch of instances that no longer run.
-fn clean(base: &Path) -> Result<(), PoolError> {
+/// Removes the scratch of instances that no longer run (for the janitor).
+pub fn clean(base: &Path) -> Result<(), PoolError> {
     for entry in std::fs::read_dir(base).map_err(io_error("read directory", base))? {
         let entry = entry.map_err(io_error("read directory", base))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(instance) = name.strip_suffix(".lock") {
-            let Ok(lock) = File::open(&path) else {
+            let Ok(lock) = OpenOptions::new().read(true).write(true).open(&path) else {
                 continue;
             };
-            if sysfs::try_lock(&lock, LockKind::Exclusive).unwrap_or(false) {
+            if lock::try_lock_patiently(&lock, LockKind::Exclusive).unwrap_or(false) {
                 let dir = base.join(instance);
                 if dir.exists() {
                     log::warn!(

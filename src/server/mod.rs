@@ -72,6 +72,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             reserve_bytes: config.reserve_bytes,
             overcommit: config.overcommit,
             topology: config.topology.clone(),
+            janitor: config.mode.serves_controller(),
         },
     )?;
     if config.mode.serves_node() {

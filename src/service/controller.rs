@@ -341,7 +341,7 @@ impl Operation for csi::ListVolumesRequest {
         let start = validate::starting_token(&self.starting_token)?;
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
-            let (entries, next) = driver.pool.list_volumes(start.as_deref(), max);
+            let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
             let mut resp = csi::ListVolumesResponse::new();
             for (id, entry) in entries {
                 let mut e = csi::list_volumes_response::Entry::new();
@@ -594,7 +594,7 @@ impl Operation for csi::ListSnapshotsRequest {
                 (self.snapshot_id.is_empty() || s.id == self.snapshot_id)
                     && (self.source_volume_id.is_empty()
                         || s.source_volume_id == self.source_volume_id)
-            });
+            })?;
             let mut resp = csi::ListSnapshotsResponse::new();
             for s in snapshots {
                 let mut e = csi::list_snapshots_response::Entry::new();

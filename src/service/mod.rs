@@ -45,7 +45,10 @@ impl Driver {
     /// The Prometheus exposition: call metrics plus gauges read now.
     pub fn metrics_text(&self) -> String {
         let workers = self.executor.workers();
-        let (volumes, snapshots, provisioned) = self.pool.usage();
+        let (volumes, snapshots, provisioned) = self.pool.usage().unwrap_or_else(|e| {
+            log::warn!("metrics: pool usage: {e}");
+            (0, 0, 0)
+        });
         let space = crate::sys::fs::space(self.pool.root()).unwrap_or(crate::sys::fs::FsSpace {
             total: 0,
             available: 0,

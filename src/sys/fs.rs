@@ -1,14 +1,13 @@
 //! File operations the pool is built on: crash-safe replacement, reflink and
-//! sparse copies, preallocation, capacity, advisory locks.
+//! sparse copies, preallocation, capacity. Locks are in `super::lock`.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustix::fs::{FallocateFlags, FlockOperation, SeekFrom};
+use rustix::fs::{FallocateFlags, SeekFrom, Timespec, Timestamps};
 
 /// Flushes a directory's entries (a rename or create inside it) to disk.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -33,6 +32,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         io::Write::write_all(&mut f, bytes)?;
+        later_than(&f, path)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         fsync_dir(dir)
@@ -41,6 +41,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Sets `new`'s modification time later than that of the file at `old`
+/// (when there is one), so that every replacement of a file has a distinct
+/// (inode, mtime) pair even when the kernel's coarse clock has not ticked
+/// and the new file reuses an inode freed a moment ago. Readers that cache
+/// what they parsed (the pool's listings) rely on that pair to notice a
+/// change; writers of one file are serialised by the pool's object locks.
+fn later_than(new: &File, old: &Path) -> io::Result<()> {
+    let prev = match std::fs::metadata(old) {
+        Ok(m) => (m.mtime(), m.mtime_nsec()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let m = new.metadata()?;
+    if (m.mtime(), m.mtime_nsec()) > prev {
+        return Ok(());
+    }
+    let (mut secs, mut nanos) = (prev.0, prev.1 + 1);
+    if nanos >= 1_000_000_000 {
+        secs += 1;
+        nanos = 0;
+    }
+    let t = Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
+    rustix::fs::futimens(
+        new,
+        &Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+    )
+    .map_err(io::Error::from)
 }
 
 /// Makes `dst` share `src`'s blocks (FICLONE): instant, atomic, no space
@@ -122,66 +157,29 @@ pub fn space(path: &Path) -> io::Result<FsSpace> {
     })
 }
 
-/// Which advisory lock to take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockKind {
-    /// Many holders (readers, copiers).
-    Shared,
-    /// One holder (a node that has the image staged).
-    Exclusive,
-}
-
-/// Takes an flock on `file` without waiting. `Ok(false)` when another open
-/// file description holds a conflicting lock.
-pub fn try_lock(file: &impl AsFd, kind: LockKind) -> io::Result<bool> {
-    let op = match kind {
-        LockKind::Shared => FlockOperation::NonBlockingLockShared,
-        LockKind::Exclusive => FlockOperation::NonBlockingLockExclusive,
-    };
-    match rustix::fs::flock(file, op) {
-        Ok(()) => Ok(true),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// [`try_lock`], asked a few times over ~50 ms before answering "held".
-/// A lock can outlive its holder's close for a moment: a child process
-/// forked by another thread shares the descriptor until it execs (the
-/// descriptor is close-on-exec). Lock tests that decide whether a volume is
-/// in use must not mistake that for a holder.
-pub fn try_lock_patiently(file: &impl AsFd, kind: LockKind) -> io::Result<bool> {
-    for _ in 0..5 {
-        if try_lock(file, kind)? {
-            return Ok(true);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    Ok(false)
-}
-
-/// Pids on this host holding an flock on inode `ino` (from /proc/locks),
-/// to say who holds a lock in an error message. On a shared pool, holders
-/// on other nodes do not show.
-pub fn lock_holders(ino: u64) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<ino> 0 EOF"
-            let (kind, pid, file) = (f.get(1)?, f.get(4)?, f.get(5)?);
-            let inode: u64 = file.rsplit(':').next()?.parse().ok()?;
-            (*kind == "FLOCK" && inode == ino).then(|| (*pid).to_owned())
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Seek, Write};
+
+    #[test]
+    fn every_replacement_moves_the_mtime_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta.json");
+        let stamp = || {
+            let m = std::fs::metadata(&p).unwrap();
+            (m.mtime(), m.mtime_nsec())
+        };
+        write_atomic(&p, b"one").unwrap();
+        let mut last = stamp();
+        // Faster than the kernel's coarse clock ticks.
+        for i in 0..50 {
+            write_atomic(&p, format!("v{i}").as_bytes()).unwrap();
+            let now = stamp();
+            assert!(now > last, "{now:?} is not after {last:?}");
+            last = now;
+        }
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
@@ -216,18 +214,5 @@ mod tests {
         assert_eq!(std::fs::read(&sp).unwrap(), std::fs::read(&dp).unwrap());
         // About 1 MiB + 4 KiB of data, far below the 64 MiB length.
         assert!(allocated_bytes(&dp).unwrap() < 4 << 20);
-    }
-
-    #[test]
-    fn flocks_conflict_between_open_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("image");
-        File::create(&p).unwrap();
-        let a = File::open(&p).unwrap();
-        let b = File::open(&p).unwrap();
-        assert!(try_lock(&a, LockKind::Exclusive).unwrap());
-        assert!(!try_lock(&b, LockKind::Shared).unwrap());
-        drop(a);
-        assert!(try_lock(&b, LockKind::Shared).unwrap());
     }
 }

@@ -4,6 +4,7 @@
 //! module calls rustix for file, copy or lock operations directly.
 
 pub mod fs;
+pub mod lock;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;

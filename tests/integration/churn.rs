@@ -5,8 +5,13 @@
 //! with its data, the pool holds nothing half-made, and once everything is
 //! cleaned up no mount and no loop device is left.
 //!
-//! CI runs a reduced form (FILEVOL_CHURN_KILLS, default 20 kills); the full
-//! form is `FILEVOL_CHURN_KILLS=200 cargo test --test integration churn`.
+//! Two layouts: `--mode all` (one process), and the shipped one, a node
+//! plugin and a controller as separate processes on one pool (node started
+//! first, ControllerPublish in the flow), each killed on its own.
+//!
+//! CI runs a reduced form (FILEVOL_CHURN_KILLS, default 20 kills for the
+//! single process and 50 for the separate ones); the full form is
+//! `FILEVOL_CHURN_KILLS=200 cargo test --test integration churn`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,17 +60,41 @@ fn retry<T>(what: &str, mut call: impl FnMut() -> grpcio::Result<T>) -> T {
 struct Clients {
     controller: ControllerClient,
     node: NodeClient,
+    /// ControllerPublish/Unpublish to this node id (the separate layout,
+    /// where attachment records are part of the flow).
+    attach_to: Option<String>,
 }
 
-fn clients(socket: &Path) -> Clients {
+/// How the driver runs: one process, or a node plugin and a controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    All,
+    Separate,
+}
+
+/// Where the workload finds the driver.
+#[derive(Debug, Clone)]
+struct Sockets {
+    controller: PathBuf,
+    node: PathBuf,
+    layout: Layout,
+}
+
+const NODE_ID: &str = "churn-node";
+
+fn channel(socket: &Path) -> grpcio::Channel {
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let ch = ChannelBuilder::new(env)
+    ChannelBuilder::new(env)
         .initial_reconnect_backoff(Duration::from_millis(20))
         .max_reconnect_backoff(Duration::from_millis(200))
-        .connect(&format!("unix:{}", socket.display()));
+        .connect(&format!("unix:{}", socket.display()))
+}
+
+fn clients(sockets: &Sockets) -> Clients {
     Clients {
-        controller: ControllerClient::new(ch.clone()),
-        node: NodeClient::new(ch),
+        controller: ControllerClient::new(channel(&sockets.controller)),
+        node: NodeClient::new(channel(&sockets.node)),
+        attach_to: (sockets.layout == Layout::Separate).then(|| NODE_ID.to_owned()),
     }
 }
 
@@ -80,13 +109,13 @@ type Ledger = Arc<Mutex<BTreeMap<String, Option<u64>>>>;
 
 fn workload(
     w: usize,
-    socket: PathBuf,
+    sockets: Sockets,
     kubelet: PathBuf,
     stop: Arc<AtomicBool>,
     ledger: Ledger,
     rounds: Arc<AtomicUsize>,
 ) {
-    let c = clients(&socket);
+    let c = clients(&sockets);
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let mut i = 0;
     while !stop.load(Ordering::SeqCst) {
@@ -104,6 +133,14 @@ fn workload(
         let target = kubelet.join("pods").join(&id).join("mount");
         std::fs::create_dir_all(&staging).unwrap();
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        if let Some(node) = &c.attach_to {
+            retry("ControllerPublishVolume", || {
+                c.controller.controller_publish_volume_opt(
+                    &req::publish(&id, node, Mode::SINGLE_NODE_WRITER, false),
+                    opt(),
+                )
+            });
+        }
         retry("NodeStageVolume", || {
             c.node
                 .node_stage_volume_opt(&stage_req(&id, &staging, cap.clone()), opt())
@@ -137,6 +174,12 @@ fn workload(
             c.node
                 .node_unstage_volume_opt(&unstage_req(&id, &staging), opt())
         });
+        if let Some(node) = &c.attach_to {
+            retry("ControllerUnpublishVolume", || {
+                c.controller
+                    .controller_unpublish_volume_opt(&req::unpublish(&id, node), opt())
+            });
+        }
         if i % 2 == 0 {
             retry("DeleteVolume", || {
                 c.controller.delete_volume_opt(&req::delete(&id), opt())
@@ -147,13 +190,17 @@ fn workload(
     }
 }
 
-fn start(pool: &Path, kubelet: &Path, socket: &Path) -> Driver {
+fn start(pool: &Path, kubelet: &Path, socket: &Path, mode: &str) -> Driver {
     let dir = tempfile::tempdir().unwrap();
     let mut d = Driver::spawn_at(
         dir,
         socket.to_owned(),
         pool.to_owned(),
         Opts::default().args(&[
+            "--mode",
+            mode,
+            "--node-id",
+            NODE_ID,
             "--reserve",
             "0",
             "--overcommit",
@@ -175,22 +222,91 @@ fn keep_log(d: &Driver, all: &Mutex<String>) {
 
 #[test]
 fn sigkill_loop_under_churn_loses_nothing() {
+    churn(Layout::All, 20);
+}
+
+#[test]
+fn sigkill_loop_of_separate_controller_and_node_loses_nothing() {
+    churn(Layout::Separate, 50);
+}
+
+/// The processes of one layout, restarted after each kill.
+struct Procs {
+    pool: PathBuf,
+    kubelet: PathBuf,
+    sockets: Sockets,
+    /// The controller (`--mode all` in the single-process layout).
+    controller: Driver,
+    /// The node plugin, in the separate layout.
+    node: Option<Driver>,
+}
+
+impl Procs {
+    fn start(layout: Layout, pool: &Path, kubelet: &Path, dir: &Path) -> Procs {
+        let sockets = Sockets {
+            controller: dir.join("controller.sock"),
+            node: match layout {
+                Layout::All => dir.join("controller.sock"),
+                Layout::Separate => dir.join("node.sock"),
+            },
+            layout,
+        };
+        // The node plugin first, as a DaemonSet usually is.
+        let node =
+            (layout == Layout::Separate).then(|| start(pool, kubelet, &sockets.node, "node"));
+        let mode = if layout == Layout::All {
+            "all"
+        } else {
+            "controller"
+        };
+        let controller = start(pool, kubelet, &sockets.controller, mode);
+        Procs {
+            pool: pool.to_owned(),
+            kubelet: kubelet.to_owned(),
+            sockets,
+            controller,
+            node,
+        }
+    }
+
+    /// SIGKILLs one process (`node` picks the node plugin where there is
+    /// one) and starts it again.
+    fn kill_and_restart(&mut self, node: bool, logs: &Mutex<String>) {
+        let (victim, socket, mode) = match (&mut self.node, node) {
+            (Some(n), true) => (n, &self.sockets.node, "node"),
+            _ => (
+                &mut self.controller,
+                &self.sockets.controller,
+                if self.sockets.layout == Layout::All {
+                    "all"
+                } else {
+                    "controller"
+                },
+            ),
+        };
+        victim.signal(rustix::process::Signal::KILL);
+        victim.wait_exit(Duration::from_secs(10));
+        keep_log(victim, logs);
+        *victim = start(&self.pool, &self.kubelet, socket, mode);
+    }
+}
+
+fn churn(layout: Layout, default_kills: usize) {
     let kills: usize = std::env::var("FILEVOL_CHURN_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(default_kills);
     let Some((_fs, pool)) = pool_on("xfs", 8192) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let kubelet = dir.path().canonicalize().unwrap().join("kubelet");
     std::fs::create_dir_all(&kubelet).unwrap();
-    let socket = dir.path().join("csi.sock");
     let _guard = crate::node::LeakGuard {
         kubelet: kubelet.clone(),
         pool: pool.clone(),
     };
-    let mut driver = start(&pool, &kubelet, &socket);
+    let mut procs = Procs::start(layout, &pool, &kubelet, dir.path());
     let logs = Mutex::new(String::new());
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -198,24 +314,25 @@ fn sigkill_loop_under_churn_loses_nothing() {
     let rounds = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (socket, kubelet) = (socket.clone(), kubelet.clone());
+            let (sockets, kubelet) = (procs.sockets.clone(), kubelet.clone());
             let (stop, ledger, rounds) =
                 (Arc::clone(&stop), Arc::clone(&ledger), Arc::clone(&rounds));
-            std::thread::spawn(move || workload(w, socket, kubelet, stop, ledger, rounds))
+            std::thread::spawn(move || workload(w, sockets, kubelet, stop, ledger, rounds))
         })
         .collect();
 
-    // Kill at pseudo-random moments (a fixed-seed LCG: the run repeats).
+    // Kill at pseudo-random moments (a fixed-seed LCG: the run repeats),
+    // and in the separate layout pick the controller or the node plugin.
     let mut seed: u64 = 0x5eed_f11e;
+    let mut node_kills = 0;
     for _ in 0..kills {
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         std::thread::sleep(Duration::from_millis(50 + (seed >> 33) % 400));
-        driver.signal(rustix::process::Signal::KILL);
-        driver.wait_exit(Duration::from_secs(10));
-        keep_log(&driver, &logs);
-        driver = start(&pool, &kubelet, &socket);
+        let node = (seed >> 20) & 1 == 1;
+        node_kills += usize::from(node && layout == Layout::Separate);
+        procs.kill_and_restart(node, &logs);
     }
     stop.store(true, Ordering::SeqCst);
     let mut failed = false;
@@ -223,7 +340,10 @@ fn sigkill_loop_under_churn_loses_nothing() {
         failed |= w.join().is_err();
     }
     if failed {
-        keep_log(&driver, &logs);
+        keep_log(&procs.controller, &logs);
+        if let Some(n) = &procs.node {
+            keep_log(n, &logs);
+        }
         std::fs::write("/tmp/churn-failure.log", &*logs.lock()).unwrap();
         panic!("a workload thread failed; driver logs in /tmp/churn-failure.log");
     }
@@ -233,7 +353,7 @@ fn sigkill_loop_under_churn_loses_nothing() {
     );
 
     // Every volume the workload was told exists is there, with its data.
-    let c = clients(&socket);
+    let c = clients(&procs.sockets);
     let listed: Vec<String> = retry("ListVolumes", || {
         c.controller.list_volumes_opt(&req::list(0, ""), opt())
     })
@@ -275,7 +395,12 @@ fn sigkill_loop_under_churn_loses_nothing() {
         });
     }
     // No half-made volume or snapshot: everything listed was recorded or is
-    // a volume whose delete the workload was still retrying.
+    // a volume whose delete the workload was still retrying. Clean-up of
+    // what killed processes left is a controller's job at its start (node
+    // plugins never clean up), so the controller starts once more first.
+    if layout == Layout::Separate {
+        procs.kill_and_restart(false, &logs);
+    }
     crate::crash::assert_consistent(&pool);
 
     // Clean up everything; nothing may remain mounted or attached.
@@ -295,9 +420,9 @@ fn sigkill_loop_under_churn_loses_nothing() {
             c.controller.delete_volume_opt(&req::delete(id), opt())
         });
     }
-    drop(driver);
+    drop(procs);
     eprintln!(
-        "churn: {kills} kills, {} rounds, {} volumes verified",
+        "churn ({layout:?}): {kills} kills ({node_kills} of the node plugin), {} rounds, {} volumes verified",
         rounds.load(Ordering::SeqCst),
         ledger.len()
     );

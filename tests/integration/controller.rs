@@ -27,6 +27,21 @@ pub fn image(pool: &Path, id: &str) -> PathBuf {
     pool.join("volumes").join(id).join("image")
 }
 
+/// Holds a volume's fence exclusively, as a node plugin with the volume
+/// staged for writing does, until the returned file is dropped.
+pub fn hold_fence(pool: &Path, id: &str) -> File {
+    let path = pool.join("volumes").join(id).join("fence");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    assert!(filevol::sys::lock::try_lock(&f, filevol::sys::lock::LockKind::Exclusive).unwrap());
+    f
+}
+
 fn snapshot_image(pool: &Path, id: &str) -> PathBuf {
     pool.join("snapshots").join(id).join("image")
 }
@@ -239,8 +254,7 @@ fn snapshots_are_reflinks_on_xfs() {
 
     // A node holding the image staged (exclusive lock) does not stop a
     // reflink: it is atomic.
-    let staged = File::open(&img).unwrap();
-    rustix::fs::flock(&staged, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let staged = hold_fence(&pool, &v.volume_id);
     let s = c
         .create_snapshot(&req::snapshot("snap-1", &v.volume_id))
         .unwrap()
@@ -388,8 +402,7 @@ fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
     let img = image(&pool, &v.volume_id);
     fill(&img, 100 << 20, 32 << 20, 3);
 
-    let staged = File::open(&img).unwrap();
-    rustix::fs::flock(&staged, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let staged = hold_fence(&pool, &v.volume_id);
     let st = status(c.create_snapshot(&req::snapshot("torn", &v.volume_id)));
     assert_eq!(st.code(), RpcStatusCode::FAILED_PRECONDITION);
     assert!(st.message().contains("staged"), "{}", st.message());

@@ -68,17 +68,28 @@ pub fn assert_consistent(pool: &Path) {
         }
         assert!(dir.join("image").is_file() || dir.join("data").is_dir());
     }
-    let scratch: Vec<_> = std::fs::read_dir(pool.join(".scratch"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    let dirs: Vec<_> = scratch.iter().filter(|p| p.is_dir()).collect();
-    assert_eq!(
-        dirs.len(),
-        1,
-        "scratch of dead processes survived: {scratch:?}"
-    );
-    assert_eq!(std::fs::read_dir(dirs[0]).unwrap().count(), 0);
+    // Only running processes have scratch, and between operations it is
+    // empty: what dead ones left was cleaned when a controller started.
+    for entry in std::fs::read_dir(pool.join(".scratch")).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("{}.lock", dir.display()))
+            .unwrap_or_else(|e| panic!("scratch {} has no lock file: {e}", dir.display()));
+        let free =
+            filevol::sys::lock::try_lock(&lock, filevol::sys::lock::LockKind::Exclusive).unwrap();
+        assert!(
+            !free,
+            "scratch of a dead process survived: {}",
+            dir.display()
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(left.is_empty(), "{} holds {left:?}", dir.display());
+    }
 }
 
 fn volume_ids(d: &Driver) -> Vec<String> {

@@ -8,6 +8,7 @@ mod dispatch;
 mod fuzz_corpus;
 mod hostile;
 mod identity;
+mod layouts;
 mod lifecycle;
 mod logging;
 mod loopfs;

@@ -1,0 +1,165 @@
+//! Capacity: what the pool may still promise to new volumes.
+//!
+//! Room is the usable size (total less the reserve) times the overcommit
+//! ratio, less the capacity of every volume and snapshot in the pool, less
+//! what creations in progress have been promised. Any process may be
+//! creating (controller replicas, node plugins making ephemeral volumes), so
+//! promises live in the pool too: a creation holds an empty file
+//! `.scratch/<instance>/promise-<bytes>-<n>` until its volume is committed,
+//! and every process counts the promises of instances that are alive (their
+//! scratch lock is held; a dead instance's promises are void). Checking the
+//! room and writing the promise happen under `.capacity.lock`, held only for
+//! that arithmetic, never across the creation itself, so two processes
+//! cannot both take the last free space.
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::error::io_error;
+use super::meta::{SnapshotMeta, VolumeMeta};
+use super::{Pool, PoolError};
+use crate::sys::fs as sysfs;
+use crate::sys::lock::{self, LockKind};
+
+/// How long a creation waits for another process's capacity check: those
+/// hold the lock for a directory scan, never for slow work.
+const CAPACITY_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Capacity held for a creation in progress; released when dropped.
+#[derive(Debug)]
+pub(super) struct Promise {
+    path: PathBuf,
+}
+
+impl Drop for Promise {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::warn!("release promise {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The bytes a promise file holds, from its name.
+fn promised_bytes(name: &str) -> Option<u64> {
+    name.strip_prefix("promise-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+impl Pool {
+    /// Bytes the pool can still promise to new volumes. Thin volumes take no
+    /// space when created, so free space is not the bound; preallocation
+    /// and copies that meet a full filesystem fail with ENOSPC and are
+    /// rolled back. At ratio 1.0 the pool can write every byte it promised.
+    /// Snapshots count at their full size because a reflinked copy grows
+    /// toward it as its source diverges.
+    pub fn capacity(&self) -> Result<u64, PoolError> {
+        self.room()
+    }
+
+    fn room(&self) -> Result<u64, PoolError> {
+        let space = sysfs::space(&self.root).map_err(io_error("statvfs", &self.root))?;
+        let (_, _, volumes, snapshots) = self.committed()?;
+        let promised = self.promised()?;
+        let usable = space.total.saturating_sub(self.opts.reserve_bytes);
+        let promisable = (usable as f64 * self.opts.overcommit) as u64;
+        Ok(promisable.saturating_sub(volumes.saturating_add(snapshots).saturating_add(promised)))
+    }
+
+    /// (volumes, snapshots, bytes of volumes, bytes of snapshots) committed.
+    fn committed(&self) -> Result<(usize, usize, u64, u64), PoolError> {
+        let volumes = self.store.load_all::<VolumeMeta>()?;
+        let snapshots = self.store.load_all::<SnapshotMeta>()?;
+        let vbytes = volumes
+            .iter()
+            .filter_map(|(_, v)| v.as_ref().ok())
+            .map(|v| v.capacity_bytes)
+            .sum();
+        let sbytes = snapshots
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().ok())
+            .map(|s| s.size_bytes)
+            .sum();
+        Ok((volumes.len(), snapshots.len(), vbytes, sbytes))
+    }
+
+    /// Bytes promised by creations in progress in every live instance.
+    fn promised(&self) -> Result<u64, PoolError> {
+        let base = self.scratch.base();
+        let mut total = 0u64;
+        for entry in std::fs::read_dir(base).map_err(io_error("read directory", base))? {
+            let entry = entry.map_err(io_error("read directory", base))?;
+            let Ok(instance) = entry.file_name().into_string() else {
+                continue;
+            };
+            if instance.ends_with(".lock") || !self.scratch.is_alive(&instance) {
+                continue;
+            }
+            let Ok(dir) = std::fs::read_dir(entry.path()) else {
+                continue;
+            };
+            for item in dir.flatten() {
+                if let Some(bytes) = item.file_name().to_str().and_then(promised_bytes) {
+                    total = total.saturating_add(bytes);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Holds `bytes` of capacity until the returned promise is dropped, or
+    /// fails with [`PoolError::Exhausted`].
+    pub(super) fn promise(&self, bytes: u64) -> Result<Promise, PoolError> {
+        let path = self.root.join(".capacity.lock");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_error("open", &path))?;
+        if !lock::try_lock_for(&lock, LockKind::Exclusive, CAPACITY_LOCK_WAIT)
+            .map_err(io_error("lock", &path))?
+        {
+            return Err(PoolError::Busy {
+                kind: "pool",
+                id: "capacity".into(),
+            });
+        }
+        let available = self.room()?;
+        if bytes > available {
+            return Err(PoolError::Exhausted {
+                requested: bytes,
+                available,
+            });
+        }
+        let promise = self.scratch.new_path(&format!("promise-{bytes}"));
+        // The name carries the amount; an empty file is all it takes.
+        let _ = File::create(&promise).map_err(io_error("create", &promise))?;
+        drop(lock);
+        Ok(Promise { path: promise })
+    }
+
+    /// Volumes, snapshots, and bytes promised to volumes, for metrics and
+    /// reports.
+    pub fn usage(&self) -> Result<(usize, usize, u64), PoolError> {
+        let (volumes, snapshots, provisioned, _) = self.committed()?;
+        Ok((volumes, snapshots, provisioned))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn promise_files_name_their_bytes() {
+        assert_eq!(promised_bytes("promise-1048576-3"), Some(1 << 20));
+        assert_eq!(promised_bytes("promise-0-0"), Some(0));
+        assert_eq!(promised_bytes("volume-3"), None);
+        assert_eq!(promised_bytes("promise-x-3"), None);
+    }
+}

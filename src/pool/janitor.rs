@@ -1,0 +1,103 @@
+//! Clean-up of what dead processes left, run by a controller (or `--mode
+//! all`) when it opens the pool. Node plugins never run it: one process kind
+//! decides, and it removes only what is provably abandoned:
+//! - the scratch of an instance whose scratch lock is free (it is dead);
+//! - members of a group snapshot whose record does not exist (ENOENT, not
+//!   merely unreadable) and whose group lock is free: the creator holds that
+//!   lock from its first member to the record, so a free lock means nobody
+//!   is still making the group;
+//! - nothing whose record cannot be read: a damaged record is logged and
+//!   reported (volume condition, `filevol pool ls`), never deleted.
+//!
+//! It also extends an image shorter than its volume (a size change lost in
+//! a crash, or an expansion cut short), under the volume's lock: the tail is
+//! a hole, so no data changes.
+
+use std::fs::OpenOptions;
+
+use super::meta::{Layout, SnapshotMeta, VolumeMeta};
+use super::{scratch, Pool, PoolError};
+
+/// Runs every clean-up. A failure to clean one object is logged, not fatal:
+/// the pool still serves.
+pub(super) fn run(pool: &Pool) -> Result<(), PoolError> {
+    scratch::clean(pool.scratch.base())?;
+    remove_unfinished_groups(pool)?;
+    repair_short_images(pool)?;
+    Ok(())
+}
+
+fn remove_unfinished_groups(pool: &Pool) -> Result<(), PoolError> {
+    for (id, entry) in pool.store.load_all::<SnapshotMeta>()? {
+        let s = match entry {
+            Ok(s) => s,
+            Err(problem) => {
+                log::warn!("snapshot {id}: {problem} (left in place)");
+                continue;
+            }
+        };
+        let Some(group) = &s.group_id else { continue };
+        match std::fs::symlink_metadata(pool.group_file(group)) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                log::warn!(
+                    "snapshot {id}: group snapshot {group} cannot be read ({e}); left in place"
+                );
+                continue;
+            }
+        }
+        let _lock = match pool.store.lock_group(group) {
+            Ok(lock) => lock,
+            Err(PoolError::Busy { .. }) => continue, // its creator is still at work
+            Err(e) => return Err(e),
+        };
+        // Checked again under the lock: the creator may have finished
+        // between the first look and the lock.
+        if pool.group_file(group).exists() {
+            continue;
+        }
+        log::warn!(
+            "removing snapshot {id} of unfinished group snapshot {group} (its creator is gone)"
+        );
+        if let Err(e) = pool.remove_member(&id) {
+            log::warn!("snapshot {id}: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn repair_short_images(pool: &Pool) -> Result<(), PoolError> {
+    for (id, entry) in pool.store.load_all::<VolumeMeta>()? {
+        let Ok(v) = entry else { continue };
+        if v.layout != Layout::Image {
+            continue;
+        }
+        let path = pool.image_path(&id);
+        let short = std::fs::metadata(&path).is_ok_and(|m| m.len() < v.capacity_bytes);
+        if !short {
+            continue;
+        }
+        let Ok(_lock) = pool.lock_volume(&id) else {
+            continue; // being changed right now: not ours to repair
+        };
+        let Ok(v) = pool.volume(&id) else { continue };
+        let Ok(f) = OpenOptions::new().write(true).open(&path) else {
+            continue;
+        };
+        match f.metadata() {
+            Ok(m) if m.len() < v.capacity_bytes => {
+                log::warn!(
+                    "volume {id}: image is {} bytes, the volume {}; extending it",
+                    m.len(),
+                    v.capacity_bytes
+                );
+                if let Err(e) = f.set_len(v.capacity_bytes).and_then(|()| f.sync_all()) {
+                    log::warn!("volume {id}: extend image: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

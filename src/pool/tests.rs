@@ -1,0 +1,404 @@
+//! Pool logic on temporary directories, no root needed. Two `Pool`s opened
+//! on one directory stand for two processes: their locks are OFD locks on
+//! separate opens, which conflict exactly as between processes (and hosts).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::meta::{AccessMode, AccessType, GroupMeta, Layout, SnapshotMeta, FORMAT};
+use super::store;
+use super::*;
+use crate::sys::lock::LockKind;
+
+const MIB: u64 = 1 << 20;
+
+fn opts(janitor: bool) -> PoolOptions {
+    PoolOptions {
+        reserve_bytes: 0,
+        overcommit: 1000.0,
+        topology: BTreeMap::new(),
+        janitor,
+    }
+}
+
+fn open(root: &Path, janitor: bool) -> Pool {
+    Pool::open(root, opts(janitor)).unwrap()
+}
+
+fn spec(name: &str, bytes: u64) -> VolumeSpec {
+    VolumeSpec {
+        name: name.into(),
+        layout: Layout::Image,
+        capacity: CapacityRange {
+            required: bytes,
+            limit: 0,
+        },
+        access: AccessType::Block,
+        fs_type: None,
+        thick: false,
+        mkfs_options: vec![],
+        parameters: BTreeMap::new(),
+        mutable_parameters: BTreeMap::new(),
+        source: None,
+        modes: vec![AccessMode::SingleNodeWriter],
+    }
+}
+
+fn dir_spec(name: &str) -> VolumeSpec {
+    VolumeSpec {
+        layout: Layout::Dir,
+        access: AccessType::Mount,
+        ..spec(name, MIB)
+    }
+}
+
+#[test]
+fn every_process_sees_what_another_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), false);
+    let controller = open(dir.path(), true);
+    let v = controller.create_volume(&spec("a", 8 * MIB)).unwrap();
+    assert_eq!(v.written, Some(false));
+    // The node process opened the pool first and still sees the volume.
+    assert_eq!(node.volume(&v.id).unwrap(), v);
+    // An expansion before the first stage is what the node reads.
+    controller
+        .expand_volume(
+            &v.id,
+            CapacityRange {
+                required: 16 * MIB,
+                limit: 0,
+            },
+        )
+        .unwrap();
+    assert_eq!(node.volume(&v.id).unwrap().capacity_bytes, 16 * MIB);
+    let (listed, _) = node.list_volumes(None, 0).unwrap();
+    assert_eq!(listed[0].1.as_ref().unwrap().capacity_bytes, 16 * MIB);
+    // A volume the node made (ephemeral) counts for the controller.
+    let e = node.create_volume(&spec("ephemeral", 4 * MIB)).unwrap();
+    assert_eq!(controller.usage().unwrap(), (2, 0, 20 * MIB));
+    // Deleted by the node process: gone for the controller too.
+    node.delete_volume(&e.id).unwrap();
+    assert!(matches!(
+        controller.volume(&e.id),
+        Err(PoolError::NotFound { .. })
+    ));
+    assert_eq!(controller.list_volumes(None, 0).unwrap().0.len(), 1);
+}
+
+#[test]
+fn a_create_retried_against_another_instance_returns_the_same_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let b = open(dir.path(), true);
+    let first = a.create_volume(&spec("pvc-1", 8 * MIB)).unwrap();
+    let again = b.create_volume(&spec("pvc-1", 8 * MIB)).unwrap();
+    assert_eq!(first, again);
+    assert!(matches!(
+        b.create_volume(&spec("pvc-1", 64 * MIB)),
+        Err(PoolError::Incompatible { .. })
+    ));
+    // Deleted through the other instance: nothing is left in the pool, and
+    // a retried create makes it anew.
+    b.delete_volume(&first.id).unwrap();
+    assert!(!dir.path().join("volumes").join(&first.id).exists());
+    a.delete_volume(&first.id).unwrap();
+    a.create_volume(&spec("pvc-1", 8 * MIB)).unwrap();
+}
+
+#[test]
+fn concurrent_creates_of_one_name_commit_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pools: Vec<Pool> = (0..4).map(|_| open(dir.path(), false)).collect();
+    for round in 0..20 {
+        let name = format!("race-{round}");
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = pools
+                .iter()
+                .map(|p| s.spawn(|| p.create_volume(&spec(&name, 4 * MIB))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let first = results[0].as_ref().unwrap();
+        for r in &results {
+            assert_eq!(r.as_ref().unwrap(), first);
+        }
+    }
+    assert_eq!(pools[0].list_volumes(None, 0).unwrap().0.len(), 20);
+    // No build was left behind in any scratch directory.
+    for entry in std::fs::read_dir(dir.path().join(".scratch")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            assert_eq!(std::fs::read_dir(entry.path()).unwrap().count(), 0);
+        }
+    }
+}
+
+#[test]
+fn mutations_of_one_volume_are_serialised_across_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let b = open(dir.path(), true);
+    let v = a.create_volume(&spec("v", 8 * MIB)).unwrap();
+    let held = a.lock_volume(&v.id).unwrap();
+    let grow = CapacityRange {
+        required: 16 * MIB,
+        limit: 0,
+    };
+    assert!(matches!(
+        b.expand_volume(&v.id, grow),
+        Err(PoolError::Busy { .. })
+    ));
+    assert!(matches!(
+        b.delete_volume(&v.id),
+        Err(PoolError::Busy { .. })
+    ));
+    drop(held);
+    b.expand_volume(&v.id, grow).unwrap();
+}
+
+#[test]
+fn a_staged_volume_is_never_deleted_or_byte_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), false);
+    let controller = open(dir.path(), true);
+    let image = controller.create_volume(&spec("image", 8 * MIB)).unwrap();
+    let shared = controller.create_volume(&dir_spec("shared")).unwrap();
+
+    let fence = node
+        .fence_volume(&image.id, LockKind::Exclusive)
+        .unwrap()
+        .unwrap();
+    let err = controller.delete_volume(&image.id).unwrap_err();
+    assert!(matches!(err, PoolError::InUse(_)), "{err}");
+    assert!(controller.image_path(&image.id).exists());
+    // A byte copy (no reflink on this filesystem, or a refused one) of an
+    // image staged for writing would be torn.
+    assert!(matches!(
+        controller.check_copyable(&Source::Volume(image.id.clone())),
+        Err(PoolError::InUse(_))
+    ));
+    drop(fence);
+    assert!(controller
+        .check_copyable(&Source::Volume(image.id.clone()))
+        .unwrap()
+        .is_some());
+
+    // Directory volumes too: a node-local plugin stages without any
+    // ControllerPublish record.
+    let fence = node
+        .fence_volume(&shared.id, LockKind::Shared)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        controller.delete_volume(&shared.id),
+        Err(PoolError::InUse(_))
+    ));
+    assert!(controller.data_path(&shared.id).is_dir());
+    drop(fence);
+    controller.delete_volume(&shared.id).unwrap();
+    controller.delete_volume(&image.id).unwrap();
+}
+
+#[test]
+fn attachments_recorded_by_one_replica_hold_for_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let b = open(dir.path(), true);
+    for node in ["n1", "n2"] {
+        a.register_node(&meta::NodeRecord {
+            node_id: node.into(),
+            topology: BTreeMap::new(),
+            max_volumes: 0,
+        })
+        .unwrap();
+    }
+    let v = a.create_volume(&spec("v", 8 * MIB)).unwrap();
+    a.publish(&v.id, "n1", AccessMode::SingleNodeWriter, false)
+        .unwrap();
+    assert!(matches!(
+        b.publish(&v.id, "n2", AccessMode::SingleNodeWriter, false),
+        Err(PoolError::AttachedElsewhere { .. })
+    ));
+    assert!(matches!(b.delete_volume(&v.id), Err(PoolError::InUse(_))));
+    b.unpublish(&v.id, Some("n1")).unwrap();
+    a.delete_volume(&v.id).unwrap();
+}
+
+fn member(root: &Path, id: &str, group: &str) {
+    let dir = root.join("snapshots").join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("image"), b"").unwrap();
+    store::write_json(
+        &dir.join(store::META),
+        &SnapshotMeta {
+            format: FORMAT,
+            id: id.into(),
+            name: id.into(),
+            source_volume_id: "v".into(),
+            size_bytes: MIB,
+            layout: Layout::Image,
+            access: AccessType::Block,
+            fs_type: None,
+            method: meta::CopyMethod::Reflink,
+            group_id: Some(group.into()),
+            created_secs: 0,
+            created_nanos: 0,
+            written: Some(false),
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn members_of_a_group_still_being_made_survive_other_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let creator = open(dir.path(), true);
+    // The creator holds the group's lock and has committed one member.
+    let lock = creator.store.lock_group("g1").unwrap();
+    member(dir.path(), "m1", "g1");
+    // A node plugin restarting meanwhile cleans nothing at all, and
+    // another controller starting does not touch a group whose creator
+    // is at work.
+    drop(open(dir.path(), false));
+    drop(open(dir.path(), true));
+    assert!(dir.path().join("snapshots/m1").exists());
+    // The creator finishes: the member is reported.
+    store::write_json(
+        &creator.group_file("g1"),
+        &GroupMeta {
+            format: FORMAT,
+            id: "g1".into(),
+            name: "g1".into(),
+            snapshot_ids: vec!["m1".into()],
+            source_volume_ids: vec!["v".into()],
+            created_secs: 0,
+            created_nanos: 0,
+        },
+    )
+    .unwrap();
+    drop(lock);
+    assert!(!dir.path().join("groups/g1.lock").exists());
+    drop(open(dir.path(), true));
+    assert_eq!(creator.group("g1").unwrap().snapshot_ids, ["m1"]);
+    assert!(creator.snapshot("m1").is_ok());
+}
+
+#[test]
+fn members_of_a_group_whose_creator_died_are_removed_by_a_controller_only() {
+    let dir = tempfile::tempdir().unwrap();
+    member(dir.path(), "m2", "g2");
+    // No lock held: the creator is gone. A node plugin leaves it.
+    drop(open(dir.path(), false));
+    assert!(dir.path().join("snapshots/m2").exists());
+    let controller = open(dir.path(), true);
+    assert!(!dir.path().join("snapshots/m2").exists());
+    assert!(matches!(
+        controller.snapshot("m2"),
+        Err(PoolError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn a_damaged_record_is_reported_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    let v = pool.create_volume(&spec("v", 8 * MIB)).unwrap();
+    let meta = dir.path().join("volumes").join(&v.id).join(store::META);
+    std::fs::write(&meta, b"{torn").unwrap();
+    member(dir.path(), "m3", "g3");
+    std::fs::write(dir.path().join("snapshots/m3/meta.json"), b"").unwrap();
+    drop(open(dir.path(), true));
+    assert!(meta.exists() && dir.path().join("snapshots/m3").exists());
+    let (listed, _) = pool.list_volumes(None, 0).unwrap();
+    assert!(listed[0].1.is_err());
+    assert!(matches!(pool.volume(&v.id), Err(PoolError::Damaged { .. })));
+    assert!(pool.image_path(&v.id).exists());
+    // Only an explicit delete removes it, and not while a node has it.
+    let fence = pool.fence_volume(&v.id, LockKind::Shared).unwrap().unwrap();
+    assert!(matches!(
+        pool.delete_volume(&v.id),
+        Err(PoolError::InUse(_))
+    ));
+    drop(fence);
+    pool.delete_volume(&v.id).unwrap();
+    assert!(!pool.image_path(&v.id).exists());
+}
+
+#[test]
+fn a_dead_instance_s_scratch_goes_only_with_a_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    // What a killed process leaves: its scratch with a half-built volume,
+    // and its lock file, which nobody holds any more.
+    let base = dir.path().join(".scratch");
+    let dead = base.join("host-4242-1");
+    std::fs::create_dir_all(dead.join("volume-0")).unwrap();
+    std::fs::write(base.join("host-4242-1.lock"), b"").unwrap();
+    drop(open(dir.path(), false));
+    assert!(dead.exists(), "a node plugin must not clean up");
+    // A live instance's scratch is never touched.
+    let live = open(dir.path(), false);
+    let work = live.scratch_path("volume");
+    std::fs::create_dir(&work).unwrap();
+    drop(open(dir.path(), true));
+    assert!(!dead.exists());
+    assert!(work.exists());
+}
+
+#[test]
+fn promises_in_progress_count_in_every_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let b = open(dir.path(), true);
+    let before = b.capacity().unwrap();
+    let promise = a.promise(64 * MIB).unwrap();
+    assert_eq!(b.capacity().unwrap(), before - 64 * MIB);
+    drop(promise);
+    assert_eq!(b.capacity().unwrap(), before);
+    // A promise of an instance that died is void.
+    let c = open(dir.path(), false);
+    let promise = c.promise(32 * MIB).unwrap();
+    std::mem::forget(promise);
+    drop(c);
+    assert_eq!(b.capacity().unwrap(), before);
+}
+
+#[test]
+fn clones_carry_whether_their_source_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    let v = pool.create_volume(&spec("src", 8 * MIB)).unwrap();
+    let fresh = pool
+        .create_volume(&VolumeSpec {
+            source: Some(Source::Volume(v.id.clone())),
+            ..spec("fresh-clone", 8 * MIB)
+        })
+        .unwrap();
+    assert_eq!(fresh.written, Some(false));
+    let lock = pool.lock_volume(&v.id).unwrap();
+    pool.mark_written(&v.id, &lock).unwrap();
+    drop(lock);
+    let clone = pool
+        .create_volume(&VolumeSpec {
+            source: Some(Source::Volume(v.id.clone())),
+            ..spec("clone", 8 * MIB)
+        })
+        .unwrap();
+    assert_eq!(clone.written, Some(true));
+    let snap = pool.create_snapshot("snap", &v.id).unwrap();
+    assert_eq!(snap.written, Some(true));
+    let restored = pool
+        .create_volume(&VolumeSpec {
+            source: Some(Source::Snapshot(snap.id.clone())),
+            ..spec("restored", 8 * MIB)
+        })
+        .unwrap();
+    assert_eq!(restored.written, Some(true));
+    // Records without the field (older pools) stay unknown.
+    let path = dir.path().join("volumes").join(&v.id).join(store::META);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json.as_object_mut().unwrap().remove("written");
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+    assert_eq!(pool.volume(&v.id).unwrap().written, None);
+}

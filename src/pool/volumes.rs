@@ -1,0 +1,486 @@
+//! Volumes: create (new, clone, restore), delete, expand, modify, read.
+//!
+//! Every call reads the volume's record from the pool, and every change of
+//! an existing volume happens under its object lock, so controller replicas
+//! and node plugins never act on a stale view of one another's work.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::error::io_error;
+use super::meta::{AccessType, Layout, Source, VolumeMeta, FORMAT};
+use super::store::{self, Fence, Kind, ObjectLock};
+use super::{
+    align_up, copy, ids, now_ms, page, remove_built, source_missing, CapacityRange, Page, Pool,
+    PoolError, VolumeEntry, VolumeSpec, ALIGN, DEFAULT_CAPACITY,
+};
+use crate::faults::crash_point;
+use crate::sys::fs as sysfs;
+use crate::sys::lock::LockKind;
+
+/// Parses the `thick` (mutable) parameter.
+pub fn parse_thick(params: &BTreeMap<String, String>) -> Result<Option<bool>, PoolError> {
+    match params.get("thick").map(String::as_str) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(other) => Err(PoolError::Unsupported(format!(
+            "thick={other:?}: expected \"true\" or \"false\""
+        ))),
+    }
+}
+
+impl Pool {
+    /// The volume `id`, as the pool holds it now.
+    pub fn volume(&self, id: &str) -> Result<VolumeMeta, PoolError> {
+        self.store.read(id)
+    }
+
+    /// Takes the volume's object lock (see [`store`]).
+    pub fn lock_volume(&self, id: &str) -> Result<ObjectLock, PoolError> {
+        self.store.lock(Kind::Volume, id)
+    }
+
+    /// Replaces the volume's record; the caller holds its lock.
+    pub fn update_volume(&self, v: &VolumeMeta, held: &ObjectLock) -> Result<(), PoolError> {
+        self.store.replace(&v.id, v, held)
+    }
+
+    /// Takes the volume's fence (see [`store`]): `Ok(None)` when another
+    /// holder's fence conflicts.
+    pub fn fence_volume(&self, id: &str, kind: LockKind) -> Result<Option<Fence>, PoolError> {
+        self.store.fence(id, kind)
+    }
+
+    /// Why the volume is abnormal (its data is missing or shorter than its
+    /// capacity), or `None` when it looks healthy.
+    pub fn volume_problem(&self, v: &VolumeMeta) -> Option<String> {
+        match v.layout {
+            Layout::Image => {
+                let path = self.image_path(&v.id);
+                match std::fs::metadata(&path) {
+                    Err(e) => Some(format!("image {} is unreadable: {e}", path.display())),
+                    Ok(m) if !m.is_file() => {
+                        Some(format!("image {} is not a file", path.display()))
+                    }
+                    Ok(m) if m.len() < v.capacity_bytes => Some(format!(
+                        "image {} is {} bytes, the volume is {}",
+                        path.display(),
+                        m.len(),
+                        v.capacity_bytes
+                    )),
+                    Ok(_) => None,
+                }
+            }
+            Layout::Dir => {
+                let path = self.data_path(&v.id);
+                (!path.is_dir()).then(|| format!("directory {} is missing", path.display()))
+            }
+        }
+    }
+
+    /// Volumes in id order from `start` (inclusive), at most `max` (0: all),
+    /// and the id to continue from. Reads the pool's directory on every
+    /// call; records come from the validated cache.
+    pub fn list_volumes(
+        &self,
+        start: Option<&str>,
+        max: usize,
+    ) -> Result<Page<VolumeEntry>, PoolError> {
+        let ids = self.store.ids(Kind::Volume)?;
+        Ok(page(&ids, start, max, |id| {
+            self.store.load::<VolumeMeta>(id)
+        }))
+    }
+
+    /// Every volume record (for capacity, attach limits, reports).
+    pub fn all_volumes(&self) -> Result<Vec<(String, VolumeEntry)>, PoolError> {
+        self.store.load_all::<VolumeMeta>()
+    }
+
+    /// Creates the volume `spec` asks for, or returns the one a previous
+    /// identical request made, by this process or any other.
+    pub fn create_volume(&self, spec: &VolumeSpec) -> Result<VolumeMeta, PoolError> {
+        let id = ids::derive(ids::Kind::Volume, &spec.name);
+        let capacity = self.size_for(spec)?;
+        self.check_source_shape(spec)?;
+        match self.volume(&id) {
+            Ok(existing) => return check_compatible(existing, spec),
+            Err(PoolError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+
+        let promise = self.promise(capacity)?;
+        let built = self.scratch.new_path("volume");
+        std::fs::create_dir(&built).map_err(io_error("create", &built))?;
+        let meta = match self.build_volume(&built, &id, spec, capacity) {
+            Ok(meta) => meta,
+            Err(e) => {
+                remove_built(&built);
+                return Err(e);
+            }
+        };
+        crash_point("create.built");
+        match self.commit(&built, &self.volume_dir(&id)) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another instance committed this name first: answer as a
+                // retry would.
+                remove_built(&built);
+                drop(promise);
+                return check_compatible(self.volume(&id)?, spec);
+            }
+            Err(e) => {
+                remove_built(&built);
+                return Err(e);
+            }
+        }
+        crash_point("create.committed");
+        drop(promise);
+        Ok(meta)
+    }
+
+    /// The size a new volume gets: the capacity range rounded up to
+    /// [`ALIGN`], at least what the filesystem and the content source need.
+    fn size_for(&self, spec: &VolumeSpec) -> Result<u64, PoolError> {
+        let CapacityRange { required, limit } = spec.capacity;
+        if limit != 0 && required > limit {
+            return Err(PoolError::OutOfRange(format!(
+                "required {required} bytes exceeds the limit of {limit}"
+            )));
+        }
+        let mut size = if required == 0 {
+            if limit != 0 {
+                limit.min(DEFAULT_CAPACITY)
+            } else {
+                DEFAULT_CAPACITY
+            }
+        } else {
+            required
+        };
+        let min_for_fs = match (spec.layout, spec.access, spec.fs_type) {
+            (Layout::Image, AccessType::Mount, Some(fs)) => fs.min_bytes(),
+            _ => ALIGN,
+        };
+        let source_size = match &spec.source {
+            None => 0,
+            Some(Source::Snapshot(id)) => self.snapshot(id).map_err(source_missing)?.size_bytes,
+            Some(Source::Volume(id)) => self.volume(id).map_err(source_missing)?.capacity_bytes,
+        };
+        size = align_up(size.max(min_for_fs).max(source_size));
+        if limit != 0 && size > limit {
+            let why = if source_size > required.max(limit) {
+                format!("the source is {source_size} bytes, more than the limit of {limit}")
+            } else {
+                format!("rounded to {size} bytes (whole MiB, at least {min_for_fs} for this filesystem), more than the limit of {limit}")
+            };
+            return Err(PoolError::OutOfRange(why));
+        }
+        Ok(size)
+    }
+
+    /// A clone or restore must have its source's layout, access type and
+    /// filesystem: the node never formats over existing data, so a mismatch
+    /// would only fail later, at stage.
+    fn check_source_shape(&self, spec: &VolumeSpec) -> Result<(), PoolError> {
+        let (kind, id, shape) = match &spec.source {
+            None => return Ok(()),
+            Some(Source::Snapshot(id)) => {
+                let s = self.snapshot(id).map_err(source_missing)?;
+                ("snapshot", id, (s.layout, s.access, s.fs_type))
+            }
+            Some(Source::Volume(id)) => {
+                let v = self.volume(id).map_err(source_missing)?;
+                ("volume", id, (v.layout, v.access, v.fs_type))
+            }
+        };
+        if shape != (spec.layout, spec.access, spec.fs_type) {
+            return Err(PoolError::Unsupported(format!(
+                "source {kind} {id} is {:?}/{:?}/{:?} (layout/access/filesystem); the new volume asks for {:?}/{:?}/{:?}",
+                shape.0, shape.1, shape.2, spec.layout, spec.access, spec.fs_type
+            )));
+        }
+        Ok(())
+    }
+
+    fn build_volume(
+        &self,
+        built: &Path,
+        id: &str,
+        spec: &VolumeSpec,
+        capacity: u64,
+    ) -> Result<VolumeMeta, PoolError> {
+        match spec.layout {
+            Layout::Image => {
+                let image = built.join("image");
+                match &spec.source {
+                    None => {
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&image)
+                            .map_err(io_error("create image", &image))?;
+                        f.set_len(capacity)
+                            .map_err(io_error("size image", &image))?;
+                        // A fresh sparse image has no data to sync; its size
+                        // is metadata, made durable by the commit.
+                        if spec.thick {
+                            sysfs::preallocate(&f, capacity)
+                                .map_err(io_error("preallocate image", &image))?;
+                            f.sync_all().map_err(io_error("sync image", &image))?;
+                        }
+                    }
+                    Some(source) => {
+                        let from = self.source_image(source);
+                        let check = || self.check_copyable(source);
+                        copy::copy_image(&from, &image, capacity, copy::Fallback::Sparse(&check))?;
+                        crash_point("create.copied");
+                        if spec.thick {
+                            let f = OpenOptions::new()
+                                .write(true)
+                                .open(&image)
+                                .map_err(io_error("open image", &image))?;
+                            sysfs::preallocate(&f, capacity)
+                                .map_err(io_error("preallocate image", &image))?;
+                            f.sync_all().map_err(io_error("sync image", &image))?;
+                        }
+                    }
+                }
+            }
+            Layout::Dir => {
+                let data = built.join("data");
+                match &spec.source {
+                    None => {
+                        std::fs::create_dir(&data).map_err(io_error("create directory", &data))?;
+                        // Any pod user may write a shared directory; kubelet
+                        // applies fsGroup on top where one is set.
+                        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777))
+                            .map_err(io_error("chmod", &data))?;
+                    }
+                    Some(source) => copy::copy_tree(&self.source_data(source), &data)?,
+                }
+            }
+        }
+        // The source's record is read after the copy: `written` only ever
+        // goes from false to true, and a node sets it before anything is
+        // written, so a value read now covers everything the copy holds.
+        let written = match &spec.source {
+            None => Some(false),
+            Some(Source::Volume(src)) => self.volume(src).map_err(source_missing)?.written,
+            Some(Source::Snapshot(src)) => self.snapshot(src).map_err(source_missing)?.written,
+        };
+        let meta = VolumeMeta {
+            format: FORMAT,
+            id: id.to_owned(),
+            name: spec.name.clone(),
+            layout: spec.layout,
+            capacity_bytes: capacity,
+            access: spec.access,
+            fs_type: spec.fs_type,
+            thick: spec.thick,
+            mkfs_options: spec.mkfs_options.clone(),
+            parameters: spec.parameters.clone(),
+            mutable_parameters: spec.mutable_parameters.clone(),
+            source: spec.source.clone(),
+            topology: self.opts.topology.clone(),
+            created_unix_ms: now_ms(),
+            attachments: Vec::new(),
+            written,
+        };
+        store::write_new(&built.join(store::META), &meta)?;
+        Ok(meta)
+    }
+
+    pub(super) fn source_image(&self, source: &Source) -> PathBuf {
+        match source {
+            Source::Snapshot(id) => self.snapshot_dir(id).join("image"),
+            Source::Volume(id) => self.image_path(id),
+        }
+    }
+
+    pub(super) fn source_data(&self, source: &Source) -> PathBuf {
+        match source {
+            Source::Snapshot(id) => self.snapshot_dir(id).join("data"),
+            Source::Volume(id) => self.data_path(id),
+        }
+    }
+
+    /// Approves a byte copy of a source image. Snapshots are never in use.
+    /// A volume is refused while any node plugin, on any host, has it staged
+    /// for writing (it holds the fence exclusively): a copy of an image
+    /// being written is torn. The shared fence returned is held for the
+    /// copy, so no node can stage the volume for writing meanwhile.
+    pub(super) fn check_copyable(&self, source: &Source) -> Result<Option<Fence>, PoolError> {
+        let Source::Volume(id) = source else {
+            return Ok(None);
+        };
+        match self.store.fence(id, LockKind::Shared)? {
+            Some(fence) => Ok(Some(fence)),
+            None => Err(PoolError::InUse(format!(
+                "volume {id} is staged on a node and the pool filesystem cannot reflink: a byte copy of an image in use would be torn; unstage it first or use a pool filesystem with reflink (xfs, btrfs)"
+            ))),
+        }
+    }
+
+    /// Deletes the volume, whoever made it. Idempotent; refused while it is
+    /// attached (ControllerPublish) or staged on any node (its fence is
+    /// held). Only this explicit request deletes a volume whose record is
+    /// damaged; no clean-up ever does.
+    pub fn delete_volume(&self, id: &str) -> Result<(), PoolError> {
+        let _lock = match self.lock_volume(id) {
+            Ok(lock) => lock,
+            Err(PoolError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let v = match self.volume(id) {
+            Ok(v) => Some(v),
+            Err(PoolError::NotFound { .. }) => return Ok(()),
+            // The CO asks for this volume to go: a damaged record must not
+            // make it undeletable. Its attachments cannot be read, but the
+            // fence below still proves no node has it staged.
+            Err(PoolError::Damaged { path, problem }) => {
+                log::warn!(
+                    "volume {id}: deleting despite its damaged record {} ({problem})",
+                    path.display()
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(v) = v.filter(|v| !v.attachments.is_empty()) {
+            return Err(PoolError::InUse(format!(
+                "volume {id} is still published to node(s) {}",
+                v.attachments
+                    .iter()
+                    .map(|a| a.node_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        // A node plugin holds the fence while the volume is staged, whether
+        // or not ControllerPublish was used (ephemeral volumes, the
+        // node-local layout): deleting it then would leave a loop device or
+        // a bind mount on a deleted file or directory.
+        let Some(_fence) = self.store.fence(id, LockKind::Exclusive)? else {
+            return Err(PoolError::InUse(format!(
+                "volume {id} is still staged on a node (its fence in the pool is held); unstage it first"
+            )));
+        };
+        self.discard(&self.volume_dir(id))
+    }
+
+    /// Grows the volume to the capacity range (never shrinks).
+    pub fn expand_volume(&self, id: &str, range: CapacityRange) -> Result<VolumeMeta, PoolError> {
+        if range.limit != 0 && range.required > range.limit {
+            return Err(PoolError::OutOfRange(format!(
+                "required {} bytes exceeds the limit of {}",
+                range.required, range.limit
+            )));
+        }
+        let lock = self.lock_volume(id)?;
+        let mut v = self.volume(id)?;
+        let target = align_up(range.required);
+        if target <= v.capacity_bytes {
+            return Ok(v);
+        }
+        if range.limit != 0 && target > range.limit {
+            return Err(PoolError::OutOfRange(format!(
+                "rounded to {target} bytes (whole MiB), more than the limit of {}",
+                range.limit
+            )));
+        }
+        let _promise = self.promise(target - v.capacity_bytes)?;
+        if v.layout == Layout::Image {
+            let image = self.image_path(id);
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .map_err(io_error("open image", &image))?;
+            if f.metadata().map_err(io_error("stat image", &image))?.len() < target {
+                f.set_len(target).map_err(io_error("grow image", &image))?;
+            }
+            crash_point("expand.grown");
+            if v.thick {
+                sysfs::preallocate(&f, target).map_err(io_error("preallocate image", &image))?;
+            }
+            f.sync_all().map_err(io_error("sync image", &image))?;
+        }
+        v.capacity_bytes = target;
+        self.update_volume(&v, &lock)?;
+        Ok(v)
+    }
+
+    /// Applies mutable parameters: `thick=true` preallocates the image.
+    pub fn modify_volume(
+        &self,
+        id: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<VolumeMeta, PoolError> {
+        let thick = parse_thick(params)?;
+        let lock = self.lock_volume(id)?;
+        let mut v = self.volume(id)?;
+        if let Some(thick) = thick {
+            if thick && !v.thick && v.layout == Layout::Image {
+                let image = self.image_path(id);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&image)
+                    .map_err(io_error("open image", &image))?;
+                sysfs::preallocate(&f, v.capacity_bytes)
+                    .map_err(io_error("preallocate image", &image))?;
+                f.sync_all().map_err(io_error("sync image", &image))?;
+            }
+            v.thick = thick;
+        }
+        v.mutable_parameters
+            .extend(params.iter().map(|(k, val)| (k.clone(), val.clone())));
+        self.update_volume(&v, &lock)?;
+        Ok(v)
+    }
+
+    /// Records that the volume's image now holds (or may hold) data: a node
+    /// formatted it, or is about to hand it out as a raw block device. The
+    /// caller holds the volume's lock. Never goes back to false.
+    pub fn mark_written(&self, id: &str, held: &ObjectLock) -> Result<VolumeMeta, PoolError> {
+        let mut v = self.volume(id)?;
+        if v.written != Some(true) {
+            v.written = Some(true);
+            self.update_volume(&v, held)?;
+        }
+        Ok(v)
+    }
+}
+
+fn check_compatible(existing: VolumeMeta, spec: &VolumeSpec) -> Result<VolumeMeta, PoolError> {
+    let CapacityRange { required, limit } = spec.capacity;
+    let what = if existing.layout != spec.layout {
+        Some("layout")
+    } else if existing.access != spec.access {
+        Some("access type")
+    } else if existing.fs_type != spec.fs_type {
+        Some("filesystem")
+    } else if existing.capacity_bytes < required || (limit != 0 && existing.capacity_bytes > limit)
+    {
+        Some("capacity")
+    } else if existing.parameters != spec.parameters {
+        Some("parameter set")
+    } else if existing.source != spec.source {
+        Some("content source")
+    } else if existing.mutable_parameters != spec.mutable_parameters {
+        Some("mutable parameter set")
+    } else {
+        None
+    };
+    match what {
+        None => Ok(existing),
+        Some(what) => Err(PoolError::Incompatible {
+            kind: "volume",
+            name: spec.name.clone(),
+            id: existing.id,
+            what: what.into(),
+        }),
+    }
+}

@@ -1,0 +1,666 @@
+//! The layouts deploy/ ships, run as the separate processes they are: a
+//! node plugin (`--mode node`, the DaemonSet) started before the controller
+//! (`--mode controller`, the StatefulSet), a controller replica taking over,
+//! a second node plugin on the same pool. Every process reads what the
+//! others committed; none acts on what it read at start.
+//!
+//! Each scenario runs on an xfs pool and again on a bindfs view of that
+//! pool: a FUSE mount standing in for a network share. Like NFS before 4.2
+//! it reports a sparse file as all data (SEEK_DATA finds no holes) and
+//! cannot reflink, so blank volumes are told by the pool's records and the
+//! signature probe, and copies are byte copies. Needs root (loop devices,
+//! mounts, FUSE).
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use filevol::proto::csi;
+use filevol::proto::csi::volume_capability::access_mode::Mode;
+use grpcio::RpcStatusCode;
+
+use crate::controller::{digest, pool_on};
+use crate::loopfs::LoopFs;
+use crate::node::{publish_req, stage_req, unpublish_req, unstage_req, LeakGuard};
+use crate::req::{self, MIB};
+use crate::util::{code, status, Driver, Opts};
+
+/// A bindfs mount of a directory, unmounted when dropped.
+struct Bindfs {
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Bindfs {
+    fn new(source: &Path) -> Bindfs {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("share");
+        std::fs::create_dir(&mnt).unwrap();
+        let ok = Command::new("bindfs")
+            .arg(source)
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "bindfs is needed (scripts/install-deps.sh installs it)");
+        Bindfs { mnt, _dir: dir }
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if Command::new("umount")
+                .arg(&self.mnt)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// Which filesystem the processes see the pool on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Share {
+    /// The loop-mounted xfs itself (reflink, holes reported).
+    Xfs,
+    /// A bindfs view of it (no reflink, no holes reported).
+    Bindfs,
+}
+
+/// One pool and the processes of a cluster around it. Field order is drop
+/// order: processes, then the leak check, then the mounts.
+struct Site {
+    procs: Vec<Driver>,
+    guards: Vec<LeakGuard>,
+    pool: PathBuf,
+    kubelets: tempfile::TempDir,
+    _view: Option<Bindfs>,
+    _fs: LoopFs,
+}
+
+impl Site {
+    fn new(share: Share) -> Option<Site> {
+        let (fs, real_pool) = pool_on("xfs", 3072)?;
+        let (view, pool) = match share {
+            Share::Xfs => (None, real_pool),
+            Share::Bindfs => {
+                let view = Bindfs::new(fs.path());
+                let pool = view.mnt.join("pool");
+                (Some(view), pool)
+            }
+        };
+        Some(Site {
+            procs: Vec::new(),
+            guards: Vec::new(),
+            pool,
+            kubelets: tempfile::tempdir().unwrap(),
+            _view: view,
+            _fs: fs,
+        })
+    }
+
+    fn kubelet(&self, node: &str) -> PathBuf {
+        let k = self.kubelets.path().join(node);
+        std::fs::create_dir_all(&k).unwrap();
+        k.canonicalize().unwrap()
+    }
+
+    fn start(&mut self, mode: &str, node_id: &str, faults: &str) -> usize {
+        let kubelet = self.kubelet(node_id);
+        if mode != "controller" && !self.guards.iter().any(|g| g.kubelet == kubelet) {
+            self.guards.push(LeakGuard {
+                kubelet: kubelet.clone(),
+                pool: self.pool.clone(),
+            });
+        }
+        let d = Driver::start_on(
+            &self.pool,
+            Opts::default()
+                .args(&[
+                    "--mode",
+                    mode,
+                    "--node-id",
+                    node_id,
+                    "--kubelet-dir",
+                    kubelet.to_str().unwrap(),
+                    "--topology=",
+                    "--reserve",
+                    "0",
+                    "--overcommit",
+                    "10",
+                    "--log-level",
+                    "debug",
+                ])
+                .faults(faults),
+        );
+        self.procs.push(d);
+        self.procs.len() - 1
+    }
+
+    /// A node plugin (`--mode node`) for node `id`.
+    fn node(&mut self, id: &str) -> usize {
+        self.start("node", id, "")
+    }
+
+    /// A controller replica (`--mode controller`).
+    fn controller(&mut self, name: &str) -> usize {
+        self.start("controller", name, "")
+    }
+
+    fn d(&self, i: usize) -> &Driver {
+        &self.procs[i]
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.procs[i].signal(rustix::process::Signal::KILL);
+        self.procs[i].wait_exit(Duration::from_secs(10));
+    }
+
+    fn staging(&self, node: &str, id: &str) -> PathBuf {
+        let p = self
+            .kubelet(node)
+            .join("plugins/kubernetes.io/csi/filevol.csi.rs")
+            .join(id)
+            .join("globalmount");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn target(&self, node: &str, pod: &str) -> PathBuf {
+        let p = self
+            .kubelet(node)
+            .join("pods")
+            .join(pod)
+            .join("volumes/kubernetes.io~csi/pv/mount");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    }
+
+    fn image(&self, id: &str) -> PathBuf {
+        self.pool.join("volumes").join(id).join("image")
+    }
+}
+
+fn ext4() -> csi::VolumeCapability {
+    req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4")
+}
+
+fn create(d: &Driver, name: &str, mib: i64, cap: csi::VolumeCapability) -> String {
+    let mut r = req::create(name, mib * MIB);
+    r.volume_capabilities[0] = cap;
+    d.controller()
+        .create_volume(&r)
+        .unwrap()
+        .volume
+        .unwrap()
+        .volume_id
+}
+
+fn write_data(path: &Path, seed: u8) -> u64 {
+    let bytes: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&bytes).unwrap();
+    f.sync_all().unwrap();
+    digest(path)
+}
+
+/// Stage + publish through `node`, run `f` on the target, then unpublish +
+/// unstage.
+fn with_mounted<T>(
+    site: &Site,
+    node: usize,
+    node_id: &str,
+    id: &str,
+    f: impl FnOnce(&Path) -> T,
+) -> T {
+    let n = site.d(node).node();
+    let (staging, target) = (site.staging(node_id, id), site.target(node_id, id));
+    n.node_stage_volume(&stage_req(id, &staging, ext4()))
+        .unwrap_or_else(|e| panic!("stage {id}: {e:?}\n{}", site.d(node).log()));
+    n.node_publish_volume(&publish_req(id, &staging, &target, ext4(), false))
+        .unwrap();
+    let out = f(&target);
+    n.node_unpublish_volume(&unpublish_req(id, &target))
+        .unwrap();
+    n.node_unstage_volume(&unstage_req(id, &staging)).unwrap();
+    out
+}
+
+/// The base layout: a node plugin started first, then the controller.
+fn node_first_then_controller(share: Share) {
+    let Some(mut site) = Site::new(share) else {
+        return;
+    };
+    let n1 = site.node("n1");
+    let c1 = site.controller("controller-0");
+    let c = site.d(c1).controller();
+    // The share really is one SEEK_DATA cannot see holes on.
+    assert_eq!(
+        site.d(n1).log().contains("does not report holes"),
+        share == Share::Bindfs,
+        "{}",
+        site.d(n1).log()
+    );
+
+    // A volume the node plugin never heard of at its start.
+    let id = create(site.d(c1), "data", 64, ext4());
+    c.controller_publish_volume(&req::publish(&id, "n1", Mode::SINGLE_NODE_WRITER, false))
+        .unwrap();
+    let sum = with_mounted(&site, n1, "n1", &id, |t| write_data(&t.join("file"), 7));
+    // Restaged: mounted again, never reformatted.
+    let again = with_mounted(&site, n1, "n1", &id, |t| digest(&t.join("file")));
+    assert_eq!(sum, again, "data changed across restage");
+    c.controller_unpublish_volume(&req::unpublish(&id, "n1"))
+        .unwrap();
+
+    // Expanded by the controller before its first stage: the node formats
+    // it at its size now.
+    let grown = create(site.d(c1), "grown", 64, ext4());
+    c.controller_expand_volume(&req::expand(&grown, 192 * MIB))
+        .unwrap();
+    let total = with_mounted(&site, n1, "n1", &grown, |t| {
+        let st = rustix::fs::statvfs(t).unwrap();
+        st.f_blocks * st.f_frsize
+    });
+    assert!(total > 160 << 20, "formatted at {total} bytes, not 192 MiB");
+
+    // A clone of a formatted volume is mounted with its data, never
+    // formatted (on bindfs: a byte copy, judged by its record).
+    let clone = {
+        let mut r = req::clone("data-clone", 64 * MIB, &id);
+        r.volume_capabilities[0] = ext4();
+        c.create_volume(&r).unwrap().volume.unwrap().volume_id
+    };
+    let cloned = with_mounted(&site, n1, "n1", &clone, |t| digest(&t.join("file")));
+    assert_eq!(cloned, sum);
+
+    // A written volume whose filesystem signature is gone (overwritten
+    // from outside) is refused, never formatted: on bindfs the holes
+    // cannot say so, the record does.
+    let wiped = create(site.d(c1), "wiped", 64, ext4());
+    with_mounted(&site, n1, "n1", &wiped, |t| write_data(&t.join("file"), 9));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(site.image(&wiped))
+            .unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(&vec![0x5a; 256 << 10]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let before = digest(&site.image(&wiped));
+    let staging = site.staging("n1", &wiped);
+    let st = status(
+        site.d(n1)
+            .node()
+            .node_stage_volume(&stage_req(&wiped, &staging, ext4())),
+    );
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+    assert_eq!(digest(&site.image(&wiped)), before, "the image was written");
+
+    // Deleted through the controller: nothing left in the pool.
+    for v in [&id, &grown, &clone, &wiped] {
+        c.delete_volume(&req::delete(v)).unwrap();
+        assert!(!site.pool.join("volumes").join(v).exists());
+    }
+}
+
+#[test]
+fn node_first_then_controller_on_xfs() {
+    node_first_then_controller(Share::Xfs);
+}
+
+#[test]
+fn node_first_then_controller_on_a_share_without_holes() {
+    node_first_then_controller(Share::Bindfs);
+}
+
+/// A crash between mkfs and the record: the restarted node plugin mounts
+/// the filesystem it made, and records it.
+fn crash_between_mkfs_and_record(share: Share) {
+    let Some(mut site) = Site::new(share) else {
+        return;
+    };
+    let c1 = site.controller("controller-0");
+    let n1 = site.start("node", "n1", "crash:stage.renamed");
+    let id = create(site.d(c1), "fresh", 64, ext4());
+    let staging = site.staging("n1", &id);
+    assert!(site
+        .d(n1)
+        .node()
+        .node_stage_volume(&stage_req(&id, &staging, ext4()))
+        .is_err());
+    site.procs[n1].wait_exit(Duration::from_secs(10));
+    let meta =
+        std::fs::read_to_string(site.pool.join("volumes").join(&id).join("meta.json")).unwrap();
+    assert!(meta.contains("\"written\": false"), "{meta}");
+    let n1 = site.node("n1");
+    let sum = with_mounted(&site, n1, "n1", &id, |t| write_data(&t.join("file"), 3));
+    let meta =
+        std::fs::read_to_string(site.pool.join("volumes").join(&id).join("meta.json")).unwrap();
+    assert!(meta.contains("\"written\": true"), "{meta}");
+    assert_eq!(
+        with_mounted(&site, n1, "n1", &id, |t| digest(&t.join("file"))),
+        sum
+    );
+    site.d(c1)
+        .controller()
+        .delete_volume(&req::delete(&id))
+        .unwrap();
+}
+
+#[test]
+fn crash_between_mkfs_and_record_on_xfs() {
+    crash_between_mkfs_and_record(Share::Xfs);
+}
+
+#[test]
+fn crash_between_mkfs_and_record_on_a_share_without_holes() {
+    crash_between_mkfs_and_record(Share::Bindfs);
+}
+
+/// A controller replica takes over a pool it never saw being filled.
+fn replica_takes_over(share: Share) {
+    let Some(mut site) = Site::new(share) else {
+        return;
+    };
+    let c1 = site.controller("controller-0");
+    let made: Vec<String> = (0..5)
+        .map(|i| create(site.d(c1), &format!("pvc-{i}"), 64, ext4()))
+        .collect();
+    let c2 = site.controller("controller-1");
+    site.kill(c1);
+    let c = site.d(c2).controller();
+    let listed = c.list_volumes(&req::list(0, "")).unwrap();
+    assert_eq!(listed.entries.len(), 5);
+    // A CreateVolume retried against the new leader returns the same volume.
+    assert_eq!(create(site.d(c2), "pvc-0", 64, ext4()), made[0]);
+    // Deleting what the other replica made leaves nothing behind.
+    for id in &made {
+        c.delete_volume(&req::delete(id)).unwrap();
+    }
+    assert_eq!(
+        std::fs::read_dir(site.pool.join("volumes"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // And a retried delete of a volume that is gone is still OK.
+    c.delete_volume(&req::delete(&made[0])).unwrap();
+    assert!(c
+        .list_volumes(&req::list(0, ""))
+        .unwrap()
+        .entries
+        .is_empty());
+}
+
+#[test]
+fn replica_takes_over_on_xfs() {
+    replica_takes_over(Share::Xfs);
+}
+
+#[test]
+fn replica_takes_over_on_a_share_without_holes() {
+    replica_takes_over(Share::Bindfs);
+}
+
+/// Two node plugins on one pool: fencing, and volumes staged without any
+/// ControllerPublish (directory volumes of the node-local layout,
+/// ephemeral volumes) are never deleted under a node.
+fn two_nodes_one_pool(share: Share) {
+    let Some(mut site) = Site::new(share) else {
+        return;
+    };
+    let n1 = site.node("n1");
+    let n2 = site.node("n2");
+    let c1 = site.controller("controller-0");
+    let c = site.d(c1).controller();
+
+    let id = create(site.d(c1), "rwo", 64, ext4());
+    let s1 = site.staging("n1", &id);
+    site.d(n1)
+        .node()
+        .node_stage_volume(&stage_req(&id, &s1, ext4()))
+        .unwrap();
+    // The second node plugin cannot stage it: fenced through the pool.
+    let s2 = site.staging("n2", &id);
+    let st = status(
+        site.d(n2)
+            .node()
+            .node_stage_volume(&stage_req(&id, &s2, ext4())),
+    );
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+    // Nor can the controller delete it, with no ControllerPublish record.
+    assert_eq!(
+        code(c.delete_volume(&req::delete(&id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    assert!(site.image(&id).exists());
+    // A node plugin restarting keeps the fence (found from the kernel).
+    site.kill(n1);
+    let n1 = site.node("n1");
+    let st = status(
+        site.d(n2)
+            .node()
+            .node_stage_volume(&stage_req(&id, &s2, ext4())),
+    );
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+    assert_eq!(
+        code(c.delete_volume(&req::delete(&id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    site.d(n1)
+        .node()
+        .node_unstage_volume(&unstage_req(&id, &s1))
+        .unwrap();
+    c.delete_volume(&req::delete(&id)).unwrap();
+
+    // A directory volume staged by a node plugin, no ControllerPublish.
+    let mut r = req::create_with("shared", 64 * MIB, &[("layout", "dir")]);
+    r.volume_capabilities[0] = req::mount_cap(Mode::MULTI_NODE_MULTI_WRITER, "");
+    let dir_id = c.create_volume(&r).unwrap().volume.unwrap().volume_id;
+    let cap = req::mount_cap(Mode::MULTI_NODE_MULTI_WRITER, "");
+    let d1 = site.staging("n1", &dir_id);
+    let d2 = site.staging("n2", &dir_id);
+    site.d(n1)
+        .node()
+        .node_stage_volume(&stage_req(&dir_id, &d1, cap.clone()))
+        .unwrap();
+    site.d(n2)
+        .node()
+        .node_stage_volume(&stage_req(&dir_id, &d2, cap.clone()))
+        .unwrap();
+    assert_eq!(
+        code(c.delete_volume(&req::delete(&dir_id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    site.d(n1)
+        .node()
+        .node_unstage_volume(&unstage_req(&dir_id, &d1))
+        .unwrap();
+    // Still staged on n2, and n2 restarting re-takes its fence from the
+    // mount table.
+    site.kill(n2);
+    let n2 = site.node("n2");
+    assert_eq!(
+        code(c.delete_volume(&req::delete(&dir_id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    assert!(site
+        .pool
+        .join("volumes")
+        .join(&dir_id)
+        .join("data")
+        .is_dir());
+    site.d(n2)
+        .node()
+        .node_unstage_volume(&unstage_req(&dir_id, &d2))
+        .unwrap();
+    c.delete_volume(&req::delete(&dir_id)).unwrap();
+
+    // An ephemeral volume a node plugin made is seen by the controller and
+    // cannot be deleted under it.
+    let target = site.target("n2", "pod-eph");
+    let mut p = csi::NodePublishVolumeRequest::new();
+    p.volume_id = "csi-ephemeral-1".into();
+    p.target_path = target.to_str().unwrap().into();
+    p.volume_capability = Some(ext4()).into();
+    p.volume_context
+        .insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+    p.volume_context.insert("size".into(), "64Mi".into());
+    site.d(n2).node().node_publish_volume(&p).unwrap();
+    let listed = c.list_volumes(&req::list(0, "")).unwrap();
+    assert_eq!(listed.entries.len(), 1);
+    let eph = listed.entries[0].volume.volume_id.clone();
+    assert_eq!(
+        code(c.delete_volume(&req::delete(&eph))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    let cap_before = c
+        .get_capacity(&csi::GetCapacityRequest::new())
+        .unwrap()
+        .available_capacity;
+    site.d(n2)
+        .node()
+        .node_unpublish_volume(&unpublish_req("csi-ephemeral-1", &target))
+        .unwrap();
+    let cap_after = c
+        .get_capacity(&csi::GetCapacityRequest::new())
+        .unwrap()
+        .available_capacity;
+    assert_eq!(
+        cap_after - cap_before,
+        64 * MIB,
+        "the ephemeral volume's capacity came back"
+    );
+    assert!(c
+        .list_volumes(&req::list(0, ""))
+        .unwrap()
+        .entries
+        .is_empty());
+}
+
+#[test]
+fn two_nodes_one_pool_on_xfs() {
+    two_nodes_one_pool(Share::Xfs);
+}
+
+#[test]
+fn two_nodes_one_pool_on_a_share_without_holes() {
+    two_nodes_one_pool(Share::Bindfs);
+}
+
+/// A group snapshot in progress keeps every member while a node plugin
+/// restarts (its start used to clean up "unfinished" groups). xfs only:
+/// group snapshots need reflink, which a FUSE share refuses (tested too).
+#[test]
+fn group_snapshot_while_a_node_plugin_restarts_keeps_every_member() {
+    let Some(mut site) = Site::new(Share::Xfs) else {
+        return;
+    };
+    let n1 = site.node("n1");
+    let c1 = site.start(
+        "controller",
+        "controller-0",
+        "delay:group.member_committed:700",
+    );
+    let block = req::block_cap(Mode::SINGLE_NODE_WRITER);
+    let sources: Vec<String> = (0..3)
+        .map(|i| create(site.d(c1), &format!("member-{i}"), 32, block.clone()))
+        .collect();
+    let gc = site.d(c1).group_controller();
+    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
+    r.name = "group".into();
+    r.source_volume_ids = sources.clone();
+    let maker = std::thread::spawn(move || gc.create_volume_group_snapshot(&r));
+    // Restart the node plugin (and start a second one) while the members
+    // are being committed.
+    std::thread::sleep(Duration::from_millis(300));
+    site.kill(n1);
+    site.node("n1");
+    std::thread::sleep(Duration::from_millis(700));
+    site.node("n2");
+    let group = maker.join().unwrap().unwrap().group_snapshot.unwrap();
+    assert_eq!(group.snapshots.len(), 3);
+    let listed = site
+        .d(c1)
+        .controller()
+        .list_snapshots(&csi::ListSnapshotsRequest::new())
+        .unwrap();
+    assert_eq!(listed.entries.len(), 3);
+    for s in &group.snapshots {
+        assert!(site
+            .pool
+            .join("snapshots")
+            .join(&s.snapshot_id)
+            .join("image")
+            .exists());
+    }
+    // A controller replica starting now keeps them too: the group is whole.
+    let c2 = site.controller("controller-1");
+    let mut g = csi::GetVolumeGroupSnapshotRequest::new();
+    g.group_snapshot_id = group.group_snapshot_id.clone();
+    assert_eq!(
+        site.d(c2)
+            .group_controller()
+            .get_volume_group_snapshot(&g)
+            .unwrap()
+            .group_snapshot
+            .unwrap()
+            .snapshots
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn group_snapshots_on_a_share_that_cannot_reflink_are_refused() {
+    let Some(mut site) = Site::new(Share::Bindfs) else {
+        return;
+    };
+    let c1 = site.controller("controller-0");
+    let block = req::block_cap(Mode::SINGLE_NODE_WRITER);
+    let id = create(site.d(c1), "member", 32, block);
+    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
+    r.name = "group".into();
+    r.source_volume_ids = vec![id];
+    let st = status(
+        site.d(c1)
+            .group_controller()
+            .create_volume_group_snapshot(&r),
+    );
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+    assert_eq!(
+        std::fs::read_dir(site.pool.join("snapshots"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
