@@ -3,10 +3,28 @@
 # overlay with `kubectl kustomize`, checks every object against the
 # Kubernetes API schemas of the three newest minor versions
 # kubernetes-validate knows (strict: unknown fields are errors), and checks
-# the cross-references a typo would break (scripts/check_deploy.py), and the
-# Nomad jobs (scripts/check_nomad.py).
+# the cross-references a typo would break and the sidecar behaviour a
+# layout depends on (scripts/check_deploy.py, which asks the filevol binary
+# what it advertises with each workload's flags), and the Nomad jobs
+# (scripts/check_nomad.py). Then it breaks the default rendering once per
+# class of mistake and requires the checker to catch every one.
+#
+# kubectl: the one on PATH, else the v1.36 kubectl of ../shared/tools/k8s
+# (kustomize v5 built in). The binary: FILEVOL_BIN, else a debug build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+kubectl=$(command -v kubectl || true)
+tools_kubectl=../shared/tools/k8s/bin/kubectl.xz
+if [[ -z $kubectl && -f $tools_kubectl ]]; then
+  mkdir -p target/tools
+  [[ -x target/tools/kubectl ]] || { xz -dc "$tools_kubectl" >target/tools/kubectl.tmp && chmod +x target/tools/kubectl.tmp && mv target/tools/kubectl.tmp target/tools/kubectl; }
+  kubectl=$PWD/target/tools/kubectl
+fi
+if [[ -z ${FILEVOL_BIN:-} ]]; then
+  cargo build --locked --quiet --bin filevol
+  FILEVOL_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/filevol
+fi
 
 venv=${FILEVOL_DEPLOY_VENV:-$PWD/target/deploy-venv}
 if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml, hcl2' 2>/dev/null; then
@@ -16,13 +34,17 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 rendered=()
-if command -v kubectl >/dev/null; then
+if [[ -n $kubectl ]]; then
   for dir in deploy/kubernetes deploy/kubernetes/overlays/*; do
     name=$(basename "$dir")
-    kubectl kustomize "$dir" >"$out/$name.yaml"
+    "$kubectl" kustomize "$dir" >"$out/$name.yaml"
     rendered+=("$out/$name.yaml")
   done
 else
+  if [[ ${CI:-} == true ]]; then
+    echo "validate-deploy: no kubectl and no ../shared/tools/k8s: the overlays cannot be rendered (CI=true: failing)" >&2
+    exit 1
+  fi
   # No registry this project installs from has a kubectl with kustomize v5.
   # Without it the overlays (patches) cannot be rendered; base/ uses only
   # `namespace` and `resources`, so it is assembled here and checked all
@@ -55,12 +77,15 @@ for version in 1.35.0 1.36.0 1.37.0; do
     status=1
   fi
 done
-"$venv/bin/python" scripts/check_deploy.py "${rendered[@]}" deploy/kubernetes/examples/*.yaml || status=1
+"$venv/bin/python" scripts/check_deploy.py --filevol "$FILEVOL_BIN" "${rendered[@]}" || status=1
+"$venv/bin/python" scripts/check_deploy.py deploy/kubernetes/examples/*.yaml || status=1
 
 "$venv/bin/python" scripts/check_nomad.py deploy/nomad/*.nomad.hcl || status=1
 
-# The checker must catch the typos it exists for: each of these broken
-# copies of the default rendering has to fail.
+# The checker must catch the classes of mistake it exists for, each made on
+# purpose on a copy of the default rendering...
+"$venv/bin/python" scripts/check_deploy.py --self-test --filevol "$FILEVOL_BIN" "$out/kubernetes.yaml" || status=1
+# ...and the typos: each of these broken copies has to fail.
 base="$out/kubernetes.yaml"
 while IFS='|' read -r what from to; do
   sed "0,\|$from|s||$to|" "$base" >"$out/broken.yaml"

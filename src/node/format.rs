@@ -188,3 +188,57 @@ pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeErr
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn sparse(dir: &Path, name: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn a_written_record_is_never_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse(dir.path(), "image");
+        assert!(!blank_image(&image, true, Some(true)).unwrap());
+        assert!(!blank_image(&image, false, Some(true)).unwrap());
+    }
+
+    #[test]
+    fn where_holes_are_reported_an_image_without_data_is_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse(dir.path(), "image");
+        assert!(blank_image(&image, true, Some(false)).unwrap());
+        // Records older than the field: SEEK_DATA alone decides.
+        assert!(blank_image(&image, true, None).unwrap());
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all(&[1u8; 4096]).unwrap();
+        f.sync_all().unwrap();
+        assert!(!blank_image(&image, true, Some(false)).unwrap());
+        assert!(!blank_image(&image, true, None).unwrap());
+    }
+
+    #[test]
+    fn where_holes_are_not_reported_the_record_and_the_signature_decide() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = sparse(dir.path(), "image");
+        // Never written and no signature: blank.
+        assert!(blank_image(&image, false, Some(false)).unwrap());
+        // Unknown history: never enough without SEEK_DATA.
+        assert!(!blank_image(&image, false, None).unwrap());
+        // A filesystem where the record says nothing was written (a crash
+        // between mkfs and the record): the probe refuses it.
+        mkfs_file(FsType::Ext4, &image, &[]).unwrap();
+        assert!(!blank_image(&image, false, Some(false)).unwrap());
+    }
+}

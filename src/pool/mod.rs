@@ -134,6 +134,8 @@ pub struct Pool {
     scratch: Scratch,
     /// Whether SEEK_DATA on the pool filesystem tells holes from data.
     reports_holes: bool,
+    /// Sizes read for capacity (see `capacity`).
+    sizes: parking_lot::Mutex<capacity::SizeCache>,
 }
 
 fn now_ms() -> u64 {
@@ -175,6 +177,7 @@ impl Pool {
             store: Store::new(root),
             scratch,
             reports_holes,
+            sizes: Default::default(),
         };
         if pool.opts.janitor {
             janitor::run(&pool)?;

@@ -129,6 +129,11 @@ impl Stamp {
     }
 }
 
+/// The stamp of the file at `path`, `None` when there is none.
+pub fn stamp(path: &Path) -> Option<Stamp> {
+    std::fs::metadata(path).ok().map(|m| Stamp::of(&m))
+}
+
 /// A record as a listing sees it: parsed, or why it cannot be.
 pub type Entry<T> = Result<Arc<T>, String>;
 
@@ -221,6 +226,22 @@ impl Store {
         }
         ids.sort_unstable();
         Ok(ids)
+    }
+
+    /// Calls `f` with the id of every object of `kind`, in directory order,
+    /// without collecting or sorting them (for sums over the whole pool).
+    pub fn each_id(&self, kind: Kind, mut f: impl FnMut(&str)) -> Result<usize, PoolError> {
+        let dir = self.root.join(kind.dir());
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).map_err(io_error("read directory", &dir))? {
+            let entry = entry.map_err(io_error("read directory", &dir))?;
+            let name = entry.file_name();
+            if let Some(id) = name.to_str().filter(|id| !id.starts_with('.')) {
+                f(id);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// The record of `id` for a listing: from the cache when the file is

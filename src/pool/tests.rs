@@ -402,3 +402,27 @@ fn clones_carry_whether_their_source_was_written() {
     std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
     assert_eq!(pool.volume(&v.id).unwrap().written, None);
 }
+
+#[test]
+fn capacity_follows_what_other_instances_create_grow_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let b = open(dir.path(), false);
+    let empty = b.capacity().unwrap();
+    let v = a.create_volume(&spec("v", 8 * MIB)).unwrap();
+    assert_eq!(b.capacity().unwrap(), empty - 8 * MIB);
+    a.expand_volume(
+        &v.id,
+        CapacityRange {
+            required: 24 * MIB,
+            limit: 0,
+        },
+    )
+    .unwrap();
+    assert_eq!(b.capacity().unwrap(), empty - 24 * MIB);
+    let s = a.create_snapshot("s", &v.id).unwrap();
+    assert_eq!(b.capacity().unwrap(), empty - 48 * MIB);
+    a.delete_snapshot(&s.id).unwrap();
+    a.delete_volume(&v.id).unwrap();
+    assert_eq!(b.capacity().unwrap(), empty);
+}

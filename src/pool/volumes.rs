@@ -410,6 +410,7 @@ impl Pool {
         }
         v.capacity_bytes = target;
         self.update_volume(&v, &lock)?;
+        self.sizes_changed()?;
         Ok(v)
     }
 

@@ -37,9 +37,10 @@ impl Operation for csi::GetPluginCapabilitiesRequest {
 
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         let mode = driver.config.mode;
+        let topology = !driver.config.topology.is_empty();
         Ok(Job::new(move || {
             let mut resp = csi::GetPluginCapabilitiesResponse::new();
-            resp.capabilities = plugin_capabilities(mode);
+            resp.capabilities = plugin_capabilities(mode, topology);
             Ok(resp)
         }))
     }
@@ -65,9 +66,16 @@ impl Operation for csi::ProbeRequest {
     }
 }
 
-/// What this process offers: the controller service and topology only where
-/// it serves the controller; volume expansion, online and offline, always.
-fn plugin_capabilities(mode: Mode) -> Vec<csi::PluginCapability> {
+/// What this process offers: the controller service only where it serves the
+/// controller; volume expansion, online and offline, always.
+///
+/// Topology (VOLUME_ACCESSIBILITY_CONSTRAINTS) only where the pool has a
+/// segment. A shared pool (`--topology=`) has none, so its node plugins
+/// report no topology keys; external-provisioner v6.3.0 fails every claim
+/// of a driver that advertises the capability when the selected node has no
+/// keys ("no topology key found for node", its
+/// pkg/controller/topology.go:191-207).
+fn plugin_capabilities(mode: Mode, topology: bool) -> Vec<csi::PluginCapability> {
     let svc = |t: service::Type| {
         let mut cap = csi::PluginCapability::new();
         let mut s = csi::plugin_capability::Service::new();
@@ -85,7 +93,9 @@ fn plugin_capabilities(mode: Mode) -> Vec<csi::PluginCapability> {
     let mut caps = Vec::new();
     if mode.serves_controller() {
         caps.push(svc(service::Type::CONTROLLER_SERVICE));
-        caps.push(svc(service::Type::VOLUME_ACCESSIBILITY_CONSTRAINTS));
+        if topology {
+            caps.push(svc(service::Type::VOLUME_ACCESSIBILITY_CONSTRAINTS));
+        }
     }
     caps.push(expansion(volume_expansion::Type::ONLINE));
     caps.push(expansion(volume_expansion::Type::OFFLINE));
@@ -121,8 +131,8 @@ fn check_health(pool: &Path, workers: &WorkerPool) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    fn services(mode: Mode) -> Vec<service::Type> {
-        plugin_capabilities(mode)
+    fn services(mode: Mode, topology: bool) -> Vec<service::Type> {
+        plugin_capabilities(mode, topology)
             .iter()
             .filter(|c| c.has_service())
             .map(|c| c.service().type_.enum_value().unwrap())
@@ -131,21 +141,23 @@ mod tests {
 
     #[test]
     fn controller_capabilities_only_where_served() {
-        assert!(services(Mode::Node).is_empty());
+        assert!(services(Mode::Node, true).is_empty());
         for mode in [Mode::Controller, Mode::All] {
             assert_eq!(
-                services(mode),
+                services(mode, true),
                 [
                     service::Type::CONTROLLER_SERVICE,
                     service::Type::VOLUME_ACCESSIBILITY_CONSTRAINTS
                 ]
             );
+            // A shared pool has no segment: no topology to advertise.
+            assert_eq!(services(mode, false), [service::Type::CONTROLLER_SERVICE]);
         }
     }
 
     #[test]
     fn expansion_is_online_and_offline() {
-        let exp: Vec<_> = plugin_capabilities(Mode::Node)
+        let exp: Vec<_> = plugin_capabilities(Mode::Node, true)
             .iter()
             .filter(|c| c.has_volume_expansion())
             .map(|c| c.volume_expansion().type_.enum_value().unwrap())

@@ -78,6 +78,9 @@ struct Sockets {
     controller: PathBuf,
     node: PathBuf,
     layout: Layout,
+    /// Whether the pool can reflink: only then is a snapshot of a staged
+    /// volume possible (a byte copy of it would be torn and is refused).
+    reflink: bool,
 }
 
 const NODE_ID: &str = "churn-node";
@@ -160,11 +163,14 @@ fn workload(
         std::fs::write(&file, &bytes).unwrap();
         std::fs::File::open(&file).unwrap().sync_all().unwrap();
         ledger.lock().insert(id.clone(), Some(digest(&file)));
-        if i % 3 == 0 {
+        let snapshot = || {
             retry("CreateSnapshot", || {
                 c.controller
                     .create_snapshot_opt(&req::snapshot(&format!("snap-{name}"), &id), opt())
-            });
+            })
+        };
+        if i % 3 == 0 && sockets.reflink {
+            snapshot();
         }
         retry("NodeUnpublishVolume", || {
             c.node
@@ -179,6 +185,9 @@ fn workload(
                 c.controller
                     .controller_unpublish_volume_opt(&req::unpublish(&id, node), opt())
             });
+        }
+        if i % 3 == 0 && !sockets.reflink {
+            snapshot();
         }
         if i % 2 == 0 {
             retry("DeleteVolume", || {
@@ -222,12 +231,17 @@ fn keep_log(d: &Driver, all: &Mutex<String>) {
 
 #[test]
 fn sigkill_loop_under_churn_loses_nothing() {
-    churn(Layout::All, 20);
+    churn(Layout::All, false, 20);
 }
 
 #[test]
 fn sigkill_loop_of_separate_controller_and_node_loses_nothing() {
-    churn(Layout::Separate, 50);
+    churn(Layout::Separate, false, 50);
+}
+
+#[test]
+fn sigkill_loop_of_separate_processes_on_a_share_without_holes_loses_nothing() {
+    churn(Layout::Separate, true, 20);
 }
 
 /// The processes of one layout, restarted after each kill.
@@ -242,7 +256,7 @@ struct Procs {
 }
 
 impl Procs {
-    fn start(layout: Layout, pool: &Path, kubelet: &Path, dir: &Path) -> Procs {
+    fn start(layout: Layout, reflink: bool, pool: &Path, kubelet: &Path, dir: &Path) -> Procs {
         let sockets = Sockets {
             controller: dir.join("controller.sock"),
             node: match layout {
@@ -250,6 +264,7 @@ impl Procs {
                 Layout::Separate => dir.join("node.sock"),
             },
             layout,
+            reflink,
         };
         // The node plugin first, as a DaemonSet usually is.
         let node =
@@ -291,13 +306,20 @@ impl Procs {
     }
 }
 
-fn churn(layout: Layout, default_kills: usize) {
+/// The crash loop in `layout`, on an xfs pool or (`share`) on a bindfs view
+/// of it that reports no holes and cannot reflink.
+fn churn(layout: Layout, share: bool, default_kills: usize) {
     let kills: usize = std::env::var("FILEVOL_CHURN_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default_kills);
-    let Some((_fs, pool)) = pool_on("xfs", 8192) else {
+    let Some((_fs, xfs_pool)) = pool_on("xfs", 8192) else {
         return;
+    };
+    let view = share.then(|| crate::layouts::Bindfs::new(_fs.path()));
+    let pool = match &view {
+        Some(v) => v.path().join("pool"),
+        None => xfs_pool,
     };
     let dir = tempfile::tempdir().unwrap();
     let kubelet = dir.path().canonicalize().unwrap().join("kubelet");
@@ -306,7 +328,7 @@ fn churn(layout: Layout, default_kills: usize) {
         kubelet: kubelet.clone(),
         pool: pool.clone(),
     };
-    let mut procs = Procs::start(layout, &pool, &kubelet, dir.path());
+    let mut procs = Procs::start(layout, !share, &pool, &kubelet, dir.path());
     let logs = Mutex::new(String::new());
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -38,6 +38,20 @@ fn plugin_info_and_probe() {
 }
 
 #[test]
+fn a_shared_pool_advertises_no_topology() {
+    // `--topology=`: no segment, so node plugins report no keys and the
+    // provisioner must not be told to look for any.
+    let d = Driver::start_with(Opts::default().args(&["--mode", "controller", "--topology="]));
+    assert_eq!(service_caps(&d), [ServiceType::CONTROLLER_SERVICE]);
+    let n = Driver::start_with(Opts::default().args(&["--mode", "node", "--topology="]));
+    let info = n
+        .node()
+        .node_get_info(&csi::NodeGetInfoRequest::new())
+        .unwrap();
+    assert!(info.accessible_topology.is_none());
+}
+
+#[test]
 fn driver_name_is_configurable() {
     let d = Driver::start_with(Opts::default().args(&["--driver-name", "pool-a.filevol.example"]));
     let info = d

@@ -27,13 +27,14 @@ use crate::req::{self, MIB};
 use crate::util::{code, status, Driver, Opts};
 
 /// A bindfs mount of a directory, unmounted when dropped.
-struct Bindfs {
+pub struct Bindfs {
     mnt: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Bindfs {
-    fn new(source: &Path) -> Bindfs {
+    /// Mounts a bindfs view of `source`.
+    pub fn new(source: &Path) -> Bindfs {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("share");
         std::fs::create_dir(&mnt).unwrap();
@@ -44,6 +45,11 @@ impl Bindfs {
             .is_ok_and(|s| s.success());
         assert!(ok, "bindfs is needed (scripts/install-deps.sh installs it)");
         Bindfs { mnt, _dir: dir }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mnt
     }
 }
 
