@@ -260,6 +260,13 @@ class Checker:
                 nodes.append((where, args))
         advertised = {w: "VOLUME_ACCESSIBILITY_CONSTRAINTS" in ask_filevol(self.filevol, args, "identity") for w, args in controllers}
         reported = {w: "accessible_topology" in ask_filevol(self.filevol, args, "node-info") for w, args in nodes}
+        for driver in self.of_kind("CSIDriver"):
+            if driver["spec"].get("storageCapacity") and not any(advertised.values()):
+                self.fail(
+                    f"CSIDriver/{driver['metadata']['name']}",
+                    "storageCapacity is true but the driver advertises no topology: external-provisioner "
+                    "publishes no CSIStorageCapacity without it, and the scheduler keeps every pod pending",
+                )
         for cw, adv in advertised.items():
             for nw, rep in reported.items():
                 if adv and not rep:
@@ -425,6 +432,11 @@ def break_topology(objs):
     c["args"].append("--topology=")
 
 
+def break_capacity_without_topology(objs):
+    for kind, name in (("StatefulSet", "filevol-controller"), ("DaemonSet", "filevol-node")):
+        container(objs, kind, name, "filevol")["args"].append("--topology=")
+
+
 def break_snapshot_sidecar(objs):
     for o in objs:
         if o.get("kind") == "StatefulSet":
@@ -461,6 +473,7 @@ def break_host_path(objs):
 BREAKS = [
     ("a probe path the container's flags do not serve", break_probe_path, False),
     ("a topology flag that disagrees with the advertised capabilities", break_topology, True),
+    ("storage capacity tracking without topology", break_capacity_without_topology, True),
     ("a snapshot class with no snapshotter", break_snapshot_sidecar, False),
     ("an expansion class with no resizer", break_resizer, False),
     ("a privileged pod holding controller roles", break_privileged_roles, False),

@@ -444,7 +444,8 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
     }
     drop(procs);
     eprintln!(
-        "churn ({layout:?}): {kills} kills ({node_kills} of the node plugin), {} rounds, {} volumes verified",
+        "churn ({layout:?}{}): {kills} kills ({node_kills} of the node plugin), {} rounds, {} volumes verified",
+        if share { ", bindfs" } else { "" },
         rounds.load(Ordering::SeqCst),
         ledger.len()
     );
