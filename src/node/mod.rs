@@ -70,8 +70,8 @@ pub struct Node {
     kubelet_dir: PathBuf,
     /// Direct I/O on loop devices where the pool allows it.
     direct_io: bool,
-    /// The fences this process holds, by volume id.
-    fences: Mutex<HashMap<String, Fence>>,
+    /// The fences this process holds, by volume id, and of which kind.
+    fences: Mutex<HashMap<String, (Fence, LockKind)>>,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -135,11 +135,9 @@ impl Node {
                 return Ok(());
             }
         };
-        for (id, entry) in pool.all_volumes()? {
-            let Ok(v) = entry else { continue };
-            if v.layout != Layout::Image {
-                continue;
-            }
+        // From the directory and the kernel, not the records: a record that
+        // cannot be read right now must not leave a staged image unfenced.
+        for id in pool.store().ids(crate::pool::store::Kind::Volume)? {
             let image = pool.image_path(&id);
             let Ok(meta) = std::fs::metadata(&image) else {
                 continue;
@@ -165,7 +163,7 @@ impl Node {
                 Err(e) => log::error!("volume {id}: attached to {} but {e}", dev.path().display()),
             }
         }
-        match staged_dirs(pool) {
+        match staged_dirs(pool, Some(&self.kubelet_dir)) {
             Ok(ids) => {
                 for id in ids {
                     match self.take_fence(pool, &id, LockKind::Shared) {
@@ -185,20 +183,31 @@ impl Node {
     /// already. `Ok(true)` when taken by this call (so a failed stage knows
     /// to let it go).
     fn take_fence(&self, pool: &Pool, id: &str, kind: LockKind) -> Result<bool, NodeError> {
+        let fenced = || NodeError::Fenced {
+            id: id.to_owned(),
+            image: pool.image_path(id),
+        };
         let mut fences = self.fences.lock();
-        if fences.contains_key(id) {
+        if let Some((fence, held)) = fences.get_mut(id) {
+            // Staged before (another staging path, or a retry). A writer's
+            // stage after a read-only one needs the fence exclusively: the
+            // open file's lock is converted, which fails while any other
+            // process holds it shared.
+            if *held == LockKind::Shared && kind == LockKind::Exclusive {
+                if !fence.upgrade()? {
+                    return Err(fenced());
+                }
+                *held = LockKind::Exclusive;
+            }
             return Ok(false);
         }
         match pool.fence_volume(id, kind)? {
             Some(fence) => {
                 log::debug!("volume {id}: fence taken");
-                fences.insert(id.to_owned(), fence);
+                fences.insert(id.to_owned(), (fence, kind));
                 Ok(true)
             }
-            None => Err(NodeError::Fenced {
-                id: id.to_owned(),
-                image: pool.image_path(id),
-            }),
+            None => Err(fenced()),
         }
     }
 
@@ -592,9 +601,27 @@ impl Node {
         ) {
             mount::unmount(staging).map_err(sys("unmount", staging))?;
         }
+        // The fence and the loop device go only with the volume's last mount
+        // on this host: staged at another path too (CSI allows one per
+        // usage), or still published, it stays fenced and attached.
         let image = pool.image_path(id);
         if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
+            if loop_in_use(&dev, &self.kubelet_dir).map_err(sys("read", "/proc/self/mountinfo"))? {
+                log::info!(
+                    "volume {id}: {} is still mounted elsewhere on this node; it stays attached and fenced",
+                    dev.path().display()
+                );
+                return Ok(());
+            }
             dev.detach().map_err(sys("detach", dev.path()))?;
+        }
+        if staged_dirs(pool, Some(&self.kubelet_dir))
+            .map_err(sys("read", "/proc/self/mountinfo"))?
+            .iter()
+            .any(|d| d == id)
+        {
+            log::info!("volume {id}: its directory is still mounted elsewhere on this node; it stays fenced");
+            return Ok(());
         }
         self.release_fence(id);
         Ok(())
@@ -766,11 +793,25 @@ impl Node {
     }
 }
 
+/// Whether this node plugin still has the loop device mounted under its
+/// kubelet directory: a filesystem on it (the mount's source is the device)
+/// or a bind of its device node (a block stage or publish: devtmpfs, root
+/// `/loopN`). Mounts elsewhere are not this node's stages.
+fn loop_in_use(dev: &LoopDevice, kubelet_dir: &Path) -> std::io::Result<bool> {
+    let path = dev.path();
+    let node = Path::new("/").join(path.file_name().unwrap_or_default());
+    Ok(mountinfo::read()?.iter().any(|e| {
+        e.mount_point.starts_with(kubelet_dir)
+            && (Path::new(&e.source) == path || (e.fs_type == "devtmpfs" && e.root == node))
+    }))
+}
+
 /// Ids of the pool's directory volumes bind-mounted on this host (staged or
-/// published), from the mount table: a bind's `root` field is the path
+/// published; under `under` only, when given: one node plugin's kubelet
+/// directory), from the mount table: a bind's `root` field is the path
 /// inside the filesystem it comes from, which for a directory volume is
 /// `<pool, inside its filesystem>/volumes/<id>/data`.
-fn staged_dirs(pool: &Pool) -> std::io::Result<Vec<String>> {
+fn staged_dirs(pool: &Pool, under: Option<&Path>) -> std::io::Result<Vec<String>> {
     let table = mountinfo::read()?;
     let root = pool.root().canonicalize()?;
     // The mount that holds the pool: the longest mount point above it.
@@ -789,6 +830,7 @@ fn staged_dirs(pool: &Pool) -> std::io::Result<Vec<String>> {
     let mut ids: Vec<String> = table
         .iter()
         .filter(|e| e.device == holder.device)
+        .filter(|e| under.is_none_or(|dir| e.mount_point.starts_with(dir)))
         .filter_map(|e| {
             let rest = e.root.strip_prefix(&volumes).ok()?;
             let mut parts = rest.components();

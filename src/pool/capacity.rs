@@ -15,9 +15,11 @@
 //! Summing the capacity of 10,000 volumes must not cost 10,000 file reads
 //! per CreateVolume. Each process keeps the sizes it has read, by id; the
 //! ids come from listing the directories on every call, so creations and
-//! deletions by any process are seen at once. A size only changes by an
-//! expansion, and every expansion replaces `.capacity.gen` after its record:
-//! a process that finds that file's stamp changed reads every size again.
+//! deletions by any process are seen at once. What a listing cannot show is
+//! an id whose size changed: an expansion, or an object deleted and made
+//! again under the same id (its directory may even get the same inode
+//! number back). Both replace `.capacity.gen` after their change, and a
+//! process that finds that file's stamp changed reads every size again.
 //! Promises are read before the generation, so an expansion in progress is
 //! counted either by its promise or by its new size, never by neither.
 
@@ -46,8 +48,14 @@ const GENERATION: &str = ".capacity.gen";
 pub(super) struct SizeCache {
     generation: Option<Stamp>,
     epoch: u64,
-    volumes: HashMap<String, (u64, u64)>,
-    snapshots: HashMap<String, (u64, u64)>,
+    volumes: HashMap<String, Sized>,
+    snapshots: HashMap<String, Sized>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sized {
+    bytes: u64,
+    seen: u64,
 }
 
 /// Capacity held for a creation in progress; released when dropped.
@@ -102,6 +110,7 @@ impl Pool {
         let mut cache = self.sizes.lock();
         if cache.generation != generation {
             cache.volumes.clear();
+            cache.snapshots.clear();
             cache.generation = generation;
         }
         cache.epoch = cache.epoch.wrapping_add(1);
@@ -124,10 +133,10 @@ impl Pool {
         })?;
         // Forget what is gone (not seen in this pass).
         if vcache.len() > nv {
-            vcache.retain(|_, (_, seen)| *seen == epoch);
+            vcache.retain(|_, s| s.seen == epoch);
         }
         if scache.len() > ns {
-            scache.retain(|_, (_, seen)| *seen == epoch);
+            scache.retain(|_, s| s.seen == epoch);
         }
         Ok((nv, ns, volumes, snapshots))
     }
@@ -136,7 +145,7 @@ impl Pool {
     /// record is replaced, before the expansion's promise is let go.
     pub(super) fn sizes_changed(&self) -> Result<(), PoolError> {
         let path = self.root.join(GENERATION);
-        sysfs::write_atomic(&path, b"").map_err(io_error("write", path))
+        sysfs::replace_volatile(&path, b"").map_err(io_error("write", path))
     }
 
     /// Bytes promised by creations in progress in every live instance.
@@ -208,19 +217,19 @@ impl Pool {
 /// read counts as nothing and is not remembered); marks it seen in `epoch`.
 /// Listing 10,000 ids costs a hash lookup each, no allocation.
 fn size_of(
-    cache: &mut HashMap<String, (u64, u64)>,
+    cache: &mut HashMap<String, Sized>,
     id: &str,
     epoch: u64,
     read: impl FnOnce() -> Option<u64>,
 ) -> u64 {
-    if let Some((size, seen)) = cache.get_mut(id) {
-        *seen = epoch;
-        return *size;
+    if let Some(s) = cache.get_mut(id) {
+        s.seen = epoch;
+        return s.bytes;
     }
     match read() {
-        Some(size) => {
-            cache.insert(id.to_owned(), (size, epoch));
-            size
+        Some(bytes) => {
+            cache.insert(id.to_owned(), Sized { bytes, seen: epoch });
+            bytes
         }
         None => 0,
     }

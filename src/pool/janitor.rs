@@ -11,7 +11,8 @@
 //!
 //! It also extends an image shorter than its volume (a size change lost in
 //! a crash, or an expansion cut short), under the volume's lock: the tail is
-//! a hole, so no data changes.
+//! a hole, so no data changes; and it tells every process to read the
+//! volumes' sizes again (see `capacity`).
 
 use std::fs::OpenOptions;
 
@@ -24,7 +25,9 @@ pub(super) fn run(pool: &Pool) -> Result<(), PoolError> {
     scratch::clean(pool.scratch.base())?;
     remove_unfinished_groups(pool)?;
     repair_short_images(pool)?;
-    Ok(())
+    // An expansion cut short between its record and its notice: every
+    // process reads the sizes again.
+    pool.sizes_changed()
 }
 
 fn remove_unfinished_groups(pool: &Pool) -> Result<(), PoolError> {

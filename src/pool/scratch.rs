@@ -52,19 +52,24 @@ impl Scratch {
                 }
             })
             .collect();
+        // The lock file appears under its real name only once it is locked:
+        // a janitor that found it unlocked would take it for a dead
+        // instance's and remove it.
         let lock_path = base.join(format!("{instance}.lock"));
+        let unlocked = base.join(format!("{instance}.lock-new"));
         let lock = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&lock_path)
-            .map_err(io_error("create", &lock_path))?;
-        if !lock::try_lock(&lock, LockKind::Exclusive).map_err(io_error("lock", &lock_path))? {
+            .open(&unlocked)
+            .map_err(io_error("create", &unlocked))?;
+        if !lock::try_lock(&lock, LockKind::Exclusive).map_err(io_error("lock", &unlocked))? {
             return Err(PoolError::InUse(format!(
                 "{} is locked by another process",
-                lock_path.display()
+                unlocked.display()
             )));
         }
+        std::fs::rename(&unlocked, &lock_path).map_err(io_error("rename", &lock_path))?;
         let dir = base.join(&instance);
         std::fs::create_dir(&dir).map_err(io_error("create", &dir))?;
         Ok(Scratch {

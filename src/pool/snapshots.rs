@@ -127,6 +127,8 @@ impl Pool {
         group: Option<&str>,
         fallback: copy::Fallback<'_>,
     ) -> Result<SnapshotMeta, PoolError> {
+        // Held from the copy to reading `written` (see `build_volume`).
+        let _source = self.lock_volume(source).map_err(source_missing)?;
         let v = self.volume(source).map_err(source_missing)?;
         std::fs::create_dir(built).map_err(io_error("create", built))?;
         let method = match v.layout {
@@ -199,7 +201,8 @@ impl Pool {
                 "snapshot {id} belongs to group snapshot {group}; delete the group"
             )));
         }
-        self.discard(&self.snapshot_dir(id))
+        self.discard(&self.snapshot_dir(id))?;
+        self.sizes_changed()
     }
 
     /// Removes a snapshot under its lock, whatever group it is in (the
@@ -324,7 +327,8 @@ impl Pool {
         for member in &group.snapshot_ids {
             self.remove_member(member)?;
         }
-        self.discard(&self.group_file(id))
+        self.discard(&self.group_file(id))?;
+        self.sizes_changed()
     }
 }
 

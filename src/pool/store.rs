@@ -129,9 +129,11 @@ impl Stamp {
     }
 }
 
-/// The stamp of the file at `path`, `None` when there is none.
+/// The stamp of the file at `path`, `None` when there is none. Opened, not
+/// stat'ed: on NFS an open revalidates what another host changed.
 pub fn stamp(path: &Path) -> Option<Stamp> {
-    std::fs::metadata(path).ok().map(|m| Stamp::of(&m))
+    let f = File::open(path).ok()?;
+    f.metadata().ok().map(|m| Stamp::of(&m))
 }
 
 /// A record as a listing sees it: parsed, or why it cannot be.
@@ -174,7 +176,19 @@ impl Drop for GroupLock {
 /// A held fence on a volume (see the module documentation).
 #[derive(Debug)]
 pub struct Fence {
-    _file: File,
+    file: File,
+}
+
+impl Fence {
+    /// Converts a shared fence to an exclusive one, on the same open file;
+    /// `Ok(false)` while anyone else holds it.
+    pub fn upgrade(&self) -> Result<bool, PoolError> {
+        lock::try_lock_patiently(&self.file, LockKind::Exclusive).map_err(|e| PoolError::Io {
+            step: "lock",
+            path: PathBuf::from("fence"),
+            source: e,
+        })
+    }
 }
 
 impl Store {
@@ -347,7 +361,7 @@ impl Store {
     pub fn fence(&self, id: &str, kind: LockKind) -> Result<Option<Fence>, PoolError> {
         let path = self.object_dir(Kind::Volume, id).join(FENCE);
         match lock_in_place(&path, kind)? {
-            Locked::Held(file) => Ok(Some(Fence { _file: file })),
+            Locked::Held(file) => Ok(Some(Fence { file })),
             Locked::Busy => Ok(None),
             Locked::Gone => Err(PoolError::NotFound {
                 kind: "volume",

@@ -426,3 +426,45 @@ fn capacity_follows_what_other_instances_create_grow_and_delete() {
     a.delete_volume(&v.id).unwrap();
     assert_eq!(b.capacity().unwrap(), empty);
 }
+
+#[test]
+fn a_volume_made_again_under_its_id_is_sized_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let b = open(dir.path(), false);
+    let empty = b.capacity().unwrap();
+    let v = a.create_volume(&spec("same-name", 8 * MIB)).unwrap();
+    assert_eq!(b.capacity().unwrap(), empty - 8 * MIB);
+    a.delete_volume(&v.id).unwrap();
+    a.create_volume(&spec("same-name", 40 * MIB)).unwrap();
+    assert_eq!(b.capacity().unwrap(), empty - 40 * MIB);
+}
+
+#[test]
+fn a_copy_waits_for_its_source_s_lock() {
+    // A node formatting the source at its first stage holds the source's
+    // lock: a clone or snapshot then is refused (ABORTED, retried), never
+    // taken of the blank image with the record of the formatted one.
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path(), false);
+    let controller = open(dir.path(), true);
+    let v = controller.create_volume(&spec("src", 8 * MIB)).unwrap();
+    let held = node.lock_volume(&v.id).unwrap();
+    let clone = VolumeSpec {
+        source: Some(Source::Volume(v.id.clone())),
+        ..spec("clone", 8 * MIB)
+    };
+    assert!(matches!(
+        controller.create_volume(&clone),
+        Err(PoolError::Busy { .. })
+    ));
+    assert!(matches!(
+        controller.create_snapshot("snap", &v.id),
+        Err(PoolError::Busy { .. })
+    ));
+    drop(held);
+    controller.create_volume(&clone).unwrap();
+    controller.create_snapshot("snap", &v.id).unwrap();
+    // Nothing half-made was left by the refused attempts.
+    assert_eq!(controller.list_volumes(None, 0).unwrap().0.len(), 2);
+}

@@ -212,6 +212,13 @@ impl Pool {
         spec: &VolumeSpec,
         capacity: u64,
     ) -> Result<VolumeMeta, PoolError> {
+        // The source's lock, from the copy to reading its record (below): a
+        // node formatting the source at its first stage holds it too, so the
+        // copy and the `written` it records are of the same image.
+        let _source = match &spec.source {
+            Some(source) => self.lock_source(source)?,
+            None => None,
+        };
         match spec.layout {
             Layout::Image => {
                 let image = built.join("image");
@@ -264,9 +271,8 @@ impl Pool {
                 }
             }
         }
-        // The source's record is read after the copy: `written` only ever
-        // goes from false to true, and a node sets it before anything is
-        // written, so a value read now covers everything the copy holds.
+        // Read under the source's lock, after the copy: `written` only goes
+        // from false to true, set before anything is written through a node.
         let written = match &spec.source {
             None => Some(false),
             Some(Source::Volume(src)) => self.volume(src).map_err(source_missing)?.written,
@@ -292,6 +298,14 @@ impl Pool {
         };
         store::write_new(&built.join(store::META), &meta)?;
         Ok(meta)
+    }
+
+    /// The lock of a source volume (snapshots never change: none).
+    fn lock_source(&self, source: &Source) -> Result<Option<ObjectLock>, PoolError> {
+        match source {
+            Source::Volume(id) => self.lock_volume(id).map(Some).map_err(source_missing),
+            Source::Snapshot(_) => Ok(None),
+        }
     }
 
     pub(super) fn source_image(&self, source: &Source) -> PathBuf {
@@ -369,7 +383,9 @@ impl Pool {
                 "volume {id} is still staged on a node (its fence in the pool is held); unstage it first"
             )));
         };
-        self.discard(&self.volume_dir(id))
+        self.discard(&self.volume_dir(id))?;
+        // The id may be made again with another size (see `capacity`).
+        self.sizes_changed()
     }
 
     /// Grows the volume to the capacity range (never shrinks).
@@ -384,6 +400,9 @@ impl Pool {
         let mut v = self.volume(id)?;
         let target = align_up(range.required);
         if target <= v.capacity_bytes {
+            // A retry after a crash between the record and the notice below
+            // (the CO retries until it is answered): tell the others now.
+            self.sizes_changed()?;
             return Ok(v);
         }
         if range.limit != 0 && target > range.limit {

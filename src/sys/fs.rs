@@ -18,29 +18,61 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// new content, never a mix: write a temporary file beside it, fsync it,
 /// rename it over `path`, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(path, bytes, true)
+}
+
+/// [`write_atomic`] without the fsyncs: for files that only signal other
+/// processes (a cache to drop) and whose loss in a host crash loses nothing,
+/// since every process starts with empty caches after one.
+pub fn replace_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace(path, bytes, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    // Unique across hosts and containers, where every process may be pid 1
+    // and share the pool: the host name and the start of this process too.
     let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
+        ".{}.tmp-{}-{}-{}-{}",
         name.to_string_lossy(),
+        rustix::system::uname().nodename().to_string_lossy(),
         std::process::id(),
+        process_nonce(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
+    let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    // From here the temporary file is ours to remove if anything fails.
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         io::Write::write_all(&mut f, bytes)?;
         later_than(&f, path)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        fsync_dir(dir)
+        if durable {
+            fsync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// A number fixed for the life of this process and unlikely to be shared
+/// with another process of the same pid (its start time in nanoseconds).
+fn process_nonce() -> u64 {
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    })
 }
 
 /// Sets `new`'s modification time later than that of the file at `old`
@@ -59,23 +91,29 @@ fn later_than(new: &File, old: &Path) -> io::Result<()> {
     if (m.mtime(), m.mtime_nsec()) > prev {
         return Ok(());
     }
-    let (mut secs, mut nanos) = (prev.0, prev.1 + 1);
-    if nanos >= 1_000_000_000 {
-        secs += 1;
-        nanos = 0;
+    // One nanosecond later, or, where the filesystem keeps coarser times
+    // (whole seconds on some FUSE and NFS servers), one second later.
+    for step in [1, 1_000_000_000] {
+        let total = prev.1 + step;
+        let t = Timespec {
+            tv_sec: prev.0 + total / 1_000_000_000,
+            tv_nsec: total % 1_000_000_000,
+        };
+        rustix::fs::futimens(
+            new,
+            &Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+        )?;
+        let m = new.metadata()?;
+        if (m.mtime(), m.mtime_nsec()) > prev {
+            return Ok(());
+        }
     }
-    let t = Timespec {
-        tv_sec: secs,
-        tv_nsec: nanos,
-    };
-    rustix::fs::futimens(
-        new,
-        &Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-    )
-    .map_err(io::Error::from)
+    Err(io::Error::other(
+        "the filesystem does not record a later modification time",
+    ))
 }
 
 /// Makes `dst` share `src`'s blocks (FICLONE): instant, atomic, no space

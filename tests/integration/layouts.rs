@@ -55,18 +55,23 @@ impl Bindfs {
 
 impl Drop for Bindfs {
     fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount")
-                .arg(&self.mnt)
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        crate::loopfs::unmount_patiently(&self.mnt);
     }
+}
+
+/// Two tests of one scenario: on the xfs pool and on its bindfs view.
+macro_rules! on_both_shares {
+    ($scenario:ident, $xfs:ident, $share:ident) => {
+        #[test]
+        fn $xfs() {
+            $scenario(Share::Xfs);
+        }
+
+        #[test]
+        fn $share() {
+            $scenario(Share::Bindfs);
+        }
+    };
 }
 
 /// Which filesystem the processes see the pool on.
@@ -286,6 +291,73 @@ fn node_first_then_controller(share: Share) {
     };
     let cloned = with_mounted(&site, n1, "n1", &clone, |t| digest(&t.join("file")));
     assert_eq!(cloned, sum);
+    // So is a volume restored from a snapshot of it.
+    let snap = c
+        .create_snapshot(&req::snapshot("data-snap", &id))
+        .unwrap()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let restored = {
+        let mut r = req::restore("data-restored", 64 * MIB, &snap);
+        r.volume_capabilities[0] = ext4();
+        c.create_volume(&r).unwrap().volume.unwrap().volume_id
+    };
+    let from_snapshot = with_mounted(&site, n1, "n1", &restored, |t| digest(&t.join("file")));
+    assert_eq!(from_snapshot, sum);
+    c.delete_snapshot(&req::delete_snapshot(&snap)).unwrap();
+
+    // A raw block volume's data has no signature at all; once handed out,
+    // its record says so, and no stage as a filesystem may format it.
+    let block = create(
+        site.d(c1),
+        "raw",
+        32,
+        req::block_cap(Mode::SINGLE_NODE_WRITER),
+    );
+    {
+        let n = site.d(n1).node();
+        let cap = req::block_cap(Mode::SINGLE_NODE_WRITER);
+        let staging = site.staging("n1", &block);
+        let target = site.kubelet("n1").join("pods/raw/dev");
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        n.node_stage_volume(&stage_req(&block, &staging, cap.clone()))
+            .unwrap();
+        n.node_publish_volume(&publish_req(&block, &staging, &target, cap, false))
+            .unwrap();
+        let mut dev = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap();
+        dev.write_all(&vec![0x3c; 1 << 20]).unwrap();
+        dev.sync_all().unwrap();
+        drop(dev);
+        n.node_unpublish_volume(&unpublish_req(&block, &target))
+            .unwrap();
+        n.node_unstage_volume(&unstage_req(&block, &staging))
+            .unwrap();
+    }
+    let meta =
+        std::fs::read_to_string(site.pool.join("volumes").join(&block).join("meta.json")).unwrap();
+    assert!(meta.contains("\"written\": true"), "{meta}");
+    let before = digest(&site.image(&block));
+    let staging = site.staging("n1", &block);
+    let st = status(
+        site.d(n1)
+            .node()
+            .node_stage_volume(&stage_req(&block, &staging, ext4())),
+    );
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+    assert_eq!(
+        digest(&site.image(&block)),
+        before,
+        "the block volume was written"
+    );
 
     // A written volume whose filesystem signature is gone (overwritten
     // from outside) is refused, never formatted: on bindfs the holes
@@ -317,21 +389,17 @@ fn node_first_then_controller(share: Share) {
     assert_eq!(digest(&site.image(&wiped)), before, "the image was written");
 
     // Deleted through the controller: nothing left in the pool.
-    for v in [&id, &grown, &clone, &wiped] {
+    for v in [&id, &grown, &clone, &restored, &wiped, &block] {
         c.delete_volume(&req::delete(v)).unwrap();
         assert!(!site.pool.join("volumes").join(v).exists());
     }
 }
 
-#[test]
-fn node_first_then_controller_on_xfs() {
-    node_first_then_controller(Share::Xfs);
-}
-
-#[test]
-fn node_first_then_controller_on_a_share_without_holes() {
-    node_first_then_controller(Share::Bindfs);
-}
+on_both_shares!(
+    node_first_then_controller,
+    node_first_then_controller_on_xfs,
+    node_first_then_controller_on_a_share_without_holes
+);
 
 /// A crash between mkfs and the record: the restarted node plugin mounts
 /// the filesystem it made, and records it.
@@ -367,15 +435,11 @@ fn crash_between_mkfs_and_record(share: Share) {
         .unwrap();
 }
 
-#[test]
-fn crash_between_mkfs_and_record_on_xfs() {
-    crash_between_mkfs_and_record(Share::Xfs);
-}
-
-#[test]
-fn crash_between_mkfs_and_record_on_a_share_without_holes() {
-    crash_between_mkfs_and_record(Share::Bindfs);
-}
+on_both_shares!(
+    crash_between_mkfs_and_record,
+    crash_between_mkfs_and_record_on_xfs,
+    crash_between_mkfs_and_record_on_a_share_without_holes
+);
 
 /// A controller replica takes over a pool it never saw being filled.
 fn replica_takes_over(share: Share) {
@@ -412,15 +476,11 @@ fn replica_takes_over(share: Share) {
         .is_empty());
 }
 
-#[test]
-fn replica_takes_over_on_xfs() {
-    replica_takes_over(Share::Xfs);
-}
-
-#[test]
-fn replica_takes_over_on_a_share_without_holes() {
-    replica_takes_over(Share::Bindfs);
-}
+on_both_shares!(
+    replica_takes_over,
+    replica_takes_over_on_xfs,
+    replica_takes_over_on_a_share_without_holes
+);
 
 /// Two node plugins on one pool: fencing, and volumes staged without any
 /// ControllerPublish (directory volumes of the node-local layout,
@@ -477,9 +537,47 @@ fn two_nodes_one_pool(share: Share) {
         code(c.delete_volume(&req::delete(&id))),
         RpcStatusCode::FAILED_PRECONDITION
     );
+    // Staged at a second path on n1 (CSI allows one per usage): unstaging
+    // the first keeps the device attached and the fence held.
+    let s1b = site.staging("n1", &format!("{id}-second"));
+    site.d(n1)
+        .node()
+        .node_stage_volume(&stage_req(&id, &s1b, ext4()))
+        .unwrap();
     site.d(n1)
         .node()
         .node_unstage_volume(&unstage_req(&id, &s1))
+        .unwrap();
+    let st = status(
+        site.d(n2)
+            .node()
+            .node_stage_volume(&stage_req(&id, &s2, ext4())),
+    );
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+    assert_eq!(
+        code(c.delete_volume(&req::delete(&id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    // A restart with the record unreadable still fences what is attached.
+    let meta = site.pool.join("volumes").join(&id).join("meta.json");
+    let record = std::fs::read(&meta).unwrap();
+    std::fs::write(&meta, b"{ damaged").unwrap();
+    site.kill(n1);
+    let n1 = site.node("n1");
+    assert_eq!(
+        code(c.delete_volume(&req::delete(&id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+    assert!(site.image(&id).exists());
+    std::fs::write(&meta, record).unwrap();
+    site.d(n1)
+        .node()
+        .node_unstage_volume(&unstage_req(&id, &s1b))
         .unwrap();
     c.delete_volume(&req::delete(&id)).unwrap();
 
@@ -568,15 +666,11 @@ fn two_nodes_one_pool(share: Share) {
         .is_empty());
 }
 
-#[test]
-fn two_nodes_one_pool_on_xfs() {
-    two_nodes_one_pool(Share::Xfs);
-}
-
-#[test]
-fn two_nodes_one_pool_on_a_share_without_holes() {
-    two_nodes_one_pool(Share::Bindfs);
-}
+on_both_shares!(
+    two_nodes_one_pool,
+    two_nodes_one_pool_on_xfs,
+    two_nodes_one_pool_on_a_share_without_holes
+);
 
 /// A group snapshot in progress keeps every member while a node plugin
 /// restarts (its start used to clean up "unfinished" groups). xfs only:

@@ -68,18 +68,23 @@ impl LoopFs {
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
-        // A process of the test may still hold a file open for a moment
-        // after being killed; retry before falling back to a lazy unmount.
-        for _ in 0..50 {
-            if Command::new("umount")
-                .arg(&self.mnt)
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        unmount_patiently(&self.mnt);
     }
+}
+
+/// Unmounts `mnt`. A process of the test may still hold a file open for a
+/// moment after being killed; retry for about 5 s before falling back to a
+/// lazy unmount.
+pub fn unmount_patiently(mnt: &Path) {
+    for _ in 0..50 {
+        if Command::new("umount")
+            .arg(mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = Command::new("umount").arg("-l").arg(mnt).status();
 }
