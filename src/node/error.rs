@@ -16,8 +16,9 @@ pub enum NodeError {
         /// The kubelet directory.
         kubelet_dir: PathBuf,
     },
-    /// Another node (or another staging of this one) holds the image.
-    #[error("volume {id} is staged on another node: its image {image} is locked; a single-writer image is never mounted twice")]
+    /// Another node plugin (on this host or another) has the volume staged
+    /// in a way that excludes this stage: its fence in the pool is held.
+    #[error("volume {id} ({image}) is staged by another node plugin: its fence in the pool is held; a single-writer image is never mounted twice")]
     Fenced {
         /// The volume.
         id: String,
