@@ -6,11 +6,14 @@
 # Tests: the filesystem tools the node service runs (mkfs, growfs, probing;
 # blkid is util-linux), mount/umount/losetup for the tests' own set-up and
 # clean-up, and bindfs: a FUSE view of a pool that stands in for a network
-# share (it cannot report holes, as NFS before 4.2 cannot). Deploy validation: python3-venv for its pinned tools
-# (scripts/deploy-requirements.txt); `kubectl kustomize` must be on PATH.
+# share (it cannot report holes, as NFS before 4.2 cannot).
+# Deploy validation: python3-venv for its pinned tools
+# (scripts/deploy-requirements.txt), and xz to unpack the kubectl of
+# ../shared/tools/k8s when none is on PATH (its kustomize renders the
+# overlays). scripts/e2e-k8s.sh installs what the cluster run needs itself.
 set -euo pipefail
 
-packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv bindfs)
+packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv bindfs xz-utils)
 
 missing=()
 for p in "${packages[@]}"; do
