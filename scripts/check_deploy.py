@@ -264,8 +264,9 @@ class Checker:
             if driver["spec"].get("storageCapacity") and not any(advertised.values()):
                 self.fail(
                     f"CSIDriver/{driver['metadata']['name']}",
-                    "storageCapacity is true but the driver advertises no topology: external-provisioner "
-                    "publishes no CSIStorageCapacity without it, and the scheduler keeps every pod pending",
+                    "storageCapacity is true but the driver advertises no topology: on a real cluster no "
+                    "CSIStorageCapacity was published for it and the scheduler held every new pod "
+                    "(scripts/e2e-k8s.sh, shared-pool)",
                 )
         for cw, adv in advertised.items():
             for nw, rep in reported.items():
