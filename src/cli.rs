@@ -157,6 +157,11 @@ pub struct ServeArgs {
     /// cancelled.
     #[arg(long, env = "FILEVOL_SHUTDOWN_GRACE", default_value_t = 20)]
     pub shutdown_grace: u64,
+
+    /// Seconds between clean-ups of what dead processes left in the pool
+    /// (controller and `all` modes; also done at start). 0: only at start.
+    #[arg(long, env = "FILEVOL_JANITOR_INTERVAL", default_value_t = 600)]
+    pub janitor_interval: u64,
 }
 
 /// Parses a byte count with an optional binary suffix: `512`, `64Mi`, `2Gi`.

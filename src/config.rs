@@ -46,6 +46,8 @@ pub struct Config {
     pub max_volumes_per_node: u32,
     /// Time in-flight calls get after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Time between clean-ups of the pool (None: only at start).
+    pub janitor_interval: Option<Duration>,
     /// Settings that were not given and took their default, so start-up can
     /// tell a new user where things are.
     pub defaulted: Vec<String>,
@@ -175,6 +177,8 @@ impl Config {
             workers: usize::from(args.workers),
             queue_depth: usize::from(args.queue_depth),
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
+            janitor_interval: (args.janitor_interval > 0)
+                .then(|| Duration::from_secs(args.janitor_interval)),
             defaulted,
         })
     }

@@ -185,6 +185,16 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Cleans up what dead processes left (see `janitor`); a controller does
+    /// it at start and then periodically, so a node plugin that keeps dying
+    /// does not fill the pool with its scratch. Only for janitor processes.
+    pub fn clean_up(&self) -> Result<(), PoolError> {
+        if self.opts.janitor {
+            janitor::run(self)?;
+        }
+        Ok(())
+    }
+
     /// The pool directory.
     pub fn root(&self) -> &Path {
         &self.root

@@ -147,6 +147,12 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     // start-up still drains instead of killing the process mid-call.
     let stop = signals::watch().map_err(ServeError::Signals)?;
     server.start();
+    let janitor = match driver.config.janitor_interval {
+        Some(every) if driver.config.mode.serves_controller() => {
+            Some(Janitor::start(Arc::clone(&driver), every).map_err(ServeError::Threads)?)
+        }
+        _ => None,
+    };
 
     log::info!(
         "filevol {} serving mode={} driver={} node={} endpoint={} pool={} workers={} queue={}",
@@ -172,12 +178,51 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         signals::name(sig),
         grace.as_secs()
     );
+    drop(janitor);
     drain(&mut server, grace);
     driver.executor.shutdown();
     drop(server);
     drop(claim);
     log::info!("stopped");
     Ok(())
+}
+
+/// The periodic clean-up of the pool, on a thread of its own; stopped and
+/// joined when dropped.
+struct Janitor {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Janitor {
+    fn start(driver: Arc<Driver>, every: Duration) -> std::io::Result<Janitor> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("filevol-janitor".into())
+            .spawn(move || {
+                // Disconnected (the sender dropped) ends the loop.
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    if let Err(e) = driver.pool.clean_up() {
+                        log::warn!("pool clean-up: {e}");
+                    }
+                }
+            })?;
+        Ok(Janitor {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Janitor {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Stops accepting calls and waits up to `grace` for those in progress,

@@ -764,3 +764,62 @@ fn group_snapshots_on_a_share_that_cannot_reflink_are_refused() {
         0
     );
 }
+
+/// What a node plugin killed mid-operation leaves in its scratch goes with
+/// the next periodic clean-up of a running controller, not with a node
+/// plugin's, and not before its process is gone.
+#[test]
+fn a_running_controller_cleans_up_after_dead_processes() {
+    let Some(mut site) = Site::new(Share::Xfs) else {
+        return;
+    };
+    let args = ["--janitor-interval", "1"];
+    // A node plugin running before the debris appears, as in a real pool.
+    site.node("n1");
+    let base = site.pool.join(".scratch");
+    let dead = base.join("gone-host-4242-1");
+    std::fs::create_dir_all(dead.join("volume-7")).unwrap();
+    std::fs::write(dead.join("volume-7/image"), b"half-made").unwrap();
+    std::fs::write(base.join("gone-host-4242-1.lock"), b"").unwrap();
+    let n2 = Driver::start_on(
+        &site.pool,
+        Opts::default().args(&args).args(&[
+            "--mode",
+            "node",
+            "--node-id",
+            "n2",
+            "--topology=",
+            "--kubelet-dir",
+            site.kubelet("n2").to_str().unwrap(),
+        ]),
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(dead.exists(), "a node plugin cleaned up:\n{}", n2.log());
+    let c = Driver::start_on(
+        &site.pool,
+        Opts::default().args(&args).args(&[
+            "--mode",
+            "controller",
+            "--node-id",
+            "controller-0",
+            "--topology=",
+        ]),
+    );
+    // At its start, then every second: debris made after the start goes too.
+    let later = base.join("gone-host-4242-2");
+    std::fs::create_dir_all(&later).unwrap();
+    std::fs::write(base.join("gone-host-4242-2.lock"), b"").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (dead.exists() || later.exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!dead.exists() && !later.exists(), "{}", c.log());
+    // The live processes' scratch is untouched.
+    let live = std::fs::read_dir(&base)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+        .count();
+    assert_eq!(live, 3, "node plugins n1 and n2 and the controller");
+    drop(c);
+    drop(n2);
+}
