@@ -141,8 +141,9 @@ impl Pool {
         Ok((nv, ns, volumes, snapshots))
     }
 
-    /// Tells every process that a volume's size changed: called after the
-    /// record is replaced, before the expansion's promise is let go.
+    /// Tells every process to read the sizes again: after an expansion's
+    /// record is replaced (before its promise is let go), after a delete (the
+    /// id may come back with another size), and at every janitor pass.
     pub(super) fn sizes_changed(&self) -> Result<(), PoolError> {
         let path = self.root.join(GENERATION);
         sysfs::replace_volatile(&path, b"").map_err(io_error("write", path))
