@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol::proto::grpc::ControllerClient;
 use grpcio::RpcStatusCode;
 
 use crate::controller::{digest, pool_on};
@@ -482,6 +483,36 @@ on_both_shares!(
     replica_takes_over_on_a_share_without_holes
 );
 
+/// A stage of `id` through node plugin `node` is refused: the volume is
+/// fenced by another node plugin.
+fn assert_stage_refused(site: &Site, node: usize, id: &str, staging: &Path) {
+    let st = status(
+        site.d(node)
+            .node()
+            .node_stage_volume(&stage_req(id, staging, ext4())),
+    );
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::FAILED_PRECONDITION,
+        "{}",
+        st.message()
+    );
+}
+
+/// DeleteVolume of `id` through controller client `c` is refused.
+fn assert_delete_refused(c: &ControllerClient, id: &str) {
+    assert_eq!(
+        code(c.delete_volume(&req::delete(id))),
+        RpcStatusCode::FAILED_PRECONDITION
+    );
+}
+
+/// Both: `id` is staged by another node plugin and fenced through the pool.
+fn assert_fenced(site: &Site, c: &ControllerClient, node: usize, id: &str, staging: &Path) {
+    assert_stage_refused(site, node, id, staging);
+    assert_delete_refused(c, id);
+}
+
 /// Two node plugins on one pool: fencing, and volumes staged without any
 /// ControllerPublish (directory volumes of the node-local layout,
 /// ephemeral volumes) are never deleted under a node.
@@ -502,41 +533,14 @@ fn two_nodes_one_pool(share: Share) {
         .unwrap();
     // The second node plugin cannot stage it: fenced through the pool.
     let s2 = site.staging("n2", &id);
-    let st = status(
-        site.d(n2)
-            .node()
-            .node_stage_volume(&stage_req(&id, &s2, ext4())),
-    );
-    assert_eq!(
-        st.code(),
-        RpcStatusCode::FAILED_PRECONDITION,
-        "{}",
-        st.message()
-    );
+    assert_stage_refused(&site, n2, &id, &s2);
     // Nor can the controller delete it, with no ControllerPublish record.
-    assert_eq!(
-        code(c.delete_volume(&req::delete(&id))),
-        RpcStatusCode::FAILED_PRECONDITION
-    );
+    assert_delete_refused(&c, &id);
     assert!(site.image(&id).exists());
     // A node plugin restarting keeps the fence (found from the kernel).
     site.kill(n1);
     let n1 = site.node("n1");
-    let st = status(
-        site.d(n2)
-            .node()
-            .node_stage_volume(&stage_req(&id, &s2, ext4())),
-    );
-    assert_eq!(
-        st.code(),
-        RpcStatusCode::FAILED_PRECONDITION,
-        "{}",
-        st.message()
-    );
-    assert_eq!(
-        code(c.delete_volume(&req::delete(&id))),
-        RpcStatusCode::FAILED_PRECONDITION
-    );
+    assert_fenced(&site, &c, n2, &id, &s2);
     // Staged at a second path on n1 (CSI allows one per usage): unstaging
     // the first keeps the device attached and the fence held.
     let s1b = site.staging("n1", &format!("{id}-second"));
@@ -548,31 +552,14 @@ fn two_nodes_one_pool(share: Share) {
         .node()
         .node_unstage_volume(&unstage_req(&id, &s1))
         .unwrap();
-    let st = status(
-        site.d(n2)
-            .node()
-            .node_stage_volume(&stage_req(&id, &s2, ext4())),
-    );
-    assert_eq!(
-        st.code(),
-        RpcStatusCode::FAILED_PRECONDITION,
-        "{}",
-        st.message()
-    );
-    assert_eq!(
-        code(c.delete_volume(&req::delete(&id))),
-        RpcStatusCode::FAILED_PRECONDITION
-    );
+    assert_fenced(&site, &c, n2, &id, &s2);
     // A restart with the record unreadable still fences what is attached.
     let meta = site.pool.join("volumes").join(&id).join("meta.json");
     let record = std::fs::read(&meta).unwrap();
     std::fs::write(&meta, b"{ damaged").unwrap();
     site.kill(n1);
     let n1 = site.node("n1");
-    assert_eq!(
-        code(c.delete_volume(&req::delete(&id))),
-        RpcStatusCode::FAILED_PRECONDITION
-    );
+    assert_delete_refused(&c, &id);
     assert!(site.image(&id).exists());
     std::fs::write(&meta, record).unwrap();
     site.d(n1)
