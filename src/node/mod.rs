@@ -355,8 +355,7 @@ impl Node {
         // Shared: a directory serves many nodes at once. Held while staged
         // so that no DeleteVolume removes a directory in use, whether or not
         // ControllerPublish is used (the node-local layout skips it).
-        let fenced_now = self.take_fence(pool, &v.id, LockKind::Shared)?;
-        let result = (|| {
+        self.fenced(pool, &v.id, LockKind::Shared, || {
             if mount::state(staging).map_err(sys("stat", staging))? == MountState::Mounted {
                 return self.expect_same_fs(staging, &data, "another filesystem");
             }
@@ -369,9 +368,22 @@ impl Node {
                 }
             }
             Ok(())
-        })();
+        })
+    }
+
+    /// Runs a stage holding the volume's fence of `kind`; a stage that fails
+    /// lets go of a fence it took (not of one an earlier stage holds).
+    fn fenced<T>(
+        &self,
+        pool: &Pool,
+        id: &str,
+        kind: LockKind,
+        stage: impl FnOnce() -> Result<T, NodeError>,
+    ) -> Result<T, NodeError> {
+        let fenced_now = self.take_fence(pool, id, kind)?;
+        let result = stage();
         if result.is_err() && fenced_now {
-            self.release_fence(&v.id);
+            self.release_fence(id);
         }
         result
     }
@@ -406,12 +418,9 @@ impl Node {
         staging: &Path,
         req: &Request,
     ) -> Result<(), NodeError> {
-        let fenced_now = self.take_fence(pool, &v.id, lock_kind(req.mode))?;
-        let result = self.stage_image_fenced(pool, v, staging, req);
-        if result.is_err() && fenced_now {
-            self.release_fence(&v.id);
-        }
-        result
+        self.fenced(pool, &v.id, lock_kind(req.mode), || {
+            self.stage_image_fenced(pool, v, staging, req)
+        })
     }
 
     fn stage_image_fenced(
@@ -532,8 +541,7 @@ impl Node {
         req: &Request,
     ) -> Result<(), NodeError> {
         let read_only = req.mode.is_read_only();
-        let fenced_now = self.take_fence(pool, &v.id, lock_kind(req.mode))?;
-        let result = (|| {
+        self.fenced(pool, &v.id, lock_kind(req.mode), || {
             // Recorded before the device is handed out: from here on the
             // pod may write anything, signature or not, and a later stage as
             // a filesystem must never take it for blank.
@@ -560,11 +568,7 @@ impl Node {
                 let _ = dev.detach();
             }
             bound
-        })();
-        if result.is_err() && fenced_now {
-            self.release_fence(&v.id);
-        }
-        result
+        })
     }
 
     fn expect_same_fs(&self, mounted: &Path, source: &Path, what: &str) -> Result<(), NodeError> {
