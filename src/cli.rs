@@ -133,7 +133,10 @@ pub struct ServeArgs {
     pub topology: Option<String>,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g.
-    /// `0.0.0.0:9808`). Off when not given.
+    /// `0.0.0.0:9808`). Off when not given. The Kubernetes manifests pass
+    /// `0.0.0.0:9808`, the `metrics` port of the controller's and the node
+    /// plugin's `filevol` container (no host network): Prometheus in the
+    /// cluster scrapes `<pod IP>:9808/metrics`.
     #[arg(long, env = "FILEVOL_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
 
