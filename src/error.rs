@@ -120,7 +120,13 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         | NodeError::NotStaged { .. }
         | NodeError::SingleWriter { .. }
         | NodeError::WillNotFormat { .. }
-        | NodeError::Busy { .. } => RpcStatusCode::FAILED_PRECONDITION,
+        | NodeError::Busy { .. }
+        | NodeError::StillPublished { .. } => RpcStatusCode::FAILED_PRECONDITION,
+        // The kernel lets go of the device at its last close: a retry soon
+        // succeeds.
+        NodeError::DetachPending { .. } => RpcStatusCode::UNAVAILABLE,
+        // What caused the failure decides; the failed undo is in the message.
+        NodeError::RollbackFailed { error, .. } => node_code(rpc, error),
         NodeError::ProbeFailed { .. } | NodeError::Command { .. } | NodeError::Sys { .. } => {
             RpcStatusCode::INTERNAL
         }

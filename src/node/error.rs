@@ -87,6 +87,36 @@ pub enum NodeError {
         /// On what.
         path: PathBuf,
     },
+    /// NodeUnstage while the volume is still mounted elsewhere on this node
+    /// (a publish not yet unpublished): unstaging would pull the filesystem
+    /// from under it.
+    #[error("volume {id} is still mounted at {at}; unpublish it before unstaging")]
+    StillPublished {
+        /// The volume.
+        id: String,
+        /// One of its other mounts.
+        at: PathBuf,
+    },
+    /// The loop device was told to detach but something still holds it open:
+    /// the image is in use until it is gone, so its fence stays.
+    #[error(
+        "{device} (backing {image}) is detaching but still held open; retry once it is released"
+    )]
+    DetachPending {
+        /// The device.
+        device: PathBuf,
+        /// Its image.
+        image: PathBuf,
+    },
+    /// A step failed, and undoing what the operation had already done failed
+    /// too: both are reported, since what stays behind needs cleaning up.
+    #[error("{error}; undoing it failed too: {undo}")]
+    RollbackFailed {
+        /// What made the operation fail.
+        error: Box<NodeError>,
+        /// The undo steps that failed, and why.
+        undo: String,
+    },
     /// No volume at the given path.
     #[error("{what} {path} does not exist")]
     NotFound {

@@ -23,10 +23,13 @@
 
 pub mod error;
 pub mod format;
+mod mounts;
 pub mod paths;
+mod rollback;
 
 use std::collections::HashMap;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -34,6 +37,9 @@ use parking_lot::Mutex;
 use error::sys;
 pub use error::NodeError;
 use format::Content;
+use mounts::staged_dirs;
+use paths::Create;
+use rollback::Rollback;
 
 use crate::pool::meta::{AccessMode, AccessType, FsType, Layout, VolumeMeta};
 use crate::pool::store::Fence;
@@ -42,6 +48,7 @@ use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mount::{self, MountState};
 use crate::sys::mountinfo;
+use crate::sys::untrusted;
 
 /// The file inside a block volume's staging directory onto which its loop
 /// device is bind-mounted, so the kernel's mount table remembers the stage.
@@ -142,11 +149,12 @@ impl Node {
             let Ok(meta) = std::fs::metadata(&image) else {
                 continue;
             };
-            // A device with a detach pending was let go of by an unstage
-            // that finished: not staged, nothing to fence.
+            // A device with a detach pending still reads and writes the
+            // image until its last close: fenced too (an unstage waits for
+            // it to go before it lets go of the fence).
             let Some((dev, _)) = attached
                 .iter()
-                .find(|(d, b)| *b == (meta.dev(), meta.ino()) && !d.detaching())
+                .find(|(_, b)| *b == (meta.dev(), meta.ino()))
             else {
                 continue;
             };
@@ -253,7 +261,8 @@ impl Node {
             .parent()
             .expect("images live in their volume directory");
         let scratch = dir.join(".image.mkfs");
-        let _ = std::fs::remove_file(&scratch);
+        // Left by a stage that crashed during mkfs.
+        remove_if_present(&scratch).map_err(sys("remove", &scratch))?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -261,6 +270,10 @@ impl Node {
             .mode(0o600)
             .open(&scratch)
             .map_err(sys("create", &scratch))?;
+        let mut undo = Rollback::new();
+        undo.push(format!("remove {}", scratch.display()), || {
+            remove_if_present(&scratch)
+        });
         let result = (|| {
             file.set_len(v.capacity_bytes)
                 .map_err(sys("size", &scratch))?;
@@ -274,10 +287,7 @@ impl Node {
             std::fs::rename(&scratch, &image).map_err(sys("replace", &image))?;
             crate::sys::fs::fsync_dir(dir).map_err(sys("sync", dir))
         })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&scratch);
-        }
-        result
+        undo.finish(result)
     }
 
     fn release_fence(&self, id: &str) {
@@ -355,37 +365,80 @@ impl Node {
         // Shared: a directory serves many nodes at once. Held while staged
         // so that no DeleteVolume removes a directory in use, whether or not
         // ControllerPublish is used (the node-local layout skips it).
-        self.fenced(pool, &v.id, LockKind::Shared, || {
+        self.fenced(pool, &v.id, LockKind::Shared, |undo| {
             if mount::state(staging).map_err(sys("stat", staging))? == MountState::Mounted {
                 return self.expect_same_fs(staging, &data, "another filesystem");
             }
-            std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
-            mount::bind(&data, staging).map_err(sys("bind-mount", staging))?;
+            let source = untrusted::open_root(&data).map_err(sys("open", &data))?;
+            let target = self.mount_point(staging, Create::Dir)?;
+            mount::bind_at(source.as_fd(), target.as_fd()).map_err(sys("bind-mount", staging))?;
+            undo.push(format!("unmount {}", staging.display()), move || {
+                mount::unmount(staging)
+            });
             if req.mode.is_read_only() {
-                if let Err(e) = mount::remount_read_only(staging) {
-                    let _ = mount::unmount(staging);
-                    return Err(sys("remount read-only", staging)(e));
-                }
+                self.remount_read_only(staging)?;
             }
             Ok(())
         })
     }
 
-    /// Runs a stage holding the volume's fence of `kind`; a stage that fails
-    /// lets go of a fence it took (not of one an earlier stage holds).
-    fn fenced<T>(
+    /// Runs a stage holding the volume's fence of `kind`. The stage pushes
+    /// the undo of each step it takes (an attach, a mount) on the rollback
+    /// it is handed; a stage that fails has them undone, newest first, and
+    /// then lets go of a fence this call took (not of one an earlier stage
+    /// holds), so the fence is the last thing released.
+    fn fenced<'a, T>(
+        &'a self,
+        pool: &Pool,
+        id: &'a str,
+        kind: LockKind,
+        stage: impl FnOnce(&mut Rollback<'a>) -> Result<T, NodeError>,
+    ) -> Result<T, NodeError> {
+        let mut undo = Rollback::new();
+        if self.take_fence(pool, id, kind)? {
+            undo.push(format!("release the fence of {id}"), move || {
+                self.release_fence(id);
+                Ok(())
+            });
+        }
+        let result = stage(&mut undo);
+        undo.finish(result)
+    }
+
+    /// Creates (when missing) and opens the staging or target path
+    /// `path` from a descriptor of the kubelet directory, for a mount onto
+    /// the object opened (see [`paths`]).
+    fn mount_point(&self, path: &Path, what: Create) -> Result<OwnedFd, NodeError> {
+        paths::create(&self.kubelet_dir, path, what).map_err(sys("create", path))
+    }
+
+    /// Makes the mount at `path` (under the kubelet directory) read-only,
+    /// through a descriptor of the mount's root.
+    fn remount_read_only(&self, path: &Path) -> Result<(), NodeError> {
+        let root = paths::open(&self.kubelet_dir, path).map_err(sys("open", path))?;
+        mount::remount_read_only_at(root.as_fd()).map_err(sys("remount read-only", path))
+    }
+
+    /// Attaches the image's loop device if no usable one is attached, and
+    /// has the rollback detach one it attached.
+    fn attach_undoable<'a>(
         &self,
         pool: &Pool,
-        id: &str,
-        kind: LockKind,
-        stage: impl FnOnce() -> Result<T, NodeError>,
-    ) -> Result<T, NodeError> {
-        let fenced_now = self.take_fence(pool, id, kind)?;
-        let result = stage();
-        if result.is_err() && fenced_now {
-            self.release_fence(id);
+        v: &VolumeMeta,
+        read_only: bool,
+        undo: &mut Rollback<'a>,
+    ) -> Result<LoopDevice, NodeError> {
+        let (dev, attached_now) = self.attach(pool, v, read_only)?;
+        if attached_now {
+            undo.push(format!("detach {}", dev.path().display()), move || {
+                dev.detach()
+            });
+            // A device number is reused: drop anything cached of an image
+            // it backed before.
+            dev.drop_cached_blocks()
+                .map_err(sys("drop cached blocks of", dev.path()))?;
         }
-        result
+        Ok(dev)
     }
 
     /// Attaches (or finds) the image's loop device; the caller holds the
@@ -418,17 +471,18 @@ impl Node {
         staging: &Path,
         req: &Request,
     ) -> Result<(), NodeError> {
-        self.fenced(pool, &v.id, lock_kind(req.mode), || {
-            self.stage_image_fenced(pool, v, staging, req)
+        self.fenced(pool, &v.id, lock_kind(req.mode), |undo| {
+            self.stage_image_fenced(pool, v, staging, req, undo)
         })
     }
 
-    fn stage_image_fenced(
+    fn stage_image_fenced<'a>(
         &self,
         pool: &Pool,
         v: &VolumeMeta,
-        staging: &Path,
+        staging: &'a Path,
         req: &Request,
+        undo: &mut Rollback<'a>,
     ) -> Result<(), NodeError> {
         let fs = v.fs_type.unwrap_or(FsType::Ext4);
         let read_only = req.mode.is_read_only();
@@ -438,58 +492,46 @@ impl Node {
         } else {
             v.clone()
         };
-        let (dev, attached_now) = self.attach(pool, &v, read_only)?;
-        if attached_now {
-            if let Err(e) = dev.drop_cached_blocks() {
-                let _ = dev.detach();
-                return Err(sys("drop cached blocks of", dev.path())(e));
-            }
-        }
-        let undo = |e: NodeError| {
-            if attached_now {
-                let _ = dev.detach();
-            }
-            e
-        };
+        let dev = self.attach_undoable(pool, &v, read_only, undo)?;
         if mount::state(staging).map_err(sys("stat", staging))? == MountState::Mounted {
             // Staged already (a retry, or a restart): it must be this
             // volume's device.
             let source =
                 mount::source_of(staging).map_err(sys("read the mount table for", staging))?;
             if source.as_deref() != Some(dev.path().to_string_lossy().as_ref()) {
-                return Err(undo(NodeError::Occupied {
+                return Err(NodeError::Occupied {
                     path: staging.to_owned(),
                     what: "another filesystem".into(),
-                }));
+                });
             }
             return Ok(());
         }
 
-        match format::probe(&dev.path(), &pool.image_path(&v.id)).map_err(undo)? {
+        match format::probe(&dev.path(), &pool.image_path(&v.id))? {
             Content::Filesystem(found) if found == fs.as_str() => {}
             Content::Blank => {
                 // A read-only stage of a never-formatted volume, or an image
                 // blanked under us: nothing to mount, nothing to format.
-                return Err(undo(NodeError::WillNotFormat {
+                return Err(NodeError::WillNotFormat {
                     device: dev.path(),
                     found: "nothing (a blank volume is formatted at its first read-write stage)"
                         .into(),
                     expected: fs.as_str().into(),
-                }));
+                });
             }
             Content::Filesystem(found) => {
-                return Err(undo(NodeError::WillNotFormat {
+                return Err(NodeError::WillNotFormat {
                     device: dev.path(),
                     found,
                     expected: fs.as_str().into(),
-                }))
+                })
             }
             Content::Other(found) => {
-                return Err(undo(NodeError::WillNotFormat {
+                return Err(NodeError::WillNotFormat {
                     device: dev.path(),
                     found,
                     expected: fs.as_str().into(),
-                }))
+                })
             }
         }
 
@@ -515,12 +557,9 @@ impl Node {
             }
             data.push_str("nouuid");
         }
-        std::fs::create_dir_all(staging)
-            .map_err(sys("create", staging))
-            .map_err(undo)?;
-        mount::mount_fs(&dev.path(), staging, fs.as_str(), flags, &data)
-            .map_err(sys("mount", staging))
-            .map_err(undo)?;
+        let target = self.mount_point(staging, Create::Dir)?;
+        mount::mount_fs_at(&dev.path(), target.as_fd(), fs.as_str(), flags, &data)
+            .map_err(sys("mount", staging))?;
         // A restored or cloned volume may be larger than its filesystem.
         if !read_only && v.source.is_some() {
             if let Err(e) = format::grow(fs, &dev.path(), staging) {
@@ -541,7 +580,7 @@ impl Node {
         req: &Request,
     ) -> Result<(), NodeError> {
         let read_only = req.mode.is_read_only();
-        self.fenced(pool, &v.id, lock_kind(req.mode), || {
+        self.fenced(pool, &v.id, lock_kind(req.mode), |undo| {
             // Recorded before the device is handed out: from here on the
             // pod may write anything, signature or not, and a later stage as
             // a filesystem must never take it for blank.
@@ -549,25 +588,14 @@ impl Node {
                 let lock = pool.lock_volume(&v.id)?;
                 pool.mark_written(&v.id, &lock)?;
             }
-            let (dev, attached_now) = self.attach(pool, v, read_only)?;
+            let dev = self.attach_undoable(pool, v, read_only, undo)?;
             let file = staging.join(BLOCK_DEVICE_FILE);
             if mount::state(&file).map_err(sys("stat", &file))? == MountState::Mounted {
                 return Ok(());
             }
-            let bound = (|| {
-                std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&file)
-                    .map_err(sys("create", &file))?;
-                mount::bind(&dev.path(), &file).map_err(sys("bind-mount", &file))
-            })();
-            if bound.is_err() && attached_now {
-                let _ = dev.detach();
-            }
-            bound
+            let source = open_device(&dev)?;
+            let target = self.mount_point(&file, Create::File)?;
+            mount::bind_at(source.as_fd(), target.as_fd()).map_err(sys("bind-mount", &file))
         })
     }
 
@@ -587,8 +615,18 @@ impl Node {
     // ---- unstage ----
 
     /// NodeUnstageVolume: unmounts, detaches the loop device, drops the
-    /// lock. Idempotent.
+    /// fence. Idempotent. Refused while the volume is still mounted
+    /// elsewhere under this node's kubelet directory (a publish not yet
+    /// unpublished); the fence is kept until the loop device is really gone.
     pub fn unstage(&self, pool: &Pool, id: &str, staging: &Path) -> Result<(), NodeError> {
+        let mounts = mounts::of_volume(pool, id, &self.kubelet_dir)
+            .map_err(sys("read", "/proc/self/mountinfo"))?;
+        if let Some(at) = mounts.into_iter().find(|p| !p.starts_with(staging)) {
+            return Err(NodeError::StillPublished {
+                id: id.to_owned(),
+                at,
+            });
+        }
         let device_file = staging.join(BLOCK_DEVICE_FILE);
         if matches!(
             mount::state(&device_file).map_err(sys("stat", &device_file))?,
@@ -605,27 +643,29 @@ impl Node {
         ) {
             mount::unmount(staging).map_err(sys("unmount", staging))?;
         }
-        // The fence and the loop device go only with the volume's last mount
-        // on this host: staged at another path too (CSI allows one per
-        // usage), or still published, it stays fenced and attached.
         let image = pool.image_path(id);
-        if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
-            if loop_in_use(&dev, &self.kubelet_dir).map_err(sys("read", "/proc/self/mountinfo"))? {
+        if let Some(dev) =
+            loopdev::find_bound(&image).map_err(sys("find loop device of", &image))?
+        {
+            if mounts::loop_mounted(&dev).map_err(sys("read", "/proc/self/mountinfo"))? {
+                // Another node plugin on this host (its own kubelet
+                // directory, a shared read-only stage) still has it mounted:
+                // the device stays for it; this plugin's stage is over.
                 log::info!(
-                    "volume {id}: {} is still mounted elsewhere on this node; it stays attached and fenced",
+                    "volume {id}: {} is still mounted outside this node's kubelet directory; it stays attached",
                     dev.path().display()
                 );
-                return Ok(());
+            } else {
+                if !dev.detaching() {
+                    dev.detach().map_err(sys("detach", dev.path()))?;
+                }
+                if !detached(&image).map_err(sys("find loop device of", &image))? {
+                    return Err(NodeError::DetachPending {
+                        device: dev.path(),
+                        image,
+                    });
+                }
             }
-            dev.detach().map_err(sys("detach", dev.path()))?;
-        }
-        if staged_dirs(pool, Some(&self.kubelet_dir))
-            .map_err(sys("read", "/proc/self/mountinfo"))?
-            .iter()
-            .any(|d| d == id)
-        {
-            log::info!("volume {id}: its directory is still mounted elsewhere on this node; it stays fenced");
-            return Ok(());
         }
         self.release_fence(id);
         Ok(())
@@ -636,12 +676,14 @@ impl Node {
     /// NodePublishVolume: binds the staged volume onto the target.
     pub fn publish(
         &self,
+        pool: &Pool,
         v: &VolumeMeta,
         staging: &Path,
         target: &Path,
         req: &Request,
     ) -> Result<(), NodeError> {
         let block = req.access == AccessType::Block;
+        let read_only = req.readonly || req.mode.is_read_only();
         let source = if block {
             staging.join(BLOCK_DEVICE_FILE)
         } else {
@@ -655,8 +697,7 @@ impl Node {
         }
         if mount::state(target).map_err(sys("stat", target))? == MountState::Mounted {
             self.expect_same_fs(target, &source, "another volume")?;
-            let ro = is_read_only(target)?;
-            if ro != (req.readonly || req.mode.is_read_only()) {
+            if is_read_only(target)? != read_only {
                 return Err(NodeError::Occupied {
                     path: target.to_owned(),
                     what: "this volume published with another read-only setting".into(),
@@ -665,41 +706,40 @@ impl Node {
             return Ok(());
         }
         if req.mode == AccessMode::SingleNodeSingleWriter {
-            if let Some(other) = other_publish(&source, staging, target)? {
+            // By identity: any mount of this volume under the kubelet
+            // directory but its stage is a publish, wherever it is.
+            let mounts = mounts::of_volume(pool, &v.id, &self.kubelet_dir)
+                .map_err(sys("read", "/proc/self/mountinfo"))?;
+            if let Some(other) = mounts
+                .into_iter()
+                .find(|p| !p.starts_with(staging) && p != target)
+            {
                 return Err(NodeError::SingleWriter {
                     id: v.id.clone(),
                     other,
                 });
             }
         }
-        if block {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(sys("create", parent))?;
-            }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(target)
-                .map_err(sys("create", target))?;
-        } else {
-            std::fs::create_dir_all(target).map_err(sys("create", target))?;
-        }
-        mount::bind(&source, target).map_err(sys("bind-mount", target))?;
+        let from = paths::open(&self.kubelet_dir, &source).map_err(sys("open", &source))?;
+        let onto = self.mount_point(target, if block { Create::File } else { Create::Dir })?;
+        mount::bind_at(from.as_fd(), onto.as_fd()).map_err(sys("bind-mount", target))?;
+        let mut undo = Rollback::new();
+        undo.push(format!("unmount {}", target.display()), || {
+            mount::unmount(target)
+        });
         let finish = || -> Result<(), NodeError> {
-            if req.readonly || req.mode.is_read_only() {
-                mount::remount_read_only(target).map_err(sys("remount read-only", target))?;
+            if read_only {
+                self.remount_read_only(target)?;
             }
-            if let (Some(gid), false) = (req.mount_group, block) {
-                apply_group(target, gid)?;
+            // As kubelet does: a read-only volume's group is left as it is
+            // (it could not be changed, and the pod only reads).
+            if let (Some(gid), false, false) = (req.mount_group, block, read_only) {
+                let root = paths::open(&self.kubelet_dir, target).map_err(sys("open", target))?;
+                apply_group(root.as_fd(), target, gid)?;
             }
             Ok(())
         };
-        if let Err(e) = finish() {
-            let _ = mount::unmount(target);
-            return Err(e);
-        }
-        Ok(())
+        undo.finish(finish())
     }
 
     /// NodeUnpublishVolume: unmounts and removes the target. Idempotent; a
@@ -797,109 +837,95 @@ impl Node {
     }
 }
 
-/// Whether this node plugin still has the loop device mounted under its
-/// kubelet directory: a filesystem on it (the mount's source is the device)
-/// or a bind of its device node (a block stage or publish: devtmpfs, root
-/// `/loopN`). Mounts elsewhere are not this node's stages.
-fn loop_in_use(dev: &LoopDevice, kubelet_dir: &Path) -> std::io::Result<bool> {
-    let path = dev.path();
-    let node = Path::new("/").join(path.file_name().unwrap_or_default());
-    Ok(mountinfo::read()?.iter().any(|e| {
-        e.mount_point.starts_with(kubelet_dir)
-            && (Path::new(&e.source) == path || (e.fs_type == "devtmpfs" && e.root == node))
-    }))
-}
-
-/// Ids of the pool's directory volumes bind-mounted on this host (staged or
-/// published; under `under` only, when given: one node plugin's kubelet
-/// directory), from the mount table: a bind's `root` field is the path
-/// inside the filesystem it comes from, which for a directory volume is
-/// `<pool, inside its filesystem>/volumes/<id>/data`.
-fn staged_dirs(pool: &Pool, under: Option<&Path>) -> std::io::Result<Vec<String>> {
-    let table = mountinfo::read()?;
-    let root = pool.root().canonicalize()?;
-    // The mount that holds the pool: the longest mount point above it.
-    let Some(holder) = table
-        .iter()
-        .filter(|e| root.starts_with(&e.mount_point))
-        .max_by_key(|e| e.mount_point.as_os_str().len())
-    else {
-        return Ok(Vec::new());
-    };
-    let inside = holder.root.join(
-        root.strip_prefix(&holder.mount_point)
-            .expect("the holder's mount point is a prefix of the pool"),
-    );
-    let volumes = inside.join("volumes");
-    let mut ids: Vec<String> = table
-        .iter()
-        .filter(|e| e.device == holder.device)
-        .filter(|e| under.is_none_or(|dir| e.mount_point.starts_with(dir)))
-        .filter_map(|e| {
-            let rest = e.root.strip_prefix(&volumes).ok()?;
-            let mut parts = rest.components();
-            let id = parts.next()?.as_os_str().to_str()?.to_owned();
-            (parts.next()?.as_os_str() == "data" && parts.next().is_none()).then_some(id)
-        })
-        .collect();
-    ids.sort();
-    ids.dedup();
-    Ok(ids)
-}
-
 fn is_read_only(path: &Path) -> Result<bool, NodeError> {
     let st = rustix::fs::statvfs(path).map_err(|e| sys("statvfs", path)(e.into()))?;
     Ok(st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
 
-/// Another bind mount of the same staged filesystem on this node, other
-/// than the staging mount and `target`. Reads /proc/self/mountinfo: only
-/// for ReadWriteOncePod, where a second publish must be refused.
-fn other_publish(
-    source: &Path,
-    staging: &Path,
-    target: &Path,
-) -> Result<Option<PathBuf>, NodeError> {
-    let dev = mount::device_of(source).map_err(sys("stat", source))?;
-    let wanted = format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev));
-    let table = mountinfo::read().map_err(sys("read", "/proc/self/mountinfo"))?;
-    Ok(table
-        .into_iter()
-        .filter(|e| e.device == wanted)
-        .map(|e| e.mount_point)
-        .find(|point| {
-            point != staging
-                && point != target
-                && point != source
-                && !point.starts_with(staging)
-                // Only mounts under the kubelet's pod directories are publishes.
-                && point.components().any(|c| c.as_os_str() == "pods")
-        }))
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
-/// Gives group `gid` the volume's root (and, when the root's group differs,
-/// everything below it, as kubelet's fsGroup does with OnRootMismatch), with
-/// group write and setgid on directories so new files inherit the group.
-fn apply_group(root: &Path, gid: u32) -> Result<(), NodeError> {
-    let meta = std::fs::metadata(root).map_err(sys("stat", root))?;
-    if meta.gid() == gid {
+/// Opens (`O_PATH`) a loop device's node, the source of a block bind.
+fn open_device(dev: &LoopDevice) -> Result<OwnedFd, NodeError> {
+    rustix::fs::open(
+        dev.path(),
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| sys("open", dev.path())(e.into()))
+}
+
+/// Waits (up to about two seconds) until no loop device is bound to `image`
+/// any more, detaching or not: the kernel lets go of a detached device at
+/// its last close, which a moment's opener (a probe, udev) can delay.
+fn detached(image: &Path) -> std::io::Result<bool> {
+    for wait in [0, 10, 20, 50, 100, 200, 400, 600, 600] {
+        std::thread::sleep(std::time::Duration::from_millis(wait));
+        if loopdev::find_bound(image)?.is_none() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Gives group `gid` the volume mounted at `root` (open, `O_PATH`): its root
+/// and, when the root's group differs, everything below it, as kubelet's
+/// fsGroup does with OnRootMismatch, with group read/write and setgid on
+/// directories so new files inherit the group.
+///
+/// Every name below the root is the pod's and may be swapped while this
+/// runs, so the walk goes through descriptors (`crate::sys::untrusted`):
+/// each entry is opened without following it, inspected and changed through
+/// that descriptor; symlinks get the group themselves (never their target);
+/// other mounts inside the volume are not entered.
+fn apply_group(root: BorrowedFd<'_>, path: &Path, gid: u32) -> Result<(), NodeError> {
+    use rustix::fs::{FileType, Gid, Mode, OFlags};
+    let dir = rustix::fs::openat(
+        root,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| sys("open", path)(e.into()))?;
+    let st = rustix::fs::fstat(&dir).map_err(|e| sys("stat", path)(e.into()))?;
+    if st.st_gid == gid {
         return Ok(());
     }
-    fn walk(path: &Path, gid: u32) -> Result<(), NodeError> {
-        let meta = std::fs::symlink_metadata(path).map_err(sys("stat", path))?;
-        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(sys("chown", path))?;
-        if meta.file_type().is_symlink() {
-            return Ok(());
+    fn walk(dir: BorrowedFd<'_>, path: &Path, gid: u32, depth: usize) -> Result<(), NodeError> {
+        if depth >= untrusted::MAX_DEPTH {
+            return Err(sys("apply the group below", path)(std::io::Error::other(
+                format!(
+                    "directories nested deeper than {} levels",
+                    untrusted::MAX_DEPTH
+                ),
+            )));
         }
-        let mut mode = meta.permissions().mode() | 0o060;
-        if meta.is_dir() {
-            mode |= 0o2010;
-            for entry in std::fs::read_dir(path).map_err(sys("read directory", path))? {
-                walk(&entry.map_err(sys("read directory", path))?.path(), gid)?;
+        for name in untrusted::names(dir).map_err(sys("read directory", path))? {
+            let path = untrusted::display(path, &name);
+            let Some(entry) = untrusted::child(dir, &name).map_err(sys("open", &path))? else {
+                continue;
+            };
+            entry.chown(None, Some(gid)).map_err(sys("chown", &path))?;
+            let mode = entry.stat().st_mode & 0o7777;
+            match entry.kind() {
+                FileType::Symlink => {}
+                FileType::Directory => {
+                    let inner = entry.open_dir().map_err(sys("open", &path))?;
+                    walk(inner.as_fd(), &path, gid, depth + 1)?;
+                    entry.chmod(mode | 0o2070).map_err(sys("chmod", &path))?;
+                }
+                _ => entry.chmod(mode | 0o060).map_err(sys("chmod", &path))?,
             }
         }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(sys("chmod", path))
+        Ok(())
     }
-    walk(root, gid)
+    rustix::fs::fchown(&dir, None, Some(Gid::from_raw_unchecked(gid)))
+        .map_err(|e| sys("chown", path)(e.into()))?;
+    walk(dir.as_fd(), path, gid, 0)?;
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o2070))
+        .map_err(|e| sys("chmod", path)(e.into()))
 }

@@ -1,9 +1,136 @@
 //! Staging and target paths must lie under the kubelet directory, after
 //! `..` and symlinks are resolved: nothing is ever mounted anywhere else.
+//!
+//! The check is a string check, and a name under the kubelet directory can
+//! change after it (a symlink swapped in). So what is mounted on is opened
+//! from a descriptor of the kubelet directory with `openat2`
+//! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`) and the
+//! mount is made on that descriptor (`crate::sys::mount`'s `*_at` calls):
+//! the object checked is the object mounted on.
 
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+
 use super::error::NodeError;
+
+/// How a path under the kubelet directory is resolved from its descriptor.
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// What [`create`] makes when the path is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// A directory (a filesystem or a directory volume is mounted on it).
+    Dir,
+    /// An empty file (a block device is bind-mounted on it).
+    File,
+}
+
+fn relative<'p>(kubelet_dir: &Path, path: &'p Path) -> io::Result<&'p Path> {
+    match path.strip_prefix(kubelet_dir) {
+        Ok(rel) if !rel.as_os_str().is_empty() => Ok(rel),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not under {}", path.display(), kubelet_dir.display()),
+        )),
+    }
+}
+
+fn open_kubelet_dir(kubelet_dir: &Path) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        kubelet_dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Opens (`O_PATH`) `path`, a checked path under `kubelet_dir`, from a
+/// descriptor of the kubelet directory, never through a symlink.
+pub fn open(kubelet_dir: &Path, path: &Path) -> io::Result<OwnedFd> {
+    let dir = open_kubelet_dir(kubelet_dir)?;
+    Ok(rustix::fs::openat2(
+        &dir,
+        relative(kubelet_dir, path)?,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        RESOLVE,
+    )?)
+}
+
+/// Creates `path` (a checked path under `kubelet_dir`) and its missing
+/// parents, one name at a time from a descriptor of the kubelet directory,
+/// and opens it (`O_PATH`). An existing directory (or, for `File`, an
+/// existing file or bind-mounted device node) is opened as it is; a symlink
+/// anywhere on the way is refused.
+pub fn create(kubelet_dir: &Path, path: &Path, what: Create) -> io::Result<OwnedFd> {
+    let rel = relative(kubelet_dir, path)?;
+    let mut dir = open_kubelet_dir(kubelet_dir)?;
+    let names: Vec<&OsStr> = rel.iter().collect();
+    let (last, parents) = names.split_last().expect("relative() is not empty");
+    for name in parents {
+        dir = make_dir(&dir, name)?;
+    }
+    match what {
+        Create::Dir => make_dir(&dir, last),
+        Create::File => {
+            let opened = rustix::fs::openat2(
+                &dir,
+                *last,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                RESOLVE,
+            );
+            let fd = match opened {
+                Err(rustix::io::Errno::NOENT) => {
+                    drop(rustix::fs::openat(
+                        &dir,
+                        *last,
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(0o640),
+                    )?);
+                    rustix::fs::openat2(
+                        &dir,
+                        *last,
+                        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                        RESOLVE,
+                    )?
+                }
+                other => other?,
+            };
+            match FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) {
+                FileType::RegularFile | FileType::BlockDevice => Ok(fd),
+                other => Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} is a {other:?}, not a file", path.display()),
+                )),
+            }
+        }
+    }
+}
+
+fn make_dir(dir: &OwnedFd, name: &OsStr) -> io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(dir.as_fd(), name, Mode::from_raw_mode(0o750)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(rustix::fs::openat2(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        RESOLVE,
+    )?)
+}
 
 /// Resolves `path` (which may not exist yet: its deepest existing ancestor
 /// is canonicalised and the rest appended, with no `..` allowed in the

@@ -141,6 +141,13 @@ impl Pool {
                 copy::copy_image(&src, &dest, v.capacity_bytes, fallback)?
             }
             Layout::Dir => {
+                if matches!(fallback, copy::Fallback::Refuse) {
+                    // A group snapshot promises every member at one instant.
+                    return Err(PoolError::NeedsReflink(format!(
+                        "volume {source} is a directory, which cannot be copied at one instant; group snapshots take image volumes on a pool that can reflink"
+                    )));
+                }
+                let _quiet = self.check_dir_copyable(&Source::Volume(source.to_owned()))?;
                 copy::copy_tree(&self.data_path(source), &built.join("data"))?;
                 CopyMethod::Sparse
             }

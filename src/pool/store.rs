@@ -210,7 +210,15 @@ impl Store {
     pub fn read<T: Record>(&self, id: &str) -> Result<T, PoolError> {
         let dir = self.object_dir(T::KIND, id);
         let path = dir.join(META);
-        match read_record::<T>(&path) {
+        // A directory seen without its record may have been committed
+        // (renamed into place, record and all) between the two looks: an
+        // object whose record is still missing at a second look is damaged.
+        let first = read_record::<T>(&path);
+        let result = match first {
+            Err(ReadError::Missing) if dir.is_dir() => read_record::<T>(&path),
+            other => other,
+        };
+        match result {
             Ok((_, record)) => Ok(record),
             Err(ReadError::Missing) if dir.is_dir() => Err(PoolError::Damaged {
                 path,
@@ -262,7 +270,15 @@ impl Store {
     /// unchanged, else read. `None` when the object is gone meanwhile.
     pub fn load<T: Record>(&self, id: &str) -> Option<Entry<T>> {
         let path = self.object_dir(T::KIND, id).join(META);
-        let stamp = match std::fs::metadata(&path) {
+        // As in `read`: a second look at a directory seen without its record.
+        let looked = std::fs::metadata(&path).or_else(|e| {
+            if e.kind() == io::ErrorKind::NotFound && self.object_dir(T::KIND, id).is_dir() {
+                std::fs::metadata(&path)
+            } else {
+                Err(e)
+            }
+        });
+        let stamp = match looked {
             Ok(m) => Stamp::of(&m),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 T::cache(self).lock().remove(id);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::meta::{AccessMode, AccessType, GroupMeta, Layout, SnapshotMeta, FORMAT};
+use super::meta::{AccessMode, AccessType, CopyMethod, GroupMeta, Layout, SnapshotMeta, FORMAT};
 use super::store;
 use super::*;
 use crate::sys::lock::LockKind;
@@ -467,4 +467,244 @@ fn a_copy_waits_for_its_source_s_lock() {
     controller.create_snapshot("snap", &v.id).unwrap();
     // Nothing half-made was left by the refused attempts.
     assert_eq!(controller.list_volumes(None, 0).unwrap().0.len(), 2);
+}
+
+/// Swaps two names in `dir` (RENAME_EXCHANGE) as fast as it can until
+/// `stop`, as a pod that owns the directory can while a copy runs.
+fn swap_until(dir: &Path, a: &str, b: &str, stop: &std::sync::atomic::AtomicBool) -> usize {
+    let mut swaps = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            dir.join(a),
+            rustix::fs::CWD,
+            dir.join(b),
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .unwrap();
+        swaps += 1;
+    }
+    swaps
+}
+
+/// Sets the flag when dropped: a swapping thread stops even when the test
+/// panics (else the scope would wait for it forever).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Every path in `root`, without following links.
+fn walk_names(root: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(root).unwrap() {
+        let e = e.unwrap();
+        out.push(e.path());
+        if e.file_type().unwrap().is_dir() {
+            walk_names(&e.path(), out);
+        }
+    }
+}
+
+#[test]
+fn copies_of_a_dir_volume_never_follow_a_name_swapped_for_a_link() {
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().unwrap();
+    // A host directory the pod must never get a copy of.
+    let host = dir.path().join("host");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(host.join("SENTINEL"), b"host data").unwrap();
+    let root = dir.path().join("pool");
+    std::fs::create_dir(&root).unwrap();
+    let pool = open(&root, true);
+    let v = pool.create_volume(&dir_spec("tenant")).unwrap();
+    let data = pool.data_path(&v.id);
+    std::fs::create_dir(data.join("sub")).unwrap();
+    for i in 0..50 {
+        std::fs::write(data.join("sub").join(format!("f{i}")), b"pod data").unwrap();
+    }
+    std::os::unix::fs::symlink(&host, data.join("link")).unwrap();
+    let stop = AtomicBool::new(false);
+    let (swaps, copies) = std::thread::scope(|s| {
+        let swapper = s.spawn(|| swap_until(&data, "sub", "link", &stop));
+        let stopper = StopOnDrop(&stop);
+        let mut copies = Vec::new();
+        for i in 0..30 {
+            let snap = pool.create_snapshot(&format!("snap-{i}"), &v.id).unwrap();
+            copies.push(pool.snapshot_dir(&snap.id).join("data"));
+            let clone = pool
+                .create_volume(&VolumeSpec {
+                    source: Some(Source::Volume(v.id.clone())),
+                    ..dir_spec(&format!("clone-{i}"))
+                })
+                .unwrap();
+            copies.push(pool.data_path(&clone.id));
+        }
+        drop(stopper);
+        (swapper.join().unwrap(), copies)
+    });
+    assert!(swaps > 0);
+    for copy in copies {
+        let mut names = Vec::new();
+        walk_names(&copy, &mut names);
+        assert!(
+            !names.iter().any(|n| n.ends_with("SENTINEL")),
+            "{} holds a copy of the host directory",
+            copy.display()
+        );
+        // The copy is no instant (the pod's names move under it), but
+        // whatever it caught is the pod's: its files, and the link copied
+        // as a link.
+        for n in &names {
+            let m = std::fs::symlink_metadata(n).unwrap();
+            if m.file_type().is_symlink() {
+                assert_eq!(std::fs::read_link(n).unwrap(), host);
+            } else if m.is_file() {
+                assert_eq!(std::fs::read(n).unwrap(), b"pod data");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_fifo_swapped_in_for_a_file_never_blocks_a_copy() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    let v = pool.create_volume(&dir_spec("fifo")).unwrap();
+    let data = pool.data_path(&v.id);
+    std::fs::write(data.join("file"), b"pod data").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        data.join("pipe"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let swapper = s.spawn(|| swap_until(&data, "file", "pipe", &stop));
+        let stopper = StopOnDrop(&stop);
+        s.spawn(|| {
+            for i in 0..30 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let snap = pool.create_snapshot(&format!("s{i}"), &v.id).unwrap();
+                let copy = pool.snapshot_dir(&snap.id).join("data");
+                // Whatever each name was when the copy reached it: a FIFO
+                // recreated as a FIFO (never read from), or the pod's file.
+                use std::os::unix::fs::FileTypeExt;
+                for name in ["file", "pipe"] {
+                    let Ok(m) = std::fs::symlink_metadata(copy.join(name)) else {
+                        continue;
+                    };
+                    if m.is_file() {
+                        assert_eq!(std::fs::read(copy.join(name)).unwrap(), b"pod data");
+                    } else {
+                        assert!(m.file_type().is_fifo(), "{name}: {m:?}");
+                    }
+                }
+            }
+            done_tx.send(()).unwrap();
+        });
+        // A copy that opened the FIFO would wait for a writer forever.
+        let finished = done_rx.recv_timeout(std::time::Duration::from_secs(120));
+        drop(stopper);
+        if finished.is_err() {
+            // Free the blocked copy (a writer's open wakes it) so the test
+            // fails instead of hanging.
+            while done_rx
+                .recv_timeout(std::time::Duration::from_millis(100))
+                .is_err()
+            {
+                for name in ["file", "pipe"] {
+                    let _ = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                        .open(data.join(name));
+                }
+            }
+        }
+        assert!(swapper.join().unwrap() > 0);
+        assert!(finished.is_ok(), "a copy blocked on the FIFO");
+    });
+}
+
+#[test]
+fn a_dir_volume_in_use_is_not_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = open(dir.path(), true);
+    let node = open(dir.path(), false);
+    let v = controller.create_volume(&dir_spec("busy")).unwrap();
+    // A node plugin has it staged (read-only stages hold the fence shared
+    // too): no snapshot, no clone.
+    let fence = node.fence_volume(&v.id, LockKind::Shared).unwrap().unwrap();
+    let refused = controller.create_snapshot("busy-snap", &v.id).unwrap_err();
+    assert!(matches!(refused, PoolError::InUse(_)), "{refused}");
+    assert!(refused.to_string().contains("point-in-time"), "{refused}");
+    let clone = VolumeSpec {
+        source: Some(Source::Volume(v.id.clone())),
+        ..dir_spec("busy-clone")
+    };
+    assert!(matches!(
+        controller.create_volume(&clone),
+        Err(PoolError::InUse(_))
+    ));
+    drop(fence);
+    // Published for writing (the record says so even with no fence held,
+    // as while a node plugin restarts): refused as well.
+    controller
+        .register_node(&meta::NodeRecord {
+            node_id: "n1".into(),
+            topology: BTreeMap::new(),
+            max_volumes: 0,
+        })
+        .unwrap();
+    controller
+        .publish(&v.id, "n1", AccessMode::MultiNodeMultiWriter, false)
+        .unwrap();
+    assert!(matches!(
+        controller.create_snapshot("busy-snap", &v.id),
+        Err(PoolError::InUse(_))
+    ));
+    controller.unpublish(&v.id, None).unwrap();
+    controller.create_snapshot("busy-snap", &v.id).unwrap();
+    controller.create_volume(&clone).unwrap();
+}
+
+#[test]
+fn an_image_attached_for_writing_is_not_byte_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    // This test's pool cannot reflink (the byte copy is what is checked).
+    let probe = pool.create_volume(&spec("probe", MIB)).unwrap();
+    assert_eq!(
+        pool.create_snapshot("probe", &probe.id).unwrap().method,
+        CopyMethod::Sparse,
+        "the temporary directory's filesystem can reflink; this test needs one that cannot"
+    );
+    pool.register_node(&meta::NodeRecord {
+        node_id: "n1".into(),
+        topology: BTreeMap::new(),
+        max_volumes: 0,
+    })
+    .unwrap();
+    let v = pool.create_volume(&spec("attached", 8 * MIB)).unwrap();
+    pool.publish(&v.id, "n1", AccessMode::SingleNodeWriter, false)
+        .unwrap();
+    // No node plugin holds its fence (one restarting, say): the record
+    // alone refuses the copy.
+    let refused = pool.create_snapshot("torn", &v.id).unwrap_err();
+    assert!(matches!(refused, PoolError::InUse(_)), "{refused}");
+    pool.unpublish(&v.id, None).unwrap();
+    // Attached read-only: nothing writes it, the copy is whole.
+    pool.publish(&v.id, "n1", AccessMode::SingleNodeReaderOnly, true)
+        .unwrap();
+    pool.create_snapshot("whole", &v.id).unwrap();
 }

@@ -267,7 +267,10 @@ impl Pool {
                         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777))
                             .map_err(io_error("chmod", &data))?;
                     }
-                    Some(source) => copy::copy_tree(&self.source_data(source), &data)?,
+                    Some(source) => {
+                        let _quiet = self.check_dir_copyable(source)?;
+                        copy::copy_tree(&self.source_data(source), &data)?
+                    }
                 }
             }
         }
@@ -323,19 +326,64 @@ impl Pool {
     }
 
     /// Approves a byte copy of a source image. Snapshots are never in use.
-    /// A volume is refused while any node plugin, on any host, has it staged
-    /// for writing (it holds the fence exclusively): a copy of an image
-    /// being written is torn. The shared fence returned is held for the
-    /// copy, so no node can stage the volume for writing meanwhile.
+    /// A volume is refused while it is attached for writing to any node (its
+    /// attachment records: they say so even while the node plugin that
+    /// staged it restarts and holds no fence) or while any node plugin, on
+    /// any host, has it staged for writing (it holds the fence exclusively):
+    /// a copy of an image being written is torn. The shared fence returned
+    /// is held for the copy, so no node can stage the volume for writing
+    /// meanwhile.
     pub(super) fn check_copyable(&self, source: &Source) -> Result<Option<Fence>, PoolError> {
         let Source::Volume(id) = source else {
             return Ok(None);
         };
+        self.refuse_writable_attachments(
+            id,
+            "the pool filesystem cannot reflink: a byte copy of an image in use would be torn",
+        )?;
         match self.store.fence(id, LockKind::Shared)? {
             Some(fence) => Ok(Some(fence)),
             None => Err(PoolError::InUse(format!(
                 "volume {id} is staged on a node and the pool filesystem cannot reflink: a byte copy of an image in use would be torn; unstage it first or use a pool filesystem with reflink (xfs, btrfs)"
             ))),
+        }
+    }
+
+    /// Approves a copy of a source `dir` volume (a snapshot, a clone). A
+    /// directory tree cannot be copied at one instant: files written during
+    /// the walk would make a copy of no moment at all. So a volume is
+    /// refused while it is attached for writing or staged on any node (its
+    /// fence is held, even shared); the fence returned is held exclusively
+    /// for the copy, so no node stages it meanwhile. Snapshots never change.
+    pub(super) fn check_dir_copyable(&self, source: &Source) -> Result<Option<Fence>, PoolError> {
+        let Source::Volume(id) = source else {
+            return Ok(None);
+        };
+        let why = "a directory copied while pods may write it is not a point-in-time copy";
+        self.refuse_writable_attachments(id, why)?;
+        match self.store.fence(id, LockKind::Exclusive)? {
+            Some(fence) => Ok(Some(fence)),
+            None => Err(PoolError::InUse(format!(
+                "volume {id} is staged on a node: {why}; unstage it (stop its pods) first"
+            ))),
+        }
+    }
+
+    fn refuse_writable_attachments(&self, id: &str, why: &str) -> Result<(), PoolError> {
+        let v = self.volume(id)?;
+        let writers: Vec<&str> = v
+            .attachments
+            .iter()
+            .filter(|a| !a.readonly && !a.mode.is_read_only())
+            .map(|a| a.node_id.as_str())
+            .collect();
+        if writers.is_empty() {
+            Ok(())
+        } else {
+            Err(PoolError::InUse(format!(
+                "volume {id} is published for writing to node(s) {} and {why}; unpublish it first",
+                writers.join(", ")
+            )))
         }
     }
 

@@ -137,7 +137,7 @@ impl Operation for csi::NodePublishVolumeRequest {
                 std::fs::create_dir_all(&staging)
                     .map_err(crate::node::error::sys("create", &staging))?;
                 node.stage(&driver.pool, &v, &staging, &req)?;
-                node.publish(&v, &staging, &target, &req)?;
+                node.publish(&driver.pool, &v, &staging, &target, &req)?;
                 Ok(csi::NodePublishVolumeResponse::new())
             })
             .locking(volume_key(&id)));
@@ -152,7 +152,7 @@ impl Operation for csi::NodePublishVolumeRequest {
         let staging = node_path(&driver, "staging_target_path", &self.staging_target_path)?;
         Ok(Job::new(move || {
             let v = volume_for(&driver, &req.volume_id, &cap)?;
-            node(&driver)?.publish(&v, &staging, &target, &req)?;
+            node(&driver)?.publish(&driver.pool, &v, &staging, &target, &req)?;
             Ok(csi::NodePublishVolumeResponse::new())
         })
         .locking(volume_key(&id)))

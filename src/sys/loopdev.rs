@@ -291,11 +291,27 @@ pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
     Ok(out)
 }
 
-/// The loop device backed by `image`, if any.
+/// The loop device backed by `image` and usable: not one whose detach is
+/// pending (see [`find_bound`]).
 pub fn find(image: &Path) -> io::Result<Option<LoopDevice>> {
+    Ok(bound_to(image)?.into_iter().find(|d| !d.detaching()))
+}
+
+/// The loop device backed by `image`, including one whose detach is pending
+/// because something still holds it open: the kernel still reads and
+/// writes the image through it until the last close, so the image is in use
+/// until this returns `None`.
+pub fn find_bound(image: &Path) -> io::Result<Option<LoopDevice>> {
+    let mut devices = bound_to(image)?;
+    // A usable one first: that is the one a stage works with.
+    devices.sort_by_key(|d| d.detaching());
+    Ok(devices.into_iter().next())
+}
+
+fn bound_to(image: &Path) -> io::Result<Vec<LoopDevice>> {
     let meta = match std::fs::metadata(image) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
     // The kernel reports lo_device with new_encode_dev(), which is the
@@ -303,6 +319,7 @@ pub fn find(image: &Path) -> io::Result<Option<LoopDevice>> {
     let key = (meta.dev(), meta.ino());
     Ok(attached()?
         .into_iter()
-        .find(|(d, backing)| *backing == key && !d.detaching())
-        .map(|(d, _)| d))
+        .filter(|(_, backing)| *backing == key)
+        .map(|(d, _)| d)
+        .collect())
 }

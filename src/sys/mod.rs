@@ -8,3 +8,4 @@ pub mod lock;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
+pub mod untrusted;

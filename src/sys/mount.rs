@@ -5,7 +5,11 @@
 use std::io;
 use std::path::Path;
 
+use std::os::fd::BorrowedFd;
+
 use rustix::fs::{AtFlags, StatxFlags, CWD};
+
+use super::untrusted::proc_path;
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 /// What statx says about a path.
@@ -97,6 +101,42 @@ pub fn bind(source: &Path, target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// [`mount_fs`] onto the object open at `target` (an `O_PATH` descriptor):
+/// the mount lands on that object even if its name has changed since it
+/// was opened (see `crate::node::paths`).
+pub fn mount_fs_at(
+    device: &Path,
+    target: BorrowedFd<'_>,
+    fs_type: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<()> {
+    mount_fs(device, &proc_path(target), fs_type, flags, data)
+}
+
+/// [`bind`] from the object open at `source` onto the object open at
+/// `target`.
+pub fn bind_at(source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+    bind(&proc_path(source), &proc_path(target))
+}
+
+/// [`remount_read_only`] of the mount whose root is open at `root`. A
+/// descriptor that is not a mount's root is refused: the remount would
+/// change the mount it lies on instead.
+pub fn remount_read_only_at(root: BorrowedFd<'_>) -> io::Result<()> {
+    let st = rustix::fs::statx(root, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)?;
+    if !st
+        .stx_attributes
+        .contains(rustix::fs::StatxAttributes::MOUNT_ROOT)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not the root of a mount; refusing to remount what it lies on",
+        ));
+    }
+    remount_read_only(&proc_path(root))
+}
+
 /// Makes the mount at `target` read-only (a bind mount must be remounted to
 /// take MS_RDONLY; the first mount ignores it).
 pub fn remount_read_only(target: &Path) -> io::Result<()> {
@@ -109,7 +149,7 @@ pub fn make_private(target: &Path) -> io::Result<()> {
     rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE).map_err(io::Error::from)
 }
 
-/// Unmounts `target`. EBUSY and every other failure is reported; EINVAL
+/// Unmounts `target`, never through a final symlink. EBUSY and every other failure is reported; EINVAL
 /// ("not a mount point") means there is nothing to do.
 ///
 /// EBUSY is asked again a few times over ~50 ms first: a child process
@@ -119,7 +159,7 @@ pub fn make_private(target: &Path) -> io::Result<()> {
 pub fn unmount(target: &Path) -> io::Result<()> {
     let mut tries = 0;
     loop {
-        match rustix::mount::unmount(target, UnmountFlags::empty()) {
+        match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
             Ok(()) | Err(rustix::io::Errno::INVAL) => return Ok(()),
             Err(rustix::io::Errno::BUSY) if tries < 5 => {
                 tries += 1;
