@@ -115,11 +115,13 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         // States that need the CO or an operator to change something first:
         // another node holds the image, the volume is not staged, a
         // ReadWriteOncePod volume is in use, the device is not blank, a
-        // mount point is busy.
+        // mount point is busy, the volume's record asks for mkfs options
+        // that are not allowed (only a new volume fixes that).
         NodeError::Fenced { .. }
         | NodeError::NotStaged { .. }
         | NodeError::SingleWriter { .. }
         | NodeError::WillNotFormat { .. }
+        | NodeError::MkfsOptionsRefused { .. }
         | NodeError::Busy { .. }
         | NodeError::StillPublished { .. } => RpcStatusCode::FAILED_PRECONDITION,
         // The kernel lets go of the device at its last close: a retry soon

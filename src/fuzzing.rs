@@ -145,3 +145,71 @@ pub fn metadata(data: &[u8]) {
     round_trip::<GroupMeta>(data);
     round_trip::<NodeRecord>(data);
 }
+
+/// The mkfs option allowlist on arbitrary text: the first byte picks the
+/// filesystem, the rest is split on white space as CreateVolume splits
+/// `mkfsOptions`. Whatever is accepted must be on the allowlist, word by
+/// word, and name no path: a hole in the validator fails here.
+pub fn mkfs_options(data: &[u8]) {
+    use crate::node::mkfs_options::{allowed, validate};
+    use crate::pool::meta::FsType;
+
+    let Some((selector, rest)) = data.split_first() else {
+        return;
+    };
+    let fs = [FsType::Ext4, FsType::Xfs, FsType::Btrfs][usize::from(*selector) % 3];
+    let text = String::from_utf8_lossy(rest);
+    let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+    let Ok(validated) = validate(fs, &words) else {
+        return;
+    };
+    let list: Vec<(&str, bool)> = allowed(fs).collect();
+    let value_ok = |v: &str| {
+        !v.is_empty() && !v.starts_with('-') && v.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+    };
+    // The words as given: options from the list, each followed by its
+    // value where it takes one, no positional argument, no path.
+    let mut i = 0;
+    while i < words.len() {
+        let word = &words[i];
+        assert!(
+            word.bytes().all(|b| b.is_ascii_graphic() && b != b'/'),
+            "accepted {word:?} for {}",
+            fs.as_str()
+        );
+        assert!(word.starts_with('-'), "accepted a positional {word:?}");
+        let (name, attached) = match word.strip_prefix("--") {
+            Some(long) => match long.split_once('=') {
+                Some((name, value)) => (&word[..name.len() + 2], Some(value)),
+                None => (word.as_str(), None),
+            },
+            None => {
+                let (name, rest) = word.split_at(2.min(word.len()));
+                (name, (!rest.is_empty()).then_some(rest))
+            }
+        };
+        let Some(&(_, takes_value)) = list.iter().find(|(s, _)| *s == name) else {
+            panic!(
+                "accepted {name:?} (in {word:?}), not on the {} list",
+                fs.as_str()
+            );
+        };
+        match (takes_value, attached) {
+            (true, Some(value)) => assert!(value_ok(value), "accepted value {value:?}"),
+            (true, None) => {
+                i += 1;
+                let value = words.get(i).expect("a value follows");
+                assert!(value_ok(value), "accepted value {value:?}");
+            }
+            (false, attached) => assert_eq!(attached, None, "a flag with {word:?}"),
+        }
+        i += 1;
+    }
+    // What mkfs would be given: the same, rebuilt.
+    for &(option, value) in validated.args() {
+        assert!(list.iter().any(|(s, _)| *s == option), "passes {option}");
+        if let Some(value) = value {
+            assert!(value_ok(value), "passes {option} {value:?}");
+        }
+    }
+}

@@ -79,6 +79,16 @@ pub enum NodeError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// The volume's record holds mkfs options off the allowlist (a record
+    /// made by an older version): it is not formatted.
+    #[error("volume {id} records mkfsOptions that filevol does not allow, so it is not formatted (recreate it from a StorageClass without them)")]
+    MkfsOptionsRefused {
+        /// The volume.
+        id: String,
+        /// The option at fault, and why.
+        #[source]
+        source: super::mkfs_options::MkfsOptionError,
+    },
     /// The path is busy (EBUSY): it stays mounted.
     #[error("{step} {path}: busy (still in use)")]
     Busy {

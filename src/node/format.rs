@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::error::NodeError;
+use super::mkfs_options;
 use crate::pool::meta::FsType;
 
 /// What is on a device.
@@ -150,17 +151,38 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), NodeError> {
 /// image; see `Node::format_image`), with 4 KiB sectors to match the loop
 /// devices (a 512-byte-sector xfs would not mount on them), without discard
 /// (it would undo a thick image's preallocation), then the volume's extra
-/// options.
-pub fn mkfs_file(fs: FsType, file: &Path, options: &[String]) -> Result<(), NodeError> {
+/// options, which only [`mkfs_options::validate`] can give.
+///
+/// mke2fs keeps only the last `-E` it is given, so for ext4 every `-E` of
+/// the options joins filevol's `nodiscard` in one `-E`, at the end: an
+/// option such as `-E lazy_itable_init=1` does not bring discard back.
+pub fn mkfs_file(file: &Path, options: &mkfs_options::Validated<'_>) -> Result<(), NodeError> {
+    let fs = options.fs();
     let (program, base): (&str, &[&str]) = match fs {
-        FsType::Ext4 => ("mkfs.ext4", &["-F", "-q", "-b", "4096", "-E", "nodiscard"]),
+        FsType::Ext4 => ("mkfs.ext4", &["-F", "-q", "-b", "4096"]),
         FsType::Xfs => ("mkfs.xfs", &["-q", "-K", "-s", "size=4096"]),
         FsType::Btrfs => ("mkfs.btrfs", &["-q", "-K", "--sectorsize", "4096"]),
     };
-    let mut args: Vec<&std::ffi::OsStr> = base.iter().map(std::ffi::OsStr::new).collect();
-    args.extend(options.iter().map(std::ffi::OsStr::new));
-    args.push(file.as_os_str());
-    run(program, &args)
+    let mut args: Vec<String> = base.iter().map(|&a| a.to_owned()).collect();
+    let mut extended = String::from("nodiscard");
+    for &(option, value) in options.args() {
+        match (fs, option, value) {
+            (FsType::Ext4, "-E", Some(value)) => {
+                extended.push(',');
+                extended.push_str(value);
+            }
+            _ => {
+                args.push(option.to_owned());
+                args.extend(value.map(str::to_owned));
+            }
+        }
+    }
+    if fs == FsType::Ext4 {
+        args.extend(["-E".to_owned(), extended]);
+    }
+    let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    argv.push(file.as_os_str());
+    run(program, &argv)
 }
 
 /// Grows the mounted filesystem to fill its (grown) device.
@@ -238,7 +260,7 @@ mod tests {
         assert!(!blank_image(&image, false, None).unwrap());
         // A filesystem where the record says nothing was written (a crash
         // between mkfs and the record): the probe refuses it.
-        mkfs_file(FsType::Ext4, &image, &[]).unwrap();
+        mkfs_file(&image, &mkfs_options::validate(FsType::Ext4, &[]).unwrap()).unwrap();
         assert!(!blank_image(&image, false, Some(false)).unwrap());
     }
 }

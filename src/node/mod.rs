@@ -23,6 +23,7 @@
 
 pub mod error;
 pub mod format;
+pub mod mkfs_options;
 mod mounts;
 pub mod paths;
 mod rollback;
@@ -231,6 +232,15 @@ impl Node {
         if !format::blank_image(&image, pool.reports_holes(), v.written)? {
             return Ok(v);
         }
+        // Checked again here, not only at CreateVolume: a record made by a
+        // version that passed mkfsOptions through unchecked is refused
+        // before anything runs (the caller lets go of the fence).
+        let options = mkfs_options::validate(fs, &v.mkfs_options).map_err(|source| {
+            NodeError::MkfsOptionsRefused {
+                id: id.to_owned(),
+                source,
+            }
+        })?;
         // One already attached (a crash between attach and format) is
         // mounted nowhere: detach it first.
         if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
@@ -241,7 +251,7 @@ impl Node {
             fs.as_str(),
             v.capacity_bytes
         );
-        self.format_image(pool, &v, fs)?;
+        self.format_image(pool, &v, &options)?;
         // After the rename: a crash before this line leaves a formatted
         // image with `written: false`, which the signature probe still
         // refuses to format again.
@@ -255,7 +265,12 @@ impl Node {
     /// mkfs leaves the blank image and a scratch file (removed on the next
     /// try), never a half-made filesystem that the probe would then refuse
     /// to touch. The caller holds the volume's fence and lock.
-    fn format_image(&self, pool: &Pool, v: &VolumeMeta, fs: FsType) -> Result<(), NodeError> {
+    fn format_image(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        options: &mkfs_options::Validated<'_>,
+    ) -> Result<(), NodeError> {
         let image = pool.image_path(&v.id);
         let dir = image
             .parent()
@@ -281,7 +296,7 @@ impl Node {
                 crate::sys::fs::preallocate(&file, v.capacity_bytes)
                     .map_err(sys("preallocate", &scratch))?;
             }
-            format::mkfs_file(fs, &scratch, &v.mkfs_options)?;
+            format::mkfs_file(&scratch, options)?;
             file.sync_all().map_err(sys("sync", &scratch))?;
             crate::faults::crash_point("stage.formatted");
             std::fs::rename(&scratch, &image).map_err(sys("replace", &image))?;

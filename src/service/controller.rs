@@ -12,6 +12,7 @@ use super::validate::{self, Capability};
 use super::{convert, group_key, snapshot_key, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
+use crate::node::mkfs_options;
 use crate::pool::meta::{AccessType, FsType, Layout, Source};
 use crate::pool::{ids, parse_thick, PoolError, VolumeSpec, ALIGN};
 use crate::proto::csi;
@@ -162,6 +163,11 @@ impl Operation for csi::CreateVolumeRequest {
                 "thick and mkfsOptions apply to image volumes only",
             ));
         }
+        // Only tuning options, checked once the filesystem is known. A block
+        // volume is never formatted; its options are held to the list of
+        // ext4, the filesystem the node would give it.
+        mkfs_options::validate(fs_type.unwrap_or(FsType::Ext4), &mkfs_options)
+            .map_err(|e| Error::invalid("parameters", e.to_string()))?;
 
         let source = match self.volume_content_source.as_ref() {
             None => None,

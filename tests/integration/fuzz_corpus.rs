@@ -47,6 +47,7 @@ fn parser_and_metadata_corpora() {
         ("mountinfo", filevol::fuzzing::mountinfo as fn(&[u8])),
         ("sysfs", filevol::fuzzing::sysfs),
         ("metadata", filevol::fuzzing::metadata),
+        ("mkfs_options", filevol::fuzzing::mkfs_options),
     ] {
         for (name, data) in inputs(target) {
             assert!(

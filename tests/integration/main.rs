@@ -12,6 +12,7 @@ mod layouts;
 mod lifecycle;
 mod logging;
 mod loopfs;
+mod mkfs_options;
 mod node;
 mod ops;
 mod req;

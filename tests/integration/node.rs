@@ -185,7 +185,7 @@ pub fn detach_loops_under(dir: &Path) -> Vec<String> {
     found
 }
 
-fn loop_of(image: &Path) -> Option<String> {
+pub fn loop_of(image: &Path) -> Option<String> {
     for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
         if let Ok(file) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
             if Path::new(file.trim()) == image {
@@ -238,7 +238,7 @@ pub fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
     r
 }
 
-fn is_mounted(p: &Path) -> bool {
+pub fn is_mounted(p: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     info.lines()
         .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
