@@ -541,17 +541,21 @@ fn two_nodes_one_pool(share: Share) {
     site.kill(n1);
     let n1 = site.node("n1");
     assert_fenced(&site, &c, n2, &id, &s2);
-    // Staged at a second path on n1 (CSI allows one per usage): unstaging
-    // the first keeps the device attached and the fence held.
-    let s1b = site.staging("n1", &format!("{id}-second"));
+    // Still published on n1: its unstage is refused, and the device stays
+    // attached and the fence held.
+    let t1 = site
+        .kubelet("n1")
+        .join("pods/p1/volumes/kubernetes.io~csi/rwo/mount");
+    std::fs::create_dir_all(t1.parent().unwrap()).unwrap();
     site.d(n1)
         .node()
-        .node_stage_volume(&stage_req(&id, &s1b, ext4()))
+        .node_publish_volume(&publish_req(&id, &s1, &t1, ext4(), false))
         .unwrap();
-    site.d(n1)
+    let refused = site
+        .d(n1)
         .node()
-        .node_unstage_volume(&unstage_req(&id, &s1))
-        .unwrap();
+        .node_unstage_volume(&unstage_req(&id, &s1));
+    assert_eq!(code(refused), RpcStatusCode::FAILED_PRECONDITION);
     assert_fenced(&site, &c, n2, &id, &s2);
     // A restart with the record unreadable still fences what is attached.
     let meta = site.pool.join("volumes").join(&id).join("meta.json");
@@ -564,7 +568,11 @@ fn two_nodes_one_pool(share: Share) {
     std::fs::write(&meta, record).unwrap();
     site.d(n1)
         .node()
-        .node_unstage_volume(&unstage_req(&id, &s1b))
+        .node_unpublish_volume(&unpublish_req(&id, &t1))
+        .unwrap();
+    site.d(n1)
+        .node()
+        .node_unstage_volume(&unstage_req(&id, &s1))
         .unwrap();
     c.delete_volume(&req::delete(&id)).unwrap();
 

@@ -5,6 +5,7 @@ mod churn;
 mod controller;
 mod crash;
 mod dispatch;
+mod escape;
 mod fuzz_corpus;
 mod hostile;
 mod identity;
