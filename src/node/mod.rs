@@ -150,12 +150,12 @@ impl Node {
             let Ok(meta) = std::fs::metadata(&image) else {
                 continue;
             };
-            // A device with a detach pending still reads and writes the
-            // image until its last close: fenced too (an unstage waits for
-            // it to go before it lets go of the fence).
+            // A device with a detach pending was let go of by an unstage
+            // (which waited for it; one still held open is refused by the
+            // next stage): nothing staged to fence.
             let Some((dev, _)) = attached
                 .iter()
-                .find(|(_, b)| *b == (meta.dev(), meta.ino()))
+                .find(|(d, b)| *b == (meta.dev(), meta.ino()) && !d.detaching())
             else {
                 continue;
             };
@@ -391,7 +391,9 @@ impl Node {
                 mount::unmount(staging)
             });
             if req.mode.is_read_only() {
-                self.remount_read_only(staging)?;
+                let root = self.mounted_root(staging, source.as_fd())?;
+                mount::remount_read_only_at(root.as_fd())
+                    .map_err(sys("remount read-only", staging))?;
             }
             Ok(())
         })
@@ -427,11 +429,23 @@ impl Node {
         paths::create(&self.kubelet_dir, path, what).map_err(sys("create", path))
     }
 
-    /// Makes the mount at `path` (under the kubelet directory) read-only,
-    /// through a descriptor of the mount's root.
-    fn remount_read_only(&self, path: &Path) -> Result<(), NodeError> {
+    /// Opens the root of the mount just made at `path` (under the kubelet
+    /// directory) from `source`, and checks that it is that mount: the root
+    /// of a mount, and the same object as the source (a name swapped since
+    /// the mount would give another directory).
+    fn mounted_root(&self, path: &Path, source: BorrowedFd<'_>) -> Result<OwnedFd, NodeError> {
         let root = paths::open(&self.kubelet_dir, path).map_err(sys("open", path))?;
-        mount::remount_read_only_at(root.as_fd()).map_err(sys("remount read-only", path))
+        let (a, b) = (
+            rustix::fs::fstat(&root).map_err(|e| sys("stat", path)(e.into()))?,
+            rustix::fs::fstat(source).map_err(|e| sys("stat", path)(e.into()))?,
+        );
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) || !mount::is_mount_root(root.as_fd()) {
+            return Err(NodeError::Occupied {
+                path: path.to_owned(),
+                what: "something other than the mount just made (the path changed)".into(),
+            });
+        }
+        Ok(root)
     }
 
     /// Attaches the image's loop device if no usable one is attached, and
@@ -465,7 +479,17 @@ impl Node {
         read_only: bool,
     ) -> Result<(LoopDevice, bool), NodeError> {
         let image = pool.image_path(&v.id);
-        if let Some(dev) = loopdev::find(&image).map_err(sys("find loop device of", &image))? {
+        if let Some(dev) =
+            loopdev::find_bound(&image).map_err(sys("find loop device of", &image))?
+        {
+            // A device being detached still writes the image until its last
+            // close: a second device beside it would be a second writer.
+            if dev.detaching() {
+                return Err(NodeError::DetachPending {
+                    device: dev.path(),
+                    image,
+                });
+            }
             return Ok((dev, false));
         }
         let a = loopdev::attach(&image, read_only, self.direct_io)
@@ -642,21 +666,25 @@ impl Node {
                 at,
             });
         }
-        let device_file = staging.join(BLOCK_DEVICE_FILE);
-        if matches!(
-            mount::state(&device_file).map_err(sys("stat", &device_file))?,
-            MountState::Mounted | MountState::Broken
-        ) {
-            mount::unmount(&device_file).map_err(sys("unmount", &device_file))?;
-        }
-        if device_file.exists() {
-            std::fs::remove_file(&device_file).map_err(sys("remove", &device_file))?;
-        }
-        if matches!(
+        let staged = matches!(
             mount::state(staging).map_err(sys("stat", staging))?,
             MountState::Mounted | MountState::Broken
-        ) {
+        );
+        if staged {
+            // A filesystem or directory stage: everything below the staging
+            // path is the pod's (a `device` there is just its file).
             mount::unmount(staging).map_err(sys("unmount", staging))?;
+        } else {
+            // A block stage: the staging directory is kubelet's, and the
+            // device node is bound onto its `device` file.
+            let device_file = staging.join(BLOCK_DEVICE_FILE);
+            if matches!(
+                mount::state(&device_file).map_err(sys("stat", &device_file))?,
+                MountState::Mounted | MountState::Broken
+            ) {
+                mount::unmount(&device_file).map_err(sys("unmount", &device_file))?;
+            }
+            remove_if_present(&device_file).map_err(sys("remove", &device_file))?;
         }
         let image = pool.image_path(id);
         if let Some(dev) =
@@ -743,13 +771,14 @@ impl Node {
             mount::unmount(target)
         });
         let finish = || -> Result<(), NodeError> {
+            let root = self.mounted_root(target, from.as_fd())?;
             if read_only {
-                self.remount_read_only(target)?;
+                mount::remount_read_only_at(root.as_fd())
+                    .map_err(sys("remount read-only", target))?;
             }
             // As kubelet does: a read-only volume's group is left as it is
             // (it could not be changed, and the pod only reads).
             if let (Some(gid), false, false) = (req.mount_group, block, read_only) {
-                let root = paths::open(&self.kubelet_dir, target).map_err(sys("open", target))?;
                 apply_group(root.as_fd(), target, gid)?;
             }
             Ok(())
@@ -930,8 +959,11 @@ fn apply_group(root: BorrowedFd<'_>, path: &Path, gid: u32) -> Result<(), NodeEr
                 FileType::Symlink => {}
                 FileType::Directory => {
                     let inner = entry.open_dir().map_err(sys("open", &path))?;
+                    // One descriptor per level, not two.
+                    drop(entry);
                     walk(inner.as_fd(), &path, gid, depth + 1)?;
-                    entry.chmod(mode | 0o2070).map_err(sys("chmod", &path))?;
+                    rustix::fs::fchmod(&inner, Mode::from_raw_mode(mode | 0o2070))
+                        .map_err(|e| sys("chmod", &path)(e.into()))?;
                 }
                 _ => entry.chmod(mode | 0o060).map_err(sys("chmod", &path))?,
             }

@@ -139,10 +139,13 @@ fn copy_dir(
         match entry.kind() {
             FileType::Directory => {
                 let inner = entry.open_dir().map_err(io_error("open", &src))?;
+                let stat = *entry.stat();
+                // Two descriptors per level, not three.
+                drop(entry);
                 let made = untrusted::make_dir(to, &name, 0o700)
                     .map_err(io_error("create directory", &dst))?;
                 copy_dir(inner.as_fd(), made.as_fd(), &src, &dst, depth + 1)?;
-                copy_owner_and_mode(entry.stat(), made.as_fd(), &dst)?;
+                copy_owner_and_mode(&stat, made.as_fd(), &dst)?;
             }
             FileType::Symlink => {
                 let target = entry.read_link().map_err(io_error("read link", &src))?;

@@ -63,6 +63,10 @@ pub enum ServeError {
 
 /// Serves CSI on `config.endpoint` until SIGTERM or SIGINT, then drains.
 pub fn run(config: Config) -> Result<(), ServeError> {
+    log::debug!(
+        "open file limit: {}",
+        crate::sys::fs::raise_open_file_limit()
+    );
     let mut claim = SocketClaim::claim(&config.endpoint)?;
     let grace = config.shutdown_grace;
     let socket_mode = config.socket_mode;

@@ -9,6 +9,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, SeekFrom, Timespec, Timestamps};
 
+/// Raises this process's soft limit on open files to its hard limit, and
+/// returns it. Walks of pods' trees hold a descriptor or two per directory
+/// level (`super::untrusted::MAX_DEPTH`) on top of every call in flight, and
+/// container runtimes commonly start processes with a soft limit of 1024.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            log::warn!("cannot raise the open file limit: {e}");
+            return getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+        }
+    }
+    limit.current.unwrap_or(u64::MAX)
+}
+
 /// Flushes a directory's entries (a rename or create inside it) to disk.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -120,15 +120,19 @@ pub fn bind_at(source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()>
     bind(&proc_path(source), &proc_path(target))
 }
 
+/// Whether the object open at `fd` is the root of a mount.
+pub fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
+    rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS).is_ok_and(|st| {
+        st.stx_attributes
+            .contains(rustix::fs::StatxAttributes::MOUNT_ROOT)
+    })
+}
+
 /// [`remount_read_only`] of the mount whose root is open at `root`. A
 /// descriptor that is not a mount's root is refused: the remount would
 /// change the mount it lies on instead.
 pub fn remount_read_only_at(root: BorrowedFd<'_>) -> io::Result<()> {
-    let st = rustix::fs::statx(root, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)?;
-    if !st
-        .stx_attributes
-        .contains(rustix::fs::StatxAttributes::MOUNT_ROOT)
-    {
+    if !is_mount_root(root) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not the root of a mount; refusing to remount what it lies on",

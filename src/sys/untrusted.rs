@@ -19,7 +19,8 @@
 //!   (`/proc/self/fd/N`, which names the object, not a path), a directory's
 //!   entries through `openat(fd, ".")`; nothing else is ever opened for I/O.
 //!
-//! Where `openat2` is missing (Linux before 5.6) the same single-name open is
+//! Where `openat2` is missing (Linux before 5.6, or refused by a seccomp
+//! profile) the same single-name open is
 //! made with `openat(O_PATH | O_NOFOLLOW)`, which cannot escape either (a
 //! name from a directory listing has no `/` and no `..`), and the mount is
 //! compared by hand.
@@ -37,10 +38,12 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_MAGICLINKS)
     .union(ResolveFlags::NO_XDEV);
 
-/// The deepest nesting a walk follows: one descriptor stays open per level,
-/// and a pod can nest directories far deeper than any path could name. A tree
-/// deeper than this is refused (ELOOP) rather than exhausting descriptors.
-pub const MAX_DEPTH: usize = 512;
+/// The deepest nesting a walk follows: a descriptor or two stay open per
+/// level, and a pod can nest directories far deeper than any path could
+/// name. A tree deeper than this is refused rather than exhausting the
+/// process's descriptors (the server raises its soft limit to the hard one
+/// at start; containers commonly get 1024 soft).
+pub const MAX_DEPTH: usize = 256;
 
 /// One object inside an untrusted tree: an `O_PATH` descriptor and what
 /// `fstat` said about it when it was opened.
@@ -165,7 +168,9 @@ pub fn child(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Entry>> {
     let fd = match rustix::fs::openat2(dir, name, flags, Mode::empty(), RESOLVE) {
         Ok(fd) => fd,
         Err(Errno::NOENT | Errno::XDEV) => return Ok(None),
-        Err(Errno::NOSYS) => {
+        // Before Linux 5.6, or a seccomp profile that does not know
+        // openat2 (older runtimes' defaults answer EPERM).
+        Err(Errno::NOSYS | Errno::PERM) => {
             let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => return Ok(None),
