@@ -10,6 +10,10 @@
 
 #[path = "../tests/integration/loopfs.rs"]
 mod loopfs;
+// Only its root check is used here.
+#[allow(dead_code)]
+#[path = "../tests/integration/needs.rs"]
+mod needs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -113,7 +117,7 @@ fn fill_half(image: &Path) {
 }
 
 fn snapshot_time(fs_type: &str) -> (Duration, String) {
-    let fs = loopfs::LoopFs::new(fs_type, 3072).expect("root");
+    let fs = loopfs::LoopFs::new(fs_type, 3072);
     let pool = pool_dir(&fs);
     let server = start(&pool);
     let v = server
@@ -157,7 +161,7 @@ fn main() {
     let list_n = env_usize("BENCH_LIST_VOLUMES", 10_000);
 
     // CreateVolume, sparse 10 GiB.
-    let fs = loopfs::LoopFs::new("xfs", 2048).expect("root");
+    let fs = loopfs::LoopFs::new("xfs", 2048);
     let pool = pool_dir(&fs);
     let server = start(&pool);
     let mut create = Vec::with_capacity(creates);
@@ -186,7 +190,7 @@ fn main() {
     let (sparse, _) = snapshot_time("ext4");
 
     // ListVolumes over many volumes.
-    let fs = loopfs::LoopFs::new("xfs", 2048).expect("root");
+    let fs = loopfs::LoopFs::new("xfs", 2048);
     let pool = pool_dir(&fs);
     let server = start(&pool);
     let fill_started = Instant::now();

@@ -12,6 +12,10 @@
 
 #[path = "../tests/integration/loopfs.rs"]
 mod loopfs;
+// Only its root check is used here.
+#[allow(dead_code)]
+#[path = "../tests/integration/needs.rs"]
+mod needs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -187,7 +191,7 @@ fn main() {
         return;
     }
     let n = env_usize("BENCH_PUBLISHES", 300);
-    let fs = loopfs::LoopFs::new("xfs", 16384).expect("root");
+    let fs = loopfs::LoopFs::new("xfs", 16384);
     let pool = fs.path().join("pool");
     std::fs::create_dir(&pool).unwrap();
     let scratch = tempfile::tempdir().unwrap();

@@ -49,9 +49,17 @@ pub enum Error {
     /// The operation panicked. The worker survived; the call did not.
     #[error("internal error: the operation panicked: {0}")]
     Panicked(String),
-    /// The call is registered but filevol does not implement it (yet).
-    #[error("{0} is not implemented")]
-    Unimplemented(Rpc),
+    /// This process does not serve the call's service: its mode leaves the
+    /// service to another process, or the pool cannot support it. The
+    /// reason says which, so a bare UNIMPLEMENTED never leaves an operator
+    /// guessing.
+    #[error("{rpc} is not served here: {reason}")]
+    NotServed {
+        /// The call refused.
+        rpc: Rpc,
+        /// Why, and where the call should go instead.
+        reason: String,
+    },
     /// The plugin cannot serve: the pool is unusable or workers are gone.
     /// Needs an operator, so Probe reports it as FAILED_PRECONDITION.
     #[error("not healthy: {0}")]
@@ -85,7 +93,7 @@ pub fn status_code(rpc: Rpc, err: &Error) -> RpcStatusCode {
         Error::QueueFull { .. } => RpcStatusCode::RESOURCE_EXHAUSTED,
         Error::ShuttingDown => RpcStatusCode::UNAVAILABLE,
         Error::Panicked(_) => RpcStatusCode::INTERNAL,
-        Error::Unimplemented(_) => RpcStatusCode::UNIMPLEMENTED,
+        Error::NotServed { .. } => RpcStatusCode::UNIMPLEMENTED,
         // The spec's Probe table: an unhealthy plugin that needs intervention
         // answers FAILED_PRECONDITION. Any other call cannot be served at all
         // right now, which is what UNAVAILABLE means to a retrying sidecar.
@@ -124,6 +132,11 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         | NodeError::MkfsOptionsRefused { .. }
         | NodeError::Busy { .. }
         | NodeError::StillPublished { .. } => RpcStatusCode::FAILED_PRECONDITION,
+        // The spec's NodeExpandVolume table: a capacity the plugin cannot
+        // give is OUT_OF_RANGE.
+        NodeError::NotGrown { .. } | NodeError::TooSmallToResize { .. } => {
+            RpcStatusCode::OUT_OF_RANGE
+        }
         // The kernel lets go of the device at its last close: a retry soon
         // succeeds.
         NodeError::DetachPending { .. } => RpcStatusCode::UNAVAILABLE,
@@ -295,8 +308,12 @@ mod tests {
             status_code(Rpc::DeleteVolume, &Error::Panicked("boom".into())),
             RpcStatusCode::INTERNAL
         );
-        let st = to_status(Rpc::ListVolumes, &Error::Unimplemented(Rpc::ListVolumes));
+        let err = Error::NotServed {
+            rpc: Rpc::ListVolumes,
+            reason: "node only".into(),
+        };
+        let st = to_status(Rpc::ListVolumes, &err);
         assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
-        assert_eq!(st.message(), "ListVolumes is not implemented");
+        assert_eq!(st.message(), "ListVolumes is not served here: node only");
     }
 }

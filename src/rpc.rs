@@ -42,7 +42,51 @@ pub enum Rpc {
     NodeGetInfo,
 }
 
+/// The CSI services, each a gRPC service of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Identity: every process serves it.
+    Identity,
+    /// Controller: the controller StatefulSet (`--mode controller`).
+    Controller,
+    /// GroupController: the controller, on a pool that can reflink.
+    GroupController,
+    /// Node: the node DaemonSet (`--mode node`).
+    Node,
+}
+
 impl Rpc {
+    /// The service this call belongs to.
+    pub fn service(self) -> Service {
+        use Rpc::*;
+        match self {
+            GetPluginInfo | GetPluginCapabilities | Probe => Service::Identity,
+            CreateVolume
+            | DeleteVolume
+            | ControllerPublishVolume
+            | ControllerUnpublishVolume
+            | ValidateVolumeCapabilities
+            | ListVolumes
+            | GetCapacity
+            | ControllerGetCapabilities
+            | CreateSnapshot
+            | DeleteSnapshot
+            | ListSnapshots
+            | GetSnapshot
+            | ControllerExpandVolume
+            | ControllerGetVolume
+            | ControllerModifyVolume => Service::Controller,
+            GroupControllerGetCapabilities
+            | CreateVolumeGroupSnapshot
+            | DeleteVolumeGroupSnapshot
+            | GetVolumeGroupSnapshot => Service::GroupController,
+            NodeStageVolume | NodeUnstageVolume | NodePublishVolume | NodeUnpublishVolume
+            | NodeGetVolumeStats | NodeExpandVolume | NodeGetCapabilities | NodeGetInfo => {
+                Service::Node
+            }
+        }
+    }
+
     /// Calls that change state. Each gets one info log line with its outcome;
     /// read-only calls log at debug so a busy cluster's polling stays quiet.
     pub fn is_mutating(self) -> bool {

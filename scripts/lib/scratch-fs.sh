@@ -2,11 +2,15 @@
 # run): a loop-mounted xfs with reflink under a work directory, and a
 # clean-up that removes everything under it however the script ends.
 
-# scratch_fs WORK SIZE: an xfs filesystem of SIZE (truncate syntax) mounted
-# at WORK/mnt.
+# scratch_fs WORK SIZE [FS]: a filesystem of SIZE (truncate syntax) mounted
+# at WORK/mnt: xfs with reflink (the default) or ext4 (no reflink).
 scratch_fs() {
   truncate -s "$2" "$1/fs.img"
-  mkfs.xfs -q -m reflink=1 "$1/fs.img"
+  case ${3:-xfs} in
+    xfs) mkfs.xfs -q -m reflink=1 "$1/fs.img" ;;
+    ext4) mkfs.ext4 -q -F "$1/fs.img" ;;
+    *) echo "scratch_fs: unknown filesystem $3" >&2; return 1 ;;
+  esac
   mkdir -p "$1/mnt"
   mount -o loop "$1/fs.img" "$1/mnt"
 }

@@ -107,6 +107,27 @@ pub enum NodeError {
         /// One of its other mounts.
         at: PathBuf,
     },
+    /// NodeExpandVolume asked for more than the volume has: the controller
+    /// has not grown its image (ControllerExpandVolume refused, or was never
+    /// called), so the filesystem cannot grow to the size asked for.
+    #[error("volume {id} is {size} bytes, less than the {required} bytes asked for; ControllerExpandVolume grows it first")]
+    NotGrown {
+        /// The volume.
+        id: String,
+        /// Its size now (the loop device, which the filesystem fills).
+        size: u64,
+        /// What the request asked for.
+        required: u64,
+    },
+    /// The filesystem cannot be resized at this size: the kernel refuses to
+    /// resize a btrfs below 256 MiB, even to the size it has.
+    #[error("volume {id} is a {size}-byte btrfs; the kernel resizes btrfs only at 256 MiB or more, so expand the volume to at least that")]
+    TooSmallToResize {
+        /// The volume.
+        id: String,
+        /// Its device's size.
+        size: u64,
+    },
     /// The loop device was told to detach but something still holds it open:
     /// the image is in use until it is gone, so its fence stays.
     #[error(

@@ -860,8 +860,23 @@ impl Node {
 
     /// NodeExpandVolume: the loop device re-reads the image's size, then the
     /// filesystem grows online. Returns the device's new size.
-    pub fn expand(&self, pool: &Pool, v: &VolumeMeta, path: &Path) -> Result<u64, NodeError> {
+    pub fn expand(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        path: &Path,
+        required: u64,
+    ) -> Result<u64, NodeError> {
         if v.layout == Layout::Dir {
+            // A directory has no filesystem of its own to grow; its size is
+            // what the record (and the capacity accounting) says.
+            if required > v.capacity_bytes {
+                return Err(NodeError::NotGrown {
+                    id: v.id.clone(),
+                    size: v.capacity_bytes,
+                    required,
+                });
+            }
             return Ok(v.capacity_bytes);
         }
         let image = pool.image_path(&v.id);
@@ -874,10 +889,27 @@ impl Node {
         dev.refresh_capacity()
             .map_err(sys("refresh capacity of", dev.path()))?;
         crate::faults::crash_point("expand.device_grown");
-        if v.access == AccessType::Mount {
-            format::grow(v.fs_type.unwrap_or(FsType::Ext4), &dev.path(), path)?;
+        // Answer with what the volume is, never with what was asked for: an
+        // image the controller did not grow is an error, not a success.
+        let size = dev.size().map_err(sys("size of", dev.path()))?;
+        if required > size {
+            return Err(NodeError::NotGrown {
+                id: v.id.clone(),
+                size,
+                required,
+            });
         }
-        dev.size().map_err(sys("size of", dev.path()))
+        if v.access == AccessType::Mount {
+            let fs = v.fs_type.unwrap_or(FsType::Ext4);
+            if fs == FsType::Btrfs && size < FsType::Btrfs.min_bytes() {
+                return Err(NodeError::TooSmallToResize {
+                    id: v.id.clone(),
+                    size,
+                });
+            }
+            format::grow(fs, &dev.path(), path)?;
+        }
+        Ok(size)
     }
 }
 

@@ -213,18 +213,7 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
 
     let a = pool.join(format!(".doctor-{}-a", std::process::id()));
     let b = pool.join(format!(".doctor-{}-b", std::process::id()));
-    let result = (|| -> std::io::Result<bool> {
-        // FICLONE reads the source: it must be open for reading.
-        let mut fa = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&a)?;
-        fa.write_all(&[0x5a; 65536])?;
-        fa.sync_all()?;
-        let fb = std::fs::File::create(&b)?;
-        Ok(sysfs::reflink(&fa, &fb).is_ok())
-    })();
+    let result = sysfs::probe_reflink(&a, &b);
     out.push(match result {
         Ok(true) => check("reflink", Level::Ok, "the pool shares blocks: snapshots and clones are instant", None),
         Ok(false) => check(
@@ -236,7 +225,8 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
         Err(e) => check("reflink", Level::Warn, format!("could not test: {e}"), None),
     });
     let dio = std::fs::OpenOptions::new()
-        .read(true)
+        .write(true)
+        .create_new(true)
         .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
         .open(&a);
     out.push(match dio {
@@ -254,7 +244,6 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
         ),
     });
     let _ = std::fs::remove_file(&a);
-    let _ = std::fs::remove_file(&b);
 
     match sysfs::space(pool) {
         Ok(s) if s.total > 0 && s.available * 10 < s.total => out.push(check(

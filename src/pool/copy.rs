@@ -27,23 +27,6 @@ pub enum Fallback<'a> {
     Sparse(&'a dyn Fn() -> Result<Option<Fence>, PoolError>),
 }
 
-/// Errors from FICLONE that mean "this filesystem (pair) cannot share
-/// blocks", as opposed to a real failure.
-fn reflink_unsupported(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    let code = e.raw_os_error();
-    [
-        Errno::OPNOTSUPP,
-        Errno::XDEV,
-        Errno::INVAL,
-        Errno::NOTTY,
-        Errno::NOSYS,
-        Errno::PERM,
-    ]
-    .iter()
-    .any(|errno| Some(errno.raw_os_error()) == code)
-}
-
 /// Copies the image `src` into the new file `dst` (which must not exist),
 /// `len` bytes long, and syncs it.
 pub fn copy_image(
@@ -73,7 +56,7 @@ pub fn copy_image(
             }
             CopyMethod::Reflink
         }
-        Err(e) if reflink_unsupported(&e) => match fallback {
+        Err(e) if sysfs::reflink_unsupported(&e) => match fallback {
             Fallback::Refuse => {
                 return Err(PoolError::NeedsReflink(format!(
                     "the pool filesystem cannot reflink {} ({e}); this operation needs reflink",
@@ -159,7 +142,7 @@ fn copy_dir(
                     untrusted::create_file(to, &name, 0o600).map_err(io_error("create", &dst))?;
                 match sysfs::reflink(&source, &copy) {
                     Ok(()) => {}
-                    Err(e) if reflink_unsupported(&e) => {
+                    Err(e) if sysfs::reflink_unsupported(&e) => {
                         sysfs::sparse_copy(&source, &copy, entry.stat().st_size as u64)
                             .map_err(io_error("copy", &dst))?
                     }

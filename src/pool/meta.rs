@@ -61,12 +61,14 @@ impl FsType {
         }
     }
 
-    /// Smallest filesystem mkfs will make, in bytes.
+    /// Smallest volume of this filesystem, in bytes: what mkfs will make,
+    /// and for btrfs what the kernel will resize (its ioctl refuses any
+    /// size below 256 MiB, so a smaller btrfs could never grow online).
     pub fn min_bytes(self) -> u64 {
         match self {
             FsType::Ext4 => 1 << 20,
             FsType::Xfs => 300 << 20,
-            FsType::Btrfs => 114 << 20,
+            FsType::Btrfs => 256 << 20,
         }
     }
 }

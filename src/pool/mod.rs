@@ -134,6 +134,8 @@ pub struct Pool {
     scratch: Scratch,
     /// Whether SEEK_DATA on the pool filesystem tells holes from data.
     reports_holes: bool,
+    /// Whether the pool filesystem can reflink (instant, atomic copies).
+    reflinks: bool,
     /// Sizes read for capacity (see `capacity`).
     sizes: parking_lot::Mutex<capacity::SizeCache>,
 }
@@ -171,12 +173,18 @@ impl Pool {
                 root.display()
             );
         }
+        let reflinks = sysfs::probe_reflink(
+            &scratch.new_path("reflink-a"),
+            &scratch.new_path("reflink-b"),
+        )
+        .map_err(io_error("probe reflink in", &root.join(".scratch")))?;
         let pool = Pool {
             root: root.to_owned(),
             opts,
             store: Store::new(root),
             scratch,
             reports_holes,
+            reflinks,
             sizes: Default::default(),
         };
         if pool.opts.janitor {
@@ -193,6 +201,12 @@ impl Pool {
             janitor::run(self)?;
         }
         Ok(())
+    }
+
+    /// Whether the pool filesystem can reflink: snapshots and clones are
+    /// instant and atomic, and group snapshots are possible.
+    pub fn reflinks(&self) -> bool {
+        self.reflinks
     }
 
     /// The pool directory.

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::meta::{AccessMode, AccessType, CopyMethod, GroupMeta, Layout, SnapshotMeta, FORMAT};
+use super::meta::{
+    AccessMode, AccessType, CopyMethod, FsType, GroupMeta, Layout, SnapshotMeta, FORMAT,
+};
 use super::store;
 use super::*;
 use crate::sys::lock::LockKind;
@@ -425,6 +427,57 @@ fn capacity_follows_what_other_instances_create_grow_and_delete() {
     a.delete_snapshot(&s.id).unwrap();
     a.delete_volume(&v.id).unwrap();
     assert_eq!(b.capacity().unwrap(), empty);
+}
+
+/// The kernel resizes a btrfs only at 256 MiB or more: no btrfs volume is
+/// made smaller, and one an older version made smaller (114 MiB) grows at
+/// least to that, or not at all.
+#[test]
+fn btrfs_volumes_are_never_smaller_than_the_kernel_resizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    let btrfs = VolumeSpec {
+        access: AccessType::Mount,
+        fs_type: Some(FsType::Btrfs),
+        ..spec("small-btrfs", 100 * MIB)
+    };
+    let v = pool.create_volume(&btrfs).unwrap();
+    assert_eq!(v.capacity_bytes, 256 * MIB);
+
+    // Shrink its record and image to what an older version made.
+    let image = pool.image_path(&v.id);
+    {
+        let lock = pool.lock_volume(&v.id).unwrap();
+        let mut old = pool.volume(&v.id).unwrap();
+        old.capacity_bytes = 114 * MIB;
+        pool.update_volume(&old, &lock).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(114 * MIB)
+            .unwrap();
+    }
+    let limited = CapacityRange {
+        required: 200 * MIB,
+        limit: 200 * MIB,
+    };
+    assert!(matches!(
+        pool.expand_volume(&v.id, limited),
+        Err(PoolError::OutOfRange(_))
+    ));
+    assert_eq!(pool.volume(&v.id).unwrap().capacity_bytes, 114 * MIB);
+    let grown = pool
+        .expand_volume(
+            &v.id,
+            CapacityRange {
+                required: 200 * MIB,
+                limit: 0,
+            },
+        )
+        .unwrap();
+    assert_eq!(grown.capacity_bytes, 256 * MIB);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 256 * MIB);
 }
 
 #[test]

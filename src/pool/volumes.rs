@@ -453,9 +453,16 @@ impl Pool {
             self.sizes_changed()?;
             return Ok(v);
         }
+        // A volume made before its filesystem's minimum was raised (btrfs:
+        // 114 MiB, now 256) grows at least to that minimum, the smallest
+        // size the node can resize it to.
+        let target = match (v.layout, v.access, v.fs_type) {
+            (Layout::Image, AccessType::Mount, Some(fs)) => target.max(fs.min_bytes()),
+            _ => target,
+        };
         if range.limit != 0 && target > range.limit {
             return Err(PoolError::OutOfRange(format!(
-                "rounded to {target} bytes (whole MiB), more than the limit of {}",
+                "rounded to {target} bytes (whole MiB, at least the filesystem's minimum), more than the limit of {}",
                 range.limit
             )));
         }

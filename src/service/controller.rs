@@ -473,9 +473,7 @@ impl Operation for csi::ControllerGetCapabilitiesRequest {
                 CtrlCap::GET_VOLUME,
                 CtrlCap::SINGLE_NODE_MULTI_WRITER,
                 CtrlCap::MODIFY_VOLUME,
-                // GetSnapshot is served, but GET_SNAPSHOT (alpha) is not
-                // advertised: csi-sanity v5.3.1, the conformance suite CI
-                // runs, fails any capability it does not know.
+                CtrlCap::GET_SNAPSHOT,
             ] {
                 let mut rpc = csi::controller_service_capability::RPC::new();
                 rpc.type_ = t.into();

@@ -7,12 +7,11 @@ use std::sync::Arc;
 use protobuf::well_known_types::wrappers::BoolValue;
 
 use super::{Driver, Operation};
-use crate::cli::Mode;
 use crate::error::Error;
 use crate::executor::{Job, Lane, WorkerPool};
 use crate::proto::csi;
 use crate::proto::csi::plugin_capability::{service, volume_expansion};
-use crate::rpc::Rpc;
+use crate::rpc::{Rpc, Service};
 
 impl Operation for csi::GetPluginInfoRequest {
     type Response = csi::GetPluginInfoResponse;
@@ -36,11 +35,14 @@ impl Operation for csi::GetPluginCapabilitiesRequest {
     const RPC: Rpc = Rpc::GetPluginCapabilities;
 
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
-        let mode = driver.config.mode;
-        let topology = !driver.config.topology.is_empty();
+        let offers = Offers {
+            controller: driver.serves(Service::Controller).is_ok(),
+            group_controller: driver.serves(Service::GroupController).is_ok(),
+            topology: !driver.config.topology.is_empty(),
+        };
         Ok(Job::new(move || {
             let mut resp = csi::GetPluginCapabilitiesResponse::new();
-            resp.capabilities = plugin_capabilities(mode, topology);
+            resp.capabilities = plugin_capabilities(offers);
             Ok(resp)
         }))
     }
@@ -66,16 +68,25 @@ impl Operation for csi::ProbeRequest {
     }
 }
 
-/// What this process offers: the controller service only where it serves the
-/// controller; volume expansion, online and offline, always.
+/// The services this process serves, as `Driver::serves` decides, and
+/// whether the pool has a topology segment.
+#[derive(Debug, Clone, Copy)]
+struct Offers {
+    controller: bool,
+    group_controller: bool,
+    topology: bool,
+}
+
+/// What this process offers: each service it serves; volume expansion,
+/// online and offline, always.
 ///
-/// Topology (VOLUME_ACCESSIBILITY_CONSTRAINTS) only where the pool has a
-/// segment. A shared pool (`--topology=`) has none, so its node plugins
-/// report no topology keys; external-provisioner v6.3.0 fails every claim
-/// of a driver that advertises the capability when the selected node has no
-/// keys ("no topology key found for node", its
+/// Topology (VOLUME_ACCESSIBILITY_CONSTRAINTS) only with the controller and
+/// where the pool has a segment. A shared pool (`--topology=`) has none, so
+/// its node plugins report no topology keys; external-provisioner v6.3.0
+/// fails every claim of a driver that advertises the capability when the
+/// selected node has no keys ("no topology key found for node", its
 /// pkg/controller/topology.go:191-207).
-fn plugin_capabilities(mode: Mode, topology: bool) -> Vec<csi::PluginCapability> {
+fn plugin_capabilities(offers: Offers) -> Vec<csi::PluginCapability> {
     let svc = |t: service::Type| {
         let mut cap = csi::PluginCapability::new();
         let mut s = csi::plugin_capability::Service::new();
@@ -91,11 +102,14 @@ fn plugin_capabilities(mode: Mode, topology: bool) -> Vec<csi::PluginCapability>
         cap
     };
     let mut caps = Vec::new();
-    if mode.serves_controller() {
+    if offers.controller {
         caps.push(svc(service::Type::CONTROLLER_SERVICE));
-        if topology {
+        if offers.topology {
             caps.push(svc(service::Type::VOLUME_ACCESSIBILITY_CONSTRAINTS));
         }
+    }
+    if offers.group_controller {
+        caps.push(svc(service::Type::GROUP_CONTROLLER_SERVICE));
     }
     caps.push(expansion(volume_expansion::Type::ONLINE));
     caps.push(expansion(volume_expansion::Type::OFFLINE));
@@ -131,37 +145,51 @@ fn check_health(pool: &Path, workers: &WorkerPool) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    fn services(mode: Mode, topology: bool) -> Vec<service::Type> {
-        plugin_capabilities(mode, topology)
-            .iter()
-            .filter(|c| c.has_service())
-            .map(|c| c.service().type_.enum_value().unwrap())
-            .collect()
+    fn services(controller: bool, group_controller: bool, topology: bool) -> Vec<service::Type> {
+        plugin_capabilities(Offers {
+            controller,
+            group_controller,
+            topology,
+        })
+        .iter()
+        .filter(|c| c.has_service())
+        .map(|c| c.service().type_.enum_value().unwrap())
+        .collect()
     }
 
     #[test]
-    fn controller_capabilities_only_where_served() {
-        assert!(services(Mode::Node, true).is_empty());
-        for mode in [Mode::Controller, Mode::All] {
-            assert_eq!(
-                services(mode, true),
-                [
-                    service::Type::CONTROLLER_SERVICE,
-                    service::Type::VOLUME_ACCESSIBILITY_CONSTRAINTS
-                ]
-            );
-            // A shared pool has no segment: no topology to advertise.
-            assert_eq!(services(mode, false), [service::Type::CONTROLLER_SERVICE]);
-        }
+    fn services_are_advertised_where_served() {
+        use service::Type::*;
+        // A node plugin: no controller, no topology of its own to offer.
+        assert!(services(false, false, true).is_empty());
+        assert_eq!(
+            services(true, true, true),
+            [
+                CONTROLLER_SERVICE,
+                VOLUME_ACCESSIBILITY_CONSTRAINTS,
+                GROUP_CONTROLLER_SERVICE
+            ]
+        );
+        // A shared pool has no segment: no topology to advertise.
+        assert_eq!(
+            services(true, true, false),
+            [CONTROLLER_SERVICE, GROUP_CONTROLLER_SERVICE]
+        );
+        // A pool that cannot reflink has no group snapshots.
+        assert_eq!(services(true, false, false), [CONTROLLER_SERVICE]);
     }
 
     #[test]
     fn expansion_is_online_and_offline() {
-        let exp: Vec<_> = plugin_capabilities(Mode::Node, true)
-            .iter()
-            .filter(|c| c.has_volume_expansion())
-            .map(|c| c.volume_expansion().type_.enum_value().unwrap())
-            .collect();
+        let exp: Vec<_> = plugin_capabilities(Offers {
+            controller: false,
+            group_controller: false,
+            topology: false,
+        })
+        .iter()
+        .filter(|c| c.has_volume_expansion())
+        .map(|c| c.volume_expansion().type_.enum_value().unwrap())
+        .collect();
         assert_eq!(
             exp,
             [

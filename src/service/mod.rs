@@ -26,7 +26,7 @@ use crate::node::Node;
 use crate::pool::Pool;
 use crate::proto::{csi, grpc};
 use crate::redact::redacted_text;
-use crate::rpc::Rpc;
+use crate::rpc::{Rpc, Service};
 
 /// State shared by every call.
 #[derive(Debug)]
@@ -42,6 +42,28 @@ pub struct Driver {
 }
 
 impl Driver {
+    /// Whether this process serves `service`, or why not: the one decision
+    /// behind both the advertised capabilities and the refusal of calls.
+    pub fn serves(&self, service: Service) -> Result<(), String> {
+        let mode = self.config.mode;
+        match service {
+            Service::Identity => Ok(()),
+            Service::Controller | Service::GroupController if !mode.serves_controller() => {
+                Err(format!(
+                    "this process runs with --mode {mode} and serves the Identity and Node services only; controller calls go to the filevol controller (--mode controller)"
+                ))
+            }
+            Service::Node if !mode.serves_node() => Err(format!(
+                "this process runs with --mode {mode} and serves the Identity, Controller and GroupController services only; node calls go to the filevol node plugin on the volume's node (--mode node)"
+            )),
+            Service::GroupController if !self.pool.reflinks() => Err(format!(
+                "the pool filesystem at {} cannot reflink, and a group snapshot must copy all its volumes at one instant, so GROUP_CONTROLLER_SERVICE is not offered; put the pool on xfs (mkfs.xfs -m reflink=1) or btrfs",
+                self.pool.root().display()
+            )),
+            Service::Controller | Service::GroupController | Service::Node => Ok(()),
+        }
+    }
+
     /// The Prometheus exposition: call metrics plus gauges read now.
     pub fn metrics_text(&self) -> String {
         let workers = self.executor.workers();
@@ -111,18 +133,16 @@ impl CsiService {
         CsiService { driver }
     }
 
-    /// The gRPC services this driver's mode serves.
+    /// Every gRPC service. Those this process does not serve are registered
+    /// too, so that their calls are refused with the reason
+    /// ([`Driver::serves`]) rather than gRPC's bare "unknown service".
     pub fn grpc_services(&self) -> Vec<grpcio::Service> {
-        let mode = self.driver.config.mode;
-        let mut services = vec![grpc::create_identity(self.clone())];
-        if mode.serves_controller() {
-            services.push(grpc::create_controller(self.clone()));
-            services.push(grpc::create_group_controller(self.clone()));
-        }
-        if mode.serves_node() {
-            services.push(grpc::create_node(self.clone()));
-        }
-        services
+        vec![
+            grpc::create_identity(self.clone()),
+            grpc::create_controller(self.clone()),
+            grpc::create_group_controller(self.clone()),
+            grpc::create_node(self.clone()),
+        ]
     }
 
     fn dispatch<Req: Operation>(
@@ -134,7 +154,13 @@ impl CsiService {
         if log::log_enabled!(log::Level::Trace) {
             log::trace!("{} request: {}", Req::RPC, redacted_text(&req));
         }
-        let job = req.prepare(&self.driver);
+        let job = match self.driver.serves(Req::RPC.service()) {
+            Ok(()) => req.prepare(&self.driver),
+            Err(reason) => Err(Error::NotServed {
+                rpc: Req::RPC,
+                reason,
+            }),
+        };
         self.driver.executor.submit(&ctx, Req::RPC, sink, job);
     }
 }

@@ -24,11 +24,13 @@ const SIZE_KEY: &str = "size";
 /// Size of an ephemeral volume that names none.
 const EPHEMERAL_DEFAULT_SIZE: u64 = 1 << 30;
 
+/// The node side. Always there when a node call gets this far: dispatch
+/// refuses node calls in a mode without it (`Driver::serves`).
 fn node(driver: &Driver) -> Result<&Node, Error> {
-    driver
-        .node
-        .as_ref()
-        .ok_or(Error::Unimplemented(Rpc::NodeGetInfo))
+    driver.node.as_ref().ok_or_else(|| Error::NotServed {
+        rpc: Rpc::NodeGetInfo,
+        reason: "this process has no node side".into(),
+    })
 }
 
 fn node_path(driver: &Driver, field: &'static str, path: &str) -> Result<PathBuf, Error> {
@@ -296,12 +298,12 @@ impl Operation for csi::NodeExpandVolumeRequest {
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::id("volume_id", &self.volume_id)?;
         let path = node_path(driver, "volume_path", &self.volume_path)?;
-        validate::capacity(&self.capacity_range)?;
+        let range = validate::capacity(&self.capacity_range)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
         let key = volume_key(&id);
         Ok(Job::new(move || {
             let v = driver.pool.volume(&id)?;
-            let size = node(&driver)?.expand(&driver.pool, &v, &path)?;
+            let size = node(&driver)?.expand(&driver.pool, &v, &path, range.required)?;
             let mut resp = csi::NodeExpandVolumeResponse::new();
             resp.capacity_bytes = size as i64;
             Ok(resp)

@@ -140,6 +140,50 @@ pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
     rustix::fs::ioctl_ficlone(dst, src).map_err(io::Error::from)
 }
 
+/// Whether a filesystem can reflink: clones the new, empty file `a` into
+/// the new file `b` (paths the caller owns, on that filesystem), then
+/// removes both. Empty, so that a full pool is told right: the kernel and
+/// the filesystems refuse a clone they cannot do before they look at its
+/// length. `Ok(false)` is the filesystem saying no (EOPNOTSUPP and its
+/// kin); other errors are failures to run the probe.
+pub fn probe_reflink(a: &Path, b: &Path) -> io::Result<bool> {
+    let result = (|| {
+        // FICLONE reads the source: it must be open for reading.
+        let fa = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(a)?;
+        let fb = OpenOptions::new().write(true).create_new(true).open(b)?;
+        match reflink(&fa, &fb) {
+            Ok(()) => Ok(true),
+            Err(e) if reflink_unsupported(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    for p in [a, b] {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+/// Errors from FICLONE that mean "this filesystem (pair) cannot share
+/// blocks", as opposed to a real failure.
+pub fn reflink_unsupported(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let code = e.raw_os_error();
+    [
+        Errno::OPNOTSUPP,
+        Errno::XDEV,
+        Errno::INVAL,
+        Errno::NOTTY,
+        Errno::NOSYS,
+        Errno::PERM,
+    ]
+    .iter()
+    .any(|errno| Some(errno.raw_os_error()) == code)
+}
+
 /// Copies the first `len` bytes of `src` into `dst`, skipping holes
 /// (SEEK_DATA/SEEK_HOLE), so a sparse image stays sparse. `dst` is set to
 /// `len` bytes.

@@ -16,11 +16,11 @@ use crate::req::{self, GIB, MIB};
 use crate::util::{code, status, Driver, Opts};
 
 /// A pool directory on a fresh loop-mounted filesystem.
-pub fn pool_on(fs: &str, mib: u64) -> Option<(LoopFs, PathBuf)> {
-    let lfs = LoopFs::new(fs, mib)?;
+pub fn pool_on(fs: &str, mib: u64) -> (LoopFs, PathBuf) {
+    let lfs = LoopFs::new(fs, mib);
     let pool = lfs.path().join("pool");
     std::fs::create_dir(&pool).unwrap();
-    Some((lfs, pool))
+    (lfs, pool)
 }
 
 pub fn image(pool: &Path, id: &str) -> PathBuf {
@@ -93,10 +93,9 @@ fn no_reserve() -> Opts {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
-    let Some((_fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "100"]));
     let c = d.controller();
     let v = c
@@ -140,10 +139,9 @@ fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn requests_are_checked_before_anything_is_made() {
-    let Some((_fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "10"]));
     let c = d.controller();
     let invalid = |r: csi::CreateVolumeRequest| {
@@ -211,10 +209,9 @@ fn requests_are_checked_before_anything_is_made() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn thick_images_and_directory_volumes() {
-    let Some((_fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(&pool, no_reserve());
     let c = d.controller();
     let v = c
@@ -237,10 +234,9 @@ fn thick_images_and_directory_volumes() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn snapshots_are_reflinks_on_xfs() {
-    let Some((_fs, pool)) = pool_on("xfs", 1024) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("xfs", 1024);
     let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "4"]));
     let c = d.controller();
     let v = c
@@ -319,10 +315,9 @@ fn snapshots_are_reflinks_on_xfs() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn group_snapshots_reflink_every_member() {
-    let Some((_fs, pool)) = pool_on("xfs", 1024) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("xfs", 1024);
     let d = Driver::start_on(&pool, no_reserve());
     let c = d.controller();
     let g = d.group_controller();
@@ -388,10 +383,9 @@ fn group_snapshots_reflink_every_member() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
-    let Some((_fs, pool)) = pool_on("ext4", 512) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 512);
     let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "4"]));
     let c = d.controller();
     let v = c
@@ -444,10 +438,9 @@ fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn directory_volumes_snapshot_and_restore_as_trees() {
-    let Some((_fs, pool)) = pool_on("xfs", 512) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("xfs", 512);
     let d = Driver::start_on(&pool, no_reserve());
     let c = d.controller();
     let dir_create = |name: &str| {
@@ -497,10 +490,9 @@ fn directory_volumes_snapshot_and_restore_as_trees() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn list_volumes_paginates_and_refuses_foreign_tokens() {
-    let Some((_fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(&pool, no_reserve());
     let c = d.controller();
     let mut made: Vec<String> = (0..7)
@@ -539,10 +531,9 @@ fn list_volumes_paginates_and_refuses_foreign_tokens() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn volume_condition_turns_abnormal_when_the_image_goes() {
-    let Some((_fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(&pool, no_reserve());
     let c = d.controller();
     let v = c
@@ -599,10 +590,9 @@ fn volume_condition_turns_abnormal_when_the_image_goes() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn capacity_counts_what_volumes_were_promised() {
-    let Some((_fs, pool)) = pool_on("ext4", 512) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 512);
     let d = Driver::start_on(&pool, Opts::default().args(&["--reserve", "64Mi"]));
     let c = d.controller();
     let cap = || {
@@ -638,10 +628,9 @@ fn capacity_counts_what_volumes_were_promised() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn attachments_follow_the_access_mode() {
-    let Some((_fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(&pool, no_reserve());
     // A second node plugin on the same (shared) pool registers node-b.
     let _node_b = Driver::start_on(
@@ -744,10 +733,9 @@ fn attachments_follow_the_access_mode() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn expansion_grows_and_never_shrinks_and_modify_preallocates() {
-    let Some((_fs, pool)) = pool_on("ext4", 512) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 512);
     let d = Driver::start_on(&pool, no_reserve());
     let c = d.controller();
     let v = c
@@ -793,10 +781,9 @@ fn expansion_grows_and_never_shrinks_and_modify_preallocates() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_full_pool_refuses_and_leaves_no_partial_files() {
-    let Some((_fs, pool)) = pool_on("ext4", 64) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 64);
     // Overcommitted, so the promise check passes and the filesystem itself
     // runs out of space mid-operation.
     let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "50"]));
@@ -853,10 +840,9 @@ fn a_full_pool_refuses_and_leaves_no_partial_files() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn hostile_names_and_ids_stay_inside_the_pool() {
-    let Some((fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (fs, pool) = pool_on("ext4", 256);
     let outside = fs.path().join("outside");
     std::fs::write(&outside, b"keep").unwrap();
     let d = Driver::start_on(&pool, no_reserve());
@@ -912,10 +898,9 @@ fn hostile_names_and_ids_stay_inside_the_pool() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_restarted_controller_sees_the_same_pool() {
-    let Some((_fs, pool)) = pool_on("xfs", 512) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("xfs", 512);
     let mut d = Driver::start_on(&pool, no_reserve());
     let c = d.controller();
     for i in 0..3 {
@@ -961,10 +946,9 @@ impl TapLimit for csi::CreateVolumeRequest {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_node_takes_no_more_volumes_than_it_accepts() {
-    let Some((_fs, pool)) = pool_on("ext4", 256) else {
-        return;
-    };
+    let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(&pool, no_reserve().args(&["--max-volumes-per-node", "2"]));
     let c = d.controller();
     let ids: Vec<String> = (0..3)

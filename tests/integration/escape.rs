@@ -122,10 +122,9 @@ fn group_cap(gid: u32) -> csi::VolumeCapability {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_fs_group_walk_never_follows_a_name_swapped_for_a_link() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let victim = Victim::new();
     let n = env.d.node();
     let id = env.create("fsgroup-race", 64, "ext4");
@@ -228,10 +227,9 @@ fn swap_once(a: &Path, b: &Path) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_staging_or_target_path_swapped_for_a_link_never_moves_a_mount() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let victim = Victim::new();
     let _unmount = UnmountBelow(victim.dir.clone());
     let n = env.d.node();
@@ -273,10 +271,9 @@ fn a_staging_or_target_path_swapped_for_a_link_never_moves_a_mount() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_read_only_publish_with_a_group_leaves_the_group_alone() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let n = env.d.node();
     let id = env.create("ro-group", 64, "ext4");
     let staging = env.staging(&id);
@@ -313,10 +310,9 @@ fn loop_devices_of(image: &Path) -> usize {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn unstage_is_refused_while_a_publish_is_mounted() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let n = env.d.node();
     let id = env.create("still-published", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
@@ -347,10 +343,9 @@ fn unstage_is_refused_while_a_publish_is_mounted() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_stage_that_fails_after_attaching_lets_go_of_everything() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let n = env.d.node();
     let id = env.create("fails-late", 64, "ext4");
     let staging = env.staging(&id);

@@ -4,9 +4,19 @@ use filevol::proto::csi;
 use filevol::proto::csi::plugin_capability::service::Type as ServiceType;
 use grpcio::RpcStatusCode;
 
-use crate::util::{code, status, Driver, Opts};
+use crate::util::{status, Driver, Opts};
 
+/// The services advertised, group snapshots aside: those depend on the
+/// pool's filesystem (see `group_snapshots_are_advertised_where_the_pool_reflinks`),
+/// and these tests run on the temporary directory's.
 fn service_caps(d: &Driver) -> Vec<ServiceType> {
+    all_service_caps(d)
+        .into_iter()
+        .filter(|t| *t != ServiceType::GROUP_CONTROLLER_SERVICE)
+        .collect()
+}
+
+fn all_service_caps(d: &Driver) -> Vec<ServiceType> {
     d.identity()
         .get_plugin_capabilities(&csi::GetPluginCapabilitiesRequest::new())
         .unwrap()
@@ -64,20 +74,85 @@ fn driver_name_is_configurable() {
 #[test]
 fn node_mode_serves_identity_and_node_only() {
     let d = Driver::start_with(Opts::default().args(&["--mode", "node"]));
-    assert!(service_caps(&d).is_empty());
-    // The Controller service is not registered at all in node mode.
-    let err = d
-        .controller()
-        .controller_get_capabilities(&csi::ControllerGetCapabilitiesRequest::new());
-    assert_eq!(code(err), RpcStatusCode::UNIMPLEMENTED);
+    assert!(all_service_caps(&d).is_empty());
+    // Controller and group calls are refused with the reason, not gRPC's
+    // bare "unknown service".
+    let st = status(
+        d.controller()
+            .controller_get_capabilities(&csi::ControllerGetCapabilitiesRequest::new()),
+    );
+    assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
+    assert!(
+        st.message()
+            .contains("--mode node and serves the Identity and Node services only"),
+        "{}",
+        st.message()
+    );
+    let st = status(
+        d.controller()
+            .create_volume(&crate::req::create("x", 1 << 20)),
+    );
+    assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED, "{}", st.message());
+    assert!(
+        st.message().contains("--mode controller"),
+        "{}",
+        st.message()
+    );
+    let st = status(
+        d.group_controller()
+            .group_controller_get_capabilities(&csi::GroupControllerGetCapabilitiesRequest::new()),
+    );
+    assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
+    assert!(st.message().contains("--mode node"), "{}", st.message());
+    // Nothing was made.
+    assert_eq!(
+        std::fs::read_dir(d.pool.join("volumes")).unwrap().count(),
+        0
+    );
 }
 
 #[test]
 fn controller_mode_serves_no_node_service() {
     let d = Driver::start_with(Opts::default().args(&["--mode", "controller"]));
     assert!(service_caps(&d).contains(&ServiceType::CONTROLLER_SERVICE));
-    let err = d.node().node_get_info(&csi::NodeGetInfoRequest::new());
-    assert_eq!(code(err), RpcStatusCode::UNIMPLEMENTED);
+    let st = status(d.node().node_get_info(&csi::NodeGetInfoRequest::new()));
+    assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
+    assert!(
+        st.message().contains("--mode controller") && st.message().contains("node plugin"),
+        "{}",
+        st.message()
+    );
+}
+
+/// GROUP_CONTROLLER_SERVICE where the pool can reflink (xfs), and on a pool
+/// that cannot (ext4) neither advertised nor served, with the reason.
+#[test]
+#[ignore = "needs root"]
+fn group_snapshots_are_advertised_where_the_pool_reflinks() {
+    let (_xfs, pool) = crate::controller::pool_on("xfs", 512);
+    let d = Driver::start_on(&pool, Opts::default());
+    assert!(all_service_caps(&d).contains(&ServiceType::GROUP_CONTROLLER_SERVICE));
+    let caps = d
+        .group_controller()
+        .group_controller_get_capabilities(&csi::GroupControllerGetCapabilitiesRequest::new())
+        .unwrap();
+    assert_eq!(caps.capabilities.len(), 1);
+
+    let (_ext4, pool) = crate::controller::pool_on("ext4", 256);
+    let d = Driver::start_on(&pool, Opts::default());
+    let caps = all_service_caps(&d);
+    assert!(
+        !caps.contains(&ServiceType::GROUP_CONTROLLER_SERVICE),
+        "{caps:?}"
+    );
+    assert!(caps.contains(&ServiceType::CONTROLLER_SERVICE), "{caps:?}");
+    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
+    r.name = "g".into();
+    r.source_volume_ids.push("v".into());
+    let st = status(d.group_controller().create_volume_group_snapshot(&r));
+    assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
+    assert!(st.message().contains("cannot reflink"), "{}", st.message());
+    assert_eq!(std::fs::read_dir(pool.join("groups")).unwrap().count(), 0);
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! A throwaway filesystem on a loop-mounted image, for pools with (xfs) and
 //! without (ext4) reflink, and tiny ones that fill up. Unmounted (and its
 //! loop device released, `-o loop` sets autoclear) when dropped, even when
-//! the test fails. Needs root; `LoopFs::new` returns `None` otherwise, and
-//! the caller skips with a message.
+//! the test fails. Needs root: a test that makes one carries
+//! `#[ignore = "needs root"]` (see `needs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,18 +15,9 @@ pub struct LoopFs {
 
 impl LoopFs {
     /// Makes a `size_mib` filesystem of type `fs` ("xfs", "ext4", "btrfs")
-    /// and mounts it. `None` when not root.
-    pub fn new(fs: &str, size_mib: u64) -> Option<LoopFs> {
-        if !rustix::process::geteuid().is_root() {
-            // CI runs as root: a skip there would be a green run that tested
-            // nothing.
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "needs root for a loop-mounted {fs}, and CI=true: refusing to skip"
-            );
-            eprintln!("skipped: needs root for loop-mounted {fs}");
-            return None;
-        }
+    /// and mounts it. Fails the test without root.
+    pub fn new(fs: &str, size_mib: u64) -> LoopFs {
+        crate::needs::root();
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("fs.img");
         let mnt = dir.path().join("mnt");
@@ -57,7 +48,7 @@ impl LoopFs {
             .status()
             .expect("run mount");
         assert!(status.success(), "mount -o loop failed");
-        Some(LoopFs { mnt, _dir: dir })
+        LoopFs { mnt, _dir: dir }
     }
 
     /// The mount point.

@@ -1,6 +1,7 @@
 //! Integration tests: the real `filevol` binary on a temporary socket and
 //! pool, driven over gRPC. One test binary (gRPC core is linked into each).
 
+mod capabilities;
 mod churn;
 mod controller;
 mod crash;
@@ -14,7 +15,9 @@ mod lifecycle;
 mod logging;
 mod loopfs;
 mod mkfs_options;
+mod needs;
 mod node;
 mod ops;
 mod req;
+mod single_writer;
 mod util;

@@ -104,10 +104,9 @@ fn create_volume_refuses_mkfs_options_that_reach_the_node() {
 /// A record written by a version that passed mkfsOptions through unchecked:
 /// the first stage refuses it before mkfs runs, and leaves nothing behind.
 #[test]
+#[ignore = "needs root"]
 fn stage_refuses_a_recorded_mkfs_option_that_reaches_the_node() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let n = env.d.node();
     let id = env.create("old-record", 64, "ext4");
     let meta_path = env.pool.join("volumes").join(&id).join("meta.json");
@@ -154,10 +153,9 @@ fn stage_refuses_a_recorded_mkfs_option_that_reaches_the_node() {
 /// Allowed options reach mkfs: the label set in the StorageClass is on the
 /// staged filesystem, and an ext4 `-E` keeps filevol's own `nodiscard`.
 #[test]
+#[ignore = "needs root"]
 fn allowed_mkfs_options_reach_mkfs() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let n = env.d.node();
     let mut r = req::create_with(
         "tuned",

@@ -22,10 +22,9 @@ fn scrape(address: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn metrics_count_calls_and_report_the_pool_and_the_node() {
-    let Some(env) = NodeEnv::with_args("xfs", 1024, &["--metrics-address", "127.0.0.1:0"]) else {
-        return;
-    };
+    let env = NodeEnv::with_args("xfs", 1024, &["--metrics-address", "127.0.0.1:0"]);
     let log = env.d.log();
     let address = log
         .split("metrics at http://")
@@ -96,10 +95,9 @@ fn field(text: &str, key: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_client_drives_a_whole_lifecycle_and_pool_ls_reports_it() {
-    let Some(env) = NodeEnv::new("xfs", 1024) else {
-        return;
-    };
+    let env = NodeEnv::new("xfs", 1024);
     let sock = env.d.socket.clone();
     assert!(ok(client(&sock, &["identity"])).contains("filevol.csi.rs"));
     let created = ok(client(
@@ -180,11 +178,10 @@ fn the_client_drives_a_whole_lifecycle_and_pool_ls_reports_it() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn doctor_reports_reflink_and_the_tools() {
     for (fs, reflink) in [("xfs", true), ("ext4", false)] {
-        let Some((_fs, pool)) = pool_on(fs, 512) else {
-            return;
-        };
+        let (_fs, pool) = pool_on(fs, 512);
         let kubelet = tempfile::tempdir().unwrap();
         let out = Command::new(BIN)
             .args(["doctor", "--pool"])

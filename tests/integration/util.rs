@@ -28,6 +28,8 @@ pub struct Opts {
     pub no_paths: bool,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// A command that runs the binary (`setpriv ... --`), if any.
+    pub wrapper: Vec<String>,
 }
 
 impl Opts {
@@ -93,7 +95,14 @@ impl Driver {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("serve");
         if !opts.no_paths {
             cmd.arg("--endpoint")

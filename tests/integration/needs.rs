@@ -1,0 +1,44 @@
+//! What a test needs from the machine, checked in one place.
+//!
+//! A test that needs root (loop devices, mounts) says so in its attribute,
+//! `#[ignore = "needs root"]`, and calls [`root`] before anything else:
+//! `cargo test` lists it as ignored with that reason, `scripts/test.sh`
+//! running as root adds `--include-ignored` (and refuses to run without
+//! root under `CI=true`), and a run that includes it without root fails it
+//! with the reason. The tools it needs (mkfs, losetup, ...) are installed by
+//! `scripts/install-deps.sh`; a missing one fails the test in the step that
+//! runs it. No test here reports `ok` without having run.
+
+/// Fails the test unless it runs as root.
+pub fn root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (loop devices and mounts): run scripts/test.sh as root, \
+         or leave out --include-ignored"
+    );
+}
+
+/// Fails the test unless it runs as root with CAP_SYS_RESOURCE, which the
+/// kernel demands for growing a mounted ext4. Some sandboxes drop it from
+/// root's capability bounding set; a privileged node plugin container has
+/// it.
+pub fn cap_sys_resource() {
+    root();
+    assert!(
+        has_cap_sys_resource(),
+        "this test needs CAP_SYS_RESOURCE, which this process lacks (CapEff in /proc/self/status)"
+    );
+}
+
+/// Whether this process has CAP_SYS_RESOURCE in its effective set.
+fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps >> CAP_SYS_RESOURCE & 1 == 1)
+}
