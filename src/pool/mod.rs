@@ -33,6 +33,7 @@ pub mod copy;
 pub mod error;
 pub mod ids;
 pub mod meta;
+pub mod parameters;
 pub mod store;
 
 mod attachments;
@@ -56,7 +57,6 @@ use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
 
 pub use snapshots::check_members;
-pub use volumes::parse_thick;
 
 /// Sizes are rounded up to whole MiB: a block multiple for every filesystem
 /// and sector size, and aligned for direct I/O through the loop device.

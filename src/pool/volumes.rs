@@ -13,24 +13,12 @@ use super::error::io_error;
 use super::meta::{AccessType, Layout, Source, VolumeMeta, FORMAT};
 use super::store::{self, Fence, Kind, ObjectLock};
 use super::{
-    align_up, copy, ids, now_ms, page, remove_built, source_missing, CapacityRange, Page, Pool,
-    PoolError, VolumeEntry, VolumeSpec, ALIGN, DEFAULT_CAPACITY,
+    align_up, copy, ids, now_ms, page, parameters, remove_built, source_missing, CapacityRange,
+    Page, Pool, PoolError, VolumeEntry, VolumeSpec, ALIGN, DEFAULT_CAPACITY,
 };
 use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
 use crate::sys::lock::LockKind;
-
-/// Parses the `thick` (mutable) parameter.
-pub fn parse_thick(params: &BTreeMap<String, String>) -> Result<Option<bool>, PoolError> {
-    match params.get("thick").map(String::as_str) {
-        None => Ok(None),
-        Some("true") => Ok(Some(true)),
-        Some("false") => Ok(Some(false)),
-        Some(other) => Err(PoolError::Unsupported(format!(
-            "thick={other:?}: expected \"true\" or \"false\""
-        ))),
-    }
-}
 
 impl Pool {
     /// The volume `id`, as the pool holds it now.
@@ -494,7 +482,9 @@ impl Pool {
         id: &str,
         params: &BTreeMap<String, String>,
     ) -> Result<VolumeMeta, PoolError> {
-        let thick = parse_thick(params)?;
+        let thick = parameters::mutable(params)
+            .map_err(|e| PoolError::Unsupported(e.reason))?
+            .thick;
         let lock = self.lock_volume(id)?;
         let mut v = self.volume(id)?;
         if let Some(thick) = thick {

@@ -14,38 +14,24 @@ use crate::error::Error;
 use crate::executor::Job;
 use crate::node::mkfs_options;
 use crate::pool::meta::{AccessType, FsType, Layout, Source};
-use crate::pool::{ids, parse_thick, PoolError, VolumeSpec, ALIGN};
+use crate::pool::parameters::{self, ParamError, VolumeParameters};
+use crate::pool::{ids, PoolError, VolumeSpec, ALIGN};
 use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
 use crate::rpc::Rpc;
 
-/// StorageClass parameters CreateVolume understands.
-const PARAM_LAYOUT: &str = "layout";
-const PARAM_THICK: &str = "thick";
-const PARAM_MKFS_OPTIONS: &str = "mkfsOptions";
-/// Keys the external-provisioner adds itself (PVC name and namespace with
-/// --extra-create-metadata); recorded, not interpreted.
-const CO_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
-/// Mutable parameters (CreateVolume and ControllerModifyVolume).
-const MUTABLE_KEYS: &[&str] = &[PARAM_THICK];
-
 fn sorted(map: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-fn check_mutable(params: &BTreeMap<String, String>) -> Result<(), Error> {
-    if let Some(k) = params.keys().find(|k| !MUTABLE_KEYS.contains(&k.as_str())) {
-        return Err(Error::invalid(
-            "mutable_parameters",
-            format!(
-                "unknown key {k:?}; mutable parameters are: {}",
-                MUTABLE_KEYS.join(", ")
-            ),
-        ));
-    }
-    parse_thick(params).map_err(|e| Error::invalid("mutable_parameters", e.to_string()))?;
-    Ok(())
+/// A parameter error as the request field it belongs to.
+fn invalid_parameter(e: ParamError) -> Error {
+    let field = match e.set {
+        parameters::Set::Parameters => "parameters",
+        parameters::Set::Mutable => "mutable_parameters",
+    };
+    Error::invalid(field, e.reason)
 }
 
 /// Whether `pool` (a topology segment; empty for a shared pool) is one of
@@ -69,48 +55,11 @@ impl Operation for csi::CreateVolumeRequest {
         let capacity = validate::capacity(&self.capacity_range)?;
         let parameters = sorted(&self.parameters);
         let mutable_parameters = sorted(&self.mutable_parameters);
-        check_mutable(&mutable_parameters)?;
-
-        let mut layout = Layout::Image;
-        let mut thick = false;
-        let mut mkfs_options = Vec::new();
-        for (key, value) in &parameters {
-            match key.as_str() {
-                PARAM_LAYOUT => {
-                    layout = match value.as_str() {
-                        "image" => Layout::Image,
-                        "dir" => Layout::Dir,
-                        other => {
-                            return Err(Error::invalid(
-                                "parameters",
-                                format!("layout={other:?}: expected \"image\" or \"dir\""),
-                            ))
-                        }
-                    }
-                }
-                PARAM_THICK => {
-                    thick = parse_thick(&parameters)
-                        .map_err(|e| Error::invalid("parameters", e.to_string()))?
-                        .unwrap_or(false)
-                }
-                // Separate argv entries, never a shell.
-                PARAM_MKFS_OPTIONS => {
-                    mkfs_options = value.split_whitespace().map(str::to_owned).collect()
-                }
-                k if k.starts_with(CO_PARAM_PREFIX) => {}
-                other => {
-                    return Err(Error::invalid(
-                        "parameters",
-                        format!(
-                        "unknown parameter {other:?}; filevol takes layout, thick and mkfsOptions"
-                    ),
-                    ))
-                }
-            }
-        }
-        if let Some(t) = parse_thick(&mutable_parameters).ok().flatten() {
-            thick = t;
-        }
+        let VolumeParameters {
+            layout,
+            thick,
+            mkfs_options,
+        } = parameters::volume(&parameters, &mutable_parameters).map_err(invalid_parameter)?;
 
         let access = caps[0].access;
         if caps.iter().any(|c| c.access != access) {
@@ -155,12 +104,6 @@ impl Operation for csi::CreateVolumeRequest {
                     "access mode {:?} needs several writers on several nodes; use layout=dir",
                     c.mode
                 ),
-            ));
-        }
-        if layout == Layout::Dir && (thick || !mkfs_options.is_empty()) {
-            return Err(Error::invalid(
-                "parameters",
-                "thick and mkfsOptions apply to image volumes only",
             ));
         }
         // Only tuning options, checked once the filesystem is known. A block
@@ -527,7 +470,7 @@ impl Operation for csi::ControllerModifyVolumeRequest {
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::id("volume_id", &self.volume_id)?;
         let params = sorted(&self.mutable_parameters);
-        check_mutable(&params)?;
+        parameters::mutable(&params).map_err(invalid_parameter)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
         let key = volume_key(&id);
         Ok(Job::new(move || {
@@ -545,16 +488,7 @@ impl Operation for csi::CreateSnapshotRequest {
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::name(&self.name)?;
         validate::id("source_volume_id", &self.source_volume_id)?;
-        if let Some(k) = self
-            .parameters
-            .keys()
-            .find(|k| !k.starts_with(CO_PARAM_PREFIX))
-        {
-            return Err(Error::invalid(
-                "parameters",
-                format!("unknown parameter {k:?}; snapshots take none"),
-            ));
-        }
+        parameters::none(&sorted(&self.parameters), "snapshots").map_err(invalid_parameter)?;
         let id = ids::derive(ids::Kind::Snapshot, &self.name);
         let (driver, name, source) = (Arc::clone(driver), self.name, self.source_volume_id);
         let source_key = volume_key(&source);
@@ -659,16 +593,8 @@ impl Operation for csi::CreateVolumeGroupSnapshotRequest {
         for id in &self.source_volume_ids {
             validate::id("source_volume_ids", id)?;
         }
-        if let Some(k) = self
-            .parameters
-            .keys()
-            .find(|k| !k.starts_with(CO_PARAM_PREFIX))
-        {
-            return Err(Error::invalid(
-                "parameters",
-                format!("unknown parameter {k:?}; group snapshots take none"),
-            ));
-        }
+        parameters::none(&sorted(&self.parameters), "group snapshots")
+            .map_err(invalid_parameter)?;
         let id = ids::derive(ids::Kind::Group, &self.name);
         // Every member volume is held for the group's duration, so the
         // snapshots are taken together with no call changing a member.

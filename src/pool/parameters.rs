@@ -1,0 +1,267 @@
+//! The StorageClass parameter grammar, in one place: which keys CreateVolume,
+//! ControllerModifyVolume and the snapshot calls take, and what their values
+//! mean. Parsed into typed values here; the service layer only names the
+//! request field an error belongs to.
+
+use std::collections::BTreeMap;
+
+use super::meta::Layout;
+
+/// `layout`: `image` (default) or `dir`.
+pub const LAYOUT: &str = "layout";
+/// `thick`: `true` preallocates the image; mutable.
+pub const THICK: &str = "thick";
+/// `mkfsOptions`: tuning options for mkfs, split on whitespace (see
+/// `node::mkfs_options` for what is allowed).
+pub const MKFS_OPTIONS: &str = "mkfsOptions";
+/// Keys the external-provisioner adds itself (PVC name and namespace with
+/// `--extra-create-metadata`): recorded, never interpreted.
+pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
+/// The keys that may change after creation (`mutableParameters`, and
+/// ControllerModifyVolume).
+pub const MUTABLE_KEYS: &[&str] = &[THICK];
+
+/// Which set of parameters an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Set {
+    /// The StorageClass `parameters`.
+    Parameters,
+    /// `mutableParameters` (VolumeAttributesClass).
+    Mutable,
+}
+
+/// A parameter that is unknown or has a value filevol does not take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct ParamError {
+    /// The set the parameter came in.
+    pub set: Set,
+    /// What is wrong, naming the key.
+    pub reason: String,
+}
+
+impl ParamError {
+    fn new(set: Set, reason: impl Into<String>) -> Self {
+        ParamError {
+            set,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What CreateVolume's parameters ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeParameters {
+    /// Image (a loop-mounted file) or directory.
+    pub layout: Layout,
+    /// Preallocate the image.
+    pub thick: bool,
+    /// mkfs tuning options, one argv entry each (never a shell).
+    pub mkfs_options: Vec<String>,
+}
+
+/// What mutable parameters ask to change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MutableParameters {
+    /// `thick`, when given.
+    pub thick: Option<bool>,
+}
+
+/// Parses CreateVolume's `parameters` and `mutable_parameters`. A mutable
+/// `thick` overrides the class's.
+pub fn volume(
+    params: &BTreeMap<String, String>,
+    mutable_params: &BTreeMap<String, String>,
+) -> Result<VolumeParameters, ParamError> {
+    let overrides = mutable(mutable_params)?;
+    let mut layout = Layout::Image;
+    let mut thick = false;
+    let mut mkfs_options = Vec::new();
+    for (key, value) in params {
+        match key.as_str() {
+            LAYOUT => {
+                layout = match value.as_str() {
+                    "image" => Layout::Image,
+                    "dir" => Layout::Dir,
+                    other => {
+                        return Err(ParamError::new(
+                            Set::Parameters,
+                            format!("layout={other:?}: expected \"image\" or \"dir\""),
+                        ))
+                    }
+                }
+            }
+            THICK => thick = boolean(Set::Parameters, THICK, value)?,
+            MKFS_OPTIONS => mkfs_options = value.split_whitespace().map(str::to_owned).collect(),
+            k if k.starts_with(CO_PREFIX) => {}
+            other => {
+                return Err(ParamError::new(
+                    Set::Parameters,
+                    format!(
+                        "unknown parameter {other:?}; filevol takes layout, thick and mkfsOptions"
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(t) = overrides.thick {
+        thick = t;
+    }
+    if layout == Layout::Dir && (thick || !mkfs_options.is_empty()) {
+        return Err(ParamError::new(
+            Set::Parameters,
+            "thick and mkfsOptions apply to image volumes only",
+        ));
+    }
+    Ok(VolumeParameters {
+        layout,
+        thick,
+        mkfs_options,
+    })
+}
+
+/// Parses mutable parameters (CreateVolume's `mutable_parameters`,
+/// ControllerModifyVolume's): only [`MUTABLE_KEYS`].
+pub fn mutable(params: &BTreeMap<String, String>) -> Result<MutableParameters, ParamError> {
+    let mut out = MutableParameters::default();
+    for (key, value) in params {
+        match key.as_str() {
+            THICK => out.thick = Some(boolean(Set::Mutable, THICK, value)?),
+            other => {
+                return Err(ParamError::new(
+                    Set::Mutable,
+                    format!(
+                        "unknown key {other:?}; mutable parameters are: {}",
+                        MUTABLE_KEYS.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks the parameters of a call that takes none but the CO's own
+/// (snapshots, group snapshots: `what` names them in the error).
+pub fn none(params: &BTreeMap<String, String>, what: &str) -> Result<(), ParamError> {
+    match params.keys().find(|k| !k.starts_with(CO_PREFIX)) {
+        Some(k) => Err(ParamError::new(
+            Set::Parameters,
+            format!("unknown parameter {k:?}; {what} take none"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn boolean(set: Set, key: &str, value: &str) -> Result<bool, ParamError> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(ParamError::new(
+            set,
+            format!("{key}={other:?}: expected \"true\" or \"false\""),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_a_thin_image_without_options() {
+        let p = volume(&map(&[]), &map(&[])).unwrap();
+        assert_eq!(
+            p,
+            VolumeParameters {
+                layout: Layout::Image,
+                thick: false,
+                mkfs_options: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let p = volume(
+            &map(&[
+                ("layout", "image"),
+                ("thick", "true"),
+                ("mkfsOptions", "  -m 0\t-L  data "),
+                ("csi.storage.k8s.io/pvc/name", "claim"),
+            ]),
+            &map(&[]),
+        )
+        .unwrap();
+        assert_eq!(p.layout, Layout::Image);
+        assert!(p.thick);
+        assert_eq!(p.mkfs_options, ["-m", "0", "-L", "data"]);
+        let dir = volume(&map(&[("layout", "dir")]), &map(&[])).unwrap();
+        assert_eq!(dir.layout, Layout::Dir);
+    }
+
+    #[test]
+    fn a_mutable_thick_overrides_the_class() {
+        let p = volume(&map(&[("thick", "true")]), &map(&[("thick", "false")])).unwrap();
+        assert!(!p.thick);
+        let p = volume(&map(&[]), &map(&[("thick", "true")])).unwrap();
+        assert!(p.thick);
+    }
+
+    #[test]
+    fn unknown_keys_and_values_name_the_key_and_the_set() {
+        let cases = [
+            (map(&[("layot", "dir")]), map(&[]), Set::Parameters, "layot"),
+            (
+                map(&[("layout", "block")]),
+                map(&[]),
+                Set::Parameters,
+                "layout",
+            ),
+            (map(&[("thick", "yes")]), map(&[]), Set::Parameters, "thick"),
+            (map(&[]), map(&[("thick", "1")]), Set::Mutable, "thick"),
+            (map(&[]), map(&[("layout", "dir")]), Set::Mutable, "layout"),
+            (
+                map(&[("csi.storage.k8s.io", "x")]),
+                map(&[]),
+                Set::Parameters,
+                "csi.storage.k8s.io",
+            ),
+        ];
+        for (params, mutable_params, set, key) in cases {
+            let e = volume(&params, &mutable_params).unwrap_err();
+            assert_eq!(e.set, set, "{params:?} {mutable_params:?}");
+            assert!(e.reason.contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn directories_take_no_image_options() {
+        for extra in [("thick", "true"), ("mkfsOptions", "-m 0")] {
+            let e = volume(&map(&[("layout", "dir"), extra]), &map(&[])).unwrap_err();
+            assert!(e.reason.contains("image volumes only"), "{e}");
+        }
+        let e = volume(&map(&[("layout", "dir")]), &map(&[("thick", "true")])).unwrap_err();
+        assert!(e.reason.contains("image volumes only"), "{e}");
+        // thick=false is no image option.
+        volume(&map(&[("layout", "dir"), ("thick", "false")]), &map(&[])).unwrap();
+    }
+
+    #[test]
+    fn calls_without_parameters_take_only_the_co_s() {
+        none(
+            &map(&[("csi.storage.k8s.io/volumesnapshot/name", "s")]),
+            "snapshots",
+        )
+        .unwrap();
+        let e = none(&map(&[("type", "fast")]), "snapshots").unwrap_err();
+        assert_eq!(e.reason, "unknown parameter \"type\"; snapshots take none");
+    }
+}
