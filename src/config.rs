@@ -6,8 +6,171 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::{Mode, ServeArgs};
-use crate::server::socket::{Endpoint, SocketError};
+use clap::{Args, ValueEnum};
+
+use crate::endpoint::{Endpoint, EndpointError};
+use crate::units::parse_size;
+
+/// Which CSI services a process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Identity + Controller + GroupController (the StatefulSet).
+    Controller,
+    /// Identity + Node (the DaemonSet).
+    Node,
+    /// Everything on one socket: single node, csi-sanity, development.
+    All,
+}
+
+impl Mode {
+    /// Whether this mode serves the Controller and GroupController services.
+    pub fn serves_controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+
+    /// Whether this mode serves the Node service.
+    pub fn serves_node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Controller => "controller",
+            Mode::Node => "node",
+            Mode::All => "all",
+        })
+    }
+}
+
+/// Flags of `filevol serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Services to serve.
+    #[arg(long, env = "FILEVOL_MODE", value_enum, default_value_t = Mode::All)]
+    pub mode: Mode,
+
+    /// gRPC endpoint: `unix:///absolute/path.sock` (UNIX sockets only).
+    /// Default: /run/filevol/csi.sock as root, else under $XDG_RUNTIME_DIR
+    /// or /tmp/filevol-$UID.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// Permissions of the socket file, in octal.
+    #[arg(long, env = "FILEVOL_SOCKET_MODE", default_value = "0660", value_parser = parse_octal_mode)]
+    pub socket_mode: u32,
+
+    /// The pool directory that holds volumes, snapshots and their metadata.
+    /// It must exist (a missing shared mount must not silently become a
+    /// directory on the root disk). Default: /var/lib/filevol as root, else
+    /// ~/.local/share/filevol, created when missing.
+    #[arg(long, env = "FILEVOL_POOL")]
+    pub pool: Option<PathBuf>,
+
+    /// This node's id, as the CO knows it (spec.nodeName). Default: the host
+    /// name.
+    #[arg(long, env = "FILEVOL_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Kubelet's root directory; staging and target paths must lie under it.
+    #[arg(long, env = "FILEVOL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
+    /// The CSI driver name (the CSIDriver object's name).
+    #[arg(long, env = "FILEVOL_DRIVER_NAME", default_value = "filevol.csi.rs")]
+    pub driver_name: String,
+
+    /// Worker threads that make the blocking syscalls.
+    #[arg(long, env = "FILEVOL_WORKERS", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: u16,
+
+    /// Calls that may wait for a worker before new ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FILEVOL_QUEUE_DEPTH", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(0..=16384))]
+    pub queue_depth: u16,
+
+    /// Bytes of the pool filesystem never promised to volumes (suffixes Ki,
+    /// Mi, Gi, Ti).
+    #[arg(long, env = "FILEVOL_RESERVE", default_value = "64Mi", value_parser = parse_size)]
+    pub reserve: u64,
+
+    /// How many times its usable size the pool may promise to thin volumes
+    /// (1.0: never more than it can write).
+    #[arg(long, env = "FILEVOL_OVERCOMMIT", default_value_t = 1.0)]
+    pub overcommit: f64,
+
+    /// The topology segment of this pool's volumes, `key=value[,key=value]`.
+    /// Default: `topology.filevol.csi.rs/node=<node id>`, a node-local pool.
+    /// An empty value means reachable from every node: a shared pool.
+    #[arg(long, env = "FILEVOL_TOPOLOGY")]
+    pub topology: Option<String>,
+
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g.
+    /// `0.0.0.0:9808`). Off when not given. The Kubernetes manifests pass
+    /// `0.0.0.0:9808` to the controller and the node plugin (no host
+    /// network): Prometheus in the cluster scrapes `<pod IP>:9808/metrics`.
+    #[arg(long, env = "FILEVOL_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
+
+    /// Seconds a new connection gets to complete its HTTP/2 handshake
+    /// before the server drops it (clients that connect and never speak).
+    #[arg(long, env = "FILEVOL_GRPC_HANDSHAKE_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub grpc_handshake_timeout: u32,
+
+    /// Use direct I/O on the loop devices where the pool filesystem allows
+    /// it (no double caching of volume data in the page cache).
+    #[arg(long, env = "FILEVOL_LOOP_DIRECT_IO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub loop_direct_io: bool,
+
+    /// Volumes this node accepts (NodeGetInfo's max_volumes_per_node); 0
+    /// reports no limit.
+    #[arg(long, env = "FILEVOL_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
+    pub max_volumes_per_node: u32,
+
+    /// Seconds in-flight calls get to finish after SIGTERM before they are
+    /// cancelled.
+    #[arg(long, env = "FILEVOL_SHUTDOWN_GRACE", default_value_t = 20)]
+    pub shutdown_grace: u64,
+
+    /// Seconds between clean-ups of what dead processes left in the pool
+    /// (controller and `all` modes; also done at start). 0: only at start.
+    #[arg(long, env = "FILEVOL_JANITOR_INTERVAL", default_value_t = 600)]
+    pub janitor_interval: u64,
+}
+
+fn parse_octal_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))?;
+    if mode & !0o777 != 0 {
+        return Err(format!(
+            "{s:?}: only permission bits (0 to 0777) are allowed"
+        ));
+    }
+    Ok(mode)
+}
+
+impl ServeArgs {
+    /// Parses `serve`'s flags alone (tests and fuzzing build settings this
+    /// way); `flags` leaves out the program and subcommand names.
+    pub fn try_parse_from<I, T>(flags: I) -> Result<ServeArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("filevol serve"))
+            .chain(flags.into_iter().map(Into::into));
+        <Serve as clap::Parser>::try_parse_from(argv).map(|s| s.args)
+    }
+}
 
 /// Everything `filevol serve` runs with.
 #[derive(Debug, Clone)]
@@ -58,7 +221,7 @@ pub struct Config {
 pub enum ConfigError {
     /// The endpoint is not a UNIX socket address filevol can use.
     #[error("--endpoint")]
-    Endpoint(#[source] SocketError),
+    Endpoint(#[source] EndpointError),
     /// The pool directory given does not exist or is not a directory.
     #[error("--pool {path}: {reason}")]
     Pool {
@@ -282,16 +445,17 @@ fn check_node_id(id: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
 
     fn args(extra: &[&str]) -> ServeArgs {
-        let mut argv = vec!["filevol", "serve"];
-        argv.extend_from_slice(extra);
-        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-            panic!("not serve")
-        };
-        args
+        ServeArgs::try_parse_from(extra).unwrap()
+    }
+
+    #[test]
+    fn octal_modes() {
+        assert_eq!(parse_octal_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_octal_mode("0o640").unwrap(), 0o640);
+        assert!(parse_octal_mode("0888").is_err());
+        assert!(parse_octal_mode("10000").is_err());
     }
 
     #[test]

@@ -6,11 +6,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use clap::Parser;
 use protobuf::Message;
 
-use crate::cli::{Cli, Command};
-use crate::config::Config;
+use crate::config::{Config, ServeArgs};
 use crate::executor::Executor;
 use crate::node::Node;
 use crate::pool::meta::{GroupMeta, NodeRecord, SnapshotMeta, VolumeMeta};
@@ -21,9 +19,7 @@ use crate::service::{Driver, Operation};
 /// A driver on `pool` with node paths under `kubelet`, for validating
 /// requests; one worker thread, nothing served.
 pub fn driver(pool: &Path, kubelet: &Path) -> Arc<Driver> {
-    let argv = [
-        "filevol",
-        "serve",
+    let flags = [
         "--pool",
         pool.to_str().expect("utf-8 test path"),
         "--kubelet-dir",
@@ -35,9 +31,7 @@ pub fn driver(pool: &Path, kubelet: &Path) -> Arc<Driver> {
         "--workers",
         "1",
     ];
-    let Command::Serve(args) = Cli::parse_from(argv).command else {
-        unreachable!("serve parses as serve")
-    };
+    let args = ServeArgs::try_parse_from(flags).expect("the fuzzing driver's flags parse");
     let config = Config::from_args(args).expect("fuzz configuration");
     let pool = Pool::open(
         &config.pool,

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod executor;
 pub mod faults;
@@ -24,3 +25,4 @@ pub mod rpc;
 pub mod server;
 pub mod service;
 pub mod sys;
+pub mod units;

@@ -26,12 +26,12 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::OpsError;
-use crate::cli::parse_size;
+use crate::endpoint::Endpoint;
 use crate::error::code_name;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, NodeClient};
-use crate::server::socket::Endpoint;
+use crate::units::parse_size;
 
 /// Which load to generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

@@ -9,11 +9,11 @@ use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 use protobuf::MessageFull;
 
 use super::OpsError;
-use crate::cli::parse_size;
+use crate::endpoint::Endpoint;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, IdentityClient, NodeClient};
-use crate::server::socket::Endpoint;
+use crate::units::parse_size;
 
 /// Flags of `filevol client`.
 #[derive(Debug, Args)]

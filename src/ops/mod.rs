@@ -12,7 +12,7 @@ pub mod report;
 pub enum OpsError {
     /// The endpoint is not usable.
     #[error("endpoint")]
-    Endpoint(#[from] crate::server::socket::SocketError),
+    Endpoint(#[from] crate::endpoint::EndpointError),
     /// The call failed.
     #[error("{call}")]
     Rpc {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::validate::{self, Capability};
 use super::{convert, volume_key, Driver, Operation};
-use crate::cli::parse_size;
 use crate::error::Error;
 use crate::executor::Job;
 use crate::node::{Node, NodeError, Request};
@@ -16,6 +15,7 @@ use crate::pool::{ids, CapacityRange, PoolError, VolumeSpec};
 use crate::proto::csi;
 use crate::proto::csi::node_service_capability::rpc::Type as NodeCap;
 use crate::rpc::Rpc;
+use crate::units::parse_size;
 
 /// volume_context key kubelet sets on CSI ephemeral inline volumes.
 const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
