@@ -8,6 +8,14 @@
 //! Run: `cargo bench --bench controller`. `BENCH_CREATES` (default 300) and
 //! `BENCH_LIST_VOLUMES` (default 10000) scale it down.
 
+// Test data and measurements cast on purpose: counters truncated into
+// pattern bytes, percentile indices from floats, sizes into CSI's int64.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 #[path = "../tests/integration/loopfs.rs"]
 mod loopfs;
 // Only its root check is used here.

@@ -14,6 +14,14 @@
 //! Environment: `BENCH_CALLS` (sequential calls per RPC, default 20000),
 //! `BENCH_THREADS` (client threads for the throughput run, default 8).
 
+// Test data and measurements cast on purpose: counters truncated into
+// pattern bytes, percentile indices from floats, sizes into CSI's int64.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,7 +3,9 @@
 
 use std::fmt;
 
-/// One CSI remote procedure call.
+/// One CSI remote procedure call. Each variant is the CSI method of the same
+/// name, documented in the CSI spec; they are not repeated here.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rpc {
     // Identity

@@ -221,7 +221,7 @@ fn create(c: &Caller, p: &Plan, rec: &Recorder, name: &str) -> Option<String> {
     let mut r = csi::CreateVolumeRequest::new();
     r.name = name.to_owned();
     let mut cr = csi::CapacityRange::new();
-    cr.required_bytes = p.size as i64;
+    cr.required_bytes = i64::try_from(p.size).unwrap_or(i64::MAX);
     r.capacity_range = Some(cr).into();
     r.volume_capabilities.push(p.cap.clone());
     r.parameters = p.params.clone();
@@ -362,7 +362,11 @@ fn percentile(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0
+    // q is in [0, 1], so the rounded index is in [0, len - 1]; `as`
+    // saturates anyway.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
 fn peak_rss(pid: u32) -> Option<u64> {

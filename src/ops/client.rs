@@ -270,7 +270,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             let mut r = csi::CreateVolumeRequest::new();
             r.name = name;
             let mut range = csi::CapacityRange::new();
-            range.required_bytes = size as i64;
+            range.required_bytes = i64::try_from(size).unwrap_or(i64::MAX);
             r.capacity_range = Some(range).into();
             r.volume_capabilities.push(capability(&cap));
             r.parameters = params.into_iter().collect();
@@ -326,7 +326,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             let mut r = csi::ControllerExpandVolumeRequest::new();
             r.volume_id = volume_id;
             let mut range = csi::CapacityRange::new();
-            range.required_bytes = size as i64;
+            range.required_bytes = i64::try_from(size).unwrap_or(i64::MAX);
             r.capacity_range = Some(range).into();
             show(
                 out,

@@ -227,7 +227,7 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
     let dio = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .custom_flags(libc::O_DIRECT)
         .open(&a);
     out.push(match dio {
         Ok(_) => check(

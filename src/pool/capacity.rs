@@ -98,6 +98,9 @@ impl Pool {
         let promised = self.promised()?;
         let (_, _, volumes, snapshots) = self.committed()?;
         let usable = space.total.saturating_sub(self.opts.reserve_bytes);
+        // A float product: overcommit is a ratio. `as` saturates (and maps
+        // NaN to 0), and config refuses a negative ratio.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let promisable = (usable as f64 * self.opts.overcommit) as u64;
         Ok(promisable.saturating_sub(volumes.saturating_add(snapshots).saturating_add(promised)))
     }

@@ -142,10 +142,12 @@ fn copy_dir(
                     untrusted::create_file(to, &name, 0o600).map_err(io_error("create", &dst))?;
                 match sysfs::reflink(&source, &copy) {
                     Ok(()) => {}
-                    Err(e) if sysfs::reflink_unsupported(&e) => {
-                        sysfs::sparse_copy(&source, &copy, entry.stat().st_size as u64)
-                            .map_err(io_error("copy", &dst))?
-                    }
+                    Err(e) if sysfs::reflink_unsupported(&e) => sysfs::sparse_copy(
+                        &source,
+                        &copy,
+                        entry.stat().st_size.try_into().unwrap_or(0),
+                    )
+                    .map_err(io_error("copy", &dst))?,
                     Err(e) => return Err(io_error("reflink", &dst)(e)),
                 }
                 copy.sync_all().map_err(io_error("sync", &dst))?;

@@ -143,14 +143,18 @@ pub struct Pool {
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn now_ts() -> (i64, i32) {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    (d.as_secs() as i64, d.subsec_nanos() as i32)
+    (
+        i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // Below 10^9, so it fits.
+        i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    )
 }
 
 fn align_up(bytes: u64) -> u64 {

@@ -679,7 +679,7 @@ fn a_fifo_swapped_in_for_a_file_never_blocks_a_copy() {
                 for name in ["file", "pipe"] {
                     let _ = std::fs::OpenOptions::new()
                         .write(true)
-                        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                        .custom_flags(libc::O_NONBLOCK)
                         .open(data.join(name));
                 }
             }

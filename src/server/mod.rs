@@ -125,7 +125,8 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         .max_concurrent_stream(MAX_STREAMS_PER_CONNECTION)
         .raw_cfg_int(
             std::ffi::CString::new("grpc.server_handshake_timeout_ms").expect("no NUL"),
-            (driver.config.grpc_handshake_timeout.saturating_mul(1000)).min(i32::MAX as u32) as i32,
+            i32::try_from(driver.config.grpc_handshake_timeout.saturating_mul(1000))
+                .unwrap_or(i32::MAX),
         )
         .set_resource_quota(
             grpcio::ResourceQuota::new(Some("filevol")).resize_memory(GRPC_MEMORY_QUOTA),

@@ -378,14 +378,14 @@ impl Operation for csi::GetCapacityRequest {
                 driver.pool.capacity()?
             };
             let mut resp = csi::GetCapacityResponse::new();
-            resp.available_capacity = i64::try_from(available).unwrap_or(i64::MAX);
+            resp.available_capacity = convert::count(available);
             resp.maximum_volume_size = Some(protobuf::well_known_types::wrappers::Int64Value {
                 value: resp.available_capacity,
                 ..Default::default()
             })
             .into();
             resp.minimum_volume_size = Some(protobuf::well_known_types::wrappers::Int64Value {
-                value: ALIGN as i64,
+                value: convert::count(ALIGN),
                 ..Default::default()
             })
             .into();
@@ -454,7 +454,7 @@ impl Operation for csi::ControllerExpandVolumeRequest {
             }
             let v = driver.pool.expand_volume(&id, range)?;
             let mut resp = csi::ControllerExpandVolumeResponse::new();
-            resp.capacity_bytes = i64::try_from(v.capacity_bytes).unwrap_or(i64::MAX);
+            resp.capacity_bytes = convert::count(v.capacity_bytes);
             // The loop device and the filesystem grow on the node.
             resp.node_expansion_required = v.layout == Layout::Image;
             Ok(resp)

@@ -8,11 +8,17 @@ use crate::pool::meta::{AccessType, GroupMeta, Layout, SnapshotMeta, Source, Vol
 use crate::pool::Pool;
 use crate::proto::csi;
 
+/// A byte or inode count as CSI's int64 fields carry it (saturating: no
+/// count of ours reaches 2^63).
+pub fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// A volume as CreateVolume, ListVolumes and ControllerGetVolume return it.
 pub fn volume(v: &VolumeMeta) -> csi::Volume {
     let mut out = csi::Volume::new();
     out.volume_id.clone_from(&v.id);
-    out.capacity_bytes = i64::try_from(v.capacity_bytes).unwrap_or(i64::MAX);
+    out.capacity_bytes = count(v.capacity_bytes);
     out.volume_context = volume_context(v);
     if let Some(source) = &v.source {
         let mut cs = csi::VolumeContentSource::new();
@@ -98,7 +104,7 @@ pub fn snapshot(s: &SnapshotMeta) -> csi::Snapshot {
     let mut out = csi::Snapshot::new();
     out.snapshot_id.clone_from(&s.id);
     out.source_volume_id.clone_from(&s.source_volume_id);
-    out.size_bytes = i64::try_from(s.size_bytes).unwrap_or(i64::MAX);
+    out.size_bytes = count(s.size_bytes);
     out.creation_time = Some(timestamp(s.created_secs, s.created_nanos)).into();
     out.ready_to_use = true;
     out.group_snapshot_id = s.group_id.clone().unwrap_or_default();

@@ -274,9 +274,9 @@ impl Operation for csi::NodeGetVolumeStatsRequest {
             let usage = |unit: csi::volume_usage::Unit, (total, avail, used): (u64, u64, u64)| {
                 let mut u = csi::VolumeUsage::new();
                 u.unit = unit.into();
-                u.total = total as i64;
-                u.available = avail as i64;
-                u.used = used as i64;
+                u.total = convert::count(total);
+                u.available = convert::count(avail);
+                u.used = convert::count(used);
                 u
             };
             if let Some(b) = stats.bytes {
@@ -305,7 +305,7 @@ impl Operation for csi::NodeExpandVolumeRequest {
             let v = driver.pool.volume(&id)?;
             let size = node(&driver)?.expand(&driver.pool, &v, &path, range.required)?;
             let mut resp = csi::NodeExpandVolumeResponse::new();
-            resp.capacity_bytes = size as i64;
+            resp.capacity_bytes = convert::count(size);
             Ok(resp)
         })
         .locking(key))

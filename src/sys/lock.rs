@@ -49,7 +49,10 @@ pub fn try_lock(file: &impl AsFd, kind: LockKind) -> io::Result<bool> {
     // l_len 0: from l_start to the end of the file, however it grows.
     // l_pid must be 0 for OFD locks.
     let request = libc::flock {
+        // F_RDLCK, F_WRLCK and SEEK_SET are 0 to 2: they fit a short.
+        #[allow(clippy::cast_possible_truncation)]
         l_type: l_type as libc::c_short,
+        #[allow(clippy::cast_possible_truncation)]
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: 0,
         l_len: 0,

@@ -70,7 +70,8 @@ unsafe impl Ioctl for GetFree {
         out: IoctlOutput,
         _: *mut std::ffi::c_void,
     ) -> rustix::io::Result<u32> {
-        Ok(out as u32)
+        // The kernel returns a device number, never negative on success.
+        u32::try_from(out).map_err(|_| rustix::io::Errno::RANGE)
     }
 }
 
@@ -87,7 +88,7 @@ impl LoopDevice {
     fn open(&self) -> io::Result<File> {
         OpenOptions::new()
             .read(true)
-            .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+            .custom_flags(libc::O_CLOEXEC)
             .open(self.path())
     }
 
@@ -179,7 +180,7 @@ pub fn free_device() -> io::Result<u32> {
     let control = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .custom_flags(libc::O_CLOEXEC)
         .open("/dev/loop-control")?;
     // SAFETY: see `GetFree`.
     Ok(unsafe { ioctl(&control, GetFree) }?)
@@ -191,12 +192,12 @@ pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Atta
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
-        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .custom_flags(libc::O_CLOEXEC)
         .open(image)?;
     let control = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+        .custom_flags(libc::O_CLOEXEC)
         .open("/dev/loop-control")?;
     let mut dio = direct_io;
     let mut tries = 0;
@@ -208,7 +209,7 @@ pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Atta
         let dev = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(rustix::fs::OFlags::CLOEXEC.bits() as i32)
+            .custom_flags(libc::O_CLOEXEC)
             .open(device.path())?;
         let config = configuration(&file, image, read_only, dio);
         // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` whose `fd` is
@@ -253,7 +254,8 @@ fn configuration(file: &File, image: &Path, read_only: bool, direct_io: bool) ->
     info.lo_file_name[..n].copy_from_slice(&name[..n]);
     // SAFETY: as above.
     let mut config: loop_config = unsafe { std::mem::zeroed() };
-    config.fd = file.as_raw_fd() as u32;
+    // An open descriptor is never negative.
+    config.fd = file.as_raw_fd().unsigned_abs();
     config.block_size = BLOCK_SIZE;
     config.info = info;
     config

@@ -1,6 +1,14 @@
 //! Integration tests: the real `filevol` binary on a temporary socket and
 //! pool, driven over gRPC. One test binary (gRPC core is linked into each).
 
+// Test data and measurements cast on purpose: counters truncated into
+// pattern bytes, percentile indices from floats, sizes into CSI's int64.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod capabilities;
 mod churn;
 mod controller;
