@@ -59,12 +59,12 @@ cleanup() {
 trap cleanup EXIT
 printf 'thick: "true"\n' >"$work/mutable.yaml"
 
-# check_summary LOG ALLOWED: the pass's ginkgo summary line must say 0
-# failed and at most one pending, and every skipped spec must have been
-# skipped for a reason matching ALLOWED (an extended regex; empty: none may
-# be skipped).
+# check_summary LOG EXPECTED: the pass's ginkgo summary line must say 0
+# failed and at most one pending, and the skipped specs must be exactly
+# EXPECTED, "COUNT:REASON" (empty: none): COUNT of them, each skipped for
+# REASON.
 check_summary() {
-  local text line passed failed pending skipped reasons unexpected
+  local text line passed failed pending skipped reasons want_count want_reason got_count other
   text=$(sed 's/\x1b\[[0-9;]*m//g' "$1")
   line=$(grep -E '[0-9]+ Passed \| [0-9]+ Failed \| [0-9]+ Pending \| [0-9]+ Skipped' <<<"$text" | tail -n 1)
   if [[ -z $line ]]; then
@@ -73,17 +73,23 @@ check_summary() {
   fi
   read -r passed failed pending skipped < <(sed -E 's/.* ([0-9]+) Passed \| ([0-9]+) Failed \| ([0-9]+) Pending \| ([0-9]+) Skipped.*/\1 \2 \3 \4/' <<<"$line")
   echo "csi-sanity summary: $passed passed, $failed failed, $pending pending, $skipped skipped"
-  # Ginkgo prints each skipped spec's reason as "  [SKIPPED] <reason>".
-  reasons=$(sed -nE 's/^ *\[SKIPPED\] (.*)$/\1/p' <<<"$text" | grep -v '^in \[' | sort -u || true)
+  # Ginkgo names each skipped spec's reason ("  [SKIPPED] <reason>") twice:
+  # as the spec is skipped, and again in the summary at the end.
+  reasons=$(sed -nE 's/^ *\[SKIPPED\] (.*)$/\1/p' <<<"$text" | grep -v '^in \[' || true)
   if [[ -n $reasons ]]; then
-    echo "skipped because: $(paste -sd ';' <<<"$reasons")"
+    echo "skipped because: $(sort -u <<<"$reasons" | paste -sd ';')"
   fi
-  unexpected=$(grep -vE "^(${2:-^$})\$" <<<"$reasons" | grep -v '^$' || true)
   if ((failed > 0 || pending > 1)); then
     return 1
   fi
-  if ((skipped > 0)) && [[ -z $2 || -n $unexpected ]]; then
-    echo "skipped for a reason this pool does not explain (the target is none): ${unexpected:-$reasons}" >&2
+  want_count=${2%%:*}
+  want_reason=${2#*:}
+  [[ -n $2 ]] || want_count=0
+  got_count=$(grep -cxF -- "$want_reason" <<<"$reasons" || true)
+  other=$(grep -vxF -- "$want_reason" <<<"$reasons" | grep -v '^$' || true)
+  if ((skipped != want_count)) || [[ -n $other ]] ||
+    { ((skipped > 0)) && ((got_count != 2 * skipped)); }; then
+    echo "expected ${want_count} skipped (${want_reason:-none}), got $skipped: the target is no other skip" >&2
     return 1
   fi
 }
@@ -93,7 +99,7 @@ check_summary() {
 # group snapshot specs for exactly that reason.
 declare -A expected_skips=(
   [xfs]=""
-  [ext4]="GroupControllerService not supported"
+  [ext4]="6:GroupControllerService not supported"
 )
 
 status=0

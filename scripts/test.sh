@@ -14,6 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [[ $(id -u) -ne 0 && ${CI:-} == true ]]; then
+  echo "scripts/test.sh: CI=true but not root: the tests that need root would not run" >&2
+  exit 1
+fi
+
 scripts/install-deps.sh
 
 harness=()
@@ -29,9 +34,6 @@ if [[ $(id -u) -eq 0 ]]; then
     harness+=(--skip with_cap_sys_resource)
     not_run+=("tests named *with_cap_sys_resource: this machine withholds CAP_SYS_RESOURCE from root (CapEff $capeff)")
   fi
-elif [[ ${CI:-} == true ]]; then
-  echo "scripts/test.sh: CI=true but not root: the tests that need root would not run" >&2
-  exit 1
 fi
 
 # Harness flags go after the caller's own `--`, or after one of ours.
@@ -75,11 +77,11 @@ if ((ignored > 0)); then
     sort | uniq -c | sed 's/^ */  /'
 fi
 if ((filtered > 0)); then
-  echo "not run (left out by name): $filtered"
-  for why in "${not_run[@]}"; do
-    echo "  $why"
-  done
+  echo "filtered out by name: $filtered"
 fi
+for why in "${not_run[@]}"; do
+  echo "not run on this machine: $why"
+done
 if [[ ${CI:-} == true ]] && ((ignored > 0)); then
   echo "CI=true: $ignored tests were skipped; a green run must mean they ran" >&2
   status=1

@@ -107,17 +107,19 @@ pub enum NodeError {
         /// One of its other mounts.
         at: PathBuf,
     },
-    /// NodeExpandVolume asked for more than the volume has: the controller
-    /// has not grown its image (ControllerExpandVolume refused, or was never
-    /// called), so the filesystem cannot grow to the size asked for.
-    #[error("volume {id} is {size} bytes, less than the {required} bytes asked for; ControllerExpandVolume grows it first")]
+    /// NodeExpandVolume asked for a size the volume does not have: more than
+    /// the controller grew its image to (ControllerExpandVolume refused, or
+    /// never called), or a limit below what it already is.
+    #[error("volume {id} is {size} bytes, outside the {required}..{limit} bytes asked for (0: no limit); ControllerExpandVolume sets its size")]
     NotGrown {
         /// The volume.
         id: String,
         /// Its size now (the loop device, which the filesystem fills).
         size: u64,
-        /// What the request asked for.
+        /// What the request asked for at least.
         required: u64,
+        /// What the request allowed at most (0: no limit).
+        limit: u64,
     },
     /// The filesystem cannot be resized at this size: the kernel refuses to
     /// resize a btrfs below 256 MiB, even to the size it has.

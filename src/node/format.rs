@@ -125,6 +125,11 @@ pub fn has_data(image: &Path) -> std::io::Result<bool> {
 }
 
 fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), NodeError> {
+    output(program, args).map(drop)
+}
+
+/// Runs a tool; its standard output when it succeeds.
+fn output(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, NodeError> {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -134,7 +139,7 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), NodeError> {
             stderr: e.to_string(),
         })?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(NodeError::Command {
             command: std::iter::once(program.to_owned())
@@ -211,6 +216,32 @@ pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeErr
     }
 }
 
+/// The size of the one device of the btrfs mounted at `mount_point`, as
+/// the filesystem sees it (`btrfs filesystem show --raw`: "devid 1 size N").
+pub fn btrfs_device_size(mount_point: &Path) -> Result<u64, NodeError> {
+    let args = [
+        std::ffi::OsStr::new("filesystem"),
+        std::ffi::OsStr::new("show"),
+        std::ffi::OsStr::new("--raw"),
+        mount_point.as_os_str(),
+    ];
+    let text = output("btrfs", &args)?;
+    parse_btrfs_device_size(&text).ok_or_else(|| NodeError::Command {
+        command: format!("btrfs filesystem show --raw {}", mount_point.display()),
+        status: "unreadable output".into(),
+        stderr: text.trim().to_owned(),
+    })
+}
+
+fn parse_btrfs_device_size(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some("devid")).then_some(())?;
+        let mut words = words.skip_while(|w| *w != "size").skip(1);
+        words.next()?.parse().ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +254,14 @@ mod tests {
             .set_len(64 << 20)
             .unwrap();
         p
+    }
+
+    #[test]
+    fn btrfs_device_sizes_are_read_from_show() {
+        let text = "Label: none  uuid: 3cd6\n\tTotal devices 1 FS bytes used 147456\n\tdevid    1 size 125829120 used 92274688 path /dev/loop0\n";
+        assert_eq!(parse_btrfs_device_size(text), Some(125_829_120));
+        assert_eq!(parse_btrfs_device_size("Label: none\n"), None);
+        assert_eq!(parse_btrfs_device_size("\tdevid 1 size 12x used 1\n"), None);
     }
 
     #[test]

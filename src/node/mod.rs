@@ -44,7 +44,7 @@ use rollback::Rollback;
 
 use crate::pool::meta::{AccessMode, AccessType, FsType, Layout, VolumeMeta};
 use crate::pool::store::Fence;
-use crate::pool::Pool;
+use crate::pool::{CapacityRange, Pool};
 use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mount::{self, MountState};
@@ -865,16 +865,18 @@ impl Node {
         pool: &Pool,
         v: &VolumeMeta,
         path: &Path,
-        required: u64,
+        range: CapacityRange,
     ) -> Result<u64, NodeError> {
+        let (required, limit) = (range.required, range.limit);
         if v.layout == Layout::Dir {
             // A directory has no filesystem of its own to grow; its size is
             // what the record (and the capacity accounting) says.
-            if required > v.capacity_bytes {
+            if required > v.capacity_bytes || (limit != 0 && v.capacity_bytes > limit) {
                 return Err(NodeError::NotGrown {
                     id: v.id.clone(),
                     size: v.capacity_bytes,
                     required,
+                    limit,
                 });
             }
             return Ok(v.capacity_bytes);
@@ -892,16 +894,24 @@ impl Node {
         // Answer with what the volume is, never with what was asked for: an
         // image the controller did not grow is an error, not a success.
         let size = dev.size().map_err(sys("size of", dev.path()))?;
-        if required > size {
+        if required > size || (limit != 0 && size > limit) {
             return Err(NodeError::NotGrown {
                 id: v.id.clone(),
                 size,
                 required,
+                limit,
             });
         }
         if v.access == AccessType::Mount {
             let fs = v.fs_type.unwrap_or(FsType::Ext4);
             if fs == FsType::Btrfs && size < FsType::Btrfs.min_bytes() {
+                // The kernel resizes no btrfs this small, not even to its
+                // own size: fine when it already fills its device (a small
+                // volume of an older version, asked for what it has), an
+                // error when it would have to grow.
+                if format::btrfs_device_size(path)? >= size {
+                    return Ok(size);
+                }
                 return Err(NodeError::TooSmallToResize {
                     id: v.id.clone(),
                     size,

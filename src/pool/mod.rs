@@ -177,11 +177,21 @@ impl Pool {
                 root.display()
             );
         }
+        // A probe that cannot run (an odd error from a network or FUSE
+        // filesystem) must not keep a node plugin from starting: the pool
+        // is then taken as one that cannot reflink, which only withholds
+        // group snapshots.
         let reflinks = sysfs::probe_reflink(
             &scratch.new_path("reflink-a"),
             &scratch.new_path("reflink-b"),
         )
-        .map_err(io_error("probe reflink in", &root.join(".scratch")))?;
+        .unwrap_or_else(|e| {
+            log::warn!(
+                "pool {}: could not tell whether the filesystem can reflink ({e}); taking it as one that cannot (no group snapshots)",
+                root.display()
+            );
+            false
+        });
         let pool = Pool {
             root: root.to_owned(),
             opts,

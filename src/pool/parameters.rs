@@ -107,17 +107,26 @@ pub fn volume(
     if let Some(t) = overrides.thick {
         thick = t;
     }
-    if layout == Layout::Dir && (thick || !mkfs_options.is_empty()) {
-        return Err(ParamError::new(
-            Set::Parameters,
-            "thick and mkfsOptions apply to image volumes only",
-        ));
-    }
     Ok(VolumeParameters {
         layout,
         thick,
         mkfs_options,
     })
+}
+
+impl VolumeParameters {
+    /// Refuses image options on a directory volume. Separate from
+    /// [`volume`] so a caller can check the capabilities first and report
+    /// the more basic mistake (a directory asked to be a block device).
+    pub fn check_layout_options(&self) -> Result<(), ParamError> {
+        if self.layout == Layout::Dir && (self.thick || !self.mkfs_options.is_empty()) {
+            return Err(ParamError::new(
+                Set::Parameters,
+                "thick and mkfsOptions apply to image volumes only",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Parses mutable parameters (CreateVolume's `mutable_parameters`,
@@ -244,14 +253,20 @@ mod tests {
 
     #[test]
     fn directories_take_no_image_options() {
+        let check = |params: &[(&str, &str)], mutable_params: &[(&str, &str)]| {
+            volume(&map(params), &map(mutable_params))
+                .unwrap()
+                .check_layout_options()
+        };
         for extra in [("thick", "true"), ("mkfsOptions", "-m 0")] {
-            let e = volume(&map(&[("layout", "dir"), extra]), &map(&[])).unwrap_err();
+            let e = check(&[("layout", "dir"), extra], &[]).unwrap_err();
             assert!(e.reason.contains("image volumes only"), "{e}");
         }
-        let e = volume(&map(&[("layout", "dir")]), &map(&[("thick", "true")])).unwrap_err();
+        let e = check(&[("layout", "dir")], &[("thick", "true")]).unwrap_err();
         assert!(e.reason.contains("image volumes only"), "{e}");
-        // thick=false is no image option.
-        volume(&map(&[("layout", "dir"), ("thick", "false")]), &map(&[])).unwrap();
+        // thick=false is no image option; images take both.
+        check(&[("layout", "dir"), ("thick", "false")], &[]).unwrap();
+        check(&[("thick", "true"), ("mkfsOptions", "-m 0")], &[]).unwrap();
     }
 
     #[test]

@@ -55,11 +55,9 @@ impl Operation for csi::CreateVolumeRequest {
         let capacity = validate::capacity(&self.capacity_range)?;
         let parameters = sorted(&self.parameters);
         let mutable_parameters = sorted(&self.mutable_parameters);
-        let VolumeParameters {
-            layout,
-            thick,
-            mkfs_options,
-        } = parameters::volume(&parameters, &mutable_parameters).map_err(invalid_parameter)?;
+        let params =
+            parameters::volume(&parameters, &mutable_parameters).map_err(invalid_parameter)?;
+        let layout = params.layout;
 
         let access = caps[0].access;
         if caps.iter().any(|c| c.access != access) {
@@ -106,6 +104,12 @@ impl Operation for csi::CreateVolumeRequest {
                 ),
             ));
         }
+        params.check_layout_options().map_err(invalid_parameter)?;
+        let VolumeParameters {
+            thick,
+            mkfs_options,
+            ..
+        } = params;
         // Only tuning options, checked once the filesystem is known. A block
         // volume is never formatted; its options are held to the list of
         // ext4, the filesystem the node would give it.

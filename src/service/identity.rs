@@ -36,8 +36,8 @@ impl Operation for csi::GetPluginCapabilitiesRequest {
 
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         let offers = Offers {
-            controller: driver.serves(Service::Controller).is_ok(),
-            group_controller: driver.serves(Service::GroupController).is_ok(),
+            controller: driver.offers(Service::Controller),
+            group_controller: driver.offers(Service::GroupController),
             topology: !driver.config.topology.is_empty(),
         };
         Ok(Job::new(move || {
@@ -68,7 +68,7 @@ impl Operation for csi::ProbeRequest {
     }
 }
 
-/// The services this process serves, as `Driver::serves` decides, and
+/// The services this process offers, as `Driver::offers` decides, and
 /// whether the pool has a topology segment.
 #[derive(Debug, Clone, Copy)]
 struct Offers {

@@ -42,25 +42,47 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Whether this process serves `service`, or why not: the one decision
-    /// behind both the advertised capabilities and the refusal of calls.
-    pub fn serves(&self, service: Service) -> Result<(), String> {
+    /// Whether this process offers `service`: what GetPluginCapabilities
+    /// advertises. The same decision as [`Driver::refusal`].
+    pub fn offers(&self, service: Service) -> bool {
+        self.mode_refusal(service).is_none()
+            && (service != Service::GroupController || self.pool.reflinks())
+    }
+
+    /// Why this process does not serve `rpc`, if it does not: its mode
+    /// leaves the call's service to another process, or (for the group
+    /// snapshot calls that make something) the pool cannot reflink. Group
+    /// snapshots already in the pool can still be read and deleted.
+    pub fn refusal(&self, rpc: Rpc) -> Option<String> {
+        if let Some(why) = self.mode_refusal(rpc.service()) {
+            return Some(why);
+        }
+        let makes_groups = matches!(
+            rpc,
+            Rpc::GroupControllerGetCapabilities | Rpc::CreateVolumeGroupSnapshot
+        );
+        (makes_groups && !self.pool.reflinks()).then(|| {
+            format!(
+                "the pool filesystem at {} cannot reflink, and a group snapshot must copy all its volumes at one instant, so GROUP_CONTROLLER_SERVICE is not offered; put the pool on xfs (mkfs.xfs -m reflink=1) or btrfs",
+                self.pool.root().display()
+            )
+        })
+    }
+
+    fn mode_refusal(&self, service: Service) -> Option<String> {
         let mode = self.config.mode;
         match service {
-            Service::Identity => Ok(()),
             Service::Controller | Service::GroupController if !mode.serves_controller() => {
-                Err(format!(
+                Some(format!(
                     "this process runs with --mode {mode} and serves the Identity and Node services only; controller calls go to the filevol controller (--mode controller)"
                 ))
             }
-            Service::Node if !mode.serves_node() => Err(format!(
-                "this process runs with --mode {mode} and serves the Identity, Controller and GroupController services only; node calls go to the filevol node plugin on the volume's node (--mode node)"
+            Service::Node if !mode.serves_node() => Some(format!(
+                "this process runs with --mode {mode} and serves no Node service; node calls go to the filevol node plugin on the volume's node (--mode node)"
             )),
-            Service::GroupController if !self.pool.reflinks() => Err(format!(
-                "the pool filesystem at {} cannot reflink, and a group snapshot must copy all its volumes at one instant, so GROUP_CONTROLLER_SERVICE is not offered; put the pool on xfs (mkfs.xfs -m reflink=1) or btrfs",
-                self.pool.root().display()
-            )),
-            Service::Controller | Service::GroupController | Service::Node => Ok(()),
+            Service::Identity | Service::Controller | Service::GroupController | Service::Node => {
+                None
+            }
         }
     }
 
@@ -135,7 +157,7 @@ impl CsiService {
 
     /// Every gRPC service. Those this process does not serve are registered
     /// too, so that their calls are refused with the reason
-    /// ([`Driver::serves`]) rather than gRPC's bare "unknown service".
+    /// ([`Driver::refusal`]) rather than gRPC's bare "unknown service".
     pub fn grpc_services(&self) -> Vec<grpcio::Service> {
         vec![
             grpc::create_identity(self.clone()),
@@ -154,9 +176,9 @@ impl CsiService {
         if log::log_enabled!(log::Level::Trace) {
             log::trace!("{} request: {}", Req::RPC, redacted_text(&req));
         }
-        let job = match self.driver.serves(Req::RPC.service()) {
-            Ok(()) => req.prepare(&self.driver),
-            Err(reason) => Err(Error::NotServed {
+        let job = match self.driver.refusal(Req::RPC) {
+            None => req.prepare(&self.driver),
+            Some(reason) => Err(Error::NotServed {
                 rpc: Req::RPC,
                 reason,
             }),

@@ -303,7 +303,7 @@ impl Operation for csi::NodeExpandVolumeRequest {
         let key = volume_key(&id);
         Ok(Job::new(move || {
             let v = driver.pool.volume(&id)?;
-            let size = node(&driver)?.expand(&driver.pool, &v, &path, range.required)?;
+            let size = node(&driver)?.expand(&driver.pool, &v, &path, range)?;
             let mut resp = csi::NodeExpandVolumeResponse::new();
             resp.capacity_bytes = convert::count(size);
             Ok(resp)

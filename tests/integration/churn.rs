@@ -11,7 +11,8 @@
 //!
 //! CI runs a reduced form (FILEVOL_CHURN_KILLS, default 20 kills for the
 //! single process and 50 for the separate ones); the full form is
-//! `FILEVOL_CHURN_KILLS=200 cargo test --test integration churn`.
+//! `FILEVOL_CHURN_KILLS=200 cargo test --test integration churn --
+//! --include-ignored`, as root.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

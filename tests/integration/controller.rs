@@ -1,6 +1,7 @@
 //! The Controller service over the socket, on real pools: loop-mounted xfs
 //! (reflink), ext4 (no reflink) and tiny filesystems (pool full). Needs root
-//! for the mounts; skips with a message otherwise.
+//! for the mounts: those tests carry `#[ignore = "needs root"]` (see
+//! `needs`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -137,6 +137,10 @@ fn group_snapshots_are_advertised_where_the_pool_reflinks() {
         .group_controller_get_capabilities(&csi::GroupControllerGetCapabilitiesRequest::new())
         .unwrap();
     assert_eq!(caps.capabilities.len(), 1);
+    assert_eq!(
+        caps.capabilities[0].rpc().type_.enum_value().unwrap(),
+        csi::group_controller_service_capability::rpc::Type::CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT
+    );
 
     let (_ext4, pool) = crate::controller::pool_on("ext4", 256);
     let d = Driver::start_on(&pool, Opts::default());
@@ -153,6 +157,19 @@ fn group_snapshots_are_advertised_where_the_pool_reflinks() {
     assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
     assert!(st.message().contains("cannot reflink"), "{}", st.message());
     assert_eq!(std::fs::read_dir(pool.join("groups")).unwrap().count(), 0);
+    // What exists can still be read and deleted (nothing here: NOT_FOUND,
+    // and a delete of nothing succeeds).
+    let mut get = csi::GetVolumeGroupSnapshotRequest::new();
+    get.group_snapshot_id = "no-such-group".into();
+    assert_eq!(
+        status(d.group_controller().get_volume_group_snapshot(&get)).code(),
+        RpcStatusCode::NOT_FOUND
+    );
+    let mut delete = csi::DeleteVolumeGroupSnapshotRequest::new();
+    delete.group_snapshot_id = "no-such-group".into();
+    d.group_controller()
+        .delete_volume_group_snapshot(&delete)
+        .unwrap();
 }
 
 #[test]
