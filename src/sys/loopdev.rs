@@ -81,7 +81,7 @@ impl LoopDevice {
         PathBuf::from(format!("/dev/loop{}", self.number))
     }
 
-    fn sysfs(&self, attr: &str) -> PathBuf {
+    fn sys_block_attr(&self, attr: &str) -> PathBuf {
         PathBuf::from(format!("/sys/block/loop{}/{attr}", self.number))
     }
 
@@ -94,19 +94,19 @@ impl LoopDevice {
 
     /// Size in bytes, as the kernel sees it now.
     pub fn size(&self) -> io::Result<u64> {
-        parse_sectors(&std::fs::read_to_string(self.sysfs("size"))?)
+        parse_sectors(&std::fs::read_to_string(self.sys_block_attr("size"))?)
     }
 
     /// Whether a detach is pending (LOOP_CLR_FD on a device still open sets
     /// autoclear: it detaches when the last opener closes it). filevol
     /// never attaches with autoclear, so such a device is one it let go of.
     pub fn detaching(&self) -> bool {
-        std::fs::read_to_string(self.sysfs("loop/autoclear")).is_ok_and(|s| s.trim() == "1")
+        std::fs::read_to_string(self.sys_block_attr("loop/autoclear")).is_ok_and(|s| s.trim() == "1")
     }
 
     /// Whether the device is read-only.
     pub fn read_only(&self) -> io::Result<bool> {
-        Ok(std::fs::read_to_string(self.sysfs("ro"))?.trim() == "1")
+        Ok(std::fs::read_to_string(self.sys_block_attr("ro"))?.trim() == "1")
     }
 
     /// Drops whatever the kernel has cached of the device's blocks
@@ -275,7 +275,7 @@ pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
         };
         let device = LoopDevice { number };
         // Only bound devices have loop/backing_file.
-        if !device.sysfs("loop/backing_file").exists() {
+        if !device.sys_block_attr("loop/backing_file").exists() {
             continue;
         }
         match device.backing() {

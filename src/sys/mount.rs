@@ -10,7 +10,7 @@ use std::os::fd::BorrowedFd;
 use rustix::fs::{AtFlags, StatxFlags, CWD};
 
 use super::untrusted::proc_path;
-use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::mount::{MountFlags, UnmountFlags};
 
 /// What statx says about a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +94,9 @@ pub fn mount_fs(
         .map_err(io::Error::from)
 }
 
-/// Bind-mounts `source` (a directory or a file) onto `target`, and keeps it
-/// private so it does not propagate back into the pool's mount.
+/// Bind-mounts `source` (a directory or a file) onto `target`. The new
+/// mount's propagation follows the mount it lands on: under a kubelet
+/// directory mounted `Bidirectional`, the host and the pods see it.
 pub fn bind(source: &Path, target: &Path) -> io::Result<()> {
     rustix::mount::mount_bind(source, target)?;
     Ok(())
@@ -146,11 +147,6 @@ pub fn remount_read_only_at(root: BorrowedFd<'_>) -> io::Result<()> {
 pub fn remount_read_only(target: &Path) -> io::Result<()> {
     rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "")
         .map_err(io::Error::from)
-}
-
-/// Makes `target`'s mount private (no propagation).
-pub fn make_private(target: &Path) -> io::Result<()> {
-    rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE).map_err(io::Error::from)
 }
 
 /// Unmounts `target`, never through a final symlink. EBUSY and every other failure is reported; EINVAL
