@@ -131,6 +131,8 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// The driver's peak resident set, KiB (VmHWM).
     pub peak_rss_kib: Option<u64>,
+    /// What the run made and could not undo (empty after a clean run).
+    pub left_behind: Vec<String>,
 }
 
 /// Shared recording of latencies and errors.
@@ -167,6 +169,29 @@ impl Recorder {
     }
 }
 
+/// What the run has made and not yet undone, so that whatever the driver
+/// answers, the end of the run undoes it (see [`clean_up`]).
+#[derive(Default)]
+struct Made {
+    volumes: Mutex<Vec<String>>,
+    attached: Mutex<Vec<String>>,
+    staged: Mutex<Vec<(String, PathBuf)>>,
+    published: Mutex<Vec<(String, PathBuf)>>,
+}
+
+impl Made {
+    fn add<T: PartialEq>(list: &Mutex<Vec<T>>, item: T) {
+        let mut l = list.lock();
+        if !l.contains(&item) {
+            l.push(item);
+        }
+    }
+
+    fn remove<T: PartialEq>(list: &Mutex<Vec<T>>, item: &T) {
+        list.lock().retain(|x| x != item);
+    }
+}
+
 /// One caller's clients (its own connection, as sidecars have).
 struct Caller {
     controller: ControllerClient,
@@ -183,6 +208,7 @@ struct Plan {
     node_id: String,
     dir: PathBuf,
     run: String,
+    made: Made,
 }
 
 impl Plan {
@@ -225,13 +251,15 @@ fn create(c: &Caller, p: &Plan, rec: &Recorder, name: &str) -> Option<String> {
     r.capacity_range = Some(cr).into();
     r.volume_capabilities.push(p.cap.clone());
     r.parameters = p.params.clone();
-    timed!(
+    let id = timed!(
         rec,
         "CreateVolume",
         c.controller.create_volume_opt(&r, c.opt.clone())
     )
     .ok()
-    .map(|v| v.volume.volume_id.clone())
+    .map(|v| v.volume.volume_id.clone())?;
+    Made::add(&p.made.volumes, id.clone());
+    Some(id)
 }
 
 fn attach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bool {
@@ -250,9 +278,12 @@ fn attach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> boo
         {
             return false;
         }
+        Made::add(&p.made.attached, id.to_owned());
     }
     if p.stage {
-        let _ = std::fs::create_dir_all(staging);
+        if std::fs::create_dir_all(staging).is_err() {
+            return false;
+        }
         let mut r = csi::NodeStageVolumeRequest::new();
         r.volume_id = id.to_owned();
         r.staging_target_path = staging.to_string_lossy().into_owned();
@@ -266,13 +297,16 @@ fn attach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> boo
         {
             return false;
         }
+        Made::add(&p.made.staged, (id.to_owned(), staging.to_owned()));
     }
     true
 }
 
 fn publish(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path, target: &Path) -> bool {
     if let Some(parent) = target.parent() {
-        let _ = std::fs::create_dir_all(parent);
+        if std::fs::create_dir_all(parent).is_err() {
+            return false;
+        }
     }
     let mut r = csi::NodePublishVolumeRequest::new();
     r.volume_id = id.to_owned();
@@ -281,6 +315,8 @@ fn publish(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path, targe
     }
     r.target_path = target.to_string_lossy().into_owned();
     r.volume_capability = Some(p.cap.clone()).into();
+    // Recorded before the call: a publish that times out may still land.
+    Made::add(&p.made.published, (id.to_owned(), target.to_owned()));
     timed!(
         rec,
         "NodePublishVolume",
@@ -289,55 +325,117 @@ fn publish(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path, targe
     .is_ok()
 }
 
-fn unpublish(c: &Caller, rec: &Recorder, id: &str, target: &Path) -> bool {
+/// Whether a failed call is the driver saying "not now" (another call on
+/// the volume, a full queue, a detach still under way): worth asking again.
+fn retriable<T>(r: &grpcio::Result<T>) -> bool {
+    use grpcio::RpcStatusCode as Code;
+    matches!(r, Err(grpcio::Error::RpcFailure(s))
+        if [Code::ABORTED, Code::UNAVAILABLE, Code::RESOURCE_EXHAUSTED].contains(&s.code()))
+}
+
+/// Makes `call` until it is not [`retriable`], for about `RETRY_FOR`.
+fn retrying<T>(mut call: impl FnMut() -> grpcio::Result<T>) -> grpcio::Result<T> {
+    let deadline = Instant::now() + RETRY_FOR;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let r = call();
+        if !retriable(&r) || Instant::now() >= deadline {
+            return r;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// How long an undo is asked again while the driver answers "not now".
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Unpublishes, asking again while the driver is busy with the volume (a
+/// contended volume answers ABORTED): a publish is never left behind
+/// because the driver was busy. Every attempt is recorded.
+fn unpublish(c: &Caller, p: &Plan, rec: &Recorder, id: &str, target: &Path) -> bool {
     let mut r = csi::NodeUnpublishVolumeRequest::new();
     r.volume_id = id.to_owned();
     r.target_path = target.to_string_lossy().into_owned();
-    timed!(
-        rec,
-        "NodeUnpublishVolume",
-        c.node.node_unpublish_volume_opt(&r, c.opt.clone())
-    )
-    .is_ok()
+    let done = retrying(|| {
+        timed!(
+            rec,
+            "NodeUnpublishVolume",
+            c.node.node_unpublish_volume_opt(&r, c.opt.clone())
+        )
+    })
+    .is_ok();
+    if done {
+        Made::remove(&p.made.published, &(id.to_owned(), target.to_owned()));
+    }
+    done
 }
 
+/// Unstages (where the driver stages) and controller-unpublishes (where it
+/// publishes): the reverse of [`attach`].
 fn detach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bool {
     let mut ok = true;
     if p.stage {
-        let mut r = csi::NodeUnstageVolumeRequest::new();
-        r.volume_id = id.to_owned();
-        r.staging_target_path = staging.to_string_lossy().into_owned();
-        ok &= timed!(
+        ok &= unstage(c, p, rec, id, staging);
+    }
+    if p.publish {
+        ok &= controller_unpublish(c, p, rec, id);
+    }
+    ok
+}
+
+fn unstage(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bool {
+    let mut r = csi::NodeUnstageVolumeRequest::new();
+    r.volume_id = id.to_owned();
+    r.staging_target_path = staging.to_string_lossy().into_owned();
+    let done = retrying(|| {
+        timed!(
             rec,
             "NodeUnstageVolume",
             c.node.node_unstage_volume_opt(&r, c.opt.clone())
         )
-        .is_ok();
+    })
+    .is_ok();
+    if done {
+        Made::remove(&p.made.staged, &(id.to_owned(), staging.to_owned()));
     }
-    if p.publish {
-        let mut r = csi::ControllerUnpublishVolumeRequest::new();
-        r.volume_id = id.to_owned();
-        r.node_id.clone_from(&p.node_id);
-        ok &= timed!(
+    done
+}
+
+fn controller_unpublish(c: &Caller, p: &Plan, rec: &Recorder, id: &str) -> bool {
+    let mut r = csi::ControllerUnpublishVolumeRequest::new();
+    r.volume_id = id.to_owned();
+    r.node_id.clone_from(&p.node_id);
+    let done = retrying(|| {
+        timed!(
             rec,
             "ControllerUnpublishVolume",
             c.controller
                 .controller_unpublish_volume_opt(&r, c.opt.clone())
         )
-        .is_ok();
+    })
+    .is_ok();
+    if done {
+        Made::remove(&p.made.attached, &id.to_owned());
     }
-    ok
+    done
 }
 
-fn delete(c: &Caller, rec: &Recorder, id: &str) -> bool {
+fn delete(c: &Caller, p: &Plan, rec: &Recorder, id: &str) -> bool {
     let mut r = csi::DeleteVolumeRequest::new();
     r.volume_id = id.to_owned();
-    timed!(
-        rec,
-        "DeleteVolume",
-        c.controller.delete_volume_opt(&r, c.opt.clone())
-    )
-    .is_ok()
+    let done = retrying(|| {
+        timed!(
+            rec,
+            "DeleteVolume",
+            c.controller.delete_volume_opt(&r, c.opt.clone())
+        )
+    })
+    .is_ok();
+    if done {
+        Made::remove(&p.made.volumes, &id.to_owned());
+    }
+    done
 }
 
 /// One whole lifecycle; true when every step succeeded.
@@ -351,10 +449,19 @@ fn lifecycle(c: &Caller, p: &Plan, rec: &Recorder, n: usize) -> bool {
     let mut ok = attach(c, p, rec, &id, &staging);
     if ok {
         ok &= publish(c, p, rec, &id, &staging, &target);
-        ok &= unpublish(c, rec, &id, &target);
+        ok &= unpublish(c, p, rec, &id, &target);
     }
-    ok &= detach(c, p, rec, &id, &staging);
-    ok &= delete(c, rec, &id);
+    // A step that failed may have left what came before it: undo only what
+    // was done, in order, so a failed unpublish does not unstage under a
+    // publish (the final clean-up takes what is left).
+    if ok || !p.made.published.lock().iter().any(|(v, _)| *v == id) {
+        ok &= detach(c, p, rec, &id, &staging);
+        if !p.made.staged.lock().iter().any(|(v, _)| *v == id)
+            && !p.made.attached.lock().contains(&id)
+        {
+            ok &= delete(c, p, rec, &id);
+        }
+    }
     ok
 }
 
@@ -443,79 +550,21 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
         node_id,
         dir: args.kubelet_dir.join(format!("bench-{stamp}")),
         run: format!("bench-{stamp}"),
+        made: Made::default(),
     });
     let rec = Arc::new(Recorder::default());
+    // Set-up and clean-up calls are not part of the figures.
+    let setup = Recorder::default();
     let threads = args.concurrency.max(1);
     let completed = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
 
-    match args.scenario {
-        Scenario::Lifecycle => {
-            let next = Arc::new(AtomicUsize::new(0));
-            run_threads(threads, |_| {
-                let c = caller(&env, &endpoint, args.timeout);
-                loop {
-                    let n = next.fetch_add(1, Ordering::SeqCst);
-                    if n >= args.volumes {
-                        break;
-                    }
-                    if lifecycle(&c, &plan, &rec, n) {
-                        completed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            });
-        }
-        Scenario::PublishStorm => {
-            // Set-up (not timed into the storm's figures): M staged volumes.
-            let setup = Recorder::default();
-            let c = caller(&env, &endpoint, args.timeout);
-            let mut staged = Vec::new();
-            for n in 0..args.volumes {
-                let name = format!("{}-{n}", plan.run);
-                if let Some(id) = create(&c, &plan, &setup, &name) {
-                    if attach(&c, &plan, &setup, &id, &plan.staging(&name)) {
-                        staged.push((id, name));
-                    }
-                }
-            }
-            let staged = Arc::new(staged);
-            let storm_started = Instant::now();
-            run_threads(threads, |t| {
-                let c = caller(&env, &endpoint, args.timeout);
-                for k in 0..args.cycles {
-                    let (id, name) = &staged[(t + k * threads) % staged.len().max(1)];
-                    let target = plan.target(name, t + 1);
-                    if publish(&c, &plan, &rec, id, &plan.staging(name), &target)
-                        && unpublish(&c, &rec, id, &target)
-                    {
-                        completed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            });
-            let storm = storm_started.elapsed();
-            for (id, name) in staged.iter() {
-                detach(&c, &plan, &setup, id, &plan.staging(name));
-                delete(&c, &setup, id);
-            }
-            return Ok(report(args, &rec, completed.load(Ordering::SeqCst), storm));
-        }
-        Scenario::Contention => {
-            let c = caller(&env, &endpoint, args.timeout);
-            let hot_name = format!("{}-hot", plan.run);
-            let setup = Recorder::default();
-            let hot = create(&c, &plan, &setup, &hot_name).ok_or(OpsError::ChecksFailed(1))?;
-            attach(&c, &plan, &setup, &hot, &plan.staging(&hot_name));
-            let next = Arc::new(AtomicUsize::new(0));
-            run_threads(threads, |t| {
-                let c = caller(&env, &endpoint, args.timeout);
-                if t % 2 == 0 {
-                    for _ in 0..args.cycles {
-                        let target = plan.target(&hot_name, t + 1);
-                        if publish(&c, &plan, &rec, &hot, &plan.staging(&hot_name), &target) {
-                            unpublish(&c, &rec, &hot, &target);
-                        }
-                    }
-                } else {
+    let load = (|| -> Result<Duration, OpsError> {
+        let started = Instant::now();
+        match args.scenario {
+            Scenario::Lifecycle => {
+                let next = AtomicUsize::new(0);
+                run_threads(threads, |_| {
+                    let c = caller(&env, &endpoint, args.timeout);
                     loop {
                         let n = next.fetch_add(1, Ordering::SeqCst);
                         if n >= args.volumes {
@@ -525,19 +574,203 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                             completed.fetch_add(1, Ordering::SeqCst);
                         }
                     }
+                });
+                Ok(started.elapsed())
+            }
+            Scenario::PublishStorm => {
+                // M staged volumes first (not timed into the storm).
+                let c = caller(&env, &endpoint, args.timeout);
+                let mut staged = Vec::new();
+                for n in 0..args.volumes {
+                    let name = format!("{}-{n}", plan.run);
+                    if let Some(id) = create(&c, &plan, &setup, &name) {
+                        if attach(&c, &plan, &setup, &id, &plan.staging(&name)) {
+                            staged.push((id, name));
+                        }
+                    }
                 }
-            });
-            detach(&c, &plan, &setup, &hot, &plan.staging(&hot_name));
-            delete(&c, &setup, &hot);
+                if staged.is_empty() {
+                    return Err(OpsError::NoLoad(format!(
+                        "none of the {} volumes could be created and staged ({})",
+                        args.volumes,
+                        errors_text(&setup)
+                    )));
+                }
+                let storm_started = Instant::now();
+                run_threads(threads, |t| {
+                    let c = caller(&env, &endpoint, args.timeout);
+                    for k in 0..args.cycles {
+                        let (id, name) = &staged[(t + k * threads) % staged.len()];
+                        let target = plan.target(name, t + 1);
+                        if publish(&c, &plan, &rec, id, &plan.staging(name), &target)
+                            && unpublish(&c, &plan, &rec, id, &target)
+                        {
+                            completed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+                Ok(storm_started.elapsed())
+            }
+            Scenario::Contention => {
+                let c = caller(&env, &endpoint, args.timeout);
+                let hot_name = format!("{}-hot", plan.run);
+                let hot_staging = plan.staging(&hot_name);
+                let hot = create(&c, &plan, &setup, &hot_name)
+                    .filter(|hot| attach(&c, &plan, &setup, hot, &hot_staging))
+                    .ok_or_else(|| {
+                        OpsError::NoLoad(format!(
+                            "the hot volume could not be created and staged ({})",
+                            errors_text(&setup)
+                        ))
+                    })?;
+                let next = AtomicUsize::new(0);
+                run_threads(threads, |t| {
+                    let c = caller(&env, &endpoint, args.timeout);
+                    if t % 2 == 0 {
+                        let target = plan.target(&hot_name, t + 1);
+                        for _ in 0..args.cycles {
+                            if publish(&c, &plan, &rec, &hot, &hot_staging, &target) {
+                                unpublish(&c, &plan, &rec, &hot, &target);
+                            }
+                        }
+                    } else {
+                        loop {
+                            let n = next.fetch_add(1, Ordering::SeqCst);
+                            if n >= args.volumes {
+                                break;
+                            }
+                            if lifecycle(&c, &plan, &rec, n) {
+                                completed.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                });
+                Ok(started.elapsed())
+            }
+        }
+    })();
+    // Whatever happened, undo what was made.
+    let left_behind = clean_up(&caller(&env, &endpoint, args.timeout), &plan, &setup);
+    let elapsed = load?;
+    let mut r = report(args, &rec, completed.load(Ordering::SeqCst), elapsed);
+    r.left_behind = left_behind;
+    Ok(r)
+}
+
+/// The set-up calls' errors, for a message.
+fn errors_text(rec: &Recorder) -> String {
+    let errors = rec.errors.lock();
+    if errors.is_empty() {
+        return "no error reported".into();
+    }
+    errors
+        .iter()
+        .map(|(what, n)| format!("{what}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Undoes what the run made and has not undone, newest layer first
+/// (publishes, stages, controller publishes, volumes), each asked again
+/// while the driver answers "not now", then removes the run's directory
+/// under the kubelet directory. Returns what is still there.
+fn clean_up(c: &Caller, p: &Plan, rec: &Recorder) -> Vec<String> {
+    let published = p.made.published.lock().clone();
+    for (id, target) in &published {
+        unpublish(c, p, rec, id, target);
+    }
+    let staged = p.made.staged.lock().clone();
+    for (id, staging) in &staged {
+        if !p.made.published.lock().iter().any(|(v, _)| v == id) {
+            unstage(c, p, rec, id, staging);
         }
     }
-    let _ = std::fs::remove_dir_all(&plan.dir);
-    Ok(report(
-        args,
-        &rec,
-        completed.load(Ordering::SeqCst),
-        started.elapsed(),
-    ))
+    let attached = p.made.attached.lock().clone();
+    for id in &attached {
+        if !p.made.staged.lock().iter().any(|(v, _)| v == id) {
+            controller_unpublish(c, p, rec, id);
+        }
+    }
+    let volumes = p.made.volumes.lock().clone();
+    for id in &volumes {
+        if !p.made.attached.lock().contains(id)
+            && !p.made.staged.lock().iter().any(|(v, _)| v == id)
+        {
+            delete(c, p, rec, id);
+        }
+    }
+    let mut left: Vec<String> = Vec::new();
+    let mounted = !p.made.published.lock().is_empty() || !p.made.staged.lock().is_empty();
+    left.extend(
+        p.made
+            .published
+            .lock()
+            .iter()
+            .map(|(id, t)| format!("volume {id} published at {}", t.display())),
+    );
+    left.extend(
+        p.made
+            .staged
+            .lock()
+            .iter()
+            .map(|(id, s)| format!("volume {id} staged at {}", s.display())),
+    );
+    left.extend(
+        p.made
+            .attached
+            .lock()
+            .iter()
+            .map(|id| format!("volume {id} controller-published to {}", p.node_id)),
+    );
+    left.extend(
+        p.made
+            .volumes
+            .lock()
+            .iter()
+            .map(|id| format!("volume {id}")),
+    );
+    if mounted {
+        left.push(format!(
+            "{} (kept: volumes may still be mounted below it)",
+            p.dir.display()
+        ));
+    } else if let Err(e) = remove_run_dir(&p.dir) {
+        left.push(format!("{}: {e}", p.dir.display()));
+    }
+    left
+}
+
+/// Removes the run's directory of staging and target paths, never entering
+/// another filesystem: a mount still below it is an error, not something
+/// to delete files from.
+fn remove_run_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(dir: &Path, dev: u64) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.dev() != dev {
+                return Err(std::io::Error::other(format!(
+                    "{} is still a mount",
+                    path.display()
+                )));
+            }
+            if meta.is_dir() {
+                walk(&path, dev)?;
+                std::fs::remove_dir(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+    let dev = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m.dev(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    walk(dir, dev)?;
+    std::fs::remove_dir(dir)
 }
 
 fn run_threads(n: usize, work: impl Fn(usize) + Sync) {
@@ -573,18 +806,33 @@ fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration
         rpcs,
         errors: rec.errors.lock().clone(),
         peak_rss_kib: args.pid.and_then(peak_rss),
+        left_behind: Vec::new(),
     }
 }
 
 /// Runs `filevol bench`, printing to `out`.
 pub fn run(args: BenchArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError> {
     let r = measure(&args)?;
+    print_report(&args, &r, out)?;
+    // A run that could not undo what it made has failed, however fast.
+    if r.left_behind.is_empty() {
+        Ok(())
+    } else {
+        Err(OpsError::LeftBehind(r.left_behind.len()))
+    }
+}
+
+fn print_report(
+    args: &BenchArgs,
+    r: &Report,
+    out: &mut dyn std::io::Write,
+) -> Result<(), OpsError> {
     let w =
         |out: &mut dyn std::io::Write, s: String| writeln!(out, "{s}").map_err(OpsError::Output);
     if args.json {
         return w(
             out,
-            serde_json::to_string_pretty(&r).expect("report serialises"),
+            serde_json::to_string_pretty(r).expect("report serialises"),
         );
     }
     w(
@@ -619,5 +867,75 @@ pub fn run(args: BenchArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError
             format!("peak RSS of the driver: {:.1} MiB", kib as f64 / 1024.0),
         )?;
     }
+    for what in &r.left_behind {
+        w(out, format!("left behind: {what}"))?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: grpcio::RpcStatusCode) -> grpcio::Result<()> {
+        Err(grpcio::Error::RpcFailure(grpcio::RpcStatus::new(code)))
+    }
+
+    #[test]
+    fn busy_answers_are_asked_again_and_others_are_not() {
+        use grpcio::RpcStatusCode as Code;
+        for code in [Code::ABORTED, Code::UNAVAILABLE, Code::RESOURCE_EXHAUSTED] {
+            assert!(retriable(&failure(code)), "{code:?}");
+        }
+        for code in [Code::INTERNAL, Code::NOT_FOUND, Code::FAILED_PRECONDITION] {
+            assert!(!retriable(&failure(code)), "{code:?}");
+        }
+        assert!(!retriable(&Ok(())));
+        // Asked again until the driver is no longer busy.
+        let mut answers = vec![Ok(()), failure(Code::ABORTED), failure(Code::ABORTED)];
+        let mut calls = 0;
+        let r = retrying(|| {
+            calls += 1;
+            answers.pop().unwrap()
+        });
+        assert!(r.is_ok());
+        assert_eq!(calls, 3);
+    }
+
+    #[test]
+    fn the_run_directory_goes_whole_and_a_missing_one_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("bench-1");
+        std::fs::create_dir_all(run.join("pods/v-1/mount")).unwrap();
+        std::fs::create_dir_all(run.join("staging/v-1")).unwrap();
+        std::fs::write(run.join("pods/v-2-block"), b"").unwrap();
+        remove_run_dir(&run).unwrap();
+        assert!(!run.exists());
+        remove_run_dir(&run).unwrap();
+    }
+
+    /// A mount left below the run's directory stops the removal: nothing is
+    /// deleted from a volume that is still mounted.
+    #[test]
+    #[ignore = "needs root"]
+    fn the_run_directory_is_never_removed_through_a_mount() {
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = crate::sys::mount::unmount(&self.0);
+            }
+        }
+        assert!(rustix::process::geteuid().is_root(), "this test needs root");
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("bench-2");
+        let target = run.join("pods/v-1/mount");
+        std::fs::create_dir_all(&target).unwrap();
+        rustix::mount::mount("tmpfs", &target, "tmpfs", rustix::mount::MountFlags::empty(), None)
+            .unwrap();
+        let _unmount = Unmount(target.clone());
+        std::fs::write(target.join("data"), b"keep").unwrap();
+        let err = remove_run_dir(&run).unwrap_err();
+        assert!(err.to_string().contains("still a mount"), "{err}");
+        assert_eq!(std::fs::read(target.join("data")).unwrap(), b"keep");
+    }
 }

@@ -31,4 +31,11 @@ pub enum OpsError {
     /// The doctor found problems.
     #[error("{0} check(s) failed")]
     ChecksFailed(usize),
+    /// A load generator could not undo what it made; what is left is listed
+    /// in its report.
+    #[error("{0} object(s) the run made could not be cleaned up; see the report")]
+    LeftBehind(usize),
+    /// A load generator's set-up made nothing to run the load on.
+    #[error("nothing to run the load on: {0}")]
+    NoLoad(String),
 }

@@ -101,7 +101,8 @@ impl LoopDevice {
     /// autoclear: it detaches when the last opener closes it). filevol
     /// never attaches with autoclear, so such a device is one it let go of.
     pub fn detaching(&self) -> bool {
-        std::fs::read_to_string(self.sys_block_attr("loop/autoclear")).is_ok_and(|s| s.trim() == "1")
+        std::fs::read_to_string(self.sys_block_attr("loop/autoclear"))
+            .is_ok_and(|s| s.trim() == "1")
     }
 
     /// Whether the device is read-only.

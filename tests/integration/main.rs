@@ -9,6 +9,7 @@
     clippy::cast_sign_loss
 )]
 
+mod bench;
 mod capabilities;
 mod churn;
 mod controller;

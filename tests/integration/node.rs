@@ -35,10 +35,16 @@ impl NodeEnv {
 
     /// The same, with extra `filevol serve` flags.
     pub fn with_args(pool_fs: &str, mib: u64, extra: &[&str]) -> NodeEnv {
+        NodeEnv::with_opts(pool_fs, mib, |o| o.args(extra))
+    }
+
+    /// The same, with the driver's options changed by `change` (faults, a
+    /// wrapper, more flags).
+    pub fn with_opts(pool_fs: &str, mib: u64, change: impl FnOnce(Opts) -> Opts) -> NodeEnv {
         let (fs, pool) = pool_on(pool_fs, mib);
         let kubelet_dir = tempfile::tempdir().unwrap();
         let kubelet = kubelet_dir.path().canonicalize().unwrap();
-        let d = start_node_with(&pool, &kubelet, "test-node", "all", extra);
+        let d = Driver::start_on(&pool, change(node_opts(&kubelet, "test-node", "all")));
         NodeEnv {
             d,
             pool,
@@ -512,21 +518,12 @@ fn ext4_grows_online_with_cap_sys_resource() {
 #[test]
 #[ignore = "needs root"]
 fn ext4_growth_without_cap_sys_resource_says_why() {
-    crate::needs::root();
-    let (fs, pool) = pool_on("xfs", 1024);
-    let kubelet_dir = tempfile::tempdir().unwrap();
-    let kubelet = kubelet_dir.path().canonicalize().unwrap();
-    let mut opts = node_opts(&kubelet, "test-node", "all");
-    opts.wrapper = ["setpriv", "--bounding-set", "-sys_resource", "--"]
-        .map(String::from)
-        .to_vec();
-    let env = NodeEnv {
-        d: Driver::start_on(&pool, opts),
-        pool,
-        kubelet,
-        _kubelet_dir: kubelet_dir,
-        _fs: fs,
-    };
+    let env = NodeEnv::with_opts("xfs", 1024, |mut o| {
+        o.wrapper = ["setpriv", "--bounding-set", "-sys_resource", "--"]
+            .map(String::from)
+            .to_vec();
+        o
+    });
     let n = env.d.node();
     let id = env.create("grow-ext4-nocap", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
