@@ -930,8 +930,14 @@ mod tests {
         let run = dir.path().join("bench-2");
         let target = run.join("pods/v-1/mount");
         std::fs::create_dir_all(&target).unwrap();
-        rustix::mount::mount("tmpfs", &target, "tmpfs", rustix::mount::MountFlags::empty(), None)
-            .unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            &target,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .unwrap();
         let _unmount = Unmount(target.clone());
         std::fs::write(target.join("data"), b"keep").unwrap();
         let err = remove_run_dir(&run).unwrap_err();
