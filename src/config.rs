@@ -287,7 +287,7 @@ impl Config {
                 p
             }
             None => {
-                let p = default_pool(root);
+                let p = default_pool_for(root);
                 std::fs::create_dir_all(&p).map_err(|source| ConfigError::CreatePool {
                     path: p.clone(),
                     source,
@@ -376,7 +376,13 @@ fn default_socket(root: bool) -> PathBuf {
     }
 }
 
-fn default_pool(root: bool) -> PathBuf {
+/// The pool `filevol serve` uses when given none: /var/lib/filevol as
+/// root, else ~/.local/share/filevol. The tools default to it too.
+pub fn default_pool() -> PathBuf {
+    default_pool_for(rustix::process::geteuid().is_root())
+}
+
+fn default_pool_for(root: bool) -> PathBuf {
     match std::env::var_os("HOME") {
         Some(home) if !root && Path::new(&home).is_absolute() => {
             Path::new(&home).join(".local/share/filevol")

@@ -28,6 +28,10 @@ pub struct ClientArgs {
     /// Seconds to wait for each answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// One JSON object per answer (`{"call": ..., "response": ...}`, a line
+    /// each) instead of protobuf text.
+    #[arg(long)]
+    pub json: bool,
     /// The call to make.
     #[command(subcommand)]
     pub call: Call,
@@ -55,9 +59,12 @@ pub enum AccessModeArg {
 /// How a volume is used: filesystem type or block, and access mode.
 #[derive(Debug, Args, Clone)]
 pub struct CapabilityArgs {
-    /// Filesystem (mount volumes).
-    #[arg(long, default_value = "ext4")]
-    pub fs_type: String,
+    /// Filesystem (mount volumes). Default: CreateVolume leaves it to the
+    /// driver (ext4 for filevol); stage and publish use the volume's own,
+    /// asked of the controller (ControllerGetVolume) where the endpoint
+    /// serves it, else left to the driver.
+    #[arg(long)]
+    pub fs_type: Option<String>,
     /// A raw block volume instead of a filesystem.
     #[arg(long)]
     pub block: bool,
@@ -75,9 +82,10 @@ pub enum Call {
     CreateVolume {
         /// The volume name.
         name: String,
-        /// Size (bytes, or with Ki/Mi/Gi/Ti).
-        #[arg(long, default_value = "1Gi", value_parser = parse_size)]
-        size: u64,
+        /// Size (bytes, or with Ki/Mi/Gi/Ti). Default: the source's size for
+        /// a clone or restore, else 1Gi.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
         /// StorageClass parameters, `key=value`, repeatable.
         #[arg(long = "param", value_parser = parse_pair)]
         params: Vec<(String, String)>,
@@ -177,12 +185,111 @@ pub enum Call {
     },
     /// NodeGetInfo.
     NodeInfo,
+    /// ControllerPublishVolume.
+    ControllerPublish {
+        /// The volume id.
+        volume_id: String,
+        /// The node to publish to.
+        #[arg(long)]
+        node_id: String,
+        /// Publish read-only.
+        #[arg(long)]
+        readonly: bool,
+        /// The capability.
+        #[command(flatten)]
+        cap: CapabilityArgs,
+    },
+    /// ControllerUnpublishVolume.
+    ControllerUnpublish {
+        /// The volume id.
+        volume_id: String,
+        /// The node to unpublish from (empty: every node).
+        #[arg(long, default_value = "")]
+        node_id: String,
+    },
+    /// NodeExpandVolume: grows the filesystem after ControllerExpandVolume.
+    NodeExpand {
+        /// The volume id.
+        volume_id: String,
+        /// The path the volume is published or staged at.
+        #[arg(long)]
+        volume_path: String,
+        /// The staging path, when the volume is staged.
+        #[arg(long, default_value = "")]
+        staging_path: String,
+        /// The size asked for (default: none, the size the volume has).
+        #[arg(value_parser = parse_size)]
+        size: Option<u64>,
+    },
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+/// The capability for `c`, with what was not given taken from the volume:
+/// the controller's volume context says block or mount and the filesystem
+/// (ControllerGetVolume). An endpoint without the controller leaves both to
+/// the driver (mount, its recorded filesystem).
+fn capability_of(
+    c: &CapabilityArgs,
+    volume_id: &str,
+    controller: &ControllerClient,
+    opt: CallOption,
+) -> csi::VolumeCapability {
+    if c.block || c.fs_type.is_some() {
+        return capability(c);
+    }
+    match volume_context(controller, opt, volume_id) {
+        Some(ctx) => capability(&like(c, &ctx)),
+        None => capability(c),
+    }
+}
+
+/// A volume's context (layout, access, fsType) from the controller, when
+/// the endpoint serves it and the volume exists.
+fn volume_context(
+    controller: &ControllerClient,
+    opt: CallOption,
+    volume_id: &str,
+) -> Option<std::collections::HashMap<String, String>> {
+    let mut r = csi::ControllerGetVolumeRequest::new();
+    r.volume_id = volume_id.to_owned();
+    let got = controller.controller_get_volume_opt(&r, opt).ok()?;
+    Some(got.volume.volume_context.clone())
+}
+
+/// `c` with block/mount and the filesystem of the volume whose context is
+/// `ctx`.
+fn like(c: &CapabilityArgs, ctx: &std::collections::HashMap<String, String>) -> CapabilityArgs {
+    CapabilityArgs {
+        block: ctx.get("access").map(String::as_str) == Some("block"),
+        fs_type: ctx.get("fsType").cloned(),
+        mode: c.mode,
+    }
+}
+
+/// The context of a clone's or restore's source volume (a snapshot's is its
+/// source volume's), when the controller still has it.
+fn source_context(
+    controller: &ControllerClient,
+    opt: &dyn Fn() -> CallOption,
+    from_snapshot: Option<&str>,
+    from_volume: Option<&str>,
+) -> Option<std::collections::HashMap<String, String>> {
+    let volume = match (from_snapshot, from_volume) {
+        (Some(id), _) => {
+            let mut r = csi::ListSnapshotsRequest::new();
+            r.snapshot_id = id.to_owned();
+            let page = controller.list_snapshots_opt(&r, opt()).ok()?;
+            page.entries.first()?.snapshot.source_volume_id.clone()
+        }
+        (None, Some(id)) => id.to_owned(),
+        (None, None) => return None,
+    };
+    volume_context(controller, opt(), &volume)
 }
 
 fn capability(c: &CapabilityArgs) -> csi::VolumeCapability {
@@ -203,13 +310,55 @@ fn capability(c: &CapabilityArgs) -> csi::VolumeCapability {
         cap.set_block(Default::default());
     } else {
         let mut m = csi::volume_capability::MountVolume::new();
-        m.fs_type.clone_from(&c.fs_type);
+        m.fs_type = c.fs_type.clone().unwrap_or_default();
         cap.set_mount(m);
     }
     cap
 }
 
-fn show<M: MessageFull>(out: &mut dyn std::io::Write, call: &str, m: &M) -> Result<(), OpsError> {
+/// The size a clone or restore gets when none is given: its source's.
+fn source_size(
+    controller: &ControllerClient,
+    opt: CallOption,
+    from_snapshot: Option<&str>,
+    from_volume: Option<&str>,
+) -> Result<Option<u64>, OpsError> {
+    let bytes = if let Some(id) = from_snapshot {
+        let mut r = csi::ListSnapshotsRequest::new();
+        r.snapshot_id = id.to_owned();
+        let page = controller
+            .list_snapshots_opt(&r, opt)
+            .map_err(|source| OpsError::Rpc {
+                call: "ListSnapshots",
+                source,
+            })?;
+        page.entries.first().map(|e| e.snapshot.size_bytes)
+    } else if let Some(id) = from_volume {
+        let mut r = csi::ControllerGetVolumeRequest::new();
+        r.volume_id = id.to_owned();
+        let got = controller
+            .controller_get_volume_opt(&r, opt)
+            .map_err(|source| OpsError::Rpc {
+                call: "ControllerGetVolume",
+                source,
+            })?;
+        Some(got.volume.capacity_bytes)
+    } else {
+        None
+    };
+    Ok(bytes.and_then(|b| u64::try_from(b).ok()).filter(|b| *b > 0))
+}
+
+fn show<M: MessageFull>(
+    out: &mut dyn std::io::Write,
+    json: bool,
+    call: &str,
+    m: &M,
+) -> Result<(), OpsError> {
+    if json {
+        let line = serde_json::json!({ "call": call, "response": super::json::message(m) });
+        return writeln!(out, "{line}").map_err(OpsError::Output);
+    }
     writeln!(
         out,
         "{call}:\n{}",
@@ -227,6 +376,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
     let controller = ControllerClient::new(channel.clone());
     let node = NodeClient::new(channel);
     let opt = || CallOption::default().timeout(Duration::from_secs(args.timeout));
+    let json = args.json;
     macro_rules! call {
         ($name:literal, $e:expr) => {
             $e.map_err(|source| OpsError::Rpc {
@@ -239,6 +389,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
         Call::Identity => {
             show(
                 out,
+                json,
                 "GetPluginInfo",
                 &call!(
                     "GetPluginInfo",
@@ -247,6 +398,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
             show(
                 out,
+                json,
                 "GetPluginCapabilities",
                 &call!(
                     "GetPluginCapabilities",
@@ -255,6 +407,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
             show(
                 out,
+                json,
                 "Probe",
                 &call!("Probe", identity.probe_opt(&Default::default(), opt())),
             )?;
@@ -267,13 +420,44 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             from_volume,
             cap,
         } => {
+            let size = match size {
+                Some(s) => s,
+                None => source_size(
+                    &controller,
+                    opt(),
+                    from_snapshot.as_deref(),
+                    from_volume.as_deref(),
+                )?
+                .unwrap_or(1 << 30),
+            };
             let mut r = csi::CreateVolumeRequest::new();
             r.name = name;
             let mut range = csi::CapacityRange::new();
             range.required_bytes = i64::try_from(size).unwrap_or(i64::MAX);
             r.capacity_range = Some(range).into();
-            r.volume_capabilities.push(capability(&cap));
             r.parameters = params.into_iter().collect();
+            // A clone or restore is its source's shape unless told otherwise.
+            let source = if cap.block || cap.fs_type.is_some() {
+                None
+            } else {
+                source_context(
+                    &controller,
+                    &opt,
+                    from_snapshot.as_deref(),
+                    from_volume.as_deref(),
+                )
+            };
+            match &source {
+                Some(ctx) => {
+                    r.volume_capabilities.push(capability(&like(&cap, ctx)));
+                    if let Some(layout) = ctx.get("layout") {
+                        r.parameters
+                            .entry("layout".into())
+                            .or_insert_with(|| layout.clone());
+                    }
+                }
+                None => r.volume_capabilities.push(capability(&cap)),
+            }
             let mut source = csi::VolumeContentSource::new();
             if let Some(id) = from_snapshot {
                 let mut s = csi::volume_content_source::SnapshotSource::new();
@@ -288,6 +472,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             }
             show(
                 out,
+                json,
                 "CreateVolume",
                 &call!("CreateVolume", controller.create_volume_opt(&r, opt())),
             )?;
@@ -297,6 +482,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             r.volume_id = volume_id;
             show(
                 out,
+                json,
                 "DeleteVolume",
                 &call!("DeleteVolume", controller.delete_volume_opt(&r, opt())),
             )?;
@@ -305,7 +491,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             let mut r = csi::ListVolumesRequest::new();
             loop {
                 let page = call!("ListVolumes", controller.list_volumes_opt(&r, opt()));
-                show(out, "ListVolumes", &page)?;
+                show(out, json, "ListVolumes", &page)?;
                 if page.next_token.is_empty() {
                     break;
                 }
@@ -315,6 +501,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
         Call::Capacity => {
             show(
                 out,
+                json,
                 "GetCapacity",
                 &call!(
                     "GetCapacity",
@@ -330,6 +517,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             r.capacity_range = Some(range).into();
             show(
                 out,
+                json,
                 "ControllerExpandVolume",
                 &call!(
                     "ControllerExpandVolume",
@@ -343,6 +531,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             r.source_volume_id = source;
             show(
                 out,
+                json,
                 "CreateSnapshot",
                 &call!("CreateSnapshot", controller.create_snapshot_opt(&r, opt())),
             )?;
@@ -352,6 +541,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             r.snapshot_id = snapshot_id;
             show(
                 out,
+                json,
                 "DeleteSnapshot",
                 &call!("DeleteSnapshot", controller.delete_snapshot_opt(&r, opt())),
             )?;
@@ -360,7 +550,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             let mut r = csi::ListSnapshotsRequest::new();
             loop {
                 let page = call!("ListSnapshots", controller.list_snapshots_opt(&r, opt()));
-                show(out, "ListSnapshots", &page)?;
+                show(out, json, "ListSnapshots", &page)?;
                 if page.next_token.is_empty() {
                     break;
                 }
@@ -373,11 +563,12 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             cap,
         } => {
             let mut r = csi::NodeStageVolumeRequest::new();
+            r.volume_capability = Some(capability_of(&cap, &volume_id, &controller, opt())).into();
             r.volume_id = volume_id;
             r.staging_target_path = staging_path;
-            r.volume_capability = Some(capability(&cap)).into();
             show(
                 out,
+                json,
                 "NodeStageVolume",
                 &call!("NodeStageVolume", node.node_stage_volume_opt(&r, opt())),
             )?;
@@ -391,6 +582,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             r.staging_target_path = staging_path;
             show(
                 out,
+                json,
                 "NodeUnstageVolume",
                 &call!("NodeUnstageVolume", node.node_unstage_volume_opt(&r, opt())),
             )?;
@@ -403,13 +595,14 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             cap,
         } => {
             let mut r = csi::NodePublishVolumeRequest::new();
+            r.volume_capability = Some(capability_of(&cap, &volume_id, &controller, opt())).into();
             r.volume_id = volume_id;
             r.staging_target_path = staging_path;
             r.target_path = target_path;
             r.readonly = readonly;
-            r.volume_capability = Some(capability(&cap)).into();
             show(
                 out,
+                json,
                 "NodePublishVolume",
                 &call!("NodePublishVolume", node.node_publish_volume_opt(&r, opt())),
             )?;
@@ -423,6 +616,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             r.target_path = target_path;
             show(
                 out,
+                json,
                 "NodeUnpublishVolume",
                 &call!(
                     "NodeUnpublishVolume",
@@ -439,6 +633,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             r.volume_path = volume_path;
             show(
                 out,
+                json,
                 "NodeGetVolumeStats",
                 &call!(
                     "NodeGetVolumeStats",
@@ -446,9 +641,67 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
                 ),
             )?;
         }
+        Call::ControllerPublish {
+            volume_id,
+            node_id,
+            readonly,
+            cap,
+        } => {
+            let mut r = csi::ControllerPublishVolumeRequest::new();
+            r.volume_capability = Some(capability_of(&cap, &volume_id, &controller, opt())).into();
+            r.volume_id = volume_id;
+            r.node_id = node_id;
+            r.readonly = readonly;
+            show(
+                out,
+                json,
+                "ControllerPublishVolume",
+                &call!(
+                    "ControllerPublishVolume",
+                    controller.controller_publish_volume_opt(&r, opt())
+                ),
+            )?;
+        }
+        Call::ControllerUnpublish { volume_id, node_id } => {
+            let mut r = csi::ControllerUnpublishVolumeRequest::new();
+            r.volume_id = volume_id;
+            r.node_id = node_id;
+            show(
+                out,
+                json,
+                "ControllerUnpublishVolume",
+                &call!(
+                    "ControllerUnpublishVolume",
+                    controller.controller_unpublish_volume_opt(&r, opt())
+                ),
+            )?;
+        }
+        Call::NodeExpand {
+            volume_id,
+            volume_path,
+            staging_path,
+            size,
+        } => {
+            let mut r = csi::NodeExpandVolumeRequest::new();
+            r.volume_id = volume_id;
+            r.volume_path = volume_path;
+            r.staging_target_path = staging_path;
+            if let Some(size) = size {
+                let mut range = csi::CapacityRange::new();
+                range.required_bytes = i64::try_from(size).unwrap_or(i64::MAX);
+                r.capacity_range = Some(range).into();
+            }
+            show(
+                out,
+                json,
+                "NodeExpandVolume",
+                &call!("NodeExpandVolume", node.node_expand_volume_opt(&r, opt())),
+            )?;
+        }
         Call::NodeInfo => {
             show(
                 out,
+                json,
                 "NodeGetInfo",
                 &call!(
                     "NodeGetInfo",

@@ -14,16 +14,21 @@ use crate::sys::fs as sysfs;
 /// Flags of `filevol doctor`.
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
-    /// The pool directory to check.
+    /// The pool directory to check. Default: the one `filevol serve` uses
+    /// when given none (/var/lib/filevol as root).
     #[arg(long, env = "FILEVOL_POOL")]
     pub pool: Option<PathBuf>,
+    /// JSON (a list of checks) instead of lines.
+    #[arg(long)]
+    pub json: bool,
     /// Kubelet's root directory.
     #[arg(long, env = "FILEVOL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
 }
 
 /// How a check came out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     /// Fine.
     Ok,
@@ -34,7 +39,7 @@ pub enum Level {
 }
 
 /// One check's outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {
     /// What was checked.
     pub name: &'static str,
@@ -125,9 +130,11 @@ pub fn checks(args: &DoctorArgs) -> Vec<Check> {
     }
 
     out.push(propagation(&args.kubelet_dir));
-    if let Some(pool) = &args.pool {
-        out.extend(pool_checks(pool));
-    }
+    let pool = args
+        .pool
+        .clone()
+        .unwrap_or_else(crate::config::default_pool);
+    out.extend(pool_checks(&pool));
     out.push(if has_cap(24) {
         check(
             "CAP_SYS_RESOURCE",
@@ -279,7 +286,11 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
 /// Runs the checks, prints them to `out`, fails when any failed.
 pub fn run(args: DoctorArgs, out: &mut dyn Write) -> Result<(), OpsError> {
     let results = checks(&args);
-    for c in &results {
+    if args.json {
+        let text = serde_json::to_string_pretty(&results).expect("checks serialise");
+        writeln!(out, "{text}").map_err(OpsError::Output)?;
+    }
+    for c in results.iter().filter(|_| !args.json) {
         let tag = match c.level {
             Level::Ok => " ok ",
             Level::Warn => "warn",

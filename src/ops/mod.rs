@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod client;
 pub mod doctor;
+pub mod json;
 pub mod report;
 
 /// Why an operator command failed.
@@ -35,6 +36,9 @@ pub enum OpsError {
     /// in its report.
     #[error("{0} object(s) the run made could not be cleaned up; see the report")]
     LeftBehind(usize),
+    /// The directory is not a filevol pool.
+    #[error("{0} is not a filevol pool (it has no volumes/ and snapshots/ directories): give --pool, or the directory `filevol serve --pool` uses")]
+    NotAPool(std::path::PathBuf),
     /// A load generator's set-up made nothing to run the load on.
     #[error("nothing to run the load on: {0}")]
     NoLoad(String),

@@ -25,9 +25,10 @@ pub struct PoolArgs {
 pub enum PoolCommand {
     /// Volumes (size, allocated bytes, attachments, snapshots) and snapshots.
     Ls {
-        /// The pool directory.
+        /// The pool directory. Default: the one `filevol serve` uses when
+        /// given none (/var/lib/filevol as root).
         #[arg(long, env = "FILEVOL_POOL")]
-        pool: PathBuf,
+        pool: Option<PathBuf>,
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -109,8 +110,12 @@ fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, OpsError> {
     Ok(out)
 }
 
-/// Reads the pool at `root`.
+/// Reads the pool at `root`. A directory without the pool's layout is
+/// refused with that said, not read as an empty pool.
 pub fn read(root: &Path) -> Result<Report, OpsError> {
+    if !root.join("volumes").is_dir() || !root.join("snapshots").is_dir() {
+        return Err(OpsError::NotAPool(root.to_owned()));
+    }
     let mut snapshots = Vec::new();
     for (id, dir) in entries(&root.join("snapshots"))? {
         let Ok(bytes) = std::fs::read(dir.join("meta.json")) else {
@@ -192,6 +197,7 @@ pub fn human(bytes: u64) -> String {
 /// Runs `filevol pool ...`, writing to `out`.
 pub fn run(args: PoolArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError> {
     let PoolCommand::Ls { pool, json } = args.command;
+    let pool = pool.unwrap_or_else(crate::config::default_pool);
     let report = read(&pool)?;
     let w =
         |out: &mut dyn std::io::Write, s: String| writeln!(out, "{s}").map_err(OpsError::Output);

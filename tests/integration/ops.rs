@@ -213,3 +213,129 @@ fn doctor_reports_reflink_and_the_tools() {
         "{text}"
     );
 }
+
+fn json_lines(out: Output) -> Vec<serde_json::Value> {
+    ok(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// `filevol client` as a user meets it: stage and publish take the
+/// volume's own filesystem when none is given, a clone gets its source's
+/// size, the controller publish and node expansion calls finish a lifecycle
+/// by hand, and `--json` answers for scripts.
+#[test]
+#[ignore = "needs root"]
+fn the_client_follows_the_volume_and_answers_in_json() {
+    let env = NodeEnv::new("xfs", 2048);
+    let sock = env.d.socket.clone();
+    let created = json_lines(client(
+        &sock,
+        &[
+            "--json",
+            "create-volume",
+            "cli-src",
+            "--size",
+            "320Mi",
+            "--fs-type",
+            "xfs",
+        ],
+    ));
+    assert_eq!(created[0]["call"], "CreateVolume");
+    let id = created[0]["response"]["volume"]["volumeId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let staging = env.staging(&id);
+    let target = env.target("pod-cli-json");
+    let (staging, target) = (staging.to_str().unwrap(), target.to_str().unwrap());
+    ok(client(
+        &sock,
+        &["controller-publish", &id, "--node-id", "test-node"],
+    ));
+    // No --fs-type: the volume's own (xfs), from ControllerGetVolume.
+    ok(client(&sock, &["stage", &id, "--staging-path", staging]));
+    ok(client(
+        &sock,
+        &[
+            "publish",
+            &id,
+            "--staging-path",
+            staging,
+            "--target-path",
+            target,
+        ],
+    ));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(target) && l.split(' ').nth(2) == Some("xfs")),
+        "not an xfs mount at {target}"
+    );
+    ok(client(&sock, &["expand", &id, "640Mi"]));
+    let grown = json_lines(client(
+        &sock,
+        &[
+            "--json",
+            "node-expand",
+            &id,
+            "--volume-path",
+            target,
+            "640Mi",
+        ],
+    ));
+    assert_eq!(grown[0]["response"]["capacityBytes"], 640u64 << 20);
+    // A clone with no size gets its source's.
+    let clone = json_lines(client(
+        &sock,
+        &["--json", "create-volume", "cli-clone", "--from-volume", &id],
+    ));
+    let clone_id = clone[0]["response"]["volume"]["volumeId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        clone[0]["response"]["volume"]["capacityBytes"],
+        640u64 << 20
+    );
+    ok(client(&sock, &["unpublish", &id, "--target-path", target]));
+    ok(client(&sock, &["unstage", &id, "--staging-path", staging]));
+    ok(client(
+        &sock,
+        &["controller-unpublish", &id, "--node-id", "test-node"],
+    ));
+    ok(client(&sock, &["delete-volume", &clone_id]));
+    ok(client(&sock, &["delete-volume", &id]));
+    let listed = json_lines(client(&sock, &["--json", "list-volumes"]));
+    assert_eq!(listed[0]["response"]["entries"], serde_json::json!([]));
+
+    // `pool ls` on a directory that is not a pool says so.
+    let not_a_pool = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["pool", "ls", "--pool"])
+        .arg(not_a_pool.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a filevol pool"), "{err}");
+
+    // `doctor --json`: the checks as a list.
+    let out = Command::new(BIN)
+        .args(["doctor", "--json", "--pool"])
+        .arg(&env.pool)
+        .arg("--kubelet-dir")
+        .arg(&env.kubelet)
+        .output()
+        .unwrap();
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reflink = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "reflink")
+        .unwrap();
+    assert_eq!(reflink["level"], "ok", "{checks}");
+}
