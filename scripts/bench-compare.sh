@@ -24,8 +24,14 @@ fi
 
 volumes=${BENCH_VOLUMES:-200}
 concurrency=${BENCH_CONCURRENCY:-16}
-cargo build --release --locked --quiet
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+# FILEVOL_BIN: an existing binary to use (a packaged one, or one built
+# before); else the release build of this checkout.
+if [[ -n ${FILEVOL_BIN:-} ]]; then
+  bin=$FILEVOL_BIN
+else
+  cargo build --release --locked --quiet
+  bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+fi
 
 work=$(mktemp -d /tmp/filevol-compare.XXXXXX)
 pids=()

@@ -16,8 +16,14 @@ source scripts/lib/scratch-fs.sh
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 
 runtime=${BENCH_RUNTIME:-15}
-cargo build --release --locked --quiet
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+# FILEVOL_BIN: an existing binary to use (a packaged one, or one built
+# before); else the release build of this checkout.
+if [[ -n ${FILEVOL_BIN:-} ]]; then
+  bin=$FILEVOL_BIN
+else
+  cargo build --release --locked --quiet
+  bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+fi
 
 work=$(mktemp -d /tmp/filevol-datapath.XXXXXX)
 driver=""

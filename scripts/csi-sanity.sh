@@ -37,8 +37,14 @@ sanity=${CSI_SANITY:-../shared/tools/csi-sanity}
 [[ -x $sanity ]] || not_run "no csi-sanity at $sanity (set CSI_SANITY)"
 [[ $(id -u) -eq 0 ]] || not_run "needs root (loop devices and mounts)"
 
-cargo build --release --locked --quiet
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+# FILEVOL_BIN: an existing binary to use (a packaged one, or one built
+# before); else the release build of this checkout.
+if [[ -n ${FILEVOL_BIN:-} ]]; then
+  bin=$FILEVOL_BIN
+else
+  cargo build --release --locked --quiet
+  bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+fi
 
 work=$(mktemp -d /tmp/filevol-sanity.XXXXXX)
 driver=""

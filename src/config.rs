@@ -363,6 +363,12 @@ fn parse_topology(spec: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     Ok(out)
 }
 
+/// The endpoint `filevol serve` listens on when given none (see
+/// `ServeArgs::endpoint`); the tools default to it too.
+pub fn default_endpoint() -> Endpoint {
+    Endpoint::from_path(default_socket(rustix::process::geteuid().is_root()))
+}
+
 fn default_socket(root: bool) -> PathBuf {
     if root {
         return PathBuf::from("/run/filevol/csi.sock");

@@ -18,13 +18,11 @@ use crate::units::parse_size;
 /// Flags of `filevol client`.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// The driver's socket.
-    #[arg(
-        long,
-        env = "CSI_ENDPOINT",
-        default_value = "unix:///run/filevol/csi.sock"
-    )]
-    pub endpoint: String,
+    /// The driver's socket. Default: the one `filevol serve` listens on
+    /// when given none (/run/filevol/csi.sock as root, else under
+    /// $XDG_RUNTIME_DIR or /tmp/filevol-$UID).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: Option<String>,
     /// Seconds to wait for each answer.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -369,7 +367,10 @@ fn show<M: MessageFull>(
 
 /// Makes the call and prints the answer to `out`.
 pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError> {
-    let endpoint = Endpoint::parse(&args.endpoint)?;
+    let endpoint = match &args.endpoint {
+        Some(e) => Endpoint::parse(e)?,
+        None => crate::config::default_endpoint(),
+    };
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let channel = ChannelBuilder::new(env).connect(&endpoint.grpc_address());
     let identity = IdentityClient::new(channel.clone());
