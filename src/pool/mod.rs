@@ -35,6 +35,7 @@ pub mod ids;
 pub mod meta;
 pub mod parameters;
 pub mod store;
+pub mod topology;
 
 mod attachments;
 mod capacity;

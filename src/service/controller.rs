@@ -15,7 +15,7 @@ use crate::executor::Job;
 use crate::node::mkfs_options;
 use crate::pool::meta::{AccessType, FsType, Layout, Source};
 use crate::pool::parameters::{self, ParamError, VolumeParameters};
-use crate::pool::{ids, PoolError, VolumeSpec, ALIGN};
+use crate::pool::{ids, topology, PoolError, VolumeSpec, ALIGN};
 use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
@@ -32,17 +32,6 @@ fn invalid_parameter(e: ParamError) -> Error {
         parameters::Set::Mutable => "mutable_parameters",
     };
     Error::invalid(field, e.reason)
-}
-
-/// Whether `pool` (a topology segment; empty for a shared pool) is one of
-/// the topologies a CreateVolume requires.
-fn reachable(pool: &BTreeMap<String, String>, req: &csi::TopologyRequirement) -> bool {
-    if pool.is_empty() || req.requisite.is_empty() {
-        return true;
-    }
-    req.requisite
-        .iter()
-        .any(|t| pool.iter().all(|(k, v)| t.segments.get(k) == Some(v)))
 }
 
 impl Operation for csi::CreateVolumeRequest {
@@ -136,7 +125,8 @@ impl Operation for csi::CreateVolumeRequest {
             }
         };
         if let Some(req) = self.accessibility_requirements.as_ref() {
-            if !reachable(&driver.config.topology, req) {
+            let requisite = req.requisite.iter().map(|t| &t.segments);
+            if !topology::reachable(&driver.config.topology, requisite) {
                 return Err(PoolError::Topology {
                     pool: format!("{:?}", driver.config.topology),
                 }
@@ -370,10 +360,10 @@ impl Operation for csi::GetCapacityRequest {
         for c in &self.volume_capabilities {
             validate::capability("volume_capabilities", c)?;
         }
-        let elsewhere = self.accessible_topology.as_ref().is_some_and(|t| {
-            let pool = &driver.config.topology;
-            !pool.is_empty() && !pool.iter().all(|(k, v)| t.segments.get(k) == Some(v))
-        });
+        let elsewhere = self
+            .accessible_topology
+            .as_ref()
+            .is_some_and(|t| !topology::within(&driver.config.topology, &t.segments));
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
             let available = if elsewhere {
