@@ -29,6 +29,7 @@
 //! leaves each object whole or absent, plus scratch debris that a
 //! controller removes once the process that left it is gone.
 
+pub mod capability;
 pub mod copy;
 pub mod error;
 pub mod ids;

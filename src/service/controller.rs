@@ -8,11 +8,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::validate::{self, Capability};
+use super::validate;
 use super::{convert, group_key, snapshot_key, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
 use crate::node::mkfs_options;
+use crate::pool::capability::{self, Capability};
 use crate::pool::meta::{AccessType, FsType, Layout, Source};
 use crate::pool::parameters::{self, ParamError, VolumeParameters};
 use crate::pool::{ids, topology, PoolError, VolumeSpec, ALIGN};
@@ -203,10 +204,7 @@ impl Operation for csi::ControllerPublishVolumeRequest {
         );
         let key = volume_key(&id);
         Ok(Job::new(move || {
-            let v = driver.pool.volume(&id)?;
-            if let Some(why) = validate::mismatch(&v, &cap) {
-                return Err(PoolError::Unsupported(why).into());
-            }
+            driver.pool.volume_for(&id, &cap)?;
             let v = driver.pool.publish(&id, &node, cap.mode, readonly)?;
             let mut resp = csi::ControllerPublishVolumeResponse::new();
             resp.publish_context = convert::volume_context(&v);
@@ -248,7 +246,7 @@ impl Operation for csi::ValidateVolumeCapabilitiesRequest {
             let mut resp = csi::ValidateVolumeCapabilitiesResponse::new();
             let problems: Vec<String> = caps
                 .iter()
-                .filter_map(|c: &Capability| validate::mismatch(&v, c))
+                .filter_map(|c: &Capability| capability::mismatch(&v, c))
                 .collect();
             if problems.is_empty() {
                 let mut confirmed = csi::validate_volume_capabilities_response::Confirmed::new();
@@ -442,9 +440,7 @@ impl Operation for csi::ControllerExpandVolumeRequest {
         let key = volume_key(&id);
         Ok(Job::new(move || {
             if let Some(cap) = &cap {
-                if let Some(why) = validate::mismatch(&driver.pool.volume(&id)?, cap) {
-                    return Err(PoolError::Unsupported(why).into());
-                }
+                driver.pool.volume_for(&id, cap)?;
             }
             let v = driver.pool.expand_volume(&id, range)?;
             let mut resp = csi::ControllerExpandVolumeResponse::new();

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::validate::{self, Capability};
+use super::validate;
 use super::{convert, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
 use crate::node::{Node, NodeError, Request};
+use crate::pool::capability::Capability;
 use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
-use crate::pool::{ids, CapacityRange, PoolError, VolumeSpec};
+use crate::pool::{ids, CapacityRange, VolumeSpec};
 use crate::proto::csi;
 use crate::proto::csi::node_service_capability::rpc::Type as NodeCap;
 use crate::rpc::Rpc;
@@ -72,11 +73,7 @@ fn request(volume_id: &str, cap: &Capability, readonly: bool) -> Result<Request,
 
 /// The volume, checked against the capability the CO asks for.
 fn volume_for(driver: &Driver, id: &str, cap: &Capability) -> Result<VolumeMeta, Error> {
-    let v = driver.pool.volume(id)?;
-    if let Some(why) = validate::mismatch(&v, cap) {
-        return Err(PoolError::Unsupported(why).into());
-    }
-    Ok(v)
+    Ok(driver.pool.volume_for(id, cap)?)
 }
 
 impl Operation for csi::NodeStageVolumeRequest {

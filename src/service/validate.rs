@@ -5,8 +5,9 @@
 use protobuf::MessageField;
 
 use crate::error::Error;
+use crate::pool::capability::Capability;
 use crate::pool::ids;
-use crate::pool::meta::{AccessMode, AccessType, VolumeMeta};
+use crate::pool::meta::{AccessMode, AccessType};
 use crate::pool::CapacityRange;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
@@ -19,21 +20,6 @@ pub fn id(field: &'static str, value: &str) -> Result<(), Error> {
 /// A required name (CreateVolume, CreateSnapshot, group snapshots).
 pub fn name(value: &str) -> Result<(), Error> {
     ids::check_name(value).map_err(|reason| Error::invalid("name", reason))
-}
-
-/// A volume capability, checked and typed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Capability {
-    /// Mount or block.
-    pub access: AccessType,
-    /// `fs_type` of a mount capability (empty: the default).
-    pub fs_type: String,
-    /// Mount flags of a mount capability.
-    pub mount_flags: Vec<String>,
-    /// `volume_mount_group` (fsGroup) of a mount capability.
-    pub mount_group: String,
-    /// The access mode.
-    pub mode: AccessMode,
 }
 
 /// Checks one capability.
@@ -112,42 +98,6 @@ pub fn capacity(range: &MessageField<csi::CapacityRange>) -> Result<CapacityRang
         required: bytes("capacity_range.required_bytes", r.required_bytes)?,
         limit: bytes("capacity_range.limit_bytes", r.limit_bytes)?,
     })
-}
-
-/// Why `v` cannot serve `cap`, or `None` when it can.
-pub fn mismatch(v: &VolumeMeta, cap: &Capability) -> Option<String> {
-    if v.access != cap.access {
-        return Some(format!(
-            "volume {} is a {} volume, the capability asks for {}",
-            v.id,
-            access_name(v.access),
-            access_name(cap.access)
-        ));
-    }
-    if !cap.mode.supported_by(v.layout) {
-        return Some(format!(
-            "access mode {:?} needs a volume that several nodes can write; volume {} is an image (use layout=dir)",
-            cap.mode, v.id
-        ));
-    }
-    if let (Some(fs), false) = (v.fs_type, cap.fs_type.is_empty()) {
-        if fs.as_str() != cap.fs_type {
-            return Some(format!(
-                "volume {} holds {}, the capability asks for {}",
-                v.id,
-                fs.as_str(),
-                cap.fs_type
-            ));
-        }
-    }
-    None
-}
-
-fn access_name(a: AccessType) -> &'static str {
-    match a {
-        AccessType::Mount => "filesystem",
-        AccessType::Block => "block",
-    }
 }
 
 /// `max_entries`: 0 means no limit; negative is invalid.
