@@ -135,33 +135,24 @@ pub fn checks(args: &DoctorArgs) -> Vec<Check> {
         .clone()
         .unwrap_or_else(crate::config::default_pool);
     out.extend(pool_checks(&pool));
-    out.push(if has_cap(24) {
-        check(
-            "CAP_SYS_RESOURCE",
-            Level::Ok,
-            "present: ext4 volumes can grow while mounted",
-            None,
-        )
-    } else {
-        check(
+    out.push(
+        if crate::sys::caps::effective(crate::sys::caps::SYS_RESOURCE) {
+            check(
+                "CAP_SYS_RESOURCE",
+                Level::Ok,
+                "present: ext4 volumes can grow while mounted",
+                None,
+            )
+        } else {
+            check(
             "CAP_SYS_RESOURCE",
             Level::Warn,
             "missing: a mounted ext4 volume cannot grow (the kernel's rule for EXT4_IOC_RESIZE_FS)",
             Some("run the node plugin privileged (or add CAP_SYS_RESOURCE)"),
         )
-    });
+        },
+    );
     out
-}
-
-fn has_cap(bit: u32) -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps >> bit & 1 == 1)
 }
 
 /// The kubelet directory must sit on a shared mount, or the mounts the

@@ -6,6 +6,7 @@
 //! plain reads of the system (stat, statvfs, access, seek) where a wrapper
 //! would add nothing.
 
+pub mod caps;
 pub mod fs;
 pub mod lock;
 pub mod loopdev;

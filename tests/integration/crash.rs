@@ -305,9 +305,7 @@ fn sigkill_during_format_and_node_expansion_converges() {
     drop(d);
 
     let mut d = Driver::start_on(&pool, opts("crash:expand.device_grown"));
-    let mut e = filevol::proto::csi::NodeExpandVolumeRequest::new();
-    e.volume_id = id.clone();
-    e.volume_path = target.to_str().unwrap().into();
+    let e = req::node_expand(&id, &target, None, None);
     assert!(d.node().node_expand_volume(&e).is_err());
     d.wait_exit(Duration::from_secs(10));
 

@@ -25,20 +25,7 @@ pub fn root() {
 pub fn cap_sys_resource() {
     root();
     assert!(
-        has_cap_sys_resource(),
+        filevol::sys::caps::effective(filevol::sys::caps::SYS_RESOURCE),
         "this test needs CAP_SYS_RESOURCE, which this process lacks (CapEff in /proc/self/status)"
     );
-}
-
-/// Whether this process has CAP_SYS_RESOURCE in its effective set.
-fn has_cap_sys_resource() -> bool {
-    const CAP_SYS_RESOURCE: u32 = 24;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps >> CAP_SYS_RESOURCE & 1 == 1)
 }

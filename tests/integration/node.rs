@@ -485,11 +485,9 @@ fn grow(fs_type: &str) {
         .controller_expand_volume(&req::expand(&id, 640 * MIB))
         .unwrap();
     assert!(r.node_expansion_required);
-    let mut e = csi::NodeExpandVolumeRequest::new();
-    e.volume_id = id.clone();
-    e.volume_path = target.to_str().unwrap().into();
-    e.staging_target_path = staging.to_str().unwrap().into();
-    let grown = n.node_expand_volume(&e).unwrap();
+    let grown = n
+        .node_expand_volume(&req::node_expand(&id, &target, Some(&staging), None))
+        .unwrap();
     assert_eq!(grown.capacity_bytes, 640 * MIB);
     let after = rustix::fs::statvfs(&target).unwrap();
     assert!(
@@ -536,10 +534,7 @@ fn ext4_growth_without_cap_sys_resource_says_why() {
         .controller()
         .controller_expand_volume(&req::expand(&id, 128 * MIB))
         .unwrap();
-    let mut e = csi::NodeExpandVolumeRequest::new();
-    e.volume_id = id.clone();
-    e.volume_path = target.to_str().unwrap().into();
-    let st = status(n.node_expand_volume(&e));
+    let st = status(n.node_expand_volume(&req::node_expand(&id, &target, None, None)));
     assert_eq!(st.code(), RpcStatusCode::INTERNAL, "{}", st.message());
     assert!(
         st.message().contains("CAP_SYS_RESOURCE"),
@@ -941,15 +936,8 @@ fn node_expansion_reports_the_real_size_never_the_requested_one() {
         code(env.d.controller().controller_expand_volume(&refused)),
         RpcStatusCode::OUT_OF_RANGE
     );
-    let expand = |bytes: i64| {
-        let mut e = csi::NodeExpandVolumeRequest::new();
-        e.volume_id = id.clone();
-        e.volume_path = target.to_str().unwrap().into();
-        let mut range = csi::CapacityRange::new();
-        range.required_bytes = bytes;
-        e.capacity_range = Some(range).into();
-        n.node_expand_volume(&e)
-    };
+    let expand =
+        |bytes: i64| n.node_expand_volume(&req::node_expand(&id, &target, None, Some(bytes)));
     let st = status(expand(640 * MIB));
     assert_eq!(st.code(), RpcStatusCode::OUT_OF_RANGE, "{}", st.message());
     assert!(
@@ -993,15 +981,8 @@ fn a_small_btrfs_of_an_older_version_still_expands() {
         .unwrap();
     n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
         .unwrap();
-    let expand = |bytes: i64| {
-        let mut e = csi::NodeExpandVolumeRequest::new();
-        e.volume_id = id.clone();
-        e.volume_path = target.to_str().unwrap().into();
-        let mut range = csi::CapacityRange::new();
-        range.required_bytes = bytes;
-        e.capacity_range = Some(range).into();
-        n.node_expand_volume(&e)
-    };
+    let expand =
+        |bytes: i64| n.node_expand_volume(&req::node_expand(&id, &target, None, Some(bytes)));
     assert_eq!(expand(114 * MIB).unwrap().capacity_bytes, 114 * MIB);
     let grown = env
         .d
@@ -1045,13 +1026,7 @@ fn offline_expansion_grows_at_the_next_stage() {
     assert_eq!(r.capacity_bytes, 640 * MIB);
     n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
         .unwrap();
-    let mut e = csi::NodeExpandVolumeRequest::new();
-    e.volume_id = id.clone();
-    e.volume_path = staging.to_str().unwrap().into();
-    e.staging_target_path = staging.to_str().unwrap().into();
-    let mut range = csi::CapacityRange::new();
-    range.required_bytes = 640 * MIB;
-    e.capacity_range = Some(range).into();
+    let e = req::node_expand(&id, &staging, Some(&staging), Some(640 * MIB));
     assert_eq!(n.node_expand_volume(&e).unwrap().capacity_bytes, 640 * MIB);
     let after = rustix::fs::statvfs(&staging).unwrap();
     assert!(

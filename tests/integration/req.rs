@@ -111,6 +111,28 @@ pub fn unpublish(id: &str, node: &str) -> csi::ControllerUnpublishVolumeRequest 
     r
 }
 
+/// NodeExpandVolume of `id` at `path` (staged at `staging`, if given),
+/// asking for `bytes` (none: no capacity range).
+pub fn node_expand(
+    id: &str,
+    path: &std::path::Path,
+    staging: Option<&std::path::Path>,
+    bytes: Option<i64>,
+) -> csi::NodeExpandVolumeRequest {
+    let mut r = csi::NodeExpandVolumeRequest::new();
+    r.volume_id = id.into();
+    r.volume_path = path.to_str().unwrap().into();
+    if let Some(staging) = staging {
+        r.staging_target_path = staging.to_str().unwrap().into();
+    }
+    if let Some(bytes) = bytes {
+        let mut cr = csi::CapacityRange::new();
+        cr.required_bytes = bytes;
+        r.capacity_range = Some(cr).into();
+    }
+    r
+}
+
 pub fn expand(id: &str, bytes: i64) -> csi::ControllerExpandVolumeRequest {
     let mut r = csi::ControllerExpandVolumeRequest::new();
     r.volume_id = id.into();
