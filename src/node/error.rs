@@ -143,7 +143,9 @@ pub enum NodeError {
     },
     /// A step failed, and undoing what the operation had already done failed
     /// too: both are reported, since what stays behind needs cleaning up.
-    #[error("{error}; undoing it failed too: {undo}")]
+    /// The first error is not a `#[source]` (the undo is what failed last),
+    /// so its own causes are written out here, not lost.
+    #[error("{}; undoing it failed too: {undo}", crate::error::message_chain(error.as_ref()))]
     RollbackFailed {
         /// What made the operation fail.
         error: Box<NodeError>,

@@ -47,7 +47,7 @@ impl<'a> Rollback<'a> {
     pub fn finish<T>(mut self, result: Result<T, NodeError>) -> Result<T, NodeError> {
         match result {
             Ok(v) => {
-                self.steps.clear();
+                self.keep();
                 Ok(v)
             }
             Err(error) => {
@@ -64,7 +64,13 @@ impl<'a> Rollback<'a> {
         }
     }
 
-    fn undo(&mut self) -> Vec<String> {
+    /// Keeps every step (the operation succeeded).
+    pub fn keep(&mut self) {
+        self.steps.clear();
+    }
+
+    /// Undoes every step now, newest first; returns the undos that failed.
+    pub fn undo(&mut self) -> Vec<String> {
         let mut failed = Vec::new();
         while let Some((what, undo)) = self.steps.pop() {
             if let Err(e) = undo() {

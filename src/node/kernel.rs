@@ -1,0 +1,271 @@
+//! The node's one seam to the kernel: every loop-device, mount and mkfs call
+//! a stage, publish, unstage or expansion makes goes through [`Kernel`].
+//!
+//! The node's logic (idempotent retries, what a failed step undoes, which
+//! fence is kept) is the part that loses data when it is wrong, and it is
+//! the part a root test exercises worst: making the kernel fail the third
+//! step of a stage on cue is hard on a real machine. Behind this trait the
+//! node runs against [`Host`] in production and against a recording fake in
+//! its unit tests (`node::fake`), which answers from its own mount and loop
+//! tables, fails any call on request and lists what was called.
+//!
+//! The seam is narrow on purpose: it takes paths and descriptors the node
+//! has already opened safely (`node::paths`, `sys::untrusted`), so the fake
+//! cannot hide a path-handling mistake, and everything that is not a mount,
+//! a loop device or a filesystem tool (record keeping, fences, directory
+//! creation, fsGroup) stays real in the tests too.
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::mount::MountFlags;
+
+use super::error::NodeError;
+use super::format::{self, Content};
+use super::mkfs_options::Validated;
+use super::mounts;
+use crate::pool::meta::FsType;
+use crate::pool::Pool;
+use crate::sys::loopdev::{self, Attached, LoopDevice};
+use crate::sys::mount::{self, MountState};
+
+/// The loop device bound to an image, and whether its detach is pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The device.
+    pub device: LoopDevice,
+    /// A detach is pending: the device still serves its last opener and
+    /// must not be used, nor a second device attached beside it.
+    pub detaching: bool,
+}
+
+/// The kernel calls of the node side. Method names follow what they do to
+/// the kernel; errors are the kernel's (or the tool's), and the caller
+/// names the step.
+pub trait Kernel: Send + Sync + std::fmt::Debug {
+    // ---- loop devices ----
+
+    /// The device bound to `image`, a usable one before one being detached
+    /// (LOOP_GET_STATUS64 on every device).
+    fn bound(&self, image: &Path) -> io::Result<Option<Bound>>;
+    /// Every attached device and the (st_dev, st_ino) of its backing file.
+    fn attached(&self) -> io::Result<Vec<(Bound, (u64, u64))>>;
+    /// Attaches a free device to `image`.
+    fn attach(&self, image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached>;
+    /// Detaches a device (deferred by the kernel until its last close).
+    fn detach(&self, dev: LoopDevice) -> io::Result<()>;
+    /// Whether the device is read-only.
+    fn read_only(&self, dev: LoopDevice) -> io::Result<bool>;
+    /// Drops the cached blocks of a (re-used) device number.
+    fn drop_cached_blocks(&self, dev: LoopDevice) -> io::Result<()>;
+    /// Has the device re-read its image's size.
+    fn refresh_capacity(&self, dev: LoopDevice) -> io::Result<()>;
+    /// The device's size in bytes.
+    fn size(&self, dev: LoopDevice) -> io::Result<u64>;
+    /// Opens (`O_PATH`) the device node: the source of a block bind.
+    fn open_device(&self, dev: LoopDevice) -> io::Result<OwnedFd>;
+
+    // ---- mounts ----
+
+    /// Whether `path` is a mount root (statx, no final symlink followed).
+    fn mount_state(&self, path: &Path) -> io::Result<MountState>;
+    /// The source the mount table gives for the mount at `path`.
+    fn mount_source(&self, path: &Path) -> io::Result<Option<String>>;
+    /// Whether `a` and `b` lie on the same mounted filesystem.
+    fn same_filesystem(&self, a: &Path, b: &Path) -> io::Result<bool>;
+    /// Mounts the filesystem on `device` onto the object open at `target`.
+    fn mount_fs(
+        &self,
+        device: &Path,
+        target: BorrowedFd<'_>,
+        fs_type: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()>;
+    /// Binds the object open at `source` onto the object open at `target`.
+    fn bind(&self, source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()>;
+    /// Whether the object open at `root` is the root of a mount of the
+    /// object open at `source` (the same inode, and a mount root): a mount
+    /// just made, not whatever a swapped name now leads to.
+    fn is_mount_of(&self, root: BorrowedFd<'_>, source: BorrowedFd<'_>) -> io::Result<bool>;
+    /// Makes the mount whose root is open at `root` read-only.
+    fn remount_read_only(&self, root: BorrowedFd<'_>) -> io::Result<()>;
+    /// Whether the filesystem at `path` is mounted read-only (statvfs).
+    fn mounted_read_only(&self, path: &Path) -> io::Result<bool>;
+    /// Unmounts `path` (nothing mounted there is not an error).
+    fn unmount(&self, path: &Path) -> io::Result<()>;
+    /// Every mount point of volume `id` under `kubelet_dir`, by identity
+    /// (see `node::mounts`).
+    fn mounts_of_volume(
+        &self,
+        pool: &Pool,
+        id: &str,
+        kubelet_dir: &Path,
+    ) -> io::Result<Vec<PathBuf>>;
+    /// Whether the device is mounted anywhere in this mount namespace.
+    fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool>;
+    /// Ids of the pool's directory volumes bind-mounted under `under`.
+    fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>>;
+
+    // ---- filesystems ----
+
+    /// What `device` (backed by `image`) holds.
+    fn probe(&self, device: &Path, image: &Path) -> Result<Content, NodeError>;
+    /// Whether an image is provably blank (see [`format::blank_image`]).
+    fn blank_image(
+        &self,
+        image: &Path,
+        reports_holes: bool,
+        written: Option<bool>,
+    ) -> Result<bool, NodeError>;
+    /// Makes a filesystem in the file `file`.
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError>;
+    /// Grows the filesystem mounted at `mount_point` to fill `device`.
+    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError>;
+    /// The size of the one device of the btrfs mounted at `mount_point`.
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError>;
+}
+
+/// The real kernel: `crate::sys` and the filesystem tools.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host;
+
+impl Kernel for Host {
+    fn bound(&self, image: &Path) -> io::Result<Option<Bound>> {
+        Ok(loopdev::find_bound(image)?.map(|device| Bound {
+            device,
+            detaching: device.detaching(),
+        }))
+    }
+
+    fn attached(&self) -> io::Result<Vec<(Bound, (u64, u64))>> {
+        Ok(loopdev::attached()?
+            .into_iter()
+            .map(|(device, backing)| {
+                let detaching = device.detaching();
+                (Bound { device, detaching }, backing)
+            })
+            .collect())
+    }
+
+    fn attach(&self, image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached> {
+        loopdev::attach(image, read_only, direct_io)
+    }
+
+    fn detach(&self, dev: LoopDevice) -> io::Result<()> {
+        dev.detach()
+    }
+
+    fn read_only(&self, dev: LoopDevice) -> io::Result<bool> {
+        dev.read_only()
+    }
+
+    fn drop_cached_blocks(&self, dev: LoopDevice) -> io::Result<()> {
+        dev.drop_cached_blocks()
+    }
+
+    fn refresh_capacity(&self, dev: LoopDevice) -> io::Result<()> {
+        dev.refresh_capacity()
+    }
+
+    fn size(&self, dev: LoopDevice) -> io::Result<u64> {
+        dev.size()
+    }
+
+    fn open_device(&self, dev: LoopDevice) -> io::Result<OwnedFd> {
+        rustix::fs::open(
+            dev.path(),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn mount_state(&self, path: &Path) -> io::Result<MountState> {
+        mount::state(path)
+    }
+
+    fn mount_source(&self, path: &Path) -> io::Result<Option<String>> {
+        mount::source_of(path)
+    }
+
+    fn same_filesystem(&self, a: &Path, b: &Path) -> io::Result<bool> {
+        Ok(mount::device_of(a)? == mount::device_of(b)?)
+    }
+
+    fn mount_fs(
+        &self,
+        device: &Path,
+        target: BorrowedFd<'_>,
+        fs_type: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()> {
+        mount::mount_fs_at(device, target, fs_type, flags, data)
+    }
+
+    fn bind(&self, source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+        mount::bind_at(source, target)
+    }
+
+    fn is_mount_of(&self, root: BorrowedFd<'_>, source: BorrowedFd<'_>) -> io::Result<bool> {
+        let (a, b) = (rustix::fs::fstat(root)?, rustix::fs::fstat(source)?);
+        Ok((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) && mount::is_mount_root(root))
+    }
+
+    fn remount_read_only(&self, root: BorrowedFd<'_>) -> io::Result<()> {
+        mount::remount_read_only_at(root)
+    }
+
+    fn mounted_read_only(&self, path: &Path) -> io::Result<bool> {
+        let st = rustix::fs::statvfs(path)?;
+        Ok(st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+    }
+
+    fn unmount(&self, path: &Path) -> io::Result<()> {
+        mount::unmount(path)
+    }
+
+    fn mounts_of_volume(
+        &self,
+        pool: &Pool,
+        id: &str,
+        kubelet_dir: &Path,
+    ) -> io::Result<Vec<PathBuf>> {
+        mounts::of_volume(pool, id, kubelet_dir)
+    }
+
+    fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {
+        mounts::loop_mounted(&dev)
+    }
+
+    fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {
+        mounts::staged_dirs(pool, Some(under))
+    }
+
+    fn probe(&self, device: &Path, image: &Path) -> Result<Content, NodeError> {
+        format::probe(device, image)
+    }
+
+    fn blank_image(
+        &self,
+        image: &Path,
+        reports_holes: bool,
+        written: Option<bool>,
+    ) -> Result<bool, NodeError> {
+        format::blank_image(image, reports_holes, written)
+    }
+
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError> {
+        format::mkfs_file(file, options)
+    }
+
+    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError> {
+        format::grow(fs, device, mount_point)
+    }
+
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError> {
+        format::btrfs_device_size(mount_point)
+    }
+}

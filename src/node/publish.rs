@@ -1,0 +1,185 @@
+//! NodePublishVolume and NodeUnpublishVolume: bind the staged volume (its
+//! mount, or its device node) onto the pod's target, read-only and with the
+//! pod's group as asked, and the reverse.
+//!
+//! A publish that finds the target already holding this volume with the
+//! same read-only setting answers OK (kubelet retries); one that fails after
+//! its bind unmounts it again. ReadWriteOncePod is decided by identity: any
+//! mount of the volume under the kubelet directory other than its stage is
+//! another publish, wherever its target is (`node::mounts`).
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+
+use super::error::{sys, NodeError};
+use super::paths::{self, Create};
+use super::rollback::Rollback;
+use super::{Node, Request, BLOCK_DEVICE_FILE};
+use crate::pool::meta::{AccessMode, AccessType, VolumeMeta};
+use crate::pool::Pool;
+use crate::sys::mount::MountState;
+use crate::sys::untrusted;
+
+impl Node {
+    /// NodePublishVolume: binds the staged volume onto the target.
+    pub fn publish(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        target: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        let block = req.access == AccessType::Block;
+        let read_only = req.readonly || req.mode.is_read_only();
+        let source = if block {
+            staging.join(BLOCK_DEVICE_FILE)
+        } else {
+            staging.to_owned()
+        };
+        if self.mount_state(&source)? != MountState::Mounted {
+            return Err(NodeError::NotStaged {
+                id: v.id.clone(),
+                path: staging.to_owned(),
+            });
+        }
+        if self.mount_state(target)? == MountState::Mounted {
+            self.expect_same_fs(target, &source, "another volume")?;
+            let now = self
+                .kernel
+                .mounted_read_only(target)
+                .map_err(sys("statvfs", target))?;
+            if now != read_only {
+                return Err(NodeError::Occupied {
+                    path: target.to_owned(),
+                    what: "this volume published with another read-only setting".into(),
+                });
+            }
+            return Ok(());
+        }
+        if req.mode == AccessMode::SingleNodeSingleWriter {
+            // By identity: any mount of this volume under the kubelet
+            // directory but its stage is a publish, wherever it is.
+            let mounts = self
+                .kernel
+                .mounts_of_volume(pool, &v.id, &self.kubelet_dir)
+                .map_err(sys("read", "/proc/self/mountinfo"))?;
+            if let Some(other) = mounts
+                .into_iter()
+                .find(|p| !p.starts_with(staging) && p != target)
+            {
+                return Err(NodeError::SingleWriter {
+                    id: v.id.clone(),
+                    other,
+                });
+            }
+        }
+        let from = paths::open(&self.kubelet_dir, &source).map_err(sys("open", &source))?;
+        let onto = self.mount_point(target, if block { Create::File } else { Create::Dir })?;
+        self.kernel
+            .bind(from.as_fd(), onto.as_fd())
+            .map_err(sys("bind-mount", target))?;
+        let mut undo = Rollback::new();
+        undo.push(format!("unmount {}", target.display()), || {
+            self.kernel.unmount(target)
+        });
+        let finish = || -> Result<(), NodeError> {
+            let root = self.mounted_root(target, from.as_fd())?;
+            if read_only {
+                self.kernel
+                    .remount_read_only(root.as_fd())
+                    .map_err(sys("remount read-only", target))?;
+            }
+            // As kubelet does: a read-only volume's group is left as it is
+            // (it could not be changed, and the pod only reads).
+            if let (Some(gid), false, false) = (req.mount_group, block, read_only) {
+                apply_group(root.as_fd(), target, gid)?;
+            }
+            Ok(())
+        };
+        undo.finish(finish())
+    }
+
+    /// NodeUnpublishVolume: unmounts and removes the target. Idempotent; a
+    /// dead mount (ENOTCONN, EIO, ESTALE) is still unmounted; EBUSY is an
+    /// error.
+    pub fn unpublish(&self, target: &Path) -> Result<(), NodeError> {
+        match self.mount_state(target)? {
+            MountState::Missing => return Ok(()),
+            MountState::Mounted | MountState::Broken => {
+                self.kernel
+                    .unmount(target)
+                    .map_err(sys("unmount", target))?;
+            }
+            MountState::NotMounted => {}
+        }
+        let meta = std::fs::symlink_metadata(target).map_err(sys("stat", target))?;
+        if meta.is_dir() {
+            std::fs::remove_dir(target).map_err(sys("remove", target))?;
+        } else {
+            std::fs::remove_file(target).map_err(sys("remove", target))?;
+        }
+        Ok(())
+    }
+}
+
+/// Gives group `gid` the volume mounted at `root` (open, `O_PATH`): its root
+/// and, when the root's group differs, everything below it, as kubelet's
+/// fsGroup does with OnRootMismatch, with group read/write and setgid on
+/// directories so new files inherit the group.
+///
+/// Every name below the root is the pod's and may be swapped while this
+/// runs, so the walk goes through descriptors (`crate::sys::untrusted`):
+/// each entry is opened without following it, inspected and changed through
+/// that descriptor; symlinks get the group themselves (never their target);
+/// other mounts inside the volume are not entered.
+fn apply_group(root: BorrowedFd<'_>, path: &Path, gid: u32) -> Result<(), NodeError> {
+    use rustix::fs::{FileType, Gid, Mode, OFlags};
+    let dir = rustix::fs::openat(
+        root,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| sys("open", path)(e.into()))?;
+    let st = rustix::fs::fstat(&dir).map_err(|e| sys("stat", path)(e.into()))?;
+    if st.st_gid == gid {
+        return Ok(());
+    }
+    fn walk(dir: BorrowedFd<'_>, path: &Path, gid: u32, depth: usize) -> Result<(), NodeError> {
+        if depth >= untrusted::MAX_DEPTH {
+            return Err(sys("apply the group below", path)(std::io::Error::other(
+                format!(
+                    "directories nested deeper than {} levels",
+                    untrusted::MAX_DEPTH
+                ),
+            )));
+        }
+        for name in untrusted::names(dir).map_err(sys("read directory", path))? {
+            let path = untrusted::display(path, &name);
+            let Some(entry) = untrusted::child(dir, &name).map_err(sys("open", &path))? else {
+                continue;
+            };
+            entry.chown(None, Some(gid)).map_err(sys("chown", &path))?;
+            let mode = entry.stat().st_mode & 0o7777;
+            match entry.kind() {
+                FileType::Symlink => {}
+                FileType::Directory => {
+                    let inner = entry.open_dir().map_err(sys("open", &path))?;
+                    // One descriptor per level, not two.
+                    drop(entry);
+                    walk(inner.as_fd(), &path, gid, depth + 1)?;
+                    rustix::fs::fchmod(&inner, Mode::from_raw_mode(mode | 0o2070))
+                        .map_err(|e| sys("chmod", &path)(e.into()))?;
+                }
+                _ => entry.chmod(mode | 0o060).map_err(sys("chmod", &path))?,
+            }
+        }
+        Ok(())
+    }
+    rustix::fs::fchown(&dir, None, Some(Gid::from_raw_unchecked(gid)))
+        .map_err(|e| sys("chown", path)(e.into()))?;
+    walk(dir.as_fd(), path, gid, 0)?;
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o2070))
+        .map_err(|e| sys("chmod", path)(e.into()))
+}

@@ -1,0 +1,451 @@
+//! NodeStageVolume and NodeUnstageVolume: attach the image, give a blank one
+//! its filesystem, mount it (or bind the device node, for block; or bind
+//! the data directory, for `dir` volumes), and the reverse.
+//!
+//! A stage holds a [`Claim`] from its first step: the fence, then the
+//! device, then each mount, so a stage that fails part-way gives back what
+//! it took and a retry starts clean. A stage that finds itself done already
+//! (kubelet's retry, a restarted plugin) checks that what is mounted is this
+//! volume and answers OK.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use super::claim::Claim;
+use super::error::{sys, NodeError};
+use super::format::Content;
+use super::mkfs_options;
+use super::paths::Create;
+use super::rollback::Rollback;
+use super::{lock_kind, Node, Request, BLOCK_DEVICE_FILE};
+use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
+use crate::pool::Pool;
+use crate::sys::lock::LockKind;
+use crate::sys::loopdev::LoopDevice;
+use crate::sys::mount::{self, MountState};
+
+impl Node {
+    /// NodeStageVolume.
+    pub fn stage(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        match (v.layout, req.access) {
+            (Layout::Dir, _) => self.stage_dir(pool, v, staging, req),
+            (Layout::Image, AccessType::Mount) => {
+                let mut claim = Claim::fence(self, pool, &v.id, lock_kind(req.mode))?;
+                let result = self.stage_image(pool, v, staging, req, &mut claim);
+                claim.finish(result)
+            }
+            (Layout::Image, AccessType::Block) => {
+                let mut claim = Claim::fence(self, pool, &v.id, lock_kind(req.mode))?;
+                let result = self.stage_block(pool, v, staging, req, &mut claim);
+                claim.finish(result)
+            }
+        }
+    }
+
+    fn stage_dir(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<(), NodeError> {
+        let data = pool.data_path(&v.id);
+        // Shared: a directory serves many nodes at once. Held while staged
+        // so that no DeleteVolume removes a directory in use, whether or not
+        // ControllerPublish is used (the node-local layout skips it).
+        let mut claim = Claim::fence(self, pool, &v.id, LockKind::Shared)?;
+        let result = (|| {
+            if self.mount_state(staging)? == MountState::Mounted {
+                return self.expect_same_fs(staging, &data, "another filesystem");
+            }
+            let source = crate::sys::untrusted::open_root(&data).map_err(sys("open", &data))?;
+            let target = self.mount_point(staging, Create::Dir)?;
+            self.kernel
+                .bind(source.as_fd(), target.as_fd())
+                .map_err(sys("bind-mount", staging))?;
+            claim.push(format!("unmount {}", staging.display()), move || {
+                self.kernel.unmount(staging)
+            });
+            if req.mode.is_read_only() {
+                let root = self.mounted_root(staging, source.as_fd())?;
+                self.kernel
+                    .remount_read_only(root.as_fd())
+                    .map_err(sys("remount read-only", staging))?;
+            }
+            Ok(())
+        })();
+        claim.finish(result)
+    }
+
+    /// Attaches the image's loop device unless a usable one is attached;
+    /// the claim detaches one this call attached if the stage fails.
+    fn attach(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        read_only: bool,
+        claim: &mut Claim<'_>,
+    ) -> Result<LoopDevice, NodeError> {
+        let image = pool.image_path(&v.id);
+        if let Some(bound) = self
+            .kernel
+            .bound(&image)
+            .map_err(sys("find loop device of", &image))?
+        {
+            // A device being detached still writes the image until its last
+            // close: a second device beside it would be a second writer.
+            if bound.detaching {
+                return Err(NodeError::DetachPending {
+                    device: bound.device.path(),
+                    image,
+                });
+            }
+            return Ok(bound.device);
+        }
+        let a = self
+            .kernel
+            .attach(&image, read_only, self.direct_io)
+            .map_err(sys("attach a loop device to", &image))?;
+        claim.attached(a.device);
+        if !a.direct_io {
+            log::info!(
+                "volume {}: the pool filesystem refused direct I/O; the loop device is buffered",
+                v.id
+            );
+        }
+        // A device number is reused: drop anything cached of an image it
+        // backed before.
+        self.kernel
+            .drop_cached_blocks(a.device)
+            .map_err(sys("drop cached blocks of", a.device.path()))?;
+        Ok(a.device)
+    }
+
+    fn stage_image<'a>(
+        &'a self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &'a Path,
+        req: &Request,
+        claim: &mut Claim<'a>,
+    ) -> Result<(), NodeError> {
+        let fs = v.fs_type.unwrap_or(FsType::Ext4);
+        let read_only = req.mode.is_read_only();
+        // A provably blank image gets its filesystem before it is attached.
+        let v = if !read_only && v.written != Some(true) {
+            self.format_if_blank(pool, &v.id, fs)?
+        } else {
+            v.clone()
+        };
+        let dev = self.attach(pool, &v, read_only, claim)?;
+        if self.mount_state(staging)? == MountState::Mounted {
+            // Staged already (a retry, or a restart): it must be this
+            // volume's device.
+            let source = self
+                .kernel
+                .mount_source(staging)
+                .map_err(sys("read the mount table for", staging))?;
+            if source.as_deref() != Some(dev.path().to_string_lossy().as_ref()) {
+                return Err(NodeError::Occupied {
+                    path: staging.to_owned(),
+                    what: "another filesystem".into(),
+                });
+            }
+            return Ok(());
+        }
+
+        let will_not = |found: String| NodeError::WillNotFormat {
+            device: dev.path(),
+            found,
+            expected: fs.as_str().into(),
+        };
+        match self.kernel.probe(&dev.path(), &pool.image_path(&v.id))? {
+            Content::Filesystem(found) if found == fs.as_str() => {}
+            // A read-only stage of a never-formatted volume, or an image
+            // blanked under us: nothing to mount, nothing to format.
+            Content::Blank => {
+                return Err(will_not(
+                    "nothing (a blank volume is formatted at its first read-write stage)".into(),
+                ))
+            }
+            Content::Filesystem(found) | Content::Other(found) => return Err(will_not(found)),
+        }
+
+        // A filesystem found where the record still says "never written"
+        // (a crash between mkfs and the record, or a record older than the
+        // field): record it now, so the record alone stays conservative.
+        if !read_only && v.written != Some(true) {
+            if let Ok(lock) = pool.lock_volume(&v.id) {
+                if let Err(e) = pool.mark_written(&v.id, &lock) {
+                    log::warn!("volume {}: record that it holds a filesystem: {e}", v.id);
+                }
+            }
+        }
+
+        let (mut flags, mut data) = mount::parse_options(&req.mount_flags);
+        if read_only {
+            flags |= rustix::mount::MountFlags::RDONLY;
+        }
+        if fs == FsType::Xfs {
+            // Clones and restores share their source's UUID.
+            if !data.is_empty() {
+                data.push(',');
+            }
+            data.push_str("nouuid");
+        }
+        let target = self.mount_point(staging, Create::Dir)?;
+        self.kernel
+            .mount_fs(&dev.path(), target.as_fd(), fs.as_str(), flags, &data)
+            .map_err(sys("mount", staging))?;
+        claim.push(format!("unmount {}", staging.display()), move || {
+            self.kernel.unmount(staging)
+        });
+        // A restored or cloned volume may be larger than its filesystem.
+        if !read_only && v.source.is_some() {
+            if let Err(e) = self.kernel.grow(fs, &dev.path(), staging) {
+                log::warn!(
+                    "volume {}: growing the filesystem after a restore: {e}",
+                    v.id
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn stage_block<'a>(
+        &'a self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        staging: &Path,
+        req: &Request,
+        claim: &mut Claim<'a>,
+    ) -> Result<(), NodeError> {
+        let read_only = req.mode.is_read_only();
+        // Recorded before the device is handed out: from here on the pod
+        // may write anything, signature or not, and a later stage as a
+        // filesystem must never take it for blank.
+        if !read_only && v.written != Some(true) {
+            let lock = pool.lock_volume(&v.id)?;
+            pool.mark_written(&v.id, &lock)?;
+        }
+        let dev = self.attach(pool, v, read_only, claim)?;
+        let file = staging.join(BLOCK_DEVICE_FILE);
+        if self.mount_state(&file)? == MountState::Mounted {
+            return Ok(());
+        }
+        let source = self
+            .kernel
+            .open_device(dev)
+            .map_err(sys("open", dev.path()))?;
+        let target = self.mount_point(&file, Create::File)?;
+        self.kernel
+            .bind(source.as_fd(), target.as_fd())
+            .map_err(sys("bind-mount", &file))?;
+        claim.push(format!("unmount {}", file.display()), move || {
+            self.kernel.unmount(&file)
+        });
+        Ok(())
+    }
+
+    /// Formats the image if it is provably blank (see
+    /// [`super::format::blank_image`]), and returns the volume's record as
+    /// it is now. Runs under the volume's lock in the pool: the size
+    /// formatted is the one recorded now (an expansion before the first
+    /// stage is not lost), and no other process changes the record in
+    /// between.
+    fn format_if_blank(&self, pool: &Pool, id: &str, fs: FsType) -> Result<VolumeMeta, NodeError> {
+        let lock = pool.lock_volume(id)?;
+        let v = pool.volume(id)?;
+        let image = pool.image_path(id);
+        if !self
+            .kernel
+            .blank_image(&image, pool.reports_holes(), v.written)?
+        {
+            return Ok(v);
+        }
+        // Checked again here, not only at CreateVolume: a record made by a
+        // version that passed mkfsOptions through unchecked is refused
+        // before anything runs (the caller lets go of the fence).
+        let options = mkfs_options::validate(fs, &v.mkfs_options).map_err(|source| {
+            NodeError::MkfsOptionsRefused {
+                id: id.to_owned(),
+                source,
+            }
+        })?;
+        // One already attached (a crash between attach and format) is
+        // mounted nowhere: detach it first.
+        if let Some(bound) = self
+            .kernel
+            .bound(&image)
+            .map_err(sys("find loop device of", &image))?
+        {
+            if !bound.detaching {
+                self.kernel
+                    .detach(bound.device)
+                    .map_err(sys("detach", bound.device.path()))?;
+            }
+        }
+        log::info!(
+            "volume {id}: the image is blank, making {} of {} bytes",
+            fs.as_str(),
+            v.capacity_bytes
+        );
+        self.format_image(pool, &v, &options)?;
+        // After the rename: a crash before this line leaves a formatted
+        // image with `written: false`, which the signature probe still
+        // refuses to format again.
+        crate::faults::crash_point("stage.renamed");
+        Ok(pool.mark_written(id, &lock)?)
+    }
+
+    /// Makes the filesystem of a blank image without ever writing to the
+    /// image itself: mkfs runs on a new file beside it, which replaces the
+    /// image by one rename once it is complete and synced. A crash during
+    /// mkfs leaves the blank image and a scratch file (removed on the next
+    /// try), never a half-made filesystem that the probe would then refuse
+    /// to touch. The caller holds the volume's fence and lock.
+    fn format_image(
+        &self,
+        pool: &Pool,
+        v: &VolumeMeta,
+        options: &mkfs_options::Validated<'_>,
+    ) -> Result<(), NodeError> {
+        let image = pool.image_path(&v.id);
+        let dir = image
+            .parent()
+            .expect("images live in their volume directory");
+        let scratch = dir.join(".image.mkfs");
+        // Left by a stage that crashed during mkfs.
+        remove_if_present(&scratch).map_err(sys("remove", &scratch))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&scratch)
+            .map_err(sys("create", &scratch))?;
+        let mut undo = Rollback::new();
+        undo.push(format!("remove {}", scratch.display()), || {
+            remove_if_present(&scratch)
+        });
+        let result = (|| {
+            file.set_len(v.capacity_bytes)
+                .map_err(sys("size", &scratch))?;
+            if v.thick {
+                crate::sys::fs::preallocate(&file, v.capacity_bytes)
+                    .map_err(sys("preallocate", &scratch))?;
+            }
+            self.kernel.mkfs(&scratch, options)?;
+            file.sync_all().map_err(sys("sync", &scratch))?;
+            crate::faults::crash_point("stage.formatted");
+            std::fs::rename(&scratch, &image).map_err(sys("replace", &image))?;
+            crate::sys::fs::fsync_dir(dir).map_err(sys("sync", dir))
+        })();
+        undo.finish(result)
+    }
+
+    /// NodeUnstageVolume: unmounts, detaches the loop device, drops the
+    /// fence. Idempotent. Refused while the volume is still mounted
+    /// elsewhere under this node's kubelet directory (a publish not yet
+    /// unpublished); the fence is kept until the loop device is really gone.
+    pub fn unstage(&self, pool: &Pool, id: &str, staging: &Path) -> Result<(), NodeError> {
+        let mounts = self
+            .kernel
+            .mounts_of_volume(pool, id, &self.kubelet_dir)
+            .map_err(sys("read", "/proc/self/mountinfo"))?;
+        if let Some(at) = mounts.into_iter().find(|p| !p.starts_with(staging)) {
+            return Err(NodeError::StillPublished {
+                id: id.to_owned(),
+                at,
+            });
+        }
+        let staged = matches!(
+            self.mount_state(staging)?,
+            MountState::Mounted | MountState::Broken
+        );
+        if staged {
+            // A filesystem or directory stage: everything below the staging
+            // path is the pod's (a `device` there is just its file).
+            self.kernel
+                .unmount(staging)
+                .map_err(sys("unmount", staging))?;
+        } else {
+            // A block stage: the staging directory is kubelet's, and the
+            // device node is bound onto its `device` file.
+            let device_file = staging.join(BLOCK_DEVICE_FILE);
+            if matches!(
+                self.mount_state(&device_file)?,
+                MountState::Mounted | MountState::Broken
+            ) {
+                self.kernel
+                    .unmount(&device_file)
+                    .map_err(sys("unmount", &device_file))?;
+            }
+            remove_if_present(&device_file).map_err(sys("remove", &device_file))?;
+        }
+        let image = pool.image_path(id);
+        if let Some(bound) = self
+            .kernel
+            .bound(&image)
+            .map_err(sys("find loop device of", &image))?
+        {
+            let dev = bound.device;
+            if self
+                .kernel
+                .loop_mounted(dev)
+                .map_err(sys("read", "/proc/self/mountinfo"))?
+            {
+                // Another node plugin on this host (its own kubelet
+                // directory, a shared read-only stage) still has it mounted:
+                // the device stays for it; this plugin's stage is over.
+                log::info!(
+                    "volume {id}: {} is still mounted outside this node's kubelet directory; it stays attached",
+                    dev.path().display()
+                );
+            } else {
+                if !bound.detaching {
+                    self.kernel.detach(dev).map_err(sys("detach", dev.path()))?;
+                }
+                if !self
+                    .detached(&image)
+                    .map_err(sys("find loop device of", &image))?
+                {
+                    return Err(NodeError::DetachPending {
+                        device: dev.path(),
+                        image,
+                    });
+                }
+            }
+        }
+        self.fences.release(id);
+        Ok(())
+    }
+
+    /// Waits (up to about two seconds) until no loop device is bound to
+    /// `image` any more, detaching or not: the kernel lets go of a detached
+    /// device at its last close, which a moment's opener (a probe, udev)
+    /// can delay.
+    fn detached(&self, image: &Path) -> std::io::Result<bool> {
+        for wait in [0, 10, 20, 50, 100, 200, 400, 600, 600] {
+            std::thread::sleep(std::time::Duration::from_millis(wait));
+            if self.kernel.bound(image)?.is_none() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+pub(super) fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,453 @@
+//! The node's logic against the recording fake kernel (`node::fake`): real
+//! pool records and fences on a temporary directory, real staging and
+//! target directories under a temporary kubelet directory, fake loop
+//! devices and mounts. No root needed; the root tests in
+//! `tests/integration/` run the same paths on the real kernel.
+//!
+//! What they pin down: a retry changes nothing, a step that fails gives
+//! back everything taken before it, a rollback that fails keeps both
+//! errors and the fence, and a device still held open is never attached a
+//! second time.
+
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::fake::Recording;
+use super::*;
+use crate::pool::meta::{FsType, Layout, VolumeMeta};
+use crate::pool::{CapacityRange, PoolOptions, VolumeSpec};
+use crate::sys::loopdev::LoopDevice;
+
+const MIB: u64 = 1 << 20;
+
+/// A pool, a kubelet directory and a node acting on a fake kernel.
+struct Bed {
+    _dir: tempfile::TempDir,
+    pool: Pool,
+    kernel: Arc<Recording>,
+    node: Node,
+}
+
+impl Bed {
+    fn new() -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("pool")).unwrap();
+        std::fs::create_dir(dir.path().join("kubelet")).unwrap();
+        let pool = Pool::open(
+            &dir.path().join("pool"),
+            PoolOptions {
+                reserve_bytes: 0,
+                overcommit: 1000.0,
+                topology: BTreeMap::new(),
+                janitor: false,
+            },
+        )
+        .unwrap();
+        let kernel = Arc::new(Recording::new());
+        let node =
+            Node::with_kernel(&dir.path().join("kubelet"), &pool, true, kernel.clone()).unwrap();
+        Bed {
+            _dir: dir,
+            pool,
+            kernel,
+            node,
+        }
+    }
+
+    /// The node plugin restarted on the same host (the same kernel): the
+    /// old process, and its fences, are gone first.
+    fn restart(self) -> Bed {
+        let Bed {
+            _dir,
+            pool,
+            kernel,
+            node,
+        } = self;
+        let kubelet = node.kubelet_dir().to_owned();
+        drop(node);
+        let node = Node::with_kernel(&kubelet, &pool, true, kernel.clone()).unwrap();
+        Bed {
+            _dir,
+            pool,
+            kernel,
+            node,
+        }
+    }
+
+    fn volume(&self, name: &str, layout: Layout, access: AccessType) -> VolumeMeta {
+        self.pool
+            .create_volume(&VolumeSpec {
+                name: name.into(),
+                layout,
+                capacity: CapacityRange {
+                    required: 16 * MIB,
+                    limit: 0,
+                },
+                access,
+                fs_type: (layout == Layout::Image && access == AccessType::Mount)
+                    .then_some(FsType::Ext4),
+                thick: false,
+                mkfs_options: vec![],
+                parameters: BTreeMap::new(),
+                mutable_parameters: BTreeMap::new(),
+                source: None,
+                modes: vec![AccessMode::SingleNodeWriter],
+            })
+            .unwrap()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.node.kubelet_dir().join(rel)
+    }
+
+    fn stage(&self, v: &VolumeMeta, staging: &Path, mode: AccessMode) -> Result<(), NodeError> {
+        // The service hands the node a fresh record at every call.
+        let v = self.pool.volume(&v.id).unwrap();
+        self.node
+            .stage(&self.pool, &v, staging, &request(&v, mode, false))
+    }
+
+    fn publish(
+        &self,
+        v: &VolumeMeta,
+        staging: &Path,
+        target: &Path,
+        mode: AccessMode,
+        readonly: bool,
+    ) -> Result<(), NodeError> {
+        let v = self.pool.volume(&v.id).unwrap();
+        let req = request(&v, mode, readonly);
+        self.node.publish(&self.pool, &v, staging, target, &req)
+    }
+
+    fn fence(&self, v: &VolumeMeta) -> Option<LockKind> {
+        self.node.fences.held(&v.id)
+    }
+}
+
+fn request(v: &VolumeMeta, mode: AccessMode, readonly: bool) -> Request {
+    Request {
+        volume_id: v.id.clone(),
+        access: v.access,
+        mode,
+        mount_flags: vec![],
+        mount_group: None,
+        readonly,
+    }
+}
+
+/// The error and its causes, as the gRPC status message gives them.
+fn chain(e: &NodeError) -> String {
+    crate::error::message_chain(e)
+}
+
+const RWO: AccessMode = AccessMode::SingleNodeWriter;
+const ROX: AccessMode = AccessMode::MultiNodeReaderOnly;
+
+#[test]
+fn a_blank_image_is_formatted_once_and_a_retried_stage_changes_nothing() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    // Formatted before it is attached: no device ever shows a half-made
+    // filesystem.
+    let ops: Vec<String> = bed
+        .kernel
+        .calls()
+        .iter()
+        .map(|c| c.split(' ').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ops,
+        ["mkfs", "attach", "drop_cached_blocks", "probe", "mount"]
+    );
+    assert_eq!(bed.fence(&v), Some(LockKind::Exclusive));
+    assert_eq!(bed.pool.volume(&v.id).unwrap().written, Some(true));
+    // The mkfs ran on a scratch file that replaced the image.
+    assert!(!bed
+        .pool
+        .image_path(&v.id)
+        .with_file_name(".image.mkfs")
+        .exists());
+
+    // kubelet's retry, and a restarted plugin's: nothing is done again.
+    bed.stage(&v, &staging, RWO).unwrap();
+    let bed = bed.restart();
+    assert_eq!(
+        bed.fence(&v),
+        Some(LockKind::Exclusive),
+        "recovery re-took it"
+    );
+    bed.stage(&v, &staging, RWO).unwrap();
+    assert_eq!(bed.kernel.count("mkfs"), 1);
+    assert_eq!(bed.kernel.count("attach"), 1);
+    assert_eq!(bed.kernel.count("mount"), 1);
+    assert_eq!(bed.kernel.mounted(), vec![staging]);
+}
+
+#[test]
+fn a_stage_whose_mount_fails_gives_back_the_device_and_the_fence() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.kernel.fail_next("mount", ErrorKind::InvalidInput);
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(
+        chain(&e).contains("injected failure of mount"),
+        "{}",
+        chain(&e)
+    );
+    assert!(bed.kernel.attached_images().is_empty(), "detached");
+    assert!(bed.kernel.mounted().is_empty());
+    assert_eq!(bed.fence(&v), None, "fence released");
+    // Another process can take the fence now.
+    assert!(bed
+        .pool
+        .fence_volume(&v.id, LockKind::Exclusive)
+        .unwrap()
+        .is_some());
+
+    // The retry starts clean; the filesystem made before is kept.
+    bed.stage(&v, &staging, RWO).unwrap();
+    assert_eq!(bed.kernel.count("mkfs"), 1);
+    assert_eq!(bed.kernel.count("attach"), 2);
+    assert_eq!(bed.kernel.count("detach"), 1);
+}
+
+#[test]
+fn a_rollback_that_fails_keeps_both_errors_and_the_fence() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.kernel.fail_next("mount", ErrorKind::InvalidInput);
+    bed.kernel.fail_next("detach", ErrorKind::ResourceBusy);
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    let text = chain(&e);
+    assert!(matches!(e, NodeError::RollbackFailed { .. }), "{text}");
+    assert!(text.contains("injected failure of mount"), "{text}");
+    assert!(
+        text.contains("detach /dev/loop900: injected failure of detach"),
+        "{text}"
+    );
+    assert!(text.contains("stays held"), "{text}");
+    // The device still backs the image: the fence keeps every other
+    // node plugin from attaching it beside this one.
+    assert_eq!(
+        bed.kernel.attached_images(),
+        vec![bed.pool.image_path(&v.id)]
+    );
+    assert_eq!(bed.fence(&v), Some(LockKind::Exclusive));
+    assert!(bed
+        .pool
+        .fence_volume(&v.id, LockKind::Shared)
+        .unwrap()
+        .is_none());
+
+    // An unstage (kubelet's, for an uncertain stage) cleans up and lets go.
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    assert!(bed.kernel.attached_images().is_empty());
+    assert_eq!(bed.fence(&v), None);
+}
+
+#[test]
+fn a_failed_mkfs_leaves_the_image_blank_and_nothing_taken() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.kernel.fail_next("mkfs", ErrorKind::Other);
+    bed.stage(&v, &staging, RWO).unwrap_err();
+    let image = bed.pool.image_path(&v.id);
+    assert!(
+        !image.with_file_name(".image.mkfs").exists(),
+        "scratch removed"
+    );
+    assert!(std::fs::read(&image).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(bed.pool.volume(&v.id).unwrap().written, Some(false));
+    assert_eq!(bed.kernel.count("attach"), 0);
+    assert_eq!(bed.fence(&v), None);
+}
+
+#[test]
+fn a_read_only_stage_of_a_blank_volume_formats_nothing() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    let e = bed.stage(&v, &staging, ROX).unwrap_err();
+    assert!(matches!(e, NodeError::WillNotFormat { .. }), "{e}");
+    assert_eq!(bed.kernel.count("mkfs"), 0);
+    assert!(bed.kernel.attached_images().is_empty());
+    assert_eq!(bed.fence(&v), None);
+}
+
+#[test]
+fn unstage_is_idempotent_and_refused_while_published() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let (staging, target) = (bed.path("staging/a"), bed.path("pods/p/a"));
+    bed.stage(&v, &staging, RWO).unwrap();
+    bed.publish(&v, &staging, &target, RWO, false).unwrap();
+    let e = bed.node.unstage(&bed.pool, &v.id, &staging).unwrap_err();
+    assert!(matches!(e, NodeError::StillPublished { .. }), "{e}");
+    assert_eq!(bed.fence(&v), Some(LockKind::Exclusive));
+
+    bed.node.unpublish(&target).unwrap();
+    assert!(!target.exists());
+    bed.node.unpublish(&target).unwrap();
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    assert!(bed.kernel.mounted().is_empty());
+    assert!(bed.kernel.attached_images().is_empty());
+    assert_eq!(bed.fence(&v), None);
+    assert_eq!(bed.kernel.count("detach"), 1);
+}
+
+#[test]
+fn a_device_held_open_is_waited_for_never_attached_beside() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    bed.kernel.hold_open(LoopDevice { number: 900 });
+    let e = bed.node.unstage(&bed.pool, &v.id, &staging).unwrap_err();
+    assert!(matches!(e, NodeError::DetachPending { .. }), "{e}");
+    // Still writing the image until its last close: the fence stays.
+    assert_eq!(bed.fence(&v), Some(LockKind::Exclusive));
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::DetachPending { .. }), "{e}");
+    assert_eq!(bed.kernel.count("attach"), 1, "no second device");
+}
+
+#[test]
+fn publish_is_idempotent_and_a_failed_remount_unbinds() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let (staging, target) = (bed.path("staging/a"), bed.path("pods/p/a"));
+    let e = bed.publish(&v, &staging, &target, RWO, true).unwrap_err();
+    assert!(matches!(e, NodeError::NotStaged { .. }), "{e}");
+    bed.stage(&v, &staging, RWO).unwrap();
+
+    bed.kernel
+        .fail_next("remount_read_only", ErrorKind::PermissionDenied);
+    bed.publish(&v, &staging, &target, RWO, true).unwrap_err();
+    assert_eq!(bed.kernel.mounted(), vec![staging.clone()], "bind undone");
+
+    bed.publish(&v, &staging, &target, RWO, true).unwrap();
+    bed.publish(&v, &staging, &target, RWO, true).unwrap();
+    assert_eq!(bed.kernel.count("bind"), 2, "the retry binds nothing");
+    let e = bed.publish(&v, &staging, &target, RWO, false).unwrap_err();
+    assert!(matches!(e, NodeError::Occupied { .. }), "{e}");
+}
+
+#[test]
+fn a_single_writer_volume_is_published_once_wherever_the_target() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let w = bed.volume("b", Layout::Image, AccessType::Mount);
+    let sswo = AccessMode::SingleNodeSingleWriter;
+    let (sa, sb) = (bed.path("staging/a"), bed.path("staging/b"));
+    bed.stage(&v, &sa, sswo).unwrap();
+    bed.stage(&w, &sb, sswo).unwrap();
+    bed.publish(&v, &sa, &bed.path("elsewhere/a"), sswo, false)
+        .unwrap();
+    // Another volume does not count.
+    bed.publish(&w, &sb, &bed.path("pods/p/b"), sswo, false)
+        .unwrap();
+    let e = bed
+        .publish(&v, &sa, &bed.path("pods/q/a"), sswo, false)
+        .unwrap_err();
+    assert!(matches!(e, NodeError::SingleWriter { .. }), "{e}");
+    assert!(!bed.kernel.mounted().contains(&bed.path("pods/q/a")));
+}
+
+#[test]
+fn a_block_stage_binds_the_device_node_and_records_the_volume_written() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Block);
+    let staging = bed.path("staging/a");
+    std::fs::create_dir_all(&staging).unwrap();
+    bed.stage(&v, &staging, RWO).unwrap();
+    assert_eq!(bed.kernel.count("mkfs"), 0);
+    assert_eq!(bed.pool.volume(&v.id).unwrap().written, Some(true));
+    assert_eq!(bed.kernel.mounted(), vec![staging.join("device")]);
+    let target = bed.path("pods/p/dev");
+    bed.publish(&v, &staging, &target, RWO, false).unwrap();
+    assert!(target.is_file());
+
+    bed.node.unpublish(&target).unwrap();
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    assert!(!staging.join("device").exists());
+    assert!(staging.is_dir(), "the staging directory is kubelet's");
+    assert!(bed.kernel.attached_images().is_empty());
+}
+
+#[test]
+fn a_dir_stage_that_fails_its_remount_unbinds_and_releases_the_fence() {
+    let bed = Bed::new();
+    let v = bed.volume("d", Layout::Dir, AccessType::Mount);
+    let staging = bed.path("staging/d");
+    bed.kernel
+        .fail_next("remount_read_only", ErrorKind::PermissionDenied);
+    bed.stage(&v, &staging, ROX).unwrap_err();
+    assert!(bed.kernel.mounted().is_empty());
+    assert_eq!(bed.fence(&v), None);
+
+    bed.stage(&v, &staging, ROX).unwrap();
+    assert_eq!(bed.fence(&v), Some(LockKind::Shared));
+    let bed = bed.restart();
+    assert_eq!(
+        bed.fence(&v),
+        Some(LockKind::Shared),
+        "recovered from the mount table"
+    );
+}
+
+#[test]
+fn a_writer_stage_after_a_reader_upgrades_the_fence() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    bed.stage(&v, &bed.path("staging/w"), RWO).unwrap();
+    bed.node
+        .unstage(&bed.pool, &v.id, &bed.path("staging/w"))
+        .unwrap();
+    bed.stage(&v, &bed.path("staging/r"), ROX).unwrap();
+    assert_eq!(bed.fence(&v), Some(LockKind::Shared));
+    // Another process holding it shared blocks the upgrade.
+    let other = bed
+        .pool
+        .fence_volume(&v.id, LockKind::Shared)
+        .unwrap()
+        .unwrap();
+    let e = bed.stage(&v, &bed.path("staging/w"), RWO).unwrap_err();
+    assert!(matches!(e, NodeError::Fenced { .. }), "{e}");
+    drop(other);
+}
+
+#[test]
+fn expansion_answers_with_the_device_size_not_the_request() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    let v = bed.pool.volume(&v.id).unwrap();
+    let range = |required| CapacityRange { required, limit: 0 };
+    let e = bed
+        .node
+        .expand(&bed.pool, &v, &staging, range(32 * MIB))
+        .unwrap_err();
+    assert!(
+        matches!(e, NodeError::NotGrown { size, .. } if size == 16 * MIB),
+        "{e}"
+    );
+    assert_eq!(bed.kernel.count("grow"), 0);
+    assert_eq!(
+        bed.node
+            .expand(&bed.pool, &v, &staging, range(16 * MIB))
+            .unwrap(),
+        16 * MIB
+    );
+    assert_eq!(bed.kernel.count("refresh_capacity"), 2);
+    assert_eq!(bed.kernel.count("grow"), 1);
+}
