@@ -75,6 +75,18 @@ pub enum Error {
     Node(#[from] NodeError),
 }
 
+impl From<crate::pool::new_volume::Refused> for Error {
+    fn from(e: crate::pool::new_volume::Refused) -> Self {
+        Error::invalid(e.field, e.reason)
+    }
+}
+
+impl From<crate::pool::parameters::ParamError> for Error {
+    fn from(e: crate::pool::parameters::ParamError) -> Self {
+        crate::pool::new_volume::Refused::from(e).into()
+    }
+}
+
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {

@@ -3,7 +3,8 @@
 //!
 //! Where each part lives: [`fences`] (the locks held per staged volume),
 //! `claim` (a stage's fence and device as one guard), `stage`, `publish`,
-//! `stats` (stats and expansion), [`kernel`] (the one seam to the mount,
+//! `stats` (stats and expansion), [`ephemeral`] (inline volumes, created
+//! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
 //! loop and mkfs calls, with a recording fake for the unit tests), `mounts`
 //! (what the mount table says of a volume), [`paths`] (staging and target
 //! paths, opened safely), [`format`] and [`mkfs_options`].
@@ -29,6 +30,7 @@
 //! attached and the directories it finds bind-mounted before it serves.
 
 mod claim;
+pub mod ephemeral;
 pub mod error;
 #[cfg(test)]
 mod fake;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::fake::Recording;
 use super::*;
 use crate::pool::meta::{FsType, Layout, VolumeMeta};
-use crate::pool::{CapacityRange, PoolOptions, VolumeSpec};
+use crate::pool::{ids, CapacityRange, PoolOptions, VolumeSpec};
 use crate::sys::loopdev::LoopDevice;
 
 const MIB: u64 = 1 << 20;
@@ -450,4 +450,145 @@ fn expansion_answers_with_the_device_size_not_the_request() {
     );
     assert_eq!(bed.kernel.count("refresh_capacity"), 2);
     assert_eq!(bed.kernel.count("grow"), 1);
+}
+
+// ---- ephemeral inline volumes ----
+
+fn ephemeral_request(size: &str) -> (VolumeSpec, Request) {
+    let cap = crate::pool::capability::Capability {
+        access: AccessType::Mount,
+        fs_type: "ext4".into(),
+        mount_flags: vec![],
+        mount_group: String::new(),
+        mode: RWO,
+    };
+    let context = std::collections::HashMap::from([
+        (ephemeral::EPHEMERAL_KEY.to_owned(), "true".to_owned()),
+        ("csi.storage.k8s.io/pod.name".to_owned(), "p".to_owned()),
+        (ephemeral::SIZE_KEY.to_owned(), size.to_owned()),
+    ]);
+    assert!(ephemeral::requested(&context));
+    let spec = ephemeral::spec("csi-eph", &cap, &context).unwrap();
+    let req = Request {
+        volume_id: "csi-eph".into(),
+        access: AccessType::Mount,
+        mode: RWO,
+        mount_flags: vec![],
+        mount_group: None,
+        readonly: false,
+    };
+    (spec, req)
+}
+
+#[test]
+fn ephemeral_attributes_are_checked_before_anything_is_made() {
+    let (spec, _) = ephemeral_request("64Mi");
+    assert_eq!(spec.capacity.required, 64 * MIB);
+    assert_eq!(spec.fs_type, Some(FsType::Ext4));
+    let mut cap = crate::pool::capability::Capability {
+        access: AccessType::Mount,
+        fs_type: String::new(),
+        mount_flags: vec![],
+        mount_group: String::new(),
+        mode: RWO,
+    };
+    let none = std::collections::HashMap::new();
+    assert_eq!(
+        ephemeral::spec("v", &cap, &none).unwrap().capacity.required,
+        ephemeral::DEFAULT_SIZE
+    );
+    let bad = std::collections::HashMap::from([("color".to_owned(), "blue".to_owned())]);
+    let e = ephemeral::spec("v", &cap, &bad).unwrap_err();
+    assert_eq!(e.field, "volume_context");
+    assert!(e.reason.contains("\"color\""), "{e}");
+    let bad = std::collections::HashMap::from([("size".to_owned(), "lots".to_owned())]);
+    assert_eq!(
+        ephemeral::spec("v", &cap, &bad).unwrap_err().field,
+        "volume_context"
+    );
+    cap.access = AccessType::Block;
+    assert_eq!(
+        ephemeral::spec("v", &cap, &none).unwrap_err().field,
+        "volume_capability"
+    );
+    cap.access = AccessType::Mount;
+    cap.fs_type = "ntfs".into();
+    assert_eq!(
+        ephemeral::spec("v", &cap, &none).unwrap_err().field,
+        "volume_capability"
+    );
+}
+
+#[test]
+fn an_ephemeral_volume_lives_and_goes_with_its_publish() {
+    let bed = Bed::new();
+    let (spec, req) = ephemeral_request("16Mi");
+    let staging = ephemeral::staging(bed.node.kubelet_dir(), "filevol.test", "csi-eph");
+    let target = bed.path("pods/p/volumes/eph");
+    bed.node
+        .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
+        .unwrap();
+    // kubelet's retry changes nothing.
+    bed.node
+        .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
+        .unwrap();
+    let id = ids::derive(ids::Kind::Volume, "csi-eph");
+    assert!(ephemeral::is_ephemeral(&bed.pool.volume(&id).unwrap()));
+    assert_eq!(bed.kernel.mounted(), vec![staging.clone(), target.clone()]);
+    assert_eq!(bed.kernel.count("attach"), 1);
+
+    bed.node.unpublish(&target).unwrap();
+    bed.node
+        .remove_ephemeral(&bed.pool, "csi-eph", &staging)
+        .unwrap();
+    assert!(bed.pool.volume(&id).is_err(), "deleted");
+    assert!(!staging.exists());
+    assert!(bed.kernel.mounted().is_empty());
+    assert!(bed.kernel.attached_images().is_empty());
+    // Again (kubelet's retry), and for a volume that is not ephemeral.
+    bed.node
+        .remove_ephemeral(&bed.pool, "csi-eph", &staging)
+        .unwrap();
+    let v = bed.volume("kept", Layout::Image, AccessType::Mount);
+    bed.node
+        .remove_ephemeral(&bed.pool, "kept", &staging)
+        .unwrap();
+    assert!(bed.pool.volume(&v.id).is_ok());
+}
+
+#[test]
+fn an_ephemeral_publish_that_fails_leaves_no_volume() {
+    let bed = Bed::new();
+    let (spec, req) = ephemeral_request("16Mi");
+    let staging = ephemeral::staging(bed.node.kubelet_dir(), "filevol.test", "csi-eph");
+    let target = bed.path("pods/p/volumes/eph");
+    let id = ids::derive(ids::Kind::Volume, "csi-eph");
+    // The publish step fails: the stage is undone, then the volume.
+    bed.kernel.fail_next("bind", ErrorKind::PermissionDenied);
+    bed.node
+        .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
+        .unwrap_err();
+    assert!(bed.pool.volume(&id).is_err(), "the volume made was deleted");
+    assert!(!staging.exists());
+    assert!(bed.kernel.mounted().is_empty());
+    assert!(bed.kernel.attached_images().is_empty());
+    assert_eq!(bed.node.fences.held(&id), None);
+    // The stage step fails.
+    bed.kernel.fail_next("mount", ErrorKind::InvalidInput);
+    bed.node
+        .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
+        .unwrap_err();
+    assert!(bed.pool.volume(&id).is_err());
+    assert!(!staging.exists());
+
+    // A volume an earlier publish made stays when a retry fails.
+    bed.node
+        .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
+        .unwrap();
+    bed.node.unpublish(&target).unwrap();
+    bed.kernel.fail_next("bind", ErrorKind::PermissionDenied);
+    bed.node
+        .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
+        .unwrap_err();
+    assert!(bed.pool.volume(&id).is_ok(), "not this call's to delete");
 }

@@ -34,6 +34,7 @@ pub mod copy;
 pub mod error;
 pub mod ids;
 pub mod meta;
+pub mod new_volume;
 pub mod parameters;
 pub mod store;
 pub mod topology;
@@ -142,6 +143,21 @@ pub struct Pool {
     sizes: parking_lot::Mutex<capacity::SizeCache>,
 }
 
+/// Whether this process can use the pool directory at `root` now: read,
+/// write and search it. access(2) reports EROFS for a read-only mount even
+/// to root and needs no write to the pool, so asking costs no I/O (Probe
+/// asks at every call).
+pub fn usable(root: &Path) -> Result<(), String> {
+    use rustix::fs::Access;
+    rustix::fs::access(root, Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK).map_err(|e| {
+        format!(
+            "pool {} is not readable and writable: {}",
+            root.display(),
+            std::io::Error::from(e)
+        )
+    })
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -223,6 +239,11 @@ impl Pool {
     /// instant and atomic, and group snapshots are possible.
     pub fn reflinks(&self) -> bool {
         self.reflinks
+    }
+
+    /// The pool filesystem's size and free space, now.
+    pub fn space(&self) -> std::io::Result<crate::sys::fs::FsSpace> {
+        crate::sys::fs::space(&self.root)
     }
 
     /// The pool directory.

@@ -12,11 +12,10 @@ use super::validate;
 use super::{convert, group_key, snapshot_key, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
-use crate::node::mkfs_options;
 use crate::pool::capability::{self, Capability};
-use crate::pool::meta::{AccessType, FsType, Layout, Source};
-use crate::pool::parameters::{self, ParamError, VolumeParameters};
-use crate::pool::{ids, topology, PoolError, VolumeSpec, ALIGN};
+use crate::pool::meta::{Layout, Source};
+use crate::pool::parameters;
+use crate::pool::{ids, new_volume, topology, PoolError, ALIGN};
 use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
@@ -24,15 +23,6 @@ use crate::rpc::Rpc;
 
 fn sorted(map: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-}
-
-/// A parameter error as the request field it belongs to.
-fn invalid_parameter(e: ParamError) -> Error {
-    let field = match e.set {
-        parameters::Set::Parameters => "parameters",
-        parameters::Set::Mutable => "mutable_parameters",
-    };
-    Error::invalid(field, e.reason)
 }
 
 impl Operation for csi::CreateVolumeRequest {
@@ -43,68 +33,13 @@ impl Operation for csi::CreateVolumeRequest {
         validate::name(&self.name)?;
         let caps = validate::capabilities("volume_capabilities", &self.volume_capabilities)?;
         let capacity = validate::capacity(&self.capacity_range)?;
-        let parameters = sorted(&self.parameters);
-        let mutable_parameters = sorted(&self.mutable_parameters);
-        let params =
-            parameters::volume(&parameters, &mutable_parameters).map_err(invalid_parameter)?;
-        let layout = params.layout;
-
-        let access = caps[0].access;
-        if caps.iter().any(|c| c.access != access) {
-            return Err(Error::invalid(
-                "volume_capabilities",
-                "mixes mount and block; a volume is one or the other",
-            ));
-        }
-        let fs_type = match (layout, access) {
-            (Layout::Dir, AccessType::Block) => {
-                return Err(Error::invalid(
-                    "volume_capabilities",
-                    "a dir volume cannot be a block device; use layout=image",
-                ))
-            }
-            (Layout::Dir, AccessType::Mount) => None,
-            (Layout::Image, AccessType::Block) => None,
-            (Layout::Image, AccessType::Mount) => {
-                let mut fs_types = caps
-                    .iter()
-                    .map(|c| c.fs_type.as_str())
-                    .filter(|f| !f.is_empty());
-                let first = fs_types.next().unwrap_or("");
-                if fs_types.any(|f| f != first) {
-                    return Err(Error::invalid(
-                        "volume_capabilities",
-                        "names different filesystems",
-                    ));
-                }
-                Some(FsType::parse(first).ok_or_else(|| {
-                    Error::invalid(
-                        "volume_capabilities",
-                        format!("fs_type {first:?} is not supported; use ext4, xfs or btrfs"),
-                    )
-                })?)
-            }
-        };
-        if let Some(c) = caps.iter().find(|c| !c.mode.supported_by(layout)) {
-            return Err(Error::invalid(
-                "volume_capabilities",
-                format!(
-                    "access mode {:?} needs several writers on several nodes; use layout=dir",
-                    c.mode
-                ),
-            ));
-        }
-        params.check_layout_options().map_err(invalid_parameter)?;
-        let VolumeParameters {
-            thick,
-            mkfs_options,
-            ..
-        } = params;
-        // Only tuning options, checked once the filesystem is known. A block
-        // volume is never formatted; its options are held to the list of
-        // ext4, the filesystem the node would give it.
-        mkfs_options::validate(fs_type.unwrap_or(FsType::Ext4), &mkfs_options)
-            .map_err(|e| Error::invalid("parameters", e.to_string()))?;
+        let mut spec = new_volume::spec(
+            &self.name,
+            &caps,
+            capacity,
+            sorted(&self.parameters),
+            sorted(&self.mutable_parameters),
+        )?;
 
         let source = match self.volume_content_source.as_ref() {
             None => None,
@@ -135,19 +70,7 @@ impl Operation for csi::CreateVolumeRequest {
             }
         }
 
-        let spec = VolumeSpec {
-            name: self.name.clone(),
-            layout,
-            capacity,
-            access,
-            fs_type,
-            thick,
-            mkfs_options,
-            parameters,
-            mutable_parameters,
-            source: source.clone(),
-            modes: caps.iter().map(|c| c.mode).collect(),
-        };
+        spec.source.clone_from(&source);
         let id = ids::derive(ids::Kind::Volume, &self.name);
         let driver = Arc::clone(driver);
         let mut job = Job::new(move || {
@@ -460,7 +383,7 @@ impl Operation for csi::ControllerModifyVolumeRequest {
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::id("volume_id", &self.volume_id)?;
         let params = sorted(&self.mutable_parameters);
-        parameters::mutable(&params).map_err(invalid_parameter)?;
+        parameters::mutable(&params)?;
         let (driver, id) = (Arc::clone(driver), self.volume_id);
         let key = volume_key(&id);
         Ok(Job::new(move || {
@@ -478,7 +401,7 @@ impl Operation for csi::CreateSnapshotRequest {
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::name(&self.name)?;
         validate::id("source_volume_id", &self.source_volume_id)?;
-        parameters::none(&sorted(&self.parameters), "snapshots").map_err(invalid_parameter)?;
+        parameters::none(&sorted(&self.parameters), "snapshots")?;
         let id = ids::derive(ids::Kind::Snapshot, &self.name);
         let (driver, name, source) = (Arc::clone(driver), self.name, self.source_volume_id);
         let source_key = volume_key(&source);
@@ -583,8 +506,7 @@ impl Operation for csi::CreateVolumeGroupSnapshotRequest {
         for id in &self.source_volume_ids {
             validate::id("source_volume_ids", id)?;
         }
-        parameters::none(&sorted(&self.parameters), "group snapshots")
-            .map_err(invalid_parameter)?;
+        parameters::none(&sorted(&self.parameters), "group snapshots")?;
         let id = ids::derive(ids::Kind::Group, &self.name);
         // Every member volume is held for the group's duration, so the
         // snapshots are taken together with no call changing a member.

@@ -119,18 +119,7 @@ fn plugin_capabilities(offers: Offers) -> Vec<csi::PluginCapability> {
 /// Ready means: the pool is a directory this process can read and write,
 /// and every worker thread is running.
 fn check_health(pool: &Path, workers: &WorkerPool) -> Result<(), Error> {
-    use rustix::fs::Access;
-    // access(2) reports EROFS for a read-only mount even to root, and needs
-    // no write to the pool, so probing costs no I/O.
-    rustix::fs::access(pool, Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK).map_err(
-        |e| {
-            Error::Unhealthy(format!(
-                "pool {} is not readable and writable: {}",
-                pool.display(),
-                std::io::Error::from(e)
-            ))
-        },
-    )?;
+    crate::pool::usable(pool).map_err(Error::Unhealthy)?;
     let alive = workers.alive();
     if alive < workers.size() {
         return Err(Error::Unhealthy(format!(

@@ -93,7 +93,7 @@ impl Driver {
             log::warn!("metrics: pool usage: {e}");
             (0, 0, 0)
         });
-        let space = crate::sys::fs::space(self.pool.root()).unwrap_or(crate::sys::fs::FsSpace {
+        let space = self.pool.space().unwrap_or(crate::sys::fs::FsSpace {
             total: 0,
             available: 0,
         });

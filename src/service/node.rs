@@ -1,7 +1,6 @@
 //! The Node service: requests checked on the completion-queue thread, the
 //! mounts and loop devices done by `crate::node` on a worker.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,21 +8,12 @@ use super::validate;
 use super::{convert, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
-use crate::node::{Node, NodeError, Request};
+use crate::node::{ephemeral, Node, NodeError, Request};
 use crate::pool::capability::Capability;
-use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
-use crate::pool::{ids, CapacityRange, VolumeSpec};
+use crate::pool::meta::VolumeMeta;
 use crate::proto::csi;
 use crate::proto::csi::node_service_capability::rpc::Type as NodeCap;
 use crate::rpc::Rpc;
-use crate::units::parse_size;
-
-/// volume_context key kubelet sets on CSI ephemeral inline volumes.
-const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
-/// volume_context key for an ephemeral volume's size.
-const SIZE_KEY: &str = "size";
-/// Size of an ephemeral volume that names none.
-const EPHEMERAL_DEFAULT_SIZE: u64 = 1 << 30;
 
 /// The node side. Always there when a node call gets this far: dispatch
 /// refuses node calls in a mode without it (`Driver::serves`).
@@ -122,21 +112,12 @@ impl Operation for csi::NodePublishVolumeRequest {
         let target = node_path(driver, "target_path", &self.target_path)?;
         let cap = required_capability(&self.volume_capability)?;
         let req = request(&self.volume_id, &cap, self.readonly)?;
-        let ephemeral = self
-            .volume_context
-            .get(EPHEMERAL_KEY)
-            .is_some_and(|v| v == "true");
         let (driver, id) = (Arc::clone(driver), self.volume_id.clone());
-        if ephemeral {
-            let spec = ephemeral_spec(&self.volume_id, &cap, &self.volume_context)?;
+        if ephemeral::requested(&self.volume_context) {
+            let spec = ephemeral::spec(&self.volume_id, &cap, &self.volume_context)?;
             let staging = ephemeral_staging(&driver, &self.volume_id)?;
             return Ok(Job::new(move || {
-                let v = driver.pool.create_volume(&spec)?;
-                let node = node(&driver)?;
-                std::fs::create_dir_all(&staging)
-                    .map_err(crate::node::error::sys("create", &staging))?;
-                node.stage(&driver.pool, &v, &staging, &req)?;
-                node.publish(&driver.pool, &v, &staging, &target, &req)?;
+                node(&driver)?.publish_ephemeral(&driver.pool, &spec, &staging, &target, &req)?;
                 Ok(csi::NodePublishVolumeResponse::new())
             })
             .locking(volume_key(&id)));
@@ -158,70 +139,14 @@ impl Operation for csi::NodePublishVolumeRequest {
     }
 }
 
-/// The pool volume behind an ephemeral inline volume: named after the
-/// kubelet's volume id, sized by the `size` attribute, marked ephemeral so
-/// unpublish removes it.
-fn ephemeral_spec(
-    volume_id: &str,
-    cap: &Capability,
-    context: &std::collections::HashMap<String, String>,
-) -> Result<VolumeSpec, Error> {
-    if cap.access != AccessType::Mount {
-        return Err(Error::invalid(
-            "volume_capability",
-            "ephemeral inline volumes are filesystems",
-        ));
-    }
-    let mut size = EPHEMERAL_DEFAULT_SIZE;
-    for (key, value) in context {
-        match key.as_str() {
-            SIZE_KEY => {
-                size = parse_size(value)
-                    .map_err(|e| Error::invalid("volume_context", format!("size: {e}")))?
-            }
-            k if k.starts_with("csi.storage.k8s.io/") => {}
-            other => {
-                return Err(Error::invalid(
-                    "volume_context",
-                    format!("unknown attribute {other:?}; ephemeral volumes take `size`"),
-                ))
-            }
-        }
-    }
-    let fs_type = FsType::parse(&cap.fs_type).ok_or_else(|| {
-        Error::invalid(
-            "volume_capability",
-            format!("fs_type {:?} is not supported", cap.fs_type),
-        )
-    })?;
-    Ok(VolumeSpec {
-        name: volume_id.to_owned(),
-        layout: Layout::Image,
-        capacity: CapacityRange {
-            required: size,
-            limit: 0,
-        },
-        access: AccessType::Mount,
-        fs_type: Some(fs_type),
-        thick: false,
-        mkfs_options: Vec::new(),
-        parameters: BTreeMap::from([(EPHEMERAL_KEY.to_owned(), "true".to_owned())]),
-        mutable_parameters: BTreeMap::new(),
-        source: None,
-        modes: vec![cap.mode],
-    })
-}
-
 /// Where an ephemeral volume is staged: the plugin's own directory under
 /// the kubelet directory.
 fn ephemeral_staging(driver: &Driver, volume_id: &str) -> Result<PathBuf, Error> {
-    let dir = node(driver)?
-        .kubelet_dir()
-        .join("plugins")
-        .join(&driver.config.driver_name)
-        .join("ephemeral")
-        .join(volume_id);
-    Ok(dir)
+    Ok(ephemeral::staging(
+        node(driver)?.kubelet_dir(),
+        &driver.config.driver_name,
+        volume_id,
+    ))
 }
 
 impl Operation for csi::NodeUnpublishVolumeRequest {
@@ -237,18 +162,7 @@ impl Operation for csi::NodeUnpublishVolumeRequest {
             let node = node(&driver)?;
             node.unpublish(&target)?;
             // An ephemeral volume goes with its last (only) publish.
-            let pool_id = ids::derive(ids::Kind::Volume, &id);
-            if let Ok(v) = driver.pool.volume(&pool_id) {
-                if v.parameters.get(EPHEMERAL_KEY).is_some_and(|e| e == "true") {
-                    let staging = ephemeral_staging(&driver, &id)?;
-                    node.unstage(&driver.pool, &pool_id, &staging)?;
-                    if staging.exists() {
-                        std::fs::remove_dir(&staging)
-                            .map_err(crate::node::error::sys("remove", &staging))?;
-                    }
-                    driver.pool.delete_volume(&pool_id)?;
-                }
-            }
+            node.remove_ephemeral(&driver.pool, &id, &ephemeral_staging(&driver, &id)?)?;
             Ok(csi::NodeUnpublishVolumeResponse::new())
         })
         .locking(key))
