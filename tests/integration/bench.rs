@@ -6,8 +6,9 @@
 
 use std::process::{Command, Output};
 
-use crate::node::NodeEnv;
-use crate::util::BIN;
+use filevol::kit::node_env::NodeEnv;
+
+use crate::BIN;
 
 fn bench(env: &NodeEnv, scenario: &str, extra: &[&str]) -> Output {
     Command::new(BIN)
@@ -54,7 +55,7 @@ fn nothing_left(env: &NodeEnv) {
 #[test]
 #[ignore = "needs root"]
 fn every_scenario_cleans_up_after_itself() {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     // (scenario, flags, completed units of work expected)
     for (scenario, extra, expected) in [
         (
@@ -101,7 +102,7 @@ fn every_scenario_cleans_up_after_itself() {
 #[test]
 #[ignore = "needs root"]
 fn a_load_with_nothing_to_run_on_says_why() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     for scenario in ["publish-storm", "contention"] {
         let out = bench(&env, scenario, &["--volumes", "2", "--param", "bogus=1"]);
         assert!(!out.status.success(), "{scenario}: {}", text(&out));
@@ -121,7 +122,7 @@ fn a_load_with_nothing_to_run_on_says_why() {
 #[test]
 #[ignore = "needs root"]
 fn a_run_that_cannot_clean_up_fails_and_lists_what_is_left() {
-    let env = NodeEnv::with_opts("xfs", 1024, |o| o.faults("panic:DeleteVolume"));
+    let env = NodeEnv::with_opts(BIN, "xfs", 1024, |o| o.faults("panic:DeleteVolume"));
     let out = bench(&env, "lifecycle", &["--volumes", "2", "--concurrency", "1"]);
     assert!(!out.status.success(), "{}", text(&out));
     let t = text(&out);
