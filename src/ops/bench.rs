@@ -12,7 +12,11 @@
 //!   while the other half run lifecycles on other volumes.
 //!
 //! It reports per-RPC p50/p90/p99, lifecycles per second, errors by gRPC
-//! code, and the target process's peak RSS (VmHWM, given `--pid`).
+//! code, and the target process's peak RSS (VmHWM, given `--pid`). A run
+//! fails, after its report, when it could not undo what it made or when
+//! the driver refused or failed calls of the load (busy answers aside,
+//! which contention is meant to meet): figures of a load that did not run
+//! as asked are not to be quoted.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -133,6 +137,10 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// The driver's peak resident set, KiB (VmHWM).
     pub peak_rss_kib: Option<u64>,
+    /// Calls of the load the driver refused or failed, "not now" answers
+    /// (ABORTED, UNAVAILABLE, RESOURCE_EXHAUSTED) aside. A run with any
+    /// has failed: its figures are not of the load asked for.
+    pub failed_calls: usize,
     /// What the run made and could not undo (empty after a clean run).
     pub left_behind: Vec<String>,
 }
@@ -142,6 +150,8 @@ pub struct Report {
 struct Recorder {
     latencies: Mutex<BTreeMap<&'static str, Vec<Duration>>>,
     errors: Mutex<BTreeMap<String, usize>>,
+    /// Errors other than the driver's "not now" (see [`retriable`]).
+    failed: AtomicUsize,
 }
 
 impl Recorder {
@@ -165,6 +175,9 @@ impl Recorder {
                     .lock()
                     .entry(format!("{rpc} {code}"))
                     .or_insert(0) += 1;
+                if !retriable(r) {
+                    self.failed.fetch_add(1, Ordering::SeqCst);
+                }
                 false
             }
         }
@@ -552,7 +565,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                     return Err(OpsError::NoLoad(format!(
                         "none of the {} volumes could be created and staged ({})",
                         args.volumes,
-                        errors_text(&setup)
+                        errors_text(&setup.errors.lock())
                     )));
                 }
                 let storm_started = Instant::now();
@@ -579,7 +592,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                     .ok_or_else(|| {
                         OpsError::NoLoad(format!(
                             "the hot volume could not be created and staged ({})",
-                            errors_text(&setup)
+                            errors_text(&setup.errors.lock())
                         ))
                     })?;
                 let next = AtomicUsize::new(0);
@@ -616,9 +629,8 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
     Ok(r)
 }
 
-/// The set-up calls' errors, for a message.
-fn errors_text(rec: &Recorder) -> String {
-    let errors = rec.errors.lock();
+/// Errors by RPC and code, for a message.
+fn errors_text(errors: &BTreeMap<String, usize>) -> String {
     if errors.is_empty() {
         return "no error reported".into();
     }
@@ -765,6 +777,7 @@ fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration
         rpcs,
         errors: rec.errors.lock().clone(),
         peak_rss_kib: args.pid.and_then(|pid| memory_kib(pid, "VmHWM")),
+        failed_calls: rec.failed.load(Ordering::SeqCst),
         left_behind: Vec::new(),
     }
 }
@@ -773,11 +786,17 @@ fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration
 pub fn run(args: BenchArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError> {
     let r = measure(&args)?;
     print_report(&args, &r, out)?;
-    // A run that could not undo what it made has failed, however fast.
-    if r.left_behind.is_empty() {
-        Ok(())
-    } else {
+    // A run that could not undo what it made has failed, however fast; so
+    // has one whose calls the driver refused or failed.
+    if !r.left_behind.is_empty() {
         Err(OpsError::LeftBehind(r.left_behind.len()))
+    } else if r.failed_calls > 0 {
+        Err(OpsError::CallsFailed(
+            r.failed_calls,
+            errors_text(&r.errors),
+        ))
+    } else {
+        Ok(())
     }
 }
 
