@@ -16,94 +16,54 @@
     clippy::cast_sign_loss
 )]
 
-#[path = "../tests/integration/loopfs.rs"]
-mod loopfs;
-// Only its root check is used here.
-#[allow(dead_code)]
-#[path = "../tests/integration/needs.rs"]
-mod needs;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filevol::proto::csi;
+use filevol::kit::driver::{Driver, Opts};
+use filevol::kit::requests as req;
+use filevol::kit::scratch::pool_on;
+use filevol::kit::stats::percentile;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
-use filevol::proto::grpc::{ControllerClient, IdentityClient};
+use filevol::proto::grpc::ControllerClient;
 use grpcio::{ChannelBuilder, EnvBuilder};
 
+/// A driver on `pool`, and a controller client that takes the answer of a
+/// ListVolumes of every volume in one page.
 struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
+    _driver: Driver,
     controller: ControllerClient,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(pool: &Path) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("csi.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_filevol"))
-        .args(["serve", "--node-id", "bench", "--log-level", "warn"])
-        .args(["--reserve", "0", "--overcommit", "100000"])
-        .arg("--endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--pool")
-        .arg(pool)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let driver = Driver::start_on(
+        env!("CARGO_BIN_EXE_filevol"),
+        pool,
+        Opts::default()
+            .args(&["--node-id", "bench", "--log-level", "warn"])
+            .args(&["--reserve", "0", "--overcommit", "100000"]),
+    );
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
     let channel = ChannelBuilder::new(env)
         .max_receive_message_len(64 << 20)
-        .connect(&format!("unix:{}", socket.display()));
-    let identity = IdentityClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while identity.probe(&csi::ProbeRequest::new()).is_err() {
-        assert!(Instant::now() < deadline, "filevol did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        .connect(&driver.address());
     Server {
-        child,
-        _dir: dir,
+        _driver: driver,
         controller: ControllerClient::new(channel),
     }
 }
 
-fn create_req(name: &str, bytes: i64) -> csi::CreateVolumeRequest {
-    let mut r = csi::CreateVolumeRequest::new();
-    r.name = name.into();
-    let mut cr = csi::CapacityRange::new();
-    cr.required_bytes = bytes;
-    r.capacity_range = Some(cr).into();
-    let mut cap = csi::VolumeCapability::new();
-    let mut am = csi::volume_capability::AccessMode::new();
-    am.mode = Mode::SINGLE_NODE_WRITER.into();
-    cap.access_mode = Some(am).into();
-    cap.set_mount(Default::default());
-    r.volume_capabilities.push(cap);
-    r
-}
-
-fn pool_dir(fs: &loopfs::LoopFs) -> PathBuf {
-    let p = fs.path().join("pool");
-    std::fs::create_dir_all(&p).unwrap();
-    p
+/// CreateVolume of a mount volume, the driver's default filesystem.
+fn create_req(name: &str, bytes: i64) -> filevol::proto::csi::CreateVolumeRequest {
+    req::create_volume(name, bytes, req::mount_cap(Mode::SINGLE_NODE_WRITER, ""))
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+fn pct(sorted: &[Duration], q: f64) -> Duration {
+    percentile(sorted, q).expect("samples")
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -125,8 +85,7 @@ fn fill_half(image: &Path) {
 }
 
 fn snapshot_time(fs_type: &str) -> (Duration, String) {
-    let fs = loopfs::LoopFs::new(fs_type, 3072);
-    let pool = pool_dir(&fs);
+    let (_fs, pool) = pool_on(fs_type, 3072);
     let server = start(&pool);
     let v = server
         .controller
@@ -137,9 +96,7 @@ fn snapshot_time(fs_type: &str) -> (Duration, String) {
     fill_half(&pool.join("volumes").join(&v.volume_id).join("image"));
     let mut times = Vec::new();
     for i in 0..3 {
-        let mut r = csi::CreateSnapshotRequest::new();
-        r.name = format!("snap-{i}");
-        r.source_volume_id = v.volume_id.clone();
+        let r = req::snapshot(&format!("snap-{i}"), &v.volume_id);
         let t = Instant::now();
         let s = server
             .controller
@@ -148,9 +105,10 @@ fn snapshot_time(fs_type: &str) -> (Duration, String) {
             .snapshot
             .unwrap();
         times.push(t.elapsed());
-        let mut d = csi::DeleteSnapshotRequest::new();
-        d.snapshot_id = s.snapshot_id;
-        server.controller.delete_snapshot(&d).unwrap();
+        server
+            .controller
+            .delete_snapshot(&req::delete_snapshot(&s.snapshot_id))
+            .unwrap();
     }
     times.sort();
     let meta = std::fs::read_dir(pool.join("volumes")).unwrap().count();
@@ -169,8 +127,7 @@ fn main() {
     let list_n = env_usize("BENCH_LIST_VOLUMES", 10_000);
 
     // CreateVolume, sparse 10 GiB.
-    let fs = loopfs::LoopFs::new("xfs", 2048);
-    let pool = pool_dir(&fs);
+    let (fs, pool) = pool_on("xfs", 2048);
     let server = start(&pool);
     let mut create = Vec::with_capacity(creates);
     let mut delete = Vec::with_capacity(creates);
@@ -183,8 +140,7 @@ fn main() {
             .volume
             .unwrap();
         create.push(t.elapsed());
-        let mut d = csi::DeleteVolumeRequest::new();
-        d.volume_id = v.volume_id;
+        let d = req::delete(&v.volume_id);
         let t = Instant::now();
         server.controller.delete_volume(&d).unwrap();
         delete.push(t.elapsed());
@@ -198,8 +154,7 @@ fn main() {
     let (sparse, _) = snapshot_time("ext4");
 
     // ListVolumes over many volumes.
-    let fs = loopfs::LoopFs::new("xfs", 2048);
-    let pool = pool_dir(&fs);
+    let (fs, pool) = pool_on("xfs", 2048);
     let server = start(&pool);
     let fill_started = Instant::now();
     let mut late_creates = Vec::new();
@@ -222,10 +177,10 @@ fn main() {
         let mut token = String::new();
         let mut seen = 0;
         loop {
-            let mut r = csi::ListVolumesRequest::new();
-            r.max_entries = page_size;
-            r.starting_token = token;
-            let resp = server.controller.list_volumes(&r).unwrap();
+            let resp = server
+                .controller
+                .list_volumes(&req::list(page_size, &token))
+                .unwrap();
             seen += resp.entries.len();
             if resp.next_token.is_empty() {
                 break;

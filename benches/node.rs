@@ -18,91 +18,50 @@
     clippy::cast_sign_loss
 )]
 
-#[path = "../tests/integration/loopfs.rs"]
-mod loopfs;
-// Only its root check is used here.
-#[allow(dead_code)]
-#[path = "../tests/integration/needs.rs"]
-mod needs;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use filevol::kit::driver::{Driver, Opts};
+use filevol::kit::requests as req;
+use filevol::kit::scratch::pool_on;
+use filevol::kit::stats::percentile;
+use filevol::kit::tempdir::TempDir;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
-use filevol::proto::grpc::{ControllerClient, IdentityClient, NodeClient};
+use filevol::proto::grpc::{ControllerClient, NodeClient};
 use filevol::sys::{loopdev, mount};
-use grpcio::{ChannelBuilder, EnvBuilder};
 
+/// The driver and its clients.
 struct Server {
-    child: Child,
-    log: PathBuf,
+    driver: Driver,
     controller: ControllerClient,
     node: NodeClient,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(pool: &Path, kubelet: &Path, scratch: &Path) -> Server {
-    let socket = scratch.join("csi.sock");
-    let log = scratch.join("filevol.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_filevol"))
-        .args(["serve", "--node-id", "bench", "--log-level", "info"])
-        .args(["--reserve", "0", "--overcommit", "100"])
-        .arg("--endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--pool")
-        .arg(pool)
-        .arg("--kubelet-dir")
-        .arg(kubelet)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let channel = ChannelBuilder::new(env).connect(&format!("unix:{}", socket.display()));
-    let identity = IdentityClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while identity.probe(&csi::ProbeRequest::new()).is_err() {
-        assert!(Instant::now() < deadline, "filevol did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn start(pool: &Path, kubelet: &Path) -> Server {
+    let driver = Driver::start_on(
+        env!("CARGO_BIN_EXE_filevol"),
+        pool,
+        Opts::default()
+            .args(&["--node-id", "bench", "--log-level", "info"])
+            .args(&["--reserve", "0", "--overcommit", "100"])
+            .args(&["--kubelet-dir", kubelet.to_str().unwrap()]),
+    );
     Server {
-        child,
-        log,
-        controller: ControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel),
+        controller: driver.controller(),
+        node: driver.node(),
+        driver,
     }
 }
 
 fn cap() -> csi::VolumeCapability {
-    let mut c = csi::VolumeCapability::new();
-    let mut am = csi::volume_capability::AccessMode::new();
-    am.mode = Mode::SINGLE_NODE_WRITER.into();
-    c.access_mode = Some(am).into();
-    let mut m = csi::volume_capability::MountVolume::new();
-    m.fs_type = "ext4".into();
-    c.set_mount(m);
-    c
+    req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4")
 }
 
 fn create(s: &Server, name: &str, bytes: i64) -> String {
-    let mut r = csi::CreateVolumeRequest::new();
-    r.name = name.into();
-    let mut cr = csi::CapacityRange::new();
-    cr.required_bytes = bytes;
-    r.capacity_range = Some(cr).into();
-    r.volume_capabilities.push(cap());
     s.controller
-        .create_volume(&r)
+        .create_volume(&req::create(name, bytes))
         .unwrap()
         .volume
         .unwrap()
@@ -110,39 +69,32 @@ fn create(s: &Server, name: &str, bytes: i64) -> String {
 }
 
 fn stage(s: &Server, id: &str, staging: &Path) {
-    let mut r = csi::NodeStageVolumeRequest::new();
-    r.volume_id = id.into();
-    r.staging_target_path = staging.to_str().unwrap().into();
-    r.volume_capability = Some(cap()).into();
-    s.node.node_stage_volume(&r).unwrap();
+    s.node
+        .node_stage_volume(&req::stage(id, staging, cap()))
+        .unwrap();
 }
 
 fn unstage(s: &Server, id: &str, staging: &Path) {
-    let mut r = csi::NodeUnstageVolumeRequest::new();
-    r.volume_id = id.into();
-    r.staging_target_path = staging.to_str().unwrap().into();
-    s.node.node_unstage_volume(&r).unwrap();
+    s.node
+        .node_unstage_volume(&req::unstage(id, staging))
+        .unwrap();
 }
 
 fn publish(s: &Server, id: &str, staging: &Path, target: &Path) {
-    let mut r = csi::NodePublishVolumeRequest::new();
-    r.volume_id = id.into();
-    r.staging_target_path = staging.to_str().unwrap().into();
-    r.target_path = target.to_str().unwrap().into();
-    r.volume_capability = Some(cap()).into();
-    s.node.node_publish_volume(&r).unwrap();
+    s.node
+        .node_publish_volume(&req::publish(id, staging, target, cap(), false))
+        .unwrap();
 }
 
 fn unpublish(s: &Server, id: &str, target: &Path) {
-    let mut r = csi::NodeUnpublishVolumeRequest::new();
-    r.volume_id = id.into();
-    r.target_path = target.to_str().unwrap().into();
-    s.node.node_unpublish_volume(&r).unwrap();
+    s.node
+        .node_unpublish_volume(&req::unpublish(id, target))
+        .unwrap();
 }
 
 /// Server-side durations of `rpc` from the driver's info log lines.
-fn logged_ms(log: &Path, rpc: &str) -> Vec<f64> {
-    let text = std::fs::read_to_string(log).unwrap();
+fn logged_ms(s: &Server, rpc: &str) -> Vec<f64> {
+    let text = s.driver.log();
     let mut out: Vec<f64> = text
         .lines()
         .filter(|l| l.contains(&format!("] {rpc} ")) && l.contains("outcome=OK"))
@@ -154,13 +106,15 @@ fn logged_ms(log: &Path, rpc: &str) -> Vec<f64> {
     out
 }
 
+/// The median of `v` in milliseconds.
 fn p50(v: &mut [Duration]) -> f64 {
     v.sort();
-    v[v.len() / 2].as_secs_f64() * 1000.0
+    percentile(v, 0.5).expect("samples").as_secs_f64() * 1000.0
 }
 
+/// The median of sorted `v`.
 fn p50f(v: &[f64]) -> f64 {
-    v[v.len() / 2]
+    percentile(v, 0.5).expect("samples")
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -199,13 +153,11 @@ fn main() {
         return;
     }
     let n = env_usize("BENCH_PUBLISHES", 300);
-    let fs = loopfs::LoopFs::new("xfs", 16384);
-    let pool = fs.path().join("pool");
-    std::fs::create_dir(&pool).unwrap();
-    let scratch = tempfile::tempdir().unwrap();
+    let (fs, pool) = pool_on("xfs", 16384);
+    let scratch = TempDir::new().unwrap();
     let kubelet = scratch.path().join("kubelet");
     std::fs::create_dir(&kubelet).unwrap();
-    let s = start(&pool, &kubelet, scratch.path());
+    let s = start(&pool, &kubelet);
 
     // Publish with 10 mounts on the node.
     let id = create(&s, "bench-pub", 1 << 30);
@@ -215,7 +167,7 @@ fn main() {
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     stage(&s, &id, &staging);
     let (mut pub10, mut unpub10) = publish_loop(&s, &id, &staging, &target, n);
-    let server_pub10 = logged_ms(&s.log, "NodePublishVolume");
+    let server_pub10 = logged_ms(&s, "NodePublishVolume");
 
     // The floor: the same bind mount and unmount done directly.
     let direct_target = kubelet.join("pods/p/volumes/direct");

@@ -22,10 +22,11 @@
     clippy::cast_sign_loss
 )]
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use filevol::kit::driver::{Driver, Opts};
+use filevol::kit::stats::{memory_kib, percentile};
 use filevol::proto::csi;
 use filevol::proto::grpc::IdentityClient;
 use grpcio::{ChannelBuilder, EnvBuilder, Environment};
@@ -43,51 +44,6 @@ const NO_SUCH_METHOD: grpcio::Method<csi::ProbeRequest, csi::ProbeResponse> = gr
     },
 };
 
-struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
-    address: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pool = dir.path().join("pool");
-    std::fs::create_dir(&pool).unwrap();
-    let socket = dir.path().join("csi.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_filevol"))
-        .arg("serve")
-        .arg("--endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--pool")
-        .arg(&pool)
-        .args(["--node-id", "bench", "--log-level", "warn"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start filevol");
-    let address = format!("unix:{}", socket.display());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "filevol did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Server {
-        child,
-        _dir: dir,
-        address,
-    }
-}
-
 fn client(env: &Arc<Environment>, address: &str) -> IdentityClient {
     // A local subchannel pool gives each client its own connection, as
     // separate sidecars would have.
@@ -98,21 +54,12 @@ fn client(env: &Arc<Environment>, address: &str) -> IdentityClient {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/pid/status")
+    memory_kib(pid, "VmRSS").expect("VmRSS in /proc/pid/status")
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
+/// The `q` quantile of `sorted` in microseconds.
+fn us(sorted: &[Duration], q: f64) -> f64 {
+    percentile(sorted, q).expect("samples").as_secs_f64() * 1e6
 }
 
 /// Times `calls` sequential calls of `f` after a warm-up.
@@ -145,18 +92,16 @@ fn main() {
     }
     let calls = env_usize("BENCH_CALLS", 20_000);
     let threads = env_usize("BENCH_THREADS", 8);
-    let server = start_server();
+    // Started once it answers Probe; let it settle before reading its RSS.
+    let server = Driver::start_with(
+        env!("CARGO_BIN_EXE_filevol"),
+        Opts::default().args(&["--node-id", "bench", "--log-level", "warn"]),
+    );
+    let address = server.address();
     let env = Arc::new(EnvBuilder::new().cq_count(1).build());
-    let c = client(&env, &server.address);
-
-    // Wait until it answers, then let it settle before reading its RSS.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.probe(&csi::ProbeRequest::new()).is_err() {
-        assert!(Instant::now() < deadline, "filevol did not answer Probe");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let c = client(&env, &address);
     std::thread::sleep(Duration::from_secs(1));
-    let idle_rss = rss_kib(server.child.id());
+    let idle_rss = rss_kib(server.pid());
 
     let probe = latencies(calls, || {
         c.probe(&csi::ProbeRequest::new()).unwrap();
@@ -171,7 +116,7 @@ fn main() {
     let raw = grpcio::Client::new(
         ChannelBuilder::new(Arc::clone(&env))
             .use_local_subchannel_pool(true)
-            .connect(&server.address),
+            .connect(&address),
     );
     let floor = latencies(calls, || {
         let r = raw.unary_call(
@@ -186,7 +131,7 @@ fn main() {
     let started = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let c = client(&env, &server.address);
+            let c = client(&env, &address);
             std::thread::spawn(move || {
                 for _ in 0..per_thread {
                     c.get_plugin_info(&csi::GetPluginInfoRequest::new())
@@ -199,24 +144,24 @@ fn main() {
         h.join().unwrap();
     }
     let rate = (per_thread * threads) as f64 / started.elapsed().as_secs_f64();
-    let loaded_rss = rss_kib(server.child.id());
+    let loaded_rss = rss_kib(server.pid());
 
     println!("| measure | value |");
     println!("|---|---|");
     println!(
         "| Probe round trip p50 / p99 (probe lane, {calls} calls) | {:.0} us / {:.0} us |",
-        us(percentile(&probe, 0.5)),
-        us(percentile(&probe, 0.99))
+        us(&probe, 0.5),
+        us(&probe, 0.99)
     );
     println!(
         "| GetPluginInfo round trip p50 / p99 (worker pool, {calls} calls) | {:.0} us / {:.0} us |",
-        us(percentile(&info, 0.5)),
-        us(percentile(&info, 0.99))
+        us(&info, 0.5),
+        us(&info, 0.99)
     );
     println!(
         "| floor: unknown method answered inline by gRPC core, p50 / p99 | {:.0} us / {:.0} us |",
-        us(percentile(&floor, 0.5)),
-        us(percentile(&floor, 0.99))
+        us(&floor, 0.5),
+        us(&floor, 0.99)
     );
     println!("| GetPluginInfo throughput, {threads} client threads | {rate:.0} calls/s |");
     println!(

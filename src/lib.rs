@@ -14,6 +14,7 @@ pub mod error;
 pub mod executor;
 pub mod faults;
 pub mod fuzzing;
+pub mod kit;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -12,7 +12,11 @@
 //!   while the other half run lifecycles on other volumes.
 //!
 //! It reports per-RPC p50/p90/p99, lifecycles per second, errors by gRPC
-//! code, and the target process's peak RSS (VmHWM, given `--pid`).
+//! code, and the target process's peak RSS (VmHWM, given `--pid`). A run
+//! fails, after its report, when it could not undo what it made or when
+//! the driver refused or failed calls of the load (busy answers aside,
+//! which contention is meant to meet): figures of a load that did not run
+//! as asked are not to be quoted.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +32,8 @@ use serde::Serialize;
 use super::OpsError;
 use crate::endpoint::Endpoint;
 use crate::error::code_name;
+use crate::kit::requests as req;
+use crate::kit::stats::{memory_kib, percentile};
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, NodeClient};
@@ -131,6 +137,10 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// The driver's peak resident set, KiB (VmHWM).
     pub peak_rss_kib: Option<u64>,
+    /// Calls of the load the driver refused or failed, "not now" answers
+    /// (ABORTED, UNAVAILABLE, RESOURCE_EXHAUSTED) aside. A run with any
+    /// has failed: its figures are not of the load asked for.
+    pub failed_calls: usize,
     /// What the run made and could not undo (empty after a clean run).
     pub left_behind: Vec<String>,
 }
@@ -140,6 +150,8 @@ pub struct Report {
 struct Recorder {
     latencies: Mutex<BTreeMap<&'static str, Vec<Duration>>>,
     errors: Mutex<BTreeMap<String, usize>>,
+    /// Errors other than the driver's "not now" (see [`retriable`]).
+    failed: AtomicUsize,
 }
 
 impl Recorder {
@@ -163,6 +175,9 @@ impl Recorder {
                     .lock()
                     .entry(format!("{rpc} {code}"))
                     .or_insert(0) += 1;
+                if !retriable(r) {
+                    self.failed.fetch_add(1, Ordering::SeqCst);
+                }
                 false
             }
         }
@@ -244,12 +259,7 @@ fn caller(env: &Arc<Environment>, endpoint: &Endpoint, timeout: u64) -> Caller {
 }
 
 fn create(c: &Caller, p: &Plan, rec: &Recorder, name: &str) -> Option<String> {
-    let mut r = csi::CreateVolumeRequest::new();
-    r.name = name.to_owned();
-    let mut cr = csi::CapacityRange::new();
-    cr.required_bytes = i64::try_from(p.size).unwrap_or(i64::MAX);
-    r.capacity_range = Some(cr).into();
-    r.volume_capabilities.push(p.cap.clone());
+    let mut r = req::create_volume(name, req::size(p.size), p.cap.clone());
     r.parameters = p.params.clone();
     let id = timed!(
         rec,
@@ -264,10 +274,7 @@ fn create(c: &Caller, p: &Plan, rec: &Recorder, name: &str) -> Option<String> {
 
 fn attach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bool {
     if p.publish {
-        let mut r = csi::ControllerPublishVolumeRequest::new();
-        r.volume_id = id.to_owned();
-        r.node_id.clone_from(&p.node_id);
-        r.volume_capability = Some(p.cap.clone()).into();
+        let r = req::controller_publish(id, &p.node_id, p.cap.clone(), false);
         if timed!(
             rec,
             "ControllerPublishVolume",
@@ -284,10 +291,7 @@ fn attach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> boo
         if std::fs::create_dir_all(staging).is_err() {
             return false;
         }
-        let mut r = csi::NodeStageVolumeRequest::new();
-        r.volume_id = id.to_owned();
-        r.staging_target_path = staging.to_string_lossy().into_owned();
-        r.volume_capability = Some(p.cap.clone()).into();
+        let r = req::stage(id, staging, p.cap.clone());
         if timed!(
             rec,
             "NodeStageVolume",
@@ -308,13 +312,8 @@ fn publish(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path, targe
             return false;
         }
     }
-    let mut r = csi::NodePublishVolumeRequest::new();
-    r.volume_id = id.to_owned();
-    if p.stage {
-        r.staging_target_path = staging.to_string_lossy().into_owned();
-    }
-    r.target_path = target.to_string_lossy().into_owned();
-    r.volume_capability = Some(p.cap.clone()).into();
+    let staging = if p.stage { staging } else { Path::new("") };
+    let r = req::publish(id, staging, target, p.cap.clone(), false);
     // Recorded before the call: a publish that times out may still land.
     Made::add(&p.made.published, (id.to_owned(), target.to_owned()));
     timed!(
@@ -354,9 +353,7 @@ const RETRY_FOR: Duration = Duration::from_secs(30);
 /// contended volume answers ABORTED): a publish is never left behind
 /// because the driver was busy. Every attempt is recorded.
 fn unpublish(c: &Caller, p: &Plan, rec: &Recorder, id: &str, target: &Path) -> bool {
-    let mut r = csi::NodeUnpublishVolumeRequest::new();
-    r.volume_id = id.to_owned();
-    r.target_path = target.to_string_lossy().into_owned();
+    let r = req::unpublish(id, target);
     let done = retrying(|| {
         timed!(
             rec,
@@ -385,9 +382,7 @@ fn detach(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> boo
 }
 
 fn unstage(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bool {
-    let mut r = csi::NodeUnstageVolumeRequest::new();
-    r.volume_id = id.to_owned();
-    r.staging_target_path = staging.to_string_lossy().into_owned();
+    let r = req::unstage(id, staging);
     let done = retrying(|| {
         timed!(
             rec,
@@ -403,9 +398,7 @@ fn unstage(c: &Caller, p: &Plan, rec: &Recorder, id: &str, staging: &Path) -> bo
 }
 
 fn controller_unpublish(c: &Caller, p: &Plan, rec: &Recorder, id: &str) -> bool {
-    let mut r = csi::ControllerUnpublishVolumeRequest::new();
-    r.volume_id = id.to_owned();
-    r.node_id.clone_from(&p.node_id);
+    let r = req::controller_unpublish(id, &p.node_id);
     let done = retrying(|| {
         timed!(
             rec,
@@ -422,8 +415,7 @@ fn controller_unpublish(c: &Caller, p: &Plan, rec: &Recorder, id: &str) -> bool 
 }
 
 fn delete(c: &Caller, p: &Plan, rec: &Recorder, id: &str) -> bool {
-    let mut r = csi::DeleteVolumeRequest::new();
-    r.volume_id = id.to_owned();
+    let r = req::delete(id);
     let done = retrying(|| {
         timed!(
             rec,
@@ -465,23 +457,9 @@ fn lifecycle(c: &Caller, p: &Plan, rec: &Recorder, n: usize) -> bool {
     ok
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    // q is in [0, 1], so the rounded index is in [0, len - 1]; `as`
-    // saturates anyway.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1000.0
-}
-
-fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+/// The `q` quantile of `sorted` latencies in milliseconds (0 for none).
+fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    percentile(sorted, q).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 /// Runs the scenario and returns what it measured.
@@ -526,17 +504,11 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                 .node_id
         }
     };
-    let mut cap = csi::VolumeCapability::new();
-    let mut am = csi::volume_capability::AccessMode::new();
-    am.mode = Mode::SINGLE_NODE_WRITER.into();
-    cap.access_mode = Some(am).into();
-    if args.block {
-        cap.set_block(Default::default());
+    let cap = if args.block {
+        req::block_cap(Mode::SINGLE_NODE_WRITER)
     } else {
-        let mut m = csi::volume_capability::MountVolume::new();
-        m.fs_type.clone_from(&args.fs_type);
-        cap.set_mount(m);
-    }
+        req::mount_cap(Mode::SINGLE_NODE_WRITER, &args.fs_type)
+    };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -593,7 +565,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                     return Err(OpsError::NoLoad(format!(
                         "none of the {} volumes could be created and staged ({})",
                         args.volumes,
-                        errors_text(&setup)
+                        errors_text(&setup.errors.lock())
                     )));
                 }
                 let storm_started = Instant::now();
@@ -620,7 +592,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                     .ok_or_else(|| {
                         OpsError::NoLoad(format!(
                             "the hot volume could not be created and staged ({})",
-                            errors_text(&setup)
+                            errors_text(&setup.errors.lock())
                         ))
                     })?;
                 let next = AtomicUsize::new(0);
@@ -657,9 +629,8 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
     Ok(r)
 }
 
-/// The set-up calls' errors, for a message.
-fn errors_text(rec: &Recorder) -> String {
-    let errors = rec.errors.lock();
+/// Errors by RPC and code, for a message.
+fn errors_text(errors: &BTreeMap<String, usize>) -> String {
     if errors.is_empty() {
         return "no error reported".into();
     }
@@ -790,9 +761,9 @@ fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration
             (*rpc).to_owned(),
             RpcFigures {
                 calls: lat.len(),
-                p50_ms: percentile(lat, 0.5),
-                p90_ms: percentile(lat, 0.9),
-                p99_ms: percentile(lat, 0.99),
+                p50_ms: percentile_ms(lat, 0.5),
+                p90_ms: percentile_ms(lat, 0.9),
+                p99_ms: percentile_ms(lat, 0.99),
             },
         );
     }
@@ -805,7 +776,8 @@ fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration
         lifecycles_per_second: lifecycles as f64 / seconds.max(1e-9),
         rpcs,
         errors: rec.errors.lock().clone(),
-        peak_rss_kib: args.pid.and_then(peak_rss),
+        peak_rss_kib: args.pid.and_then(|pid| memory_kib(pid, "VmHWM")),
+        failed_calls: rec.failed.load(Ordering::SeqCst),
         left_behind: Vec::new(),
     }
 }
@@ -814,11 +786,17 @@ fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration
 pub fn run(args: BenchArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError> {
     let r = measure(&args)?;
     print_report(&args, &r, out)?;
-    // A run that could not undo what it made has failed, however fast.
-    if r.left_behind.is_empty() {
-        Ok(())
-    } else {
+    // A run that could not undo what it made has failed, however fast; so
+    // has one whose calls the driver refused or failed.
+    if !r.left_behind.is_empty() {
         Err(OpsError::LeftBehind(r.left_behind.len()))
+    } else if r.failed_calls > 0 {
+        Err(OpsError::CallsFailed(
+            r.failed_calls,
+            errors_text(&r.errors),
+        ))
+    } else {
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! `filevol client`: CSI calls by hand against any driver's socket, the job
 //! `csc` does for Go drivers. Answers are printed in protobuf text format.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use protobuf::MessageFull;
 
 use super::OpsError;
 use crate::endpoint::Endpoint;
+use crate::kit::requests as req;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, IdentityClient, NodeClient};
@@ -253,9 +255,9 @@ fn volume_context(
     opt: CallOption,
     volume_id: &str,
 ) -> Option<std::collections::HashMap<String, String>> {
-    let mut r = csi::ControllerGetVolumeRequest::new();
-    r.volume_id = volume_id.to_owned();
-    let got = controller.controller_get_volume_opt(&r, opt).ok()?;
+    let got = controller
+        .controller_get_volume_opt(&req::get_volume(volume_id), opt)
+        .ok()?;
     Some(got.volume.volume_context.clone())
 }
 
@@ -279,9 +281,9 @@ fn source_context(
 ) -> Option<std::collections::HashMap<String, String>> {
     let volume = match (from_snapshot, from_volume) {
         (Some(id), _) => {
-            let mut r = csi::ListSnapshotsRequest::new();
-            r.snapshot_id = id.to_owned();
-            let page = controller.list_snapshots_opt(&r, opt()).ok()?;
+            let page = controller
+                .list_snapshots_opt(&req::find_snapshot(id), opt())
+                .ok()?;
             page.entries.first()?.snapshot.source_volume_id.clone()
         }
         (None, Some(id)) => id.to_owned(),
@@ -300,18 +302,11 @@ fn capability(c: &CapabilityArgs) -> csi::VolumeCapability {
         AccessModeArg::SingleNodeSingleWriter => Mode::SINGLE_NODE_SINGLE_WRITER,
         AccessModeArg::SingleNodeMultiWriter => Mode::SINGLE_NODE_MULTI_WRITER,
     };
-    let mut cap = csi::VolumeCapability::new();
-    let mut am = csi::volume_capability::AccessMode::new();
-    am.mode = mode.into();
-    cap.access_mode = Some(am).into();
     if c.block {
-        cap.set_block(Default::default());
+        req::block_cap(mode)
     } else {
-        let mut m = csi::volume_capability::MountVolume::new();
-        m.fs_type = c.fs_type.clone().unwrap_or_default();
-        cap.set_mount(m);
+        req::mount_cap(mode, c.fs_type.as_deref().unwrap_or_default())
     }
-    cap
 }
 
 /// The size a clone or restore gets when none is given: its source's.
@@ -322,20 +317,16 @@ fn source_size(
     from_volume: Option<&str>,
 ) -> Result<Option<u64>, OpsError> {
     let bytes = if let Some(id) = from_snapshot {
-        let mut r = csi::ListSnapshotsRequest::new();
-        r.snapshot_id = id.to_owned();
         let page = controller
-            .list_snapshots_opt(&r, opt)
+            .list_snapshots_opt(&req::find_snapshot(id), opt)
             .map_err(|source| OpsError::Rpc {
                 call: "ListSnapshots",
                 source,
             })?;
         page.entries.first().map(|e| e.snapshot.size_bytes)
     } else if let Some(id) = from_volume {
-        let mut r = csi::ControllerGetVolumeRequest::new();
-        r.volume_id = id.to_owned();
         let got = controller
-            .controller_get_volume_opt(&r, opt)
+            .controller_get_volume_opt(&req::get_volume(id), opt)
             .map_err(|source| OpsError::Rpc {
                 call: "ControllerGetVolume",
                 source,
@@ -431,12 +422,6 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
                 )?
                 .unwrap_or(1 << 30),
             };
-            let mut r = csi::CreateVolumeRequest::new();
-            r.name = name;
-            let mut range = csi::CapacityRange::new();
-            range.required_bytes = i64::try_from(size).unwrap_or(i64::MAX);
-            r.capacity_range = Some(range).into();
-            r.parameters = params.into_iter().collect();
             // A clone or restore is its source's shape unless told otherwise.
             let source = if cap.block || cap.fs_type.is_some() {
                 None
@@ -448,28 +433,21 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
                     from_volume.as_deref(),
                 )
             };
-            match &source {
-                Some(ctx) => {
-                    r.volume_capabilities.push(capability(&like(&cap, ctx)));
-                    if let Some(layout) = ctx.get("layout") {
-                        r.parameters
-                            .entry("layout".into())
-                            .or_insert_with(|| layout.clone());
-                    }
-                }
-                None => r.volume_capabilities.push(capability(&cap)),
+            let shape = match &source {
+                Some(ctx) => capability(&like(&cap, ctx)),
+                None => capability(&cap),
+            };
+            let mut r = req::create_volume(&name, req::size(size), shape);
+            r.parameters = params.into_iter().collect();
+            if let Some(layout) = source.as_ref().and_then(|ctx| ctx.get("layout")) {
+                r.parameters
+                    .entry("layout".into())
+                    .or_insert_with(|| layout.clone());
             }
-            let mut source = csi::VolumeContentSource::new();
-            if let Some(id) = from_snapshot {
-                let mut s = csi::volume_content_source::SnapshotSource::new();
-                s.snapshot_id = id;
-                source.set_snapshot(s);
-                r.volume_content_source = Some(source).into();
-            } else if let Some(id) = from_volume {
-                let mut s = csi::volume_content_source::VolumeSource::new();
-                s.volume_id = id;
-                source.set_volume(s);
-                r.volume_content_source = Some(source).into();
+            if let Some(id) = &from_snapshot {
+                r.volume_content_source = Some(req::snapshot_source(id)).into();
+            } else if let Some(id) = &from_volume {
+                r.volume_content_source = Some(req::volume_source(id)).into();
             }
             show(
                 out,
@@ -479,8 +457,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
         }
         Call::DeleteVolume { volume_id } => {
-            let mut r = csi::DeleteVolumeRequest::new();
-            r.volume_id = volume_id;
+            let r = req::delete(&volume_id);
             show(
                 out,
                 json,
@@ -489,7 +466,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
         }
         Call::ListVolumes => {
-            let mut r = csi::ListVolumesRequest::new();
+            let mut r = req::list(0, "");
             loop {
                 let page = call!("ListVolumes", controller.list_volumes_opt(&r, opt()));
                 show(out, json, "ListVolumes", &page)?;
@@ -511,11 +488,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
         }
         Call::Expand { volume_id, size } => {
-            let mut r = csi::ControllerExpandVolumeRequest::new();
-            r.volume_id = volume_id;
-            let mut range = csi::CapacityRange::new();
-            range.required_bytes = i64::try_from(size).unwrap_or(i64::MAX);
-            r.capacity_range = Some(range).into();
+            let r = req::expand(&volume_id, req::size(size));
             show(
                 out,
                 json,
@@ -527,9 +500,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
         }
         Call::CreateSnapshot { name, source } => {
-            let mut r = csi::CreateSnapshotRequest::new();
-            r.name = name;
-            r.source_volume_id = source;
+            let r = req::snapshot(&name, &source);
             show(
                 out,
                 json,
@@ -538,8 +509,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
         }
         Call::DeleteSnapshot { snapshot_id } => {
-            let mut r = csi::DeleteSnapshotRequest::new();
-            r.snapshot_id = snapshot_id;
+            let r = req::delete_snapshot(&snapshot_id);
             show(
                 out,
                 json,
@@ -563,10 +533,8 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             staging_path,
             cap,
         } => {
-            let mut r = csi::NodeStageVolumeRequest::new();
-            r.volume_capability = Some(capability_of(&cap, &volume_id, &controller, opt())).into();
-            r.volume_id = volume_id;
-            r.staging_target_path = staging_path;
+            let cap = capability_of(&cap, &volume_id, &controller, opt());
+            let r = req::stage(&volume_id, Path::new(&staging_path), cap);
             show(
                 out,
                 json,
@@ -578,9 +546,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             volume_id,
             staging_path,
         } => {
-            let mut r = csi::NodeUnstageVolumeRequest::new();
-            r.volume_id = volume_id;
-            r.staging_target_path = staging_path;
+            let r = req::unstage(&volume_id, Path::new(&staging_path));
             show(
                 out,
                 json,
@@ -595,12 +561,14 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             readonly,
             cap,
         } => {
-            let mut r = csi::NodePublishVolumeRequest::new();
-            r.volume_capability = Some(capability_of(&cap, &volume_id, &controller, opt())).into();
-            r.volume_id = volume_id;
-            r.staging_target_path = staging_path;
-            r.target_path = target_path;
-            r.readonly = readonly;
+            let cap = capability_of(&cap, &volume_id, &controller, opt());
+            let r = req::publish(
+                &volume_id,
+                Path::new(&staging_path),
+                Path::new(&target_path),
+                cap,
+                readonly,
+            );
             show(
                 out,
                 json,
@@ -612,9 +580,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             volume_id,
             target_path,
         } => {
-            let mut r = csi::NodeUnpublishVolumeRequest::new();
-            r.volume_id = volume_id;
-            r.target_path = target_path;
+            let r = req::unpublish(&volume_id, Path::new(&target_path));
             show(
                 out,
                 json,
@@ -629,9 +595,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             volume_id,
             volume_path,
         } => {
-            let mut r = csi::NodeGetVolumeStatsRequest::new();
-            r.volume_id = volume_id;
-            r.volume_path = volume_path;
+            let r = req::volume_stats(&volume_id, Path::new(&volume_path));
             show(
                 out,
                 json,
@@ -648,11 +612,8 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             readonly,
             cap,
         } => {
-            let mut r = csi::ControllerPublishVolumeRequest::new();
-            r.volume_capability = Some(capability_of(&cap, &volume_id, &controller, opt())).into();
-            r.volume_id = volume_id;
-            r.node_id = node_id;
-            r.readonly = readonly;
+            let cap = capability_of(&cap, &volume_id, &controller, opt());
+            let r = req::controller_publish(&volume_id, &node_id, cap, readonly);
             show(
                 out,
                 json,
@@ -664,9 +625,7 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             )?;
         }
         Call::ControllerUnpublish { volume_id, node_id } => {
-            let mut r = csi::ControllerUnpublishVolumeRequest::new();
-            r.volume_id = volume_id;
-            r.node_id = node_id;
+            let r = req::controller_unpublish(&volume_id, &node_id);
             show(
                 out,
                 json,
@@ -683,15 +642,12 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
             staging_path,
             size,
         } => {
-            let mut r = csi::NodeExpandVolumeRequest::new();
-            r.volume_id = volume_id;
-            r.volume_path = volume_path;
-            r.staging_target_path = staging_path;
-            if let Some(size) = size {
-                let mut range = csi::CapacityRange::new();
-                range.required_bytes = i64::try_from(size).unwrap_or(i64::MAX);
-                r.capacity_range = Some(range).into();
-            }
+            let r = req::node_expand(
+                &volume_id,
+                Path::new(&volume_path),
+                Some(Path::new(&staging_path)),
+                size.map(req::size),
+            );
             show(
                 out,
                 json,

@@ -39,6 +39,10 @@ pub enum OpsError {
     /// The directory is not a filevol pool.
     #[error("{0} is not a filevol pool (it has no volumes/ and snapshots/ directories): give --pool, or the directory `filevol serve --pool` uses")]
     NotAPool(std::path::PathBuf),
+    /// Calls of a load generator's run were refused or failed (busy answers
+    /// aside): the errors by RPC and code.
+    #[error("{0} call(s) of the load failed ({1}); its figures are not of the load asked for")]
+    CallsFailed(usize, String),
     /// A load generator's set-up made nothing to run the load on.
     #[error("nothing to run the load on: {0}")]
     NoLoad(String),

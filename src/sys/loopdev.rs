@@ -23,7 +23,7 @@ use linux_raw_sys::loop_device::{
 };
 use rustix::ioctl::{ioctl, Getter, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
 
-/// Logical block size of every loop device filevol attaches. Fixed, so a
+/// Logical block size of every loop device the driver attaches. Fixed, so a
 /// filesystem made on one attach always mounts on the next (a filesystem
 /// with 4 KiB sectors cannot mount on a 512-byte device), and aligned for
 /// direct I/O on any pool filesystem.
@@ -190,6 +190,20 @@ pub fn free_device() -> io::Result<u32> {
 /// Attaches `image` to a free loop device in one step. Direct I/O is asked
 /// for when `direct_io`, and dropped if the pool filesystem refuses it.
 pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached> {
+    attach_with_block_size(image, read_only, direct_io, BLOCK_SIZE)
+}
+
+/// [`attach`] with another logical block size. Volumes always get
+/// [`BLOCK_SIZE`]; this is for an image whose filesystem was made on the
+/// plain file, as `mount -o loop` takes it: mkfs on a file picks 512-byte
+/// sectors (xfs) or 1 KiB blocks (ext4 under 512 MiB), which a 4 KiB device
+/// cannot mount, so such an image needs 512 (the test kit's scratch pools).
+pub fn attach_with_block_size(
+    image: &Path,
+    read_only: bool,
+    direct_io: bool,
+    block_size: u32,
+) -> io::Result<Attached> {
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -212,7 +226,7 @@ pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Atta
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(device.path())?;
-        let config = configuration(&file, image, read_only, dio);
+        let config = configuration(&file, image, read_only, dio, block_size);
         // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` whose `fd` is
         // an open descriptor of the backing file, alive for the call.
         let result = unsafe {
@@ -237,7 +251,13 @@ pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Atta
     }
 }
 
-fn configuration(file: &File, image: &Path, read_only: bool, direct_io: bool) -> loop_config {
+fn configuration(
+    file: &File,
+    image: &Path,
+    read_only: bool,
+    direct_io: bool,
+    block_size: u32,
+) -> loop_config {
     // SAFETY: loop_info64 and loop_config are plain C structs for which all
     // zero bytes is the valid "nothing set" value.
     let mut info: loop_info64 = unsafe { std::mem::zeroed() };
@@ -257,7 +277,7 @@ fn configuration(file: &File, image: &Path, read_only: bool, direct_io: bool) ->
     let mut config: loop_config = unsafe { std::mem::zeroed() };
     // An open descriptor is never negative.
     config.fd = file.as_raw_fd().unsigned_abs();
-    config.block_size = BLOCK_SIZE;
+    config.block_size = block_size;
     config.info = info;
     config
 }

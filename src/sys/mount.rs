@@ -170,6 +170,18 @@ pub fn unmount(target: &Path) -> io::Result<()> {
     }
 }
 
+/// Detaches the mount at `target` from the tree at once and lets the kernel
+/// finish the unmount when the last user lets go (MNT_DETACH), never
+/// through a final symlink. Only for clean-up that must not leave a mount
+/// behind whatever still holds it (the test kit's guards); the driver
+/// itself reports a busy mount instead ([`unmount`]).
+pub fn unmount_lazily(target: &Path) -> io::Result<()> {
+    match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Splits CSI mount flags (`ro`, `noatime`, `context=...`) into mount(2)
 /// flags and the filesystem's data string.
 pub fn parse_options<S: AsRef<str>>(options: &[S]) -> (MountFlags, String) {

@@ -1,13 +1,14 @@
 //! `filevol bench` against a real driver: every scenario leaves nothing
 //! behind (no mount, no loop device, no volume, no directory of its own
 //! under the kubelet directory), whatever the driver answers, and a run
-//! that cannot undo what it made, or has nothing to run on, exits non-zero
-//! with the reason.
+//! that cannot undo what it made, has nothing to run on, or had calls
+//! refused or failed, exits non-zero with the reason.
 
 use std::process::{Command, Output};
 
-use crate::node::NodeEnv;
-use crate::util::BIN;
+use filevol::kit::node_env::NodeEnv;
+
+use crate::BIN;
 
 fn bench(env: &NodeEnv, scenario: &str, extra: &[&str]) -> Output {
     Command::new(BIN)
@@ -54,7 +55,7 @@ fn nothing_left(env: &NodeEnv) {
 #[test]
 #[ignore = "needs root"]
 fn every_scenario_cleans_up_after_itself() {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     // (scenario, flags, completed units of work expected)
     for (scenario, extra, expected) in [
         (
@@ -101,7 +102,7 @@ fn every_scenario_cleans_up_after_itself() {
 #[test]
 #[ignore = "needs root"]
 fn a_load_with_nothing_to_run_on_says_why() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     for scenario in ["publish-storm", "contention"] {
         let out = bench(&env, scenario, &["--volumes", "2", "--param", "bogus=1"]);
         assert!(!out.status.success(), "{scenario}: {}", text(&out));
@@ -121,7 +122,7 @@ fn a_load_with_nothing_to_run_on_says_why() {
 #[test]
 #[ignore = "needs root"]
 fn a_run_that_cannot_clean_up_fails_and_lists_what_is_left() {
-    let env = NodeEnv::with_opts("xfs", 1024, |o| o.faults("panic:DeleteVolume"));
+    let env = NodeEnv::with_opts(BIN, "xfs", 1024, |o| o.faults("panic:DeleteVolume"));
     let out = bench(&env, "lifecycle", &["--volumes", "2", "--concurrency", "1"]);
     assert!(!out.status.success(), "{}", text(&out));
     let t = text(&out);
@@ -135,4 +136,30 @@ fn a_run_that_cannot_clean_up_fails_and_lists_what_is_left() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("bench-"))
         .count();
     assert_eq!(dirs, 0, "{t}");
+}
+
+/// A driver that refuses every ControllerPublishVolume (each panics,
+/// answered INTERNAL): no scenario has anything to measure, so each exits
+/// non-zero naming the refused call, and leaves nothing behind (no volume,
+/// no directory; no mount or loop device, checked when `env` is dropped).
+#[test]
+#[ignore = "needs root"]
+fn a_refused_controller_publish_fails_the_run_and_leaves_nothing() {
+    let env = NodeEnv::with_opts(BIN, "xfs", 1024, |o| {
+        o.faults("panic:ControllerPublishVolume")
+    });
+    for scenario in ["lifecycle", "publish-storm", "contention"] {
+        let out = bench(&env, scenario, &["--volumes", "2", "--concurrency", "2"]);
+        let t = text(&out);
+        assert!(!out.status.success(), "{scenario}: {t}");
+        // The reason is in the error itself, not only in the report.
+        let error = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            error.contains("ControllerPublishVolume INTERNAL"),
+            "{scenario}: {t}"
+        );
+        assert!(!t.contains("left behind"), "{scenario}: {t}");
+        assert!(!t.contains("panicked"), "{scenario}: {t}");
+        nothing_left(&env);
+    }
 }

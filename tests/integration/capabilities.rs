@@ -9,10 +9,11 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use filevol::kit::driver::{Driver, Opts};
+use filevol::kit::scratch::pool_on;
 use filevol::proto::csi;
 
-use crate::controller::pool_on;
-use crate::util::{Driver, Opts};
+use crate::BIN;
 
 /// Capability → tests exercising it (`module::function`).
 const COVERED: &[(&str, &[&str])] = &[
@@ -228,7 +229,7 @@ fn tests_in_this_binary() -> BTreeSet<String> {
 #[ignore = "needs root"]
 fn every_advertised_capability_has_a_test() {
     let (_fs, pool) = pool_on("xfs", 512);
-    let d = Driver::start_on(&pool, Opts::default());
+    let d = Driver::start_on(BIN, &pool, Opts::default());
     let advertised = advertised(&d);
     let covered: BTreeSet<String> = COVERED.iter().map(|(c, _)| (*c).to_owned()).collect();
     let untested: Vec<_> = advertised.difference(&covered).collect();

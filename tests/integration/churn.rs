@@ -20,16 +20,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use filevol::kit::driver::{Driver, Opts};
+use filevol::kit::files::{assert_consistent, digest};
+use filevol::kit::leaks::LeakGuard;
+use filevol::kit::requests::{self as req, MIB};
+use filevol::kit::scratch::{pool_on, Bindfs};
+use filevol::kit::tempdir::TempDir;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::{ControllerClient, NodeClient};
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 use parking_lot::Mutex;
 
-use crate::controller::{digest, pool_on};
-use crate::node::{publish_req, stage_req, unpublish_req, unstage_req};
-use crate::req::{self, MIB};
-use crate::util::{Driver, Opts};
+use crate::BIN;
 
 const WORKERS: usize = 3;
 
@@ -140,18 +143,23 @@ fn workload(
         if let Some(node) = &c.attach_to {
             retry("ControllerPublishVolume", || {
                 c.controller.controller_publish_volume_opt(
-                    &req::publish(&id, node, Mode::SINGLE_NODE_WRITER, false),
+                    &req::controller_publish(
+                        &id,
+                        node,
+                        req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
+                        false,
+                    ),
                     opt(),
                 )
             });
         }
         retry("NodeStageVolume", || {
             c.node
-                .node_stage_volume_opt(&stage_req(&id, &staging, cap.clone()), opt())
+                .node_stage_volume_opt(&req::stage(&id, &staging, cap.clone()), opt())
         });
         retry("NodePublishVolume", || {
             c.node.node_publish_volume_opt(
-                &publish_req(&id, &staging, &target, cap.clone(), false),
+                &req::publish(&id, &staging, &target, cap.clone(), false),
                 opt(),
             )
         });
@@ -175,16 +183,16 @@ fn workload(
         }
         retry("NodeUnpublishVolume", || {
             c.node
-                .node_unpublish_volume_opt(&unpublish_req(&id, &target), opt())
+                .node_unpublish_volume_opt(&req::unpublish(&id, &target), opt())
         });
         retry("NodeUnstageVolume", || {
             c.node
-                .node_unstage_volume_opt(&unstage_req(&id, &staging), opt())
+                .node_unstage_volume_opt(&req::unstage(&id, &staging), opt())
         });
         if let Some(node) = &c.attach_to {
             retry("ControllerUnpublishVolume", || {
                 c.controller
-                    .controller_unpublish_volume_opt(&req::unpublish(&id, node), opt())
+                    .controller_unpublish_volume_opt(&req::controller_unpublish(&id, node), opt())
             });
         }
         if i % 3 == 0 && !sockets.reflink {
@@ -201,8 +209,9 @@ fn workload(
 }
 
 fn start(pool: &Path, kubelet: &Path, socket: &Path, mode: &str) -> Driver {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new().unwrap();
     let mut d = Driver::spawn_at(
+        BIN,
         dir,
         socket.to_owned(),
         pool.to_owned(),
@@ -318,7 +327,7 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default_kills);
     let (_fs, xfs_pool) = pool_on("xfs", 8192);
-    let view = share.then(|| crate::layouts::Bindfs::new(_fs.path()));
+    let view = share.then(|| Bindfs::new(_fs.path()));
     let pool = match &view {
         Some(v) => v.path().join("pool"),
         None => xfs_pool,
@@ -326,7 +335,7 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
     let dir = tempfile::tempdir().unwrap();
     let kubelet = dir.path().canonicalize().unwrap().join("kubelet");
     std::fs::create_dir_all(&kubelet).unwrap();
-    let _guard = crate::node::LeakGuard {
+    let _guard = LeakGuard {
         kubelet: kubelet.clone(),
         pool: pool.clone(),
     };
@@ -394,11 +403,11 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
         std::fs::create_dir_all(&staging).unwrap();
         retry("NodeStageVolume", || {
             c.node
-                .node_stage_volume_opt(&stage_req(id, &staging, cap.clone()), opt())
+                .node_stage_volume_opt(&req::stage(id, &staging, cap.clone()), opt())
         });
         retry("NodePublishVolume", || {
             c.node.node_publish_volume_opt(
-                &publish_req(id, &staging, &target, cap.clone(), false),
+                &req::publish(id, &staging, &target, cap.clone(), false),
                 opt(),
             )
         });
@@ -411,11 +420,11 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
         }
         retry("NodeUnpublishVolume", || {
             c.node
-                .node_unpublish_volume_opt(&unpublish_req(id, &target), opt())
+                .node_unpublish_volume_opt(&req::unpublish(id, &target), opt())
         });
         retry("NodeUnstageVolume", || {
             c.node
-                .node_unstage_volume_opt(&unstage_req(id, &staging), opt())
+                .node_unstage_volume_opt(&req::unstage(id, &staging), opt())
         });
     }
     // No half-made volume or snapshot: everything listed was recorded or is
@@ -425,7 +434,7 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
     if layout == Layout::Separate {
         procs.kill_and_restart(false, &logs);
     }
-    crate::crash::assert_consistent(&pool);
+    assert_consistent(&pool);
 
     // Clean up everything; nothing may remain mounted or attached.
     for s in retry("ListSnapshots", || {

@@ -1,36 +1,26 @@
 //! The Controller service over the socket, on real pools: loop-mounted xfs
 //! (reflink), ext4 (no reflink) and tiny filesystems (pool full). Needs root
 //! for the mounts: those tests carry `#[ignore = "needs root"]` (see
-//! `needs`).
+//! `filevol::kit::needs`).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use filevol::kit::driver::{code, status, Driver, Opts};
+use filevol::kit::files::{allocated, digest, fill, image};
+use filevol::kit::requests::{self as req, GIB, MIB};
+use filevol::kit::scratch::pool_on;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;
 
-use crate::loopfs::LoopFs;
-use crate::req::{self, GIB, MIB};
-use crate::util::{code, status, Driver, Opts};
-
-/// A pool directory on a fresh loop-mounted filesystem.
-pub fn pool_on(fs: &str, mib: u64) -> (LoopFs, PathBuf) {
-    let lfs = LoopFs::new(fs, mib);
-    let pool = lfs.path().join("pool");
-    std::fs::create_dir(&pool).unwrap();
-    (lfs, pool)
-}
-
-pub fn image(pool: &Path, id: &str) -> PathBuf {
-    pool.join("volumes").join(id).join("image")
-}
+use crate::BIN;
 
 /// Holds a volume's fence exclusively, as a node plugin with the volume
 /// staged for writing does, until the returned file is dropped.
-pub fn hold_fence(pool: &Path, id: &str) -> File {
+fn hold_fence(pool: &Path, id: &str) -> File {
     let path = pool.join("volumes").join(id).join("fence");
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -47,43 +37,6 @@ fn snapshot_image(pool: &Path, id: &str) -> PathBuf {
     pool.join("snapshots").join(id).join("image")
 }
 
-/// Writes `len` bytes of a pattern seeded by `seed` at `offset`.
-pub fn fill(path: &Path, offset: u64, len: usize, seed: u8) {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    let chunk: Vec<u8> = (0..1 << 20)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect();
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        f.write_all(&chunk[..n]).unwrap();
-        left -= n;
-    }
-    f.sync_all().unwrap();
-}
-
-/// A content digest (FNV-1a over the whole file).
-pub fn digest(path: &Path) -> u64 {
-    let mut f = File::open(path).unwrap();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut h: u64 = 0xcbf29ce484222325;
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            return h;
-        }
-        for b in &buf[..n] {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    }
-}
-
-pub fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
 fn free_bytes(path: &Path) -> u64 {
     let st = rustix::fs::statvfs(path).unwrap();
     st.f_bavail * st.f_frsize
@@ -97,7 +50,7 @@ fn no_reserve() -> Opts {
 #[ignore = "needs root"]
 fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
     let (_fs, pool) = pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "100"]));
+    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "100"]));
     let c = d.controller();
     let v = c
         .create_volume(&req::create("pvc-sparse", 10 * GIB))
@@ -143,7 +96,7 @@ fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
 #[ignore = "needs root"]
 fn requests_are_checked_before_anything_is_made() {
     let (_fs, pool) = pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "10"]));
+    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "10"]));
     let c = d.controller();
     let invalid = |r: csi::CreateVolumeRequest| {
         let st = status(c.create_volume(&r));
@@ -213,7 +166,7 @@ fn requests_are_checked_before_anything_is_made() {
 #[ignore = "needs root"]
 fn thick_images_and_directory_volumes() {
     let (_fs, pool) = pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     let v = c
         .create_volume(&req::create_with("thick", 64 * MIB, &[("thick", "true")]))
@@ -238,7 +191,7 @@ fn thick_images_and_directory_volumes() {
 #[ignore = "needs root"]
 fn snapshots_are_reflinks_on_xfs() {
     let (_fs, pool) = pool_on("xfs", 1024);
-    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "4"]));
+    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "4"]));
     let c = d.controller();
     let v = c
         .create_volume(&req::create("src", 256 * MIB))
@@ -319,7 +272,7 @@ fn snapshots_are_reflinks_on_xfs() {
 #[ignore = "needs root"]
 fn group_snapshots_reflink_every_member() {
     let (_fs, pool) = pool_on("xfs", 1024);
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     let g = d.group_controller();
     let a = c
@@ -333,9 +286,7 @@ fn group_snapshots_reflink_every_member() {
         .volume
         .unwrap();
     fill(&image(&pool, &a.volume_id), 0, 4 << 20, 7);
-    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
-    r.name = "db-backup".into();
-    r.source_volume_ids = vec![a.volume_id.clone(), b.volume_id.clone()];
+    let r = req::group_snapshot("db-backup", [a.volume_id.clone(), b.volume_id.clone()]);
     let group = g
         .create_volume_group_snapshot(&r)
         .unwrap()
@@ -387,7 +338,7 @@ fn group_snapshots_reflink_every_member() {
 #[ignore = "needs root"]
 fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
     let (_fs, pool) = pool_on("ext4", 512);
-    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "4"]));
+    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "4"]));
     let c = d.controller();
     let v = c
         .create_volume(&req::create("src", 256 * MIB))
@@ -425,9 +376,7 @@ fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
 
     // Group snapshots need reflink: the service is not offered here, and
     // its calls say why.
-    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
-    r.name = "g".into();
-    r.source_volume_ids = vec![v.volume_id.clone()];
+    let r = req::group_snapshot("g", [v.volume_id.clone()]);
     let st = status(d.group_controller().create_volume_group_snapshot(&r));
     assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED, "{}", st.message());
     assert!(st.message().contains("cannot reflink"), "{}", st.message());
@@ -442,7 +391,7 @@ fn without_reflink_snapshots_are_sparse_copies_and_refuse_staged_images() {
 #[ignore = "needs root"]
 fn directory_volumes_snapshot_and_restore_as_trees() {
     let (_fs, pool) = pool_on("xfs", 512);
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     let dir_create = |name: &str| {
         let mut r = req::create_with(name, 8 * MIB, &[("layout", "dir")]);
@@ -494,7 +443,7 @@ fn directory_volumes_snapshot_and_restore_as_trees() {
 #[ignore = "needs root"]
 fn list_volumes_paginates_and_refuses_foreign_tokens() {
     let (_fs, pool) = pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     let mut made: Vec<String> = (0..7)
         .map(|i| {
@@ -535,7 +484,7 @@ fn list_volumes_paginates_and_refuses_foreign_tokens() {
 #[ignore = "needs root"]
 fn volume_condition_turns_abnormal_when_the_image_goes() {
     let (_fs, pool) = pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     let v = c
         .create_volume(&req::create("watched", 8 * MIB))
@@ -571,7 +520,7 @@ fn volume_condition_turns_abnormal_when_the_image_goes() {
         b"{ not json",
     )
     .unwrap();
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     let got = c
         .controller_get_volume(&req::get_volume(&v2.volume_id))
@@ -594,7 +543,7 @@ fn volume_condition_turns_abnormal_when_the_image_goes() {
 #[ignore = "needs root"]
 fn capacity_counts_what_volumes_were_promised() {
     let (_fs, pool) = pool_on("ext4", 512);
-    let d = Driver::start_on(&pool, Opts::default().args(&["--reserve", "64Mi"]));
+    let d = Driver::start_on(BIN, &pool, Opts::default().args(&["--reserve", "64Mi"]));
     let c = d.controller();
     let cap = || {
         c.get_capacity(&csi::GetCapacityRequest::new())
@@ -632,9 +581,10 @@ fn capacity_counts_what_volumes_were_promised() {
 #[ignore = "needs root"]
 fn attachments_follow_the_access_mode() {
     let (_fs, pool) = pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     // A second node plugin on the same (shared) pool registers node-b.
     let _node_b = Driver::start_on(
+        BIN,
         &pool,
         Opts::default().args(&["--mode", "node", "--node-id", "node-b"]),
     );
@@ -646,53 +596,53 @@ fn attachments_follow_the_access_mode() {
         .unwrap();
     let id = &v.volume_id;
     let ctx = c
-        .controller_publish_volume(&req::publish(
+        .controller_publish_volume(&req::controller_publish(
             id,
             "test-node",
-            Mode::SINGLE_NODE_WRITER,
+            req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
             false,
         ))
         .unwrap();
     assert_eq!(ctx.publish_context["fsType"], "ext4");
-    c.controller_publish_volume(&req::publish(
+    c.controller_publish_volume(&req::controller_publish(
         id,
         "test-node",
-        Mode::SINGLE_NODE_WRITER,
+        req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
         false,
     ))
     .unwrap();
     assert_eq!(
-        code(c.controller_publish_volume(&req::publish(
+        code(c.controller_publish_volume(&req::controller_publish(
             id,
             "test-node",
-            Mode::SINGLE_NODE_WRITER,
+            req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
             true
         ))),
         RpcStatusCode::ALREADY_EXISTS
     );
     assert_eq!(
-        code(c.controller_publish_volume(&req::publish(
+        code(c.controller_publish_volume(&req::controller_publish(
             id,
             "node-b",
-            Mode::SINGLE_NODE_WRITER,
+            req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
             false
         ))),
         RpcStatusCode::FAILED_PRECONDITION
     );
     assert_eq!(
-        code(c.controller_publish_volume(&req::publish(
+        code(c.controller_publish_volume(&req::controller_publish(
             id,
             "no-such-node",
-            Mode::SINGLE_NODE_WRITER,
+            req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
             false
         ))),
         RpcStatusCode::NOT_FOUND
     );
     assert_eq!(
-        code(c.controller_publish_volume(&req::publish(
+        code(c.controller_publish_volume(&req::controller_publish(
             "no-such-volume",
             "test-node",
-            Mode::SINGLE_NODE_WRITER,
+            req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
             false
         ))),
         RpcStatusCode::NOT_FOUND
@@ -703,11 +653,11 @@ fn attachments_follow_the_access_mode() {
         code(c.delete_volume(&req::delete(id))),
         RpcStatusCode::FAILED_PRECONDITION
     );
-    c.controller_unpublish_volume(&req::unpublish(id, "test-node"))
+    c.controller_unpublish_volume(&req::controller_unpublish(id, "test-node"))
         .unwrap();
-    c.controller_unpublish_volume(&req::unpublish(id, "test-node"))
+    c.controller_unpublish_volume(&req::controller_unpublish(id, "test-node"))
         .unwrap();
-    c.controller_unpublish_volume(&req::unpublish("no-such-volume", "test-node"))
+    c.controller_unpublish_volume(&req::controller_unpublish("no-such-volume", "test-node"))
         .unwrap();
     c.delete_volume(&req::delete(id)).unwrap();
 
@@ -717,17 +667,17 @@ fn attachments_follow_the_access_mode() {
         .unwrap()
         .volume
         .unwrap();
-    c.controller_publish_volume(&req::publish(
+    c.controller_publish_volume(&req::controller_publish(
         &v.volume_id,
         "test-node",
-        Mode::MULTI_NODE_READER_ONLY,
+        req::mount_cap(Mode::MULTI_NODE_READER_ONLY, ""),
         true,
     ))
     .unwrap();
-    c.controller_publish_volume(&req::publish(
+    c.controller_publish_volume(&req::controller_publish(
         &v.volume_id,
         "node-b",
-        Mode::MULTI_NODE_READER_ONLY,
+        req::mount_cap(Mode::MULTI_NODE_READER_ONLY, ""),
         true,
     ))
     .unwrap();
@@ -737,7 +687,7 @@ fn attachments_follow_the_access_mode() {
 #[ignore = "needs root"]
 fn expansion_grows_and_never_shrinks_and_modify_preallocates() {
     let (_fs, pool) = pool_on("ext4", 512);
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     let v = c
         .create_volume(&req::create("grow", 100 * MIB))
@@ -787,7 +737,7 @@ fn a_full_pool_refuses_and_leaves_no_partial_files() {
     let (_fs, pool) = pool_on("ext4", 64);
     // Overcommitted, so the promise check passes and the filesystem itself
     // runs out of space mid-operation.
-    let d = Driver::start_on(&pool, no_reserve().args(&["--overcommit", "50"]));
+    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "50"]));
     let c = d.controller();
     let st = status(c.create_volume(&req::create_with(
         "too-thick",
@@ -846,7 +796,7 @@ fn hostile_names_and_ids_stay_inside_the_pool() {
     let (fs, pool) = pool_on("ext4", 256);
     let outside = fs.path().join("outside");
     std::fs::write(&outside, b"keep").unwrap();
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     for name in [
         "../outside",
@@ -902,7 +852,7 @@ fn hostile_names_and_ids_stay_inside_the_pool() {
 #[ignore = "needs root"]
 fn a_restarted_controller_sees_the_same_pool() {
     let (_fs, pool) = pool_on("xfs", 512);
-    let mut d = Driver::start_on(&pool, no_reserve());
+    let mut d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     for i in 0..3 {
         c.create_volume(&req::create(&format!("keep-{i}"), 8 * MIB))
@@ -914,10 +864,10 @@ fn a_restarted_controller_sees_the_same_pool() {
         .clone();
     c.create_snapshot(&req::snapshot("keep-snap", &first))
         .unwrap();
-    c.controller_publish_volume(&req::publish(
+    c.controller_publish_volume(&req::controller_publish(
         &first,
         "test-node",
-        Mode::SINGLE_NODE_WRITER,
+        req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
         false,
     ))
     .unwrap();
@@ -925,7 +875,7 @@ fn a_restarted_controller_sees_the_same_pool() {
     let snapshots = c.list_snapshots(&csi::ListSnapshotsRequest::new()).unwrap();
     assert!(d.stop().success());
 
-    let d = Driver::start_on(&pool, no_reserve());
+    let d = Driver::start_on(BIN, &pool, no_reserve());
     let c = d.controller();
     assert_eq!(c.list_volumes(&req::list(0, "")).unwrap(), volumes);
     assert_eq!(
@@ -950,7 +900,11 @@ impl TapLimit for csi::CreateVolumeRequest {
 #[ignore = "needs root"]
 fn a_node_takes_no_more_volumes_than_it_accepts() {
     let (_fs, pool) = pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, no_reserve().args(&["--max-volumes-per-node", "2"]));
+    let d = Driver::start_on(
+        BIN,
+        &pool,
+        no_reserve().args(&["--max-volumes-per-node", "2"]),
+    );
     let c = d.controller();
     let ids: Vec<String> = (0..3)
         .map(|i| {
@@ -962,18 +916,18 @@ fn a_node_takes_no_more_volumes_than_it_accepts() {
         })
         .collect();
     for id in &ids[..2] {
-        c.controller_publish_volume(&req::publish(
+        c.controller_publish_volume(&req::controller_publish(
             id,
             "test-node",
-            Mode::SINGLE_NODE_WRITER,
+            req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
             false,
         ))
         .unwrap();
     }
-    let st = status(c.controller_publish_volume(&req::publish(
+    let st = status(c.controller_publish_volume(&req::controller_publish(
         &ids[2],
         "test-node",
-        Mode::SINGLE_NODE_WRITER,
+        req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
         false,
     )));
     assert_eq!(
@@ -983,19 +937,19 @@ fn a_node_takes_no_more_volumes_than_it_accepts() {
         st.message()
     );
     // Re-publishing an attached volume is not a new attachment.
-    c.controller_publish_volume(&req::publish(
+    c.controller_publish_volume(&req::controller_publish(
         &ids[0],
         "test-node",
-        Mode::SINGLE_NODE_WRITER,
+        req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
         false,
     ))
     .unwrap();
-    c.controller_unpublish_volume(&req::unpublish(&ids[0], "test-node"))
+    c.controller_unpublish_volume(&req::controller_unpublish(&ids[0], "test-node"))
         .unwrap();
-    c.controller_publish_volume(&req::publish(
+    c.controller_publish_volume(&req::controller_publish(
         &ids[2],
         "test-node",
-        Mode::SINGLE_NODE_WRITER,
+        req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
         false,
     ))
     .unwrap();

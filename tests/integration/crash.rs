@@ -6,14 +6,17 @@
 use std::path::Path;
 use std::time::Duration;
 
+use filevol::kit::driver::{Driver, Opts};
+use filevol::kit::files::{allocated, assert_consistent, fill, image};
+use filevol::kit::requests::{self as req, MIB};
+use filevol::kit::scratch::pool_on;
 use filevol::proto::csi;
 
-use crate::controller::{image, pool_on};
-use crate::req::{self, MIB};
-use crate::util::{Driver, Opts};
+use crate::BIN;
 
 fn start(pool: &Path, fault: &str) -> Driver {
     Driver::start_on(
+        BIN,
         pool,
         Opts::default().args(&["--reserve", "0"]).faults(fault),
     )
@@ -34,62 +37,6 @@ fn crash_at(pool: &Path, point: &str, op: impl FnOnce(&Driver)) {
         "{point}: {}",
         d.log()
     );
-}
-
-/// Every object in the pool is whole; scratch holds only the live
-/// instance's (empty) directory.
-pub fn assert_consistent(pool: &Path) {
-    for entry in std::fs::read_dir(pool.join("volumes")).unwrap() {
-        let dir = entry.unwrap().path();
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
-        if meta["layout"] == "image" {
-            let len = std::fs::metadata(dir.join("image")).unwrap().len();
-            assert!(
-                len >= meta["capacity_bytes"].as_u64().unwrap(),
-                "{}",
-                dir.display()
-            );
-        } else {
-            assert!(dir.join("data").is_dir());
-        }
-    }
-    for entry in std::fs::read_dir(pool.join("snapshots")).unwrap() {
-        let dir = entry.unwrap().path();
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
-        let group = meta["group_id"].as_str();
-        if let Some(g) = group {
-            assert!(
-                pool.join("groups").join(format!("{g}.json")).is_file(),
-                "orphan member {}",
-                dir.display()
-            );
-        }
-        assert!(dir.join("image").is_file() || dir.join("data").is_dir());
-    }
-    // Only running processes have scratch, and between operations it is
-    // empty: what dead ones left was cleaned when a controller started.
-    for entry in std::fs::read_dir(pool.join(".scratch")).unwrap() {
-        let dir = entry.unwrap().path();
-        if !dir.is_dir() {
-            continue;
-        }
-        let lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("{}.lock", dir.display()))
-            .unwrap_or_else(|e| panic!("scratch {} has no lock file: {e}", dir.display()));
-        let free =
-            filevol::sys::lock::try_lock(&lock, filevol::sys::lock::LockKind::Exclusive).unwrap();
-        assert!(
-            !free,
-            "scratch of a dead process survived: {}",
-            dir.display()
-        );
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert!(left.is_empty(), "{} holds {left:?}", dir.display());
-    }
 }
 
 fn volume_ids(d: &Driver) -> Vec<String> {
@@ -146,7 +93,7 @@ fn sigkill_between_steps_leaves_a_consistent_pool() {
         .volume
         .unwrap()
         .volume_id;
-    crate::controller::fill(&image(&pool, &source), 0, 8 << 20, 9);
+    fill(&image(&pool, &source), 0, 8 << 20, 9);
     drop(d);
 
     // Clone, killed after the copy and before the rename.
@@ -196,9 +143,7 @@ fn sigkill_between_steps_leaves_a_consistent_pool() {
 
     // Group snapshot killed after its first member entered the pool.
     crash_at(&pool, "group.member_committed", |d| {
-        let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
-        r.name = "group".into();
-        r.source_volume_ids = vec![source.clone()];
+        let r = req::group_snapshot("group", [source.clone()]);
         assert!(d
             .group_controller()
             .create_volume_group_snapshot(&r)
@@ -241,7 +186,7 @@ fn sigkill_between_steps_leaves_a_consistent_pool() {
 #[test]
 #[ignore = "needs root"]
 fn sigkill_during_format_and_node_expansion_converges() {
-    use crate::node::{publish_req, stage_req, unpublish_req, unstage_req, LeakGuard};
+    use filevol::kit::leaks::LeakGuard;
     use filevol::proto::csi::volume_capability::access_mode::Mode;
 
     let (_fs, pool) = pool_on("xfs", 2048);
@@ -256,13 +201,13 @@ fn sigkill_during_format_and_node_expansion_converges() {
             .args(&["--reserve", "0", "--kubelet-dir", kubelet.to_str().unwrap()])
             .faults(fault)
     };
-    let cap = crate::req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs");
+    let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs");
     let _guard = LeakGuard {
         kubelet: kubelet.clone(),
         pool: pool.clone(),
     };
 
-    let d = Driver::start_on(&pool, opts(""));
+    let d = Driver::start_on(BIN, &pool, opts(""));
     let mut r = req::create("formatting", 320 * MIB);
     r.volume_capabilities[0] = cap.clone();
     let id = d
@@ -274,23 +219,23 @@ fn sigkill_during_format_and_node_expansion_converges() {
         .volume_id;
     drop(d);
 
-    let mut d = Driver::start_on(&pool, opts("crash:stage.formatted"));
+    let mut d = Driver::start_on(BIN, &pool, opts("crash:stage.formatted"));
     assert!(d
         .node()
-        .node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+        .node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .is_err());
     d.wait_exit(Duration::from_secs(10));
     assert!(d.log().contains("SIGKILL at stage.formatted"));
     // The image is still blank (nothing allocated); the half-done work is
     // a scratch file beside it, removed by the next attempt.
-    assert_eq!(crate::controller::allocated(&image(&pool, &id)), 0);
+    assert_eq!(allocated(&image(&pool, &id)), 0);
     assert!(image(&pool, &id).with_file_name(".image.mkfs").exists());
 
-    let d = Driver::start_on(&pool, opts(""));
+    let d = Driver::start_on(BIN, &pool, opts(""));
     let n = d.node();
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     std::fs::write(target.join("kept"), b"before the crash").unwrap();
     std::fs::File::open(target.join("kept"))
@@ -304,12 +249,12 @@ fn sigkill_during_format_and_node_expansion_converges() {
     drop(n);
     drop(d);
 
-    let mut d = Driver::start_on(&pool, opts("crash:expand.device_grown"));
+    let mut d = Driver::start_on(BIN, &pool, opts("crash:expand.device_grown"));
     let e = req::node_expand(&id, &target, None, None);
     assert!(d.node().node_expand_volume(&e).is_err());
     d.wait_exit(Duration::from_secs(10));
 
-    let d = Driver::start_on(&pool, opts(""));
+    let d = Driver::start_on(BIN, &pool, opts(""));
     let n = d.node();
     assert_eq!(n.node_expand_volume(&e).unwrap().capacity_bytes, 640 * MIB);
     let st = rustix::fs::statvfs(&target).unwrap();
@@ -323,7 +268,7 @@ fn sigkill_during_format_and_node_expansion_converges() {
         std::fs::read(target.join("kept")).unwrap(),
         b"before the crash"
     );
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }

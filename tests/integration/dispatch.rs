@@ -5,10 +5,11 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use filevol::kit::driver::{code, Driver, Opts};
 use filevol::proto::csi;
 use grpcio::{CallOption, RpcStatusCode};
 
-use crate::util::{code, Driver, Opts};
+use crate::BIN;
 
 /// Starts a GetPluginInfo call in the background; its outcome's code (OK
 /// for success) arrives on the returned channel.
@@ -32,6 +33,7 @@ fn full_queue_answers_resource_exhausted_then_recovers() {
     // quarter second apart, so each accepted one has been picked up by an
     // idle worker (or queued) before the next arrives.
     let d = Driver::start_with(
+        BIN,
         Opts::default()
             .args(&["--workers", "2", "--queue-depth", "2"])
             .faults("delay:GetPluginInfo:4000"),
@@ -79,6 +81,7 @@ fn same_volume_is_serialised_while_other_volumes_proceed() {
     // A ControllerExpandVolume on vol-a holds vol-a's lock (and one worker)
     // for 2 s. Other calls are not delayed.
     let d = Driver::start_with(
+        BIN,
         Opts::default()
             .args(&["--workers", "4"])
             .faults("delay:ControllerExpandVolume:2000"),
@@ -118,6 +121,7 @@ fn same_volume_is_serialised_while_other_volumes_proceed() {
 #[test]
 fn panic_in_a_call_answers_internal_and_keeps_the_worker() {
     let d = Driver::start_with(
+        BIN,
         Opts::default()
             .args(&["--workers", "1"])
             .faults("panic:GetPluginCapabilities"),

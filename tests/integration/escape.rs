@@ -9,13 +9,14 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use filevol::kit::driver::status;
+use filevol::kit::node_env::NodeEnv;
+use filevol::kit::requests as req;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;
 
-use crate::node::{publish_req, stage_req, unpublish_req, unstage_req, NodeEnv};
-use crate::req;
-use crate::util::status;
+use crate::BIN;
 
 /// Swaps `a` and `b` until `stop`; returns how many swaps it made.
 fn swap_until(a: &Path, b: &Path, stop: &AtomicBool) -> usize {
@@ -124,17 +125,17 @@ fn group_cap(gid: u32) -> csi::VolumeCapability {
 #[test]
 #[ignore = "needs root"]
 fn the_fs_group_walk_never_follows_a_name_swapped_for_a_link() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let victim = Victim::new();
     let n = env.d.node();
     let id = env.create("fsgroup-race", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let staging = env.staging(&id);
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
     // The pod's tree: a directory of files, and a link to the host.
     let pod_target = env.target("pod-0");
-    n.node_publish_volume(&publish_req(&id, &staging, &pod_target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &pod_target, cap, false))
         .unwrap();
     let tree = pod_target.join("tree");
     std::fs::create_dir(&tree).unwrap();
@@ -150,10 +151,10 @@ fn the_fs_group_walk_never_follows_a_name_swapped_for_a_link() {
         // Every publish with a new group walks the whole volume.
         for (i, gid) in (5001..5031).enumerate() {
             let target = env.target(&format!("pod-g{i}"));
-            n.node_publish_volume(&publish_req(&id, &staging, &target, group_cap(gid), false))
+            n.node_publish_volume(&req::publish(&id, &staging, &target, group_cap(gid), false))
                 .unwrap();
             assert_eq!(std::fs::metadata(&target).unwrap().gid(), gid);
-            n.node_unpublish_volume(&unpublish_req(&id, &target))
+            n.node_unpublish_volume(&req::unpublish(&id, &target))
                 .unwrap();
         }
         drop(_stopper);
@@ -161,9 +162,9 @@ fn the_fs_group_walk_never_follows_a_name_swapped_for_a_link() {
     });
     assert!(swaps > 0);
     victim.assert_untouched();
-    n.node_unpublish_volume(&unpublish_req(&id, &pod_target))
+    n.node_unpublish_volume(&req::unpublish(&id, &pod_target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 /// Runs `op` `rounds` times while a thread swaps `path` (a directory under
@@ -229,7 +230,7 @@ fn swap_once(a: &Path, b: &Path) {
 #[test]
 #[ignore = "needs root"]
 fn a_staging_or_target_path_swapped_for_a_link_never_moves_a_mount() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let victim = Victim::new();
     let _unmount = UnmountBelow(victim.dir.clone());
     let n = env.d.node();
@@ -242,13 +243,13 @@ fn a_staging_or_target_path_swapped_for_a_link_never_moves_a_mount() {
         &victim,
         20,
         || {
-            let _ = n.node_stage_volume(&stage_req(&id, &staging, cap.clone()));
+            let _ = n.node_stage_volume(&req::stage(&id, &staging, cap.clone()));
         },
         |at| {
-            n.node_unstage_volume(&unstage_req(&id, at)).unwrap();
+            n.node_unstage_volume(&req::unstage(&id, at)).unwrap();
         },
     );
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
 
     let target = env.target("pod-race");
@@ -258,37 +259,38 @@ fn a_staging_or_target_path_swapped_for_a_link_never_moves_a_mount() {
         &victim,
         20,
         || {
-            let _ = n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false));
+            let _ =
+                n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false));
         },
         |at| {
-            n.node_unpublish_volume(&unpublish_req(&id, at)).unwrap();
+            n.node_unpublish_volume(&req::unpublish(&id, at)).unwrap();
         },
     );
     victim.assert_untouched();
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
 #[ignore = "needs root"]
 fn a_read_only_publish_with_a_group_leaves_the_group_alone() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("ro-group", 64, "ext4");
     let staging = env.staging(&id);
-    n.node_stage_volume(&stage_req(&id, &staging, group_cap(7000)))
+    n.node_stage_volume(&req::stage(&id, &staging, group_cap(7000)))
         .unwrap();
     let (rw, ro) = (env.target("pod-rw"), env.target("pod-ro"));
-    n.node_publish_volume(&publish_req(&id, &staging, &rw, group_cap(7000), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &rw, group_cap(7000), false))
         .unwrap();
-    n.node_unpublish_volume(&unpublish_req(&id, &rw)).unwrap();
+    n.node_unpublish_volume(&req::unpublish(&id, &rw)).unwrap();
     // Another group, read-only: published (not EROFS), group unchanged.
-    n.node_publish_volume(&publish_req(&id, &staging, &ro, group_cap(7001), true))
+    n.node_publish_volume(&req::publish(&id, &staging, &ro, group_cap(7001), true))
         .unwrap();
     assert_eq!(std::fs::metadata(&ro).unwrap().gid(), 7000);
-    n.node_unpublish_volume(&unpublish_req(&id, &ro)).unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unpublish_volume(&req::unpublish(&id, &ro)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 fn loop_devices_of(image: &Path) -> usize {
@@ -312,16 +314,16 @@ fn loop_devices_of(image: &Path) -> usize {
 #[test]
 #[ignore = "needs root"]
 fn unstage_is_refused_while_a_publish_is_mounted() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("still-published", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-p"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))
         .unwrap();
-    let st = status(n.node_unstage_volume(&unstage_req(&id, &staging)));
+    let st = status(n.node_unstage_volume(&req::unstage(&id, &staging)));
     assert_eq!(
         st.code(),
         RpcStatusCode::FAILED_PRECONDITION,
@@ -336,30 +338,30 @@ fn unstage_is_refused_while_a_publish_is_mounted() {
     // Nothing was taken away from the pod.
     std::fs::write(target.join("still-here"), b"yes").unwrap();
     assert_eq!(loop_devices_of(&env.image(&id)), 1);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     assert_eq!(loop_devices_of(&env.image(&id)), 0);
 }
 
 #[test]
 #[ignore = "needs root"]
 fn a_stage_that_fails_after_attaching_lets_go_of_everything() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("fails-late", 64, "ext4");
     let staging = env.staging(&id);
     // Formatted by a first stage, so the failing one gets to the mount.
     let good = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
-    n.node_stage_volume(&stage_req(&id, &staging, good.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, good.clone()))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     // A mount option ext4 rejects: attach succeeds, the mount fails.
     let mut bad = good.clone();
     bad.mut_mount().mount_flags = vec!["no_such_ext4_option".into()];
     for _ in 0..2 {
         assert!(n
-            .node_stage_volume(&stage_req(&id, &staging, bad.clone()))
+            .node_stage_volume(&req::stage(&id, &staging, bad.clone()))
             .is_err());
         assert_eq!(
             loop_devices_of(&env.image(&id)),
@@ -377,7 +379,7 @@ fn a_stage_that_fails_after_attaching_lets_go_of_everything() {
             filevol::sys::lock::try_lock(&fence, filevol::sys::lock::LockKind::Exclusive).unwrap()
         );
     }
-    n.node_stage_volume(&stage_req(&id, &staging, good))
+    n.node_stage_volume(&req::stage(&id, &staging, good))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }

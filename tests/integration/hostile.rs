@@ -7,19 +7,16 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use filevol::kit::driver::{code, Driver, Opts};
+use filevol::kit::requests::{self as req, MIB};
+use filevol::kit::stats::memory_kib;
 use filevol::proto::csi;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 
-use crate::req::{self, MIB};
-use crate::util::{code, Driver, Opts};
+use crate::BIN;
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+fn rss_kib(pid: u32) -> u64 {
+    memory_kib(pid, "VmRSS").unwrap()
 }
 
 fn probe_quickly(d: &Driver) {
@@ -66,7 +63,7 @@ fn raw_call(d: &Driver, method: &'static str, payload: Vec<u8>) -> grpcio::Resul
 
 #[test]
 fn overlong_and_oversized_requests_are_refused_and_change_nothing() {
-    let d = Driver::start();
+    let d = Driver::start(BIN);
     let c = d.controller();
     // Overlong fields: refused by validation.
     assert_eq!(
@@ -93,7 +90,7 @@ fn overlong_and_oversized_requests_are_refused_and_change_nothing() {
 
 #[test]
 fn malformed_and_deeply_nested_messages_do_not_hurt_the_server() {
-    let d = Driver::start();
+    let d = Driver::start(BIN);
     // Not protobuf at all.
     assert!(raw_call(&d, "/csi.v1.Controller/CreateVolume", vec![0xff; 64]).is_err());
     // 10,000 levels of nested length-delimited unknown fields (field 99):
@@ -128,7 +125,10 @@ fn malformed_and_deeply_nested_messages_do_not_hurt_the_server() {
 
 #[test]
 fn silent_and_numerous_connections_neither_block_nor_bloat_the_server() {
-    let d = Driver::start_with(Opts::default().args(&["--grpc-handshake-timeout", "2"]));
+    let d = Driver::start_with(
+        BIN,
+        Opts::default().args(&["--grpc-handshake-timeout", "2"]),
+    );
     let before = rss_kib(d.pid());
     // A thousand connections that never send a byte.
     let idle: Vec<UnixStream> = (0..1000)

@@ -1,10 +1,13 @@
 //! Identity service over the socket.
 
+use filevol::kit::driver::{status, Driver, Opts};
+use filevol::kit::requests as req;
+use filevol::kit::scratch::pool_on;
 use filevol::proto::csi;
 use filevol::proto::csi::plugin_capability::service::Type as ServiceType;
 use grpcio::RpcStatusCode;
 
-use crate::util::{status, Driver, Opts};
+use crate::BIN;
 
 /// The services advertised, group snapshots aside: those depend on the
 /// pool's filesystem (see `group_snapshots_are_advertised_where_the_pool_reflinks`),
@@ -29,7 +32,7 @@ fn all_service_caps(d: &Driver) -> Vec<ServiceType> {
 
 #[test]
 fn plugin_info_and_probe() {
-    let d = Driver::start();
+    let d = Driver::start(BIN);
     let info = d
         .identity()
         .get_plugin_info(&csi::GetPluginInfoRequest::new())
@@ -51,9 +54,15 @@ fn plugin_info_and_probe() {
 fn a_shared_pool_advertises_no_topology() {
     // `--topology=`: no segment, so node plugins report no keys and the
     // provisioner must not be told to look for any.
-    let d = Driver::start_with(Opts::default().args(&["--mode", "controller", "--topology="]));
+    let d = Driver::start_with(
+        BIN,
+        Opts::default().args(&["--mode", "controller", "--topology="]),
+    );
     assert_eq!(service_caps(&d), [ServiceType::CONTROLLER_SERVICE]);
-    let n = Driver::start_with(Opts::default().args(&["--mode", "node", "--topology="]));
+    let n = Driver::start_with(
+        BIN,
+        Opts::default().args(&["--mode", "node", "--topology="]),
+    );
     let info = n
         .node()
         .node_get_info(&csi::NodeGetInfoRequest::new())
@@ -63,7 +72,10 @@ fn a_shared_pool_advertises_no_topology() {
 
 #[test]
 fn driver_name_is_configurable() {
-    let d = Driver::start_with(Opts::default().args(&["--driver-name", "pool-a.filevol.example"]));
+    let d = Driver::start_with(
+        BIN,
+        Opts::default().args(&["--driver-name", "pool-a.filevol.example"]),
+    );
     let info = d
         .identity()
         .get_plugin_info(&csi::GetPluginInfoRequest::new())
@@ -73,7 +85,7 @@ fn driver_name_is_configurable() {
 
 #[test]
 fn node_mode_serves_identity_and_node_only() {
-    let d = Driver::start_with(Opts::default().args(&["--mode", "node"]));
+    let d = Driver::start_with(BIN, Opts::default().args(&["--mode", "node"]));
     assert!(all_service_caps(&d).is_empty());
     // Controller and group calls are refused with the reason, not gRPC's
     // bare "unknown service".
@@ -88,10 +100,7 @@ fn node_mode_serves_identity_and_node_only() {
         "{}",
         st.message()
     );
-    let st = status(
-        d.controller()
-            .create_volume(&crate::req::create("x", 1 << 20)),
-    );
+    let st = status(d.controller().create_volume(&req::create("x", 1 << 20)));
     assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED, "{}", st.message());
     assert!(
         st.message().contains("--mode controller"),
@@ -113,7 +122,7 @@ fn node_mode_serves_identity_and_node_only() {
 
 #[test]
 fn controller_mode_serves_no_node_service() {
-    let d = Driver::start_with(Opts::default().args(&["--mode", "controller"]));
+    let d = Driver::start_with(BIN, Opts::default().args(&["--mode", "controller"]));
     assert!(service_caps(&d).contains(&ServiceType::CONTROLLER_SERVICE));
     let st = status(d.node().node_get_info(&csi::NodeGetInfoRequest::new()));
     assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
@@ -129,8 +138,8 @@ fn controller_mode_serves_no_node_service() {
 #[test]
 #[ignore = "needs root"]
 fn group_snapshots_are_advertised_where_the_pool_reflinks() {
-    let (_xfs, pool) = crate::controller::pool_on("xfs", 512);
-    let d = Driver::start_on(&pool, Opts::default());
+    let (_xfs, pool) = pool_on("xfs", 512);
+    let d = Driver::start_on(BIN, &pool, Opts::default());
     assert!(all_service_caps(&d).contains(&ServiceType::GROUP_CONTROLLER_SERVICE));
     let caps = d
         .group_controller()
@@ -142,17 +151,15 @@ fn group_snapshots_are_advertised_where_the_pool_reflinks() {
         csi::group_controller_service_capability::rpc::Type::CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT
     );
 
-    let (_ext4, pool) = crate::controller::pool_on("ext4", 256);
-    let d = Driver::start_on(&pool, Opts::default());
+    let (_ext4, pool) = pool_on("ext4", 256);
+    let d = Driver::start_on(BIN, &pool, Opts::default());
     let caps = all_service_caps(&d);
     assert!(
         !caps.contains(&ServiceType::GROUP_CONTROLLER_SERVICE),
         "{caps:?}"
     );
     assert!(caps.contains(&ServiceType::CONTROLLER_SERVICE), "{caps:?}");
-    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
-    r.name = "g".into();
-    r.source_volume_ids.push("v".into());
+    let r = req::group_snapshot("g", ["v"]);
     let st = status(d.group_controller().create_volume_group_snapshot(&r));
     assert_eq!(st.code(), RpcStatusCode::UNIMPLEMENTED);
     assert!(st.message().contains("cannot reflink"), "{}", st.message());
@@ -174,7 +181,7 @@ fn group_snapshots_are_advertised_where_the_pool_reflinks() {
 
 #[test]
 fn probe_reports_a_vanished_pool() {
-    let d = Driver::start();
+    let d = Driver::start(BIN);
     let moved = d.pool.with_extension("moved");
     std::fs::rename(&d.pool, &moved).unwrap();
     let st = status(d.identity().probe(&csi::ProbeRequest::new()));

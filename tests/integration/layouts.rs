@@ -13,52 +13,21 @@
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use filevol::kit::driver::{code, status, Driver, Opts};
+use filevol::kit::files::{digest, image};
+use filevol::kit::leaks::LeakGuard;
+use filevol::kit::node_env::{staging_path, target_path};
+use filevol::kit::requests::{self as req, MIB};
+use filevol::kit::scratch::pool_on;
+use filevol::kit::scratch::{Bindfs, LoopFs};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::ControllerClient;
 use grpcio::RpcStatusCode;
 
-use crate::controller::{digest, pool_on};
-use crate::loopfs::LoopFs;
-use crate::node::{publish_req, stage_req, unpublish_req, unstage_req, LeakGuard};
-use crate::req::{self, MIB};
-use crate::util::{code, status, Driver, Opts};
-
-/// A bindfs mount of a directory, unmounted when dropped.
-pub struct Bindfs {
-    mnt: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Bindfs {
-    /// Mounts a bindfs view of `source`.
-    pub fn new(source: &Path) -> Bindfs {
-        let dir = tempfile::tempdir().unwrap();
-        let mnt = dir.path().join("share");
-        std::fs::create_dir(&mnt).unwrap();
-        let ok = Command::new("bindfs")
-            .arg(source)
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "bindfs is needed (scripts/install-deps.sh installs it)");
-        Bindfs { mnt, _dir: dir }
-    }
-
-    /// The mount point.
-    pub fn path(&self) -> &Path {
-        &self.mnt
-    }
-}
-
-impl Drop for Bindfs {
-    fn drop(&mut self) {
-        crate::loopfs::unmount_patiently(&self.mnt);
-    }
-}
+use crate::BIN;
 
 /// Two tests of one scenario: on the xfs pool and on its bindfs view.
 macro_rules! on_both_shares {
@@ -104,7 +73,7 @@ impl Site {
             Share::Xfs => (None, real_pool),
             Share::Bindfs => {
                 let view = Bindfs::new(fs.path());
-                let pool = view.mnt.join("pool");
+                let pool = view.path().join("pool");
                 (Some(view), pool)
             }
         };
@@ -133,6 +102,7 @@ impl Site {
             });
         }
         let d = Driver::start_on(
+            BIN,
             &self.pool,
             Opts::default()
                 .args(&[
@@ -176,27 +146,15 @@ impl Site {
     }
 
     fn staging(&self, node: &str, id: &str) -> PathBuf {
-        let p = self
-            .kubelet(node)
-            .join("plugins/kubernetes.io/csi/filevol.csi.rs")
-            .join(id)
-            .join("globalmount");
-        std::fs::create_dir_all(&p).unwrap();
-        p
+        staging_path(&self.kubelet(node), id)
     }
 
     fn target(&self, node: &str, pod: &str) -> PathBuf {
-        let p = self
-            .kubelet(node)
-            .join("pods")
-            .join(pod)
-            .join("volumes/kubernetes.io~csi/pv/mount");
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        p
+        target_path(&self.kubelet(node), pod)
     }
 
     fn image(&self, id: &str) -> PathBuf {
-        self.pool.join("volumes").join(id).join("image")
+        image(&self.pool, id)
     }
 }
 
@@ -236,14 +194,14 @@ fn with_mounted<T>(
 ) -> T {
     let n = site.d(node).node();
     let (staging, target) = (site.staging(node_id, id), site.target(node_id, id));
-    n.node_stage_volume(&stage_req(id, &staging, ext4()))
+    n.node_stage_volume(&req::stage(id, &staging, ext4()))
         .unwrap_or_else(|e| panic!("stage {id}: {e:?}\n{}", site.d(node).log()));
-    n.node_publish_volume(&publish_req(id, &staging, &target, ext4(), false))
+    n.node_publish_volume(&req::publish(id, &staging, &target, ext4(), false))
         .unwrap();
     let out = f(&target);
-    n.node_unpublish_volume(&unpublish_req(id, &target))
+    n.node_unpublish_volume(&req::unpublish(id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(id, &staging)).unwrap();
     out
 }
 
@@ -263,13 +221,18 @@ fn node_first_then_controller(share: Share) {
 
     // A volume the node plugin never heard of at its start.
     let id = create(site.d(c1), "data", 64, ext4());
-    c.controller_publish_volume(&req::publish(&id, "n1", Mode::SINGLE_NODE_WRITER, false))
-        .unwrap();
+    c.controller_publish_volume(&req::controller_publish(
+        &id,
+        "n1",
+        req::mount_cap(Mode::SINGLE_NODE_WRITER, ""),
+        false,
+    ))
+    .unwrap();
     let sum = with_mounted(&site, n1, "n1", &id, |t| write_data(&t.join("file"), 7));
     // Restaged: mounted again, never reformatted.
     let again = with_mounted(&site, n1, "n1", &id, |t| digest(&t.join("file")));
     assert_eq!(sum, again, "data changed across restage");
-    c.controller_unpublish_volume(&req::unpublish(&id, "n1"))
+    c.controller_unpublish_volume(&req::controller_unpublish(&id, "n1"))
         .unwrap();
 
     // Expanded by the controller before its first stage: the node formats
@@ -322,9 +285,9 @@ fn node_first_then_controller(share: Share) {
         let staging = site.staging("n1", &block);
         let target = site.kubelet("n1").join("pods/raw/dev");
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        n.node_stage_volume(&stage_req(&block, &staging, cap.clone()))
+        n.node_stage_volume(&req::stage(&block, &staging, cap.clone()))
             .unwrap();
-        n.node_publish_volume(&publish_req(&block, &staging, &target, cap, false))
+        n.node_publish_volume(&req::publish(&block, &staging, &target, cap, false))
             .unwrap();
         let mut dev = std::fs::OpenOptions::new()
             .write(true)
@@ -333,9 +296,9 @@ fn node_first_then_controller(share: Share) {
         dev.write_all(&vec![0x3c; 1 << 20]).unwrap();
         dev.sync_all().unwrap();
         drop(dev);
-        n.node_unpublish_volume(&unpublish_req(&block, &target))
+        n.node_unpublish_volume(&req::unpublish(&block, &target))
             .unwrap();
-        n.node_unstage_volume(&unstage_req(&block, &staging))
+        n.node_unstage_volume(&req::unstage(&block, &staging))
             .unwrap();
     }
     let meta =
@@ -346,7 +309,7 @@ fn node_first_then_controller(share: Share) {
     let st = status(
         site.d(n1)
             .node()
-            .node_stage_volume(&stage_req(&block, &staging, ext4())),
+            .node_stage_volume(&req::stage(&block, &staging, ext4())),
     );
     assert_eq!(
         st.code(),
@@ -379,7 +342,7 @@ fn node_first_then_controller(share: Share) {
     let st = status(
         site.d(n1)
             .node()
-            .node_stage_volume(&stage_req(&wiped, &staging, ext4())),
+            .node_stage_volume(&req::stage(&wiped, &staging, ext4())),
     );
     assert_eq!(
         st.code(),
@@ -413,7 +376,7 @@ fn crash_between_mkfs_and_record(share: Share) {
     assert!(site
         .d(n1)
         .node()
-        .node_stage_volume(&stage_req(&id, &staging, ext4()))
+        .node_stage_volume(&req::stage(&id, &staging, ext4()))
         .is_err());
     site.procs[n1].wait_exit(Duration::from_secs(10));
     let meta =
@@ -485,7 +448,7 @@ fn assert_stage_refused(site: &Site, node: usize, id: &str, staging: &Path) {
     let st = status(
         site.d(node)
             .node()
-            .node_stage_volume(&stage_req(id, staging, ext4())),
+            .node_stage_volume(&req::stage(id, staging, ext4())),
     );
     assert_eq!(
         st.code(),
@@ -523,7 +486,7 @@ fn two_nodes_one_pool(share: Share) {
     let s1 = site.staging("n1", &id);
     site.d(n1)
         .node()
-        .node_stage_volume(&stage_req(&id, &s1, ext4()))
+        .node_stage_volume(&req::stage(&id, &s1, ext4()))
         .unwrap();
     // The second node plugin cannot stage it: fenced through the pool.
     let s2 = site.staging("n2", &id);
@@ -543,12 +506,12 @@ fn two_nodes_one_pool(share: Share) {
     std::fs::create_dir_all(t1.parent().unwrap()).unwrap();
     site.d(n1)
         .node()
-        .node_publish_volume(&publish_req(&id, &s1, &t1, ext4(), false))
+        .node_publish_volume(&req::publish(&id, &s1, &t1, ext4(), false))
         .unwrap();
     let refused = site
         .d(n1)
         .node()
-        .node_unstage_volume(&unstage_req(&id, &s1));
+        .node_unstage_volume(&req::unstage(&id, &s1));
     assert_eq!(code(refused), RpcStatusCode::FAILED_PRECONDITION);
     assert_fenced(&site, &c, n2, &id, &s2);
     // A restart with the record unreadable still fences what is attached.
@@ -562,11 +525,11 @@ fn two_nodes_one_pool(share: Share) {
     std::fs::write(&meta, record).unwrap();
     site.d(n1)
         .node()
-        .node_unpublish_volume(&unpublish_req(&id, &t1))
+        .node_unpublish_volume(&req::unpublish(&id, &t1))
         .unwrap();
     site.d(n1)
         .node()
-        .node_unstage_volume(&unstage_req(&id, &s1))
+        .node_unstage_volume(&req::unstage(&id, &s1))
         .unwrap();
     c.delete_volume(&req::delete(&id)).unwrap();
 
@@ -579,11 +542,11 @@ fn two_nodes_one_pool(share: Share) {
     let d2 = site.staging("n2", &dir_id);
     site.d(n1)
         .node()
-        .node_stage_volume(&stage_req(&dir_id, &d1, cap.clone()))
+        .node_stage_volume(&req::stage(&dir_id, &d1, cap.clone()))
         .unwrap();
     site.d(n2)
         .node()
-        .node_stage_volume(&stage_req(&dir_id, &d2, cap.clone()))
+        .node_stage_volume(&req::stage(&dir_id, &d2, cap.clone()))
         .unwrap();
     assert_eq!(
         code(c.delete_volume(&req::delete(&dir_id))),
@@ -591,7 +554,7 @@ fn two_nodes_one_pool(share: Share) {
     );
     site.d(n1)
         .node()
-        .node_unstage_volume(&unstage_req(&dir_id, &d1))
+        .node_unstage_volume(&req::unstage(&dir_id, &d1))
         .unwrap();
     // Still staged on n2, and n2 restarting re-takes its fence from the
     // mount table.
@@ -609,7 +572,7 @@ fn two_nodes_one_pool(share: Share) {
         .is_dir());
     site.d(n2)
         .node()
-        .node_unstage_volume(&unstage_req(&dir_id, &d2))
+        .node_unstage_volume(&req::unstage(&dir_id, &d2))
         .unwrap();
     c.delete_volume(&req::delete(&dir_id)).unwrap();
 
@@ -637,7 +600,7 @@ fn two_nodes_one_pool(share: Share) {
         .available_capacity;
     site.d(n2)
         .node()
-        .node_unpublish_volume(&unpublish_req("csi-ephemeral-1", &target))
+        .node_unpublish_volume(&req::unpublish("csi-ephemeral-1", &target))
         .unwrap();
     let cap_after = c
         .get_capacity(&csi::GetCapacityRequest::new())
@@ -679,9 +642,7 @@ fn group_snapshot_while_a_node_plugin_restarts_keeps_every_member() {
         .map(|i| create(site.d(c1), &format!("member-{i}"), 32, block.clone()))
         .collect();
     let gc = site.d(c1).group_controller();
-    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
-    r.name = "group".into();
-    r.source_volume_ids = sources.clone();
+    let r = req::group_snapshot("group", sources.clone());
     let maker = std::thread::spawn(move || gc.create_volume_group_snapshot(&r));
     // Restart the node plugin (and start a second one) while the members
     // are being committed.
@@ -730,9 +691,7 @@ fn group_snapshots_on_a_share_that_cannot_reflink_are_refused() {
     let c1 = site.controller("controller-0");
     let block = req::block_cap(Mode::SINGLE_NODE_WRITER);
     let id = create(site.d(c1), "member", 32, block);
-    let mut r = csi::CreateVolumeGroupSnapshotRequest::new();
-    r.name = "group".into();
-    r.source_volume_ids = vec![id];
+    let r = req::group_snapshot("group", [id]);
     let st = status(
         site.d(c1)
             .group_controller()
@@ -766,6 +725,7 @@ fn a_running_controller_cleans_up_after_dead_processes() {
     std::fs::write(dead.join("volume-7/image"), b"half-made").unwrap();
     std::fs::write(base.join("gone-host-4242-1.lock"), b"").unwrap();
     let n2 = Driver::start_on(
+        BIN,
         &site.pool,
         Opts::default().args(&args).args(&[
             "--mode",
@@ -780,6 +740,7 @@ fn a_running_controller_cleans_up_after_dead_processes() {
     std::thread::sleep(Duration::from_millis(2500));
     assert!(dead.exists(), "a node plugin cleaned up:\n{}", n2.log());
     let c = Driver::start_on(
+        BIN,
         &site.pool,
         Opts::default().args(&args).args(&[
             "--mode",

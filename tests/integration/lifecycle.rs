@@ -2,18 +2,21 @@
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use filevol::kit::driver::{Driver, Opts};
+use filevol::kit::tempdir::TempDir;
 use filevol::proto::csi;
 use rustix::process::Signal;
 
-use crate::util::{exists, Driver, Opts, BIN};
+use crate::BIN;
 
 #[test]
 fn sigterm_drains_in_flight_calls_and_removes_the_socket() {
-    let mut d = Driver::start_with(Opts::default().faults("delay:GetPluginInfo:1500"));
+    let mut d = Driver::start_with(BIN, Opts::default().faults("delay:GetPluginInfo:1500"));
     let client = d.identity();
     let in_flight =
         thread::spawn(move || client.get_plugin_info(&csi::GetPluginInfoRequest::new()));
@@ -38,6 +41,7 @@ fn sigterm_drains_in_flight_calls_and_removes_the_socket() {
 #[test]
 fn second_signal_exits_at_once() {
     let mut d = Driver::start_with(
+        BIN,
         Opts::default()
             .faults("delay:GetPluginInfo:30000")
             .args(&["--shutdown-grace", "60"]),
@@ -54,15 +58,15 @@ fn second_signal_exits_at_once() {
 
 #[test]
 fn stale_socket_from_a_crash_is_replaced() {
-    let mut d = Driver::start();
+    let mut d = Driver::start(BIN);
     d.signal(Signal::KILL);
     d.wait_exit(Duration::from_secs(5));
     assert!(exists(&d.socket), "SIGKILL leaves the socket file");
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new().unwrap();
     let socket = d.socket.clone();
     let pool = d.pool.clone();
-    let mut again = Driver::spawn_at(dir, socket, pool, Opts::default());
+    let mut again = Driver::spawn_at(BIN, dir, socket, pool, Opts::default());
     again.wait_ready();
     assert!(
         again.log().contains("removing stale socket"),
@@ -100,7 +104,7 @@ fn live_socket_is_not_stolen() {
 
 #[test]
 fn a_second_filevol_on_the_same_socket_is_refused() {
-    let first = Driver::start();
+    let first = Driver::start(BIN);
     let out = Command::new(BIN)
         .args(["serve", "--node-id", "n1", "--endpoint"])
         .arg(format!("unix://{}", first.socket.display()))
@@ -142,10 +146,10 @@ fn a_file_that_is_not_a_socket_is_never_deleted() {
 
 #[test]
 fn socket_permissions_are_restrictive_and_configurable() {
-    let d = Driver::start();
+    let d = Driver::start(BIN);
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
-    let d = Driver::start_with(Opts::default().args(&["--socket-mode", "0600"]));
+    let d = Driver::start_with(BIN, Opts::default().args(&["--socket-mode", "0600"]));
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
@@ -184,7 +188,7 @@ fn bad_flags_fail_clearly() {
 #[test]
 fn no_flags_serves_on_defaults_and_says_where() {
     const NOBODY: u32 = 65534;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let home = dir.path().join("home");
     let runtime = dir.path().join("run");
@@ -195,6 +199,7 @@ fn no_flags_serves_on_defaults_and_says_where() {
     let socket = runtime.join("filevol/csi.sock");
     let pool = home.join(".local/share/filevol");
     let mut d = Driver::spawn_at(
+        BIN,
         dir,
         socket.clone(),
         pool.clone(),
@@ -215,4 +220,9 @@ fn no_flags_serves_on_defaults_and_says_where() {
     assert!(pool.is_dir());
     assert_eq!(std::fs::metadata(&socket).unwrap().uid(), NOBODY);
     assert!(d.stop().success());
+}
+
+/// Whether `path` exists without following a symlink.
+fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
 }

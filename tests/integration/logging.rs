@@ -1,13 +1,14 @@
 //! What reaches the log: one line per mutating call, never a secret.
 
+use filevol::kit::driver::{Driver, Opts};
 use filevol::proto::csi;
 
-use crate::util::{Driver, Opts};
+use crate::BIN;
 
 #[test]
 fn secrets_never_reach_the_log_even_at_trace() {
     const SECRET: &str = "s3cr3t-value-that-must-not-leak";
-    let mut d = Driver::start_with(Opts::default().args(&["--log-level", "trace"]));
+    let mut d = Driver::start_with(BIN, Opts::default().args(&["--log-level", "trace"]));
 
     let mut create = csi::CreateVolumeRequest::new();
     create.name = "pvc-secret-test".into();
@@ -38,7 +39,7 @@ fn secrets_never_reach_the_log_even_at_trace() {
 
 #[test]
 fn one_info_line_per_mutating_call() {
-    let mut d = Driver::start();
+    let mut d = Driver::start(BIN);
     // Deleting a volume that does not exist succeeds (idempotent) and
     // still gets its line.
     let mut req = csi::DeleteVolumeRequest::new();

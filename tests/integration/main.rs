@@ -1,5 +1,11 @@
 //! Integration tests: the real `filevol` binary on a temporary socket and
 //! pool, driven over gRPC. One test binary (gRPC core is linked into each).
+//!
+//! What more than one file uses (request builders, the driver harness,
+//! scratch pools, leak checks) comes from the library's test kit,
+//! `filevol::kit`, which the benchmarks and the operator tools use too; a
+//! file keeps here only the helpers it alone needs, and no file imports
+//! from another.
 
 // Test data and measurements cast on purpose: counters truncated into
 // pattern bytes, percentile indices from floats, sizes into CSI's int64.
@@ -8,6 +14,10 @@
     clippy::cast_possible_wrap,
     clippy::cast_sign_loss
 )]
+
+/// The binary under test, for the kit's driver harness
+/// (`filevol::kit::driver`) and for the tests that run it themselves.
+const BIN: &str = env!("CARGO_BIN_EXE_filevol");
 
 mod bench;
 mod capabilities;
@@ -22,11 +32,7 @@ mod identity;
 mod layouts;
 mod lifecycle;
 mod logging;
-mod loopfs;
 mod mkfs_options;
-mod needs;
 mod node;
 mod ops;
-mod req;
 mod single_writer;
-mod util;

@@ -5,15 +5,14 @@
 
 use std::process::Command;
 
+use filevol::kit::driver::{status, Driver};
+use filevol::kit::leaks::{detach_loops_under, is_mounted, loop_of};
+use filevol::kit::node_env::NodeEnv;
+use filevol::kit::requests::{self as req, MIB};
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;
 
-use crate::node::{
-    detach_loops_under, is_mounted, loop_of, publish_req, stage_req, unpublish_req, unstage_req,
-    NodeEnv,
-};
-use crate::req::{self, MIB};
-use crate::util::{status, Driver};
+use crate::BIN;
 
 /// Options a StorageClass must not pass, per filesystem, and the word the
 /// refusal must name: most name a path or device of the node.
@@ -39,7 +38,7 @@ const ATTACKS: &[(&str, &str, &str)] = &[
 
 #[test]
 fn create_volume_refuses_mkfs_options_that_reach_the_node() {
-    let d = Driver::start();
+    let d = Driver::start(BIN);
     let c = d.controller();
     for (fs, options, named) in ATTACKS {
         let mut r = req::create_with("pvc-attack", 512 * MIB, &[("mkfsOptions", options)]);
@@ -106,7 +105,7 @@ fn create_volume_refuses_mkfs_options_that_reach_the_node() {
 #[test]
 #[ignore = "needs root"]
 fn stage_refuses_a_recorded_mkfs_option_that_reaches_the_node() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("old-record", 64, "ext4");
     let meta_path = env.pool.join("volumes").join(&id).join("meta.json");
@@ -122,7 +121,7 @@ fn stage_refuses_a_recorded_mkfs_option_that_reaches_the_node() {
     // Twice: the first refusal let go of the fence, so the second is the
     // same refusal, not "staged by another node plugin".
     for _ in 0..2 {
-        let st = status(n.node_stage_volume(&stage_req(&id, &staging, cap.clone())));
+        let st = status(n.node_stage_volume(&req::stage(&id, &staging, cap.clone())));
         assert_eq!(
             st.code(),
             RpcStatusCode::FAILED_PRECONDITION,
@@ -155,7 +154,7 @@ fn stage_refuses_a_recorded_mkfs_option_that_reaches_the_node() {
 #[test]
 #[ignore = "needs root"]
 fn allowed_mkfs_options_reach_mkfs() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let mut r = req::create_with(
         "tuned",
@@ -176,7 +175,7 @@ fn allowed_mkfs_options_reach_mkfs() {
         .volume_id;
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-t"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
     let dev = loop_of(&env.image(&id)).expect("a loop device backs the image");
     let probe = Command::new("blkid")
@@ -193,9 +192,9 @@ fn allowed_mkfs_options_reach_mkfs() {
         allocated >= 60 * MIB as u64,
         "a thick image lost its preallocation to mkfs's discard: {allocated} bytes allocated"
     );
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))
         .unwrap();
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }

@@ -6,248 +6,25 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use filevol::kit::driver::{code, status, Driver};
+use filevol::kit::files::digest;
+use filevol::kit::leaks::{is_mounted, loop_of};
+use filevol::kit::needs;
+use filevol::kit::node_env::{node_opts, NodeEnv};
+use filevol::kit::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;
 
-use crate::controller::{digest, pool_on};
-use crate::loopfs::LoopFs;
-use crate::req::{self, MIB};
-use crate::util::{code, status, Driver, Opts};
+use crate::BIN;
 
-/// A pool on its own filesystem, a kubelet directory, and a driver.
-pub struct NodeEnv {
-    pub d: Driver,
-    pub pool: PathBuf,
-    pub kubelet: PathBuf,
-    _kubelet_dir: tempfile::TempDir,
-    _fs: LoopFs,
-}
-
-impl NodeEnv {
-    pub fn new(pool_fs: &str, mib: u64) -> NodeEnv {
-        NodeEnv::with_args(pool_fs, mib, &[])
-    }
-
-    /// The same, with extra `filevol serve` flags.
-    pub fn with_args(pool_fs: &str, mib: u64, extra: &[&str]) -> NodeEnv {
-        NodeEnv::with_opts(pool_fs, mib, |o| o.args(extra))
-    }
-
-    /// The same, with the driver's options changed by `change` (faults, a
-    /// wrapper, more flags).
-    pub fn with_opts(pool_fs: &str, mib: u64, change: impl FnOnce(Opts) -> Opts) -> NodeEnv {
-        let (fs, pool) = pool_on(pool_fs, mib);
-        let kubelet_dir = tempfile::tempdir().unwrap();
-        let kubelet = kubelet_dir.path().canonicalize().unwrap();
-        let d = Driver::start_on(&pool, change(node_opts(&kubelet, "test-node", "all")));
-        NodeEnv {
-            d,
-            pool,
-            kubelet,
-            _kubelet_dir: kubelet_dir,
-            _fs: fs,
-        }
-    }
-
-    pub fn staging(&self, id: &str) -> PathBuf {
-        let p = self
-            .kubelet
-            .join("plugins/kubernetes.io/csi/filevol.csi.rs")
-            .join(id)
-            .join("globalmount");
-        std::fs::create_dir_all(&p).unwrap();
-        p
-    }
-
-    pub fn target(&self, pod: &str) -> PathBuf {
-        let p = self
-            .kubelet
-            .join("pods")
-            .join(pod)
-            .join("volumes/kubernetes.io~csi/pv/mount");
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        p
-    }
-
-    pub fn image(&self, id: &str) -> PathBuf {
-        self.pool.join("volumes").join(id).join("image")
-    }
-
-    /// Creates a volume through the controller.
-    pub fn create(&self, name: &str, mib: i64, fs: &str) -> String {
-        let mut r = req::create(name, mib * MIB);
-        r.volume_capabilities[0] = req::mount_cap(Mode::SINGLE_NODE_WRITER, fs);
-        self.d
-            .controller()
-            .create_volume(&r)
-            .unwrap()
-            .volume
-            .unwrap()
-            .volume_id
-    }
-}
-
-pub fn start_node(pool: &Path, kubelet: &Path, node_id: &str, mode: &str) -> Driver {
-    start_node_with(pool, kubelet, node_id, mode, &[])
-}
-
-fn start_node_with(
-    pool: &Path,
-    kubelet: &Path,
-    node_id: &str,
-    mode: &str,
-    extra: &[&str],
-) -> Driver {
-    Driver::start_on(pool, node_opts(kubelet, node_id, mode).args(extra))
-}
-
-/// The flags of a node plugin (`mode` all or node) on `kubelet`.
-fn node_opts(kubelet: &Path, node_id: &str, mode: &str) -> Opts {
-    Opts::default().args(&[
-        "--reserve",
-        "0",
-        "--overcommit",
-        "10",
-        "--node-id",
-        node_id,
-        "--mode",
-        mode,
-        "--kubelet-dir",
-        kubelet.to_str().unwrap(),
-    ])
-}
-
-impl Drop for NodeEnv {
-    fn drop(&mut self) {
-        leak_check(&self.kubelet, &self.pool);
-    }
-}
-
-/// Unmounts whatever is left under `kubelet` (deepest first) and detaches
-/// every loop device backed by a file under `pool`, then, unless the test
-/// is already failing, asserts there was nothing to clean.
-pub fn leak_check(kubelet: &Path, pool: &Path) {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(kubelet.to_str().unwrap()))
-        .map(str::to_owned)
-        .collect();
-    let leaked_mounts = points.clone();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in &points {
-        let _ = Command::new("umount").arg("-l").arg(p).status();
-    }
-    let leaked_loops = detach_loops_under(pool);
-    if !std::thread::panicking() {
-        assert!(
-            leaked_mounts.is_empty(),
-            "test left mounts: {leaked_mounts:?}"
-        );
-        assert!(
-            leaked_loops.is_empty(),
-            "test left loop devices: {leaked_loops:?}"
-        );
-    }
-}
-
-/// Runs [`leak_check`] when dropped: declare it after the pool's `LoopFs`
-/// so it runs first, even when the test panics.
-pub struct LeakGuard {
-    /// The kubelet directory of the test.
-    pub kubelet: PathBuf,
-    /// The pool of the test.
-    pub pool: PathBuf,
-}
-
-impl Drop for LeakGuard {
-    fn drop(&mut self) {
-        leak_check(&self.kubelet, &self.pool);
-    }
-}
-
-/// Detaches loop devices whose backing file lies under `dir`; returns them.
-pub fn detach_loops_under(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return found;
-    };
-    for e in entries.flatten() {
-        let backing = e.path().join("loop/backing_file");
-        if let Ok(file) = std::fs::read_to_string(&backing) {
-            if file.trim().starts_with(dir.to_str().unwrap()) {
-                let dev = format!("/dev/{}", e.file_name().to_string_lossy());
-                let _ = Command::new("losetup").arg("-d").arg(&dev).status();
-                found.push(dev);
-            }
-        }
-    }
-    found
-}
-
-pub fn loop_of(image: &Path) -> Option<String> {
-    for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
-        if let Ok(file) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            if Path::new(file.trim()) == image {
-                return Some(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    None
-}
-
-pub fn stage_req(
-    id: &str,
-    staging: &Path,
-    cap: csi::VolumeCapability,
-) -> csi::NodeStageVolumeRequest {
-    let mut r = csi::NodeStageVolumeRequest::new();
-    r.volume_id = id.into();
-    r.staging_target_path = staging.to_str().unwrap().into();
-    r.volume_capability = Some(cap).into();
-    r
-}
-
-pub fn publish_req(
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: csi::VolumeCapability,
-    ro: bool,
-) -> csi::NodePublishVolumeRequest {
-    let mut r = csi::NodePublishVolumeRequest::new();
-    r.volume_id = id.into();
-    r.staging_target_path = staging.to_str().unwrap().into();
-    r.target_path = target.to_str().unwrap().into();
-    r.volume_capability = Some(cap).into();
-    r.readonly = ro;
-    r
-}
-
-pub fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
-    let mut r = csi::NodeUnpublishVolumeRequest::new();
-    r.volume_id = id.into();
-    r.target_path = target.to_str().unwrap().into();
-    r
-}
-
-pub fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
-    let mut r = csi::NodeUnstageVolumeRequest::new();
-    r.volume_id = id.into();
-    r.staging_target_path = staging.to_str().unwrap().into();
-    r
-}
-
-pub fn is_mounted(p: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+/// A driver for node `node_id` (`mode` all or node) on `pool` and `kubelet`.
+fn start_node(pool: &Path, kubelet: &Path, node_id: &str, mode: &str) -> Driver {
+    Driver::start_on(BIN, pool, node_opts(kubelet, node_id, mode))
 }
 
 fn write_file(path: &Path, seed: u8, len: usize) -> u64 {
@@ -261,16 +38,16 @@ fn write_file(path: &Path, seed: u8, len: usize) -> u64 {
 }
 
 fn round_trip(fs_type: &str) {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     let n = env.d.node();
     let size = if fs_type == "xfs" { 320 } else { 256 };
     let id = env.create(&format!("rt-{fs_type}"), size, fs_type);
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, fs_type);
     let (staging, target) = (env.staging(&id), env.target("pod-a"));
 
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
     assert!(is_mounted(&staging));
     let dev = loop_of(&env.image(&id)).expect("a loop device backs the image");
@@ -291,15 +68,13 @@ fn round_trip(fs_type: &str) {
             .trim(),
         "1"
     );
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     let sum = write_file(&target.join("data.bin"), 7, 3 << 20);
 
-    let mut stats = csi::NodeGetVolumeStatsRequest::new();
-    stats.volume_id = id.clone();
-    stats.volume_path = target.to_str().unwrap().into();
+    let stats = req::volume_stats(&id, &target);
     let s = n.node_get_volume_stats(&stats).unwrap();
     assert!(
         !s.volume_condition.abnormal,
@@ -322,13 +97,13 @@ fn round_trip(fs_type: &str) {
             || fs_type == "btrfs"
     );
 
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
     assert!(!target.exists());
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     assert!(!is_mounted(&staging));
     assert_eq!(
         loop_of(&env.image(&id)),
@@ -337,14 +112,14 @@ fn round_trip(fs_type: &str) {
     );
 
     // Restage: the filesystem is found, not remade; the data is there.
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     assert_eq!(digest(&target.join("data.bin")), sum);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
@@ -368,33 +143,33 @@ fn btrfs_round_trip_keeps_data() {
 #[test]
 #[ignore = "needs root"]
 fn read_only_is_really_read_only() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("ro", 64, "ext4");
     let rw = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target, target2) = (env.staging(&id), env.target("pod-rw"), env.target("pod-ro"));
-    n.node_stage_volume(&stage_req(&id, &staging, rw.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, rw.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, rw.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, rw.clone(), false))
         .unwrap();
     write_file(&target.join("f"), 1, 4096);
-    n.node_publish_volume(&publish_req(&id, &staging, &target2, rw.clone(), true))
+    n.node_publish_volume(&req::publish(&id, &staging, &target2, rw.clone(), true))
         .unwrap();
     let err = File::create(target2.join("g")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(30), "EROFS expected, got {err}");
     // The same target with another read-only setting is incompatible.
     assert_eq!(
-        code(n.node_publish_volume(&publish_req(&id, &staging, &target2, rw.clone(), false))),
+        code(n.node_publish_volume(&req::publish(&id, &staging, &target2, rw.clone(), false))),
         RpcStatusCode::ALREADY_EXISTS
     );
     for t in [&target, &target2] {
-        n.node_unpublish_volume(&unpublish_req(&id, t)).unwrap();
+        n.node_unpublish_volume(&req::unpublish(&id, t)).unwrap();
     }
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 
     // A read-only access mode gets a read-only loop device.
     let rox = req::mount_cap(Mode::MULTI_NODE_READER_ONLY, "ext4");
-    n.node_stage_volume(&stage_req(&id, &staging, rox.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, rox.clone()))
         .unwrap();
     let dev = loop_of(&env.image(&id)).unwrap();
     assert_eq!(
@@ -403,19 +178,19 @@ fn read_only_is_really_read_only() {
             .trim(),
         "1"
     );
-    n.node_publish_volume(&publish_req(&id, &staging, &target, rox, true))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, rox, true))
         .unwrap();
     assert!(target.join("f").exists());
     assert!(File::create(target.join("h")).is_err());
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
 #[ignore = "needs root"]
 fn block_volumes_round_trip() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let mut r = req::create("raw", 64 * MIB);
     r.volume_capabilities[0] = req::block_cap(Mode::SINGLE_NODE_WRITER);
@@ -429,9 +204,9 @@ fn block_volumes_round_trip() {
         .volume_id;
     let cap = req::block_cap(Mode::SINGLE_NODE_WRITER);
     let (staging, target) = (env.staging(&id), env.target("pod-blk"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     let meta = std::fs::metadata(&target).unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_block_device(
@@ -446,36 +221,34 @@ fn block_volumes_round_trip() {
         f.write_all(&pattern).unwrap();
         f.sync_all().unwrap();
     }
-    let mut s = csi::NodeGetVolumeStatsRequest::new();
-    s.volume_id = id.clone();
-    s.volume_path = target.to_str().unwrap().into();
+    let s = req::volume_stats(&id, &target);
     let st = n.node_get_volume_stats(&s).unwrap();
     assert_eq!(st.usage[0].total, 64 * MIB);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     assert_eq!(loop_of(&env.image(&id)), None);
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))
         .unwrap();
     let mut back = vec![0u8; 1 << 20];
     File::open(&target).unwrap().read_exact(&mut back).unwrap();
     assert!(back == pattern, "block data changed");
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 fn grow(fs_type: &str) {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     let n = env.d.node();
     let id = env.create(&format!("grow-{fs_type}"), 320, fs_type);
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, fs_type);
     let (staging, target) = (env.staging(&id), env.target("pod-g"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     let sum = write_file(&target.join("keep"), 3, 2 << 20);
     let before = rustix::fs::statvfs(&target).unwrap();
@@ -495,9 +268,9 @@ fn grow(fs_type: &str) {
         "{fs_type} did not grow online"
     );
     assert_eq!(digest(&target.join("keep")), sum);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 /// Online ext4 growth is the kernel's EXT4_IOC_RESIZE_FS, which wants
@@ -507,7 +280,7 @@ fn grow(fs_type: &str) {
 #[test]
 #[ignore = "needs root and CAP_SYS_RESOURCE"]
 fn ext4_grows_online_with_cap_sys_resource() {
-    crate::needs::cap_sys_resource();
+    needs::cap_sys_resource();
     grow("ext4");
 }
 
@@ -516,7 +289,7 @@ fn ext4_grows_online_with_cap_sys_resource() {
 #[test]
 #[ignore = "needs root"]
 fn ext4_growth_without_cap_sys_resource_says_why() {
-    let env = NodeEnv::with_opts("xfs", 1024, |mut o| {
+    let env = NodeEnv::with_opts(BIN, "xfs", 1024, |mut o| {
         o.wrapper = ["setpriv", "--bounding-set", "-sys_resource", "--"]
             .map(String::from)
             .to_vec();
@@ -526,9 +299,9 @@ fn ext4_growth_without_cap_sys_resource_says_why() {
     let id = env.create("grow-ext4-nocap", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-g"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))
         .unwrap();
     env.d
         .controller()
@@ -541,9 +314,9 @@ fn ext4_growth_without_cap_sys_resource_says_why() {
         "{}",
         st.message()
     );
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
@@ -561,22 +334,22 @@ fn btrfs_grows_online() {
 #[test]
 #[ignore = "needs root"]
 fn a_device_that_is_not_provably_blank_is_never_formatted() {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     let n = env.d.node();
     // An ext4 volume with data, staged as xfs: refused by the capability
     // check before the device is touched.
     let id = env.create("has-data", 320, "ext4");
     let ext4 = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-d"));
-    n.node_stage_volume(&stage_req(&id, &staging, ext4.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, ext4.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, ext4.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, ext4.clone(), false))
         .unwrap();
     let sum = write_file(&target.join("precious"), 9, 1 << 20);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
-    let st = status(n.node_stage_volume(&stage_req(
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
+    let st = status(n.node_stage_volume(&req::stage(
         &id,
         &staging,
         req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs"),
@@ -601,7 +374,7 @@ fn a_device_that_is_not_provably_blank_is_never_formatted() {
         .success());
     let before = digest(&img);
     let xstaging = env.staging(&xid);
-    let st = status(n.node_stage_volume(&stage_req(
+    let st = status(n.node_stage_volume(&req::stage(
         &xid,
         &xstaging,
         req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs"),
@@ -629,7 +402,7 @@ fn a_device_that_is_not_provably_blank_is_never_formatted() {
         f.write_all(&[0xAB; 65536]).unwrap();
     }
     let before = digest(&rimg);
-    let st = status(n.node_stage_volume(&stage_req(&rid, &env.staging(&rid), ext4.clone())));
+    let st = status(n.node_stage_volume(&req::stage(&rid, &env.staging(&rid), ext4.clone())));
     assert_eq!(
         st.code(),
         RpcStatusCode::FAILED_PRECONDITION,
@@ -639,28 +412,28 @@ fn a_device_that_is_not_provably_blank_is_never_formatted() {
     assert_eq!(digest(&rimg), before);
 
     // The first volume's data is untouched.
-    n.node_stage_volume(&stage_req(&id, &staging, ext4.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, ext4.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, ext4, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, ext4, false))
         .unwrap();
     assert_eq!(digest(&target.join("precious")), sum);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
 #[ignore = "needs root"]
 fn a_killed_node_plugin_converges_after_restart() {
-    let mut env = NodeEnv::new("xfs", 1024);
+    let mut env = NodeEnv::new(BIN, "xfs", 1024);
     let id = env.create("survivor", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-k"));
     {
         let n = env.d.node();
-        n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+        n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
             .unwrap();
-        n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+        n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
             .unwrap();
     }
     let sum = write_file(&target.join("f"), 5, 1 << 20);
@@ -678,28 +451,28 @@ fn a_killed_node_plugin_converges_after_restart() {
         code(
             other
                 .node()
-                .node_stage_volume(&stage_req(&id, &other_staging, cap.clone()))
+                .node_stage_volume(&req::stage(&id, &other_staging, cap.clone()))
         ),
         RpcStatusCode::FAILED_PRECONDITION
     );
     drop(other);
 
     let n = env.d.node();
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     assert_eq!(digest(&target.join("f")), sum);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     assert_eq!(loop_of(&env.image(&id)), None);
 }
 
 #[test]
 #[ignore = "needs root"]
 fn two_nodes_on_one_pool_never_mount_one_image_twice() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let id = env.create("shared-pool-vol", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let b_kubelet = tempfile::tempdir().unwrap();
@@ -710,11 +483,11 @@ fn two_nodes_on_one_pool_never_mount_one_image_twice() {
 
     env.d
         .node()
-        .node_stage_volume(&stage_req(&id, &a_staging, cap.clone()))
+        .node_stage_volume(&req::stage(&id, &a_staging, cap.clone()))
         .unwrap();
     let st = status(
         b.node()
-            .node_stage_volume(&stage_req(&id, &b_staging, cap.clone())),
+            .node_stage_volume(&req::stage(&id, &b_staging, cap.clone())),
     );
     assert_eq!(
         st.code(),
@@ -726,22 +499,22 @@ fn two_nodes_on_one_pool_never_mount_one_image_twice() {
     assert!(!is_mounted(&b_staging));
     env.d
         .node()
-        .node_unstage_volume(&unstage_req(&id, &a_staging))
+        .node_unstage_volume(&req::unstage(&id, &a_staging))
         .unwrap();
 
     b.node()
-        .node_stage_volume(&stage_req(&id, &b_staging, cap.clone()))
+        .node_stage_volume(&req::stage(&id, &b_staging, cap.clone()))
         .unwrap();
     assert_eq!(
         code(
             env.d
                 .node()
-                .node_stage_volume(&stage_req(&id, &a_staging, cap.clone()))
+                .node_stage_volume(&req::stage(&id, &a_staging, cap.clone()))
         ),
         RpcStatusCode::FAILED_PRECONDITION
     );
     b.node()
-        .node_unstage_volume(&unstage_req(&id, &b_staging))
+        .node_unstage_volume(&req::unstage(&id, &b_staging))
         .unwrap();
     assert!(!is_mounted(&b_staging));
 }
@@ -749,7 +522,7 @@ fn two_nodes_on_one_pool_never_mount_one_image_twice() {
 #[test]
 #[ignore = "needs root"]
 fn hostile_paths_are_refused_and_nothing_is_mounted() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("hostile", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
@@ -763,14 +536,14 @@ fn hostile_paths_are_refused_and_nothing_is_mounted() {
         "relative/path".to_owned(),
     ];
     for path in &bad {
-        let mut r = stage_req(&id, Path::new("/"), cap.clone());
+        let mut r = req::stage(&id, Path::new("/"), cap.clone());
         r.staging_target_path = path.clone();
         assert_eq!(
             code(n.node_stage_volume(&r)),
             RpcStatusCode::INVALID_ARGUMENT,
             "{path}"
         );
-        let mut p = publish_req(&id, &env.staging(&id), Path::new("/"), cap.clone(), false);
+        let mut p = req::publish(&id, &env.staging(&id), Path::new("/"), cap.clone(), false);
         p.target_path = path.clone();
         assert_eq!(
             code(n.node_publish_volume(&p)),
@@ -780,7 +553,7 @@ fn hostile_paths_are_refused_and_nothing_is_mounted() {
     }
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     assert_eq!(loop_of(&env.image(&id)), None);
-    let mut r = stage_req("../x", &env.staging("x"), cap);
+    let mut r = req::stage("../x", &env.staging("x"), cap);
     r.volume_id = "../x".into();
     assert_eq!(
         code(n.node_stage_volume(&r)),
@@ -791,17 +564,17 @@ fn hostile_paths_are_refused_and_nothing_is_mounted() {
 #[test]
 #[ignore = "needs root"]
 fn unpublish_reports_busy_targets_and_accepts_gone_ones() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("busy", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-b"));
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     // A process with its working directory in the volume keeps it busy.
     let mut holder = Command::new("sleep")
@@ -809,7 +582,7 @@ fn unpublish_reports_busy_targets_and_accepts_gone_ones() {
         .current_dir(&target)
         .spawn()
         .unwrap();
-    let st = status(n.node_unpublish_volume(&unpublish_req(&id, &target)));
+    let st = status(n.node_unpublish_volume(&req::unpublish(&id, &target)));
     assert_eq!(
         st.code(),
         RpcStatusCode::FAILED_PRECONDITION,
@@ -820,12 +593,12 @@ fn unpublish_reports_busy_targets_and_accepts_gone_ones() {
     assert!(is_mounted(&target), "EBUSY is not success");
     let _ = holder.kill();
     let _ = holder.wait();
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
     // Publishing without staging first is refused.
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     assert_eq!(
-        code(n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))),
+        code(n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))),
         RpcStatusCode::FAILED_PRECONDITION
     );
 }
@@ -833,54 +606,54 @@ fn unpublish_reports_busy_targets_and_accepts_gone_ones() {
 #[test]
 #[ignore = "needs root"]
 fn read_write_once_pod_allows_one_target() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("rwop", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_SINGLE_WRITER, "ext4");
     let (staging, t1, t2) = (env.staging(&id), env.target("pod-1"), env.target("pod-2"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &t1, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &t1, cap.clone(), false))
         .unwrap();
-    let st = status(n.node_publish_volume(&publish_req(&id, &staging, &t2, cap.clone(), false)));
+    let st = status(n.node_publish_volume(&req::publish(&id, &staging, &t2, cap.clone(), false)));
     assert_eq!(
         st.code(),
         RpcStatusCode::FAILED_PRECONDITION,
         "{}",
         st.message()
     );
-    n.node_unpublish_volume(&unpublish_req(&id, &t1)).unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &t2, cap.clone(), false))
+    n.node_unpublish_volume(&req::unpublish(&id, &t1)).unwrap();
+    n.node_publish_volume(&req::publish(&id, &staging, &t2, cap.clone(), false))
         .unwrap();
-    n.node_unpublish_volume(&unpublish_req(&id, &t2)).unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unpublish_volume(&req::unpublish(&id, &t2)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
 #[ignore = "needs root"]
 fn fs_group_is_applied_by_the_driver() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("fsgroup", 64, "ext4");
     let mut cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     cap.mut_mount().volume_mount_group = "4321".into();
     let (staging, target) = (env.staging(&id), env.target("pod-fsg"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
     let meta = std::fs::metadata(&target).unwrap();
     assert_eq!(meta.gid(), 4321);
     assert_eq!(meta.mode() & 0o2070, 0o2070);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
 #[ignore = "needs root"]
 fn ephemeral_inline_volumes_live_and_die_with_their_pod() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let target = env.target("pod-eph");
     let mut p = csi::NodePublishVolumeRequest::new();
@@ -898,7 +671,7 @@ fn ephemeral_inline_volumes_live_and_die_with_their_pod() {
         std::fs::read_dir(env.pool.join("volumes")).unwrap().count(),
         1
     );
-    n.node_unpublish_volume(&unpublish_req("csi-0123456789abcdef", &target))
+    n.node_unpublish_volume(&req::unpublish("csi-0123456789abcdef", &target))
         .unwrap();
     assert_eq!(
         std::fs::read_dir(env.pool.join("volumes")).unwrap().count(),
@@ -920,14 +693,14 @@ fn ephemeral_inline_volumes_live_and_die_with_their_pod() {
 #[test]
 #[ignore = "needs root"]
 fn node_expansion_reports_the_real_size_never_the_requested_one() {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     let n = env.d.node();
     let id = env.create("expand-truth", 320, "xfs");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs");
     let (staging, target) = (env.staging(&id), env.target("pod-truth"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))
         .unwrap();
     let before = rustix::fs::statvfs(&target).unwrap().f_blocks;
     let mut refused = req::expand(&id, 640 * MIB);
@@ -948,9 +721,9 @@ fn node_expansion_reports_the_real_size_never_the_requested_one() {
     assert_eq!(rustix::fs::statvfs(&target).unwrap().f_blocks, before);
     // Asked for less than it has: the answer is what it has.
     assert_eq!(expand(100 * MIB).unwrap().capacity_bytes, 320 * MIB);
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 /// A btrfs below 256 MiB (what older versions made, from 114 MiB) cannot
@@ -960,7 +733,7 @@ fn node_expansion_reports_the_real_size_never_the_requested_one() {
 #[test]
 #[ignore = "needs root"]
 fn a_small_btrfs_of_an_older_version_still_expands() {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     let n = env.d.node();
     let id = env.create("old-btrfs", 256, "btrfs");
     // Make it what an older version made: a 114 MiB record and image.
@@ -977,9 +750,9 @@ fn a_small_btrfs_of_an_older_version_still_expands() {
         .unwrap();
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "btrfs");
     let (staging, target) = (env.staging(&id), env.target("pod-old-btrfs"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))
         .unwrap();
     let expand =
         |bytes: i64| n.node_expand_volume(&req::node_expand(&id, &target, None, Some(bytes)));
@@ -997,9 +770,9 @@ fn a_small_btrfs_of_an_older_version_still_expands() {
         "btrfs did not grow: {} bytes",
         st.f_blocks * st.f_frsize
     );
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 /// OFFLINE expansion as kubelet runs it: the controller grows the image
@@ -1008,23 +781,23 @@ fn a_small_btrfs_of_an_older_version_still_expands() {
 #[test]
 #[ignore = "needs root"]
 fn offline_expansion_grows_at_the_next_stage() {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     let n = env.d.node();
     let id = env.create("expand-offline", 320, "xfs");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "xfs");
     let staging = env.staging(&id);
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
     let sum = write_file(&staging.join("keep"), 5, 1 << 20);
     let before = rustix::fs::statvfs(&staging).unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     let r = env
         .d
         .controller()
         .controller_expand_volume(&req::expand(&id, 640 * MIB))
         .unwrap();
     assert_eq!(r.capacity_bytes, 640 * MIB);
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
     let e = req::node_expand(&id, &staging, Some(&staging), Some(640 * MIB));
     assert_eq!(n.node_expand_volume(&e).unwrap().capacity_bytes, 640 * MIB);
@@ -1034,24 +807,22 @@ fn offline_expansion_grows_at_the_next_stage() {
         "the filesystem did not grow"
     );
     assert_eq!(digest(&staging.join("keep")), sum);
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
 }
 
 #[test]
 #[ignore = "needs root"]
 fn volume_condition_turns_abnormal_when_the_mount_goes() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let n = env.d.node();
     let id = env.create("cond", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-c"));
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap.clone(), false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap.clone(), false))
         .unwrap();
-    let mut s = csi::NodeGetVolumeStatsRequest::new();
-    s.volume_id = id.clone();
-    s.volume_path = target.to_str().unwrap().into();
+    let s = req::volume_stats(&id, &target);
     assert!(
         !n.node_get_volume_stats(&s)
             .unwrap()
@@ -1069,9 +840,9 @@ fn volume_condition_turns_abnormal_when_the_mount_goes() {
         .volume_condition
         .unwrap();
     assert!(c.abnormal && c.message.contains("not mounted"), "{c:?}");
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     let mut gone = s.clone();
     gone.volume_path = env.kubelet.join("pods/nope").to_str().unwrap().into();
     assert_eq!(
@@ -1083,7 +854,7 @@ fn volume_condition_turns_abnormal_when_the_mount_goes() {
 #[test]
 #[ignore = "needs root"]
 fn node_info_and_capabilities() {
-    let env = NodeEnv::new("xfs", 512);
+    let env = NodeEnv::new(BIN, "xfs", 512);
     let n = env.d.node();
     let info = n.node_get_info(&csi::NodeGetInfoRequest::new()).unwrap();
     assert_eq!(info.node_id, "test-node");

@@ -5,12 +5,12 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output};
 
+use filevol::kit::node_env::NodeEnv;
+use filevol::kit::requests as req;
+use filevol::kit::scratch::pool_on;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 
-use crate::controller::pool_on;
-use crate::node::{publish_req, stage_req, unpublish_req, unstage_req, NodeEnv};
-use crate::req;
-use crate::util::BIN;
+use crate::BIN;
 
 fn scrape(address: &str) -> String {
     let mut s = std::net::TcpStream::connect(address).unwrap();
@@ -24,7 +24,7 @@ fn scrape(address: &str) -> String {
 #[test]
 #[ignore = "needs root"]
 fn metrics_count_calls_and_report_the_pool_and_the_node() {
-    let env = NodeEnv::with_args("xfs", 1024, &["--metrics-address", "127.0.0.1:0"]);
+    let env = NodeEnv::with_args(BIN, "xfs", 1024, &["--metrics-address", "127.0.0.1:0"]);
     let log = env.d.log();
     let address = log
         .split("metrics at http://")
@@ -36,9 +36,9 @@ fn metrics_count_calls_and_report_the_pool_and_the_node() {
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-m"));
     let n = env.d.node();
-    n.node_stage_volume(&stage_req(&id, &staging, cap.clone()))
+    n.node_stage_volume(&req::stage(&id, &staging, cap.clone()))
         .unwrap();
-    n.node_publish_volume(&publish_req(&id, &staging, &target, cap, false))
+    n.node_publish_volume(&req::publish(&id, &staging, &target, cap, false))
         .unwrap();
     let _ = env.d.controller().delete_volume(&req::delete("../bad"));
 
@@ -56,9 +56,9 @@ fn metrics_count_calls_and_report_the_pool_and_the_node() {
     ] {
         assert!(text.contains(expected), "{expected} missing:\n{text}");
     }
-    n.node_unpublish_volume(&unpublish_req(&id, &target))
+    n.node_unpublish_volume(&req::unpublish(&id, &target))
         .unwrap();
-    n.node_unstage_volume(&unstage_req(&id, &staging)).unwrap();
+    n.node_unstage_volume(&req::unstage(&id, &staging)).unwrap();
     let text = scrape(&address);
     assert!(
         text.contains("filevol_volumes_staged 0") && text.contains("filevol_volumes_published 0"),
@@ -97,7 +97,7 @@ fn field(text: &str, key: &str) -> String {
 #[test]
 #[ignore = "needs root"]
 fn the_client_drives_a_whole_lifecycle_and_pool_ls_reports_it() {
-    let env = NodeEnv::new("xfs", 1024);
+    let env = NodeEnv::new(BIN, "xfs", 1024);
     let sock = env.d.socket.clone();
     assert!(ok(client(&sock, &["identity"])).contains("filevol.csi.rs"));
     let created = ok(client(
@@ -228,7 +228,7 @@ fn json_lines(out: Output) -> Vec<serde_json::Value> {
 #[test]
 #[ignore = "needs root"]
 fn the_client_follows_the_volume_and_answers_in_json() {
-    let env = NodeEnv::new("xfs", 2048);
+    let env = NodeEnv::new(BIN, "xfs", 2048);
     let sock = env.d.socket.clone();
     let created = json_lines(client(
         &sock,

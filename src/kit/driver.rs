@@ -1,6 +1,11 @@
-//! A `filevol serve` process for one test: its own temporary directory,
-//! socket, pool and log file, killed and cleaned up when dropped even if the
-//! test panics.
+//! A `filevol serve` process of its own: a temporary directory with its
+//! socket, pool, kubelet directory and log file, killed and cleaned up when
+//! dropped, even when the test or benchmark using it panics.
+//!
+//! The binary is a parameter: the library cannot name it, and its callers
+//! can (`env!("CARGO_BIN_EXE_filevol")` in tests and benchmarks, which
+//! cargo builds before them). Failures panic with the driver's log: the
+//! caller is a test, and the log is what explains it.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -8,23 +13,23 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filevol::proto::csi;
-use filevol::proto::grpc::{ControllerClient, IdentityClient, NodeClient};
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_filevol");
+use super::tempdir::TempDir;
+use crate::proto::csi;
+use crate::proto::grpc::{ControllerClient, GroupControllerClient, IdentityClient, NodeClient};
 
 /// How to start a driver.
 #[derive(Debug, Default)]
 pub struct Opts {
     /// Extra flags after `serve`.
     pub args: Vec<String>,
-    /// `FILEVOL_FAULTS` for the process.
+    /// `FILEVOL_FAULTS` for the process (see [`crate::faults`]).
     pub faults: String,
     /// Run as this uid/gid instead of root.
     pub user: Option<u32>,
-    /// Do not pass --endpoint/--pool/--node-id (defaults test).
+    /// Do not pass --endpoint/--pool/--node-id/--kubelet-dir (the defaults
+    /// are what is tested).
     pub no_paths: bool,
     /// Extra environment.
     pub env: Vec<(String, String)>,
@@ -33,12 +38,15 @@ pub struct Opts {
 }
 
 impl Opts {
+    /// These flags too.
     pub fn args(mut self, args: &[&str]) -> Self {
-        self.args.extend(args.iter().map(|s| s.to_string()));
+        self.args.extend(args.iter().map(|s| (*s).to_owned()));
         self
     }
+
+    /// These faults (`FILEVOL_FAULTS`) instead.
     pub fn faults(mut self, f: &str) -> Self {
-        self.faults = f.to_owned();
+        f.clone_into(&mut self.faults);
         self
     }
 }
@@ -47,61 +55,75 @@ impl Opts {
 pub struct Driver {
     child: Option<Child>,
     /// Owns the temporary directory: removed when the driver is dropped.
-    _dir: tempfile::TempDir,
+    _dir: TempDir,
+    /// The socket it listens on.
     pub socket: PathBuf,
+    /// Its pool directory.
     pub pool: PathBuf,
     log: PathBuf,
     env: Arc<grpcio::Environment>,
 }
 
 impl Driver {
-    /// Starts a driver in mode `all` and waits until it answers Probe.
-    pub fn start() -> Driver {
-        Driver::start_with(Opts::default())
+    /// Starts `bin` in mode `all` on a new pool and waits until it answers
+    /// Probe.
+    pub fn start(bin: impl AsRef<Path>) -> Driver {
+        Driver::start_with(bin, Opts::default())
     }
 
-    /// Starts a driver with `opts` and waits until it answers Probe.
-    pub fn start_with(opts: Opts) -> Driver {
-        let mut d = Driver::spawn(opts);
+    /// Starts `bin` with `opts` on a new pool and waits until it answers
+    /// Probe.
+    pub fn start_with(bin: impl AsRef<Path>, opts: Opts) -> Driver {
+        let mut d = Driver::spawn(bin, opts);
         d.wait_ready();
         d
     }
 
-    /// Starts a driver with `opts` without waiting for it.
-    pub fn spawn(opts: Opts) -> Driver {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// Starts `bin` with `opts` on a new pool without waiting for it.
+    pub fn spawn(bin: impl AsRef<Path>, opts: Opts) -> Driver {
+        let dir = TempDir::new().expect("make a temporary directory");
         let socket = dir.path().join("csi.sock");
         let pool = dir.path().join("pool");
-        std::fs::create_dir(&pool).unwrap();
-        Driver::spawn_at(dir, socket, pool, opts)
+        std::fs::create_dir(&pool).expect("make the pool directory");
+        Driver::spawn_at(bin, dir, socket, pool, opts)
     }
 
-    /// Starts a driver (mode `all` unless `opts` says otherwise) on an
+    /// Starts `bin` (mode `all` unless `opts` says otherwise) on an
     /// existing pool directory and waits until it answers Probe.
-    pub fn start_on(pool: &Path, opts: Opts) -> Driver {
-        let dir = tempfile::tempdir().expect("tempdir");
+    pub fn start_on(bin: impl AsRef<Path>, pool: &Path, opts: Opts) -> Driver {
+        let dir = TempDir::new().expect("make a temporary directory");
         let socket = dir.path().join("csi.sock");
-        let mut d = Driver::spawn_at(dir, socket, pool.to_owned(), opts);
+        let mut d = Driver::spawn_at(bin, dir, socket, pool.to_owned(), opts);
         d.wait_ready();
         d
     }
 
-    /// Starts a driver on a given socket and pool inside `dir`.
-    pub fn spawn_at(dir: tempfile::TempDir, socket: PathBuf, pool: PathBuf, opts: Opts) -> Driver {
+    /// Starts `bin` on `socket` and `pool`, keeping its log (and, unless
+    /// `opts` names one, its kubelet directory) in `dir`, without waiting.
+    pub fn spawn_at(
+        bin: impl AsRef<Path>,
+        dir: TempDir,
+        socket: PathBuf,
+        pool: PathBuf,
+        opts: Opts,
+    ) -> Driver {
+        let bin = bin.as_ref();
+        // A name of its own: a driver restarted on the same directory keeps
+        // the earlier one's log beside its own.
         let log = dir.path().join(format!(
             "filevol-{}.log",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
+                .unwrap_or_default()
                 .as_nanos()
         ));
         let mut cmd = match opts.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(BIN);
+                c.args(args).arg(bin);
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new(bin),
         };
         cmd.arg("serve");
         if !opts.no_paths {
@@ -114,7 +136,7 @@ impl Driver {
             }
             if !opts.args.iter().any(|a| a == "--kubelet-dir") {
                 let kubelet = dir.path().join("kubelet");
-                std::fs::create_dir_all(&kubelet).unwrap();
+                std::fs::create_dir_all(&kubelet).expect("make the kubelet directory");
                 cmd.arg("--kubelet-dir").arg(kubelet);
             }
         }
@@ -125,11 +147,13 @@ impl Driver {
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .stderr(std::fs::File::create(&log).expect("make the log file"));
         if let Some(uid) = opts.user {
             cmd.uid(uid).gid(uid);
         }
-        let child = cmd.spawn().expect("spawn filevol");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         Driver {
             child: Some(child),
             _dir: dir,
@@ -144,7 +168,8 @@ impl Driver {
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            let child = self.child.as_mut().expect("the driver was waited for");
+            if let Some(status) = child.try_wait().expect("wait for the driver") {
                 panic!("filevol exited early ({status}):\n{}", self.log());
             }
             if self.socket.exists() {
@@ -160,12 +185,17 @@ impl Driver {
         panic!("filevol did not become ready:\n{}", self.log());
     }
 
-    fn channel(&self) -> grpcio::Channel {
-        ChannelBuilder::new(Arc::clone(&self.env))
-            .connect(&format!("unix:{}", self.socket.display()))
+    /// The gRPC address of its socket (`unix:<path>`), for a channel built
+    /// by hand (a connection of its own, other message limits).
+    pub fn address(&self) -> String {
+        format!("unix:{}", self.socket.display())
     }
 
-    /// A fresh Identity client (its own connection).
+    fn channel(&self) -> grpcio::Channel {
+        ChannelBuilder::new(Arc::clone(&self.env)).connect(&self.address())
+    }
+
+    /// A fresh Identity client.
     pub fn identity(&self) -> IdentityClient {
         IdentityClient::new(self.channel())
     }
@@ -176,8 +206,8 @@ impl Driver {
     }
 
     /// A fresh GroupController client.
-    pub fn group_controller(&self) -> filevol::proto::grpc::GroupControllerClient {
-        filevol::proto::grpc::GroupControllerClient::new(self.channel())
+    pub fn group_controller(&self) -> GroupControllerClient {
+        GroupControllerClient::new(self.channel())
     }
 
     /// A fresh Node client.
@@ -191,22 +221,25 @@ impl Driver {
     }
 
     /// The process id.
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the driver was waited for").id()
     }
 
     /// Sends `sig` to the driver.
     pub fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.pid()).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
+        let pid = i32::try_from(self.pid())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("a process id is a positive i32");
+        rustix::process::kill_process(pid, sig).expect("signal the driver");
     }
 
     /// Waits for the process to exit (at most `timeout`).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().expect("still owned");
+        let child = self.child.as_mut().expect("the driver was waited for");
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some(status) = child.try_wait().expect("wait for the driver") {
                 self.child = None;
                 return status;
             }
@@ -224,9 +257,21 @@ impl Driver {
     }
 }
 
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("pid", &self.child.as_ref().map(Child::id))
+            .field("socket", &self.socket)
+            .field("pool", &self.pool)
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Driver {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // Best effort: the process may be gone already.
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -235,10 +280,7 @@ impl Drop for Driver {
 
 /// The status code of a failed call (panics on success).
 pub fn code<T: std::fmt::Debug>(result: grpcio::Result<T>) -> RpcStatusCode {
-    match result {
-        Err(grpcio::Error::RpcFailure(status)) => status.code(),
-        other => panic!("expected an RPC failure, got {other:?}"),
-    }
+    status(result).code()
 }
 
 /// The status of a failed call (panics on success).
@@ -247,9 +289,4 @@ pub fn status<T: std::fmt::Debug>(result: grpcio::Result<T>) -> grpcio::RpcStatu
         Err(grpcio::Error::RpcFailure(status)) => status,
         other => panic!("expected an RPC failure, got {other:?}"),
     }
-}
-
-/// Whether `path` exists without following a symlink.
-pub fn exists(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok()
 }

@@ -1,13 +1,14 @@
 //! What a test needs from the machine, checked in one place.
 //!
 //! A test that needs root (loop devices, mounts) says so in its attribute,
-//! `#[ignore = "needs root"]`, and calls [`root`] before anything else:
-//! `cargo test` lists it as ignored with that reason, `scripts/test.sh`
-//! running as root adds `--include-ignored` (and refuses to run without
-//! root under `CI=true`), and a run that includes it without root fails it
-//! with the reason. The tools it needs (mkfs, losetup, ...) are installed by
+//! `#[ignore = "needs root"]`, and calls [`root`] before anything else (the
+//! kit's scratch pools and node environments call it for it): `cargo test`
+//! lists it as ignored with that reason, `scripts/test.sh` running as root
+//! adds `--include-ignored` (and refuses to run without root under
+//! `CI=true`), and a run that includes it without root fails it with the
+//! reason. The tools it needs (mkfs, bindfs, ...) are installed by
 //! `scripts/install-deps.sh`; a missing one fails the test in the step that
-//! runs it. No test here reports `ok` without having run.
+//! runs it. No test reports `ok` without having run.
 
 /// Fails the test unless it runs as root.
 pub fn root() {
@@ -25,7 +26,7 @@ pub fn root() {
 pub fn cap_sys_resource() {
     root();
     assert!(
-        filevol::sys::caps::effective(filevol::sys::caps::SYS_RESOURCE),
+        crate::sys::caps::effective(crate::sys::caps::SYS_RESOURCE),
         "this test needs CAP_SYS_RESOURCE, which this process lacks (CapEff in /proc/self/status)"
     );
 }

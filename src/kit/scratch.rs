@@ -1,0 +1,175 @@
+//! Throwaway filesystems for pools: a loop-mounted image of xfs (reflink),
+//! ext4 (no reflink) or btrfs, tiny ones that fill up, and a bindfs view of
+//! one standing in for a network share. Each is unmounted, its loop device
+//! detached and its image removed when dropped, even when the test fails.
+//!
+//! They need root: a test that makes one carries `#[ignore = "needs
+//! root"]` (see [`super::needs`]), and making one without root fails the
+//! test with that reason. The filesystem is made on the image file, as an
+//! operator's `mkfs` and `mount -o loop` would, so the device is attached
+//! with 512-byte sectors (see [`crate::sys::loopdev::attach_with_block_size`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::tempdir::TempDir;
+use crate::sys::{loopdev, mount};
+
+/// A mounted scratch filesystem on a loop device.
+#[derive(Debug)]
+pub struct LoopFs {
+    mnt: PathBuf,
+    device: loopdev::LoopDevice,
+    /// The image and the mount point; removed after the unmount.
+    _dir: TempDir,
+}
+
+impl LoopFs {
+    /// Makes a `size_mib` filesystem of type `fs` ("xfs", "ext4", "btrfs")
+    /// and mounts it. Fails the test without root.
+    pub fn new(fs: &str, size_mib: u64) -> LoopFs {
+        super::needs::root();
+        let dir = TempDir::new().expect("make a temporary directory");
+        let image = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("make the mount point");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .expect("make the image");
+        let mkfs = match fs {
+            "xfs" => Command::new("mkfs.xfs")
+                .args(["-q", "-m", "reflink=1"])
+                .arg(&image)
+                .status(),
+            "ext4" => Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&image)
+                .status(),
+            other => Command::new(format!("mkfs.{other}"))
+                .arg("-q")
+                .arg(&image)
+                .status(),
+        };
+        assert!(mkfs.expect("run mkfs").success(), "mkfs.{fs} failed");
+        let device = loopdev::attach_with_block_size(&image, false, false, 512)
+            .expect("attach the image to a loop device")
+            .device;
+        let mounted = mount::mount_fs(
+            &device.path(),
+            &mnt,
+            fs,
+            rustix::mount::MountFlags::empty(),
+            "",
+        );
+        if let Err(e) = mounted {
+            // Best effort: the mount's failure is the one to report.
+            let _ = device.detach();
+            panic!("mount {fs} from {}: {e}", device.path().display());
+        }
+        LoopFs {
+            mnt,
+            device,
+            _dir: dir,
+        }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        unmount_patiently(&self.mnt);
+        // After a lazy unmount the device is still in use; the kernel then
+        // detaches it when the filesystem lets go of it.
+        let _ = self.device.detach();
+    }
+}
+
+/// A pool directory on a fresh loop-mounted filesystem of type `fs` and
+/// `mib` MiB.
+pub fn pool_on(fs: &str, mib: u64) -> (LoopFs, PathBuf) {
+    let lfs = LoopFs::new(fs, mib);
+    let pool = lfs.path().join("pool");
+    std::fs::create_dir(&pool).expect("make the pool directory");
+    (lfs, pool)
+}
+
+/// A bindfs (FUSE) view of a directory, unmounted when dropped: a pool seen
+/// through it behaves like one on a network share before NFS 4.2 (sparse
+/// files read as all data, no reflink).
+#[derive(Debug)]
+pub struct Bindfs {
+    mnt: PathBuf,
+    _dir: TempDir,
+}
+
+impl Bindfs {
+    /// Mounts a bindfs view of `source`.
+    pub fn new(source: &Path) -> Bindfs {
+        let dir = TempDir::new().expect("make a temporary directory");
+        let mnt = dir.path().join("share");
+        std::fs::create_dir(&mnt).expect("make the mount point");
+        let ok = Command::new("bindfs")
+            .arg(source)
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "bindfs is needed (scripts/install-deps.sh installs it)");
+        Bindfs { mnt, _dir: dir }
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        unmount_patiently(&self.mnt);
+    }
+}
+
+/// Unmounts `mnt`. A process of the test may still hold a file open for a
+/// moment after being killed; retry for about 5 s before falling back to a
+/// lazy unmount, so that no mount outlives the test.
+pub fn unmount_patiently(mnt: &Path) {
+    for _ in 0..50 {
+        if mount::unmount(mnt).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Best effort: nothing is left to try.
+    let _ = mount::unmount_lazily(mnt);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dropped, a scratch filesystem leaves nothing: no mount, no loop
+    /// device, no image.
+    #[test]
+    #[ignore = "needs root"]
+    fn a_scratch_filesystem_goes_whole() {
+        let fs = LoopFs::new("ext4", 64);
+        let mnt = fs.path().to_owned();
+        let image = mnt.with_file_name("fs.img");
+        assert_eq!(mount::state(&mnt).unwrap(), mount::MountState::Mounted);
+        assert_eq!(loopdev::find_bound(&image).unwrap(), Some(fs.device));
+        std::fs::write(mnt.join("f"), b"scratch").unwrap();
+        let device = fs.device;
+        drop(fs);
+        assert_eq!(mount::state(&mnt).unwrap(), mount::MountState::Missing);
+        assert!(!image.exists());
+        // The device may serve another image by now, never this one.
+        let backing = format!("/sys/block/loop{}/loop/backing_file", device.number);
+        let backing = std::fs::read_to_string(backing).unwrap_or_default();
+        assert!(!backing.starts_with(image.to_str().unwrap()), "{backing}");
+    }
+}
