@@ -1,13 +1,13 @@
 //! The node side: stage (attach, probe, format only when blank, mount),
 //! publish (bind mounts), unpublish/unstage, stats, expansion, fencing.
 //!
-//! Where each part lives: [`fences`] (the locks held per staged volume),
+//! Where each part lives: `fences` (the locks held per staged volume),
 //! `claim` (a stage's fence and device as one guard), `stage`, `publish`,
 //! `stats` (stats and expansion), [`ephemeral`] (inline volumes, created
 //! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
 //! loop and mkfs calls, with a recording fake for the unit tests), `mounts`
 //! (what the mount table says of a volume), [`paths`] (staging and target
-//! paths, opened safely), [`format`] and [`mkfs_options`].
+//! paths, opened safely), `format` (probing, mkfs) and [`mkfs_options`].
 //!
 //! Every decision is read from the kernel, never from memory: whether a
 //! path is mounted (statx `STATX_ATTR_MOUNT_ROOT`), which loop device backs
