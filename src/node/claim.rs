@@ -15,7 +15,7 @@
 //! the same way, logging what it could not undo.
 
 use super::error::NodeError;
-use super::rollback::Rollback;
+use super::rollback::{with_failed_undos, Rollback};
 use super::Node;
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;
@@ -81,17 +81,7 @@ impl<'a> Claim<'a> {
                 self.steps.keep();
                 Ok(v)
             }
-            Err(error) => {
-                let failed = self.undo();
-                if failed.is_empty() {
-                    Err(error)
-                } else {
-                    Err(NodeError::RollbackFailed {
-                        error: Box::new(error),
-                        undo: failed.join("; "),
-                    })
-                }
-            }
+            Err(error) => Err(with_failed_undos(error, self.undo())),
         }
     }
 

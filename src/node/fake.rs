@@ -69,6 +69,13 @@ struct State {
     held_open: Vec<u32>,
 }
 
+impl State {
+    /// The mount at `path` (the newest, when mounts are stacked).
+    fn mount_at(&self, path: &Path) -> Option<&Mount> {
+        self.mounts.iter().rev().find(|m| m.target == path)
+    }
+}
+
 /// The fake kernel. Device nodes it hands out are files in `dev_dir`.
 #[derive(Debug)]
 pub struct Recording {
@@ -159,7 +166,7 @@ impl Recording {
     /// What the fake would show as the source of `path`: the mount there,
     /// a device node it handed out, or the directory itself.
     fn source_at(st: &State, dev_dir: &Path, path: &Path) -> Source {
-        if let Some(m) = st.mounts.iter().rev().find(|m| m.target == path) {
+        if let Some(m) = st.mount_at(path) {
             return m.source.clone();
         }
         if let Ok(rest) = path.strip_prefix(dev_dir) {
@@ -260,7 +267,7 @@ impl Kernel for Recording {
 
     fn mount_state(&self, path: &Path) -> io::Result<MountState> {
         let st = self.state.lock();
-        if st.mounts.iter().any(|m| m.target == path) {
+        if st.mount_at(path).is_some() {
             Ok(MountState::Mounted)
         } else if std::fs::symlink_metadata(path).is_ok() {
             Ok(MountState::NotMounted)
@@ -271,14 +278,9 @@ impl Kernel for Recording {
 
     fn mount_source(&self, path: &Path) -> io::Result<Option<String>> {
         let st = self.state.lock();
-        Ok(st
-            .mounts
-            .iter()
-            .rev()
-            .find(|m| m.target == path)
-            .map(|m| match &m.source {
-                Source::Device(p) | Source::Dir(p) => p.to_string_lossy().into_owned(),
-            }))
+        Ok(st.mount_at(path).map(|m| match &m.source {
+            Source::Device(p) | Source::Dir(p) => p.to_string_lossy().into_owned(),
+        }))
     }
 
     fn same_filesystem(&self, a: &Path, b: &Path) -> io::Result<bool> {
@@ -328,7 +330,7 @@ impl Kernel for Recording {
         let (root, source) = (path_of(root)?, path_of(source)?);
         let st = self.state.lock();
         let dev = self.dev_dir.path();
-        Ok(st.mounts.iter().any(|m| m.target == root)
+        Ok(st.mount_at(&root).is_some()
             && Self::source_at(&st, dev, &root) == Self::source_at(&st, dev, &source))
     }
 
@@ -347,12 +349,7 @@ impl Kernel for Recording {
 
     fn mounted_read_only(&self, path: &Path) -> io::Result<bool> {
         let st = self.state.lock();
-        Ok(st
-            .mounts
-            .iter()
-            .rev()
-            .find(|m| m.target == path)
-            .is_some_and(|m| m.read_only))
+        Ok(st.mount_at(path).is_some_and(|m| m.read_only))
     }
 
     fn unmount(&self, path: &Path) -> io::Result<()> {

@@ -50,17 +50,7 @@ impl<'a> Rollback<'a> {
                 self.keep();
                 Ok(v)
             }
-            Err(error) => {
-                let failed = self.undo();
-                if failed.is_empty() {
-                    Err(error)
-                } else {
-                    Err(NodeError::RollbackFailed {
-                        error: Box::new(error),
-                        undo: failed.join("; "),
-                    })
-                }
-            }
+            Err(error) => Err(with_failed_undos(error, self.undo())),
         }
     }
 
@@ -79,6 +69,19 @@ impl<'a> Rollback<'a> {
             }
         }
         failed
+    }
+}
+
+/// The error that made an operation fail, with the undos that failed too
+/// (`failed`, as [`Rollback::undo`] gives them), if any.
+pub fn with_failed_undos(error: NodeError, failed: Vec<String>) -> NodeError {
+    if failed.is_empty() {
+        error
+    } else {
+        NodeError::RollbackFailed {
+            error: Box::new(error),
+            undo: failed.join("; "),
+        }
     }
 }
 

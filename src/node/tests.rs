@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use super::fake::Recording;
 use super::*;
+use crate::pool::capability::Capability;
 use crate::pool::meta::{FsType, Layout, VolumeMeta};
 use crate::pool::{ids, CapacityRange, PoolOptions, VolumeSpec};
 use crate::sys::loopdev::LoopDevice;
@@ -455,13 +456,7 @@ fn expansion_answers_with_the_device_size_not_the_request() {
 // ---- ephemeral inline volumes ----
 
 fn ephemeral_request(size: &str) -> (VolumeSpec, Request) {
-    let cap = crate::pool::capability::Capability {
-        access: AccessType::Mount,
-        fs_type: "ext4".into(),
-        mount_flags: vec![],
-        mount_group: String::new(),
-        mode: RWO,
-    };
+    let cap = Capability::plain(AccessType::Mount, "ext4", RWO);
     let context = std::collections::HashMap::from([
         (ephemeral::EPHEMERAL_KEY.to_owned(), "true".to_owned()),
         ("csi.storage.k8s.io/pod.name".to_owned(), "p".to_owned()),
@@ -485,13 +480,7 @@ fn ephemeral_attributes_are_checked_before_anything_is_made() {
     let (spec, _) = ephemeral_request("64Mi");
     assert_eq!(spec.capacity.required, 64 * MIB);
     assert_eq!(spec.fs_type, Some(FsType::Ext4));
-    let mut cap = crate::pool::capability::Capability {
-        access: AccessType::Mount,
-        fs_type: String::new(),
-        mount_flags: vec![],
-        mount_group: String::new(),
-        mode: RWO,
-    };
+    let mut cap = Capability::plain(AccessType::Mount, "", RWO);
     let none = std::collections::HashMap::new();
     assert_eq!(
         ephemeral::spec("v", &cap, &none).unwrap().capacity.required,

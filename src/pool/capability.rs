@@ -20,6 +20,21 @@ pub struct Capability {
     pub mode: AccessMode,
 }
 
+impl Capability {
+    /// A capability without mount flags or group: what the unit tests ask
+    /// with.
+    #[cfg(test)]
+    pub(crate) fn plain(access: AccessType, fs_type: &str, mode: AccessMode) -> Capability {
+        Capability {
+            access,
+            fs_type: fs_type.into(),
+            mount_flags: vec![],
+            mount_group: String::new(),
+            mode,
+        }
+    }
+}
+
 /// Why `v` cannot serve `cap`, or `None` when it can.
 pub fn mismatch(v: &VolumeMeta, cap: &Capability) -> Option<String> {
     if v.access != cap.access {
@@ -95,13 +110,7 @@ mod tests {
     }
 
     fn cap(access: AccessType, fs: &str, mode: AccessMode) -> Capability {
-        Capability {
-            access,
-            fs_type: fs.into(),
-            mount_flags: vec![],
-            mount_group: String::new(),
-            mode,
-        }
+        Capability::plain(access, fs, mode)
     }
 
     #[test]

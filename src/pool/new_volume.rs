@@ -129,13 +129,7 @@ mod tests {
     use crate::pool::meta::AccessMode;
 
     fn cap(access: AccessType, fs: &str, mode: AccessMode) -> Capability {
-        Capability {
-            access,
-            fs_type: fs.into(),
-            mount_flags: vec![],
-            mount_group: String::new(),
-            mode,
-        }
+        Capability::plain(access, fs, mode)
     }
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
