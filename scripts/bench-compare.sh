@@ -29,8 +29,7 @@ concurrency=${BENCH_CONCURRENCY:-16}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  cargo build --release --locked --quiet
-  bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+  bin=$(scripts/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-compare.XXXXXX)

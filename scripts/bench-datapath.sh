@@ -21,8 +21,7 @@ runtime=${BENCH_RUNTIME:-15}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  cargo build --release --locked --quiet
-  bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+  bin=$(scripts/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-datapath.XXXXXX)

@@ -42,8 +42,7 @@ sanity=${CSI_SANITY:-../shared/tools/csi-sanity}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  cargo build --release --locked --quiet
-  bin=${CARGO_TARGET_DIR:-$PWD/target}/release/filevol
+  bin=$(scripts/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-sanity.XXXXXX)

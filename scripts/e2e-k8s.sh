@@ -61,8 +61,7 @@ log() { echo "[e2e $(date +%T)] $*"; }
 
 # ---------- images ----------
 if [[ -z ${FILEVOL_BIN:-} ]]; then
-  cargo build --locked --release --bin filevol
-  FILEVOL_BIN=${CARGO_TARGET_DIR:-$repo/target}/release/filevol
+  FILEVOL_BIN=$("$repo/scripts/build-release.sh")
 fi
 # mmdebstrap builds the image's root filesystem; python3-yaml adapts the
 # rendered manifests.

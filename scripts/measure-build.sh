@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Measures what the README reports about the build: a clean release build's
 # wall time (dependencies and gRPC core included) and the stripped binary's
-# size. Builds in a throwaway target directory so the developer's target/ is
-# neither reused nor disturbed.
+# size, with scripts/build-release.sh's settings. Builds in a throwaway
+# target directory so the developer's target/ is neither reused nor
+# disturbed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/release-env.sh
 
 target=$(mktemp -d)
 trap 'rm -rf "$target"' EXIT
 
 cargo fetch --locked >/dev/null
+release_env "$PWD" "$target"
 start=$(date +%s)
-CARGO_TARGET_DIR="$target" cargo build --release --locked --offline --quiet
+CARGO_TARGET_DIR="$target" cargo build --release --locked --offline --quiet --bin filevol
 end=$(date +%s)
 
 bin="$target/release/filevol"

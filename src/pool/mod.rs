@@ -415,7 +415,7 @@ mod page_tests {
         assert_eq!(next, None);
         let even = |id: &str| {
             let n: u32 = id[1..].parse().unwrap();
-            n.is_multiple_of(2).then_some(n)
+            (n % 2 == 0).then_some(n)
         };
         let (evens, next) = page(&ids, None, 0, even);
         assert_eq!(evens.len(), 5);

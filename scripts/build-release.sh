@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The release build of filevol: `cargo build --release` with the settings
+# that make it reproducible (scripts/lib/release-env.sh), so this binary and
+# the one in the Debian package (scripts/package.sh) are the same bytes.
+# Every script that needs a release binary builds it here, and prints its
+# path on stdout. Extra arguments go to cargo (--quiet, ...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/release-env.sh
+
+target=${CARGO_TARGET_DIR:-$PWD/target}
+release_env "$PWD" "$target"
+cargo build --release --locked --bin filevol "$@" >&2
+echo "$target/release/filevol"
