@@ -43,9 +43,11 @@ fn main() {
 fn generate(out: &Path) -> std::io::Result<()> {
     let man = out.join("man");
     std::fs::create_dir_all(&man)?;
-    // Recurses into every visible subcommand; each page is named after its
-    // path (filevol-client-stage.1), as man(1) looks them up.
-    clap_mangen::generate_to(filevol::cli::Cli::command(), &man)?;
+    let mut cli = filevol::cli::Cli::command().disable_help_subcommand(true);
+    // Names every subcommand after its path (filevol-client-stage), which
+    // is how man(1) looks the pages up.
+    cli.build();
+    write_pages(&cli, &man)?;
 
     let completions = out.join("completions");
     std::fs::create_dir_all(&completions)?;
@@ -54,6 +56,20 @@ fn generate(out: &Path) -> std::io::Result<()> {
         let mut f = std::fs::File::create(completions.join(file))?;
         clap_complete::generate(shell, &mut cmd, "filevol", &mut f);
     }
+    Ok(())
+}
+
+/// One page for `cmd` and one for each visible subcommand, at every depth.
+fn write_pages(cmd: &clap::Command, dir: &Path) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_pages(sub, dir)?;
+    }
+    // Each page's footer names the program and version, not the subcommand.
+    let version = cmd.get_version().unwrap_or(env!("CARGO_PKG_VERSION"));
+    clap_mangen::Man::new(cmd.clone())
+        .source(format!("filevol {version}"))
+        .manual("filevol manual")
+        .generate_to(dir)?;
     Ok(())
 }
 
