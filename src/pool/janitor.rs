@@ -22,7 +22,7 @@ use super::{scratch, Pool, PoolError};
 /// Runs every clean-up. A failure to clean one object is logged, not fatal:
 /// the pool still serves.
 pub(super) fn run(pool: &Pool) -> Result<(), PoolError> {
-    scratch::clean(pool.scratch.base())?;
+    scratch::clean(&pool.scratch)?;
     remove_unfinished_groups(pool)?;
     repair_short_images(pool)?;
     // An expansion cut short between its record and its notice: every

@@ -142,16 +142,26 @@ impl Drop for Scratch {
 }
 
 /// Removes the scratch of instances that no longer run (for the janitor).
-pub fn clean(base: &Path) -> Result<(), PoolError> {
+///
+/// One look at each lock, without patience: a lock held for a moment past
+/// its holder's death (a forked child not yet exec'd) only delays its
+/// clean-up to the next round, while waiting on every live instance's lock
+/// (this process's own included) would add 50 ms each to every start.
+pub fn clean(scratch: &Scratch) -> Result<(), PoolError> {
+    let base = scratch.base();
+    let own = scratch.dir.file_name();
     for entry in std::fs::read_dir(base).map_err(io_error("read directory", base))? {
         let entry = entry.map_err(io_error("read directory", base))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(instance) = name.strip_suffix(".lock") {
+            if own.is_some_and(|own| own == instance) {
+                continue;
+            }
             let Ok(lock) = OpenOptions::new().read(true).write(true).open(&path) else {
                 continue;
             };
-            if lock::try_lock_patiently(&lock, LockKind::Exclusive).unwrap_or(false) {
+            if lock::try_lock(&lock, LockKind::Exclusive).unwrap_or(false) {
                 let dir = base.join(instance);
                 if dir.exists() {
                     log::warn!(
