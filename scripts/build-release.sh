@@ -8,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/release-env.sh
 
-target=${CARGO_TARGET_DIR:-$PWD/target}
+# Named explicitly (and absolute): the path is remapped and printed, so it
+# must be the one cargo uses whatever CARGO_BUILD_TARGET_DIR or a config
+# file says.
+target=$(realpath -m "${CARGO_TARGET_DIR:-$PWD/target}")
 release_env "$PWD" "$target"
-cargo build --release --locked --bin filevol "$@" >&2
+cargo build --release --locked --bin filevol --target-dir "$target" "$@" >&2
 echo "$target/release/filevol"

@@ -10,13 +10,16 @@
 # - dpkg -i; the installed `filevol --version` and `filevol doctor`;
 #   `systemd-analyze verify` of both units, which must print nothing;
 # - the controller and the node plugin started with the units' own command
-#   lines and /etc/default/filevol, node first; Probe over each socket
-#   through `filevol client identity`; a volume created through the
-#   controller; their idle RSS;
+#   lines and /etc/default/filevol (with a node id set there, which the
+#   node plugin must report), node first; Probe over each socket through
+#   `filevol client identity`; their idle RSS. Not under systemd (this
+#   machine runs none as PID 1), so the units' sandboxing is checked by
+#   `systemd-analyze verify` only;
 # - `man filevol-serve` renders, the bash completion loads;
-# - purge with a volume in the default pool keeps the pool (users' data),
-#   and removes everything else; purge of a pool holding no volume leaves
-#   nothing at all.
+# - purge of a pool holding no volume leaves nothing at all; purge keeps
+#   the pool (users' data) when it holds a volume made through the
+#   packaged controller, or while a filevol process uses it, and removes
+#   everything else.
 #
 # Needs root (dpkg). The default pool /var/lib/filevol must be absent or
 # empty: the check owns it while it runs and leaves it as it found it.
@@ -25,6 +28,10 @@ cd "$(dirname "$0")/.."
 
 deb=${1:?usage: check-package.sh DEB [RELEASE_BINARY]}
 release=${2:-}
+if [[ ${CI:-} == true && ! -x $release ]]; then
+  echo "check-package: CI=true needs the release binary to compare with (got '${release}')" >&2
+  exit 1
+fi
 pool=/var/lib/filevol
 if [[ $(id -u) -ne 0 ]]; then
   echo "check-package: needs root (dpkg -i)" >&2
@@ -52,11 +59,11 @@ stop_services() {
   pids=()
   # What systemd does with RuntimeDirectory= when a unit stops.
   rm -rf /run/filevol/node /run/filevol/controller
-  rmdir /run/filevol 2>/dev/null || true
 }
 cleanup() {
   set +e
   stop_services
+  rmdir /run/filevol 2>/dev/null
   dpkg -s filevol >/dev/null 2>&1 && dpkg --purge filevol >/dev/null 2>&1
   rm -rf "$pool"
   $pool_existed && mkdir -p "$pool"
@@ -122,13 +129,20 @@ grep -q "pool: $pool is writable" "$work/doctor.out" || fail "doctor did not fin
 verify=$(systemd-analyze verify /lib/systemd/system/filevol-node.service /lib/systemd/system/filevol-controller.service 2>&1) ||
   fail "systemd-analyze verify: $verify"
 [[ -z $verify ]] || fail "systemd-analyze verify is not clean: $verify"
-MANWIDTH=80 MANPAGER=cat man filevol-serve 2>&1 | grep -q 'FILEVOL_POOL' || fail "man filevol-serve does not render"
+MANWIDTH=80 MANPAGER=cat man filevol-serve >"$work/man.out" 2>&1 || fail "man filevol-serve: $(cat "$work/man.out")"
+grep -q 'FILEVOL_POOL' "$work/man.out" || fail "man filevol-serve does not render: $(head -n 5 "$work/man.out")"
 bash -c 'source /usr/share/bash-completion/completions/filevol && complete -p filevol' >/dev/null ||
   fail "the bash completion does not load"
 
 echo "== the units' command lines, node first"
+# As an operator would: a setting in /etc/default/filevol that no default
+# gives, so the check fails if the units do not read the file.
+echo "FILEVOL_NODE_ID=package-check-node" >>/etc/default/filevol
 start_unit filevol-node.service
 probe unix:///run/filevol/node/csi.sock
+filevol client --endpoint unix:///run/filevol/node/csi.sock node-info >"$work/node-info.out" 2>&1 || true
+grep -q 'package-check-node' "$work/node-info.out" ||
+  fail "the node plugin did not take FILEVOL_NODE_ID from /etc/default/filevol: $(cat "$work/node-info.out")"
 start_unit filevol-controller.service
 probe unix:///run/filevol/controller/csi.sock
 for pid in "${pids[@]}"; do
@@ -147,7 +161,6 @@ while IFS= read -r path; do
 done <<<"$listed"
 [[ -e /etc/default/filevol ]] && left+=(/etc/default/filevol)
 [[ -e $pool ]] && left+=("$pool: $(ls -A "$pool" | tr '\n' ' ')")
-[[ -e /run/filevol ]] && left+=(/run/filevol)
 ((${#left[@]} == 0)) || fail "left after purge: ${left[*]}"
 echo "purged: nothing left"
 
@@ -164,3 +177,15 @@ grep -q "kept $pool: it holds volumes" "$work/purge.err" || fail "purge did not 
 [[ $(ls "$pool/volumes") == "$volumes" ]] || fail "purge touched the volumes in $pool"
 [[ ! -e /usr/bin/filevol && ! -e /etc/default/filevol ]] || fail "purge left the package's files"
 echo "purged: the pool with its volume was kept, the package's files removed"
+rm -rf "$pool"
+
+echo "== purge while a filevol process uses the pool"
+install_package
+start_unit filevol-controller.service
+probe unix:///run/filevol/controller/csi.sock
+dpkg --purge filevol >/dev/null 2>"$work/purge.err" || fail "dpkg --purge: $(cat "$work/purge.err")"
+grep -q "kept $pool: a filevol process uses it" "$work/purge.err" ||
+  fail "purge did not keep a pool in use: $(cat "$work/purge.err")"
+[[ -d $pool/volumes ]] || fail "purge removed parts of a pool in use"
+stop_services
+echo "purged: the pool in use was kept"

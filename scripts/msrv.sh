@@ -5,7 +5,9 @@
 # and cargo-web. Those are installed here at that exact version (bookworm's
 # security archive carries newer ones, which apt would prefer) and used by
 # path, beside whatever rustup provides; the build goes to target/msrv so it
-# never mixes with the other toolchain's.
+# never mixes with the other toolchain's. Where the distribution's newer
+# rustc-web is the only toolchain, it is downgraded to this one, which
+# builds everything else too.
 #
 # Only on Debian 12, where that toolchain is packaged. Elsewhere it says
 # NOT RUN, and under CI (CI=true) that is a failure.
@@ -25,7 +27,7 @@ not_run() {
   exit 0
 }
 source /etc/os-release
-[[ $ID:$VERSION_ID == debian:12 ]] || not_run "not Debian 12 ($PRETTY_NAME), which packages rustc-web $deb_version"
+[[ ${ID:-}:${VERSION_ID:-} == debian:12 ]] || not_run "not Debian 12 (${PRETTY_NAME:-unknown}), which packages rustc-web $deb_version"
 [[ $(id -u) -eq 0 ]] || not_run "needs root (apt, and the unit tests that attach loop devices)"
 [[ ${deb_version%%+*} == "$msrv"* ]] || {
   echo "msrv: Cargo.toml says rust-version $msrv but this script pins rustc-web $deb_version" >&2

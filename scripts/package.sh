@@ -32,6 +32,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+# File modes in the package must not depend on the builder's umask.
+umask 022
 source scripts/lib/release-env.sh
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
@@ -76,11 +78,12 @@ mkdir -p "$out/cargo-home"
   export CARGO_HOME=$out/cargo-home RUSTC=$rustc_bin SOURCE_DATE_EPOCH=$epoch
   unset CARGO_TARGET_DIR
   release_env "$src" "$src/target" "$src/vendor"
-  "${netns[@]}" "$cargo_bin" build --release --offline --frozen --bin filevol --quiet
+  "${netns[@]}" "$cargo_bin" build --release --offline --frozen --bin filevol --quiet \
+    --target-dir "$src/target"
   # A separate invocation: the example's dev-dependencies must not change
   # the features the binary was built with.
   "${netns[@]}" "$cargo_bin" run --release --offline --frozen --quiet \
-    --example generate-docs -- "$out/docs"
+    --target-dir "$src/target" --example generate-docs -- "$out/docs"
 )
 bin=$src/target/release/filevol
 
