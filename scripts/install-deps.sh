@@ -16,7 +16,10 @@
 # overlays). scripts/e2e-k8s.sh installs what the cluster run needs itself.
 set -euo pipefail
 
-packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv bindfs xz-utils)
+# Packaging (scripts/package.sh, scripts/check-package.sh): dpkg-dev for
+# dpkg-shlibdeps, systemd for `systemd-analyze verify`, man-db for `man`.
+packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv bindfs xz-utils
+  dpkg-dev systemd man-db)
 
 sudo_cmd=()
 [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
