@@ -3,7 +3,8 @@
 //! Messages come from protobuf-codegen in pure-Rust mode, so no `protoc` and
 //! no network are needed and a distro build works offline. grpcio's own code
 //! generator only speaks protobuf 2.x (RUSTSEC-2024-0437), so the service glue
-//! (method descriptors, one server trait and one client per service) is
+//! (method descriptors, one server trait and one client per service, unary
+//! and server-streaming methods) is
 //! written here from the parsed service descriptors.
 
 use std::fmt::Write as _;
@@ -45,13 +46,14 @@ fn main() {
             .iter()
             .map(|m| {
                 assert!(
-                    !m.client_streaming() && !m.server_streaming(),
-                    "{}.{} streams; the glue generator only emits unary methods",
+                    !m.client_streaming(),
+                    "{}.{} takes a stream; the glue generator emits unary and server-streaming methods only",
                     service.name(),
                     m.name()
                 );
                 Method {
                     name: m.name().to_owned(),
+                    streams: m.server_streaming(),
                     snake: snake_case(m.name()),
                     input: local_type(m.input_type()),
                     output: local_type(m.output_type()),
@@ -65,6 +67,8 @@ fn main() {
 
 struct Method {
     name: String,
+    /// Server-streaming: one request, a stream of responses.
+    streams: bool,
     snake: String,
     input: String,
     output: String,
@@ -78,7 +82,7 @@ fn emit_service(out: &mut String, service: &str, methods: &[Method]) {
         let _ = writeln!(
             out,
             "pub const METHOD_{upper}_{const_name}: ::grpcio::Method<{input}, {output}> = ::grpcio::Method {{\n    \
-             ty: ::grpcio::MethodType::Unary,\n    \
+             ty: ::grpcio::MethodType::{ty},\n    \
              name: \"/{PACKAGE}.{service}/{name}\",\n    \
              req_mar: ::grpcio::Marshaller {{ ser: ::grpcio::pb_ser, de: ::grpcio::pb_de }},\n    \
              resp_mar: ::grpcio::Marshaller {{ ser: ::grpcio::pb_ser, de: ::grpcio::pb_de }},\n}};\n",
@@ -86,6 +90,7 @@ fn emit_service(out: &mut String, service: &str, methods: &[Method]) {
             input = m.input,
             output = m.output,
             name = m.name,
+            ty = if m.streams { "ServerStreaming" } else { "Unary" },
         );
     }
 
@@ -96,10 +101,11 @@ fn emit_service(out: &mut String, service: &str, methods: &[Method]) {
     for m in methods {
         let _ = writeln!(
             out,
-            "    fn {snake}(&mut self, ctx: ::grpcio::RpcContext<'_>, req: {input}, sink: ::grpcio::UnarySink<{output}>);",
+            "    fn {snake}(&mut self, ctx: ::grpcio::RpcContext<'_>, req: {input}, sink: ::grpcio::{sink}<{output}>);",
             snake = m.snake,
             input = m.input,
             output = m.output,
+            sink = if m.streams { "ServerStreamingSink" } else { "UnarySink" },
         );
     }
     let _ = writeln!(out, "}}\n");
@@ -113,9 +119,10 @@ fn emit_service(out: &mut String, service: &str, methods: &[Method]) {
         let _ = writeln!(
             out,
             "    let mut instance = s.clone();\n    \
-             builder = builder.add_unary_handler(&METHOD_{upper}_{const_name}, move |ctx, req, sink| instance.{snake}(ctx, req, sink));",
+             builder = builder.{add}(&METHOD_{upper}_{const_name}, move |ctx, req, sink| instance.{snake}(ctx, req, sink));",
             const_name = m.snake.to_uppercase(),
             snake = m.snake,
+            add = if m.streams { "add_server_streaming_handler" } else { "add_unary_handler" },
         );
     }
     let _ = writeln!(out, "    let _ = s;\n    builder.build()\n}}\n");
@@ -132,7 +139,22 @@ fn emit_service(out: &mut String, service: &str, methods: &[Method]) {
          impl {service}Client {{\n    \
          pub fn new(channel: ::grpcio::Channel) -> Self {{ Self {{ client: ::grpcio::Client::new(channel) }} }}"
     );
-    for m in methods {
+    for m in methods.iter().filter(|m| m.streams) {
+        // The stream of answers; read it with futures' StreamExt (or
+        // `futures_executor::block_on_stream`).
+        let _ = writeln!(
+            out,
+            "    pub fn {snake}_opt(&self, req: &{input}, opt: ::grpcio::CallOption) -> ::grpcio::Result<::grpcio::ClientSStreamReceiver<{output}>> {{\n        \
+             self.client.server_streaming(&METHOD_{upper}_{const_name}, req, opt)\n    }}\n    \
+             pub fn {snake}(&self, req: &{input}) -> ::grpcio::Result<::grpcio::ClientSStreamReceiver<{output}>> {{\n        \
+             self.{snake}_opt(req, ::grpcio::CallOption::default())\n    }}",
+            snake = m.snake,
+            const_name = m.snake.to_uppercase(),
+            input = m.input,
+            output = m.output,
+        );
+    }
+    for m in methods.iter().filter(|m| !m.streams) {
         let _ = writeln!(
             out,
             "    pub fn {snake}_opt(&self, req: &{input}, opt: ::grpcio::CallOption) -> ::grpcio::Result<{output}> {{\n        \

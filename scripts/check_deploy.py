@@ -3,10 +3,17 @@ schema cannot see. Each file is checked on its own (one rendering = one
 installation).
 
 Usage:
-  check_deploy.py [--filevol BIN] RENDERED.yaml...
-  check_deploy.py --self-test [--filevol BIN] RENDERED.yaml
-      breaks the rendering one way per class of mistake and fails unless
-      every broken copy is caught.
+  check_deploy.py [--filevol BIN] [--allow-unadvertised-snapshot-metadata] RENDERED.yaml...
+  check_deploy.py --self-test [--filevol BIN] [--allow-...] RENDERED.yaml...
+      breaks the renderings one way per class of mistake (each on the first
+      rendering it applies to) and fails unless every broken copy is caught.
+
+--allow-unadvertised-snapshot-metadata: with --filevol, a
+csi-snapshot-metadata sidecar beside a filevol that does not advertise
+SNAPSHOT_METADATA_SERVICE is printed as a warning instead of failing. The
+binary is asked with a pool in a temporary directory of this machine, so
+the answer also depends on that filesystem (a pool that cannot reflink gets
+no SnapshotMetadata service), not only on the binary and the flags.
 
 With --filevol, the driver binary itself is asked what it advertises with
 the flags each workload passes it (GetPluginCapabilities, NodeGetInfo), so
@@ -27,8 +34,24 @@ Sidecar behaviour these checks encode, at the pinned tags:
   groupsnapshot v1 API and stalls all snapshot work until those CRDs exist
   (cmd/csi-snapshotter/main.go:285-286); it refuses leader election with
   --node-deployment, and a node deployment never sees group contents.
+- csi-snapshot-metadata v1.1.0 (external-snapshot-metadata,
+  pkg/sidecar/sidecar.go): --port (gRPC, TLS, default 50051),
+  --http-endpoint (default :8080) serving /health and /metrics, --tls-cert
+  and --tls-key (files), --audience (else read from the
+  SnapshotMetadataService named after the driver, pkg/internal/server/grpc/
+  auth.go:71-83). It exits unless the driver advertises
+  SNAPSHOT_METADATA_SERVICE (pkg/internal/runtime/runtime.go:199-218), or
+  when its HTTP port is taken. Per call it reviews the client's token
+  (tokenreviews create), checks the client may get volumesnapshots in the
+  namespace (subjectaccessreviews create), and reads the VolumeSnapshot,
+  its VolumeSnapshotContent and VolumeSnapshotClass (snapshotter secrets).
+  The SnapshotMetadataService (cbt.storage.k8s.io/v1beta1 from v1.0.0,
+  cluster-scoped) needs spec.address, spec.audience and spec.caCert
+  (base64); kubernetes-validate has no schema for it, so it is checked here.
 """
 
+import base64
+import binascii
 import copy
 import json
 import os
@@ -51,6 +74,20 @@ LEADER_SIDECARS = (
     "csi-resizer",
     "csi-external-health-monitor-controller",
 )
+# The Kubernetes API calls csi-snapshot-metadata v1.1.0 makes, all
+# cluster-wide: (group, resource, verb).
+SNAPSHOT_METADATA_RULES = (
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    ("snapshot.storage.k8s.io", "volumesnapshots", "get"),
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses", "get"),
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses", "list"),
+)
+# Read unless the sidecar is given --audience.
+SNAPSHOT_METADATA_AUDIENCE_RULE = ("cbt.storage.k8s.io", "snapshotmetadataservices", "get")
+SNAPSHOT_METADATA_API = "cbt.storage.k8s.io/v1beta1"
+
 # Roles only a controller needs; a privileged (node) pod must not hold them.
 CONTROLLER_ROLE = re.compile(r"(attacher|resizer|health-monitor)")
 
@@ -76,11 +113,58 @@ def version(tag):
     return tuple(int(x) for x in re.findall(r"\d+", tag)[:3])
 
 
+def socket_path(address):
+    """A sidecar's --csi-address or filevol's --endpoint as a path."""
+    return address[len("unix://"):] if address.startswith("unix://") else address
+
+
+def on_volume(c, path):
+    """(volume name, path inside the volume) of a path in container c, by
+    its deepest volumeMount; None when no mount holds it."""
+    mount = max(
+        (m for m in c.get("volumeMounts", []) if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")),
+        key=lambda m: len(m["mountPath"]),
+        default=None,
+    )
+    if mount is None:
+        return None
+    return mount["name"], path[len(mount["mountPath"].rstrip("/")):].lstrip("/")
+
+
+def endpoint_port(endpoint):
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def listening(c):
+    """The TCP ports a container listens on by its flags (and the defaults
+    of the flags it leaves out where a default listens)."""
+    args = c.get("args", [])
+    name = image_name(c.get("image", ""))
+    ports = []
+    endpoint = arg(args, "--http-endpoint")
+    if name == "csi-snapshot-metadata":
+        ports.append(endpoint_port(endpoint or ":8080"))
+        ports.append(int(arg(args, "--port") or 50051))
+    elif endpoint:
+        ports.append(endpoint_port(endpoint))
+    if name == "livenessprobe":
+        ports.append(int(arg(args, "--health-port") or 9808))
+    metrics = arg(args, "--metrics-address")
+    if "serve" in args and metrics:
+        ports.append(endpoint_port(metrics))
+    return ports
+
+
 class Checker:
-    def __init__(self, path, objects=None, filevol=None):
+    def __init__(self, path, objects=None, filevol=None, unadvertised_ok=False):
         self.path = path
         self.failures = []
+        self.warnings = []
         self.filevol = filevol
+        # With --filevol: a csi-snapshot-metadata sidecar beside a filevol
+        # that does not advertise SNAPSHOT_METADATA_SERVICE is a warning, not
+        # a failure (--allow-unadvertised-snapshot-metadata).
+        self.unadvertised_ok = unadvertised_ok
         if objects is None:
             with open(path) as f:
                 objects = [o for o in yaml.safe_load_all(f) if o]
@@ -116,6 +200,7 @@ class Checker:
         self.served_classes()
         self.group_snapshot_gate()
         self.privileged_roles()
+        self.snapshot_metadata(driver)
         if self.filevol:
             self.topology()
         return self.failures
@@ -126,8 +211,8 @@ class Checker:
                 yield f"{where}/{c['name']}", obj, spec, c
 
     def probes(self, where, spec):
-        """Each httpGet liveness probe must ask for a path that a container
-        of the pod serves on that port, given its flags."""
+        """Each httpGet liveness or readiness probe must ask for a path that
+        a container of the pod serves on that port, given its flags."""
         served = {}  # port -> set of paths
         named = {}
         for c in spec["containers"]:
@@ -137,7 +222,12 @@ class Checker:
                     named[p["name"]] = p["containerPort"]
             name = image_name(c.get("image", ""))
             endpoint = arg(args, "--http-endpoint")
-            if endpoint:
+            if name == "csi-snapshot-metadata":
+                paths = served.setdefault(endpoint_port(endpoint or ":8080"), set())
+                paths.add("/health")
+                if "--disable-metrics" not in args and "--disable-metrics=true" not in args:
+                    paths.add("/metrics")
+            elif endpoint:
                 port = int(endpoint.rsplit(":", 1)[1])
                 paths = served.setdefault(port, set())
                 if name == "csi-node-driver-registrar":
@@ -153,16 +243,17 @@ class Checker:
             if "serve" in args and metrics:
                 served.setdefault(int(metrics.rsplit(":", 1)[1]), set()).add("/metrics")
         for c in spec["containers"]:
-            get = c.get("livenessProbe", {}).get("httpGet")
-            if not get:
-                continue
-            port = named.get(get["port"], get["port"])
-            if get["path"] not in served.get(port, set()):
-                self.fail(
-                    f"{where}/{c['name']}",
-                    f"liveness probe asks for {get['path']} on port {get['port']}, but the pod's flags serve "
-                    f"{sorted(served.get(port, set())) or 'nothing'} there",
-                )
+            for kind in ("liveness", "readiness"):
+                get = c.get(f"{kind}Probe", {}).get("httpGet")
+                if not get:
+                    continue
+                port = named.get(get["port"], get["port"])
+                if get["path"] not in served.get(port, set()):
+                    self.fail(
+                        f"{where}/{c['name']}",
+                        f"{kind} probe asks for {get['path']} on port {get['port']}, but the pod's flags serve "
+                        f"{sorted(served.get(port, set())) or 'nothing'} there",
+                    )
 
     def pool_host_paths(self, where, spec, c):
         """The pool must never be created empty by kubelet: a hostPath of
@@ -244,6 +335,151 @@ class Checker:
                 if CONTROLLER_ROLE.search(role):
                     self.fail(where, f"a privileged pod runs as {sa}, which holds the controller role {role}")
 
+    def allows(self, sa, namespace, group, resource, verb):
+        """Whether ServiceAccount namespace/sa may do verb on resource
+        cluster-wide: a ClusterRoleBinding to a ClusterRole with that rule."""
+        for b in self.of_kind("ClusterRoleBinding"):
+            if not any(
+                s["kind"] == "ServiceAccount" and s["name"] == sa and s.get("namespace") == namespace
+                for s in b.get("subjects", [])
+            ):
+                continue
+            for role in self.of_kind("ClusterRole"):
+                if role["metadata"]["name"] != b["roleRef"]["name"]:
+                    continue
+                for rule in role.get("rules", []):
+                    if (
+                        group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", [])
+                    ) and (
+                        resource in rule.get("resources", []) or "*" in rule.get("resources", [])
+                    ) and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])):
+                        return True
+        return False
+
+    def snapshot_metadata(self, driver):
+        """The external-snapshot-metadata sidecar, its Service, its RBAC and
+        the SnapshotMetadataService that advertises it, as each refers to
+        the others."""
+        services = self.of_kind("SnapshotMetadataService")
+        sidecars = [
+            (where, obj, spec, c)
+            for where, obj, spec, c in self.containers()
+            if image_name(c.get("image", "")) == "csi-snapshot-metadata"
+        ]
+        for o in services:
+            w = f"SnapshotMetadataService/{o['metadata']['name']}"
+            if o.get("apiVersion") != SNAPSHOT_METADATA_API:
+                self.fail(w, f"{o.get('apiVersion')}: csi-snapshot-metadata v1.0.0 and later read {SNAPSHOT_METADATA_API}")
+            if o["metadata"].get("namespace"):
+                self.fail(w, "SnapshotMetadataService is cluster-scoped: no namespace")
+            if driver and o["metadata"]["name"] != driver:
+                self.fail(w, f"its name must be the CSI driver's, {driver}: clients and the sidecar look it up by that name")
+            spec = o.get("spec") or {}
+            unknown = sorted(set(spec) - {"address", "audience", "caCert"})
+            if unknown:
+                self.fail(w, f"unknown spec fields {unknown} (the v1beta1 CRD has address, audience, caCert)")
+            for field in ("address", "audience", "caCert"):
+                if not isinstance(spec.get(field), str) or not spec.get(field):
+                    self.fail(w, f"spec.{field} is required and must be a non-empty string")
+            try:
+                base64.b64decode(spec.get("caCert") or "", validate=True)
+            except (binascii.Error, ValueError):
+                self.fail(w, "spec.caCert is not base64 (the CRD's format: byte; the base64 of the PEM CA certificate)")
+            if not sidecars:
+                self.fail(w, "no csi-snapshot-metadata sidecar is deployed: clients would find no server at its address")
+        if sidecars and not services:
+            self.fail(sidecars[0][0], "no SnapshotMetadataService advertises this sidecar: clients cannot find it")
+        for where, obj, spec, c in sidecars:
+            args = c.get("args", [])
+            namespace = obj["metadata"].get("namespace")
+            tag = image_tag(c.get("image", ""))
+            if version(tag) < (1, 0, 0):
+                self.fail(where, f"{tag}: before v1.0.0 the sidecar reads cbt.storage.k8s.io/v1alpha1, this layout serves v1beta1")
+            # TLS: each file on a Secret volume, under a key the Secret has.
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for flag, key in (("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+                path = arg(args, flag)
+                if not path:
+                    self.fail(where, f"{flag} is not set: the gRPC server needs TLS")
+                    continue
+                found = on_volume(c, path)
+                secret = volumes.get(found[0], {}).get("secret") if found else None
+                if secret is None:
+                    self.fail(where, f"{flag} {path} is on no Secret volume of the container")
+                    continue
+                items = secret.get("items")
+                keys = [i["path"] for i in items] if items else [key]
+                if found[1] not in keys:
+                    self.fail(
+                        where,
+                        f"{flag} {path} names {found[1]!r} in Secret {secret.get('secretName')}, which holds {keys}"
+                        + ("" if items else " (a kubernetes.io/tls Secret, as kubectl and cert-manager make it)"),
+                    )
+            # The Service that reaches the gRPC port.
+            grpc_port = int(arg(args, "--port") or 50051)
+            named = {p["name"]: p["containerPort"] for p in c.get("ports", []) if "name" in p}
+            labels = obj["spec"]["template"]["metadata"].get("labels", {}) if obj.get("kind") != "Pod" else obj["metadata"].get("labels", {})
+            reaching = []
+            for svc in self.of_kind("Service"):
+                selector = svc["spec"].get("selector") or {}
+                if svc["metadata"].get("namespace") != namespace or not selector:
+                    continue
+                if any(labels.get(k) != v for k, v in selector.items()):
+                    continue
+                for p in svc["spec"].get("ports", []):
+                    target = p.get("targetPort", p["port"])
+                    if named.get(target, target) == grpc_port:
+                        reaching.append((svc["metadata"]["name"], p["port"]))
+            if not reaching:
+                self.fail(
+                    where,
+                    f"no Service in {namespace} selects this pod ({labels}) with a targetPort that is the gRPC --port {grpc_port}",
+                )
+            addresses = {
+                f"{name}.{namespace}{suffix}:{port}"
+                for name, port in reaching
+                for suffix in ("", ".svc", ".svc.cluster.local")
+            }
+            for o in services:
+                address = (o.get("spec") or {}).get("address")
+                if reaching and address not in addresses:
+                    self.fail(
+                        f"SnapshotMetadataService/{o['metadata']['name']}",
+                        f"address {address} is not the sidecar's Service: {' or '.join(sorted(addresses))}",
+                    )
+                audience = arg(args, "--audience")
+                if audience and audience != (o.get("spec") or {}).get("audience"):
+                    self.fail(where, f"--audience {audience} differs from the SnapshotMetadataService's: clients' tokens would be refused")
+            # RBAC for the calls the sidecar makes.
+            sa = spec.get("serviceAccountName", "default")
+            needed = list(SNAPSHOT_METADATA_RULES)
+            if not arg(args, "--audience"):
+                needed.append(SNAPSHOT_METADATA_AUDIENCE_RULE)
+            for group, resource, verb in needed:
+                if not self.allows(sa, namespace, group, resource, verb):
+                    self.fail(
+                        where,
+                        f"ServiceAccount {namespace}/{sa} may not {verb} {resource}.{group or 'core'} cluster-wide "
+                        "(a ClusterRoleBinding to a ClusterRole with that rule)",
+                    )
+            # The driver must advertise the service, or the sidecar exits.
+            if self.filevol:
+                for c2 in spec["containers"]:
+                    a2 = c2.get("args", [])
+                    if "serve" not in a2 or (arg(a2, "--mode") or "all") not in ("controller", "all"):
+                        continue
+                    if "SNAPSHOT_METADATA_SERVICE" in ask_filevol(self.filevol, a2, "identity"):
+                        continue
+                    message = (
+                        f"{self.filevol} with the flags of {c2['name']} (its pool a temporary directory here) does not "
+                        "advertise SNAPSHOT_METADATA_SERVICE: csi-snapshot-metadata exits at start "
+                        "(runtime.go:199-218 at v1.1.0)"
+                    )
+                    if self.unadvertised_ok:
+                        self.warnings.append(f"{self.path}: {where}: {message}")
+                    else:
+                        self.fail(where, message)
+
     def topology(self):
         """Asks the driver binary what it advertises with each workload's
         flags: a controller that advertises VOLUME_ACCESSIBILITY_CONSTRAINTS
@@ -285,6 +521,7 @@ class Checker:
             self.fail(where, f"serviceAccountName {sa} names no ServiceAccount in {namespace}")
         ports = []
         socket_volume = None
+        socket_served = None  # (volume, path inside it) of the driver's socket
         for c in spec["containers"]:
             cw = f"{where}/{c['name']}"
             mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
@@ -315,6 +552,7 @@ class Checker:
                     self.fail(cw, f"the socket directory {sock_dir} is not a volumeMount")
                 else:
                     socket_volume = mounts[sock_dir]["name"]
+                    socket_served = on_volume(c, endpoint[len("unix://"):])
                 name = next((a.split("=", 1)[1] for a in args if a.startswith("--driver-name=")), DEFAULT_DRIVER)
                 if driver and name != driver:
                     self.fail(cw, f"driver name {name} differs from the CSIDriver {driver}")
@@ -331,6 +569,14 @@ class Checker:
                             self.fail(cw, f"{path} must be mountPropagation: Bidirectional")
         if len(ports) != len(set(ports)):
             self.fail(where, f"containers share a port: {sorted(ports)}")
+        # The pod's containers share one network namespace: two listeners on
+        # one port and the second exits ("address already in use").
+        owner = {}
+        for c in spec["containers"]:
+            for port in listening(c):
+                if port in owner and owner[port] != c["name"]:
+                    self.fail(f"{where}/{c['name']}", f"its flags listen on port {port}, which {owner[port]} listens on")
+                owner.setdefault(port, c["name"])
         self.probes(where, spec)
         for c in spec["containers"]:
             if "serve" in c.get("args", []):
@@ -348,6 +594,12 @@ class Checker:
                     self.fail(cw, f"--csi-address {address}: {sock_dir} is not mounted")
                 elif socket_volume and mount["name"] != socket_volume:
                     self.fail(cw, f"--csi-address is on volume {mount['name']}, the driver's socket on {socket_volume}")
+                elif socket_served and on_volume(c, socket_path(address)) != socket_served:
+                    self.fail(
+                        cw,
+                        f"--csi-address {address} is {on_volume(c, socket_path(address))[1]} on volume "
+                        f"{mount['name']}, the driver serves {socket_served[1]} there",
+                    )
             for a in c.get("args", []):
                 if a.startswith("--kubelet-registration-path="):
                     path = a.split("=", 1)[1]
@@ -471,6 +723,60 @@ def break_host_path(objs):
                     v["hostPath"]["type"] = "DirectoryOrCreate"
 
 
+def snapshot_metadata_sidecar(objs):
+    return container(objs, "StatefulSet", "filevol-controller", "csi-snapshot-metadata")
+
+
+def break_snapshot_metadata_port(objs):
+    # Left at its default :8080, which csi-provisioner holds.
+    c = snapshot_metadata_sidecar(objs)
+    c["args"] = [a for a in c["args"] if not a.startswith("--http-endpoint=")]
+
+
+def break_snapshot_metadata_socket(objs):
+    # The right volume, a socket the driver does not serve.
+    c = snapshot_metadata_sidecar(objs)
+    c["args"] = [a + "k" if a.startswith("--csi-address=") else a for a in c["args"]]
+
+
+def break_snapshot_metadata_tls(objs):
+    c = snapshot_metadata_sidecar(objs)
+    c["args"] = [a.replace("tls.key", "tls.pem") if a.startswith("--tls-key=") else a for a in c["args"]]
+
+
+def break_snapshot_metadata_rbac(objs):
+    for o in objs:
+        if o.get("kind") == "ClusterRole" and any("tokenreviews" in r.get("resources", []) for r in o.get("rules", [])):
+            o["rules"] = [r for r in o["rules"] if "tokenreviews" not in r.get("resources", [])]
+
+
+def break_snapshot_metadata_address(objs):
+    for o in objs:
+        if o.get("kind") == "SnapshotMetadataService":
+            host, port = o["spec"]["address"].rsplit(":", 1)
+            o["spec"]["address"] = f"{host}:{int(port) + 1}"
+
+
+def break_snapshot_metadata_service(objs):
+    for o in objs:
+        if o.get("kind") == "Service" and any(
+            p.get("targetPort") == "snapshot-meta" for p in o["spec"].get("ports", [])
+        ):
+            o["spec"]["selector"]["app.kubernetes.io/component"] = "node"
+
+
+def break_snapshot_metadata_name(objs):
+    for o in objs:
+        if o.get("kind") == "SnapshotMetadataService":
+            o["metadata"]["name"] = "filevol"
+
+
+def deploys_snapshot_metadata(objs):
+    return any(o.get("kind") == "SnapshotMetadataService" for o in objs)
+
+
+# (what, damage, needs --filevol, which renderings it applies to: None for
+# the first one given, else a predicate on the objects)
 BREAKS = [
     ("a probe path the container's flags do not serve", break_probe_path, False),
     ("a topology flag that disagrees with the advertised capabilities", break_topology, True),
@@ -480,25 +786,47 @@ BREAKS = [
     ("a privileged pod holding controller roles", break_privileged_roles, False),
     ("a feature gate without its prerequisites", break_gate, False),
     ("a pool hostPath that can be created empty", break_host_path, False),
+    ("a snapshot-metadata HTTP port another sidecar holds", break_snapshot_metadata_port, False, deploys_snapshot_metadata),
+    ("a snapshot-metadata socket the driver does not serve", break_snapshot_metadata_socket, False, deploys_snapshot_metadata),
+    ("a TLS key path the Secret volume does not hold", break_snapshot_metadata_tls, False, deploys_snapshot_metadata),
+    ("a snapshot-metadata role without tokenreviews", break_snapshot_metadata_rbac, False, deploys_snapshot_metadata),
+    ("a SnapshotMetadataService address that is not the Service", break_snapshot_metadata_address, False, deploys_snapshot_metadata),
+    ("a SnapshotMetadataService not named after the driver", break_snapshot_metadata_name, False, deploys_snapshot_metadata),
+    ("a Service that does not select the controller pods", break_snapshot_metadata_service, False, deploys_snapshot_metadata),
 ]
 
 
-def self_test(path, filevol):
-    with open(path) as f:
-        objects = [o for o in yaml.safe_load_all(f) if o]
-    clean = Checker(path, copy.deepcopy(objects), filevol).run()
-    if clean:
-        print("check_deploy: the rendering to break is not clean:", *clean, sep="\n  ", file=sys.stderr)
-        return 1
+def self_test(paths, filevol, unadvertised_ok=False):
+    """Each break runs on the first rendering it applies to; every rendering
+    given must be clean first. A break that applies to none of them is
+    reported and skipped (validate-deploy without kubectl renders no
+    overlay)."""
+    renderings = []
+    for path in paths:
+        with open(path) as f:
+            objects = [o for o in yaml.safe_load_all(f) if o]
+        checker = Checker(path, copy.deepcopy(objects), filevol, unadvertised_ok)
+        clean = checker.run()
+        for w in checker.warnings:
+            print(f"check_deploy: warning: {w}", file=sys.stderr)
+        if clean:
+            print("check_deploy: the rendering to break is not clean:", *clean, sep="\n  ", file=sys.stderr)
+            return 1
+        renderings.append((path, objects))
     missed = 0
-    for what, damage, needs_binary in BREAKS:
+    for what, damage, needs_binary, *applies in BREAKS:
         if needs_binary and not filevol:
             print(f"check_deploy: self-test needs --filevol for: {what}", file=sys.stderr)
             missed += 1
             continue
+        target = next((r for r in renderings if not applies or applies[0](r[1])), None)
+        if target is None:
+            print(f"check_deploy: self-test: skipped (no rendering it applies to): {what}", file=sys.stderr)
+            continue
+        path, objects = target
         broken = copy.deepcopy(objects)
         damage(broken)
-        found = Checker(f"{path} ({what})", broken, filevol).run()
+        found = Checker(f"{path} ({what})", broken, filevol, unadvertised_ok).run()
         if not found:
             print(f"check_deploy: self-test: missed {what}", file=sys.stderr)
             missed += 1
@@ -513,11 +841,16 @@ def main(argv):
         i = argv.index("--filevol")
         filevol = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
+    unadvertised_ok = "--allow-unadvertised-snapshot-metadata" in argv
+    argv = [a for a in argv if a != "--allow-unadvertised-snapshot-metadata"]
     if argv and argv[0] == "--self-test":
-        return self_test(argv[1], filevol)
+        return self_test(argv[1:], filevol, unadvertised_ok)
     failures = []
     for path in argv:
-        failures += Checker(path, filevol=filevol).run()
+        checker = Checker(path, filevol=filevol, unadvertised_ok=unadvertised_ok)
+        failures += checker.run()
+        for w in checker.warnings:
+            print(f"check_deploy: warning: {w}", file=sys.stderr)
     for f in failures:
         print(f"check_deploy: {f}", file=sys.stderr)
     return 1 if failures else 0

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(requests mountinfo sysfs metadata mkfs_options)
+[[ ${#targets[@]} -gt 0 ]] || targets=(requests mountinfo sysfs metadata mkfs_options block_ranges)
 command -v cargo-fuzz >/dev/null || { echo "fuzz: install cargo-fuzz first (cargo install cargo-fuzz)" >&2; exit 1; }
 
 toolchain_args=()

@@ -64,6 +64,19 @@ pub enum Error {
     /// Needs an operator, so Probe reports it as FAILED_PRECONDITION.
     #[error("not healthy: {0}")]
     Unhealthy(String),
+    /// An offset outside the object it points into (SnapshotMetadata's
+    /// `starting_offset`).
+    #[error("{field}: {reason}")]
+    OutOfRange {
+        /// The request field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The reader of a streaming answer went away (it cancelled, its
+    /// deadline passed, the connection closed): the stream stopped.
+    #[error("the reader went away mid-stream: {0}")]
+    ReaderGone(String),
     /// A pagination token this driver did not hand out.
     #[error("starting_token {0:?} was not issued by this driver; start the listing again")]
     BadToken(String),
@@ -84,6 +97,16 @@ impl From<crate::pool::new_volume::Refused> for Error {
 impl From<crate::pool::parameters::ParamError> for Error {
     fn from(e: crate::pool::parameters::ParamError) -> Self {
         crate::pool::new_volume::Refused::from(e).into()
+    }
+}
+
+impl From<crate::changed_blocks::OutOfOrder> for Error {
+    fn from(e: crate::changed_blocks::OutOfOrder) -> Self {
+        Error::Pool(PoolError::Io {
+            step: "read the extent maps of",
+            path: "a snapshot image".into(),
+            source: e.into(),
+        })
     }
 }
 
@@ -114,6 +137,9 @@ pub fn status_code(rpc: Rpc, err: &Error) -> RpcStatusCode {
             _ => RpcStatusCode::UNAVAILABLE,
         },
         Error::BadToken(_) => RpcStatusCode::ABORTED,
+        Error::OutOfRange { .. } => RpcStatusCode::OUT_OF_RANGE,
+        // Only logged and counted: there is nobody to answer.
+        Error::ReaderGone(_) => RpcStatusCode::CANCELLED,
         Error::Pool(e) => pool_code(rpc, e),
         Error::Node(e) => node_code(rpc, e),
     }

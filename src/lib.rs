@@ -7,6 +7,7 @@
 //! make the blocking syscalls, with a per-volume lock table keeping calls on
 //! one volume serialised. There is no async runtime.
 
+pub mod changed_blocks;
 pub mod cli;
 pub mod config;
 pub mod endpoint;

@@ -42,6 +42,9 @@ pub enum Rpc {
     NodeExpandVolume,
     NodeGetCapabilities,
     NodeGetInfo,
+    // SnapshotMetadata (server-streaming)
+    GetMetadataAllocated,
+    GetMetadataDelta,
 }
 
 /// The CSI services, each a gRPC service of its own.
@@ -55,6 +58,8 @@ pub enum Service {
     GroupController,
     /// Node: the node DaemonSet (`--mode node`).
     Node,
+    /// SnapshotMetadata: changed-block tracking, by the controller.
+    SnapshotMetadata,
 }
 
 impl Rpc {
@@ -86,6 +91,7 @@ impl Rpc {
             | NodeGetVolumeStats | NodeExpandVolume | NodeGetCapabilities | NodeGetInfo => {
                 Service::Node
             }
+            GetMetadataAllocated | GetMetadataDelta => Service::SnapshotMetadata,
         }
     }
 

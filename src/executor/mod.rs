@@ -12,6 +12,10 @@
 //!
 //! Probe runs on a lane of its own (one thread, its own queue), so a pool
 //! whose workers are all stuck in slow mounts still answers liveness checks.
+//!
+//! Server-streaming calls (SnapshotMetadata) run on a third lane: a stream
+//! lasts as long as its reader takes to read it, and a slow backup client
+//! must not hold the workers that stage volumes. See [`Executor::submit_stream`].
 
 mod locks;
 mod workers;
@@ -20,7 +24,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
-use grpcio::{RpcContext, UnarySink, UnarySinkResult};
+use futures_util::SinkExt;
+use grpcio::{RpcContext, ServerStreamingSink, UnarySink, UnarySinkResult, WriteFlags};
 use parking_lot::Mutex;
 
 pub use locks::{LockGuard, LockTable};
@@ -38,6 +43,8 @@ pub enum Lane {
     Workers,
     /// The probe lane, which a saturated worker pool cannot block.
     Probe,
+    /// The streaming lane: calls paced by their reader.
+    Stream,
 }
 
 /// A validated call, ready to run: the blocking work and what it must hold.
@@ -80,6 +87,13 @@ impl<R> Job<R> {
         self
     }
 
+    /// Names what the job works on in its log line, for a job that locks
+    /// nothing.
+    pub fn about(mut self, subject: impl Into<String>) -> Self {
+        self.subject = subject.into();
+        self
+    }
+
     /// Runs the job on `lane` instead of the worker pool.
     pub fn on_lane(mut self, lane: Lane) -> Self {
         self.lane = lane;
@@ -93,12 +107,25 @@ impl<R> Job<R> {
 pub struct Executor {
     workers: WorkerPool,
     probe: WorkerPool,
+    streams: WorkerPool,
     locks: Arc<LockTable>,
     metrics: Arc<Metrics>,
 }
 
 /// How many probes may wait behind a stuck one before new ones are refused.
 const PROBE_QUEUE_DEPTH: usize = 16;
+
+/// Streams answered at once, and how many more may wait. A backup tool
+/// reads one snapshot's metadata at a time per volume; beyond this the
+/// caller hears RESOURCE_EXHAUSTED and retries, and the worker pool is
+/// never touched.
+const STREAM_WORKERS: usize = 4;
+const STREAM_QUEUE_DEPTH: usize = 16;
+
+/// The answer of a streaming call: its messages, each computed on the
+/// stream lane after the one before it has been handed to gRPC, so at most
+/// two are in memory whatever the stream's length.
+pub type Messages<R> = Box<dyn Iterator<Item = Result<R, Error>> + Send>;
 
 impl Executor {
     /// Starts `workers` worker threads behind a queue of `queue_depth`, and
@@ -107,6 +134,7 @@ impl Executor {
         Ok(Executor {
             workers: WorkerPool::start("filevol-worker", workers, queue_depth)?,
             probe: WorkerPool::start("filevol-probe", 1, PROBE_QUEUE_DEPTH)?,
+            streams: WorkerPool::start("filevol-stream", STREAM_WORKERS, STREAM_QUEUE_DEPTH)?,
             locks: Arc::new(LockTable::default()),
             metrics: Arc::new(Metrics::default()),
         })
@@ -173,10 +201,7 @@ impl Executor {
             }
         });
 
-        let pool = match job.lane {
-            Lane::Workers => &self.workers,
-            Lane::Probe => &self.probe,
-        };
+        let pool = self.lane(job.lane);
         match pool.try_submit(task) {
             Ok(()) => ctx.spawn(async move {
                 if let Ok(sending) = rx.await {
@@ -198,10 +223,96 @@ impl Executor {
         }
     }
 
+    fn lane(&self, lane: Lane) -> &WorkerPool {
+        match lane {
+            Lane::Workers => &self.workers,
+            Lane::Probe => &self.probe,
+            Lane::Stream => &self.streams,
+        }
+    }
+
+    /// Runs a streaming `job` on the stream lane: the job opens what it
+    /// reads and returns the stream's messages; each is sent before the
+    /// next is computed.
+    ///
+    /// The lane thread drives the sink itself (`block_on`): `feed` waits
+    /// for the previous message to leave and starts this one, so memory is
+    /// bounded by two messages and the thread waits at the reader's pace.
+    /// A reader that goes away (cancellation, deadline, a closed
+    /// connection) fails the next `feed`, and the stream stops there and
+    /// then; the open files go with it. Errors before the first message or
+    /// between messages end the stream with their status, as the spec asks
+    /// ("abort transmission ... with its language specific error idiom").
+    pub fn submit_stream<R: Send + 'static>(
+        &self,
+        ctx: &RpcContext<'_>,
+        rpc: Rpc,
+        sink: ServerStreamingSink<R>,
+        job: Result<Job<Messages<R>>, Error>,
+    ) {
+        let started = Instant::now();
+        let job = match job.and_then(|job| {
+            let keys = job.keys.clone();
+            match self.locks.try_lock(keys) {
+                Ok(guard) => Ok((job, guard)),
+                Err(key) => Err(Error::Busy { key }),
+            }
+        }) {
+            Ok(job) => job,
+            Err(err) => {
+                finish(rpc, "", Some(&err), started, &self.metrics);
+                let failing = sink.fail(to_status(rpc, &err));
+                return ctx.spawn(async move { log_undelivered(rpc, failing.await) });
+            }
+        };
+        let (job, guard) = job;
+        let slot = Arc::new(Mutex::new(Some(sink)));
+        let task_slot = Arc::clone(&slot);
+        let metrics = Arc::clone(&self.metrics);
+        let (subject, work) = (job.subject, job.work);
+        let task: Task = Box::new(move || {
+            let Some(mut sink) = task_slot.lock().take() else {
+                return;
+            };
+            let result = catch_unwind(AssertUnwindSafe(|| -> Result<(), Error> {
+                faults::before_work(rpc);
+                for message in work()? {
+                    futures_executor::block_on(sink.feed((message?, WriteFlags::default())))
+                        .map_err(|e| Error::ReaderGone(e.to_string()))?;
+                }
+                Ok(())
+            }))
+            .unwrap_or_else(|panic| Err(Error::Panicked(panic_message(&panic))));
+            drop(guard);
+            finish(rpc, &subject, result.as_ref().err(), started, &metrics);
+            let ended = match result {
+                Ok(()) => futures_executor::block_on(sink.close()),
+                // Nobody is left to tell; dropping the sink cancels the call.
+                Err(Error::ReaderGone(_)) => Ok(()),
+                Err(err) => futures_executor::block_on(sink.fail(to_status(rpc, &err))),
+            };
+            log_undelivered(rpc, ended);
+        });
+        if let Err(refused) = self.streams.try_submit(task) {
+            let err = match refused {
+                SubmitError::Full(_) => Error::QueueFull {
+                    queued: self.streams.queued(),
+                },
+                SubmitError::Closed(_) => Error::ShuttingDown,
+            };
+            drop(refused);
+            let sink = slot.lock().take().expect("an unrun task leaves its sink");
+            finish(rpc, "", Some(&err), started, &self.metrics);
+            let failing = sink.fail(to_status(rpc, &err));
+            ctx.spawn(async move { log_undelivered(rpc, failing.await) });
+        }
+    }
+
     /// Stops taking jobs, finishes those queued, and joins every thread.
     pub fn shutdown(&self) {
         self.workers.shutdown();
         self.probe.shutdown();
+        self.streams.shutdown();
     }
 }
 

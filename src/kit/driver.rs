@@ -17,7 +17,9 @@ use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 
 use super::tempdir::TempDir;
 use crate::proto::csi;
-use crate::proto::grpc::{ControllerClient, GroupControllerClient, IdentityClient, NodeClient};
+use crate::proto::grpc::{
+    ControllerClient, GroupControllerClient, IdentityClient, NodeClient, SnapshotMetadataClient,
+};
 
 /// How to start a driver.
 #[derive(Debug, Default)]
@@ -213,6 +215,11 @@ impl Driver {
     /// A fresh Node client.
     pub fn node(&self) -> NodeClient {
         NodeClient::new(self.channel())
+    }
+
+    /// A fresh SnapshotMetadata client.
+    pub fn snapshot_metadata(&self) -> SnapshotMetadataClient {
+        SnapshotMetadataClient::new(self.channel())
     }
 
     /// What the driver has written to stderr so far.

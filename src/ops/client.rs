@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
-use protobuf::MessageFull;
+use protobuf::MessageDyn;
 
 use super::OpsError;
 use crate::endpoint::Endpoint;
 use crate::kit::requests as req;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
-use crate::proto::grpc::{ControllerClient, IdentityClient, NodeClient};
+use crate::proto::grpc::{ControllerClient, IdentityClient, NodeClient, SnapshotMetadataClient};
+
+use super::block_metadata::{self, StreamArgs, Totals};
 use crate::units::parse_size;
 
 /// Flags of `filevol client`.
@@ -221,6 +223,26 @@ pub enum Call {
         #[arg(value_parser = parse_size)]
         size: Option<u64>,
     },
+    /// GetMetadataAllocated: the ranges of a snapshot that hold data (the
+    /// stream read to its end and checked against the spec).
+    Allocated {
+        /// The snapshot id.
+        snapshot_id: String,
+        /// Offset, page size, output.
+        #[command(flatten)]
+        stream: StreamArgs,
+    },
+    /// GetMetadataDelta: the ranges that changed between two snapshots of
+    /// one volume (the stream read to its end and checked against the spec).
+    Delta {
+        /// The earlier snapshot.
+        base_snapshot_id: String,
+        /// The later snapshot.
+        target_snapshot_id: String,
+        /// Offset, page size, output.
+        #[command(flatten)]
+        stream: StreamArgs,
+    },
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -338,11 +360,40 @@ fn source_size(
     Ok(bytes.and_then(|b| u64::try_from(b).ok()).filter(|b| *b > 0))
 }
 
-fn show<M: MessageFull>(
+/// The totals line of a stream read with `--summary`.
+fn summary(
     out: &mut dyn std::io::Write,
     json: bool,
     call: &str,
-    m: &M,
+    a: StreamArgs,
+    t: Totals,
+) -> Result<(), OpsError> {
+    if !a.summary {
+        return Ok(());
+    }
+    let line = if json {
+        serde_json::json!({
+            "call": call,
+            "messages": t.messages,
+            "runs": t.runs,
+            "bytes": t.bytes,
+            "volume_capacity_bytes": t.capacity,
+        })
+        .to_string()
+    } else {
+        format!(
+            "{call}: {} message(s), {} run(s), {} of {} bytes",
+            t.messages, t.runs, t.bytes, t.capacity
+        )
+    };
+    writeln!(out, "{line}").map_err(OpsError::Output)
+}
+
+fn show(
+    out: &mut dyn std::io::Write,
+    json: bool,
+    call: &str,
+    m: &dyn MessageDyn,
 ) -> Result<(), OpsError> {
     if json {
         let line = serde_json::json!({ "call": call, "response": super::json::message(m) });
@@ -366,7 +417,8 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
     let channel = ChannelBuilder::new(env).connect(&endpoint.grpc_address());
     let identity = IdentityClient::new(channel.clone());
     let controller = ControllerClient::new(channel.clone());
-    let node = NodeClient::new(channel);
+    let node = NodeClient::new(channel.clone());
+    let metadata = SnapshotMetadataClient::new(channel);
     let opt = || CallOption::default().timeout(Duration::from_secs(args.timeout));
     let json = args.json;
     macro_rules! call {
@@ -654,6 +706,31 @@ pub fn run(args: ClientArgs, out: &mut dyn std::io::Write) -> Result<(), OpsErro
                 "NodeExpandVolume",
                 &call!("NodeExpandVolume", node.node_expand_volume_opt(&r, opt())),
             )?;
+        }
+        Call::Allocated {
+            snapshot_id,
+            stream,
+        } => {
+            let totals =
+                block_metadata::allocated(&metadata, opt(), &snapshot_id, stream, &mut |m| {
+                    show(out, json, "GetMetadataAllocated", m)
+                })?;
+            summary(out, json, "GetMetadataAllocated", stream, totals)?;
+        }
+        Call::Delta {
+            base_snapshot_id,
+            target_snapshot_id,
+            stream,
+        } => {
+            let totals = block_metadata::delta(
+                &metadata,
+                opt(),
+                &base_snapshot_id,
+                &target_snapshot_id,
+                stream,
+                &mut |m| show(out, json, "GetMetadataDelta", m),
+            )?;
+            summary(out, json, "GetMetadataDelta", stream, totals)?;
         }
         Call::NodeInfo => {
             show(

@@ -3,6 +3,7 @@
 //! the driver is installed.
 
 pub mod bench;
+pub mod block_metadata;
 pub mod client;
 pub mod doctor;
 pub mod json;
@@ -43,6 +44,14 @@ pub enum OpsError {
     /// aside): the errors by RPC and code.
     #[error("{0} call(s) of the load failed ({1}); its figures are not of the load asked for")]
     CallsFailed(usize, String),
+    /// A driver's answer broke a promise of the CSI spec.
+    #[error("{call}: the driver's answer breaks the CSI spec: {why}")]
+    Broken {
+        /// The RPC.
+        call: &'static str,
+        /// Which promise, and how.
+        why: String,
+    },
     /// A load generator's set-up made nothing to run the load on.
     #[error("nothing to run the load on: {0}")]
     NoLoad(String),

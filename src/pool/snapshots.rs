@@ -6,6 +6,8 @@
 //! only while that lock is free: that is what lets a controller's janitor
 //! remove them without ever racing a creator that is still alive.
 
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -38,6 +40,58 @@ impl Pool {
     /// The snapshot `id`, as the pool holds it now.
     pub fn snapshot(&self, id: &str) -> Result<SnapshotMeta, PoolError> {
         self.store.read(id)
+    }
+
+    /// The image of snapshot `id`, opened for reading, with its record:
+    /// what changed-block tracking reads. The open descriptor keeps the
+    /// blocks that a DeleteSnapshot running meanwhile would free, so a
+    /// stream in progress answers for the snapshot as it was when opened.
+    pub fn open_snapshot_image(&self, id: &str) -> Result<(SnapshotMeta, File), PoolError> {
+        let meta = self.snapshot(id)?;
+        if meta.layout != Layout::Image {
+            return Err(PoolError::Unsupported(format!(
+                "snapshot {id} is of a directory volume, which has no blocks to describe; changed-block tracking covers image volumes"
+            )));
+        }
+        let path = self.snapshot_dir(id).join("image");
+        let image = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // Deleted between the record and the image.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !path.parent().is_some_and(Path::is_dir) =>
+            {
+                return Err(PoolError::NotFound {
+                    kind: "snapshot",
+                    id: id.to_owned(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(PoolError::Damaged {
+                    path,
+                    problem: "the snapshot's record has no image beside it".into(),
+                })
+            }
+            Err(e) => return Err(io_error("open snapshot image", &path)(e)),
+        };
+        let st = image
+            .metadata()
+            .map_err(io_error("stat snapshot image", &path))?;
+        if !st.is_file() || st.len() < meta.size_bytes {
+            return Err(PoolError::Damaged {
+                path,
+                problem: format!(
+                    "the image is {} bytes, its record says {}",
+                    st.len(),
+                    meta.size_bytes
+                ),
+            });
+        }
+        Ok((meta, image))
     }
 
     /// Snapshots in id order from `start`, at most `max` (0: all), keeping

@@ -38,6 +38,7 @@ impl Operation for csi::GetPluginCapabilitiesRequest {
         let offers = Offers {
             controller: driver.offers(Service::Controller),
             group_controller: driver.offers(Service::GroupController),
+            snapshot_metadata: driver.offers(Service::SnapshotMetadata),
             topology: !driver.config.topology.is_empty(),
         };
         Ok(Job::new(move || {
@@ -74,6 +75,7 @@ impl Operation for csi::ProbeRequest {
 struct Offers {
     controller: bool,
     group_controller: bool,
+    snapshot_metadata: bool,
     topology: bool,
 }
 
@@ -111,6 +113,9 @@ fn plugin_capabilities(offers: Offers) -> Vec<csi::PluginCapability> {
     if offers.group_controller {
         caps.push(svc(service::Type::GROUP_CONTROLLER_SERVICE));
     }
+    if offers.snapshot_metadata {
+        caps.push(svc(service::Type::SNAPSHOT_METADATA_SERVICE));
+    }
     caps.push(expansion(volume_expansion::Type::ONLINE));
     caps.push(expansion(volume_expansion::Type::OFFLINE));
     caps
@@ -134,10 +139,11 @@ fn check_health(pool: &Path, workers: &WorkerPool) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    fn services(controller: bool, group_controller: bool, topology: bool) -> Vec<service::Type> {
+    fn services(controller: bool, reflinks: bool, topology: bool) -> Vec<service::Type> {
         plugin_capabilities(Offers {
             controller,
-            group_controller,
+            group_controller: reflinks,
+            snapshot_metadata: reflinks,
             topology,
         })
         .iter()
@@ -156,15 +162,20 @@ mod tests {
             [
                 CONTROLLER_SERVICE,
                 VOLUME_ACCESSIBILITY_CONSTRAINTS,
-                GROUP_CONTROLLER_SERVICE
+                GROUP_CONTROLLER_SERVICE,
+                SNAPSHOT_METADATA_SERVICE
             ]
         );
         // A shared pool has no segment: no topology to advertise.
         assert_eq!(
             services(true, true, false),
-            [CONTROLLER_SERVICE, GROUP_CONTROLLER_SERVICE]
+            [
+                CONTROLLER_SERVICE,
+                GROUP_CONTROLLER_SERVICE,
+                SNAPSHOT_METADATA_SERVICE
+            ]
         );
-        // A pool that cannot reflink has no group snapshots.
+        // A pool that cannot reflink has no group snapshots and no deltas.
         assert_eq!(services(true, false, false), [CONTROLLER_SERVICE]);
     }
 
@@ -173,6 +184,7 @@ mod tests {
         let exp: Vec<_> = plugin_capabilities(Offers {
             controller: false,
             group_controller: false,
+            snapshot_metadata: false,
             topology: false,
         })
         .iter()

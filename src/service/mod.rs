@@ -11,11 +11,12 @@ mod controller;
 mod convert;
 mod identity;
 mod node;
+mod snapshot_metadata;
 mod validate;
 
 use std::sync::Arc;
 
-use grpcio::{RpcContext, UnarySink};
+use grpcio::{RpcContext, ServerStreamingSink, UnarySink};
 use protobuf::MessageFull;
 
 use crate::config::Config;
@@ -27,6 +28,8 @@ use crate::pool::Pool;
 use crate::proto::{csi, grpc};
 use crate::redact::redacted_text;
 use crate::rpc::{Rpc, Service};
+
+use snapshot_metadata::StreamOperation;
 
 /// State shared by every call.
 #[derive(Debug)]
@@ -43,10 +46,18 @@ pub struct Driver {
 
 impl Driver {
     /// Whether this process offers `service`: what GetPluginCapabilities
-    /// advertises. The same decision as [`Driver::refusal`].
+    /// advertises. The same decision as [`Driver::refusal`], but for
+    /// SnapshotMetadata: it is advertised only where deltas work (a pool
+    /// that reflinks), yet served in every controller, so a backup tool
+    /// that calls it anyway gets allocated ranges, and for a delta the
+    /// spec's FAILED_PRECONDITION ("changed block tracking is not enabled")
+    /// with the reason.
     pub fn offers(&self, service: Service) -> bool {
-        self.mode_refusal(service).is_none()
-            && (service != Service::GroupController || self.pool.reflinks())
+        let needs_reflink = matches!(
+            service,
+            Service::GroupController | Service::SnapshotMetadata
+        );
+        self.mode_refusal(service).is_none() && (!needs_reflink || self.pool.reflinks())
     }
 
     /// Why this process does not serve `rpc`, if it does not: its mode
@@ -72,7 +83,9 @@ impl Driver {
     fn mode_refusal(&self, service: Service) -> Option<String> {
         let mode = self.config.mode;
         match service {
-            Service::Controller | Service::GroupController if !mode.serves_controller() => {
+            Service::Controller | Service::GroupController | Service::SnapshotMetadata
+                if !mode.serves_controller() =>
+            {
                 Some(format!(
                     "this process runs with --mode {mode} and serves the Identity and Node services only; controller calls go to the filevol controller (--mode controller)"
                 ))
@@ -80,9 +93,11 @@ impl Driver {
             Service::Node if !mode.serves_node() => Some(format!(
                 "this process runs with --mode {mode} and serves no Node service; node calls go to the filevol node plugin on the volume's node (--mode node)"
             )),
-            Service::Identity | Service::Controller | Service::GroupController | Service::Node => {
-                None
-            }
+            Service::Identity
+            | Service::Controller
+            | Service::GroupController
+            | Service::Node
+            | Service::SnapshotMetadata => None,
         }
     }
 
@@ -164,6 +179,7 @@ impl CsiService {
             grpc::create_controller(self.clone()),
             grpc::create_group_controller(self.clone()),
             grpc::create_node(self.clone()),
+            grpc::create_snapshot_metadata(self.clone()),
         ]
     }
 
@@ -184,6 +200,48 @@ impl CsiService {
             }),
         };
         self.driver.executor.submit(&ctx, Req::RPC, sink, job);
+    }
+
+    /// `dispatch` for the server-streaming calls.
+    fn dispatch_stream<Req: StreamOperation>(
+        &self,
+        ctx: RpcContext<'_>,
+        req: Req,
+        sink: ServerStreamingSink<Req::Response>,
+    ) {
+        if log::log_enabled!(log::Level::Trace) {
+            log::trace!("{} request: {}", Req::RPC, redacted_text(&req));
+        }
+        let job = match self.driver.refusal(Req::RPC) {
+            None => req.prepare(&self.driver),
+            Some(reason) => Err(Error::NotServed {
+                rpc: Req::RPC,
+                reason,
+            }),
+        };
+        self.driver
+            .executor
+            .submit_stream(&ctx, Req::RPC, sink, job);
+    }
+}
+
+impl grpc::SnapshotMetadata for CsiService {
+    fn get_metadata_allocated(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: csi::GetMetadataAllocatedRequest,
+        sink: ServerStreamingSink<csi::GetMetadataAllocatedResponse>,
+    ) {
+        self.dispatch_stream(ctx, req, sink)
+    }
+
+    fn get_metadata_delta(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: csi::GetMetadataDeltaRequest,
+        sink: ServerStreamingSink<csi::GetMetadataDeltaResponse>,
+    ) {
+        self.dispatch_stream(ctx, req, sink)
     }
 }
 

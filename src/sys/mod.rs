@@ -7,6 +7,7 @@
 //! would add nothing.
 
 pub mod caps;
+pub mod extents;
 pub mod fs;
 pub mod lock;
 pub mod loopdev;

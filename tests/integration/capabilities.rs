@@ -40,6 +40,15 @@ const COVERED: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "service SNAPSHOT_METADATA_SERVICE",
+        &[
+            "snapshot_metadata::allocated_and_delta_follow_the_writes_on_xfs",
+            "snapshot_metadata::allocated_and_delta_follow_the_writes_on_btrfs",
+            "snapshot_metadata::spec_error_cases_answer_their_codes_and_change_nothing",
+            "snapshot_metadata::without_reflink_allocated_works_and_a_delta_is_a_failed_precondition",
+        ],
+    ),
+    (
         "expansion ONLINE",
         &["node::xfs_grows_online", "node::btrfs_grows_online"],
     ),

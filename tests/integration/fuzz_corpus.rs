@@ -48,6 +48,7 @@ fn parser_and_metadata_corpora() {
         ("sysfs", filevol::fuzzing::sysfs),
         ("metadata", filevol::fuzzing::metadata),
         ("mkfs_options", filevol::fuzzing::mkfs_options),
+        ("block_ranges", filevol::fuzzing::block_ranges),
     ] {
         for (name, data) in inputs(target) {
             assert!(

@@ -36,3 +36,4 @@ mod mkfs_options;
 mod node;
 mod ops;
 mod single_writer;
+mod snapshot_metadata;
