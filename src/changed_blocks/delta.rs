@@ -93,7 +93,7 @@ fn same_at(a: &Extent, b: &Extent, pos: u64) -> bool {
 /// The changed runs between the extent maps `base` and `target` over
 /// `[from, end)`, in order, adjacent runs merged. Holes in both are
 /// unchanged; data in one and a hole in the other is changed; data in both
-/// is unchanged only where [`same_at`] proves it.
+/// is unchanged only where `same_at` proves it.
 #[derive(Debug)]
 pub struct Delta<A, B> {
     base: Side<A>,
