@@ -44,7 +44,7 @@ pub fn driver(pool: &Path, kubelet: &Path) -> Arc<Driver> {
     )
     .expect("fuzz pool");
     let node = Some(Node::start(&config.kubelet_dir, &pool, true).expect("fuzz node"));
-    let executor = Executor::start(1, 1).expect("fuzz executor");
+    let executor = Executor::start(1, 1, false).expect("fuzz executor");
     Arc::new(Driver {
         config,
         executor,

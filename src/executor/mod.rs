@@ -43,8 +43,6 @@ pub enum Lane {
     Workers,
     /// The probe lane, which a saturated worker pool cannot block.
     Probe,
-    /// The streaming lane: calls paced by their reader.
-    Stream,
 }
 
 /// A validated call, ready to run: the blocking work and what it must hold.
@@ -107,7 +105,9 @@ impl<R> Job<R> {
 pub struct Executor {
     workers: WorkerPool,
     probe: WorkerPool,
-    streams: WorkerPool,
+    /// Only in processes that serve SnapshotMetadata: a node plugin
+    /// starts no threads it would never use.
+    streams: Option<WorkerPool>,
     locks: Arc<LockTable>,
     metrics: Arc<Metrics>,
 }
@@ -128,13 +128,15 @@ const STREAM_QUEUE_DEPTH: usize = 16;
 pub type Messages<R> = Box<dyn Iterator<Item = Result<R, Error>> + Send>;
 
 impl Executor {
-    /// Starts `workers` worker threads behind a queue of `queue_depth`, and
-    /// the probe lane.
-    pub fn start(workers: usize, queue_depth: usize) -> std::io::Result<Self> {
+    /// Starts `workers` worker threads behind a queue of `queue_depth`, the
+    /// probe lane, and the stream lane if `streams`.
+    pub fn start(workers: usize, queue_depth: usize, streams: bool) -> std::io::Result<Self> {
         Ok(Executor {
             workers: WorkerPool::start("filevol-worker", workers, queue_depth)?,
             probe: WorkerPool::start("filevol-probe", 1, PROBE_QUEUE_DEPTH)?,
-            streams: WorkerPool::start("filevol-stream", STREAM_WORKERS, STREAM_QUEUE_DEPTH)?,
+            streams: streams
+                .then(|| WorkerPool::start("filevol-stream", STREAM_WORKERS, STREAM_QUEUE_DEPTH))
+                .transpose()?,
             locks: Arc::new(LockTable::default()),
             metrics: Arc::new(Metrics::default()),
         })
@@ -201,7 +203,10 @@ impl Executor {
             }
         });
 
-        let pool = self.lane(job.lane);
+        let pool = match job.lane {
+            Lane::Workers => &self.workers,
+            Lane::Probe => &self.probe,
+        };
         match pool.try_submit(task) {
             Ok(()) => ctx.spawn(async move {
                 if let Ok(sending) = rx.await {
@@ -220,14 +225,6 @@ impl Executor {
                 let sink = slot.lock().take().expect("an unrun task leaves its sink");
                 reject(ctx, rpc, "", sink, err, started, &self.metrics);
             }
-        }
-    }
-
-    fn lane(&self, lane: Lane) -> &WorkerPool {
-        match lane {
-            Lane::Workers => &self.workers,
-            Lane::Probe => &self.probe,
-            Lane::Stream => &self.streams,
         }
     }
 
@@ -251,21 +248,27 @@ impl Executor {
         job: Result<Job<Messages<R>>, Error>,
     ) {
         let started = Instant::now();
-        let job = match job.and_then(|job| {
-            let keys = job.keys.clone();
-            match self.locks.try_lock(keys) {
-                Ok(guard) => Ok((job, guard)),
-                Err(key) => Err(Error::Busy { key }),
-            }
-        }) {
+        let reject = |sink, err| reject_stream(ctx, rpc, sink, err, started, &self.metrics);
+        let job = match job {
             Ok(job) => job,
-            Err(err) => {
-                finish(rpc, "", Some(&err), started, &self.metrics);
-                let failing = sink.fail(to_status(rpc, &err));
-                return ctx.spawn(async move { log_undelivered(rpc, failing.await) });
-            }
+            Err(err) => return reject(sink, err),
         };
-        let (job, guard) = job;
+        // Refused above already in a process whose mode serves no
+        // SnapshotMetadata (`Driver::refusal`); this is the backstop.
+        let Some(lane) = &self.streams else {
+            let reason = "this process runs no stream lane (its mode serves no SnapshotMetadata)";
+            return reject(
+                sink,
+                Error::NotServed {
+                    rpc,
+                    reason: reason.into(),
+                },
+            );
+        };
+        let guard = match self.locks.try_lock(job.keys) {
+            Ok(guard) => guard,
+            Err(key) => return reject(sink, Error::Busy { key }),
+        };
         let slot = Arc::new(Mutex::new(Some(sink)));
         let task_slot = Arc::clone(&slot);
         let metrics = Arc::clone(&self.metrics);
@@ -293,18 +296,19 @@ impl Executor {
             };
             log_undelivered(rpc, ended);
         });
-        if let Err(refused) = self.streams.try_submit(task) {
+        if let Err(refused) = lane.try_submit(task) {
             let err = match refused {
                 SubmitError::Full(_) => Error::QueueFull {
-                    queued: self.streams.queued(),
+                    queued: lane.queued(),
                 },
                 SubmitError::Closed(_) => Error::ShuttingDown,
             };
+            // Dropping the unrun task releases its lock guard.
             drop(refused);
-            let sink = slot.lock().take().expect("an unrun task leaves its sink");
-            finish(rpc, "", Some(&err), started, &self.metrics);
-            let failing = sink.fail(to_status(rpc, &err));
-            ctx.spawn(async move { log_undelivered(rpc, failing.await) });
+            reject(
+                slot.lock().take().expect("an unrun task leaves its sink"),
+                err,
+            );
         }
     }
 
@@ -312,8 +316,24 @@ impl Executor {
     pub fn shutdown(&self) {
         self.workers.shutdown();
         self.probe.shutdown();
-        self.streams.shutdown();
+        if let Some(streams) = &self.streams {
+            streams.shutdown();
+        }
     }
+}
+
+/// Answers a streaming call that never reached the stream lane.
+fn reject_stream<R>(
+    ctx: &RpcContext<'_>,
+    rpc: Rpc,
+    sink: ServerStreamingSink<R>,
+    err: Error,
+    started: Instant,
+    metrics: &Metrics,
+) {
+    finish(rpc, "", Some(&err), started, metrics);
+    let failing = sink.fail(to_status(rpc, &err));
+    ctx.spawn(async move { log_undelivered(rpc, failing.await) });
 }
 
 /// Answers a call that never reached a worker.

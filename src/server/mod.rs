@@ -98,8 +98,12 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     } else {
         None
     };
-    let executor =
-        Executor::start(config.workers, config.queue_depth).map_err(ServeError::Threads)?;
+    let executor = Executor::start(
+        config.workers,
+        config.queue_depth,
+        config.mode.serves_controller(),
+    )
+    .map_err(ServeError::Threads)?;
     let driver = Arc::new(Driver {
         config,
         executor,

@@ -189,16 +189,7 @@ impl CsiService {
         req: Req,
         sink: UnarySink<Req::Response>,
     ) {
-        if log::log_enabled!(log::Level::Trace) {
-            log::trace!("{} request: {}", Req::RPC, redacted_text(&req));
-        }
-        let job = match self.driver.refusal(Req::RPC) {
-            None => req.prepare(&self.driver),
-            Some(reason) => Err(Error::NotServed {
-                rpc: Req::RPC,
-                reason,
-            }),
-        };
+        let job = self.admit(Req::RPC, req, Req::prepare);
         self.driver.executor.submit(&ctx, Req::RPC, sink, job);
     }
 
@@ -209,19 +200,28 @@ impl CsiService {
         req: Req,
         sink: ServerStreamingSink<Req::Response>,
     ) {
-        if log::log_enabled!(log::Level::Trace) {
-            log::trace!("{} request: {}", Req::RPC, redacted_text(&req));
-        }
-        let job = match self.driver.refusal(Req::RPC) {
-            None => req.prepare(&self.driver),
-            Some(reason) => Err(Error::NotServed {
-                rpc: Req::RPC,
-                reason,
-            }),
-        };
+        let job = self.admit(Req::RPC, req, Req::prepare);
         self.driver
             .executor
             .submit_stream(&ctx, Req::RPC, sink, job);
+    }
+
+    /// What every call, unary or streaming, goes through on its way to the
+    /// executor: its trace line (secrets redacted), then its job, or the
+    /// refusal of a call this process does not serve.
+    fn admit<Req: MessageFull, J>(
+        &self,
+        rpc: Rpc,
+        req: Req,
+        prepare: impl FnOnce(Req, &Arc<Driver>) -> Result<J, Error>,
+    ) -> Result<J, Error> {
+        if log::log_enabled!(log::Level::Trace) {
+            log::trace!("{rpc} request: {}", redacted_text(&req));
+        }
+        match self.driver.refusal(rpc) {
+            None => prepare(req, &self.driver),
+            Some(reason) => Err(Error::NotServed { rpc, reason }),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The SnapshotMetadata service (CSI v1.10+, alpha): which ranges of a
 //! snapshot hold data, and which changed between two snapshots of one
-//! volume, streamed a page at a time on the executor's stream lane.
+//! volume, streamed a page at a time on the executor's stream lane
+//! (`Executor::submit_stream`).
 //!
 //! The answers come from the pool filesystem's metadata
 //! (`crate::changed_blocks`), never from reading volume data. Both calls
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use super::{validate, Driver};
 use crate::changed_blocks::{Delta, Pager, Run};
 use crate::error::Error;
-use crate::executor::{Job, Lane, Messages};
+use crate::executor::{Job, Messages};
 use crate::pool::meta::{CopyMethod, SnapshotMeta};
 use crate::pool::PoolError;
 use crate::proto::csi;
@@ -160,7 +161,7 @@ impl StreamOperation for csi::GetMetadataAllocatedRequest {
                 resp
             }))
         });
-        Ok(job.about(subject).on_lane(Lane::Stream))
+        Ok(job.about(subject))
     }
 }
 
@@ -203,7 +204,7 @@ impl StreamOperation for csi::GetMetadataDeltaRequest {
                 resp
             }))
         });
-        Ok(job.about(subject).on_lane(Lane::Stream))
+        Ok(job.about(subject))
     }
 }
 

@@ -236,6 +236,14 @@ fn allocated_and_delta_follow_the_writes(fs: &str, mode: &str) {
     let (_, back) = delta(&c, &s2, &s1, 0, 0).unwrap();
     assert_eq!(flat(&back), got, "{fs}: a delta reads the same both ways");
 
+    // A second controller on the same pool (a standby taking over) gives
+    // the same answers: they come from the pool, not from the process that
+    // took the snapshots.
+    let replica = Driver::start_on(BIN, &pool, Opts::default().args(&["--mode", "controller"]));
+    let (_, theirs) = delta(&replica.snapshot_metadata(), &s1, &s2, 0, 0).unwrap();
+    assert_eq!(flat(&theirs), got, "{fs}: the replica's delta");
+    drop(replica);
+
     // A snapshot against itself, and two snapshots with no write between
     // them, changed nothing: one message, no runs.
     let (_, same) = delta(&c, &s2, &s2, 0, 0).unwrap();
