@@ -34,6 +34,9 @@ pub enum Command {
     Doctor(crate::ops::doctor::DoctorArgs),
     /// Load-test any CSI driver's socket as a busy cluster would.
     Bench(crate::ops::bench::BenchArgs),
+    /// Trim a running node plugin's staged volumes now, giving the space
+    /// freed inside them back to the pool.
+    Trim(crate::ops::trim::TrimArgs),
 }
 
 #[cfg(test)]

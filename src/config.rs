@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::endpoint::{Endpoint, EndpointError};
-use crate::units::parse_size;
+use crate::units::{parse_duration, parse_size};
 
 /// Which CSI services a process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,6 +140,19 @@ pub struct ServeArgs {
     /// (controller and `all` modes; also done at start). 0: only at start.
     #[arg(long, env = "FILEVOL_JANITOR_INTERVAL", default_value_t = 600)]
     pub janitor_interval: u64,
+
+    /// How often the node plugin trims (FITRIM) each staged, writable
+    /// filesystem volume, so space freed inside it goes back to the pool:
+    /// `1w` as util-linux's fstrim.timer (`OnCalendar=weekly`); units s, m,
+    /// h, d, w. 0: never (`filevol trim` still trims on demand).
+    #[arg(long, env = "FILEVOL_TRIM_INTERVAL", default_value = "1w", value_parser = parse_duration)]
+    pub trim_interval: Duration,
+
+    /// The spread of the periodic trims: each volume trims at its own fixed
+    /// offset within this window after each interval starts (fstrim.timer's
+    /// `RandomizedDelaySec=100min`), so volumes do not all trim at once.
+    #[arg(long, env = "FILEVOL_TRIM_JITTER", default_value = "100m", value_parser = parse_duration)]
+    pub trim_jitter: Duration,
 }
 
 fn parse_octal_mode(s: &str) -> Result<u32, String> {
@@ -211,6 +224,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Time between clean-ups of the pool (None: only at start).
     pub janitor_interval: Option<Duration>,
+    /// Periodic trims of staged volumes (None: on demand only).
+    pub trim: Option<crate::node::trim::Schedule>,
     /// Settings that were not given and took their default, so start-up can
     /// tell a new user where things are.
     pub defaulted: Vec<String>,
@@ -342,6 +357,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
             janitor_interval: (args.janitor_interval > 0)
                 .then(|| Duration::from_secs(args.janitor_interval)),
+            trim: crate::node::trim::Schedule::new(args.trim_interval, args.trim_jitter),
             defaulted,
         })
     }

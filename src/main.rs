@@ -19,6 +19,7 @@ fn main() {
         Command::Pool(args) => filevol::ops::report::run(args, &mut stdout).map_err(Into::into),
         Command::Doctor(args) => filevol::ops::doctor::run(args, &mut stdout).map_err(Into::into),
         Command::Bench(args) => filevol::ops::bench::run(args, &mut stdout).map_err(Into::into),
+        Command::Trim(args) => filevol::ops::trim::run(args, &mut stdout).map_err(Into::into),
     };
     if let Err(err) = result {
         let err = err.as_ref();

@@ -4,7 +4,8 @@
 use std::fmt;
 
 /// One CSI remote procedure call. Each variant is the CSI method of the same
-/// name, documented in the CSI spec; they are not repeated here.
+/// name, documented in the CSI spec; they are not repeated here. The one
+/// exception is `TrimVolumes`, filevol's own (`proto/filevol.proto`).
 #[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rpc {
@@ -42,6 +43,8 @@ pub enum Rpc {
     NodeExpandVolume,
     NodeGetCapabilities,
     NodeGetInfo,
+    // filevol's own, on the node (proto/filevol.proto)
+    TrimVolumes,
     // SnapshotMetadata (server-streaming)
     GetMetadataAllocated,
     GetMetadataDelta,
@@ -88,9 +91,9 @@ impl Rpc {
             | DeleteVolumeGroupSnapshot
             | GetVolumeGroupSnapshot => Service::GroupController,
             NodeStageVolume | NodeUnstageVolume | NodePublishVolume | NodeUnpublishVolume
-            | NodeGetVolumeStats | NodeExpandVolume | NodeGetCapabilities | NodeGetInfo => {
-                Service::Node
-            }
+            | NodeGetVolumeStats | NodeExpandVolume | NodeGetCapabilities | NodeGetInfo
+            // Served where the Node service is: it acts on what is staged.
+            | TrimVolumes => Service::Node,
             GetMetadataAllocated | GetMetadataDelta => Service::SnapshotMetadata,
         }
     }
@@ -116,6 +119,7 @@ impl Rpc {
                 | NodePublishVolume
                 | NodeUnpublishVolume
                 | NodeExpandVolume
+                | TrimVolumes
         )
     }
 }

@@ -1,5 +1,8 @@
-//! Sizes as people write them: `512`, `64Mi`, `2Gi`. Used by flags, the
-//! ephemeral volume `size` attribute and the tools.
+//! Sizes and durations as people write them: `512`, `64Mi`, `2Gi`; `90s`,
+//! `100m`, `1w`. Used by flags, the ephemeral volume `size` attribute and
+//! the tools.
+
+use std::time::Duration;
 
 /// Parses a byte count with an optional binary suffix: `512`, `64Mi`, `2Gi`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -14,9 +17,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Parses a duration: a whole number with a unit, `s`, `m`, `h`, `d` or
+/// `w` (a bare number is seconds), as systemd timers and `sleep` write them.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (digits, unit) = [
+        ("s", 1),
+        ("m", 60),
+        ("h", 3600),
+        ("d", 86_400),
+        ("w", 604_800),
+    ]
+    .iter()
+    .find_map(|(suffix, secs)| s.strip_suffix(suffix).map(|d| (d, *secs)))
+    .unwrap_or((s, 1));
+    let n: u64 = digits.parse().map_err(|e| {
+        format!("{s:?} is not a duration (a whole number with s, m, h, d or w): {e}")
+    })?;
+    n.checked_mul(unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("100m").unwrap(), Duration::from_secs(6000));
+        assert_eq!(parse_duration("1w").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("1.5h").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999w").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -18,7 +18,8 @@ use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 use super::tempdir::TempDir;
 use crate::proto::csi;
 use crate::proto::grpc::{
-    ControllerClient, GroupControllerClient, IdentityClient, NodeClient, SnapshotMetadataClient,
+    ControllerClient, GroupControllerClient, IdentityClient, NodeClient, NodeMaintenanceClient,
+    SnapshotMetadataClient,
 };
 
 /// How to start a driver.
@@ -220,6 +221,11 @@ impl Driver {
     /// A fresh SnapshotMetadata client.
     pub fn snapshot_metadata(&self) -> SnapshotMetadataClient {
         SnapshotMetadataClient::new(self.channel())
+    }
+
+    /// A client of filevol's own node calls (`TrimVolumes`).
+    pub fn node_maintenance(&self) -> NodeMaintenanceClient {
+        NodeMaintenanceClient::new(self.channel())
     }
 
     /// What the driver has written to stderr so far.

@@ -183,6 +183,41 @@ impl Metrics {
     }
 }
 
+/// The node's trim counters (see `node::trim::TrimTotals::read`):
+/// trims done, trims failed, bytes sent as discards, bytes the images'
+/// allocation fell by. Appended to the exposition by node plugins only.
+pub fn render_trims(
+    out: &mut String,
+    (trims, failures, discarded, reclaimed): (u64, u64, u64, u64),
+) {
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    };
+    counter(
+        "filevol_trims_total",
+        "Trims (FITRIM) of staged volumes done, periodic and on demand.",
+        trims,
+    );
+    counter(
+        "filevol_trim_failures_total",
+        "Trims of staged volumes that failed (the log says why).",
+        failures,
+    );
+    counter(
+        "filevol_trim_discarded_bytes_total",
+        "Bytes trims sent to the volumes' devices as discards (free space walked, freed or not).",
+        discarded,
+    );
+    counter(
+        "filevol_trim_reclaimed_bytes_total",
+        "Bytes by which trims reduced the images' allocation in the pool.",
+        reclaimed,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +259,20 @@ mod tests {
             .contains("filevol_rpc_duration_seconds_bucket{rpc=\"CreateVolume\",le=\"+Inf\"} 3"));
         assert!(text.contains("filevol_volumes_staged 2"));
         assert!(!text.contains("filevol_volumes_published"));
+    }
+
+    #[test]
+    fn trim_counters_are_counters() {
+        let mut text = String::new();
+        render_trims(&mut text, (3, 1, 4096, 2048));
+        for line in [
+            "# TYPE filevol_trims_total counter",
+            "filevol_trims_total 3",
+            "filevol_trim_failures_total 1",
+            "filevol_trim_discarded_bytes_total 4096",
+            "filevol_trim_reclaimed_bytes_total 2048",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
     }
 }

@@ -26,6 +26,7 @@ use super::error::NodeError;
 use super::format::Content;
 use super::kernel::{Bound, Kernel};
 use super::mkfs_options::Validated;
+use super::mounts::FsMount;
 use crate::pool::meta::FsType;
 use crate::pool::Pool;
 use crate::sys::loopdev::{Attached, LoopDevice};
@@ -415,6 +416,28 @@ impl Kernel for Recording {
         ids.sort();
         ids.dedup();
         Ok(ids)
+    }
+
+    // Trims act on real filesystems only: the fake lists none, so the
+    // unit tests never reach the calls below; the root tests trim for real.
+    fn filesystems(&self, _pool: &Pool, _kubelet_dir: &Path) -> io::Result<Vec<FsMount>> {
+        Ok(Vec::new())
+    }
+
+    fn mount_id(&self, _fd: BorrowedFd<'_>) -> io::Result<u64> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    fn fd_read_only(&self, _fd: BorrowedFd<'_>) -> io::Result<bool> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    fn trim(&self, _fd: BorrowedFd<'_>) -> io::Result<u64> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    fn in_flight(&self, _dev: LoopDevice) -> io::Result<u64> {
+        Ok(0)
     }
 
     fn probe(&self, device: &Path, _image: &Path) -> Result<Content, NodeError> {

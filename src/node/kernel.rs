@@ -24,7 +24,7 @@ use rustix::mount::MountFlags;
 use super::error::NodeError;
 use super::format::{self, Content};
 use super::mkfs_options::Validated;
-use super::mounts;
+use super::mounts::{self, FsMount};
 use crate::pool::meta::FsType;
 use crate::pool::Pool;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
@@ -107,6 +107,19 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool>;
     /// Ids of the pool's directory volumes bind-mounted under `under`.
     fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>>;
+    /// The pool's image volumes with a filesystem mounted under
+    /// `kubelet_dir` (see `node::mounts::filesystems`).
+    fn filesystems(&self, pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>>;
+    /// The id of the mount the object open at `fd` lies on.
+    fn mount_id(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
+    /// Whether the filesystem the object open at `fd` lies on is mounted
+    /// read-only (its superblock or this mount).
+    fn fd_read_only(&self, fd: BorrowedFd<'_>) -> io::Result<bool>;
+    /// FITRIM on the filesystem the object open at `fd` lies on: the bytes
+    /// it sent to its device as discards.
+    fn trim(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
+    /// Requests the device has in flight.
+    fn in_flight(&self, dev: LoopDevice) -> io::Result<u64>;
 
     // ---- filesystems ----
 
@@ -242,6 +255,27 @@ impl Kernel for Host {
 
     fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {
         mounts::staged_dirs(pool, Some(under))
+    }
+
+    fn filesystems(&self, pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>> {
+        mounts::filesystems(pool, kubelet_dir)
+    }
+
+    fn mount_id(&self, fd: BorrowedFd<'_>) -> io::Result<u64> {
+        mount::mount_id(fd)
+    }
+
+    fn fd_read_only(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
+        let st = rustix::fs::fstatvfs(fd)?;
+        Ok(st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+    }
+
+    fn trim(&self, fd: BorrowedFd<'_>) -> io::Result<u64> {
+        crate::sys::trim::trim(fd)
+    }
+
+    fn in_flight(&self, dev: LoopDevice) -> io::Result<u64> {
+        dev.in_flight()
     }
 
     fn probe(&self, device: &Path, image: &Path) -> Result<Content, NodeError> {

@@ -3,7 +3,8 @@
 //!
 //! Where each part lives: `fences` (the locks held per staged volume),
 //! `claim` (a stage's fence and device as one guard), `stage`, `publish`,
-//! `stats` (stats and expansion), [`ephemeral`] (inline volumes, created
+//! `stats` (stats and expansion), [`trim`] (giving freed space back to the
+//! pool), [`ephemeral`] (inline volumes, created
 //! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
 //! loop and mkfs calls, with a recording fake for the unit tests), `mounts`
 //! (what the mount table says of a volume), [`paths`] (staging and target
@@ -46,6 +47,7 @@ mod stage;
 mod stats;
 #[cfg(test)]
 mod tests;
+pub mod trim;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -94,6 +96,10 @@ pub struct Node {
     direct_io: bool,
     fences: Fences,
     kernel: std::sync::Arc<dyn Kernel>,
+    /// Keeps trims and stages/unstages of one volume apart.
+    gate: trim::Gate,
+    /// What trims have done, for the metrics.
+    trims: trim::TrimTotals,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -147,6 +153,8 @@ impl Node {
             direct_io,
             fences: Fences::default(),
             kernel,
+            gate: trim::Gate::default(),
+            trims: trim::TrimTotals::default(),
         };
         node.recover(pool)?;
         Ok(node)

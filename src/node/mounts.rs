@@ -8,9 +8,12 @@
 //! publish is found wherever its target is, a restarted plugin finds what it
 //! staged, and another volume never counts.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::pool::store::Kind;
 use crate::pool::Pool;
 use crate::sys::loopdev::{self, LoopDevice};
 use crate::sys::mountinfo::{self, MountEntry};
@@ -103,6 +106,65 @@ pub fn of_volume(pool: &Pool, id: &str, kubelet_dir: &Path) -> io::Result<Vec<Pa
                 .filter(|e| dir_volume_of(e, &device, &volumes).as_deref() == Some(id))
                 .map(|e| e.mount_point.clone()),
         );
+    }
+    Ok(out)
+}
+
+/// A filesystem on one of the pool's images, mounted under a kubelet
+/// directory: what a trim acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsMount {
+    /// The volume.
+    pub id: String,
+    /// The loop device the filesystem is on.
+    pub device: LoopDevice,
+    /// One mount of it: the stage where the table shows one (a mount
+    /// outside `<kubelet>/pods/`), else a publish.
+    pub mount_point: PathBuf,
+    /// That mount's id, to prove a descriptor opened later is on it.
+    pub mount_id: u64,
+}
+
+/// Every image volume of the pool whose filesystem is mounted under
+/// `kubelet_dir`, once each. Found from the kernel (attached loop devices,
+/// their backing files, the mount table), never from records: a block
+/// volume (its device node bound, no filesystem mounted) and a device whose
+/// detach is pending are not listed.
+pub fn filesystems(pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>> {
+    let by_backing: HashMap<(u64, u64), LoopDevice> = loopdev::attached()?
+        .into_iter()
+        .filter(|(dev, _)| !dev.detaching())
+        .map(|(dev, backing)| (backing, dev))
+        .collect();
+    if by_backing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let table = mountinfo::read()?;
+    let pods = kubelet_dir.join("pods");
+    let mut out = Vec::new();
+    for id in pool.store().ids(Kind::Volume).map_err(io::Error::other)? {
+        let Ok(meta) = std::fs::metadata(pool.image_path(&id)) else {
+            continue;
+        };
+        let Some(&device) = by_backing.get(&(meta.dev(), meta.ino())) else {
+            continue;
+        };
+        let source = device.path();
+        // The stage first: its path is kubelet's own, where a publish
+        // target lies in a pod's directory.
+        let Some(entry) = table
+            .iter()
+            .filter(|e| e.mount_point.starts_with(kubelet_dir) && Path::new(&e.source) == source)
+            .min_by_key(|e| e.mount_point.starts_with(&pods))
+        else {
+            continue;
+        };
+        out.push(FsMount {
+            id,
+            device,
+            mount_point: entry.mount_point.clone(),
+            mount_id: entry.id,
+        });
     }
     Ok(out)
 }

@@ -62,6 +62,19 @@ pub fn open(kubelet_dir: &Path, path: &Path) -> io::Result<OwnedFd> {
     )?)
 }
 
+/// [`open`], for reading: a directory (a mount root) an ioctl can act on,
+/// which an `O_PATH` descriptor cannot.
+pub fn open_dir(kubelet_dir: &Path, path: &Path) -> io::Result<OwnedFd> {
+    let dir = open_kubelet_dir(kubelet_dir)?;
+    Ok(rustix::fs::openat2(
+        &dir,
+        relative(kubelet_dir, path)?,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        RESOLVE,
+    )?)
+}
+
 /// Creates `path` (a checked path under `kubelet_dir`) and its missing
 /// parents, one name at a time from a descriptor of the kubelet directory,
 /// and opens it (`O_PATH`). An existing directory (or, for `File`, an

@@ -34,6 +34,9 @@ impl Node {
         staging: &Path,
         req: &Request,
     ) -> Result<(), NodeError> {
+        // Waits for a trim of this volume to end; none starts until the
+        // stage is done.
+        let _changing = self.gate.change(&v.id);
         match (v.layout, req.access) {
             (Layout::Dir, _) => self.stage_dir(pool, v, staging, req),
             (Layout::Image, AccessType::Mount) => {
@@ -193,12 +196,18 @@ impl Node {
         if read_only {
             flags |= rustix::mount::MountFlags::RDONLY;
         }
-        if fs == FsType::Xfs {
-            // Clones and restores share their source's UUID.
+        let mut add = |option: &str| {
             if !data.is_empty() {
                 data.push(',');
             }
-            data.push_str("nouuid");
+            data.push_str(option);
+        };
+        if fs == FsType::Xfs {
+            // Clones and restores share their source's UUID.
+            add("nouuid");
+        }
+        if !read_only && crate::pool::parameters::online_discard(&v.parameters, v.thick) {
+            add("discard");
         }
         let target = self.mount_point(staging, Create::Dir)?;
         self.kernel
@@ -356,6 +365,8 @@ impl Node {
     /// elsewhere under this node's kubelet directory (a publish not yet
     /// unpublished); the fence is kept until the loop device is really gone.
     pub fn unstage(&self, pool: &Pool, id: &str, staging: &Path) -> Result<(), NodeError> {
+        // A trim holds the filesystem open: the unmount waits for it.
+        let _changing = self.gate.change(id);
         let mounts = self
             .kernel
             .mounts_of_volume(pool, id, &self.kubelet_dir)

@@ -6,6 +6,7 @@
 //! was asked for or recorded: an expansion the controller did not make is an
 //! error, not a success with the requested size.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::error::{sys, NodeError};
@@ -34,9 +35,18 @@ impl Node {
             match self.kernel.bound(&image) {
                 Ok(Some(bound)) if !bound.detaching => {
                     if v.access == AccessType::Block {
+                        // A raw device has no free-space figure of its own;
+                        // where the spec has room for one, "used" is what
+                        // the image holds in the pool (st_blocks): blocks
+                        // the pod wrote and has not discarded.
                         let dev = bound.device;
                         let size = self.kernel.size(dev).map_err(sys("size of", dev.path()))?;
-                        stats.bytes = Some((size, 0, 0));
+                        let allocated = std::fs::metadata(&image)
+                            .map_err(sys("stat", &image))?
+                            .blocks()
+                            .saturating_mul(512)
+                            .min(size);
+                        stats.bytes = Some((size, size - allocated, allocated));
                     }
                 }
                 Ok(_) if !image.exists() => {

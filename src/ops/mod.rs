@@ -8,6 +8,7 @@ pub mod client;
 pub mod doctor;
 pub mod json;
 pub mod report;
+pub mod trim;
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,9 @@ pub enum OpsError {
         /// Which promise, and how.
         why: String,
     },
+    /// Trims of staged volumes failed; the answer says why, per volume.
+    #[error("{0} trim(s) failed; see the table")]
+    TrimsFailed(usize),
     /// A load generator's set-up made nothing to run the load on.
     #[error("nothing to run the load on: {0}")]
     NoLoad(String),

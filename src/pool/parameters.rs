@@ -14,6 +14,9 @@ pub const THICK: &str = "thick";
 /// `mkfsOptions`: tuning options for mkfs, split on whitespace (see
 /// `node::mkfs_options` for what is allowed).
 pub const MKFS_OPTIONS: &str = "mkfsOptions";
+/// `discard`: `true` mounts the filesystem with `discard`, so space a pod
+/// frees goes back to the pool at once instead of at the next trim.
+pub const DISCARD: &str = "discard";
 /// Keys the external-provisioner adds itself (PVC name and namespace with
 /// `--extra-create-metadata`): recorded, never interpreted.
 pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
@@ -58,6 +61,8 @@ pub struct VolumeParameters {
     pub thick: bool,
     /// mkfs tuning options, one argv entry each (never a shell).
     pub mkfs_options: Vec<String>,
+    /// Mount with online discard.
+    pub discard: bool,
 }
 
 /// What mutable parameters ask to change.
@@ -77,6 +82,7 @@ pub fn volume(
     let mut layout = Layout::Image;
     let mut thick = false;
     let mut mkfs_options = Vec::new();
+    let mut discard = false;
     for (key, value) in params {
         match key.as_str() {
             LAYOUT => {
@@ -93,12 +99,13 @@ pub fn volume(
             }
             THICK => thick = boolean(Set::Parameters, THICK, value)?,
             MKFS_OPTIONS => mkfs_options = value.split_whitespace().map(str::to_owned).collect(),
+            DISCARD => discard = boolean(Set::Parameters, DISCARD, value)?,
             k if k.starts_with(CO_PREFIX) => {}
             other => {
                 return Err(ParamError::new(
                     Set::Parameters,
                     format!(
-                        "unknown parameter {other:?}; filevol takes layout, thick and mkfsOptions"
+                        "unknown parameter {other:?}; filevol takes layout, thick, mkfsOptions and discard"
                     ),
                 ))
             }
@@ -111,6 +118,7 @@ pub fn volume(
         layout,
         thick,
         mkfs_options,
+        discard,
     })
 }
 
@@ -119,10 +127,18 @@ impl VolumeParameters {
     /// [`volume`] so a caller can check the capabilities first and report
     /// the more basic mistake (a directory asked to be a block device).
     pub fn check_layout_options(&self) -> Result<(), ParamError> {
-        if self.layout == Layout::Dir && (self.thick || !self.mkfs_options.is_empty()) {
+        if self.layout == Layout::Dir
+            && (self.thick || !self.mkfs_options.is_empty() || self.discard)
+        {
             return Err(ParamError::new(
                 Set::Parameters,
-                "thick and mkfsOptions apply to image volumes only",
+                "thick, mkfsOptions and discard apply to image volumes only",
+            ));
+        }
+        if self.thick && self.discard {
+            return Err(ParamError::new(
+                Set::Parameters,
+                "discard=true with thick=true: every discard would punch a hole in the preallocation that thick keeps; choose one",
             ));
         }
         Ok(())
@@ -148,6 +164,14 @@ pub fn mutable(params: &BTreeMap<String, String>) -> Result<MutableParameters, P
         }
     }
     Ok(out)
+}
+
+/// Whether a volume created with `params` (its recorded StorageClass
+/// parameters, checked by [`volume`] at creation) is mounted with online
+/// discard. A volume made thick since (ControllerModifyVolume) is not: its
+/// preallocation wins.
+pub fn online_discard(params: &BTreeMap<String, String>, thick: bool) -> bool {
+    !thick && params.get(DISCARD).map(String::as_str) == Some("true")
 }
 
 /// Checks the parameters of a call that takes none but the CO's own
@@ -193,6 +217,7 @@ mod tests {
                 layout: Layout::Image,
                 thick: false,
                 mkfs_options: vec![],
+                discard: false,
             }
         );
     }
@@ -258,7 +283,11 @@ mod tests {
                 .unwrap()
                 .check_layout_options()
         };
-        for extra in [("thick", "true"), ("mkfsOptions", "-m 0")] {
+        for extra in [
+            ("thick", "true"),
+            ("mkfsOptions", "-m 0"),
+            ("discard", "true"),
+        ] {
             let e = check(&[("layout", "dir"), extra], &[]).unwrap_err();
             assert!(e.reason.contains("image volumes only"), "{e}");
         }
@@ -267,6 +296,28 @@ mod tests {
         // thick=false is no image option; images take both.
         check(&[("layout", "dir"), ("thick", "false")], &[]).unwrap();
         check(&[("thick", "true"), ("mkfsOptions", "-m 0")], &[]).unwrap();
+    }
+
+    #[test]
+    fn discard_is_for_thin_images() {
+        let check = |p: &[(&str, &str)], m: &[(&str, &str)]| {
+            volume(&map(p), &map(m)).and_then(|v| v.check_layout_options().map(|()| v))
+        };
+        assert!(check(&[("discard", "true")], &[]).unwrap().discard);
+        assert!(!check(&[("discard", "false")], &[]).unwrap().discard);
+        let e = check(&[("discard", "yes")], &[]).unwrap_err();
+        assert!(e.reason.contains("discard=\"yes\""), "{e}");
+        for (p, m) in [
+            (&[("discard", "true"), ("thick", "true")][..], &[][..]),
+            (&[("discard", "true")][..], &[("thick", "true")][..]),
+        ] {
+            let e = check(p, m).unwrap_err();
+            assert!(e.reason.contains("preallocation"), "{e}");
+        }
+        assert!(online_discard(&map(&[("discard", "true")]), false));
+        assert!(!online_discard(&map(&[("discard", "true")]), true));
+        assert!(!online_discard(&map(&[("discard", "false")]), false));
+        assert!(!online_discard(&map(&[]), false));
     }
 
     #[test]

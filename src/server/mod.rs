@@ -158,7 +158,32 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     server.start();
     let janitor = match driver.config.janitor_interval {
         Some(every) if driver.config.mode.serves_controller() => {
-            Some(Janitor::start(Arc::clone(&driver), every).map_err(ServeError::Threads)?)
+            let d = Arc::clone(&driver);
+            Some(
+                Periodic::start("filevol-janitor", every, move || {
+                    if let Err(e) = d.pool.clean_up() {
+                        log::warn!("pool clean-up: {e}");
+                    }
+                })
+                .map_err(ServeError::Threads)?,
+            )
+        }
+        _ => None,
+    };
+    // The periodic trims run on a thread of their own, one volume at a
+    // time like fstrim: they never take a worker from kubelet's calls.
+    let trims = match (driver.config.trim, driver.node.is_some()) {
+        (Some(schedule), true) => {
+            let d = Arc::clone(&driver);
+            let mut turns = crate::node::trim::Turns::default();
+            Some(
+                Periodic::start("filevol-trim", schedule.tick(), move || {
+                    if let Some(node) = &d.node {
+                        crate::node::trim::periodic_pass(node, &d.pool, &schedule, &mut turns);
+                    }
+                })
+                .map_err(ServeError::Threads)?,
+            )
         }
         _ => None,
     };
@@ -188,6 +213,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         grace.as_secs()
     );
     drop(janitor);
+    drop(trims);
     drain(&mut server, grace);
     driver.executor.shutdown();
     drop(server);
@@ -196,36 +222,38 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// The periodic clean-up of the pool, on a thread of its own; stopped and
-/// joined when dropped.
-struct Janitor {
+/// Work repeated on a thread of its own (the pool's clean-up, the trims);
+/// stopped and joined when dropped.
+struct Periodic {
     stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Janitor {
-    fn start(driver: Arc<Driver>, every: Duration) -> std::io::Result<Janitor> {
+impl Periodic {
+    fn start(
+        name: &str,
+        every: Duration,
+        mut work: impl FnMut() + Send + 'static,
+    ) -> std::io::Result<Periodic> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::Builder::new()
-            .name("filevol-janitor".into())
+            .name(name.into())
             .spawn(move || {
                 // Disconnected (the sender dropped) ends the loop.
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(every)
                 {
-                    if let Err(e) = driver.pool.clean_up() {
-                        log::warn!("pool clean-up: {e}");
-                    }
+                    work();
                 }
             })?;
-        Ok(Janitor {
+        Ok(Periodic {
             stop: Some(stop),
             thread: Some(thread),
         })
     }
 }
 
-impl Drop for Janitor {
+impl Drop for Periodic {
     fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(t) = self.thread.take() {

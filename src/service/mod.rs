@@ -128,7 +128,11 @@ impl Driver {
             staged: counts.map(|c| c.0),
             published: counts.map(|c| c.1),
         };
-        self.executor.metrics().render(&gauges)
+        let mut text = self.executor.metrics().render(&gauges);
+        if let Some(node) = &self.node {
+            crate::metrics::render_trims(&mut text, node.trim_totals().read());
+        }
+        text
     }
 }
 
@@ -180,6 +184,7 @@ impl CsiService {
             grpc::create_group_controller(self.clone()),
             grpc::create_node(self.clone()),
             grpc::create_snapshot_metadata(self.clone()),
+            grpc::create_node_maintenance(self.clone()),
         ]
     }
 
@@ -242,6 +247,17 @@ impl grpc::SnapshotMetadata for CsiService {
         sink: ServerStreamingSink<csi::GetMetadataDeltaResponse>,
     ) {
         self.dispatch_stream(ctx, req, sink)
+    }
+}
+
+impl grpc::NodeMaintenance for CsiService {
+    fn trim_volumes(
+        &mut self,
+        ctx: RpcContext<'_>,
+        req: crate::proto::filevol::TrimVolumesRequest,
+        sink: UnarySink<crate::proto::filevol::TrimVolumesResponse>,
+    ) {
+        self.dispatch(ctx, req, sink)
     }
 }
 

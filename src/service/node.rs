@@ -266,3 +266,40 @@ impl Operation for csi::NodeGetInfoRequest {
         }))
     }
 }
+
+impl Operation for crate::proto::filevol::TrimVolumesRequest {
+    type Response = crate::proto::filevol::TrimVolumesResponse;
+    const RPC: Rpc = Rpc::TrimVolumes;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        use crate::proto::filevol::{TrimVolumesResponse, VolumeTrim};
+        for id in &self.volume_ids {
+            validate::id("volume_ids", id)?;
+        }
+        let driver = Arc::clone(driver);
+        // No lock-table keys: a trim of one volume at a time is kept apart
+        // from its stages and unstages by the node's own gate, which makes
+        // an unstage wait for a trim instead of refusing it ABORTED.
+        Ok(Job::new(move || {
+            let reports = node(&driver)?.trim(&driver.pool, &self.volume_ids)?;
+            let mut resp = TrimVolumesResponse::new();
+            for r in reports {
+                let mut t = VolumeTrim::new();
+                t.volume_id = r.id;
+                t.path = r.mount_point.to_string_lossy().into_owned();
+                match r.outcome {
+                    Ok(Ok(done)) => {
+                        t.trimmed = true;
+                        t.discarded_bytes = done.discarded;
+                        t.allocated_bytes_before = done.allocated_before;
+                        t.allocated_bytes_after = done.allocated_after;
+                    }
+                    Ok(Err(why)) => t.skipped = why.to_string(),
+                    Err(e) => t.error = crate::error::message_chain(&e),
+                }
+                resp.volumes.push(t);
+            }
+            Ok(resp)
+        }))
+    }
+}

@@ -105,6 +105,22 @@ impl LoopDevice {
             .is_ok_and(|s| s.trim() == "1")
     }
 
+    /// Requests the device has taken and not yet completed (sysfs
+    /// `inflight`: reads and writes; discards count as writes).
+    pub fn in_flight(&self) -> io::Result<u64> {
+        let text = std::fs::read_to_string(self.sys_block_attr("inflight"))?;
+        text.split_whitespace()
+            .map(|n| {
+                n.parse::<u64>().map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("inflight {text:?}: {e}"),
+                    )
+                })
+            })
+            .sum()
+    }
+
     /// Whether the device is read-only.
     pub fn read_only(&self) -> io::Result<bool> {
         Ok(std::fs::read_to_string(self.sys_block_attr("ro"))?.trim() == "1")

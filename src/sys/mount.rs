@@ -129,6 +129,20 @@ pub fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
     })
 }
 
+/// The id of the mount the object open at `fd` lies on (statx
+/// `STATX_MNT_ID`), the id mountinfo gives that mount: how a descriptor is
+/// proved to be on the very mount a table line describes.
+pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let st = rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)?;
+    if st.stx_mask & StatxFlags::MNT_ID.bits() == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the kernel gives no mount id (statx STATX_MNT_ID needs Linux 5.8)",
+        ));
+    }
+    Ok(st.stx_mnt_id)
+}
+
 /// [`remount_read_only`] of the mount whose root is open at `root`. A
 /// descriptor that is not a mount's root is refused: the remount would
 /// change the mount it lies on instead.

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The mount's id (statx's `stx_mnt_id` names the same mount).
+    pub id: u64,
     /// `major:minor` of the filesystem.
     pub device: String,
     /// The path inside the filesystem that is mounted.
@@ -39,6 +41,7 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
         return None;
     }
     Some(MountEntry {
+        id: fields[0].parse().ok()?,
         device: fields[2].to_owned(),
         root: PathBuf::from(unescape(fields[3])),
         mount_point: PathBuf::from(unescape(fields[4])),
@@ -88,6 +91,7 @@ mod tests {
             r"36 35 98:0 /mnt1 /var/lib/kubelet/pods/a\040b rw,noatime master:1 shared:7 - ext3 /dev/root rw,errors=continue",
         )
         .unwrap();
+        assert_eq!(e.id, 36);
         assert_eq!(e.device, "98:0");
         assert_eq!(e.root, PathBuf::from("/mnt1"));
         assert_eq!(e.mount_point, PathBuf::from("/var/lib/kubelet/pods/a b"));

@@ -37,3 +37,4 @@ mod node;
 mod ops;
 mod single_writer;
 mod snapshot_metadata;
+mod trim;
