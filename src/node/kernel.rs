@@ -115,8 +115,12 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     /// Whether the filesystem the object open at `fd` lies on is mounted
     /// read-only (its superblock or this mount).
     fn fd_read_only(&self, fd: BorrowedFd<'_>) -> io::Result<bool>;
-    /// FITRIM on the filesystem the object open at `fd` lies on: the bytes
-    /// it sent to its device as discards.
+    /// Syncs the filesystem the object open at `fd` lies on, then trims
+    /// it (FITRIM): the bytes it sent to its device as discards. The sync
+    /// first, because blocks a pod just deleted are free space only once
+    /// the deletion is committed (ext4's journal does that every few
+    /// seconds on its own; a trim on demand right after a delete should
+    /// not miss them).
     fn trim(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
     /// Requests the device has in flight.
     fn in_flight(&self, dev: LoopDevice) -> io::Result<u64>;
@@ -271,6 +275,7 @@ impl Kernel for Host {
     }
 
     fn trim(&self, fd: BorrowedFd<'_>) -> io::Result<u64> {
+        rustix::fs::syncfs(fd)?;
         crate::sys::trim::trim(fd)
     }
 
