@@ -1,10 +1,10 @@
 //! Operations: the metrics endpoint, `filevol client`, `filevol pool ls`
 //! and `filevol doctor`, against real pools, loop devices and mounts.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output};
 
+use filevol::kit::driver::scrape;
 use filevol::kit::node_env::NodeEnv;
 use filevol::kit::requests as req;
 use filevol::kit::scratch::pool_on;
@@ -12,26 +12,11 @@ use filevol::proto::csi::volume_capability::access_mode::Mode;
 
 use crate::BIN;
 
-fn scrape(address: &str) -> String {
-    let mut s = std::net::TcpStream::connect(address).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out
-}
-
 #[test]
 #[ignore = "needs root"]
 fn metrics_count_calls_and_report_the_pool_and_the_node() {
     let env = NodeEnv::with_args(BIN, "xfs", 1024, &["--metrics-address", "127.0.0.1:0"]);
-    let log = env.d.log();
-    let address = log
-        .split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split("/metrics").next())
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
-        .to_owned();
+    let address = env.d.metrics_address();
     let id = env.create("scraped", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-m"));
