@@ -198,14 +198,14 @@ impl Metrics {
         if let Some(n) = g.staged {
             gauge(
                 "filevol_volumes_staged",
-                "Volumes staged on this node.",
+                "Volumes of the pool staged on this node: those with a mount under the kubelet directory, each counted once.",
                 n.to_string(),
             );
         }
         if let Some(n) = g.published {
             gauge(
                 "filevol_volumes_published",
-                "Volume publishes (bind mounts into pods) on this node.",
+                "Volume publishes on this node: every mount of a staged volume under the kubelet directory other than its stage, filesystem or block, wherever its target.",
                 n.to_string(),
             );
         }

@@ -15,6 +15,7 @@
 //! a loop device or a filesystem tool (record keeping, fences, directory
 //! creation, fsGroup) stays real in the tests too.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -107,6 +108,14 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool>;
     /// Ids of the pool's directory volumes bind-mounted under `under`.
     fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>>;
+    /// How many mounts each of the pool's volumes has under
+    /// `kubelet_dir`, by identity (see `node::mounts`); volumes with none
+    /// are left out.
+    fn mounts_by_volume(
+        &self,
+        pool: &Pool,
+        kubelet_dir: &Path,
+    ) -> io::Result<BTreeMap<String, usize>>;
 
     // ---- filesystems ----
 
@@ -242,6 +251,14 @@ impl Kernel for Host {
 
     fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {
         mounts::staged_dirs(pool, Some(under))
+    }
+
+    fn mounts_by_volume(
+        &self,
+        pool: &Pool,
+        kubelet_dir: &Path,
+    ) -> io::Result<BTreeMap<String, usize>> {
+        mounts::by_volume(pool, kubelet_dir)
     }
 
     fn probe(&self, device: &Path, image: &Path) -> Result<Content, NodeError> {
