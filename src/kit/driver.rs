@@ -233,6 +233,17 @@ impl Driver {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Where the driver serves `/metrics`, from its start-up log line:
+    /// started with `--metrics-address 127.0.0.1:0`, it took a free port.
+    pub fn metrics_address(&self) -> String {
+        let log = self.log();
+        log.split("metrics at http://")
+            .nth(1)
+            .and_then(|rest| rest.split("/metrics").next())
+            .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+            .to_owned()
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the driver was waited for").id()
@@ -289,6 +300,19 @@ impl Drop for Driver {
             let _ = child.wait();
         }
     }
+}
+
+/// The Prometheus text a driver serves at `http://address/metrics`
+/// (panics unless it answers 200).
+pub fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address)
+        .unwrap_or_else(|e| panic!("connect to the metrics at {address}: {e}"));
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").expect("send the request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
 }
 
 /// The status code of a failed call (panics on success).

@@ -49,8 +49,17 @@ pub struct Gauges {
     pub pool_size: u64,
     /// Free bytes on the pool filesystem.
     pub pool_free: u64,
-    /// Bytes promised to volumes.
+    /// Size less free bytes of the pool filesystem.
+    pub pool_used: u64,
+    /// Bytes promised to volumes: their capacity.
     pub pool_provisioned: u64,
+    /// What snapshots count as in capacity (the blocks they can come to
+    /// own).
+    pub pool_snapshot_bytes: u64,
+    /// Bytes allocated by volumes' images and directories.
+    pub pool_allocated_volumes: u64,
+    /// Bytes allocated by snapshots' images and directories.
+    pub pool_allocated_snapshots: u64,
     /// Volumes in the pool.
     pub volumes: usize,
     /// Snapshots in the pool.
@@ -119,6 +128,17 @@ impl Metrics {
                 h.count
             );
         }
+        // A family with labels: its HELP and TYPE once, then a line per
+        // label value. Written here, before the one-value gauges, because
+        // the closure below holds `out` until the last of them.
+        out.push_str(
+            "# HELP filevol_pool_allocated_bytes Bytes the data of the pool's volumes (kind=\"volume\") and snapshots (kind=\"snapshot\") has allocated: st_blocks x 512 of each image, summed over each directory volume's tree, read at scrape time. Blocks a reflink shares count in each file that maps them, so the sum can exceed filevol_pool_used_bytes.\n# TYPE filevol_pool_allocated_bytes gauge\n",
+        );
+        let _ = writeln!(
+            out,
+            "filevol_pool_allocated_bytes{{kind=\"volume\"}} {}\nfilevol_pool_allocated_bytes{{kind=\"snapshot\"}} {}",
+            g.pool_allocated_volumes, g.pool_allocated_snapshots
+        );
         let mut gauge = |name: &str, help: &str, value: String| {
             let _ = writeln!(
                 out,
@@ -137,7 +157,7 @@ impl Metrics {
         );
         gauge(
             "filevol_pool_capacity_bytes",
-            "Bytes the pool can still promise to new volumes (GetCapacity).",
+            "Bytes the pool can still promise to new volumes (GetCapacity): usable size x overcommit, less filevol_pool_provisioned_bytes, filevol_pool_snapshot_bytes and creations in progress; above an overcommit of 1, at most the free bytes less the reserve.",
             g.pool_capacity.to_string(),
         );
         gauge(
@@ -147,13 +167,23 @@ impl Metrics {
         );
         gauge(
             "filevol_pool_free_bytes",
-            "Free bytes on the pool filesystem.",
+            "Free bytes on the pool filesystem (statvfs, for an unprivileged writer).",
             g.pool_free.to_string(),
         );
         gauge(
+            "filevol_pool_used_bytes",
+            "Size less free bytes of the pool filesystem.",
+            g.pool_used.to_string(),
+        );
+        gauge(
             "filevol_pool_provisioned_bytes",
-            "Bytes promised to the pool's volumes.",
+            "Bytes promised to the pool's volumes: the sum of their capacity (snapshots are in filevol_pool_snapshot_bytes).",
             g.pool_provisioned.to_string(),
+        );
+        gauge(
+            "filevol_pool_snapshot_bytes",
+            "Bytes the pool's snapshots count for in capacity: the blocks each can come to own (its allocated bytes, at most its size), not its size.",
+            g.pool_snapshot_bytes.to_string(),
         );
         gauge(
             "filevol_pool_volumes",
@@ -168,14 +198,14 @@ impl Metrics {
         if let Some(n) = g.staged {
             gauge(
                 "filevol_volumes_staged",
-                "Volumes staged on this node.",
+                "Volumes of the pool staged on this node: those with a mount under the kubelet directory, each counted once.",
                 n.to_string(),
             );
         }
         if let Some(n) = g.published {
             gauge(
                 "filevol_volumes_published",
-                "Volume publishes (bind mounts into pods) on this node.",
+                "Volume publishes on this node: every mount of a staged volume under the kubelet directory other than its stage, filesystem or block, wherever its target.",
                 n.to_string(),
             );
         }
@@ -242,6 +272,11 @@ mod tests {
         );
         let text = m.render(&Gauges {
             staged: Some(2),
+            pool_provisioned: 1 << 30,
+            pool_snapshot_bytes: 100 << 20,
+            pool_allocated_volumes: 300 << 20,
+            pool_allocated_snapshots: 100 << 20,
+            pool_used: 5,
             ..Gauges::default()
         });
         assert!(
@@ -258,6 +293,21 @@ mod tests {
         assert!(text
             .contains("filevol_rpc_duration_seconds_bucket{rpc=\"CreateVolume\",le=\"+Inf\"} 3"));
         assert!(text.contains("filevol_volumes_staged 2"));
+        for line in [
+            "filevol_pool_provisioned_bytes 1073741824",
+            "filevol_pool_snapshot_bytes 104857600",
+            "filevol_pool_allocated_bytes{kind=\"volume\"} 314572800",
+            "filevol_pool_allocated_bytes{kind=\"snapshot\"} 104857600",
+            "filevol_pool_used_bytes 5",
+            "# TYPE filevol_pool_allocated_bytes gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // One HELP and TYPE per family, whatever its labels.
+        assert_eq!(
+            text.matches("# TYPE filevol_pool_allocated_bytes ").count(),
+            1
+        );
         assert!(!text.contains("filevol_volumes_published"));
     }
 

@@ -14,7 +14,7 @@
 //! back: the image's bytes, not the fake's memory, say whether a volume was
 //! formatted, as they do for the real tools.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -438,6 +438,42 @@ impl Kernel for Recording {
 
     fn in_flight(&self, _dev: LoopDevice) -> io::Result<u64> {
         Ok(0)
+    }
+
+    fn mounts_by_volume(
+        &self,
+        pool: &Pool,
+        kubelet_dir: &Path,
+    ) -> io::Result<BTreeMap<String, usize>> {
+        let volumes = pool.root().join("volumes");
+        // The volume a pool path belongs to: `volumes/<id>/image` or
+        // `volumes/<id>/data`.
+        let id_of = |path: &Path, leaf: &str| {
+            let rest = path.strip_prefix(&volumes).ok()?;
+            let mut parts = rest.iter();
+            let id = parts.next()?.to_string_lossy().into_owned();
+            (parts.next()? == leaf && parts.next().is_none()).then_some(id)
+        };
+        let st = self.state.lock();
+        let mut out = BTreeMap::new();
+        for m in st
+            .mounts
+            .iter()
+            .filter(|m| m.target.starts_with(kubelet_dir))
+        {
+            let id = match &m.source {
+                Source::Device(d) => st
+                    .loops
+                    .iter()
+                    .find(|l| l.device.path() == *d)
+                    .and_then(|l| id_of(&l.image, "image")),
+                Source::Dir(d) => id_of(d, "data"),
+            };
+            if let Some(id) = id {
+                *out.entry(id).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 
     fn probe(&self, device: &Path, _image: &Path) -> Result<Content, NodeError> {

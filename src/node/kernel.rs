@@ -15,6 +15,7 @@
 //! a loop device or a filesystem tool (record keeping, fences, directory
 //! creation, fsGroup) stays real in the tests too.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -124,6 +125,14 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn trim(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
     /// Requests the device has in flight.
     fn in_flight(&self, dev: LoopDevice) -> io::Result<u64>;
+    /// How many mounts each of the pool's volumes has under
+    /// `kubelet_dir`, by identity (see `node::mounts`); volumes with none
+    /// are left out.
+    fn mounts_by_volume(
+        &self,
+        pool: &Pool,
+        kubelet_dir: &Path,
+    ) -> io::Result<BTreeMap<String, usize>>;
 
     // ---- filesystems ----
 
@@ -281,6 +290,14 @@ impl Kernel for Host {
 
     fn in_flight(&self, dev: LoopDevice) -> io::Result<u64> {
         dev.in_flight()
+    }
+
+    fn mounts_by_volume(
+        &self,
+        pool: &Pool,
+        kubelet_dir: &Path,
+    ) -> io::Result<BTreeMap<String, usize>> {
+        mounts::by_volume(pool, kubelet_dir)
     }
 
     fn probe(&self, device: &Path, image: &Path) -> Result<Content, NodeError> {

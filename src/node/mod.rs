@@ -62,9 +62,7 @@ use paths::Create;
 use crate::pool::meta::{AccessMode, AccessType};
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;
-use crate::sys::loopdev;
-use crate::sys::mount::{self, MountState};
-use crate::sys::mountinfo;
+use crate::sys::mount::MountState;
 
 /// The file inside a block volume's staging directory onto which its loop
 /// device is bind-mounted, so the kernel's mount table remembers the stage.
@@ -230,39 +228,19 @@ impl Node {
         paths::under_kubelet(field, path, &self.kubelet_dir)
     }
 
-    /// Mounts of this pool's volumes under the kubelet directory, from the
-    /// mount table: (staged, published). A mount counts as this pool's when
-    /// its source is a loop device backed by a pool image, or when it lives
-    /// on the pool's own filesystem (directory volumes); it is a publish when
-    /// it lies under `<kubelet>/pods/`.
+    /// (staged, published) on this node, decided by what the mount table
+    /// holds, not by where it is ([`mounts_by_volume`]): a volume of the
+    /// pool with any mount under the kubelet directory is staged, once
+    /// (kubelet stages a volume once per node, as a filesystem, as a block
+    /// device's bind, or as a directory's bind); every other mount of it
+    /// there is a publish, wherever kubelet put the target (block publishes
+    /// live under `plugins/kubernetes.io/csi/volumeDevices/`, not `pods/`).
+    ///
+    /// [`mounts_by_volume`]: Kernel::mounts_by_volume
     pub fn mount_counts(&self, pool: &Pool) -> std::io::Result<(usize, usize)> {
-        let pool_dev = mount::device_of(pool.root())?;
-        let pool_dev = format!(
-            "{}:{}",
-            rustix::fs::major(pool_dev),
-            rustix::fs::minor(pool_dev)
-        );
-        let ours: Vec<String> = loopdev::attached()?
-            .into_iter()
-            .filter(|(_, (dev, _))| {
-                format!("{}:{}", rustix::fs::major(*dev), rustix::fs::minor(*dev)) == pool_dev
-            })
-            .map(|(d, _)| d.path().to_string_lossy().into_owned())
-            .collect();
-        let pods = self.kubelet_dir.join("pods");
-        let (mut staged, mut published) = (0, 0);
-        for entry in mountinfo::read()? {
-            if !entry.mount_point.starts_with(&self.kubelet_dir) {
-                continue;
-            }
-            if entry.device == pool_dev || ours.contains(&entry.source) {
-                if entry.mount_point.starts_with(&pods) {
-                    published += 1;
-                } else {
-                    staged += 1;
-                }
-            }
-        }
+        let by_volume = self.kernel.mounts_by_volume(pool, &self.kubelet_dir)?;
+        let staged = by_volume.len();
+        let published = by_volume.values().map(|n| n.saturating_sub(1)).sum();
         Ok((staged, published))
     }
 

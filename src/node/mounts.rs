@@ -8,7 +8,7 @@
 //! publish is found wherever its target is, a restarted plugin finds what it
 //! staged, and another volume never counts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -73,6 +73,68 @@ pub fn staged_dirs(pool: &Pool, under: Option<&Path>) -> io::Result<Vec<String>>
     ids.sort();
     ids.dedup();
     Ok(ids)
+}
+
+/// How many mounts each of the pool's volumes has under `kubelet_dir`:
+/// the mounts and binds of the loop device its image is attached to
+/// (filesystem or block, wherever kubelet put the target), and the binds of
+/// its data directory. Volumes with none are left out. Read once from the
+/// mount table and the loop devices, whatever the number of volumes: the
+/// metrics ask at every scrape.
+pub fn by_volume(pool: &Pool, kubelet_dir: &Path) -> io::Result<BTreeMap<String, usize>> {
+    let table = mountinfo::read()?;
+    let loops = attached_images(pool)?;
+    let dirs = volumes_inside(pool, &table)?;
+    Ok(tally(&table, kubelet_dir, &loops, dirs.as_ref()))
+}
+
+/// The loop devices attached to the pool's images, with their volume's id.
+fn attached_images(pool: &Pool) -> io::Result<Vec<(LoopDevice, String)>> {
+    let mut by_file: HashMap<(u64, u64), Vec<LoopDevice>> = HashMap::new();
+    for (dev, backing) in loopdev::attached()? {
+        by_file.entry(backing).or_default().push(dev);
+    }
+    let mut out = Vec::new();
+    if by_file.is_empty() {
+        return Ok(out);
+    }
+    // From the directory, not the records: an unreadable record does not
+    // unmount a volume.
+    for id in pool.store().ids(Kind::Volume).map_err(io::Error::other)? {
+        let Ok(meta) = std::fs::metadata(pool.image_path(&id)) else {
+            continue;
+        };
+        if let Some(devices) = by_file.get(&(meta.dev(), meta.ino())) {
+            out.extend(devices.iter().map(|d| (*d, id.clone())));
+        }
+    }
+    Ok(out)
+}
+
+/// The mounts under `kubelet_dir` in `table`, counted by the volume they
+/// hold: one of `loops` (devices with their volume's id) or, by its data
+/// directory, a directory volume (`dirs`: see [`volumes_inside`]).
+fn tally(
+    table: &[MountEntry],
+    kubelet_dir: &Path,
+    loops: &[(LoopDevice, String)],
+    dirs: Option<&(String, PathBuf)>,
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for e in table
+        .iter()
+        .filter(|e| e.mount_point.starts_with(kubelet_dir))
+    {
+        let id = loops
+            .iter()
+            .find(|(dev, _)| holds_loop(e, dev))
+            .map(|(_, id)| id.clone())
+            .or_else(|| dirs.and_then(|(device, volumes)| dir_volume_of(e, device, volumes)));
+        if let Some(id) = id {
+            *out.entry(id).or_insert(0) += 1;
+        }
+    }
+    out
 }
 
 /// Whether the loop device is mounted anywhere on this host (in this
@@ -167,4 +229,49 @@ pub fn filesystems(pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>> 
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node's mount table as the kernel writes it: a pool on /dev/sda1
+    /// (8:1, mounted at /), kubelet at /k; loop3 and loop4 back two of the
+    /// pool's images, loop5 another pool's.
+    const TABLE: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 7:3 / /k/plugins/kubernetes.io/csi/filevol.csi.rs/a/globalmount rw,relatime shared:20 - ext4 /dev/loop3 rw
+31 22 7:3 / /k/pods/p1/volumes/kubernetes.io~csi/pv-a/mount rw,relatime shared:20 - ext4 /dev/loop3 rw
+32 22 7:3 / /k/pods/p2/volumes/kubernetes.io~csi/pv-a/mount rw,relatime shared:20 - ext4 /dev/loop3 rw
+33 22 0:5 /loop4 /k/plugins/kubernetes.io/csi/volumeDevices/staging/pv-c/device rw,nosuid shared:2 - devtmpfs udev rw,size=4096k
+34 22 0:5 /loop4 /k/plugins/kubernetes.io/csi/volumeDevices/publish/pv-c/pod-6 rw,nosuid shared:2 - devtmpfs udev rw,size=4096k
+35 22 0:5 /loop4 /k/pods/p5/volumeDevices/kubernetes.io~csi/pv-c rw,nosuid shared:2 - devtmpfs udev rw,size=4096k
+36 22 8:1 /pool/volumes/d/data /k/plugins/kubernetes.io/csi/filevol.csi.rs/d/globalmount rw,relatime shared:1 - ext4 /dev/sda1 rw
+37 22 8:1 /pool/volumes/d/data /k/pods/p1/volumes/kubernetes.io~csi/pv-d/mount rw,relatime shared:1 - ext4 /dev/sda1 rw
+38 22 7:5 / /k/plugins/kubernetes.io/csi/other.csi/x/globalmount rw,relatime shared:30 - ext4 /dev/loop5 rw
+39 22 8:1 /pool/volumes/d /k/pods/p1/volumes/kubernetes.io~csi/pv-e/mount rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 7:3 / /mnt/elsewhere rw,relatime shared:20 - ext4 /dev/loop3 rw
+41 22 0:5 /loop0 /k/pods/p8/volumeDevices/kubernetes.io~csi/pv-z rw,nosuid shared:2 - devtmpfs udev rw,size=4096k
+";
+
+    #[test]
+    fn mounts_are_counted_by_the_volume_they_hold() {
+        let table = mountinfo::parse(TABLE);
+        let loops = [
+            (LoopDevice { number: 3 }, "a".to_owned()),
+            (LoopDevice { number: 4 }, "c".to_owned()),
+        ];
+        let dirs = ("8:1".to_owned(), PathBuf::from("/pool/volumes"));
+        let counted = tally(&table, Path::new("/k"), &loops, Some(&dirs));
+        // a: its stage and two publishes; c: a block stage and publishes
+        // under pods/ and under plugins/; d: a bind of its data. Another
+        // pool's device, a bind of a volume's directory that is not its
+        // data, another loop device's node and anything outside the
+        // kubelet directory are not counted.
+        let expected: BTreeMap<String, usize> = [("a", 3), ("c", 3), ("d", 2)]
+            .into_iter()
+            .map(|(id, n)| (id.to_owned(), n))
+            .collect();
+        assert_eq!(counted, expected);
+    }
 }

@@ -384,6 +384,66 @@ fn a_block_stage_binds_the_device_node_and_records_the_volume_written() {
     assert!(bed.kernel.attached_images().is_empty());
 }
 
+/// The gauges count by what is mounted: each volume with mounts under the
+/// kubelet directory is staged once, its other mounts are publishes,
+/// wherever kubelet puts them (block publishes are not under `pods/`).
+#[test]
+fn mount_counts_follow_what_each_volume_holds_not_where_it_is() {
+    let bed = Bed::new();
+    let a = bed.volume("a", Layout::Image, AccessType::Mount);
+    let b = bed.volume("b", Layout::Image, AccessType::Mount);
+    let c = bed.volume("c", Layout::Image, AccessType::Block);
+    let d = bed.volume("d", Layout::Dir, AccessType::Mount);
+    let (mut stagings, mut targets) = (Vec::new(), Vec::new());
+    for (v, publishes) in [
+        (&a, vec!["pods/p1/a", "pods/p2/a", "pods/p3/a"]),
+        (&b, vec!["pods/p1/b", "pods/p4/b"]),
+        (
+            &c,
+            vec![
+                "pods/p5/volumeDevices/c",
+                "plugins/kubernetes.io/csi/volumeDevices/publish/pv-c/pod-6",
+            ],
+        ),
+        (&d, vec!["pods/p1/d", "pods/p7/d"]),
+    ] {
+        let staging = bed.path(&format!(
+            "plugins/kubernetes.io/csi/filevol.csi.rs/{}/globalmount",
+            v.name
+        ));
+        std::fs::create_dir_all(&staging).unwrap();
+        bed.stage(v, &staging, RWO).unwrap();
+        for t in publishes {
+            bed.publish(v, &staging, &bed.path(t), RWO, false).unwrap();
+            targets.push(bed.path(t));
+        }
+        stagings.push((v.id.clone(), staging));
+    }
+    assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (4, 9));
+    // A mount of something else under the kubelet directory is no volume.
+    let other = bed.path("pods/p9/other");
+    std::fs::create_dir_all(&other).unwrap();
+    let source = std::fs::File::open(bed.path("pods")).unwrap();
+    let target = std::fs::File::open(&other).unwrap();
+    bed.kernel.bind(source.as_fd(), target.as_fd()).unwrap();
+    assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (4, 9));
+    bed.kernel.unmount(&other).unwrap();
+
+    bed.node.unpublish(&bed.path("pods/p1/a")).unwrap();
+    bed.node
+        .unpublish(&bed.path("plugins/kubernetes.io/csi/volumeDevices/publish/pv-c/pod-6"))
+        .unwrap();
+    assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (4, 7));
+    for t in &targets {
+        bed.node.unpublish(t).unwrap();
+    }
+    assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (4, 0));
+    for (id, staging) in &stagings {
+        bed.node.unstage(&bed.pool, id, staging).unwrap();
+    }
+    assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (0, 0));
+}
+
 #[test]
 fn a_dir_stage_that_fails_its_remount_unbinds_and_releases_the_fence() {
     let bed = Bed::new();

@@ -249,8 +249,8 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
             Level::Warn,
             format!(
                 "{} of {} free",
-                super::report::human(s.available),
-                super::report::human(s.total)
+                crate::units::human(s.available),
+                crate::units::human(s.total)
             ),
             Some("grow the pool filesystem or delete volumes and snapshots"),
         )),
@@ -259,8 +259,8 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
             Level::Ok,
             format!(
                 "{} of {} free",
-                super::report::human(s.available),
-                super::report::human(s.total)
+                crate::units::human(s.available),
+                crate::units::human(s.total)
             ),
             None,
         )),

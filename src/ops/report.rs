@@ -1,16 +1,25 @@
 //! `filevol pool ls`: what a pool holds, read straight from its metadata
 //! files without changing anything (no scratch, no clean-up), as a table or
-//! as JSON.
+//! as JSON, with the totals capacity is made of.
+//!
+//! The figures are the driver's own: allocated bytes and what a snapshot
+//! counts as come from [`crate::pool::capacity`], the functions GetCapacity
+//! and the metrics use. What it cannot show is the room GetCapacity
+//! reports: that depends on `filevol serve`'s `--reserve` and
+//! `--overcommit`, which a reader of the pool does not know, so the report
+//! says so rather than guess.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::OpsError;
+use crate::pool::capacity::{allocated, snapshot_counts};
 use crate::pool::error::io_error;
 use crate::pool::meta::{SnapshotMeta, VolumeMeta};
+use crate::sys::fs as sysfs;
+use crate::units::human;
 
 /// Flags of `filevol pool`.
 #[derive(Debug, Args)]
@@ -23,7 +32,8 @@ pub struct PoolArgs {
 /// `filevol pool` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
-    /// Volumes (size, allocated bytes, attachments, snapshots) and snapshots.
+    /// Volumes (size, allocated bytes, attachments, snapshots), snapshots
+    /// (allocated bytes, what capacity counts them as) and the pool's totals.
     Ls {
         /// The pool directory. Default: the one `filevol serve` uses when
         /// given none (/var/lib/filevol as root).
@@ -46,9 +56,10 @@ pub struct VolumeRow {
     pub layout: String,
     /// Filesystem, or `block`/`-`.
     pub kind: String,
-    /// Promised size.
+    /// Promised size: what capacity counts the volume as.
     pub capacity_bytes: u64,
-    /// Bytes really allocated on the pool.
+    /// Bytes its data (image or directory tree, not its record) has
+    /// allocated on the pool: `st_blocks` x 512.
     pub allocated_bytes: u64,
     /// Nodes it is attached to.
     pub attached_to: Vec<String>,
@@ -67,8 +78,11 @@ pub struct SnapshotRow {
     pub source_volume_id: String,
     /// The source's size.
     pub size_bytes: u64,
-    /// Bytes allocated (shared blocks of a reflink count in full).
+    /// Bytes its data has allocated (blocks a reflink shares with its
+    /// source count in full, as `st_blocks` does).
     pub allocated_bytes: u64,
+    /// What capacity counts it as: the blocks it can come to own.
+    pub counted_bytes: u64,
     /// `reflink` or `sparse`.
     pub method: String,
     /// Group snapshot, if any.
@@ -84,19 +98,43 @@ pub struct Report {
     pub volumes: Vec<VolumeRow>,
     /// Snapshots by id.
     pub snapshots: Vec<SnapshotRow>,
+    /// The pool as a whole.
+    pub totals: Totals,
 }
 
-fn allocated(path: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let mut total = meta.blocks() * 512;
-    if meta.is_dir() {
-        if let Ok(entries) = std::fs::read_dir(path) {
-            total += entries.flatten().map(|e| allocated(&e.path())).sum::<u64>();
-        }
-    }
-    total
+/// The pool's totals: its filesystem, and what volumes and snapshots count
+/// for and have allocated.
+#[derive(Debug, Serialize)]
+pub struct Totals {
+    /// Size of the pool filesystem.
+    pub filesystem_size_bytes: u64,
+    /// Size less free bytes.
+    pub filesystem_used_bytes: u64,
+    /// Free bytes (statvfs, for an unprivileged writer).
+    pub filesystem_free_bytes: u64,
+    /// Volumes whose record could be read.
+    pub volumes: usize,
+    /// Their capacity: what they were promised.
+    pub provisioned_bytes: u64,
+    /// Snapshots whose record could be read.
+    pub snapshots: usize,
+    /// What capacity counts them as.
+    pub snapshot_counted_bytes: u64,
+    /// What volumes' data has allocated.
+    pub volume_allocated_bytes: u64,
+    /// What snapshots' data has allocated.
+    pub snapshot_allocated_bytes: u64,
+    /// Why the room GetCapacity reports is not shown.
+    pub capacity_note: &'static str,
+}
+
+/// Why `pool ls` shows no room.
+const CAPACITY_NOTE: &str = "the room GetCapacity reports is (size - reserve) x overcommit, less provisioned, less counted for snapshots, less creations in progress (above an overcommit of 1, at most free - reserve); --reserve and --overcommit are filevol serve's flags, which pool ls does not know";
+
+/// Bytes the data in `dir` has allocated; what cannot be read counts as
+/// nothing here (the report shows the pool as it can be read).
+fn allocated_or_zero(dir: &Path) -> u64 {
+    allocated(dir).unwrap_or(0)
 }
 
 fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, OpsError> {
@@ -124,11 +162,13 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
         let Ok(s) = serde_json::from_slice::<SnapshotMeta>(&bytes) else {
             continue;
         };
+        let allocated_bytes = allocated_or_zero(&dir);
         snapshots.push(SnapshotRow {
             id,
+            counted_bytes: snapshot_counts(&s, allocated_bytes),
             source_volume_id: s.source_volume_id,
             size_bytes: s.size_bytes,
-            allocated_bytes: allocated(&dir),
+            allocated_bytes,
             method: format!("{:?}", s.method).to_lowercase(),
             group_id: s.group_id,
         });
@@ -153,7 +193,7 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
                     (_, None) => "-".into(),
                 },
                 capacity_bytes: v.capacity_bytes,
-                allocated_bytes: allocated(&dir),
+                allocated_bytes: allocated_or_zero(&dir),
                 attached_to: v.attachments.into_iter().map(|a| a.node_id).collect(),
                 problem: None,
             },
@@ -163,7 +203,7 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
                 layout: String::new(),
                 kind: String::new(),
                 capacity_bytes: 0,
-                allocated_bytes: allocated(&dir),
+                allocated_bytes: allocated_or_zero(&dir),
                 attached_to: Vec::new(),
                 snapshots: 0,
                 problem: Some(format!("metadata damaged: {problem}")),
@@ -171,27 +211,26 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
         };
         volumes.push(row);
     }
+    let space = sysfs::space(root).map_err(io_error("statvfs", root))?;
+    let readable = volumes.iter().filter(|v| v.problem.is_none());
+    let totals = Totals {
+        filesystem_size_bytes: space.total,
+        filesystem_used_bytes: space.total.saturating_sub(space.available),
+        filesystem_free_bytes: space.available,
+        volumes: readable.clone().count(),
+        provisioned_bytes: readable.map(|v| v.capacity_bytes).sum(),
+        snapshots: snapshots.len(),
+        snapshot_counted_bytes: snapshots.iter().map(|s| s.counted_bytes).sum(),
+        volume_allocated_bytes: volumes.iter().map(|v| v.allocated_bytes).sum(),
+        snapshot_allocated_bytes: snapshots.iter().map(|s| s.allocated_bytes).sum(),
+        capacity_note: CAPACITY_NOTE,
+    };
     Ok(Report {
         pool: root.to_owned(),
         volumes,
         snapshots,
+        totals,
     })
-}
-
-/// Bytes as a short human figure (binary units).
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// Runs `filevol pool ...`, writing to `out`.
@@ -243,25 +282,56 @@ pub fn run(args: PoolArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError>
     w(
         out,
         format!(
-            "{:<44} {:<44} {:>10} {:>10} {:<8} GROUP",
-            "SNAPSHOT", "SOURCE", "SIZE", "ALLOCATED", "METHOD"
+            "{:<44} {:<44} {:>10} {:>10} {:>10} {:<8} GROUP",
+            "SNAPSHOT", "SOURCE", "SIZE", "ALLOCATED", "COUNTED", "METHOD"
         ),
     )?;
     for s in &report.snapshots {
         w(
             out,
             format!(
-                "{:<44} {:<44} {:>10} {:>10} {:<8} {}",
+                "{:<44} {:<44} {:>10} {:>10} {:>10} {:<8} {}",
                 s.id,
                 s.source_volume_id,
                 human(s.size_bytes),
                 human(s.allocated_bytes),
+                human(s.counted_bytes),
                 s.method,
                 s.group_id.as_deref().unwrap_or("-")
             ),
         )?;
     }
+    w(out, String::new())?;
+    for line in summary(&report.totals) {
+        w(out, line)?;
+    }
     Ok(())
+}
+
+/// The pool summary after the tables.
+fn summary(t: &Totals) -> Vec<String> {
+    vec![
+        format!(
+            "filesystem  {} size, {} used, {} free",
+            human(t.filesystem_size_bytes),
+            human(t.filesystem_used_bytes),
+            human(t.filesystem_free_bytes)
+        ),
+        format!(
+            "volumes     {}: {} provisioned (their capacity), {} allocated",
+            t.volumes,
+            human(t.provisioned_bytes),
+            human(t.volume_allocated_bytes)
+        ),
+        format!(
+            "snapshots   {}: {} counted (the blocks they can come to own), {} allocated",
+            t.snapshots,
+            human(t.snapshot_counted_bytes),
+            human(t.snapshot_allocated_bytes)
+        ),
+        "            (blocks a reflink shares count in each file that maps them, so allocated can exceed used)".to_owned(),
+        format!("room        not shown: {}", t.capacity_note),
+    ]
 }
 
 #[cfg(test)]
@@ -269,9 +339,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn human_sizes() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(10 << 30), "10.0 GiB");
-        assert_eq!(human(1536 << 10), "1.5 MiB");
+    fn the_summary_says_what_it_cannot_know() {
+        let t = Totals {
+            filesystem_size_bytes: 2 << 30,
+            filesystem_used_bytes: 1 << 30,
+            filesystem_free_bytes: 1 << 30,
+            volumes: 1,
+            provisioned_bytes: 1 << 30,
+            snapshots: 1,
+            snapshot_counted_bytes: 100 << 20,
+            volume_allocated_bytes: 300 << 20,
+            snapshot_allocated_bytes: 100 << 20,
+            capacity_note: CAPACITY_NOTE,
+        };
+        let text = summary(&t).join("\n");
+        assert!(
+            text.contains("2.0 GiB size, 1.0 GiB used, 1.0 GiB free"),
+            "{text}"
+        );
+        assert!(text.contains("1: 1.0 GiB provisioned"), "{text}");
+        assert!(text.contains("100.0 MiB counted"), "{text}");
+        assert!(text.contains("--reserve and --overcommit"), "{text}");
     }
 }

@@ -13,11 +13,11 @@ use clap::Args;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder};
 use serde::Serialize;
 
-use super::report::human;
 use super::OpsError;
 use crate::endpoint::Endpoint;
 use crate::proto::filevol::TrimVolumesRequest;
 use crate::proto::grpc::NodeMaintenanceClient;
+use crate::units::human;
 
 /// Flags of `filevol trim`.
 #[derive(Debug, Args)]

@@ -1,39 +1,56 @@
-//! Capacity: what the pool may still promise to new volumes.
+//! Capacity: what the pool may still promise to new volumes, and the
+//! figures that answer is made of.
 //!
 //! Room is the usable size (total less the reserve) times the overcommit
-//! ratio, less the capacity of every volume and snapshot in the pool, less
-//! what creations in progress have been promised. Any process may be
-//! creating (controller replicas, node plugins making ephemeral volumes), so
-//! promises live in the pool too: a creation holds an empty file
-//! `.scratch/<instance>/promise-<bytes>-<n>` until its volume is committed,
-//! and every process counts the promises of instances that are alive (their
-//! scratch lock is held; a dead instance's promises are void). Checking the
-//! room and writing the promise happen under `.capacity.lock`, held only for
-//! that arithmetic, never across the creation itself, so two processes
-//! cannot both take the last free space.
+//! ratio, less the capacity of every volume, less what every snapshot counts
+//! as ([`snapshot_counts`]: the blocks it can come to own, not its size),
+//! less what creations in progress have been promised; above a ratio of 1 it
+//! is bounded too by what the pool filesystem can still hold. [`Usage`]
+//! carries those figures, and GetCapacity, CreateVolume's promise, the
+//! [`PoolError::Exhausted`] error, the metrics and `filevol pool ls` all read
+//! them from it, so they cannot tell different stories.
 //!
-//! Summing the capacity of 10,000 volumes must not cost 10,000 file reads
-//! per CreateVolume. Each process keeps the sizes it has read, by id; the
-//! ids come from listing the directories on every call, so creations and
-//! deletions by any process are seen at once. What a listing cannot show is
-//! an id whose size changed: an expansion, or an object deleted and made
-//! again under the same id (its directory may even get the same inode
-//! number back). Both replace `.capacity.gen` after their change, and a
-//! process that finds that file's stamp changed reads every size again.
-//! Promises are read before the generation, so an expansion in progress is
-//! counted either by its promise or by its new size, never by neither.
+//! Any process may be creating (controller replicas, node plugins making
+//! ephemeral volumes), so promises live in the pool too: a creation holds an
+//! empty file `.scratch/<instance>/promise-<bytes>-<n>` until its volume is
+//! committed, and every process counts the promises of instances that are
+//! alive (their scratch lock is held; a dead instance's promises are void).
+//! Checking the room and writing the promise happen under `.capacity.lock`,
+//! held only for that arithmetic, never across the creation itself, so two
+//! processes cannot both take the last free space.
+//!
+//! Summing 10,000 volumes and snapshots must not cost 10,000 file reads per
+//! CreateVolume. Each process keeps what it has read, by id: a volume's
+//! capacity, a snapshot's count (a snapshot never changes, so neither do the
+//! blocks it holds). The ids come from listing the directories on every
+//! call, so creations and deletions by any process are seen at once. What a
+//! listing cannot show is an id whose figure changed: an expansion, or an
+//! object deleted and made again under the same id (its directory may even
+//! get the same inode number back). Both replace `.capacity.gen` after their
+//! change, and a process that finds that file's stamp changed reads every
+//! figure again. Promises are read before the generation, so an expansion in
+//! progress is counted either by its promise or by its new size, never by
+//! neither.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustix::fs::FileType;
+
 use super::error::io_error;
-use super::meta::{SnapshotMeta, VolumeMeta};
+use super::meta::{Layout, SnapshotMeta, VolumeMeta};
 use super::store::{self, Kind, Stamp};
 use super::{Pool, PoolError};
 use crate::sys::fs as sysfs;
 use crate::sys::lock::{self, LockKind};
+use crate::sys::untrusted;
+use crate::units::human_fine;
 
 /// How long a creation waits for another process's capacity check: those
 /// hold the lock for a directory scan, never for slow work.
@@ -42,13 +59,294 @@ const CAPACITY_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// The file every expansion replaces (see the module documentation).
 const GENERATION: &str = ".capacity.gen";
 
-/// Sizes this process has read, valid while `.capacity.gen` is unchanged:
-/// by id, the size and the pass that last saw the id listed.
+/// What a snapshot counts as in the pool's capacity, from the bytes its data
+/// has allocated (see [`allocated`]): the one rule, used by room,
+/// GetCapacity, the `Exhausted` error, the metrics and `filevol pool ls`.
+///
+/// Capacity must count what each object can come to own, no more: a volume
+/// can be written in full, so it counts at its capacity. A snapshot is
+/// never written: the most it can ever own is the blocks it maps now. A
+/// reflinked snapshot shares them with its source today and comes to own
+/// them one by one as the source overwrites them (the source then takes new
+/// blocks, which its own capacity already counts); its holes stay holes
+/// forever. Counting a snapshot at its full size, as filevol once did,
+/// counted space no file will ever take, so a thin pool with snapshots
+/// refused volumes it could hold. A byte copy (on a pool that cannot
+/// reflink) owns its blocks from the start, and counts the same.
+///
+/// An image counts at most its size: `st_blocks` can briefly include blocks
+/// past the end that the filesystem allocated speculatively. A directory
+/// snapshot counts its whole tree: directory volumes have no size to cap
+/// at.
+pub fn snapshot_counts(meta: &SnapshotMeta, allocated: u64) -> u64 {
+    match meta.layout {
+        Layout::Image => allocated.min(meta.size_bytes),
+        Layout::Dir => allocated,
+    }
+}
+
+/// Bytes the data of the volume or snapshot in `dir` has allocated on the
+/// pool filesystem: its image's `st_blocks` x 512, or, for a directory
+/// volume or snapshot, the same summed over its `data/` tree (each file,
+/// directory and symlink once, a file with several links once). The record
+/// and lock files beside the data are not counted. Blocks a reflink shares
+/// count in each file that maps them, as `st_blocks` does, so the sum over
+/// a pool can exceed what its filesystem has in use.
+///
+/// The tree of a directory volume is the pod's to change while it is
+/// walked, so it is walked through descriptors ([`untrusted`]), never
+/// leaving the tree or its mount; levels deeper than
+/// [`untrusted::MAX_DEPTH`] are not counted.
+pub fn allocated(dir: &Path) -> io::Result<u64> {
+    let image = dir.join("image");
+    match std::fs::symlink_metadata(&image) {
+        Ok(m) if m.is_file() => return Ok(m.blocks().saturating_mul(512)),
+        Ok(_) => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let data = dir.join("data");
+    let root = match untrusted::open_root(&data) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let own = block_bytes(&rustix::fs::fstat(&root)?);
+    let mut linked = HashSet::new();
+    Ok(own.saturating_add(tree_bytes(root.as_fd(), 1, &mut linked)?))
+}
+
+fn block_bytes(st: &rustix::fs::Stat) -> u64 {
+    // st_blocks is never negative; 512-byte units whatever the block size.
+    u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512)
+}
+
+/// The allocated bytes below the directory open at `dir`; `linked` holds
+/// the files with several links already counted.
+fn tree_bytes(
+    dir: BorrowedFd<'_>,
+    depth: usize,
+    linked: &mut HashSet<(u64, u64)>,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    for name in untrusted::names(dir)? {
+        // Gone since the listing, or another mount's root: not ours.
+        let Some(entry) = untrusted::child(dir, &name)? else {
+            continue;
+        };
+        let st = entry.stat();
+        let is_dir = entry.kind() == FileType::Directory;
+        if !is_dir && st.st_nlink > 1 && !linked.insert((st.st_dev, st.st_ino)) {
+            continue;
+        }
+        total = total.saturating_add(block_bytes(st));
+        if is_dir && depth < untrusted::MAX_DEPTH {
+            let inner = entry.open_dir()?;
+            // One descriptor per level, not two.
+            drop(entry);
+            total = total.saturating_add(tree_bytes(inner.as_fd(), depth + 1, linked)?);
+        }
+    }
+    Ok(total)
+}
+
+/// How the pool's room is reached, read at one moment: what GetCapacity,
+/// CreateVolume's promise, the [`PoolError::Exhausted`] error and the
+/// metrics report, so that they agree.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    /// Size of the pool filesystem (statvfs).
+    pub fs_size: u64,
+    /// Bytes of it still free for an unprivileged writer (statvfs).
+    pub fs_free: u64,
+    /// Bytes never promised (`--reserve`).
+    pub reserve: u64,
+    /// How many times its usable size the pool may promise (`--overcommit`).
+    pub overcommit: f64,
+    /// Volumes in the pool.
+    pub volumes: usize,
+    /// Bytes promised to them: their capacity.
+    pub volume_bytes: u64,
+    /// Snapshots in the pool.
+    pub snapshots: usize,
+    /// What they count as ([`snapshot_counts`]).
+    pub snapshot_bytes: u64,
+    /// Bytes promised to creations and expansions in progress, in every
+    /// live process.
+    pub in_progress: u64,
+}
+
+impl Usage {
+    /// The filesystem less the reserve.
+    pub fn usable(&self) -> u64 {
+        self.fs_size.saturating_sub(self.reserve)
+    }
+
+    /// What the pool may promise in all: usable x overcommit.
+    pub fn promisable(&self) -> u64 {
+        // A float product: overcommit is a ratio. `as` saturates (and maps
+        // NaN to 0), and config refuses a negative ratio.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let promisable = (self.usable() as f64 * self.overcommit) as u64;
+        promisable
+    }
+
+    /// What is counted against it: volumes, snapshots, creations in
+    /// progress.
+    pub fn committed(&self) -> u64 {
+        self.volume_bytes
+            .saturating_add(self.snapshot_bytes)
+            .saturating_add(self.in_progress)
+    }
+
+    /// What the promises alone leave.
+    pub fn unpromised(&self) -> u64 {
+        self.promisable().saturating_sub(self.committed())
+    }
+
+    /// What the pool filesystem can still take beyond the reserve, when
+    /// that bounds the room: only above a ratio of 1.
+    ///
+    /// Up to 1, what is counted (every volume at its capacity, every
+    /// snapshot at the blocks it can come to own) is already the most the
+    /// pool's files can ever hold, and it never passes usable: every
+    /// promise can be written without looking at free space. Free space
+    /// would add nothing there but noise: statvfs's free figure leaves out
+    /// blocks the loop devices may still use (ext4 keeps 5% for root, and
+    /// loop I/O runs as the kernel), and it moves with every write into a
+    /// volume, while the promises only move when volumes and snapshots
+    /// come and go, which is the figure a scheduler can plan on (and the
+    /// one the tests pin exactly). Above 1 the promises may pass what the
+    /// filesystem holds, so what it still holds is the bound: GetCapacity
+    /// then never reports room the pool cannot write.
+    pub fn free_bound(&self) -> Option<u64> {
+        (self.overcommit > 1.0).then(|| self.fs_free.saturating_sub(self.reserve))
+    }
+
+    /// Whether the filesystem's free space, not the promises, sets the
+    /// room.
+    pub fn free_space_binds(&self) -> bool {
+        self.free_bound()
+            .is_some_and(|free| free < self.unpromised())
+    }
+
+    /// Bytes the pool can still promise to new volumes (GetCapacity).
+    pub fn room(&self) -> u64 {
+        match self.free_bound() {
+            Some(free) => self.unpromised().min(free),
+            None => self.unpromised(),
+        }
+    }
+
+    /// What a creation could not get, in words: what was asked, what is
+    /// left and how that was reached, and what would make room.
+    fn explain(&self, need: Need, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ratio = ratio(self.overcommit);
+        match need {
+            Need::Capacity(bytes) => {
+                write!(
+                    out,
+                    "the pool cannot promise {} more: it has {} left. Room is the usable size {} ({} less the reserve of {}) x overcommit {ratio} = {}, less {} promised to {}, less {} counted for {} (by the blocks they can come to own, not their size), less {} promised to creations in progress = {}",
+                    human_fine(bytes),
+                    human_fine(self.room()),
+                    human_fine(self.usable()),
+                    human_fine(self.fs_size),
+                    human_fine(self.reserve),
+                    human_fine(self.promisable()),
+                    human_fine(self.volume_bytes),
+                    plural(self.volumes, "volume"),
+                    human_fine(self.snapshot_bytes),
+                    plural(self.snapshots, "snapshot"),
+                    human_fine(self.in_progress),
+                    human_fine(self.unpromised()),
+                )?;
+                if self.free_space_binds() {
+                    write!(
+                        out,
+                        "; above an overcommit of 1.0 room is also bounded by the pool filesystem's free space, {} less the reserve = {}, which binds. To make room: delete volumes or snapshots, or grow the pool filesystem; raising --overcommit does not help while free space binds",
+                        human_fine(self.fs_free),
+                        human_fine(self.free_bound().unwrap_or(0)),
+                    )
+                } else {
+                    write!(
+                        out,
+                        ". To make room: delete volumes or snapshots, grow the pool filesystem, or, for thin volumes, raise --overcommit (now {ratio})"
+                    )
+                }
+            }
+            Need::Space(bytes) => write!(
+                out,
+                "a byte copy needs {} of free space on the pool filesystem, which has {} free, {} beyond the reserve of {}. To make room: delete volumes or snapshots, or grow the pool filesystem (a pool that can reflink, xfs or btrfs, takes snapshots without copying; --overcommit does not help a copy)",
+                human_fine(bytes),
+                human_fine(self.fs_free),
+                human_fine(self.fs_free.saturating_sub(self.reserve)),
+                human_fine(self.reserve),
+            ),
+        }
+    }
+}
+
+/// A ratio as a flag would be written: `1.0`, `2.5`.
+fn ratio(r: f64) -> String {
+    if r.fract() == 0.0 {
+        format!("{r:.1}")
+    } else {
+        format!("{r}")
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// What a refused creation needed from the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Capacity to promise to a new or grown volume.
+    Capacity(u64),
+    /// Free space on the pool filesystem for the data of a byte copy.
+    Space(u64),
+}
+
+/// Why the pool refused: what was needed, and the figures it was weighed
+/// against (the text of [`PoolError::Exhausted`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shortfall {
+    /// What was asked.
+    pub need: Need,
+    /// The pool's figures when it was refused.
+    pub usage: Usage,
+}
+
+impl fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.usage.explain(self.need, f)
+    }
+}
+
+/// Bytes allocated by the data of the pool's volumes and snapshots
+/// ([`allocated`]), read now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// By volumes' images and directories.
+    pub volumes: u64,
+    /// By snapshots'.
+    pub snapshots: u64,
+}
+
+/// Figures this process has read, valid while `.capacity.gen` is
+/// unchanged: by id, the figure and the pass that last saw the id listed.
 #[derive(Debug, Default)]
 pub(super) struct SizeCache {
     generation: Option<Stamp>,
     epoch: u64,
+    /// Capacities of volumes.
     volumes: HashMap<String, Sized>,
+    /// What snapshots count as.
     snapshots: HashMap<String, Sized>,
 }
 
@@ -81,34 +379,65 @@ fn promised_bytes(name: &str) -> Option<u64> {
         .ok()
 }
 
+/// Counts of what the pool holds and the bytes they count for.
+struct Committed {
+    volumes: usize,
+    volume_bytes: u64,
+    snapshots: usize,
+    snapshot_bytes: u64,
+}
+
 impl Pool {
-    /// Bytes the pool can still promise to new volumes. Thin volumes take no
-    /// space when created, so free space is not the bound; preallocation
-    /// and copies that meet a full filesystem fail with ENOSPC and are
-    /// rolled back. At ratio 1.0 the pool can write every byte it promised.
-    /// Snapshots count at their full size because a reflinked copy grows
-    /// toward it as its source diverges.
+    /// Bytes the pool can still promise to new volumes ([`Usage::room`]).
+    /// Thin volumes take no space when created, so free space is not the
+    /// bound up to a ratio of 1; preallocation and copies that meet a full
+    /// filesystem fail with ENOSPC and are rolled back. At ratio 1.0 the
+    /// pool can write every byte it promised.
     pub fn capacity(&self) -> Result<u64, PoolError> {
-        self.room()
+        Ok(self.usage()?.room())
     }
 
-    fn room(&self) -> Result<u64, PoolError> {
+    /// The figures capacity is made of, read now.
+    pub fn usage(&self) -> Result<Usage, PoolError> {
         let space = sysfs::space(&self.root).map_err(io_error("statvfs", &self.root))?;
         // Promises first: see the module documentation.
-        let promised = self.promised()?;
-        let (_, _, volumes, snapshots) = self.committed()?;
-        let usable = space.total.saturating_sub(self.opts.reserve_bytes);
-        // A float product: overcommit is a ratio. `as` saturates (and maps
-        // NaN to 0), and config refuses a negative ratio.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let promisable = (usable as f64 * self.opts.overcommit) as u64;
-        Ok(promisable.saturating_sub(volumes.saturating_add(snapshots).saturating_add(promised)))
+        let in_progress = self.promised()?;
+        let c = self.committed()?;
+        Ok(Usage {
+            fs_size: space.total,
+            fs_free: space.available,
+            reserve: self.opts.reserve_bytes,
+            overcommit: self.opts.overcommit,
+            volumes: c.volumes,
+            volume_bytes: c.volume_bytes,
+            snapshots: c.snapshots,
+            snapshot_bytes: c.snapshot_bytes,
+            in_progress,
+        })
     }
 
-    /// (volumes, snapshots, bytes of volumes, bytes of snapshots) committed.
-    /// A record that cannot be read counts as nothing (and is reported by
-    /// the listings).
-    fn committed(&self) -> Result<(usize, usize, u64, u64), PoolError> {
+    /// Bytes the data of every volume and snapshot has allocated, read now
+    /// (for the metrics). An object that cannot be read counts as nothing.
+    pub fn allocation(&self) -> Result<Allocation, PoolError> {
+        let mut total = Allocation::default();
+        for (kind, sum) in [
+            (Kind::Volume, &mut total.volumes),
+            (Kind::Snapshot, &mut total.snapshots),
+        ] {
+            self.store.each_id(kind, |id| {
+                let dir = self.store.object_dir(kind, id);
+                match allocated(&dir) {
+                    Ok(bytes) => *sum = sum.saturating_add(bytes),
+                    Err(e) => log::debug!("allocated bytes of {}: {e}", dir.display()),
+                }
+            })?;
+        }
+        Ok(total)
+    }
+
+    /// What the pool holds and what it counts for. A record that cannot be
+    /// read counts as nothing (and is reported by the listings).
+    fn committed(&self) -> Result<Committed, PoolError> {
         let generation = store::stamp(&self.root.join(GENERATION));
         let mut cache = self.sizes.lock();
         if cache.generation != generation {
@@ -118,30 +447,45 @@ impl Pool {
         }
         cache.epoch = cache.epoch.wrapping_add(1);
         let epoch = cache.epoch;
-        let (mut volumes, mut snapshots) = (0u64, 0u64);
+        let (mut volume_bytes, mut snapshot_bytes) = (0u64, 0u64);
         let SizeCache {
             volumes: vcache,
             snapshots: scache,
             ..
         } = &mut *cache;
-        let nv = self.store.each_id(Kind::Volume, |id| {
-            volumes = volumes.saturating_add(size_of(vcache, id, epoch, || {
+        let volumes = self.store.each_id(Kind::Volume, |id| {
+            volume_bytes = volume_bytes.saturating_add(size_of(vcache, id, epoch, || {
                 Some(self.store.load::<VolumeMeta>(id)?.ok()?.capacity_bytes)
             }));
         })?;
-        let ns = self.store.each_id(Kind::Snapshot, |id| {
-            snapshots = snapshots.saturating_add(size_of(scache, id, epoch, || {
-                Some(self.store.load::<SnapshotMeta>(id)?.ok()?.size_bytes)
+        let snapshots = self.store.each_id(Kind::Snapshot, |id| {
+            snapshot_bytes = snapshot_bytes.saturating_add(size_of(scache, id, epoch, || {
+                let meta = self.store.load::<SnapshotMeta>(id)?.ok()?;
+                // A snapshot enters the pool whole (one rename of a finished
+                // copy), so what it has allocated when first seen is final.
+                let dir = self.snapshot_dir(id);
+                match allocated(&dir) {
+                    Ok(bytes) => Some(snapshot_counts(&meta, bytes)),
+                    Err(e) => {
+                        log::warn!("snapshot {id}: allocated bytes of {}: {e}", dir.display());
+                        None
+                    }
+                }
             }));
         })?;
         // Forget what is gone (not seen in this pass).
-        if vcache.len() > nv {
+        if vcache.len() > volumes {
             vcache.retain(|_, s| s.seen == epoch);
         }
-        if scache.len() > ns {
+        if scache.len() > snapshots {
             scache.retain(|_, s| s.seen == epoch);
         }
-        Ok((nv, ns, volumes, snapshots))
+        Ok(Committed {
+            volumes,
+            volume_bytes,
+            snapshots,
+            snapshot_bytes,
+        })
     }
 
     /// Tells every process to read the sizes again: after an expansion's
@@ -195,25 +539,15 @@ impl Pool {
                 id: "capacity".into(),
             });
         }
-        let available = self.room()?;
-        if bytes > available {
-            return Err(PoolError::Exhausted {
-                requested: bytes,
-                available,
-            });
+        let usage = self.usage()?;
+        if bytes > usage.room() {
+            return Err(PoolError::exhausted(Need::Capacity(bytes), usage));
         }
         let promise = self.scratch.new_path(&format!("promise-{bytes}"));
         // The name carries the amount; an empty file is all it takes.
         let _ = File::create(&promise).map_err(io_error("create", &promise))?;
         drop(lock);
         Ok(Promise { path: promise })
-    }
-
-    /// Volumes, snapshots, and bytes promised to volumes, for metrics and
-    /// reports.
-    pub fn usage(&self) -> Result<(usize, usize, u64), PoolError> {
-        let (volumes, snapshots, provisioned, _) = self.committed()?;
-        Ok((volumes, snapshots, provisioned))
     }
 }
 

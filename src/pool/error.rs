@@ -4,6 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use super::capacity::{Need, Shortfall, Usage};
+
 /// Why a pool operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -30,13 +32,15 @@ pub enum PoolError {
     /// The capacity range cannot be met.
     #[error("capacity range: {0}")]
     OutOfRange(String),
-    /// The pool cannot promise the space (statvfs, reserve, overcommit).
-    #[error("the pool can take {available} more bytes, {requested} were asked for")]
+    /// The pool cannot take what a creation or expansion asks for; the
+    /// message says what was asked, what is left, how that was reached
+    /// (reserve, overcommit, volumes, snapshots, creations in progress, free
+    /// space) and what would make room.
+    #[error("{shortfall}")]
     Exhausted {
-        /// Bytes asked for.
-        requested: u64,
-        /// Bytes the pool can still promise.
-        available: u64,
+        /// What was asked and the pool's figures (boxed: they are large
+        /// beside every other variant).
+        shortfall: Box<Shortfall>,
     },
     /// The filesystem ran out of space mid-operation (the partial work was
     /// removed).
@@ -121,6 +125,16 @@ pub enum PoolError {
         /// What is wrong.
         problem: String,
     },
+}
+
+impl PoolError {
+    /// [`PoolError::Exhausted`]: `need` could not be had from a pool whose
+    /// figures are `usage`.
+    pub fn exhausted(need: Need, usage: Usage) -> PoolError {
+        PoolError::Exhausted {
+            shortfall: Box::new(Shortfall { need, usage }),
+        }
+    }
 }
 
 /// Builds the error for a failed filesystem step, turning ENOSPC and

@@ -18,9 +18,9 @@
 //!
 //! The modules follow the objects: [`store`] is the one place records are
 //! read, written and locked (and says why each rule holds across hosts);
-//! `volumes`, `snapshots` (and groups), `attachments` and `capacity` are the
-//! operations; `janitor` is the start-up clean-up, which only a controller
-//! runs.
+//! `volumes`, `snapshots` (and groups), `attachments` and [`capacity`] are
+//! the operations; `janitor` is the start-up clean-up, which only a
+//! controller runs.
 //!
 //! Crash safety comes from one rule: an object is built whole in the
 //! process's scratch directory and enters `volumes/` or `snapshots/` by a
@@ -30,6 +30,7 @@
 //! controller removes once the process that left it is gone.
 
 pub mod capability;
+pub mod capacity;
 pub mod copy;
 pub mod error;
 pub mod ids;
@@ -40,7 +41,6 @@ pub mod store;
 pub mod topology;
 
 mod attachments;
-mod capacity;
 mod janitor;
 mod scratch;
 mod snapshots;

@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::capacity::Need;
 use super::error::io_error;
 use super::meta::{CopyMethod, GroupMeta, Layout, SnapshotMeta, Source, FORMAT};
 use super::store::{self, Kind};
@@ -233,13 +234,9 @@ impl Pool {
     /// half of it.
     fn check_room_for_copy(&self, src: &Path) -> Result<(), PoolError> {
         let need = sysfs::allocated_bytes(src).map_err(io_error("stat", src))?;
-        let space = sysfs::space(&self.root).map_err(io_error("statvfs", &self.root))?;
-        let available = space.available.saturating_sub(self.opts.reserve_bytes);
-        if need > available {
-            return Err(PoolError::Exhausted {
-                requested: need,
-                available,
-            });
+        let usage = self.usage()?;
+        if need > usage.fs_free.saturating_sub(usage.reserve) {
+            return Err(PoolError::exhausted(Need::Space(need), usage));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use super::meta::{
 use super::store;
 use super::*;
 use crate::sys::lock::LockKind;
+use crate::units::human_fine;
 
 const MIB: u64 = 1 << 20;
 
@@ -78,7 +79,11 @@ fn every_process_sees_what_another_committed() {
     assert_eq!(listed[0].1.as_ref().unwrap().capacity_bytes, 16 * MIB);
     // A volume the node made (ephemeral) counts for the controller.
     let e = node.create_volume(&spec("ephemeral", 4 * MIB)).unwrap();
-    assert_eq!(controller.usage().unwrap(), (2, 0, 20 * MIB));
+    let usage = controller.usage().unwrap();
+    assert_eq!(
+        (usage.volumes, usage.snapshots, usage.volume_bytes),
+        (2, 0, 20 * MIB)
+    );
     // Deleted by the node process: gone for the controller too.
     node.delete_volume(&e.id).unwrap();
     assert!(matches!(
@@ -347,22 +352,31 @@ fn a_dead_instance_s_scratch_goes_only_with_a_controller() {
     assert!(work.exists());
 }
 
+/// What the promises leave: room before the free-space bound, which at
+/// these tests' overcommit of 1000 is what binds, and which moves with
+/// whatever else writes to the temporary directory's filesystem.
+fn unpromised(pool: &Pool) -> u64 {
+    pool.usage().unwrap().unpromised()
+}
+
 #[test]
 fn promises_in_progress_count_in_every_instance() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path(), true);
     let b = open(dir.path(), true);
-    let before = b.capacity().unwrap();
+    let before = unpromised(&b);
     let promise = a.promise(64 * MIB).unwrap();
-    assert_eq!(b.capacity().unwrap(), before - 64 * MIB);
+    assert_eq!(b.usage().unwrap().in_progress, 64 * MIB);
+    assert_eq!(unpromised(&b), before - 64 * MIB);
     drop(promise);
-    assert_eq!(b.capacity().unwrap(), before);
+    assert_eq!(unpromised(&b), before);
     // A promise of an instance that died is void.
     let c = open(dir.path(), false);
     let promise = c.promise(32 * MIB).unwrap();
     std::mem::forget(promise);
     drop(c);
-    assert_eq!(b.capacity().unwrap(), before);
+    assert_eq!(unpromised(&b), before);
+    assert_eq!(b.usage().unwrap().in_progress, 0);
 }
 
 #[test]
@@ -410,9 +424,9 @@ fn capacity_follows_what_other_instances_create_grow_and_delete() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path(), true);
     let b = open(dir.path(), false);
-    let empty = b.capacity().unwrap();
+    let empty = unpromised(&b);
     let v = a.create_volume(&spec("v", 8 * MIB)).unwrap();
-    assert_eq!(b.capacity().unwrap(), empty - 8 * MIB);
+    assert_eq!(unpromised(&b), empty - 8 * MIB);
     a.expand_volume(
         &v.id,
         CapacityRange {
@@ -421,12 +435,22 @@ fn capacity_follows_what_other_instances_create_grow_and_delete() {
         },
     )
     .unwrap();
-    assert_eq!(b.capacity().unwrap(), empty - 24 * MIB);
+    assert_eq!(unpromised(&b), empty - 24 * MIB);
+    // A snapshot counts by the blocks it holds: 3 MiB written of 24.
+    crate::kit::files::fill(&a.image_path(&v.id), 5 * MIB, 3 << 20, 1);
     let s = a.create_snapshot("s", &v.id).unwrap();
-    assert_eq!(b.capacity().unwrap(), empty - 48 * MIB);
+    let held = allocated_of(&dir.path().join("snapshots").join(&s.id).join("image"));
+    assert!((3 * MIB..24 * MIB).contains(&held), "{held}");
+    assert_eq!(b.usage().unwrap().snapshot_bytes, held);
+    assert_eq!(unpromised(&b), empty - 24 * MIB - held);
     a.delete_snapshot(&s.id).unwrap();
     a.delete_volume(&v.id).unwrap();
-    assert_eq!(b.capacity().unwrap(), empty);
+    assert_eq!(unpromised(&b), empty);
+}
+
+fn allocated_of(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
 }
 
 /// The kernel resizes a btrfs only at 256 MiB or more: no btrfs volume is
@@ -485,12 +509,12 @@ fn a_volume_made_again_under_its_id_is_sized_again() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path(), true);
     let b = open(dir.path(), false);
-    let empty = b.capacity().unwrap();
+    let empty = unpromised(&b);
     let v = a.create_volume(&spec("same-name", 8 * MIB)).unwrap();
-    assert_eq!(b.capacity().unwrap(), empty - 8 * MIB);
+    assert_eq!(unpromised(&b), empty - 8 * MIB);
     a.delete_volume(&v.id).unwrap();
     a.create_volume(&spec("same-name", 40 * MIB)).unwrap();
-    assert_eq!(b.capacity().unwrap(), empty - 40 * MIB);
+    assert_eq!(unpromised(&b), empty - 40 * MIB);
 }
 
 #[test]
@@ -760,4 +784,270 @@ fn an_image_attached_for_writing_is_not_byte_copied() {
     pool.publish(&v.id, "n1", AccessMode::SingleNodeReaderOnly, true)
         .unwrap();
     pool.create_snapshot("whole", &v.id).unwrap();
+}
+
+// ---- capacity: what snapshots count as, room, the refusal ----
+
+fn open_with(root: &Path, reserve_bytes: u64, overcommit: f64) -> Pool {
+    Pool::open(
+        root,
+        PoolOptions {
+            reserve_bytes,
+            overcommit,
+            ..opts(true)
+        },
+    )
+    .unwrap()
+}
+
+/// Allocated bytes of a tree as `du` counts them, without the pool's walk:
+/// every entry's blocks, a file with several links once.
+fn du(path: &Path, seen: &mut std::collections::HashSet<u64>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap();
+    if !m.is_dir() && m.nlink() > 1 && !seen.insert(m.ino()) {
+        return 0;
+    }
+    let mut total = m.blocks() * 512;
+    if m.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            total += du(&e.unwrap().path(), seen);
+        }
+    }
+    total
+}
+
+#[test]
+fn a_snapshot_counts_the_blocks_it_can_come_to_own_and_keeps_that_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let v = a.create_volume(&spec("src", 64 * MIB)).unwrap();
+    let image = a.image_path(&v.id);
+    crate::kit::files::fill(&image, 0, 2 << 20, 1);
+    crate::kit::files::fill(&image, 40 * MIB, 1 << 20, 2);
+    let s = a.create_snapshot("s", &v.id).unwrap();
+    let snap_image = dir.path().join("snapshots").join(&s.id).join("image");
+    let held = allocated_of(&snap_image);
+    assert!((3 * MIB..64 * MIB).contains(&held), "{held}");
+    let usage = a.usage().unwrap();
+    assert_eq!(
+        (usage.snapshots, usage.snapshot_bytes, usage.volume_bytes),
+        (1, held, 64 * MIB),
+        "the volume at its capacity, the snapshot at its blocks"
+    );
+    // The source goes on being written: the snapshot holds what it held,
+    // for this process (which remembers) and for a new one (which reads).
+    crate::kit::files::fill(&image, 10 * MIB, 10 << 20, 3);
+    assert_eq!(allocated_of(&snap_image), held);
+    assert_eq!(a.usage().unwrap().snapshot_bytes, held);
+    let b = open(dir.path(), false);
+    assert_eq!(b.usage().unwrap().snapshot_bytes, held);
+    // The same figure where the tools read it.
+    assert_eq!(
+        capacity::allocated(&dir.path().join("snapshots").join(&s.id)).unwrap(),
+        held
+    );
+
+    // A directory snapshot counts its whole tree, a file linked twice once.
+    let d = a.create_volume(&dir_spec("tree")).unwrap();
+    let data = a.data_path(&d.id);
+    std::fs::create_dir(data.join("sub")).unwrap();
+    std::fs::write(data.join("a"), vec![7u8; 300 << 10]).unwrap();
+    std::fs::write(data.join("sub/b"), vec![9u8; 200 << 10]).unwrap();
+    std::os::unix::fs::symlink("a", data.join("link")).unwrap();
+    let ds = a.create_snapshot("tree-snap", &d.id).unwrap();
+    let snap_data = dir.path().join("snapshots").join(&ds.id).join("data");
+    let tree = du(&snap_data, &mut Default::default());
+    assert!(tree >= 500 << 10, "{tree}");
+    assert_eq!(b.usage().unwrap().snapshot_bytes, held + tree);
+    // The pool's walk against du's, on the volume with a second link.
+    std::fs::hard_link(data.join("a"), data.join("a2")).unwrap();
+    assert_eq!(
+        capacity::allocated(&dir.path().join("volumes").join(&d.id)).unwrap(),
+        du(&data, &mut Default::default())
+    );
+    assert_eq!(
+        a.allocation().unwrap(),
+        capacity::Allocation {
+            volumes: allocated_of(&image) + du(&data, &mut Default::default()),
+            snapshots: held + tree,
+        }
+    );
+}
+
+#[test]
+fn an_image_snapshot_counts_at_most_its_size() {
+    let meta = |layout| SnapshotMeta {
+        format: FORMAT,
+        id: "s".into(),
+        name: "s".into(),
+        source_volume_id: "v".into(),
+        size_bytes: 8 * MIB,
+        layout,
+        access: AccessType::Block,
+        fs_type: None,
+        method: CopyMethod::Reflink,
+        group_id: None,
+        created_secs: 0,
+        created_nanos: 0,
+        written: None,
+    };
+    assert_eq!(
+        capacity::snapshot_counts(&meta(Layout::Image), 3 * MIB),
+        3 * MIB
+    );
+    // Blocks past the end (speculative preallocation) are not the
+    // snapshot's to own.
+    assert_eq!(
+        capacity::snapshot_counts(&meta(Layout::Image), 9 * MIB),
+        8 * MIB
+    );
+    // A directory has no size to cap at.
+    assert_eq!(
+        capacity::snapshot_counts(&meta(Layout::Dir), 9 * MIB),
+        9 * MIB
+    );
+}
+
+/// The figures of the report's pool: 2 GiB, the default reserve, one 1 GiB
+/// volume and a reflinked snapshot of it holding 100 MiB.
+fn two_gib_pool(overcommit: f64, fs_free: u64) -> capacity::Usage {
+    capacity::Usage {
+        fs_size: 2 << 30,
+        fs_free,
+        reserve: 64 * MIB,
+        overcommit,
+        volumes: 1,
+        volume_bytes: 1 << 30,
+        snapshots: 1,
+        snapshot_bytes: 100 * MIB,
+        in_progress: 0,
+    }
+}
+
+#[test]
+fn room_is_what_the_promises_leave_and_above_ratio_one_what_the_filesystem_holds() {
+    // Up to 1, free space is not consulted: what is counted can all be
+    // written.
+    let u = two_gib_pool(1.0, 50 * MIB);
+    assert_eq!(u.usable(), 2048 * MIB - 64 * MIB);
+    assert_eq!(u.room(), 2048 * MIB - 64 * MIB - 1024 * MIB - 100 * MIB);
+    assert_eq!(u.free_bound(), None);
+    assert!(!u.free_space_binds());
+    // Above 1 the filesystem's free space less the reserve bounds it...
+    let u = two_gib_pool(3.0, 500 * MIB);
+    assert_eq!(u.unpromised(), 3 * 1984 * MIB - 1124 * MIB);
+    assert_eq!(u.room(), 436 * MIB);
+    assert!(u.free_space_binds());
+    // ...and a full one leaves no room at all, whatever the ratio.
+    assert_eq!(two_gib_pool(3.0, 10 * MIB).room(), 0);
+    // When the promises are the tighter bound, they set the room.
+    let u = two_gib_pool(1.5, 1950 * MIB);
+    assert_eq!(u.room(), 2976 * MIB - 1124 * MIB);
+    assert!(!u.free_space_binds());
+    // In-progress creations count against the promises.
+    let u = capacity::Usage {
+        in_progress: 24 * MIB,
+        ..two_gib_pool(1.0, 0)
+    };
+    assert_eq!(u.room(), 860 * MIB - 24 * MIB);
+}
+
+#[test]
+fn above_ratio_one_a_real_pool_never_offers_more_than_its_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    let usage = pool.usage().unwrap();
+    assert!(usage.free_space_binds(), "{usage:?}");
+    // Read again, so the filesystem may have moved; still far below what
+    // an overcommit of 1000 alone would offer.
+    let room = pool.capacity().unwrap();
+    assert!(
+        room <= usage.fs_size && room < usage.unpromised(),
+        "{room} {usage:?}"
+    );
+    let asked = align_up(usage.fs_free + (1 << 40));
+    let e = pool.create_volume(&spec("too-big", asked)).unwrap_err();
+    let PoolError::Exhausted { shortfall } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!(shortfall.need, capacity::Need::Capacity(asked));
+    let text = e.to_string();
+    for part in [
+        "free space",
+        "which binds",
+        "raising --overcommit does not help",
+    ] {
+        assert!(text.contains(part), "{part:?} missing: {text}");
+    }
+    assert!(std::fs::read_dir(dir.path().join("volumes"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn a_refusal_says_how_the_room_was_reached_and_what_makes_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open_with(dir.path(), 0, 1.0);
+    let v = pool.create_volume(&spec("v", 8 * MIB)).unwrap();
+    crate::kit::files::fill(&pool.image_path(&v.id), 0, 2 << 20, 4);
+    let s = pool.create_snapshot("s", &v.id).unwrap();
+    let held = allocated_of(&dir.path().join("snapshots").join(&s.id).join("image"));
+    let room = pool.capacity().unwrap();
+    let asked = align_up(room + (1 << 30));
+    let e = pool.create_volume(&spec("too-big", asked)).unwrap_err();
+    let PoolError::Exhausted { shortfall } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!(shortfall.need, capacity::Need::Capacity(asked));
+    let u = &shortfall.usage;
+    assert_eq!(
+        (
+            u.volumes,
+            u.volume_bytes,
+            u.snapshots,
+            u.snapshot_bytes,
+            u.in_progress
+        ),
+        (1, 8 * MIB, 1, held, 0)
+    );
+    assert_eq!(u.room(), room);
+    let text = e.to_string();
+    for part in [
+        format!("cannot promise {} more", human_fine(asked)),
+        "less 8.00 MiB promised to 1 volume".to_owned(),
+        format!(
+            "less {} counted for 1 snapshot (by the blocks",
+            human_fine(held)
+        ),
+        "raise --overcommit (now 1.0)".to_owned(),
+        "delete volumes or snapshots".to_owned(),
+    ] {
+        assert!(text.contains(&part), "{part:?} missing: {text}");
+    }
+    // Nothing was made.
+    assert_eq!(pool.list_volumes(None, 0).unwrap().0.len(), 1);
+}
+
+#[test]
+fn the_refusal_of_the_two_gib_pool_reads_in_full() {
+    let refusal =
+        |usage| PoolError::exhausted(capacity::Need::Capacity(1 << 30), usage).to_string();
+    assert_eq!(
+        refusal(two_gib_pool(1.0, 1900 * MIB)),
+        "the pool cannot promise 1.00 GiB more: it has 860 MiB left. Room is the usable size 1.94 GiB (2.00 GiB less the reserve of 64.0 MiB) x overcommit 1.0 = 1.94 GiB, less 1.00 GiB promised to 1 volume, less 100 MiB counted for 1 snapshot (by the blocks they can come to own, not their size), less 0 B promised to creations in progress = 860 MiB. To make room: delete volumes or snapshots, grow the pool filesystem, or, for thin volumes, raise --overcommit (now 1.0)"
+    );
+    assert_eq!(
+        refusal(two_gib_pool(3.0, 500 * MIB)),
+        "the pool cannot promise 1.00 GiB more: it has 436 MiB left. Room is the usable size 1.94 GiB (2.00 GiB less the reserve of 64.0 MiB) x overcommit 3.0 = 5.81 GiB, less 1.00 GiB promised to 1 volume, less 100 MiB counted for 1 snapshot (by the blocks they can come to own, not their size), less 0 B promised to creations in progress = 4.71 GiB; above an overcommit of 1.0 room is also bounded by the pool filesystem's free space, 500 MiB less the reserve = 436 MiB, which binds. To make room: delete volumes or snapshots, or grow the pool filesystem; raising --overcommit does not help while free space binds"
+    );
+    let copy = PoolError::exhausted(
+        capacity::Need::Space(600 * MIB),
+        two_gib_pool(1.0, 500 * MIB),
+    );
+    assert_eq!(
+        copy.to_string(),
+        "a byte copy needs 600 MiB of free space on the pool filesystem, which has 500 MiB free, 436 MiB beyond the reserve of 64.0 MiB. To make room: delete volumes or snapshots, or grow the pool filesystem (a pool that can reflink, xfs or btrfs, takes snapshots without copying; --overcommit does not help a copy)"
+    );
 }

@@ -101,6 +101,9 @@ impl Pool {
         }
 
         let promise = self.promise(capacity)?;
+        // Between the promise and the writes: where a pod filling its thin
+        // volume can still take the space a preallocation or copy needs.
+        crash_point("create.promised");
         let built = self.scratch.new_path("volume");
         std::fs::create_dir(&built).map_err(io_error("create", &built))?;
         let meta = match self.build_volume(&built, &id, spec, capacity) {

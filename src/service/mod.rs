@@ -101,30 +101,38 @@ impl Driver {
         }
     }
 
-    /// The Prometheus exposition: call metrics plus gauges read now.
+    /// The Prometheus exposition: call metrics plus gauges read now. The
+    /// pool's figures come from one [`crate::pool::capacity::Usage`], the
+    /// one GetCapacity answers from, so they add up.
     pub fn metrics_text(&self) -> String {
         let workers = self.executor.workers();
-        let (volumes, snapshots, provisioned) = self.pool.usage().unwrap_or_else(|e| {
+        let usage = self.pool.usage().unwrap_or_else(|e| {
             log::warn!("metrics: pool usage: {e}");
-            (0, 0, 0)
+            Default::default()
         });
-        let space = self.pool.space().unwrap_or(crate::sys::fs::FsSpace {
-            total: 0,
-            available: 0,
+        let allocation = self.pool.allocation().unwrap_or_else(|e| {
+            log::warn!("metrics: pool allocation: {e}");
+            Default::default()
         });
-        let counts = self
-            .node
-            .as_ref()
-            .map(|n| n.mount_counts(&self.pool).unwrap_or((0, 0)));
+        let counts = self.node.as_ref().map(|n| {
+            n.mount_counts(&self.pool).unwrap_or_else(|e| {
+                log::warn!("metrics: mounts of the pool's volumes: {e}");
+                (0, 0)
+            })
+        });
         let gauges = Gauges {
             queued: workers.queued(),
             busy: workers.busy(),
-            pool_capacity: self.pool.capacity().unwrap_or(0),
-            pool_size: space.total,
-            pool_free: space.available,
-            pool_provisioned: provisioned,
-            volumes,
-            snapshots,
+            pool_capacity: usage.room(),
+            pool_size: usage.fs_size,
+            pool_free: usage.fs_free,
+            pool_used: usage.fs_size.saturating_sub(usage.fs_free),
+            pool_provisioned: usage.volume_bytes,
+            pool_snapshot_bytes: usage.snapshot_bytes,
+            pool_allocated_volumes: allocation.volumes,
+            pool_allocated_snapshots: allocation.snapshots,
+            volumes: usage.volumes,
+            snapshots: usage.snapshots,
             staged: counts.map(|c| c.0),
             published: counts.map(|c| c.1),
         };

@@ -52,16 +52,32 @@ fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
     let (_fs, pool) = pool_on("ext4", 256);
     let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "100"]));
     let c = d.controller();
+    // Overcommitted, thin volumes may together pass the pool's size, but
+    // none may pass what its filesystem has free (GetCapacity's room).
+    let free = free_bytes(&pool) as i64;
+    assert_eq!(
+        code(c.create_volume(&req::create("pvc-sparse", 10 * GIB))),
+        RpcStatusCode::RESOURCE_EXHAUSTED
+    );
     let v = c
-        .create_volume(&req::create("pvc-sparse", 10 * GIB))
+        .create_volume(&req::create("pvc-sparse", 128 * MIB))
         .unwrap()
         .volume
         .unwrap();
-    assert_eq!(v.capacity_bytes, 10 * GIB);
+    assert_eq!(v.capacity_bytes, 128 * MIB);
     assert!(v.volume_id.starts_with("pvc-sparse-"), "{}", v.volume_id);
     let img = image(&pool, &v.volume_id);
-    assert_eq!(std::fs::metadata(&img).unwrap().len(), 10 << 30);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 128 << 20);
     assert!(allocated(&img) < 1 << 20, "a new image is sparse");
+    // The next one is promised as much again: the promises pass the free
+    // space, the images do not take it.
+    let w = c
+        .create_volume(&req::create("pvc-sparse-2", 128 * MIB))
+        .unwrap()
+        .volume
+        .unwrap();
+    assert!(2 * 128 * MIB > free, "{free}");
+    c.delete_volume(&req::delete(&w.volume_id)).unwrap();
     // Node-local pool: pinned to its node.
     assert_eq!(
         v.accessible_topology[0].segments["topology.filevol.csi.rs/node"],
@@ -69,7 +85,7 @@ fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
     );
 
     let again = c
-        .create_volume(&req::create("pvc-sparse", 10 * GIB))
+        .create_volume(&req::create("pvc-sparse", 128 * MIB))
         .unwrap()
         .volume
         .unwrap();
@@ -78,7 +94,7 @@ fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
     assert_eq!(code(err), RpcStatusCode::ALREADY_EXISTS);
     let err = c.create_volume(&req::create_with(
         "pvc-sparse",
-        10 * GIB,
+        128 * MIB,
         &[("layout", "dir")],
     ));
     assert_eq!(code(err), RpcStatusCode::ALREADY_EXISTS);
@@ -95,7 +111,8 @@ fn create_is_idempotent_sparse_and_refuses_incompatible_retries() {
 #[test]
 #[ignore = "needs root"]
 fn requests_are_checked_before_anything_is_made() {
-    let (_fs, pool) = pool_on("ext4", 256);
+    // Room for the 1 GiB a request without a range gets (below).
+    let (_fs, pool) = pool_on("ext4", 2048);
     let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "10"]));
     let c = d.controller();
     let invalid = |r: csi::CreateVolumeRequest| {
@@ -734,10 +751,19 @@ fn expansion_grows_and_never_shrinks_and_modify_preallocates() {
 #[test]
 #[ignore = "needs root"]
 fn a_full_pool_refuses_and_leaves_no_partial_files() {
-    let (_fs, pool) = pool_on("ext4", 64);
-    // Overcommitted, so the promise check passes and the filesystem itself
-    // runs out of space mid-operation.
-    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "50"]));
+    let (fs, pool) = pool_on("ext4", 64);
+    // Overcommitted: thin volumes may be promised more than the filesystem
+    // holds, but no one volume more than it has free, so a creation meets a
+    // full filesystem only when something else fills it between the
+    // promise and the writes (a pod writing into its volume). The delay
+    // holds every creation there while this test plays that writer.
+    let d = Driver::start_on(
+        BIN,
+        &pool,
+        no_reserve()
+            .args(&["--overcommit", "50"])
+            .faults("delay:create.promised:1500"),
+    );
     let c = d.controller();
     let st = status(c.create_volume(&req::create_with(
         "too-thick",
@@ -750,12 +776,32 @@ fn a_full_pool_refuses_and_leaves_no_partial_files() {
         "{}",
         st.message()
     );
+    assert!(st.message().contains("free space"), "{}", st.message());
+    let thick = std::thread::spawn({
+        let c = d.controller();
+        move || c.create_volume(&req::create_with("thick", 24 * MIB, &[("thick", "true")]))
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let filler = fs.path().join("filler");
+    let left = free_bytes(&pool).saturating_sub(8 << 20);
+    std::fs::File::create(&filler).unwrap();
+    fill(&filler, 0, left as usize, 9);
+    let st = status(thick.join().unwrap());
+    assert_eq!(
+        st.code(),
+        RpcStatusCode::RESOURCE_EXHAUSTED,
+        "{}",
+        st.message()
+    );
+    assert!(st.message().contains("full"), "{}", st.message());
+    std::fs::remove_file(&filler).unwrap();
+
     let v = c
-        .create_volume(&req::create("data", 256 * MIB))
+        .create_volume(&req::create("data", 40 * MIB))
         .unwrap()
         .volume
         .unwrap();
-    fill(&image(&pool, &v.volume_id), 0, 40 << 20, 5);
+    fill(&image(&pool, &v.volume_id), 0, 30 << 20, 5);
     let st = status(c.create_snapshot(&req::snapshot("no-room", &v.volume_id)));
     assert_eq!(
         st.code(),
@@ -763,7 +809,12 @@ fn a_full_pool_refuses_and_leaves_no_partial_files() {
         "{}",
         st.message()
     );
-    let st = status(c.create_volume(&req::clone("no-room-clone", 256 * MIB, &v.volume_id)));
+    assert!(
+        st.message().contains("a byte copy needs"),
+        "{}",
+        st.message()
+    );
+    let st = status(c.create_volume(&req::clone("no-room-clone", 40 * MIB, &v.volume_id)));
     assert_eq!(
         st.code(),
         RpcStatusCode::RESOURCE_EXHAUSTED,

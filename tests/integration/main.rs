@@ -21,6 +21,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_filevol");
 
 mod bench;
 mod capabilities;
+mod capacity;
 mod churn;
 mod controller;
 mod crash;

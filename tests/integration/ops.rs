@@ -1,10 +1,10 @@
 //! Operations: the metrics endpoint, `filevol client`, `filevol pool ls`
 //! and `filevol doctor`, against real pools, loop devices and mounts.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output};
 
+use filevol::kit::driver::scrape;
 use filevol::kit::node_env::NodeEnv;
 use filevol::kit::requests as req;
 use filevol::kit::scratch::pool_on;
@@ -12,26 +12,11 @@ use filevol::proto::csi::volume_capability::access_mode::Mode;
 
 use crate::BIN;
 
-fn scrape(address: &str) -> String {
-    let mut s = std::net::TcpStream::connect(address).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out
-}
-
 #[test]
 #[ignore = "needs root"]
 fn metrics_count_calls_and_report_the_pool_and_the_node() {
     let env = NodeEnv::with_args(BIN, "xfs", 1024, &["--metrics-address", "127.0.0.1:0"]);
-    let log = env.d.log();
-    let address = log
-        .split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split("/metrics").next())
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
-        .to_owned();
+    let address = env.d.metrics_address();
     let id = env.create("scraped", 64, "ext4");
     let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
     let (staging, target) = (env.staging(&id), env.target("pod-m"));
@@ -62,6 +47,112 @@ fn metrics_count_calls_and_report_the_pool_and_the_node() {
     let text = scrape(&address);
     assert!(
         text.contains("filevol_volumes_staged 0") && text.contains("filevol_volumes_published 0"),
+        "{text}"
+    );
+}
+
+/// The value of the one-line gauge `name` in a scrape.
+fn gauge(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// kubelet's paths for a block volume: staged under `volumeDevices/staging`,
+/// published to a file under `volumeDevices/publish` (and, for the pod's
+/// view, under `pods/`): neither under the filesystem volumes' directories.
+fn block_paths(kubelet: &Path, pv: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let devices = kubelet.join("plugins/kubernetes.io/csi/volumeDevices");
+    let staging = devices.join("staging").join(pv);
+    let publish = devices.join("publish").join(pv).join("pod-uid-6");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(publish.parent().unwrap()).unwrap();
+    (staging, publish)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_staged_and_published_gauges_count_volumes_by_what_their_mounts_hold() {
+    let env = NodeEnv::with_args(BIN, "xfs", 1024, &["--metrics-address", "127.0.0.1:0"]);
+    let address = env.d.metrics_address();
+    let (c, n) = (env.d.controller(), env.d.node());
+    let ext4 = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
+    let block = req::block_cap(Mode::SINGLE_NODE_WRITER);
+    let shared = req::mount_cap(Mode::MULTI_NODE_MULTI_WRITER, "");
+    let a = env.create("gauge-a", 64, "ext4");
+    let b = env.create("gauge-b", 64, "ext4");
+    let dev = c
+        .create_volume(&req::create_volume("gauge-c", 64 << 20, block.clone()))
+        .unwrap()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut r = req::create_with("gauge-d", 64 << 20, &[("layout", "dir")]);
+    r.volume_capabilities[0] = shared.clone();
+    let dir = c.create_volume(&r).unwrap().volume.unwrap().volume_id;
+
+    let (dev_staging, dev_publish) = block_paths(&env.kubelet, "pv-gauge-c");
+    let volumes = [
+        (
+            &a,
+            env.staging(&a),
+            ext4.clone(),
+            vec![
+                env.target("pod-1"),
+                env.target("pod-2"),
+                env.target("pod-3"),
+            ],
+        ),
+        (
+            &b,
+            env.staging(&b),
+            ext4.clone(),
+            vec![env.target("pod-4"), env.target("pod-5")],
+        ),
+        (
+            &dev,
+            dev_staging,
+            block.clone(),
+            vec![dev_publish, env.target("pod-6")],
+        ),
+        (
+            &dir,
+            env.staging(&dir),
+            shared.clone(),
+            vec![env.target("pod-7"), env.target("pod-8")],
+        ),
+    ];
+    for (id, staging, cap, targets) in &volumes {
+        n.node_stage_volume(&req::stage(id, staging, cap.clone()))
+            .unwrap();
+        for t in targets {
+            n.node_publish_volume(&req::publish(id, staging, t, cap.clone(), false))
+                .unwrap();
+        }
+    }
+    let text = scrape(&address);
+    assert_eq!(
+        (
+            gauge(&text, "filevol_volumes_staged"),
+            gauge(&text, "filevol_volumes_published")
+        ),
+        (4, 9),
+        "{text}"
+    );
+
+    for (id, staging, _, targets) in &volumes {
+        for t in targets {
+            n.node_unpublish_volume(&req::unpublish(id, t)).unwrap();
+        }
+        n.node_unstage_volume(&req::unstage(id, staging)).unwrap();
+    }
+    let text = scrape(&address);
+    assert_eq!(
+        (
+            gauge(&text, "filevol_volumes_staged"),
+            gauge(&text, "filevol_volumes_published")
+        ),
+        (0, 0),
         "{text}"
     );
 }
