@@ -67,12 +67,8 @@ def write(path, mib):
 
 
 def syncfs(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        # os has no syncfs; sync(1) -f is syncfs(2).
-        run("sync", "-f", path)
-    finally:
-        os.close(fd)
+    # os has no syncfs; sync(1) -f is syncfs(2).
+    run("sync", "-f", path)
 
 
 def cpu_of(pid):

@@ -241,11 +241,6 @@ impl Pool {
         self.reflinks
     }
 
-    /// The pool filesystem's size and free space, now.
-    pub fn space(&self) -> std::io::Result<crate::sys::fs::FsSpace> {
-        crate::sys::fs::space(&self.root)
-    }
-
     /// The pool directory.
     pub fn root(&self) -> &Path {
         &self.root

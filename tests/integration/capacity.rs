@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use filevol::kit::driver::{scrape, status, Opts};
+use filevol::kit::driver::{scrape, status, Driver, Opts};
 use filevol::kit::files;
 use filevol::kit::node_env::NodeEnv;
 use filevol::kit::requests as req;
@@ -117,6 +117,28 @@ fn a_reflink_snapshot_counts_its_blocks_and_every_report_agrees() {
     assert_eq!(files::allocated(&snapshot_image(&env.pool, &snap)), held);
     let left = room();
     assert_eq!(left, usable - GIB - held);
+    // A standby controller (its own process, its own cache of counts)
+    // reads the same pool and says the same.
+    let replica = Driver::start_on(
+        BIN,
+        &env.pool,
+        Opts::default().args(&[
+            "--mode",
+            "controller",
+            "--node-id",
+            "replica",
+            "--reserve",
+            "64Mi",
+            "--overcommit",
+            "1.0",
+        ]),
+    );
+    let r = replica
+        .controller()
+        .get_capacity(&csi::GetCapacityRequest::new())
+        .unwrap();
+    assert_eq!(u64::try_from(r.available_capacity).unwrap(), left);
+    drop(replica);
 
     // More than is left: refused, with how that was reached.
     let st = status(c.create_volume(&req::create("too-big", (left + 64 * MIB) as i64)));
