@@ -2,35 +2,49 @@
 # filevol beside the reference driver, csi-driver-host-path, in one run on
 # one machine: `filevol bench` drives each over its socket with the same
 # load (whole lifecycles at concurrency 16: directory volumes, then block
-# volumes) and reports lifecycles per second and the driver's peak RSS, and
-# the ratios the README quotes.
+# volumes; then filevol's ext4 image volumes, which the reference has no
+# counterpart of) and reports lifecycles per second, the CPU each lifecycle
+# cost (the driver with the tools it forked, the load generator, the rest
+# of the machine: kernel threads), the driver's peak RSS, and the ratios
+# the README quotes.
 #
-# The reference driver is not part of this repository: build
-# kubernetes-csi/csi-driver-host-path v1.15.0 yourself (with Go 1.19 from
-# its vendored sources: `cd cmd/hostpathplugin && go build`) and point
-# HOSTPATH_PLUGIN at the binary. Needs root (mounts, loop devices).
-#   HOSTPATH_PLUGIN=/path/to/hostpathplugin scripts/bench-compare.sh
+# This machine's speed drifts by about 2x within an hour, so the load runs
+# BENCH_RUNS times (default 3), each run measuring both drivers back to
+# back, and the ratio is the median of the runs' ratios. CPU per lifecycle
+# is the stable figure.
+#
+# The reference driver is not part of this repository. By default the
+# prebuilt csi-driver-host-path v1.18.0 in ../shared/tools/ is used; point
+# HOSTPATH_PLUGIN at another hostpathplugin binary to use that one. Under CI
+# (CI=true) a missing reference is a failure, not a skip. Needs root
+# (mounts, loop devices).
+#   scripts/bench-compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/scratch-fs.sh
 source scripts/lib/scratch-fs.sh
 
-hostpath=${HOSTPATH_PLUGIN:-}
-if [[ -z $hostpath || ! -x $hostpath ]]; then
-  echo "bench-compare: skipped: set HOSTPATH_PLUGIN to a csi-driver-host-path v1.15.0 hostpathplugin binary"
+hostpath=${HOSTPATH_PLUGIN:-../shared/tools/hostpathplugin}
+if [[ ! -x $hostpath ]]; then
+  echo "bench-compare: no hostpathplugin at $hostpath: set HOSTPATH_PLUGIN to a csi-driver-host-path hostpathplugin binary" >&2
+  [[ ${CI:-} == true ]] && exit 1
   exit 0
 fi
 [[ $(id -u) -eq 0 ]] || { echo "bench-compare: needs root" >&2; exit 1; }
 
 volumes=${BENCH_VOLUMES:-200}
 concurrency=${BENCH_CONCURRENCY:-16}
+runs=${BENCH_RUNS:-3}
 # FILEVOL_BIN: an existing binary to use (a packaged one, or one built
-# before); else the release build of this checkout.
+# before); else the release build of this checkout. BENCH_CLIENT: the
+# binary whose `bench` drives the load (default: the same one), so an older
+# driver can be measured by today's load generator.
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
   bin=$(scripts/build-release.sh --quiet)
 fi
+client=${BENCH_CLIENT:-$bin}
 
 work=$(mktemp -d /tmp/filevol-compare.XXXXXX)
 pids=()
@@ -57,27 +71,72 @@ pids+=($!); hostpath_pid=$!
 for _ in $(seq 100); do [[ -S $work/filevol.sock && -S $work/hostpath.sock ]] && break; sleep 0.1; done
 
 bench() { # socket pid extra-args... -> JSON
-  "$bin" bench --json --endpoint "unix://$work/$1" --pid "$2" --kubelet-dir "$work/kubelet" \
+  "$client" bench --json --endpoint "unix://$work/$1" --pid "$2" --kubelet-dir "$work/kubelet" \
     --volumes "$volumes" --concurrency "$concurrency" "${@:3}"
 }
-field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 
-echo "| volumes | filevol lifecycles/s | host-path lifecycles/s | ratio |"
-echo "|---|---|---|---|"
-for kind in dir block; do
-  if [[ $kind == dir ]]; then f_args=(--param layout=dir); h_args=(); else f_args=(--block); h_args=(--block); fi
-  f=$(bench filevol.sock "$filevol_pid" "${f_args[@]}")
-  h=$(bench hostpath.sock "$hostpath_pid" "${h_args[@]}")
-  fr=$(field "['lifecycles_per_second']" <<<"$f")
-  hr=$(field "['lifecycles_per_second']" <<<"$h")
-  for r in "$f" "$h"; do
-    errors=$(field "['errors']" <<<"$r")
-    [[ $errors == "{}" ]] || echo "errors: $errors" >&2
+# One JSON line per measurement: {kind, driver, run, report}.
+results=$work/results.jsonl
+for run in $(seq "$runs"); do
+  for kind in dir block image; do
+    case $kind in
+      dir) f_args=(--param layout=dir); h_args=() ;;
+      block) f_args=(--block); h_args=(--block) ;;
+      image) f_args=(--fs-type ext4); h_args=() ;;
+    esac
+    for driver in filevol hostpath; do
+      [[ $kind == image && $driver == hostpath ]] && continue
+      if [[ $driver == filevol ]]; then
+        r=$(bench filevol.sock "$filevol_pid" "${f_args[@]}")
+      else
+        r=$(bench hostpath.sock "$hostpath_pid" "${h_args[@]}")
+      fi
+      python3 -c 'import json,sys; print(json.dumps({"kind": sys.argv[1], "driver": sys.argv[2], "run": int(sys.argv[3]), "report": json.loads(sys.stdin.read())}))' \
+        "$kind" "$driver" "$run" <<<"$r" >>"$results"
+    done
   done
-  printf '| %s (concurrency %s, %s each) | %.1f | %.1f | %.1fx |\n' "$kind" "$concurrency" "$volumes" "$fr" "$hr" \
-    "$(python3 -c "print($fr / $hr)")"
 done
-f_rss=$(awk '/VmHWM/ {print $2}' "/proc/$filevol_pid/status")
-h_rss=$(awk '/VmHWM/ {print $2}' "/proc/$hostpath_pid/status")
-printf '\n| peak RSS after both runs | filevol %.1f MiB | host-path %.1f MiB | %.2f |\n' \
-  "$(python3 -c "print($f_rss/1024)")" "$(python3 -c "print($h_rss/1024)")" "$(python3 -c "print($f_rss/$h_rss)")"
+
+python3 - "$results" "$filevol_pid" "$hostpath_pid" "$volumes" "$concurrency" <<'EOF'
+import json, statistics, sys
+
+path, filevol_pid, hostpath_pid, volumes, concurrency = sys.argv[1:]
+rows = [json.loads(line) for line in open(path)]
+failed = [r for r in rows if r["report"]["errors"]]
+for r in failed:
+    print(f"errors ({r['driver']}, {r['kind']}, run {r['run']}): {r['report']['errors']}", file=sys.stderr)
+
+def hwm(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def cpu(r, who):
+    c = r["report"].get("cpu_ms_per_lifecycle") or {}
+    v = c.get(who)
+    return "-" if v is None else f"{v:.2f}"
+
+print(f"| {volumes} lifecycles at concurrency {concurrency} | run | filevol lifecycles/s | host-path lifecycles/s | ratio | CPU ms per lifecycle, filevol: driver / client / rest | host-path: driver / client / rest |")
+print("|---|---|---|---|---|---|---|")
+for kind in ("dir", "block", "image"):
+    ratios = []
+    for run in sorted({r["run"] for r in rows}):
+        f = next(r for r in rows if r["kind"] == kind and r["driver"] == "filevol" and r["run"] == run)
+        h = next((r for r in rows if r["kind"] == kind and r["driver"] == "hostpath" and r["run"] == run), None)
+        fr = f["report"]["lifecycles_per_second"]
+        if h:
+            hr = h["report"]["lifecycles_per_second"]
+            ratios.append(fr / hr)
+            hcols = (f"{hr:.1f}", f"{fr / hr:.1f}x", f"{cpu(h, 'server')} / {cpu(h, 'client')} / {cpu(h, 'other')}")
+        else:
+            hcols = ("-", "-", "-")
+        print(f"| {kind} | {run} | {fr:.1f} | {hcols[0]} | {hcols[1]} | {cpu(f, 'server')} / {cpu(f, 'client')} / {cpu(f, 'other')} | {hcols[2]} |")
+    if ratios:
+        print(f"| {kind} | median | | | **{statistics.median(ratios):.1f}x** | | |")
+    else:
+        rates = [r["report"]["lifecycles_per_second"] for r in rows if r["kind"] == kind]
+        print(f"| {kind} | median | **{statistics.median(rates):.1f}** | | | | |")
+f_rss, h_rss = hwm(filevol_pid), hwm(hostpath_pid)
+print(f"\n| peak RSS after every run | filevol {f_rss:.1f} MiB | host-path {h_rss:.1f} MiB | {f_rss / h_rss:.2f} |")
+sys.exit(1 if failed else 0)
+EOF

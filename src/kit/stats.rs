@@ -1,5 +1,5 @@
 //! Figures from measurements: percentiles of sorted samples, and a
-//! process's memory as the kernel counts it. `filevol bench` and the
+//! process's memory and CPU time as the kernel counts them. `filevol bench` and the
 //! benchmarks under `benches/` report with these, so their p50s and p99s
 //! are the same statistic and can be compared.
 
@@ -24,6 +24,47 @@ pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time of process `pid` from `/proc/<pid>/stat`, in seconds: user
+/// and system time of the process and of the children it waited for (a
+/// driver's forked `mkfs` or `blkid` is part of what its calls cost).
+/// `None` when the process is gone.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14-17 of the line, 12-15 of
+    // what follows the name (state is the first).
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .map(|f| f.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+/// Busy CPU time of the whole machine since boot, in seconds: every CPU's
+/// user, nice, system, irq, softirq and steal time from `/proc/stat`
+/// (idle and iowait aside). What is left after the driver's and the load
+/// generator's own time is the kernel threads (loop workers, filesystem
+/// log and discard work) and anything else running.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7)?;
+    Some(busy as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    rustix::param::clock_ticks_per_second() as f64
 }
 
 #[cfg(test)]
@@ -51,5 +92,20 @@ mod tests {
         assert!(memory_kib(pid, "VmRSS").is_some_and(|kib| kib > 0));
         assert!(memory_kib(pid, "VmHWM").is_some());
         assert_eq!(memory_kib(pid, "NoSuchLine"), None);
+    }
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let pid = std::process::id();
+        let before = process_cpu_seconds(pid).unwrap();
+        let machine = machine_busy_seconds().unwrap();
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(process_cpu_seconds(pid).unwrap() > before);
+        assert!(machine_busy_seconds().unwrap() > machine);
+        assert_eq!(process_cpu_seconds(u32::MAX), None);
     }
 }

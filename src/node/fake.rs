@@ -29,7 +29,7 @@ use super::mkfs_options::Validated;
 use super::mounts::FsMount;
 use crate::pool::meta::FsType;
 use crate::pool::Pool;
-use crate::sys::loopdev::{Attached, LoopDevice};
+use crate::sys::loopdev::{self, Attached, LoopDevice};
 use crate::sys::mount::MountState;
 
 /// What the fake's "mkfs" writes at the start of a file.
@@ -178,12 +178,15 @@ impl Recording {
 }
 
 impl Kernel for Recording {
-    fn bound(&self, image: &Path) -> io::Result<Option<Bound>> {
+    fn loop_status(&self, dev: LoopDevice) -> io::Result<Option<loopdev::Status>> {
+        use std::os::unix::fs::MetadataExt;
         let st = self.state.lock();
-        let mut found: Vec<_> = st.loops.iter().filter(|l| l.image == image).collect();
-        found.sort_by_key(|l| l.detaching);
-        Ok(found.first().map(|l| Bound {
-            device: l.device,
+        let Some(l) = st.loops.iter().find(|l| l.device == dev) else {
+            return Ok(None);
+        };
+        let meta = std::fs::metadata(&l.image)?;
+        Ok(Some(loopdev::Status {
+            backing: (meta.dev(), meta.ino()),
             detaching: l.detaching,
         }))
     }
@@ -366,17 +369,12 @@ impl Kernel for Recording {
         &self,
         pool: &Pool,
         id: &str,
+        device: Option<LoopDevice>,
         kubelet_dir: &Path,
     ) -> io::Result<Vec<PathBuf>> {
-        let image = pool.image_path(id);
         let data = pool.data_path(id);
         let st = self.state.lock();
-        let devices: Vec<PathBuf> = st
-            .loops
-            .iter()
-            .filter(|l| l.image == image)
-            .map(|l| l.device.path())
-            .collect();
+        let devices: Vec<PathBuf> = device.iter().map(LoopDevice::path).collect();
         Ok(st
             .mounts
             .iter()

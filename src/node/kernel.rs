@@ -47,9 +47,10 @@ pub struct Bound {
 pub trait Kernel: Send + Sync + std::fmt::Debug {
     // ---- loop devices ----
 
-    /// The device bound to `image`, a usable one before one being detached
-    /// (LOOP_GET_STATUS64 on every device).
-    fn bound(&self, image: &Path) -> io::Result<Option<Bound>>;
+    /// What `dev` is bound to (one LOOP_GET_STATUS64), `None` if unbound.
+    /// The node finds an image's device through its own table
+    /// (`node::devices`) and checks it with this.
+    fn loop_status(&self, dev: LoopDevice) -> io::Result<Option<loopdev::Status>>;
     /// Every attached device and the (st_dev, st_ino) of its backing file.
     fn attached(&self) -> io::Result<Vec<(Bound, (u64, u64))>>;
     /// Attaches a free device to `image`.
@@ -102,6 +103,7 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
         &self,
         pool: &Pool,
         id: &str,
+        device: Option<LoopDevice>,
         kubelet_dir: &Path,
     ) -> io::Result<Vec<PathBuf>>;
     /// Whether the device is mounted anywhere in this mount namespace.
@@ -158,11 +160,8 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
 pub struct Host;
 
 impl Kernel for Host {
-    fn bound(&self, image: &Path) -> io::Result<Option<Bound>> {
-        Ok(loopdev::find_bound(image)?.map(|device| Bound {
-            device,
-            detaching: device.detaching(),
-        }))
+    fn loop_status(&self, dev: LoopDevice) -> io::Result<Option<loopdev::Status>> {
+        dev.status()
     }
 
     fn attached(&self) -> io::Result<Vec<(Bound, (u64, u64))>> {
@@ -257,9 +256,10 @@ impl Kernel for Host {
         &self,
         pool: &Pool,
         id: &str,
+        device: Option<LoopDevice>,
         kubelet_dir: &Path,
     ) -> io::Result<Vec<PathBuf>> {
-        mounts::of_volume(pool, id, kubelet_dir)
+        mounts::of_volume(pool, id, device, kubelet_dir)
     }
 
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {

@@ -31,6 +31,7 @@
 //! attached and the directories it finds bind-mounted before it serves.
 
 mod claim;
+mod devices;
 pub mod ephemeral;
 pub mod error;
 #[cfg(test)]
@@ -93,6 +94,8 @@ pub struct Node {
     /// Direct I/O on loop devices where the pool allows it.
     direct_io: bool,
     fences: Fences,
+    /// Which loop device serves which image.
+    devices: devices::DeviceTable,
     kernel: std::sync::Arc<dyn Kernel>,
     /// Keeps trims and stages/unstages of one volume apart.
     gate: trim::Gate,
@@ -150,6 +153,7 @@ impl Node {
             kubelet_dir,
             direct_io,
             fences: Fences::default(),
+            devices: devices::DeviceTable::default(),
             kernel,
             gate: trim::Gate::default(),
             trims: trim::TrimTotals::default(),
@@ -177,6 +181,8 @@ impl Node {
                 return Ok(());
             }
         };
+        // The one scan of every device: from here on the table answers.
+        self.devices.fill(&attached);
         // From the directory and the kernel, not the records: a record that
         // cannot be read right now must not leave a staged image unfenced.
         for id in pool.store().ids(crate::pool::store::Kind::Volume)? {
@@ -221,6 +227,11 @@ impl Node {
             ),
         }
         Ok(())
+    }
+
+    /// The loop device serving `image` (see `node::devices`).
+    fn bound(&self, image: &Path) -> std::io::Result<Option<kernel::Bound>> {
+        self.devices.bound(&*self.kernel, image)
     }
 
     /// Checks a staging or target path from a request.

@@ -144,14 +144,20 @@ pub fn loop_mounted(dev: &LoopDevice) -> io::Result<bool> {
 }
 
 /// Every mount point of volume `id` under `kubelet_dir` (stages and
-/// publishes alike), by identity: mounts of its image's loop device and
-/// binds of its data directory. Both are looked for, so the answer needs no
-/// record of the volume (an unstage after a delete still finds its mounts).
-pub fn of_volume(pool: &Pool, id: &str, kubelet_dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// publishes alike), by identity: mounts of `device` (its image's loop
+/// device, if one serves it) and binds of its data directory. Both are
+/// looked for, so the answer needs no record of the volume (an unstage
+/// after a delete still finds its mounts).
+pub fn of_volume(
+    pool: &Pool,
+    id: &str,
+    device: Option<LoopDevice>,
+    kubelet_dir: &Path,
+) -> io::Result<Vec<PathBuf>> {
     let table = mountinfo::read()?;
     let ours = |e: &&MountEntry| e.mount_point.starts_with(kubelet_dir);
     let mut out = Vec::new();
-    if let Some(dev) = loopdev::find_bound(&pool.image_path(id))? {
+    if let Some(dev) = device {
         out.extend(
             table
                 .iter()

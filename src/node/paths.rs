@@ -83,6 +83,22 @@ pub fn open_dir(kubelet_dir: &Path, path: &Path) -> io::Result<OwnedFd> {
 pub fn create(kubelet_dir: &Path, path: &Path, what: Create) -> io::Result<OwnedFd> {
     let rel = relative(kubelet_dir, path)?;
     let mut dir = open_kubelet_dir(kubelet_dir)?;
+    // Usually kubelet has made the path already: one openat2 of the whole
+    // of it, with the same resolution rules as the walk below, instead of
+    // a mkdir and an open per name.
+    if what == Create::Dir {
+        match rustix::fs::openat2(
+            &dir,
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Ok(fd) => return Ok(fd),
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let names: Vec<&OsStr> = rel.iter().collect();
     let (last, parents) = names.split_last().expect("relative() is not empty");
     for name in parents {
@@ -162,6 +178,24 @@ pub fn under_kubelet(
     if !p.is_absolute() || path.contains('\0') {
         return Err(outside());
     }
+    // The common case: a path of plain names below the (resolved) kubelet
+    // directory. It is inside unless a symlink on it leads out, and one
+    // `openat2` with RESOLVE_NO_SYMLINKS, the way every later open of it
+    // goes (see the module notes), finds any symlink on its existing part
+    // (ELOOP) in one call, where resolving it with `canonicalize` takes a
+    // failing readlink per name and more for a path not made yet.
+    if let Ok(rest) = p.strip_prefix(kubelet_dir) {
+        if !rest.as_os_str().is_empty()
+            && rest.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return match beneath_without_symlinks(kubelet_dir, rest) {
+                Ok(()) => Ok(p.to_owned()),
+                Err(_) => Err(outside()),
+            };
+        }
+    }
+    // Anything else (`.` or `..`, a kubelet directory reached through a
+    // symlink): resolved as the kernel would, then checked.
     let mut existing = p.to_path_buf();
     let mut rest: Vec<std::ffi::OsString> = Vec::new();
     let resolved = loop {
@@ -187,6 +221,26 @@ pub fn under_kubelet(
         Ok(full)
     } else {
         Err(outside())
+    }
+}
+
+/// Whether `rest` (plain names) resolves beneath `kubelet_dir` without a
+/// symlink on the part of it that exists: a missing name (ENOENT) or a file
+/// where a directory was expected (ENOTDIR) ends the walk before any
+/// symlink was met, so the path is inside; a symlink (ELOOP) or an escape
+/// (EXDEV) is an error.
+fn beneath_without_symlinks(kubelet_dir: &Path, rest: &Path) -> io::Result<()> {
+    let dir = open_kubelet_dir(kubelet_dir)?;
+    match rustix::fs::openat2(
+        &dir,
+        rest,
+        // Without O_NOFOLLOW: a symlink as the last name is refused too.
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        RESOLVE,
+    ) {
+        Ok(_) | Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -220,6 +274,20 @@ mod tests {
         std::os::unix::fs::symlink("/etc", kubelet.join("pods/evil")).unwrap();
         let via_link = format!("{}/pods/evil/x", kubelet.display());
         assert!(under_kubelet("target_path", &via_link, &kubelet).is_err());
+        // The symlink itself as the last name, and one that stays inside:
+        // every later open refuses symlinks, so the check does too.
+        let evil = format!("{}/pods/evil", kubelet.display());
+        assert!(under_kubelet("target_path", &evil, &kubelet).is_err());
+        std::os::unix::fs::symlink(kubelet.join("pods/p1"), kubelet.join("pods/in")).unwrap();
+        let inside_link = format!("{}/pods/in/vol", kubelet.display());
+        assert!(under_kubelet("target_path", &inside_link, &kubelet).is_err());
+        // Not made yet, below a file: inside (the later open says why it
+        // cannot be used).
+        let deep = kubelet.join("pods/p1/new/deeper/still");
+        assert_eq!(
+            under_kubelet("target_path", deep.to_str().unwrap(), &kubelet).unwrap(),
+            deep
+        );
         assert!(under_kubelet("target_path", kubelet.to_str().unwrap(), &kubelet).is_err());
         assert!(under_kubelet("target_path", "pods/p1", &kubelet).is_err());
         let missing_dotdot = format!("{}/pods/missing/../../..", kubelet.display());

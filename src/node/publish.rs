@@ -60,9 +60,14 @@ impl Node {
         if req.mode == AccessMode::SingleNodeSingleWriter {
             // By identity: any mount of this volume under the kubelet
             // directory but its stage is a publish, wherever it is.
+            let image = pool.image_path(&v.id);
+            let device = self
+                .bound(&image)
+                .map_err(sys("find loop device of", &image))?
+                .map(|b| b.device);
             let mounts = self
                 .kernel
-                .mounts_of_volume(pool, &v.id, &self.kubelet_dir)
+                .mounts_of_volume(pool, &v.id, device, &self.kubelet_dir)
                 .map_err(sys("read", "/proc/self/mountinfo"))?;
             if let Some(other) = mounts
                 .into_iter()

@@ -97,9 +97,12 @@ impl Node {
         claim: &mut Claim<'_>,
     ) -> Result<LoopDevice, NodeError> {
         let image = pool.image_path(&v.id);
+        let key = super::devices::image_key(&image)
+            .and_then(|key| key.ok_or_else(|| std::io::ErrorKind::NotFound.into()))
+            .map_err(sys("attach a loop device to", &image))?;
         if let Some(bound) = self
-            .kernel
-            .bound(&image)
+            .devices
+            .bound_key(&*self.kernel, key)
             .map_err(sys("find loop device of", &image))?
         {
             // A device being detached still writes the image until its last
@@ -117,6 +120,7 @@ impl Node {
             .attach(&image, read_only, self.direct_io)
             .map_err(sys("attach a loop device to", &image))?;
         claim.attached(a.device);
+        self.devices.attached(key, a.device);
         if !a.direct_io {
             log::info!(
                 "volume {}: the pool filesystem refused direct I/O; the loop device is buffered",
@@ -291,7 +295,6 @@ impl Node {
         // One already attached (a crash between attach and format) is
         // mounted nowhere: detach it first.
         if let Some(bound) = self
-            .kernel
             .bound(&image)
             .map_err(sys("find loop device of", &image))?
         {
@@ -367,9 +370,13 @@ impl Node {
     pub fn unstage(&self, pool: &Pool, id: &str, staging: &Path) -> Result<(), NodeError> {
         // A trim holds the filesystem open: the unmount waits for it.
         let _changing = self.gate.change(id);
+        let image = pool.image_path(id);
+        let bound = self
+            .bound(&image)
+            .map_err(sys("find loop device of", &image))?;
         let mounts = self
             .kernel
-            .mounts_of_volume(pool, id, &self.kubelet_dir)
+            .mounts_of_volume(pool, id, bound.map(|b| b.device), &self.kubelet_dir)
             .map_err(sys("read", "/proc/self/mountinfo"))?;
         if let Some(at) = mounts.into_iter().find(|p| !p.starts_with(staging)) {
             return Err(NodeError::StillPublished {
@@ -401,12 +408,7 @@ impl Node {
             }
             remove_if_present(&device_file).map_err(sys("remove", &device_file))?;
         }
-        let image = pool.image_path(id);
-        if let Some(bound) = self
-            .kernel
-            .bound(&image)
-            .map_err(sys("find loop device of", &image))?
-        {
+        if let Some(bound) = bound {
             let dev = bound.device;
             if self
                 .kernel
@@ -446,7 +448,7 @@ impl Node {
     fn detached(&self, image: &Path) -> std::io::Result<bool> {
         for wait in [0, 10, 20, 50, 100, 200, 400, 600, 600] {
             std::thread::sleep(std::time::Duration::from_millis(wait));
-            if self.kernel.bound(image)?.is_none() {
+            if self.bound(image)?.is_none() {
                 return Ok(true);
             }
         }

@@ -32,7 +32,7 @@ impl Node {
         }
         if v.layout == Layout::Image {
             let image = pool.image_path(&v.id);
-            match self.kernel.bound(&image) {
+            match self.bound(&image) {
                 Ok(Some(bound)) if !bound.detaching => {
                     if v.access == AccessType::Block {
                         // A raw device has no free-space figure of its own;
@@ -102,7 +102,6 @@ impl Node {
         }
         let image = pool.image_path(&v.id);
         let dev = match self
-            .kernel
             .bound(&image)
             .map_err(sys("find loop device of", &image))?
         {

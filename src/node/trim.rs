@@ -274,7 +274,6 @@ impl Node {
         // then, and that is no failure of the trim.
         let image = pool.image_path(&m.id);
         let bound = self
-            .kernel
             .bound(&image)
             .map_err(sys("find loop device of", &image))?;
         if bound.is_none_or(|b| b.device != m.device || b.detaching) {

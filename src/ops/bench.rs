@@ -33,7 +33,7 @@ use super::OpsError;
 use crate::endpoint::Endpoint;
 use crate::error::code_name;
 use crate::kit::requests as req;
-use crate::kit::stats::{memory_kib, percentile};
+use crate::kit::stats::{machine_busy_seconds, memory_kib, percentile, process_cpu_seconds};
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, NodeClient};
@@ -137,12 +137,62 @@ pub struct Report {
     pub errors: BTreeMap<String, usize>,
     /// The driver's peak resident set, KiB (VmHWM).
     pub peak_rss_kib: Option<u64>,
+    /// CPU time per completed lifecycle (or publish cycle) over the timed
+    /// load, ms.
+    pub cpu_ms_per_lifecycle: Option<CpuPerLifecycle>,
     /// Calls of the load the driver refused or failed, "not now" answers
     /// (ABORTED, UNAVAILABLE, RESOURCE_EXHAUSTED) aside. A run with any
     /// has failed: its figures are not of the load asked for.
     pub failed_calls: usize,
     /// What the run made and could not undo (empty after a clean run).
     pub left_behind: Vec<String>,
+}
+
+/// Where the CPU time of a run went, ms per completed lifecycle. With both
+/// cores busy this, not latency, bounds the rate: it is the stable figure
+/// on a machine whose speed drifts.
+#[derive(Debug, Serialize)]
+pub struct CpuPerLifecycle {
+    /// The driver process and the tools it forked (`--pid`).
+    pub server: Option<f64>,
+    /// This load generator.
+    pub client: f64,
+    /// The rest of the machine's busy time: kernel threads (loop workers,
+    /// filesystem logs and discards) and anything else running.
+    pub other: Option<f64>,
+}
+
+/// CPU counters at one moment, seconds.
+struct CpuSample {
+    server: Option<f64>,
+    client: Option<f64>,
+    machine: Option<f64>,
+}
+
+impl CpuSample {
+    fn now(pid: Option<u32>) -> Self {
+        CpuSample {
+            server: pid.and_then(process_cpu_seconds),
+            client: process_cpu_seconds(std::process::id()),
+            machine: machine_busy_seconds(),
+        }
+    }
+
+    /// Per completed unit between `self` and `end`, ms.
+    fn per(&self, end: &CpuSample, units: usize) -> Option<CpuPerLifecycle> {
+        if units == 0 {
+            return None;
+        }
+        let ms = |a: Option<f64>, b: Option<f64>| Some((b? - a?) * 1000.0 / units as f64);
+        let server = ms(self.server, end.server);
+        let client = ms(self.client, end.client)?;
+        let other = ms(self.machine, end.machine).map(|m| m - client - server.unwrap_or(0.0));
+        Some(CpuPerLifecycle {
+            server,
+            client,
+            other,
+        })
+    }
 }
 
 /// Shared recording of latencies and errors.
@@ -530,8 +580,9 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
     let threads = args.concurrency.max(1);
     let completed = Arc::new(AtomicUsize::new(0));
 
-    let load = (|| -> Result<Duration, OpsError> {
+    let load = (|| -> Result<(Duration, CpuSample), OpsError> {
         let started = Instant::now();
+        let cpu = CpuSample::now(args.pid);
         match args.scenario {
             Scenario::Lifecycle => {
                 let next = AtomicUsize::new(0);
@@ -547,7 +598,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                         }
                     }
                 });
-                Ok(started.elapsed())
+                Ok((started.elapsed(), cpu))
             }
             Scenario::PublishStorm => {
                 // M staged volumes first (not timed into the storm).
@@ -569,6 +620,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                     )));
                 }
                 let storm_started = Instant::now();
+                let cpu = CpuSample::now(args.pid);
                 run_threads(threads, |t| {
                     let c = caller(&env, &endpoint, args.timeout);
                     for k in 0..args.cycles {
@@ -581,7 +633,7 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                         }
                     }
                 });
-                Ok(storm_started.elapsed())
+                Ok((storm_started.elapsed(), cpu))
             }
             Scenario::Contention => {
                 let c = caller(&env, &endpoint, args.timeout);
@@ -617,14 +669,17 @@ pub fn measure(args: &BenchArgs) -> Result<Report, OpsError> {
                         }
                     }
                 });
-                Ok(started.elapsed())
+                Ok((started.elapsed(), cpu))
             }
         }
     })();
+    let cpu_end = CpuSample::now(args.pid);
     // Whatever happened, undo what was made.
     let left_behind = clean_up(&caller(&env, &endpoint, args.timeout), &plan, &setup);
-    let elapsed = load?;
-    let mut r = report(args, &rec, completed.load(Ordering::SeqCst), elapsed);
+    let (elapsed, cpu_start) = load?;
+    let completed = completed.load(Ordering::SeqCst);
+    let mut r = report(args, &rec, completed, elapsed);
+    r.cpu_ms_per_lifecycle = cpu_start.per(&cpu_end, completed);
     r.left_behind = left_behind;
     Ok(r)
 }
@@ -777,6 +832,7 @@ fn report(args: &BenchArgs, rec: &Recorder, lifecycles: usize, elapsed: Duration
         rpcs,
         errors: rec.errors.lock().clone(),
         peak_rss_kib: args.pid.and_then(|pid| memory_kib(pid, "VmHWM")),
+        cpu_ms_per_lifecycle: None,
         failed_calls: rec.failed.load(Ordering::SeqCst),
         left_behind: Vec::new(),
     }
@@ -843,6 +899,18 @@ fn print_report(
         w(
             out,
             format!("peak RSS of the driver: {:.1} MiB", kib as f64 / 1024.0),
+        )?;
+    }
+    if let Some(cpu) = &r.cpu_ms_per_lifecycle {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        w(
+            out,
+            format!(
+                "CPU per completed cycle: driver {} ms, this client {:.2} ms, rest of the machine {} ms",
+                ms(cpu.server),
+                cpu.client,
+                ms(cpu.other)
+            ),
         )?;
     }
     for what in &r.left_behind {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use linux_raw_sys::ioctl::BLKFLSBUF;
 use linux_raw_sys::loop_device::{
     loop_config, loop_info64, LOOP_CLR_FD, LOOP_CONFIGURE, LOOP_CTL_GET_FREE, LOOP_GET_STATUS64,
-    LOOP_SET_CAPACITY, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY,
+    LOOP_SET_CAPACITY, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_READ_ONLY,
 };
 use rustix::ioctl::{ioctl, Getter, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
 
@@ -32,6 +32,9 @@ pub const BLOCK_SIZE: u32 = 4096;
 /// How many times to retry when another process takes the free device
 /// between LOOP_CTL_GET_FREE and LOOP_CONFIGURE.
 const ATTACH_TRIES: usize = 16;
+
+/// Held from LOOP_CTL_GET_FREE to LOOP_CONFIGURE (see [`attach`]).
+static ATTACHING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// An attached loop device, `/dev/loop<number>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +163,17 @@ impl LoopDevice {
 
     /// The (device, inode) of the backing file, or `None` if unbound.
     fn backing(&self) -> io::Result<Option<(u64, u64)>> {
-        let dev = self.open()?;
+        Ok(self.status()?.map(|s| s.backing))
+    }
+
+    /// What the device is bound to, from one LOOP_GET_STATUS64: `None` if
+    /// it is unbound (or its node is gone).
+    pub fn status(&self) -> io::Result<Option<Status>> {
+        let dev = match self.open() {
+            Ok(dev) => dev,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
         // SAFETY: LOOP_GET_STATUS64 fills a `struct loop_info64`.
         match unsafe {
             ioctl(
@@ -168,11 +181,24 @@ impl LoopDevice {
                 Getter::<{ LOOP_GET_STATUS64 as Opcode }, loop_info64>::new(),
             )
         } {
-            Ok(info) => Ok(Some((info.lo_device, info.lo_inode))),
+            Ok(info) => Ok(Some(Status {
+                backing: (info.lo_device, info.lo_inode),
+                // The flag sysfs `loop/autoclear` shows (see `detaching`).
+                detaching: info.lo_flags & LO_FLAGS_AUTOCLEAR as u32 != 0,
+            })),
             Err(rustix::io::Errno::NXIO) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A bound device's backing file and detach state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// (st_dev, st_ino) of the backing file.
+    pub backing: (u64, u64),
+    /// A detach is pending (see [`LoopDevice::detaching`]).
+    pub detaching: bool,
 }
 
 /// A sysfs `size` attribute (512-byte sectors, whatever the device's block
@@ -232,6 +258,14 @@ pub fn attach_with_block_size(
         .open("/dev/loop-control")?;
     let mut dio = direct_io;
     let mut tries = 0;
+    // One attach at a time in this process. LOOP_CTL_GET_FREE hands every
+    // caller the same free number until one of them configures it, so
+    // concurrent stages here raced for it: each loser took the next
+    // number, and under 16 workers one stage could lose ATTACH_TRIES times
+    // in a row and fail with EBUSY (a rare FAILED_PRECONDITION from
+    // NodeStageVolume at concurrency 32). Within the process the lock ends
+    // the race; the retries remain for other processes on the host.
+    let _one_at_a_time = ATTACHING.lock();
     loop {
         tries += 1;
         // SAFETY: see `GetFree`.

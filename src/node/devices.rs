@@ -1,0 +1,106 @@
+//! Which loop device serves which image, known to the node without asking
+//! every device on the host.
+//!
+//! Finding an image's device by asking each loop device what it is bound to
+//! (LOOP_GET_STATUS64 on every `/sys/block/loop*`) costs a stat, an open
+//! and an ioctl per device, at every stage and unstage, and grows with the
+//! host's loop count. The node keeps the answer instead, by the image's
+//! (st_dev, st_ino), and asks only the one device it names.
+//!
+//! Why a table answer is as good as the scan it replaces:
+//!
+//! - **A hit** is checked with the kernel on every lookup: the device must
+//!   still be bound to this image (one LOOP_GET_STATUS64), so a device
+//!   detached or reused behind the table's back is never taken for the
+//!   image's; the entry is dropped and the lookup goes on as a miss.
+//! - **A miss** means no device serves the image. The table starts from a
+//!   scan of every device at the node's start (the one that re-takes the
+//!   fences of staged images), and every device this process attaches is
+//!   entered before the attach returns. A device attached by another
+//!   process after the start is one that process holds the volume's fence
+//!   for: a writable one under the exclusive fence, which this node cannot
+//!   hold at the same time, so a writable stage here never attaches beside
+//!   it. What the table can miss is another node plugin's *read-only*
+//!   device on the same host (a test or development layout; a deployment
+//!   runs one node plugin per host): then each plugin reads the image
+//!   through its own read-only device, and neither writes it.
+//! - A crash loses the table, not the devices: the next start scans again.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use parking_lot::Mutex;
+
+use super::kernel::{Bound, Kernel};
+use crate::sys::loopdev::LoopDevice;
+
+/// Loop devices by the (st_dev, st_ino) of the image they serve.
+#[derive(Debug, Default)]
+pub(super) struct DeviceTable {
+    by_image: Mutex<HashMap<(u64, u64), LoopDevice>>,
+}
+
+impl DeviceTable {
+    /// Fills the table from a scan of every bound device (usable ones win
+    /// over ones being detached, as a stage wants).
+    pub(super) fn fill(&self, attached: &[(Bound, (u64, u64))]) {
+        let mut table = self.by_image.lock();
+        for (bound, key) in attached {
+            let keep = table.get(key).is_some_and(|_| bound.detaching);
+            if !keep {
+                table.insert(*key, bound.device);
+            }
+        }
+    }
+
+    /// Records that `device` now serves the image `key`.
+    pub(super) fn attached(&self, key: (u64, u64), device: LoopDevice) {
+        self.by_image.lock().insert(key, device);
+    }
+
+    /// The device serving `image`, checked with the kernel (see the module
+    /// notes); `None` when the image does not exist or nothing serves it.
+    pub(super) fn bound(&self, kernel: &dyn Kernel, image: &Path) -> io::Result<Option<Bound>> {
+        let Some(key) = image_key(image)? else {
+            return Ok(None);
+        };
+        self.bound_key(kernel, key)
+    }
+
+    /// [`DeviceTable::bound`] for an image already identified.
+    pub(super) fn bound_key(
+        &self,
+        kernel: &dyn Kernel,
+        key: (u64, u64),
+    ) -> io::Result<Option<Bound>> {
+        let Some(device) = self.by_image.lock().get(&key).copied() else {
+            return Ok(None);
+        };
+        match kernel.loop_status(device)? {
+            Some(status) if status.backing == key => Ok(Some(Bound {
+                device,
+                detaching: status.detaching,
+            })),
+            // Detached (and perhaps bound to another image since): drop
+            // the entry unless an attach has replaced it meanwhile.
+            _ => {
+                let mut table = self.by_image.lock();
+                if table.get(&key) == Some(&device) {
+                    table.remove(&key);
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The (st_dev, st_ino) of `image`, or `None` if it does not exist.
+pub(super) fn image_key(image: &Path) -> io::Result<Option<(u64, u64)>> {
+    match std::fs::metadata(image) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
