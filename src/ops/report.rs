@@ -15,6 +15,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::OpsError;
+use crate::pool::attachments::Attachments;
 use crate::pool::capacity::{allocated, snapshot_counts};
 use crate::pool::error::io_error;
 use crate::pool::meta::{SnapshotMeta, VolumeMeta};
@@ -173,6 +174,7 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
             group_id: s.group_id,
         });
     }
+    let attached = Attachments::read(root)?;
     let mut volumes = Vec::new();
     for (id, dir) in entries(&root.join("volumes"))? {
         let row = match std::fs::read(dir.join("meta.json"))
@@ -180,6 +182,7 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
             .and_then(|b| serde_json::from_slice::<VolumeMeta>(&b).map_err(|e| e.to_string()))
         {
             Ok(v) => VolumeRow {
+                attached_to: attached.of(&v).into_iter().map(|a| a.node_id).collect(),
                 snapshots: snapshots
                     .iter()
                     .filter(|s| s.source_volume_id == id)
@@ -194,7 +197,6 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
                 },
                 capacity_bytes: v.capacity_bytes,
                 allocated_bytes: allocated_or_zero(&dir),
-                attached_to: v.attachments.into_iter().map(|a| a.node_id).collect(),
                 problem: None,
             },
             Err(problem) => VolumeRow {

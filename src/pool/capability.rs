@@ -104,7 +104,7 @@ mod tests {
             source: None,
             topology: Default::default(),
             created_unix_ms: 0,
-            attachments: vec![],
+            legacy_attachments: vec![],
             written: None,
         }
     }

@@ -9,6 +9,11 @@
 //! - nothing whose record cannot be read: a damaged record is logged and
 //!   reported (volume condition, `filevol pool ls`), never deleted.
 //!
+//! It moves ControllerPublish records an older filevol kept in a volume's
+//! `meta.json` into `attachments/`, under the volume's lock, and removes
+//! attachment records whose volume is gone (see `attachments`: a stale
+//! record can never become current again).
+//!
 //! It also extends an image shorter than its volume (a size change lost in
 //! a crash, or an expansion cut short), under the volume's lock: the tail is
 //! a hole, so no data changes; and it tells every process to read the
@@ -25,6 +30,8 @@ pub(super) fn run(pool: &Pool) -> Result<(), PoolError> {
     scratch::clean(&pool.scratch)?;
     remove_unfinished_groups(pool)?;
     repair_short_images(pool)?;
+    move_legacy_attachments(pool)?;
+    pool.remove_stale_attachments(None)?;
     // An expansion cut short between its record and its notice: every
     // process reads the sizes again.
     pool.sizes_changed()
@@ -100,6 +107,26 @@ fn repair_short_images(pool: &Pool) -> Result<(), PoolError> {
                 }
             }
             _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn move_legacy_attachments(pool: &Pool) -> Result<(), PoolError> {
+    for (id, entry) in pool.store.load_all::<VolumeMeta>()? {
+        let Ok(v) = entry else { continue };
+        if v.legacy_attachments.is_empty() {
+            continue;
+        }
+        let Ok(lock) = pool.lock_volume(&id) else {
+            continue; // being changed right now: the next start moves them
+        };
+        match pool.move_legacy_attachments(&id, &lock) {
+            Ok(()) => log::info!(
+                "volume {id}: moved its attachments from meta.json into {}/",
+                super::attachments::DIR
+            ),
+            Err(e) => log::warn!("volume {id}: move its attachments out of meta.json: {e}"),
         }
     }
     Ok(())

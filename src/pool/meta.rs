@@ -178,8 +178,16 @@ pub struct VolumeMeta {
     pub topology: BTreeMap<String, String>,
     /// Creation time, milliseconds since the epoch.
     pub created_unix_ms: u64,
-    /// Nodes the volume is ControllerPublished to.
-    pub attachments: Vec<Attachment>,
+    /// ControllerPublish records written by filevol before attachments got
+    /// records of their own (`attachments/`, see
+    /// [`attachments`](super::attachments)). Never added to now, only
+    /// removed from, so ask [`Pool::attachments`](super::Pool::attachments)
+    /// which nodes a volume is published to: that is these and the records.
+    /// Always written, even empty: a version that still expects the field
+    /// must be able to read the record (a rollback, a replica not yet
+    /// upgraded).
+    #[serde(rename = "attachments", default)]
+    pub legacy_attachments: Vec<Attachment>,
     /// Whether the image may hold data: set once a node has formatted it or
     /// handed it out as a raw block device, copied from the source by clones
     /// and restores. `Some(false)` only for an image nothing was ever

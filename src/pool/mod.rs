@@ -12,14 +12,16 @@
 //! <pool>/snapshots/<id>/...       the same, for snapshots
 //! <pool>/groups/<id>.json         group snapshots (and <id>.lock)
 //! <pool>/nodes/<node>.json        node plugins serving this pool
+//! <pool>/attachments/<volume>@<created>@<node>@<mode>@<rw|ro>
+//!                                 ControllerPublish records (empty files)
 //! <pool>/.capacity.lock           held while capacity is promised
 //! <pool>/.scratch/<instance>/     work in progress of one running process
 //! ```
 //!
 //! The modules follow the objects: [`store`] is the one place records are
 //! read, written and locked (and says why each rule holds across hosts);
-//! `volumes`, `snapshots` (and groups), `attachments` and [`capacity`] are
-//! the operations; `janitor` is the start-up clean-up, which only a
+//! `volumes`, `snapshots` (and groups), [`attachments`] and [`capacity`]
+//! are the operations; `janitor` is the start-up clean-up, which only a
 //! controller runs.
 //!
 //! Crash safety comes from one rule: an object is built whole in the
@@ -29,6 +31,7 @@
 //! leaves each object whole or absent, plus scratch debris that a
 //! controller removes once the process that left it is gone.
 
+pub mod attachments;
 pub mod capability;
 pub mod capacity;
 pub mod copy;
@@ -40,7 +43,6 @@ pub mod parameters;
 pub mod store;
 pub mod topology;
 
-mod attachments;
 mod janitor;
 mod scratch;
 mod snapshots;
@@ -183,9 +185,21 @@ impl Pool {
     /// Opens the pool at `root`: creates its directories and this process's
     /// scratch, and (a janitor only) cleans up after processes that died.
     pub fn open(root: &Path, opts: PoolOptions) -> Result<Pool, PoolError> {
-        for dir in ["volumes", "snapshots", "groups", "nodes"] {
+        std::fs::create_dir_all(root).map_err(io_error("create", root))?;
+        let mut made = false;
+        for dir in ["volumes", "snapshots", "groups", "nodes", attachments::DIR] {
             let p = root.join(dir);
-            std::fs::create_dir_all(&p).map_err(io_error("create", &p))?;
+            match std::fs::create_dir(&p) {
+                Ok(()) => made = true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error("create", &p)(e)),
+            }
+        }
+        // Records are made durable by fsyncing the directory that holds
+        // them (`attachments/` has nothing else to make it so), which
+        // assumes the directory itself is: make a new one durable once.
+        if made {
+            sysfs::fsync_dir(root).map_err(io_error("sync", root))?;
         }
         let scratch = Scratch::open(&root.join(".scratch"))?;
         let reports_holes = scratch.reports_holes()?;

@@ -506,7 +506,7 @@ mod tests {
             source: None,
             topology: BTreeMap::new(),
             created_unix_ms: 0,
-            attachments: vec![],
+            legacy_attachments: vec![],
             written: Some(false),
         }
     }

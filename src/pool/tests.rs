@@ -228,8 +228,231 @@ fn attachments_recorded_by_one_replica_hold_for_another() {
         Err(PoolError::AttachedElsewhere { .. })
     ));
     assert!(matches!(b.delete_volume(&v.id), Err(PoolError::InUse(_))));
+    let nodes = |p: &Pool| -> Vec<String> {
+        let v = p.volume(&v.id).unwrap();
+        p.attachments()
+            .unwrap()
+            .of(&v)
+            .into_iter()
+            .map(|a| a.node_id)
+            .collect()
+    };
+    assert_eq!(nodes(&b), ["n1"]);
     b.unpublish(&v.id, Some("n1")).unwrap();
+    assert!(nodes(&a).is_empty());
     a.delete_volume(&v.id).unwrap();
+}
+
+fn register(pool: &Pool, node: &str, max_volumes: u32) {
+    pool.register_node(&meta::NodeRecord {
+        node_id: node.into(),
+        topology: BTreeMap::new(),
+        max_volumes,
+    })
+    .unwrap();
+}
+
+/// The names in `attachments/`, sorted.
+fn records(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join(attachments::DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn an_attachment_is_one_empty_file_named_by_its_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    register(&pool, "n1", 0);
+    register(&pool, "n2", 0);
+    let v = pool.create_volume(&dir_spec("shared")).unwrap();
+    let rwx = AccessMode::MultiNodeMultiWriter;
+    pool.publish(&v.id, "n1", rwx, false).unwrap();
+    pool.publish(&v.id, "n2", rwx, true).unwrap();
+    // A retry changes nothing; another mode on the same node is refused.
+    pool.publish(&v.id, "n1", rwx, false).unwrap();
+    assert!(matches!(
+        pool.publish(&v.id, "n1", rwx, true),
+        Err(PoolError::AttachedIncompatibly { .. })
+    ));
+    let stamp = v.created_unix_ms;
+    assert_eq!(
+        records(dir.path()),
+        [
+            format!("{}@{stamp}@n1@multi_node_multi_writer@rw", v.id),
+            format!("{}@{stamp}@n2@multi_node_multi_writer@ro", v.id),
+        ]
+    );
+    let path = dir
+        .path()
+        .join(attachments::DIR)
+        .join(&records(dir.path())[0]);
+    assert_eq!(std::fs::metadata(path).unwrap().len(), 0);
+    // Read back as they were made; meta.json never holds them.
+    let mut got = pool.attachments().unwrap().of(&v);
+    got.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let want = |node: &str, readonly| meta::Attachment {
+        node_id: node.into(),
+        mode: rwx,
+        readonly,
+    };
+    assert_eq!(got, [want("n1", false), want("n2", true)]);
+    assert!(pool.volume(&v.id).unwrap().legacy_attachments.is_empty());
+    pool.unpublish(&v.id, Some("n2")).unwrap();
+    assert_eq!(pool.attachments().unwrap().of(&v), [want("n1", false)]);
+    pool.unpublish(&v.id, None).unwrap();
+    assert!(records(dir.path()).is_empty());
+    pool.delete_volume(&v.id).unwrap();
+}
+
+#[test]
+fn attachments_kept_in_meta_json_by_an_older_filevol_are_read_and_removable() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), false);
+    register(&pool, "n1", 0);
+    register(&pool, "n2", 0);
+    let old = |id: &str, node: &str| {
+        let mut v = pool.volume(id).unwrap();
+        v.legacy_attachments.push(meta::Attachment {
+            node_id: node.into(),
+            mode: AccessMode::SingleNodeWriter,
+            readonly: false,
+        });
+        let held = pool.lock_volume(id).unwrap();
+        pool.update_volume(&v, &held).unwrap();
+    };
+    let v = pool.create_volume(&spec("old", 8 * MIB)).unwrap();
+    old(&v.id, "n1");
+    // The field keeps its name on disk.
+    let json =
+        std::fs::read_to_string(dir.path().join("volumes").join(&v.id).join("meta.json")).unwrap();
+    assert!(
+        json.contains("\"attachments\"") && json.contains("\"n1\""),
+        "{json}"
+    );
+    // An old entry counts like a record: the volume is attached to n1.
+    assert_eq!(
+        pool.attachments()
+            .unwrap()
+            .of(&pool.volume(&v.id).unwrap())
+            .len(),
+        1
+    );
+    assert!(matches!(
+        pool.publish(&v.id, "n2", AccessMode::SingleNodeWriter, false),
+        Err(PoolError::AttachedElsewhere { .. })
+    ));
+    assert!(matches!(
+        pool.delete_volume(&v.id),
+        Err(PoolError::InUse(_))
+    ));
+    pool.publish(&v.id, "n1", AccessMode::SingleNodeWriter, false)
+        .unwrap();
+    assert!(records(dir.path()).is_empty(), "a retry adds no record");
+    // Unpublish removes it from meta.json.
+    pool.unpublish(&v.id, Some("n1")).unwrap();
+    assert!(pool.volume(&v.id).unwrap().legacy_attachments.is_empty());
+    pool.delete_volume(&v.id).unwrap();
+
+    // A controller's start moves old entries into records.
+    let w = pool.create_volume(&spec("moved", 8 * MIB)).unwrap();
+    old(&w.id, "n2");
+    let controller = open(dir.path(), true);
+    let w = controller.volume(&w.id).unwrap();
+    assert!(w.legacy_attachments.is_empty());
+    assert_eq!(records(dir.path()).len(), 1);
+    assert_eq!(controller.attachments().unwrap().of(&w)[0].node_id, "n2");
+    // A crash between the record and meta.json leaves both: one attachment.
+    old(&w.id, "n2");
+    let both = controller.volume(&w.id).unwrap();
+    assert_eq!(controller.attachments().unwrap().of(&both).len(), 1);
+    controller.unpublish(&w.id, None).unwrap();
+    assert!(records(dir.path()).is_empty());
+    assert!(controller
+        .volume(&w.id)
+        .unwrap()
+        .legacy_attachments
+        .is_empty());
+    controller.delete_volume(&w.id).unwrap();
+}
+
+#[test]
+fn the_attach_limit_counts_a_node_s_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path(), true);
+    let b = open(dir.path(), true);
+    register(&a, "n1", 2);
+    register(&a, "n2", 0);
+    let vols: Vec<_> = (0..4)
+        .map(|i| a.create_volume(&spec(&format!("v{i}"), MIB)).unwrap())
+        .collect();
+    let rwo = AccessMode::SingleNodeWriter;
+    a.publish(&vols[0].id, "n1", rwo, false).unwrap();
+    b.publish(&vols[1].id, "n1", rwo, false).unwrap();
+    // Other nodes' attachments do not count.
+    a.publish(&vols[3].id, "n2", rwo, false).unwrap();
+    for p in [&a, &b] {
+        assert!(matches!(
+            p.publish(&vols[2].id, "n1", rwo, false),
+            Err(PoolError::AttachLimit { max: 2, .. })
+        ));
+    }
+    // A retry of one that is there is no new attachment.
+    b.publish(&vols[0].id, "n1", rwo, false).unwrap();
+    b.unpublish(&vols[0].id, Some("n1")).unwrap();
+    a.publish(&vols[2].id, "n1", rwo, false).unwrap();
+    // A record whose volume went without it (removed by hand) does not
+    // count: the node has room for one more again.
+    std::fs::remove_dir_all(dir.path().join("volumes").join(&vols[1].id)).unwrap();
+    b.publish(&vols[0].id, "n1", rwo, false).unwrap();
+}
+
+#[test]
+fn a_record_left_by_a_volume_that_is_gone_never_holds_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), false);
+    register(&pool, "n1", 0);
+    register(&pool, "n2", 0);
+    let rwo = AccessMode::SingleNodeWriter;
+    let first = pool.create_volume(&spec("same-name", 8 * MIB)).unwrap();
+    pool.publish(&first.id, "n1", rwo, false).unwrap();
+    // The volume goes without its record (by hand, or by an older filevol
+    // that knew no records), and the same name makes the same id again.
+    std::fs::remove_dir_all(dir.path().join("volumes").join(&first.id)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let second = pool.create_volume(&spec("same-name", 8 * MIB)).unwrap();
+    assert_eq!(second.id, first.id);
+    assert_eq!(records(dir.path()).len(), 1);
+    // The leftover is not the new volume's: not attached, free to go
+    // anywhere, deletable.
+    assert!(pool.attachments().unwrap().of(&second).is_empty());
+    pool.publish(&second.id, "n2", rwo, false).unwrap();
+    pool.unpublish(&second.id, None).unwrap();
+    // A successful delete leaves no record of the id.
+    pool.delete_volume(&second.id).unwrap();
+    assert!(records(dir.path()).is_empty());
+
+    // Nor does the delete of an id that is already gone.
+    let third = pool.create_volume(&spec("same-name", 8 * MIB)).unwrap();
+    pool.publish(&third.id, "n1", rwo, false).unwrap();
+    std::fs::remove_dir_all(dir.path().join("volumes").join(&third.id)).unwrap();
+    pool.delete_volume(&third.id).unwrap();
+    assert!(records(dir.path()).is_empty());
+
+    // And a controller's start removes leftovers of any id, never a
+    // record of a volume that is there.
+    let kept = pool.create_volume(&spec("kept", 8 * MIB)).unwrap();
+    pool.publish(&kept.id, "n1", rwo, false).unwrap();
+    let gone = pool.create_volume(&spec("gone", 8 * MIB)).unwrap();
+    pool.publish(&gone.id, "n2", rwo, false).unwrap();
+    std::fs::remove_dir_all(dir.path().join("volumes").join(&gone.id)).unwrap();
+    assert_eq!(records(dir.path()).len(), 2);
+    drop(open(dir.path(), true));
+    assert_eq!(records(dir.path()).len(), 1);
+    assert_eq!(pool.attachments().unwrap().of(&kept).len(), 1);
 }
 
 fn member(root: &Path, id: &str, group: &str) {

@@ -287,7 +287,7 @@ impl Pool {
             source: spec.source.clone(),
             topology: self.opts.topology.clone(),
             created_unix_ms: now_ms(),
-            attachments: Vec::new(),
+            legacy_attachments: Vec::new(),
             written,
         };
         store::write_new(&built.join(store::META), &meta)?;
@@ -362,11 +362,12 @@ impl Pool {
 
     fn refuse_writable_attachments(&self, id: &str, why: &str) -> Result<(), PoolError> {
         let v = self.volume(id)?;
-        let writers: Vec<&str> = v
-            .attachments
-            .iter()
+        let writers: Vec<String> = self
+            .attachments()?
+            .of(&v)
+            .into_iter()
             .filter(|a| !a.readonly && !a.mode.is_read_only())
-            .map(|a| a.node_id.as_str())
+            .map(|a| a.node_id)
             .collect();
         if writers.is_empty() {
             Ok(())
@@ -382,7 +383,17 @@ impl Pool {
     /// attached (ControllerPublish) or staged on any node (its fence is
     /// held). Only this explicit request deletes a volume whose record is
     /// damaged; no clean-up ever does.
+    ///
+    /// A successful delete leaves no attachment record of the id behind,
+    /// not even one left by an earlier volume of the same id (removed by
+    /// hand, or deleted by an older filevol that kept attachments in
+    /// `meta.json`): the same name makes the same id again.
     pub fn delete_volume(&self, id: &str) -> Result<(), PoolError> {
+        self.delete_volume_object(id)?;
+        self.remove_stale_attachments(Some(id))
+    }
+
+    fn delete_volume_object(&self, id: &str) -> Result<(), PoolError> {
         let _lock = match self.lock_volume(id) {
             Ok(lock) => lock,
             Err(PoolError::NotFound { .. }) => return Ok(()),
@@ -403,10 +414,14 @@ impl Pool {
             }
             Err(e) => return Err(e),
         };
-        if let Some(v) = v.filter(|v| !v.attachments.is_empty()) {
+        let attached = match &v {
+            Some(v) => self.attachments()?.of(v),
+            None => Vec::new(),
+        };
+        if !attached.is_empty() {
             return Err(PoolError::InUse(format!(
                 "volume {id} is still published to node(s) {}",
-                v.attachments
+                attached
                     .iter()
                     .map(|a| a.node_id.as_str())
                     .collect::<Vec<_>>()

@@ -12,6 +12,7 @@ use super::validate;
 use super::{convert, group_key, snapshot_key, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
+use crate::pool::attachments::Attachments;
 use crate::pool::capability::{self, Capability};
 use crate::pool::meta::{Layout, Source};
 use crate::pool::parameters;
@@ -188,10 +189,11 @@ impl Operation for csi::ValidateVolumeCapabilitiesRequest {
 
 fn volume_status(
     driver: &Driver,
+    attached: &Attachments,
     v: &crate::pool::meta::VolumeMeta,
 ) -> (Vec<String>, csi::VolumeCondition) {
     (
-        convert::published_nodes(v),
+        convert::published_nodes(attached, v),
         convert::condition(driver.pool.volume_problem(v)),
     )
 }
@@ -206,13 +208,15 @@ impl Operation for csi::ListVolumesRequest {
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
             let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
+            // One readdir answers for every volume of the page.
+            let attached = driver.pool.attachments()?;
             let mut resp = csi::ListVolumesResponse::new();
             for (id, entry) in entries {
                 let mut e = csi::list_volumes_response::Entry::new();
                 let mut status = csi::list_volumes_response::VolumeStatus::new();
                 match entry {
                     Ok(v) => {
-                        let (nodes, condition) = volume_status(&driver, &v);
+                        let (nodes, condition) = volume_status(&driver, &attached, &v);
                         status.published_node_ids = nodes;
                         status.volume_condition = Some(condition).into();
                         e.volume = Some(convert::volume(&v)).into();
@@ -248,7 +252,8 @@ impl Operation for csi::ControllerGetVolumeRequest {
             let mut resp = csi::ControllerGetVolumeResponse::new();
             match driver.pool.volume(&self.volume_id) {
                 Ok(v) => {
-                    let (nodes, condition) = volume_status(&driver, &v);
+                    let attached = driver.pool.attachments()?;
+                    let (nodes, condition) = volume_status(&driver, &attached, &v);
                     status.published_node_ids = nodes;
                     status.volume_condition = Some(condition).into();
                     resp.volume = Some(convert::volume(&v)).into();

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use protobuf::well_known_types::timestamp::Timestamp;
 
+use crate::pool::attachments::Attachments;
 use crate::pool::meta::{AccessType, GroupMeta, Layout, SnapshotMeta, Source, VolumeMeta};
 use crate::pool::Pool;
 use crate::proto::csi;
@@ -87,9 +88,10 @@ pub fn condition(problem: Option<String>) -> csi::VolumeCondition {
     c
 }
 
-/// A volume's ControllerGetVolume/ListVolumes status.
-pub fn published_nodes(v: &VolumeMeta) -> Vec<String> {
-    v.attachments.iter().map(|a| a.node_id.clone()).collect()
+/// A volume's ControllerGetVolume/ListVolumes `published_node_ids`, from
+/// the pool's attachment records read for the call.
+pub fn published_nodes(attached: &Attachments, v: &VolumeMeta) -> Vec<String> {
+    attached.of(v).into_iter().map(|a| a.node_id).collect()
 }
 
 fn timestamp(secs: i64, nanos: i32) -> Timestamp {
