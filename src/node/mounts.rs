@@ -30,7 +30,7 @@ fn holds_loop(entry: &MountEntry, dev: &LoopDevice) -> bool {
 /// inside the filesystem that holds the pool: (the holder's device, the
 /// path of `volumes/` inside it). A bind's `root` field is such a path.
 fn volumes_inside(pool: &Pool, table: &[MountEntry]) -> io::Result<Option<(String, PathBuf)>> {
-    let root = pool.root().canonicalize()?;
+    let root = pool.resolved_root();
     // The mount that holds the pool: the longest mount point above it.
     let Some(holder) = table
         .iter()

@@ -134,6 +134,9 @@ pub type Page<T> = (Vec<(String, T)>, Option<String>);
 #[derive(Debug)]
 pub struct Pool {
     root: PathBuf,
+    /// `root` with symlinks resolved, once at open: the mount table names
+    /// paths that way, and resolving it per call costs a readlink per name.
+    resolved_root: PathBuf,
     opts: PoolOptions,
     store: Store,
     scratch: Scratch,
@@ -224,8 +227,10 @@ impl Pool {
             );
             false
         });
+        let resolved_root = root.canonicalize().map_err(io_error("resolve", root))?;
         let pool = Pool {
             root: root.to_owned(),
+            resolved_root,
             opts,
             store: Store::new(root),
             scratch,
@@ -258,6 +263,11 @@ impl Pool {
     /// The pool directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The pool directory with symlinks resolved (as when the pool opened).
+    pub fn resolved_root(&self) -> &Path {
+        &self.resolved_root
     }
 
     /// The topology segment of this pool's volumes.
