@@ -12,6 +12,9 @@
 //! <pool>/snapshots/<id>/...       the same, for snapshots
 //! <pool>/groups/<id>.json         group snapshots (and <id>.lock)
 //! <pool>/nodes/<node>.json        node plugins serving this pool
+//! <pool>/templates/<fs>-<bytes>-<recipe>  formatted filesystems that new
+//!                                 volumes start as copies of (see
+//!                                 `node::template`); no volume's data
 //! <pool>/.capacity.lock           held while capacity is promised
 //! <pool>/.scratch/<instance>/     work in progress of one running process
 //! ```
@@ -183,7 +186,7 @@ impl Pool {
     /// Opens the pool at `root`: creates its directories and this process's
     /// scratch, and (a janitor only) cleans up after processes that died.
     pub fn open(root: &Path, opts: PoolOptions) -> Result<Pool, PoolError> {
-        for dir in ["volumes", "snapshots", "groups", "nodes"] {
+        for dir in ["volumes", "snapshots", "groups", "nodes", "templates"] {
             let p = root.join(dir);
             std::fs::create_dir_all(&p).map_err(io_error("create", &p))?;
         }
@@ -278,6 +281,11 @@ impl Pool {
     /// The image file of an `image` volume.
     pub fn image_path(&self, id: &str) -> PathBuf {
         self.volume_dir(id).join("image")
+    }
+
+    /// The formatted template named `name` (see `node::template`).
+    pub fn template_path(&self, name: &str) -> PathBuf {
+        self.root.join("templates").join(name)
     }
 
     /// The directory of a `dir` volume.

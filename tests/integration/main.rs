@@ -38,4 +38,5 @@ mod node;
 mod ops;
 mod single_writer;
 mod snapshot_metadata;
+mod templates;
 mod trim;
