@@ -15,6 +15,7 @@
 //! formatted, as they do for the real tools.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use parking_lot::Mutex;
 use rustix::mount::MountFlags;
 
 use super::error::NodeError;
+use super::ext4::RenewError;
 use super::format::Content;
 use super::kernel::{Bound, Kernel};
 use super::mkfs_options::Validated;
@@ -474,7 +476,7 @@ impl Kernel for Recording {
         Ok(out)
     }
 
-    fn probe(&self, device: &Path, _image: &Path) -> Result<Content, NodeError> {
+    fn probe(&self, device: &Path, _image: &Path, _expected: FsType) -> Result<Content, NodeError> {
         self.node_error("probe", device)?;
         let image = {
             let st = self.state.lock();
@@ -513,6 +515,24 @@ impl Kernel for Recording {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
         writeln!(f, "{MARKER}{}", options.fs().as_str()).unwrap();
+        Ok(())
+    }
+
+    /// Checks the marker "mkfs" wrote and the length, and writes a new
+    /// "UUID" on the marker's second line (a counter: each copy its own).
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError> {
+        use std::os::unix::fs::FileExt;
+        self.call("renew_uuid", fs.as_str())?;
+        let first = format!("{MARKER}{}\n", fs.as_str());
+        let mut head = vec![0u8; first.len()];
+        copy.read_exact_at(&mut head, 0)?;
+        if head != first.as_bytes() || copy.metadata()?.len() != len {
+            return Err(RenewError::NotTemplate(
+                "no fake filesystem of that size".into(),
+            ));
+        }
+        let uuid = self.state.lock().calls.len();
+        copy.write_all_at(format!("uuid {uuid:08}\n").as_bytes(), head.len() as u64)?;
         Ok(())
     }
 

@@ -6,7 +6,9 @@
 //! ever formatted, and then into a new file that replaces it (see
 //! `Node::format_image`). On an attached device, anything `blkid -p` finds,
 //! a probe that fails, or data without a recognisable signature stops the
-//! stage: nothing is ever formatted there.
+//! stage: nothing is ever formatted there. A stage asks `super::probe`
+//! first, which answers the clear cases in-process and hands every other
+//! one to [`probe`] here.
 
 use std::path::Path;
 use std::process::Command;
@@ -65,7 +67,7 @@ fn blkid(path: &Path) -> Result<Option<Content>, NodeError> {
     }
 }
 
-/// Probes `device`, whose backing image is `image`. No signature is
+/// Probes `device` with `blkid -p`; its backing image is `image`. No signature is
 /// "blank" only when the image has no data extent either; on a pool that
 /// cannot report holes that is never proven here (see [`blank_image`]).
 pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
@@ -162,6 +164,15 @@ fn output(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, NodeError>
 /// the options joins filevol's `nodiscard` in one `-E`, at the end: an
 /// option such as `-E lazy_itable_init=1` does not bring discard back.
 pub fn mkfs_file(file: &Path, options: &mkfs_options::Validated<'_>) -> Result<(), NodeError> {
+    let (program, args) = mkfs_args(options);
+    let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    argv.push(file.as_os_str());
+    run(program, &argv)
+}
+
+/// The program [`mkfs_file`] runs and its arguments, but for the file: the
+/// one place they are decided (a template's name hashes them).
+pub fn mkfs_args(options: &mkfs_options::Validated<'_>) -> (&'static str, Vec<String>) {
     let fs = options.fs();
     let (program, base): (&str, &[&str]) = match fs {
         FsType::Ext4 => ("mkfs.ext4", &["-F", "-q", "-b", "4096"]),
@@ -185,9 +196,7 @@ pub fn mkfs_file(file: &Path, options: &mkfs_options::Validated<'_>) -> Result<(
     if fs == FsType::Ext4 {
         args.extend(["-E".to_owned(), extended]);
     }
-    let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-    argv.push(file.as_os_str());
-    run(program, &argv)
+    (program, args)
 }
 
 /// Grows the mounted filesystem to fill its (grown) device.

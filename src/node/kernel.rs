@@ -16,6 +16,7 @@
 //! creation, fsGroup) stays real in the tests too.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -23,9 +24,11 @@ use std::path::{Path, PathBuf};
 use rustix::mount::MountFlags;
 
 use super::error::NodeError;
+use super::ext4::{self, RenewError};
 use super::format::{self, Content};
 use super::mkfs_options::Validated;
 use super::mounts::{self, FsMount};
+use super::probe;
 use crate::pool::meta::FsType;
 use crate::pool::Pool;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
@@ -138,8 +141,10 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
 
     // ---- filesystems ----
 
-    /// What `device` (backed by `image`) holds.
-    fn probe(&self, device: &Path, image: &Path) -> Result<Content, NodeError>;
+    /// What `device` (backed by `image`) holds; `expected` is the
+    /// filesystem the stage wants, which only decides whether the answer
+    /// is clear enough to give without `blkid` (see `node::probe`).
+    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> Result<Content, NodeError>;
     /// Whether an image is provably blank (see [`format::blank_image`]).
     fn blank_image(
         &self,
@@ -149,6 +154,10 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     ) -> Result<bool, NodeError>;
     /// Makes a filesystem in the file `file`.
     fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError>;
+    /// Checks that `copy` (a copy of a template, see `node::template`)
+    /// holds the whole `fs` of `len` bytes a template makes, then gives it
+    /// a fresh random UUID.
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError>;
     /// Grows the filesystem mounted at `mount_point` to fill `device`.
     fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError>;
     /// The size of the one device of the btrfs mounted at `mount_point`.
@@ -300,8 +309,8 @@ impl Kernel for Host {
         mounts::by_volume(pool, kubelet_dir)
     }
 
-    fn probe(&self, device: &Path, image: &Path) -> Result<Content, NodeError> {
-        format::probe(device, image)
+    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> Result<Content, NodeError> {
+        probe::probe(device, image, expected)
     }
 
     fn blank_image(
@@ -315,6 +324,16 @@ impl Kernel for Host {
 
     fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError> {
         format::mkfs_file(file, options)
+    }
+
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError> {
+        if fs != FsType::Ext4 {
+            return Err(RenewError::NotTemplate(format!(
+                "no in-process UUID for {}",
+                fs.as_str()
+            )));
+        }
+        ext4::renew_uuid(copy, len, ext4::random_uuid()?, ext4::random_bytes()?)
     }
 
     fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError> {

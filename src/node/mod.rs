@@ -8,7 +8,10 @@
 //! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
 //! loop and mkfs calls, with a recording fake for the unit tests), `mounts`
 //! (what the mount table says of a volume), [`paths`] (staging and target
-//! paths, opened safely), `format` (probing, mkfs) and [`mkfs_options`].
+//! paths, opened safely), `probe` (the signature probe: in-process where the
+//! answer is clear, else `blkid`), `format` (`blkid`, mkfs), `template`
+//! (new ext4 volumes as copies of a template made once, given their own
+//! UUID by `ext4`) and [`mkfs_options`].
 //!
 //! Every decision is read from the kernel, never from memory: whether a
 //! path is mounted (statx `STATX_ATTR_MOUNT_ROOT`), which loop device backs
@@ -34,6 +37,7 @@ mod claim;
 mod devices;
 pub mod ephemeral;
 pub mod error;
+mod ext4;
 #[cfg(test)]
 mod fake;
 mod fences;
@@ -42,10 +46,12 @@ pub mod kernel;
 pub mod mkfs_options;
 mod mounts;
 pub mod paths;
+mod probe;
 mod publish;
 mod rollback;
 mod stage;
 mod stats;
+mod template;
 #[cfg(test)]
 mod tests;
 pub mod trim;

@@ -18,6 +18,7 @@ use super::format::Content;
 use super::mkfs_options;
 use super::paths::Create;
 use super::rollback::Rollback;
+use super::template::Recipe;
 use super::{lock_kind, Node, Request, BLOCK_DEVICE_FILE};
 use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
 use crate::pool::Pool;
@@ -173,7 +174,10 @@ impl Node {
             found,
             expected: fs.as_str().into(),
         };
-        match self.kernel.probe(&dev.path(), &pool.image_path(&v.id))? {
+        match self
+            .kernel
+            .probe(&dev.path(), &pool.image_path(&v.id), fs)?
+        {
             Content::Filesystem(found) if found == fs.as_str() => {}
             // A read-only stage of a never-formatted volume, or an image
             // blanked under us: nothing to mount, nothing to format.
@@ -286,12 +290,26 @@ impl Node {
         // Checked again here, not only at CreateVolume: a record made by a
         // version that passed mkfsOptions through unchecked is refused
         // before anything runs (the caller lets go of the fence).
-        let options = mkfs_options::validate(fs, &v.mkfs_options).map_err(|source| {
-            NodeError::MkfsOptionsRefused {
+        let words: Vec<String> = if fs == FsType::Ext4 && v.thick {
+            // A thick image's inode tables are zeroed by mkfs, which keeps
+            // the preallocation (FALLOC_FL_ZERO_RANGE). Left to the
+            // kernel's ext4lazyinit thread after the first mount, they
+            // would be zeroed through the loop device, which punches holes
+            // and gives 16 MiB of every 256 MiB back to the pool. The
+            // volume's own options come after, and win.
+            ["-E", "lazy_itable_init=0"]
+                .iter()
+                .map(|&w| w.to_owned())
+                .chain(v.mkfs_options.iter().cloned())
+                .collect()
+        } else {
+            v.mkfs_options.clone()
+        };
+        let options =
+            mkfs_options::validate(fs, &words).map_err(|source| NodeError::MkfsOptionsRefused {
                 id: id.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         // One already attached (a crash between attach and format) is
         // mounted nowhere: detach it first.
         if let Some(bound) = self
@@ -318,11 +336,12 @@ impl Node {
     }
 
     /// Makes the filesystem of a blank image without ever writing to the
-    /// image itself: mkfs runs on a new file beside it, which replaces the
-    /// image by one rename once it is complete and synced. A crash during
-    /// mkfs leaves the blank image and a scratch file (removed on the next
-    /// try), never a half-made filesystem that the probe would then refuse
-    /// to touch. The caller holds the volume's fence and lock.
+    /// image itself: a new file beside it, a copy of the volume's template
+    /// (see `super::template`) or one mkfs formats, replaces the image by
+    /// one rename once it is complete and synced. A crash before that
+    /// leaves the blank image and a scratch file (removed on the next try),
+    /// never a half-made filesystem that the probe would then refuse to
+    /// touch. The caller holds the volume's fence and lock.
     fn format_image(
         &self,
         pool: &Pool,
@@ -334,33 +353,52 @@ impl Node {
             .parent()
             .expect("images live in their volume directory");
         let scratch = dir.join(".image.mkfs");
-        // Left by a stage that crashed during mkfs.
+        // Left by a stage that crashed before its rename.
         remove_if_present(&scratch).map_err(sys("remove", &scratch))?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&scratch)
-            .map_err(sys("create", &scratch))?;
         let mut undo = Rollback::new();
         undo.push(format!("remove {}", scratch.display()), || {
             remove_if_present(&scratch)
         });
         let result = (|| {
-            file.set_len(v.capacity_bytes)
-                .map_err(sys("size", &scratch))?;
-            if v.thick {
-                crate::sys::fs::preallocate(&file, v.capacity_bytes)
-                    .map_err(sys("preallocate", &scratch))?;
-            }
-            self.kernel.mkfs(&scratch, options)?;
+            let copied = match Recipe::of(pool, v, options.fs()) {
+                Some(recipe) => self.copy_template(pool, &recipe, &scratch)?,
+                None => None,
+            };
+            let file = match copied {
+                Some(file) => file,
+                None => self.mkfs_scratch(v, &scratch, options)?,
+            };
             file.sync_all().map_err(sys("sync", &scratch))?;
             crate::faults::crash_point("stage.formatted");
             std::fs::rename(&scratch, &image).map_err(sys("replace", &image))?;
             crate::sys::fs::fsync_dir(dir).map_err(sys("sync", dir))
         })();
         undo.finish(result)
+    }
+
+    /// Makes the new file `scratch` and runs mkfs on it (see
+    /// [`Self::format_image`]).
+    fn mkfs_scratch(
+        &self,
+        v: &VolumeMeta,
+        scratch: &Path,
+        options: &mkfs_options::Validated<'_>,
+    ) -> Result<std::fs::File, NodeError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(scratch)
+            .map_err(sys("create", scratch))?;
+        file.set_len(v.capacity_bytes)
+            .map_err(sys("size", scratch))?;
+        if v.thick {
+            crate::sys::fs::preallocate(&file, v.capacity_bytes)
+                .map_err(sys("preallocate", scratch))?;
+        }
+        self.kernel.mkfs(scratch, options)?;
+        Ok(file)
     }
 
     /// NodeUnstageVolume: unmounts, detaches the loop device, drops the

@@ -78,6 +78,17 @@ impl Bed {
     }
 
     fn volume(&self, name: &str, layout: Layout, access: AccessType) -> VolumeMeta {
+        self.volume_with(name, layout, access, &[])
+    }
+
+    /// A volume with `mkfs_options`.
+    fn volume_with(
+        &self,
+        name: &str,
+        layout: Layout,
+        access: AccessType,
+        mkfs_options: &[&str],
+    ) -> VolumeMeta {
         self.pool
             .create_volume(&VolumeSpec {
                 name: name.into(),
@@ -90,7 +101,7 @@ impl Bed {
                 fs_type: (layout == Layout::Image && access == AccessType::Mount)
                     .then_some(FsType::Ext4),
                 thick: false,
-                mkfs_options: vec![],
+                mkfs_options: mkfs_options.iter().map(|&o| o.to_owned()).collect(),
                 parameters: BTreeMap::new(),
                 mutable_parameters: BTreeMap::new(),
                 source: None,
@@ -154,16 +165,18 @@ fn a_blank_image_is_formatted_once_and_a_retried_stage_changes_nothing() {
     let staging = bed.path("staging/a");
     bed.stage(&v, &staging, RWO).unwrap();
     // Formatted before it is attached: no device ever shows a half-made
-    // filesystem.
-    let ops: Vec<String> = bed
-        .kernel
-        .calls()
-        .iter()
-        .map(|c| c.split(' ').next().unwrap().to_owned())
-        .collect();
+    // filesystem. The first volume of its size made the template that it
+    // is a copy of, with a UUID of its own.
     assert_eq!(
-        ops,
-        ["mkfs", "attach", "drop_cached_blocks", "probe", "mount"]
+        ops(&bed),
+        [
+            "mkfs",
+            "renew_uuid",
+            "attach",
+            "drop_cached_blocks",
+            "probe",
+            "mount"
+        ]
     );
     assert_eq!(bed.fence(&v), Some(LockKind::Exclusive));
     assert_eq!(bed.pool.volume(&v.id).unwrap().written, Some(true));
@@ -253,10 +266,87 @@ fn a_rollback_that_fails_keeps_both_errors_and_the_fence() {
     assert_eq!(bed.fence(&v), None);
 }
 
+/// The kernel calls made so far, by name.
+fn ops(bed: &Bed) -> Vec<String> {
+    bed.kernel
+        .calls()
+        .iter()
+        .map(|c| c.split(' ').next().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn volumes_of_one_size_are_copies_of_one_template_each_with_its_uuid() {
+    let bed = Bed::new();
+    let (a, b) = (
+        bed.volume("a", Layout::Image, AccessType::Mount),
+        bed.volume("b", Layout::Image, AccessType::Mount),
+    );
+    bed.stage(&a, &bed.path("staging/a"), RWO).unwrap();
+    bed.stage(&b, &bed.path("staging/b"), RWO).unwrap();
+    assert_eq!(bed.kernel.count("mkfs"), 1, "one template");
+    assert_eq!(bed.kernel.count("renew_uuid"), 2);
+    let (ia, ib) = (
+        std::fs::read(bed.pool.image_path(&a.id)).unwrap(),
+        std::fs::read(bed.pool.image_path(&b.id)).unwrap(),
+    );
+    assert_eq!(ia.len() as u64, 16 * MIB);
+    assert_ne!(ia, ib, "each its own UUID");
+    // The template is no volume.
+    let templates: Vec<_> = std::fs::read_dir(bed.pool.root().join("templates"))
+        .unwrap()
+        .collect();
+    assert_eq!(templates.len(), 1);
+    assert_eq!(bed.pool.list_volumes(None, 0).unwrap().0.len(), 2);
+
+    // Options of its own: a mkfs of its own, no template.
+    let c = bed.volume_with("c", Layout::Image, AccessType::Mount, &["-m", "0"]);
+    bed.stage(&c, &bed.path("staging/c"), RWO).unwrap();
+    assert_eq!(bed.kernel.count("mkfs"), 2);
+    assert_eq!(bed.kernel.count("renew_uuid"), 2);
+}
+
+#[test]
+fn a_template_that_fails_or_is_damaged_gives_way_to_a_mkfs_of_its_own() {
+    let bed = Bed::new();
+    let a = bed.volume("a", Layout::Image, AccessType::Mount);
+    // The template's mkfs fails (an older mkfs that lacks its options): the
+    // volume's own mkfs runs.
+    bed.kernel.fail_next("mkfs", ErrorKind::Other);
+    bed.stage(&a, &bed.path("staging/a"), RWO).unwrap();
+    assert_eq!(ops(&bed)[..3], ["mkfs", "mkfs", "attach"]);
+    assert_eq!(bed.pool.volume(&a.id).unwrap().written, Some(true));
+
+    // A damaged template is removed, and the volume gets its own mkfs.
+    let b = bed.volume("b", Layout::Image, AccessType::Mount);
+    bed.stage(&b, &bed.path("staging/b"), RWO).unwrap();
+    let dir = bed.pool.root().join("templates");
+    let template = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&template, b"not a filesystem").unwrap();
+    let c = bed.volume("c", Layout::Image, AccessType::Mount);
+    let before = bed.kernel.count("mkfs");
+    bed.stage(&c, &bed.path("staging/c"), RWO).unwrap();
+    assert_eq!(bed.kernel.count("mkfs"), before + 1);
+    assert!(!template.exists(), "the damaged template was removed");
+    let image = std::fs::read(bed.pool.image_path(&c.id)).unwrap();
+    assert!(image.starts_with(b"FAKE-FILESYSTEM ext4"));
+    assert!(!bed
+        .pool
+        .image_path(&c.id)
+        .with_file_name(".image.mkfs")
+        .exists());
+}
+
 #[test]
 fn a_failed_mkfs_leaves_the_image_blank_and_nothing_taken() {
     let bed = Bed::new();
-    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    // mkfsOptions: no template, so the one mkfs is the volume's.
+    let v = bed.volume_with("a", Layout::Image, AccessType::Mount, &["-m", "0"]);
     let staging = bed.path("staging/a");
     bed.kernel.fail_next("mkfs", ErrorKind::Other);
     bed.stage(&v, &staging, RWO).unwrap_err();

@@ -52,7 +52,8 @@ pub fn derive(kind: Kind, name: &str) -> String {
     id
 }
 
-fn fnv1a64<'a>(bytes: impl Iterator<Item = &'a u8>) -> u64 {
+/// The 64-bit FNV-1a hash of `bytes`: stable across versions and hosts.
+pub fn fnv1a64<'a>(bytes: impl Iterator<Item = &'a u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

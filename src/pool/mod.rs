@@ -14,6 +14,9 @@
 //! <pool>/nodes/<node>.json        node plugins serving this pool
 //! <pool>/attachments/<volume>@<created>@<node>@<mode>@<rw|ro>
 //!                                 ControllerPublish records (empty files)
+//! <pool>/templates/<fs>-<bytes>-<recipe>  formatted filesystems that new
+//!                                 volumes start as copies of (see
+//!                                 `node::template`); no volume's data
 //! <pool>/.capacity.lock           held while capacity is promised
 //! <pool>/.scratch/<instance>/     work in progress of one running process
 //! ```
@@ -190,7 +193,14 @@ impl Pool {
     pub fn open(root: &Path, opts: PoolOptions) -> Result<Pool, PoolError> {
         std::fs::create_dir_all(root).map_err(io_error("create", root))?;
         let mut made = false;
-        for dir in ["volumes", "snapshots", "groups", "nodes", attachments::DIR] {
+        for dir in [
+            "volumes",
+            "snapshots",
+            "groups",
+            "nodes",
+            attachments::DIR,
+            "templates",
+        ] {
             let p = root.join(dir);
             match std::fs::create_dir(&p) {
                 Ok(()) => made = true,
@@ -302,6 +312,11 @@ impl Pool {
     /// The image file of an `image` volume.
     pub fn image_path(&self, id: &str) -> PathBuf {
         self.volume_dir(id).join("image")
+    }
+
+    /// The formatted template named `name` (see `node::template`).
+    pub fn template_path(&self, name: &str) -> PathBuf {
+        self.root.join("templates").join(name)
     }
 
     /// The directory of a `dir` volume.

@@ -39,4 +39,5 @@ mod ops;
 mod single_writer;
 mod snapshot_metadata;
 mod stress;
+mod templates;
 mod trim;
