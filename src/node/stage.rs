@@ -147,10 +147,10 @@ impl Node {
         let fs = v.fs_type.unwrap_or(FsType::Ext4);
         let read_only = req.mode.is_read_only();
         // A provably blank image gets its filesystem before it is attached.
-        let v = if !read_only && v.written != Some(true) {
+        let (v, formatted_now) = if !read_only && v.written != Some(true) {
             self.format_if_blank(pool, &v.id, fs)?
         } else {
-            v.clone()
+            (v.clone(), false)
         };
         let dev = self.attach(pool, &v, read_only, claim)?;
         if self.mount_state(staging)? == MountState::Mounted {
@@ -174,10 +174,18 @@ impl Node {
             found,
             expected: fs.as_str().into(),
         };
-        match self
-            .kernel
-            .probe(&dev.path(), &pool.image_path(&v.id), fs)?
-        {
+        // The probe reads 768 KiB through the device. After a format by
+        // this very call it has nothing to find out: under the volume's
+        // lock and exclusive fence this call proved the image blank,
+        // replaced it by the filesystem it made, and attached a new device
+        // to that file (a new inode no other device can serve).
+        let content = if formatted_now {
+            Content::Filesystem(fs.as_str().into())
+        } else {
+            self.kernel
+                .probe(&dev.path(), &pool.image_path(&v.id), fs)?
+        };
+        match content {
             Content::Filesystem(found) if found == fs.as_str() => {}
             // A read-only stage of a never-formatted volume, or an image
             // blanked under us: nothing to mount, nothing to format.
@@ -273,11 +281,16 @@ impl Node {
 
     /// Formats the image if it is provably blank (see
     /// [`super::format::blank_image`]), and returns the volume's record as
-    /// it is now. Runs under the volume's lock in the pool: the size
+    /// it is now and whether this call formatted it. Runs under the volume's lock in the pool: the size
     /// formatted is the one recorded now (an expansion before the first
     /// stage is not lost), and no other process changes the record in
     /// between.
-    fn format_if_blank(&self, pool: &Pool, id: &str, fs: FsType) -> Result<VolumeMeta, NodeError> {
+    fn format_if_blank(
+        &self,
+        pool: &Pool,
+        id: &str,
+        fs: FsType,
+    ) -> Result<(VolumeMeta, bool), NodeError> {
         let lock = pool.lock_volume(id)?;
         let v = pool.volume(id)?;
         let image = pool.image_path(id);
@@ -285,7 +298,7 @@ impl Node {
             .kernel
             .blank_image(&image, pool.reports_holes(), v.written)?
         {
-            return Ok(v);
+            return Ok((v, false));
         }
         // Checked again here, not only at CreateVolume: a record made by a
         // version that passed mkfsOptions through unchecked is refused
@@ -332,7 +345,7 @@ impl Node {
         // image with `written: false`, which the signature probe still
         // refuses to format again.
         crate::faults::crash_point("stage.renamed");
-        Ok(pool.mark_written(id, &lock)?)
+        Ok((pool.mark_written(id, &lock)?, true))
     }
 
     /// Makes the filesystem of a blank image without ever writing to the
