@@ -364,12 +364,6 @@ pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
     Ok(out)
 }
 
-/// The loop device backed by `image` and usable: not one whose detach is
-/// pending (see [`find_bound`]).
-pub fn find(image: &Path) -> io::Result<Option<LoopDevice>> {
-    Ok(bound_to(image)?.into_iter().find(|d| !d.detaching()))
-}
-
 /// The loop device backed by `image`, including one whose detach is pending
 /// because something still holds it open: the kernel still reads and
 /// writes the image through it until the last close, so the image is in use
