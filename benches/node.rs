@@ -210,7 +210,10 @@ fn main() {
     let mut direct_stages = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        let dev = loopdev::attach(&image, false, true).unwrap().device;
+        let dev = loopdev::attach(&image, false, true)
+            .unwrap()
+            .expect("not fenced")
+            .device;
         mount::mount_fs(
             &dev.path(),
             &staging,
@@ -243,7 +246,10 @@ fn main() {
             .unwrap()
             .set_len(10 << 30)
             .unwrap();
-        let dev = loopdev::attach(&img, false, true).unwrap().device;
+        let dev = loopdev::attach(&img, false, true)
+            .unwrap()
+            .expect("not fenced")
+            .device;
         let t = Instant::now();
         assert!(Command::new("mkfs.ext4")
             .args(["-F", "-q"])

@@ -162,8 +162,15 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         // another node holds the image, the volume is not staged, a
         // ReadWriteOncePod volume is in use, the device is not blank, a
         // mount point is busy, the volume's record asks for mkfs options
-        // that are not allowed (only a new volume fixes that).
+        // that are not allowed (only a new volume fixes that), a device of
+        // the image exists elsewhere or its fence cannot be proven, or
+        // what a path holds is not the volume named (an unpublish or
+        // unstage that would act on someone else's mount).
         NodeError::Fenced { .. }
+        | NodeError::ImageFenced { .. }
+        | NodeError::AttachedElsewhere { .. }
+        | NodeError::FenceUnproven { .. }
+        | NodeError::NotThisVolume { .. }
         | NodeError::NotStaged { .. }
         | NodeError::SingleWriter { .. }
         | NodeError::WillNotFormat { .. }

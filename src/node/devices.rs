@@ -13,17 +13,16 @@
 //!   still be bound to this image (one LOOP_GET_STATUS64), so a device
 //!   detached or reused behind the table's back is never taken for the
 //!   image's; the entry is dropped and the lookup goes on as a miss.
-//! - **A miss** means no device serves the image. The table starts from a
-//!   scan of every device at the node's start (the one that re-takes the
-//!   fences of staged images), and every device this process attaches is
-//!   entered before the attach returns. A device attached by another
-//!   process after the start is one that process holds the volume's fence
-//!   for: a writable one under the exclusive fence, which this node cannot
-//!   hold at the same time, so a writable stage here never attaches beside
-//!   it. What the table can miss is another node plugin's *read-only*
-//!   device on the same host (a test or development layout; a deployment
-//!   runs one node plugin per host): then each plugin reads the image
-//!   through its own read-only device, and neither writes it.
+//! - **A miss** means no device of this node plugin serves the image. The
+//!   table starts from a scan of every device at the node's start (the one
+//!   that checks the fences of staged images), keeping the devices that are
+//!   this plugin's: mounted under its kubelet directory, or mounted nowhere
+//!   (a stage that died between attach and mount). Every device this
+//!   process attaches is entered before the attach returns. Before a stage
+//!   attaches, it still asks the kernel for any device of the image on the
+//!   host (`Node::attach`): another node plugin's, or one an older filevol
+//!   attached without a fence, is never taken for this plugin's, nor
+//!   doubled by a second device.
 //! - A crash loses the table, not the devices: the next start scans again.
 
 use std::collections::HashMap;
@@ -36,28 +35,38 @@ use parking_lot::Mutex;
 use super::kernel::{Bound, Kernel};
 use crate::sys::loopdev::LoopDevice;
 
-/// Loop devices by the (st_dev, st_ino) of the image they serve.
+/// Loop devices by the (st_dev, st_ino) of the image they serve, with the
+/// id of the volume whose image it is.
 #[derive(Debug, Default)]
 pub(super) struct DeviceTable {
-    by_image: Mutex<HashMap<(u64, u64), LoopDevice>>,
+    by_image: Mutex<HashMap<(u64, u64), (LoopDevice, String)>>,
 }
 
 impl DeviceTable {
-    /// Fills the table from a scan of every bound device (usable ones win
-    /// over ones being detached, as a stage wants).
-    pub(super) fn fill(&self, attached: &[(Bound, (u64, u64))]) {
+    /// Enters devices found by a scan, with their volume's id (usable ones
+    /// win over ones being detached, as a stage wants).
+    pub(super) fn fill(&self, attached: &[(Bound, (u64, u64), String)]) {
         let mut table = self.by_image.lock();
-        for (bound, key) in attached {
+        for (bound, key, id) in attached {
             let keep = table.get(key).is_some_and(|_| bound.detaching);
             if !keep {
-                table.insert(*key, bound.device);
+                table.insert(*key, (bound.device, id.clone()));
             }
         }
     }
 
-    /// Records that `device` now serves the image `key`.
-    pub(super) fn attached(&self, key: (u64, u64), device: LoopDevice) {
-        self.by_image.lock().insert(key, device);
+    /// Records that `device` now serves the image `key` of volume `id`.
+    pub(super) fn attached(&self, key: (u64, u64), device: LoopDevice, id: &str) {
+        self.by_image.lock().insert(key, (device, id.to_owned()));
+    }
+
+    /// Every entry: the volume's id, its image's key and the device.
+    pub(super) fn entries(&self) -> Vec<(String, (u64, u64), LoopDevice)> {
+        self.by_image
+            .lock()
+            .iter()
+            .map(|(key, (device, id))| (id.clone(), *key, *device))
+            .collect()
     }
 
     /// The device serving `image`, checked with the kernel (see the module
@@ -75,7 +84,7 @@ impl DeviceTable {
         kernel: &dyn Kernel,
         key: (u64, u64),
     ) -> io::Result<Option<Bound>> {
-        let Some(device) = self.by_image.lock().get(&key).copied() else {
+        let Some(device) = self.by_image.lock().get(&key).map(|(d, _)| *d) else {
             return Ok(None);
         };
         match kernel.loop_status(device)? {
@@ -87,7 +96,7 @@ impl DeviceTable {
             // the entry unless an attach has replaced it meanwhile.
             _ => {
                 let mut table = self.by_image.lock();
-                if table.get(&key) == Some(&device) {
+                if table.get(&key).map(|(d, _)| *d) == Some(device) {
                     table.remove(&key);
                 }
                 Ok(None)

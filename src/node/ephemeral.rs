@@ -111,6 +111,18 @@ pub fn staging(kubelet_dir: &Path, driver_name: &str, volume_id: &str) -> PathBu
         .join(volume_id)
 }
 
+/// The pool volume that kubelet's `volume_id` names: an ephemeral
+/// volume's id is derived from it (see [`Node::publish_ephemeral`]); any
+/// other volume's is the id itself.
+pub fn pool_id(pool: &Pool, volume_id: &str) -> Result<String, NodeError> {
+    let derived = ids::derive(ids::Kind::Volume, volume_id);
+    match pool.volume(&derived) {
+        Ok(v) if is_ephemeral(&v) => Ok(derived),
+        Ok(_) | Err(PoolError::NotFound { .. }) => Ok(volume_id.to_owned()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl Node {
     /// NodePublishVolume of an ephemeral volume: creates the pool volume
     /// described by `spec` (or finds it, on a retry), stages it at

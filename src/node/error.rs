@@ -25,6 +25,52 @@ pub enum NodeError {
         /// The image.
         image: PathBuf,
     },
+    /// The image's lock is held by a writer elsewhere: a loop device of it
+    /// on another host sharing the pool (whose node plugin may have died
+    /// while its pods write on), or a delete or copy of it in progress.
+    #[error("volume {id}: its image {image} is locked by another writer's fence (a loop device of it on another host sharing the pool, perhaps left by a node plugin that died while its pods write on, or a delete or copy in progress); it is staged here only once that is gone")]
+    ImageFenced {
+        /// The volume.
+        id: String,
+        /// The image.
+        image: PathBuf,
+    },
+    /// A loop device of the image exists on this host that this node
+    /// plugin did not attach and that is mounted (another node plugin's
+    /// stage, or an older filevol's): a second device beside it would be a
+    /// second writer.
+    #[error("volume {id}: its image {image} is already attached to {device} on this host, mounted at {at} (another node plugin's, or one a plugin left when it died); refusing to attach a second device beside it")]
+    AttachedElsewhere {
+        /// The volume.
+        id: String,
+        /// The image.
+        image: PathBuf,
+        /// The device found.
+        device: PathBuf,
+        /// Where it is mounted.
+        at: PathBuf,
+    },
+    /// This host has a device of the volume whose fence cannot be proven
+    /// (another holder has the image's lock): the volume is not staged or
+    /// published again until that is resolved.
+    #[error("volume {id}: {reason}; it is not staged or published again until an unstage removes this host's device")]
+    FenceUnproven {
+        /// The volume.
+        id: String,
+        /// What the check found.
+        reason: String,
+    },
+    /// What is mounted (or lies) at a path is not this volume's, so an
+    /// unpublish or unstage leaves it alone.
+    #[error("{path} holds {what}, not volume {id}; nothing was unmounted or removed")]
+    NotThisVolume {
+        /// The volume asked for.
+        id: String,
+        /// The path.
+        path: PathBuf,
+        /// What is there.
+        what: String,
+    },
     /// NodePublish before NodeStage.
     #[error("volume {id} is not staged at {path}")]
     NotStaged {

@@ -31,6 +31,7 @@ use super::mkfs_options::Validated;
 use super::mounts::FsMount;
 use crate::pool::meta::FsType;
 use crate::pool::Pool;
+use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
 use crate::sys::mount::MountState;
 
@@ -70,6 +71,9 @@ struct State {
     next_loop: u32,
     /// Devices whose detach the fake leaves pending (held open elsewhere).
     held_open: Vec<u32>,
+    /// Images whose lock a device elsewhere (another host) holds: an
+    /// attach of one answers "held".
+    fenced_elsewhere: Vec<PathBuf>,
 }
 
 impl State {
@@ -105,6 +109,11 @@ impl Recording {
     /// The next call named `op` fails with `kind`.
     pub fn fail_next(&self, op: &'static str, kind: io::ErrorKind) {
         self.state.lock().fail.insert(op, kind);
+    }
+
+    /// Attaches of `image` find its lock held by a device elsewhere.
+    pub fn fence_elsewhere(&self, image: &Path) {
+        self.state.lock().fenced_elsewhere.push(image.to_owned());
     }
 
     /// Detaches of `dev` stay pending (something holds it open).
@@ -210,9 +219,17 @@ impl Kernel for Recording {
             .collect())
     }
 
-    fn attach(&self, image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached> {
+    fn attach(
+        &self,
+        image: &Path,
+        read_only: bool,
+        direct_io: bool,
+    ) -> io::Result<Option<Attached>> {
         self.call("attach", image.display())?;
         let mut st = self.state.lock();
+        if st.fenced_elsewhere.iter().any(|p| p == image) {
+            return Ok(None);
+        }
         let device = LoopDevice {
             number: st.next_loop,
         };
@@ -227,7 +244,7 @@ impl Kernel for Recording {
             read_only,
             detaching: false,
         });
-        Ok(Attached { device, direct_io })
+        Ok(Some(Attached { device, direct_io }))
     }
 
     fn detach(&self, dev: LoopDevice) -> io::Result<()> {
@@ -395,6 +412,22 @@ impl Kernel for Recording {
             .mounts
             .iter()
             .any(|m| m.source == Source::Device(dev.path())))
+    }
+
+    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>> {
+        let st = self.state.lock();
+        Ok(st
+            .mounts
+            .iter()
+            .filter(|m| m.source == Source::Device(dev.path()))
+            .map(|m| m.target.clone())
+            .collect())
+    }
+
+    fn pool_locks(&self, _pool: &Pool) -> io::Result<Vec<(u64, LockKind)>> {
+        // The fake's devices hold no lock of their own: a check finds none
+        // and takes the images' locks for the process (`node::custody`).
+        Ok(Vec::new())
     }
 
     fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {

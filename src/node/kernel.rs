@@ -31,6 +31,7 @@ use super::mounts::{self, FsMount};
 use super::probe;
 use crate::pool::meta::FsType;
 use crate::pool::Pool;
+use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
 use crate::sys::mount::{self, MountState};
 
@@ -56,8 +57,15 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn loop_status(&self, dev: LoopDevice) -> io::Result<Option<loopdev::Status>>;
     /// Every attached device and the (st_dev, st_ino) of its backing file.
     fn attached(&self) -> io::Result<Vec<(Bound, (u64, u64))>>;
-    /// Attaches a free device to `image`.
-    fn attach(&self, image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached>;
+    /// Attaches a free device to `image`, fenced by the device itself (see
+    /// [`loopdev::attach`]): `Ok(None)` when the image's lock is held
+    /// elsewhere and nothing was attached.
+    fn attach(
+        &self,
+        image: &Path,
+        read_only: bool,
+        direct_io: bool,
+    ) -> io::Result<Option<Attached>>;
     /// Detaches a device (deferred by the kernel until its last close).
     fn detach(&self, dev: LoopDevice) -> io::Result<()>;
     /// Whether the device is read-only.
@@ -111,6 +119,11 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     ) -> io::Result<Vec<PathBuf>>;
     /// Whether the device is mounted anywhere in this mount namespace.
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool>;
+    /// Every mount point of the device in this mount namespace.
+    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>>;
+    /// The OFD locks this host records on the pool's filesystem, as
+    /// (inode, kind) (see `node::custody`).
+    fn pool_locks(&self, pool: &Pool) -> io::Result<Vec<(u64, LockKind)>>;
     /// Ids of the pool's directory volumes bind-mounted under `under`.
     fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>>;
     /// The pool's image volumes with a filesystem mounted under
@@ -183,7 +196,12 @@ impl Kernel for Host {
             .collect())
     }
 
-    fn attach(&self, image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached> {
+    fn attach(
+        &self,
+        image: &Path,
+        read_only: bool,
+        direct_io: bool,
+    ) -> io::Result<Option<Attached>> {
         loopdev::attach(image, read_only, direct_io)
     }
 
@@ -273,6 +291,14 @@ impl Kernel for Host {
 
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {
         mounts::loop_mounted(&dev)
+    }
+
+    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>> {
+        mounts::loop_mount_points(&dev)
+    }
+
+    fn pool_locks(&self, pool: &Pool) -> io::Result<Vec<(u64, LockKind)>> {
+        mounts::pool_locks(pool)
     }
 
     fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {

@@ -34,6 +34,7 @@
 //! attached and the directories it finds bind-mounted before it serves.
 
 mod claim;
+pub mod custody;
 mod devices;
 pub mod ephemeral;
 pub mod error;
@@ -57,9 +58,9 @@ mod tests;
 pub mod trim;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use custody::Custody;
 use error::sys;
 pub use error::NodeError;
 use fences::Fences;
@@ -100,6 +101,8 @@ pub struct Node {
     /// Direct I/O on loop devices where the pool allows it.
     direct_io: bool,
     fences: Fences,
+    /// Who holds the fences of this plugin's devices.
+    custody: custody::Custodies,
     /// Which loop device serves which image.
     devices: devices::DeviceTable,
     kernel: std::sync::Arc<dyn Kernel>,
@@ -159,6 +162,7 @@ impl Node {
             kubelet_dir,
             direct_io,
             fences: Fences::default(),
+            custody: custody::Custodies::default(),
             devices: devices::DeviceTable::default(),
             kernel,
             gate: trim::Gate::default(),
@@ -173,9 +177,13 @@ impl Node {
         &self.kubelet_dir
     }
 
-    /// Re-takes the fence of every volume this host has staged: images
-    /// attached to a loop device, directories bind-mounted under the
-    /// kubelet directory.
+    /// Finds what this plugin has staged from the kernel before it serves:
+    /// the devices of the pool's images (by backing inode) that are its own
+    /// (mounted under its kubelet directory, or mounted nowhere: a stage
+    /// that died between attach and mount), whose fences it then checks
+    /// (`custody`), and the directories bind-mounted under the kubelet
+    /// directory. It re-takes the pool fence of each, which keeps another
+    /// node plugin's stage from starting while this one has it.
     fn recover(&self, pool: &Pool) -> Result<(), NodeError> {
         let attached = match self.kernel.attached() {
             Ok(a) => a,
@@ -187,38 +195,30 @@ impl Node {
                 return Ok(());
             }
         };
-        // The one scan of every device: from here on the table answers.
-        self.devices.fill(&attached);
-        // From the directory and the kernel, not the records: a record that
-        // cannot be read right now must not leave a staged image unfenced.
-        for id in pool.store().ids(crate::pool::store::Kind::Volume)? {
-            let image = pool.image_path(&id);
-            let Ok(meta) = std::fs::metadata(&image) else {
-                continue;
-            };
-            // A device with a detach pending was let go of by an unstage
-            // (which waited for it; one still held open is refused by the
-            // next stage): nothing staged to fence.
-            let Some((bound, _)) = attached
-                .iter()
-                .find(|(d, b)| *b == (meta.dev(), meta.ino()) && !d.detaching)
-            else {
-                continue;
-            };
-            let dev = bound.device;
-            let kind = if self.kernel.read_only(dev).unwrap_or(false) {
-                LockKind::Shared
-            } else {
-                LockKind::Exclusive
-            };
-            match self.fences.take(pool, &id, kind) {
-                Ok(_) => log::info!(
-                    "volume {id}: found attached to {}, fence re-taken",
-                    dev.path().display()
-                ),
-                Err(e) => log::error!("volume {id}: attached to {} but {e}", dev.path().display()),
+        let mut ours = Vec::new();
+        if !attached.is_empty() {
+            // From the directory and the kernel, not the records: a record
+            // that cannot be read right now must not leave a staged image
+            // unfenced.
+            for id in pool.store().ids(crate::pool::store::Kind::Volume)? {
+                let image = pool.image_path(&id);
+                let key = match devices::image_key(&image) {
+                    Ok(Some(key)) => key,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        log::error!("volume {id}: cannot stat {}: {e}; its devices on this host are not adopted", image.display());
+                        continue;
+                    }
+                };
+                for (bound, _) in attached.iter().filter(|(_, b)| *b == key) {
+                    self.adopt(pool, &id, *bound, key, &mut ours)?;
+                }
             }
         }
+        // The one scan of every device: from here on the table answers for
+        // this plugin's devices.
+        self.devices.fill(&ours);
+        self.check_custody(pool);
         match self.kernel.staged_dirs(pool, &self.kubelet_dir) {
             Ok(ids) => {
                 for id in ids {
@@ -233,6 +233,121 @@ impl Node {
             ),
         }
         Ok(())
+    }
+
+    /// Takes a device of volume `id` found at start into `ours` if it is
+    /// this plugin's (see [`Node::recover`]).
+    fn adopt(
+        &self,
+        pool: &Pool,
+        id: &str,
+        bound: kernel::Bound,
+        key: (u64, u64),
+        ours: &mut Vec<(kernel::Bound, (u64, u64), String)>,
+    ) -> Result<(), NodeError> {
+        let dev = bound.device;
+        let at = self
+            .kernel
+            .loop_mount_points(dev)
+            .map_err(sys("read", "/proc/self/mountinfo"))?;
+        if !at.is_empty() && !at.iter().any(|p| p.starts_with(&self.kubelet_dir)) {
+            log::info!(
+                "volume {id}: {} is mounted at {} by another node plugin on this host, not adopted",
+                dev.path().display(),
+                at[0].display()
+            );
+            return Ok(());
+        }
+        ours.push((bound, key, id.to_owned()));
+        // A device with a detach pending was let go of by an unstage
+        // (which waited for it; one still held open is refused by the next
+        // stage): nothing staged to fence.
+        if bound.detaching {
+            return Ok(());
+        }
+        let kind = if self.kernel.read_only(dev).unwrap_or(false) {
+            LockKind::Shared
+        } else {
+            LockKind::Exclusive
+        };
+        match self.fences.take(pool, id, kind) {
+            Ok(_) => log::info!(
+                "volume {id}: found attached to {}{}, adopted",
+                dev.path().display(),
+                if at.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and mounted at {}", at[0].display())
+                }
+            ),
+            Err(e) => log::error!("volume {id}: attached to {} but {e}", dev.path().display()),
+        }
+        Ok(())
+    }
+
+    /// Checks who holds the fence of each of this plugin's devices (see
+    /// `custody`), records what is not proven and returns the counts. Run
+    /// at start and then periodically (`filevol serve --fence-check-interval`).
+    pub fn check_custody(&self, pool: &Pool) -> custody::CustodyCounts {
+        let recorded = match self.kernel.pool_locks(pool) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("cannot read this host's locks (/proc/locks): {e}; fences not checked");
+                return self.custody.counts();
+            }
+        };
+        let mut counts = custody::CustodyCounts::default();
+        for (id, key, device) in self.devices.entries() {
+            // Gone or detaching since: nothing of it left to fence.
+            match self.kernel.loop_status(device) {
+                Ok(Some(status)) if status.backing == key && !status.detaching => {}
+                _ => continue,
+            }
+            let read_only = self.kernel.read_only(device).unwrap_or(false);
+            let path = device.path();
+            let image = pool.image_path(&id);
+            let verdict = self.custody.judge(
+                custody::Device {
+                    id: &id,
+                    image: &image,
+                    inode: key.1,
+                    path: &path,
+                    read_only,
+                },
+                &recorded,
+            );
+            self.custody.record(&id, &path, &verdict);
+            match verdict {
+                Custody::Device => counts.device += 1,
+                Custody::Process => counts.process += 1,
+                Custody::Unproven(_) => counts.unproven += 1,
+            }
+        }
+        if counts.process > 0 {
+            log::warn!(
+                "{} staged volume(s) on this node have no fence of their own device (attached by an older filevol, or their lock was lost): this process holds their fences while it lives; unstage and stage them again to give them their devices' fences",
+                counts.process
+            );
+        }
+        self.custody.set_counts(counts);
+        counts
+    }
+
+    /// Refuses a stage or publish of a volume whose device here is not
+    /// provably fenced.
+    fn refuse_unproven(&self, id: &str) -> Result<(), NodeError> {
+        match self.custody.unproven(id) {
+            Some(reason) => Err(NodeError::FenceUnproven {
+                id: id.to_owned(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The fence counts of the last check (for the metrics).
+    pub fn custody_counts(&self) -> custody::CustodyCounts {
+        self.custody.counts()
     }
 
     /// The loop device serving `image` (see `node::devices`).
@@ -291,6 +406,34 @@ impl Node {
         Ok(root)
     }
 
+    /// Every mount of volume `id` under the kubelet directory, by identity:
+    /// its image's loop device, or its data directory (see `node::mounts`).
+    /// What a path holds is this volume's only if the path is among them.
+    fn mounts_of(&self, pool: &Pool, id: &str) -> Result<Vec<PathBuf>, NodeError> {
+        let image = pool.image_path(id);
+        let device = self
+            .bound(&image)
+            .map_err(sys("find loop device of", &image))?
+            .map(|b| b.device);
+        self.kernel
+            .mounts_of_volume(pool, id, device, &self.kubelet_dir)
+            .map_err(sys("read", "/proc/self/mountinfo"))
+    }
+
+    /// Answers OK when the mount at `path` is volume `id`'s, else says what
+    /// is there ([`NodeError::Occupied`]).
+    fn expect_volume_at(&self, pool: &Pool, id: &str, path: &Path) -> Result<(), NodeError> {
+        if self.mounts_of(pool, id)?.iter().any(|p| p == path) {
+            Ok(())
+        } else {
+            Err(NodeError::Occupied {
+                path: path.to_owned(),
+                what: "another volume or filesystem".into(),
+            })
+        }
+    }
+
+    #[allow(dead_code)]
     fn expect_same_fs(&self, mounted: &Path, source: &Path, what: &str) -> Result<(), NodeError> {
         if self
             .kernel

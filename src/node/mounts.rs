@@ -137,6 +137,44 @@ fn tally(
     out
 }
 
+/// Every mount point of the loop device on this host (in this process's
+/// mount namespace): filesystems on it, their binds, binds of its node.
+pub fn loop_mount_points(dev: &LoopDevice) -> io::Result<Vec<PathBuf>> {
+    Ok(mountinfo::read()?
+        .into_iter()
+        .filter(|e| holds_loop(e, dev))
+        .map(|e| e.mount_point)
+        .collect())
+}
+
+/// The OFD locks this host records on the filesystem that holds the pool,
+/// as (inode, kind). The filesystem is named by the mount table's device,
+/// which is what `/proc/locks` uses (on btrfs, stat's `st_dev` is a
+/// subvolume's anonymous device instead).
+pub fn pool_locks(pool: &Pool) -> io::Result<Vec<(u64, crate::sys::lock::LockKind)>> {
+    let table = mountinfo::read()?;
+    let Some((device, _)) = volumes_inside(pool, &table)? else {
+        return Ok(Vec::new());
+    };
+    let Some(device) = parse_device(&device) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("mount table device {device:?}"),
+        ));
+    };
+    Ok(crate::sys::lock::recorded()?
+        .into_iter()
+        .filter(|r| r.device == device)
+        .map(|r| (r.inode, r.kind))
+        .collect())
+}
+
+/// `major:minor` (decimal, as the mount table writes it).
+fn parse_device(text: &str) -> Option<(u32, u32)> {
+    let (major, minor) = text.split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 /// Whether the loop device is mounted anywhere on this host (in this
 /// process's mount namespace), under a kubelet directory or not.
 pub fn loop_mounted(dev: &LoopDevice) -> io::Result<bool> {

@@ -30,6 +30,7 @@ impl Node {
         target: &Path,
         req: &Request,
     ) -> Result<(), NodeError> {
+        self.refuse_unproven(&v.id)?;
         let block = req.access == AccessType::Block;
         let read_only = req.readonly || req.mode.is_read_only();
         let source = if block {
@@ -37,14 +38,24 @@ impl Node {
         } else {
             staging.to_owned()
         };
-        if self.mount_state(&source)? != MountState::Mounted {
+        // By identity, not by path: the staging path must hold this
+        // volume (another volume staged there is not this one's stage), and
+        // a target already mounted must hold it too.
+        let mounts = self.mounts_of(pool, &v.id)?;
+        let holds = |path: &Path| mounts.iter().any(|p| p == path);
+        if self.mount_state(&source)? != MountState::Mounted || !holds(&source) {
             return Err(NodeError::NotStaged {
                 id: v.id.clone(),
                 path: staging.to_owned(),
             });
         }
         if self.mount_state(target)? == MountState::Mounted {
-            self.expect_same_fs(target, &source, "another volume")?;
+            if !holds(target) {
+                return Err(NodeError::Occupied {
+                    path: target.to_owned(),
+                    what: "another volume".into(),
+                });
+            }
             let now = self
                 .kernel
                 .mounted_read_only(target)
@@ -58,17 +69,8 @@ impl Node {
             return Ok(());
         }
         if req.mode == AccessMode::SingleNodeSingleWriter {
-            // By identity: any mount of this volume under the kubelet
-            // directory but its stage is a publish, wherever it is.
-            let image = pool.image_path(&v.id);
-            let device = self
-                .bound(&image)
-                .map_err(sys("find loop device of", &image))?
-                .map(|b| b.device);
-            let mounts = self
-                .kernel
-                .mounts_of_volume(pool, &v.id, device, &self.kubelet_dir)
-                .map_err(sys("read", "/proc/self/mountinfo"))?;
+            // Any mount of this volume under the kubelet directory but its
+            // stage is a publish, wherever it is.
             if let Some(other) = mounts
                 .into_iter()
                 .find(|p| !p.starts_with(staging) && p != target)
@@ -108,10 +110,25 @@ impl Node {
     /// NodeUnpublishVolume: unmounts and removes the target. Idempotent; a
     /// dead mount (ENOTCONN, EIO, ESTALE) is still unmounted; EBUSY is an
     /// error.
-    pub fn unpublish(&self, target: &Path) -> Result<(), NodeError> {
+    ///
+    /// Only what is provably volume `id`'s is touched: a mount there must
+    /// hold it (by identity, see `node::mounts`), and what is left once it
+    /// is unmounted must be what a publish makes, an empty directory or an
+    /// empty file. Anything else under the kubelet directory (a secret's
+    /// tmpfs, another volume, a file with data) is refused with nothing
+    /// unmounted or removed.
+    pub fn unpublish(&self, pool: &Pool, id: &str, target: &Path) -> Result<(), NodeError> {
+        let not_this = |what: &str| NodeError::NotThisVolume {
+            id: id.to_owned(),
+            path: target.to_owned(),
+            what: what.into(),
+        };
         match self.mount_state(target)? {
             MountState::Missing => return Ok(()),
             MountState::Mounted | MountState::Broken => {
+                if !self.mounts_of(pool, id)?.iter().any(|p| p == target) {
+                    return Err(not_this("a mount of something else"));
+                }
                 self.kernel
                     .unmount(target)
                     .map_err(sys("unmount", target))?;
@@ -120,9 +137,14 @@ impl Node {
         }
         let meta = std::fs::symlink_metadata(target).map_err(sys("stat", target))?;
         if meta.is_dir() {
+            // Fails, and removes nothing, unless it is empty.
             std::fs::remove_dir(target).map_err(sys("remove", target))?;
-        } else {
+        } else if meta.is_file() && meta.len() == 0 {
             std::fs::remove_file(target).map_err(sys("remove", target))?;
+        } else {
+            return Err(not_this(
+                "something a publish does not leave (a file with data, a link, a device)",
+            ));
         }
         Ok(())
     }

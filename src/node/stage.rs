@@ -38,6 +38,7 @@ impl Node {
         // Waits for a trim of this volume to end; none starts until the
         // stage is done.
         let _changing = self.gate.change(&v.id);
+        self.refuse_unproven(&v.id)?;
         match (v.layout, req.access) {
             (Layout::Dir, _) => self.stage_dir(pool, v, staging, req),
             (Layout::Image, AccessType::Mount) => {
@@ -67,7 +68,9 @@ impl Node {
         let mut claim = Claim::fence(self, pool, &v.id, LockKind::Shared)?;
         let result = (|| {
             if self.mount_state(staging)? == MountState::Mounted {
-                return self.expect_same_fs(staging, &data, "another filesystem");
+                // Staged already, if what is bound there is this volume's
+                // directory (another volume's lies on the same filesystem).
+                return self.expect_volume_at(pool, &v.id, staging);
             }
             let source = crate::sys::untrusted::open_root(&data).map_err(sys("open", &data))?;
             let target = self.mount_point(staging, Create::Dir)?;
@@ -88,8 +91,18 @@ impl Node {
         claim.finish(result)
     }
 
-    /// Attaches the image's loop device unless a usable one is attached;
-    /// the claim detaches one this call attached if the stage fails.
+    /// Attaches the image's loop device unless this plugin has a usable
+    /// one attached; the claim detaches one this call attached if the
+    /// stage fails.
+    ///
+    /// Before attaching, the kernel is asked for any device of the image on
+    /// this host, not only this plugin's table: one mounted by another node
+    /// plugin (or left mounted by one that died) is refused unless both are
+    /// read-only, and one mounted nowhere (a stage that died between attach
+    /// and mount, an older filevol's) is detached first, so this plugin's
+    /// device is the only one and holds the fence. A device on another
+    /// host is found by the image's lock, which it holds
+    /// (`sys::loopdev::attach`).
     fn attach(
         &self,
         pool: &Pool,
@@ -116,12 +129,19 @@ impl Node {
             }
             return Ok(bound.device);
         }
-        let a = self
+        self.clear_other_devices(&v.id, &image, key, read_only)?;
+        let Some(a) = self
             .kernel
             .attach(&image, read_only, self.direct_io)
-            .map_err(sys("attach a loop device to", &image))?;
+            .map_err(sys("attach a loop device to", &image))?
+        else {
+            return Err(NodeError::ImageFenced {
+                id: v.id.clone(),
+                image,
+            });
+        };
         claim.attached(a.device);
-        self.devices.attached(key, a.device);
+        self.devices.attached(key, a.device, &v.id);
         if !a.direct_io {
             log::info!(
                 "volume {}: the pool filesystem refused direct I/O; the loop device is buffered",
@@ -134,6 +154,64 @@ impl Node {
             .drop_cached_blocks(a.device)
             .map_err(sys("drop cached blocks of", a.device.path()))?;
         Ok(a.device)
+    }
+
+    /// Deals with devices of the image on this host that this plugin does
+    /// not know (see [`Node::attach`]).
+    fn clear_other_devices(
+        &self,
+        id: &str,
+        image: &Path,
+        key: (u64, u64),
+        read_only: bool,
+    ) -> Result<(), NodeError> {
+        let found = self
+            .kernel
+            .attached()
+            .map_err(sys("find loop devices of", image))?;
+        for (bound, _) in found.into_iter().filter(|(_, backing)| *backing == key) {
+            let dev = bound.device;
+            let at = self
+                .kernel
+                .loop_mount_points(dev)
+                .map_err(sys("read", "/proc/self/mountinfo"))?;
+            if let Some(at) = at.into_iter().next() {
+                let both_read_only = read_only
+                    && self
+                        .kernel
+                        .read_only(dev)
+                        .map_err(sys("read", dev.path()))?;
+                if both_read_only {
+                    continue;
+                }
+                return Err(NodeError::AttachedElsewhere {
+                    id: id.to_owned(),
+                    image: image.to_owned(),
+                    device: dev.path(),
+                    at,
+                });
+            }
+            // Mounted nowhere: nobody's stage. The kernel defers the detach
+            // while anything still holds the device open, and then the
+            // image stays in use: refused until it is gone.
+            if !bound.detaching {
+                log::info!(
+                    "volume {id}: {} serves the image but is mounted nowhere (left by a stage that died); detaching it",
+                    dev.path().display()
+                );
+                self.kernel.detach(dev).map_err(sys("detach", dev.path()))?;
+            }
+            if !self
+                .detached_device(dev, key)
+                .map_err(sys("find loop device of", image))?
+            {
+                return Err(NodeError::DetachPending {
+                    device: dev.path(),
+                    image: image.to_owned(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn stage_image<'a>(
@@ -263,7 +341,8 @@ impl Node {
         let dev = self.attach(pool, v, read_only, claim)?;
         let file = staging.join(BLOCK_DEVICE_FILE);
         if self.mount_state(&file)? == MountState::Mounted {
-            return Ok(());
+            // Staged already, if it is this volume's device node.
+            return self.expect_volume_at(pool, &v.id, &file);
         }
         let source = self
             .kernel
@@ -335,6 +414,18 @@ impl Node {
                     .map_err(sys("detach", bound.device.path()))?;
             }
         }
+        // No device of the image anywhere (another host's holds its lock):
+        // the image is replaced below, and a device elsewhere would go on
+        // writing the old one. Held until the new image is in place.
+        let _image = match pool.lock_image(id, LockKind::Exclusive)? {
+            crate::pool::ImageLock::Busy => {
+                return Err(NodeError::ImageFenced {
+                    id: id.to_owned(),
+                    image,
+                })
+            }
+            held => held,
+        };
         log::info!(
             "volume {id}: the image is blank, making {} of {} bytes",
             fs.as_str(),
@@ -429,17 +520,26 @@ impl Node {
             .kernel
             .mounts_of_volume(pool, id, bound.map(|b| b.device), &self.kubelet_dir)
             .map_err(sys("read", "/proc/self/mountinfo"))?;
-        if let Some(at) = mounts.into_iter().find(|p| !p.starts_with(staging)) {
+        if let Some(at) = mounts.iter().find(|p| !p.starts_with(staging)) {
             return Err(NodeError::StillPublished {
                 id: id.to_owned(),
-                at,
+                at: at.clone(),
             });
         }
+        // Only what is provably this volume's is unmounted.
+        let not_this = |path: &Path| NodeError::NotThisVolume {
+            id: id.to_owned(),
+            path: path.to_owned(),
+            what: "a mount of something else".into(),
+        };
         let staged = matches!(
             self.mount_state(staging)?,
             MountState::Mounted | MountState::Broken
         );
         if staged {
+            if !mounts.iter().any(|p| p == staging) {
+                return Err(not_this(staging));
+            }
             // A filesystem or directory stage: everything below the staging
             // path is the pod's (a `device` there is just its file).
             self.kernel
@@ -453,6 +553,9 @@ impl Node {
                 self.mount_state(&device_file)?,
                 MountState::Mounted | MountState::Broken
             ) {
+                if !mounts.iter().any(|p| *p == device_file) {
+                    return Err(not_this(&device_file));
+                }
                 self.kernel
                     .unmount(&device_file)
                     .map_err(sys("unmount", &device_file))?;
@@ -489,6 +592,7 @@ impl Node {
             }
         }
         self.fences.release(id);
+        self.custody.forget(id);
         Ok(())
     }
 
@@ -501,6 +605,21 @@ impl Node {
             std::thread::sleep(std::time::Duration::from_millis(wait));
             if self.bound(image)?.is_none() {
                 return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+impl Node {
+    /// Waits as [`Node::detached`] does until `dev` no longer serves the
+    /// image `key`.
+    fn detached_device(&self, dev: LoopDevice, key: (u64, u64)) -> std::io::Result<bool> {
+        for wait in [0, 10, 20, 50, 100, 200, 400, 600, 600] {
+            std::thread::sleep(std::time::Duration::from_millis(wait));
+            match self.kernel.loop_status(dev)? {
+                Some(status) if status.backing == key => {}
+                _ => return Ok(true),
             }
         }
         Ok(false)

@@ -66,6 +66,9 @@ impl Node {
                 stats.inodes = Some((st.f_files, st.f_favail, st.f_files - st.f_ffree));
             }
         }
+        if let Some(reason) = self.custody.unproven(&v.id) {
+            problems.push(format!("its fence is not proven: {reason}"));
+        }
         if state == MountState::Broken {
             problems.push(format!(
                 "the filesystem at {} is gone (stale or disconnected)",

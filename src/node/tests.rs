@@ -14,6 +14,8 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustix::mount::MountFlags;
+
 use super::fake::Recording;
 use super::*;
 use crate::pool::capability::Capability;
@@ -384,9 +386,9 @@ fn unstage_is_idempotent_and_refused_while_published() {
     assert!(matches!(e, NodeError::StillPublished { .. }), "{e}");
     assert_eq!(bed.fence(&v), Some(LockKind::Exclusive));
 
-    bed.node.unpublish(&target).unwrap();
+    bed.node.unpublish(&bed.pool, &v.id, &target).unwrap();
     assert!(!target.exists());
-    bed.node.unpublish(&target).unwrap();
+    bed.node.unpublish(&bed.pool, &v.id, &target).unwrap();
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
     assert!(bed.kernel.mounted().is_empty());
@@ -467,7 +469,7 @@ fn a_block_stage_binds_the_device_node_and_records_the_volume_written() {
     bed.publish(&v, &staging, &target, RWO, false).unwrap();
     assert!(target.is_file());
 
-    bed.node.unpublish(&target).unwrap();
+    bed.node.unpublish(&bed.pool, &v.id, &target).unwrap();
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
     assert!(!staging.join("device").exists());
     assert!(staging.is_dir(), "the staging directory is kubelet's");
@@ -505,7 +507,7 @@ fn mount_counts_follow_what_each_volume_holds_not_where_it_is() {
         bed.stage(v, &staging, RWO).unwrap();
         for t in publishes {
             bed.publish(v, &staging, &bed.path(t), RWO, false).unwrap();
-            targets.push(bed.path(t));
+            targets.push((v.id.clone(), bed.path(t)));
         }
         stagings.push((v.id.clone(), staging));
     }
@@ -519,13 +521,19 @@ fn mount_counts_follow_what_each_volume_holds_not_where_it_is() {
     assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (4, 9));
     bed.kernel.unmount(&other).unwrap();
 
-    bed.node.unpublish(&bed.path("pods/p1/a")).unwrap();
     bed.node
-        .unpublish(&bed.path("plugins/kubernetes.io/csi/volumeDevices/publish/pv-c/pod-6"))
+        .unpublish(&bed.pool, &a.id, &bed.path("pods/p1/a"))
+        .unwrap();
+    bed.node
+        .unpublish(
+            &bed.pool,
+            &c.id,
+            &bed.path("plugins/kubernetes.io/csi/volumeDevices/publish/pv-c/pod-6"),
+        )
         .unwrap();
     assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (4, 7));
-    for t in &targets {
-        bed.node.unpublish(t).unwrap();
+    for (id, t) in &targets {
+        bed.node.unpublish(&bed.pool, id, t).unwrap();
     }
     assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (4, 0));
     for (id, staging) in &stagings {
@@ -676,7 +684,7 @@ fn an_ephemeral_volume_lives_and_goes_with_its_publish() {
     assert_eq!(bed.kernel.mounted(), vec![staging.clone(), target.clone()]);
     assert_eq!(bed.kernel.count("attach"), 1);
 
-    bed.node.unpublish(&target).unwrap();
+    bed.node.unpublish(&bed.pool, &id, &target).unwrap();
     bed.node
         .remove_ephemeral(&bed.pool, "csi-eph", &staging)
         .unwrap();
@@ -724,10 +732,197 @@ fn an_ephemeral_publish_that_fails_leaves_no_volume() {
     bed.node
         .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
         .unwrap();
-    bed.node.unpublish(&target).unwrap();
+    bed.node.unpublish(&bed.pool, &id, &target).unwrap();
     bed.kernel.fail_next("bind", ErrorKind::PermissionDenied);
     bed.node
         .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
         .unwrap_err();
     assert!(bed.pool.volume(&id).is_ok(), "not this call's to delete");
+}
+
+/// A device of the image on another host holds the image's lock (see
+/// `sys::loopdev::attach`): the stage is refused and takes nothing.
+#[test]
+fn a_stage_whose_image_another_host_has_attached_is_refused_and_takes_nothing() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    bed.kernel.fence_elsewhere(&bed.pool.image_path(&v.id));
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::ImageFenced { .. }), "{e}");
+    assert!(chain(&e).contains("another host"), "{}", chain(&e));
+    assert_eq!(bed.fence(&v), None);
+    assert!(bed.kernel.attached_images().is_empty());
+    assert!(bed.kernel.mounted().is_empty());
+}
+
+/// A device of the image that another node plugin on this host has
+/// mounted (or one that died and left it) is not this plugin's: a stage
+/// never attaches a second device beside it.
+#[test]
+fn a_device_another_plugin_has_mounted_is_never_doubled() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    // Another plugin's stage, under its own kubelet directory.
+    let image = bed.pool.image_path(&v.id);
+    let theirs = bed.kernel.attach(&image, false, true).unwrap().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let onto = std::fs::File::open(elsewhere.path()).unwrap();
+    bed.kernel
+        .mount_fs(
+            &theirs.device.path(),
+            onto.as_fd(),
+            "ext4",
+            MountFlags::empty(),
+            "",
+        )
+        .unwrap();
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::AttachedElsewhere { .. }), "{e}");
+    assert_eq!(
+        bed.kernel.count("attach"),
+        2,
+        "theirs and the first stage's"
+    );
+    assert_eq!(bed.fence(&v), None);
+    // Its pods are left alone.
+    assert_eq!(bed.kernel.mounted(), vec![elsewhere.path().to_owned()]);
+    bed.kernel.unmount(elsewhere.path()).unwrap();
+    bed.kernel.detach(theirs.device).unwrap();
+}
+
+/// A device of the image mounted nowhere (a stage that died between
+/// attach and mount) is nobody's: it is detached, and the stage attaches
+/// its own, fenced, device.
+#[test]
+fn a_device_mounted_nowhere_is_detached_before_the_stage_attaches() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    let image = bed.pool.image_path(&v.id);
+    let orphan = bed.kernel.attach(&image, false, true).unwrap().unwrap();
+    bed.stage(&v, &staging, RWO).unwrap();
+    assert!(bed
+        .kernel
+        .calls()
+        .contains(&format!("detach {}", orphan.device.path().display())));
+    assert_eq!(bed.kernel.attached_images(), vec![image]);
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+}
+
+/// Stage, publish and unpublish act only on what is provably the named
+/// volume's: another volume at the path, a mount of something else and a
+/// file with data are refused, and nothing is unmounted or removed.
+#[test]
+fn node_calls_act_only_on_what_is_the_volume_s() {
+    let bed = Bed::new();
+    let a = bed.volume("a", Layout::Dir, AccessType::Mount);
+    let b = bed.volume("b", Layout::Dir, AccessType::Mount);
+    let (staging_a, target_a) = (bed.path("staging/a"), bed.path("pods/p/a"));
+    bed.stage(&a, &staging_a, RWO).unwrap();
+    bed.publish(&a, &staging_a, &target_a, RWO, false).unwrap();
+    // B at A's staging path: A's directory is there, not B's.
+    let e = bed.stage(&b, &staging_a, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::Occupied { .. }), "{e}");
+    // Publishing B from A's stage would hand the pod A's files.
+    let e = bed
+        .publish(&b, &staging_a, &bed.path("pods/p/b"), RWO, false)
+        .unwrap_err();
+    assert!(matches!(e, NodeError::NotStaged { .. }), "{e}");
+    assert!(!bed.path("pods/p/b").exists());
+    // Unpublishing B at A's target would take A from its pod.
+    let e = bed.node.unpublish(&bed.pool, &b.id, &target_a).unwrap_err();
+    assert!(matches!(e, NodeError::NotThisVolume { .. }), "{e}");
+    // Nor is A's stage B's to unstage.
+    let e = bed.node.unstage(&bed.pool, &b.id, &staging_a).unwrap_err();
+    assert!(matches!(e, NodeError::NotThisVolume { .. }), "{e}");
+    assert_eq!(
+        bed.kernel.mounted(),
+        vec![staging_a.clone(), target_a.clone()]
+    );
+    // A secret's file under the kubelet directory is nobody's target.
+    let secret = bed.path("pods/p/volumes/secret/token");
+    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+    std::fs::write(&secret, b"s3cr3t").unwrap();
+    let e = bed.node.unpublish(&bed.pool, &a.id, &secret).unwrap_err();
+    assert!(matches!(e, NodeError::NotThisVolume { .. }), "{e}");
+    assert_eq!(std::fs::read(&secret).unwrap(), b"s3cr3t");
+    // A's own calls still work.
+    bed.node.unpublish(&bed.pool, &a.id, &target_a).unwrap();
+    bed.node.unstage(&bed.pool, &a.id, &staging_a).unwrap();
+    assert!(bed.kernel.mounted().is_empty());
+}
+
+/// A restarted plugin finds its devices from the kernel. One that holds no
+/// lock of its own (an older filevol attached it; the fake's never do) is
+/// fenced by the process until its unstage.
+#[test]
+fn a_restarted_plugin_fences_a_device_that_holds_no_lock() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    let bed = bed.restart();
+    let counts = bed.node.custody_counts();
+    assert_eq!((counts.device, counts.process, counts.unproven), (0, 1, 0));
+    assert!(bed.node.custody.holds(&v.id));
+    assert!(matches!(
+        bed.pool.lock_image(&v.id, LockKind::Shared).unwrap(),
+        crate::pool::ImageLock::Busy
+    ));
+    // A retried stage converges on the device found.
+    bed.stage(&v, &staging, RWO).unwrap();
+    assert_eq!(bed.kernel.count("attach"), 1);
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    assert!(matches!(
+        bed.pool.lock_image(&v.id, LockKind::Exclusive).unwrap(),
+        crate::pool::ImageLock::Held(_)
+    ));
+}
+
+/// A device whose image's lock another holder has (another host attached
+/// it after this one's lock was lost) is reported and never staged or
+/// published again until its unstage.
+#[test]
+fn a_device_whose_fence_another_holds_is_reported_and_refused() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let (staging, target) = (bed.path("staging/a"), bed.path("pods/p/a"));
+    bed.stage(&v, &staging, RWO).unwrap();
+    let node = bed.node;
+    drop(node);
+    let other = match bed.pool.lock_image(&v.id, LockKind::Exclusive).unwrap() {
+        crate::pool::ImageLock::Held(file) => file,
+        other => panic!("{other:?}"),
+    };
+    let node = Node::with_kernel(
+        &bed._dir.path().join("kubelet"),
+        &bed.pool,
+        true,
+        bed.kernel.clone(),
+    )
+    .unwrap();
+    let bed = Bed { node, ..bed };
+    assert_eq!(bed.node.custody_counts().unproven, 1);
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::FenceUnproven { .. }), "{e}");
+    let e = bed.publish(&v, &staging, &target, RWO, false).unwrap_err();
+    assert!(matches!(e, NodeError::FenceUnproven { .. }), "{e}");
+    let stats = bed.node.stats(&bed.pool, &v, &staging).unwrap();
+    let problem = stats.problem.unwrap();
+    assert!(
+        problem.contains("another host may be writing it"),
+        "{problem}"
+    );
+    // The unstage is what resolves it.
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    assert_eq!(bed.node.custody.unproven(&v.id), None);
+    drop(other);
 }

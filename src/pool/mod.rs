@@ -51,6 +51,8 @@ mod scratch;
 mod snapshots;
 mod volumes;
 
+pub use volumes::ImageLock;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

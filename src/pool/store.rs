@@ -173,13 +173,25 @@ impl Drop for GroupLock {
     }
 }
 
-/// A held fence on a volume (see the module documentation).
+/// A held fence on a volume (see the module documentation), and for a
+/// CO-side operation on an image (a delete, a byte copy) the image's lock
+/// too, which loop devices of the image hold (`Pool::fence_in_use`).
 #[derive(Debug)]
 pub struct Fence {
     file: File,
+    /// Held for its lock only.
+    _image: Option<File>,
 }
 
 impl Fence {
+    /// This fence, holding the image's lock taken on `image` as well.
+    pub fn with_image(self, image: File) -> Fence {
+        Fence {
+            _image: Some(image),
+            ..self
+        }
+    }
+
     /// Converts a shared fence to an exclusive one, on the same open file;
     /// `Ok(false)` while anyone else holds it.
     pub fn upgrade(&self) -> Result<bool, PoolError> {
@@ -377,7 +389,7 @@ impl Store {
     pub fn fence(&self, id: &str, kind: LockKind) -> Result<Option<Fence>, PoolError> {
         let path = self.object_dir(Kind::Volume, id).join(FENCE);
         match lock_in_place(&path, kind)? {
-            Locked::Held(file) => Ok(Some(Fence { file })),
+            Locked::Held(file) => Ok(Some(Fence { file, _image: None })),
             Locked::Busy => Ok(None),
             Locked::Gone => Err(PoolError::NotFound {
                 kind: "volume",

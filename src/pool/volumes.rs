@@ -20,6 +20,18 @@ use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
 use crate::sys::lock::LockKind;
 
+/// An image's lock (see [`Pool::lock_image`]).
+#[derive(Debug)]
+pub enum ImageLock {
+    /// Held, for as long as this file lives.
+    Held(std::fs::File),
+    /// The volume has no image (a directory volume, or one not made yet).
+    NoImage,
+    /// A loop device of the image, on any host sharing the pool, or
+    /// another holder has it.
+    Busy,
+}
+
 impl Pool {
     /// The volume `id`, as the pool holds it now.
     pub fn volume(&self, id: &str) -> Result<VolumeMeta, PoolError> {
@@ -40,6 +52,74 @@ impl Pool {
     /// holder's fence conflicts.
     pub fn fence_volume(&self, id: &str, kind: LockKind) -> Result<Option<Fence>, PoolError> {
         self.store.fence(id, kind)
+    }
+
+    /// Takes the volume's fence as an operation on its data needs it (a
+    /// delete, a byte copy): the pool fence that node plugins hold while a
+    /// stage of theirs lasts, and the image's lock, which every loop device
+    /// of the image holds for as long as the device exists, on any host
+    /// sharing the pool, whether or not the node plugin that attached it
+    /// still lives (`sys::loopdev::attach`). `Ok(None)` when either is held
+    /// in a way that conflicts with `kind`.
+    pub(super) fn fence_in_use(
+        &self,
+        id: &str,
+        kind: LockKind,
+    ) -> Result<Option<Fence>, PoolError> {
+        let Some(fence) = self.store.fence(id, kind)? else {
+            return Ok(None);
+        };
+        match self.lock_image(id, kind)? {
+            ImageLock::Held(file) => Ok(Some(fence.with_image(file))),
+            ImageLock::NoImage => Ok(Some(fence)),
+            ImageLock::Busy => Ok(None),
+        }
+    }
+
+    /// Takes the lock every loop device of the image holds (see
+    /// [`Pool::fence_in_use`]), of `kind`, for as long as the file returned
+    /// lives.
+    pub fn lock_image(&self, id: &str, kind: LockKind) -> Result<ImageLock, PoolError> {
+        let image = self.image_path(id);
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(kind == LockKind::Exclusive)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&image)
+        {
+            Ok(file) => file,
+            // A directory volume, or an image not made yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ImageLock::NoImage),
+            Err(e) => return Err(io_error("open", &image)(e)),
+        };
+        if crate::sys::lock::try_lock_patiently(&file, kind).map_err(io_error("lock", &image))? {
+            Ok(ImageLock::Held(file))
+        } else {
+            Ok(ImageLock::Busy)
+        }
+    }
+
+    /// What of volume `id` this host still has: a loop device of its image
+    /// or a mount of its data directory, described; `None` when neither. A
+    /// device's lock already keeps a delete away from it on any host; this
+    /// also catches one attached by an older filevol (no lock) and a
+    /// directory bound by a node plugin that died (its fence went with it).
+    fn held_on_this_host(&self, id: &str) -> Result<Option<String>, PoolError> {
+        let image = self.image_path(id);
+        if let Some(dev) = crate::sys::loopdev::find_bound(&image)
+            .map_err(io_error("find the loop devices of", &image))?
+        {
+            return Ok(Some(format!(
+                "its image is attached to {} on this host",
+                dev.path().display()
+            )));
+        }
+        let data = self.data_path(id);
+        let table = crate::sys::mountinfo::read()
+            .map_err(io_error("read", Path::new("/proc/self/mountinfo")))?;
+        Ok(crate::sys::mountinfo::binds_of(&table, &data)
+            .first()
+            .map(|at| format!("its directory is mounted at {} on this host", at.display())))
     }
 
     /// Why the volume is abnormal (its data is missing or shorter than its
@@ -332,10 +412,10 @@ impl Pool {
             id,
             "the pool filesystem cannot reflink: a byte copy of an image in use would be torn",
         )?;
-        match self.store.fence(id, LockKind::Shared)? {
+        match self.fence_in_use(id, LockKind::Shared)? {
             Some(fence) => Ok(Some(fence)),
             None => Err(PoolError::InUse(format!(
-                "volume {id} is staged on a node and the pool filesystem cannot reflink: a byte copy of an image in use would be torn; unstage it first or use a pool filesystem with reflink (xfs, btrfs)"
+                "volume {id} is staged on a node (its fence, or its image's lock held by a loop device, is held) and the pool filesystem cannot reflink: a byte copy of an image in use would be torn; unstage it first or use a pool filesystem with reflink (xfs, btrfs)"
             ))),
         }
     }
@@ -352,12 +432,22 @@ impl Pool {
         };
         let why = "a directory copied while pods may write it is not a point-in-time copy";
         self.refuse_writable_attachments(id, why)?;
-        match self.store.fence(id, LockKind::Exclusive)? {
-            Some(fence) => Ok(Some(fence)),
-            None => Err(PoolError::InUse(format!(
-                "volume {id} is staged on a node: {why}; unstage it (stop its pods) first"
-            ))),
+        let fence = match self.store.fence(id, LockKind::Exclusive)? {
+            Some(fence) => fence,
+            None => {
+                return Err(PoolError::InUse(format!(
+                    "volume {id} is staged on a node: {why}; unstage it (stop its pods) first"
+                )))
+            }
+        };
+        // A bind whose node plugin died holds no fence (see
+        // `held_on_this_host`).
+        if let Some(what) = self.held_on_this_host(id)? {
+            return Err(PoolError::InUse(format!(
+                "volume {id} is in use ({what}): {why}; unstage it (stop its pods) first"
+            )));
         }
+        Ok(Some(fence))
     }
 
     fn refuse_writable_attachments(&self, id: &str, why: &str) -> Result<(), PoolError> {
@@ -432,11 +522,20 @@ impl Pool {
         // or not ControllerPublish was used (ephemeral volumes, the
         // node-local layout): deleting it then would leave a loop device or
         // a bind mount on a deleted file or directory.
-        let Some(_fence) = self.store.fence(id, LockKind::Exclusive)? else {
+        //
+        // A loop device of the image holds the image's lock for as long as
+        // it exists, whether or not the node plugin that attached it lives
+        // (killed, upgraded, its node cut off while its pods write on).
+        let Some(_fence) = self.fence_in_use(id, LockKind::Exclusive)? else {
             return Err(PoolError::InUse(format!(
-                "volume {id} is still staged on a node (its fence in the pool is held); unstage it first"
+                "volume {id} is still staged on a node: its fence is held, by a node plugin or by a loop device of its image (on any host sharing the pool, even one whose node plugin died); unstage it first"
             )));
         };
+        if let Some(what) = self.held_on_this_host(id)? {
+            return Err(PoolError::InUse(format!(
+                "volume {id} is still in use: {what}; unstage it first"
+            )));
+        }
         self.discard(&self.volume_dir(id))?;
         // The id may be made again with another size (see `capacity`).
         self.sizes_changed()

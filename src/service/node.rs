@@ -160,7 +160,8 @@ impl Operation for csi::NodeUnpublishVolumeRequest {
         let key = volume_key(&id);
         Ok(Job::new(move || {
             let node = node(&driver)?;
-            node.unpublish(&target)?;
+            let pool_id = ephemeral::pool_id(&driver.pool, &id)?;
+            node.unpublish(&driver.pool, &pool_id, &target)?;
             // An ephemeral volume goes with its last (only) publish.
             node.remove_ephemeral(&driver.pool, &id, &ephemeral_staging(&driver, &id)?)?;
             Ok(csi::NodeUnpublishVolumeResponse::new())

@@ -104,6 +104,56 @@ pub fn try_lock_patiently(file: &impl AsFd, kind: LockKind) -> io::Result<bool> 
     try_lock_for(file, kind, Duration::from_millis(50))
 }
 
+/// An OFD lock the kernel records on this host, as `/proc/locks` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// The (major, minor) of the filesystem's superblock. On btrfs this is
+    /// not the `st_dev` that stat gives (a subvolume's anonymous device):
+    /// it is the device the mount table names.
+    pub device: (u32, u32),
+    /// The inode locked.
+    pub inode: u64,
+    /// Read (shared) or write (exclusive).
+    pub kind: LockKind,
+}
+
+/// The OFD locks granted on this host, from `/proc/locks`. A lock the
+/// kernel holds for a file no process has open (a loop device's backing
+/// file) is listed too, which is what makes a device's fence visible.
+pub fn recorded() -> io::Result<Vec<Recorded>> {
+    Ok(parse_recorded(&std::fs::read_to_string("/proc/locks")?))
+}
+
+/// Parses `/proc/locks`: `N: OFDLCK ADVISORY WRITE -1 00:28:257 0 EOF`.
+/// Other kinds of lock (POSIX, FLOCK, leases: never filevol's) and
+/// waiters (`N: -> ...`) are left out, as are lines of another shape.
+pub fn parse_recorded(text: &str) -> Vec<Recorded> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            if fields.next()? != "OFDLCK" {
+                return None;
+            }
+            let _advisory = fields.next()?;
+            let kind = match fields.next()? {
+                "READ" => LockKind::Shared,
+                "WRITE" => LockKind::Exclusive,
+                _ => return None,
+            };
+            let _pid = fields.next()?;
+            let mut id = fields.next()?.split(':');
+            let major = u32::from_str_radix(id.next()?, 16).ok()?;
+            let minor = u32::from_str_radix(id.next()?, 16).ok()?;
+            let inode = id.next()?.parse().ok()?;
+            Some(Recorded {
+                device: (major, minor),
+                inode,
+                kind,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +207,49 @@ mod tests {
         assert!(!try_lock(&open(&p), LockKind::Shared).unwrap());
         drop(dup);
         assert!(try_lock(&open(&p), LockKind::Shared).unwrap());
+    }
+
+    #[test]
+    fn proc_locks_lines_are_read_for_ofd_locks_only() {
+        let text = "\
+1: OFDLCK ADVISORY  WRITE -1 00:28:257 0 EOF
+2: OFDLCK ADVISORY  READ  -1 fd:01:1048577 0 EOF
+2: -> OFDLCK ADVISORY  WRITE -1 fd:01:1048577 0 EOF
+3: POSIX  ADVISORY  WRITE 812 08:01:4242 0 EOF
+4: FLOCK  ADVISORY  WRITE 901 00:1a:77 0 EOF
+garbage
+";
+        assert_eq!(
+            parse_recorded(text),
+            vec![
+                Recorded {
+                    device: (0, 0x28),
+                    inode: 257,
+                    kind: LockKind::Exclusive
+                },
+                Recorded {
+                    device: (0xfd, 1),
+                    inode: 1048577,
+                    kind: LockKind::Shared
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_held_lock_is_recorded_with_the_mount_table_s_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lock");
+        File::create(&p).unwrap();
+        let holder = open(&p);
+        assert!(try_lock(&holder, LockKind::Exclusive).unwrap());
+        let ino = std::os::unix::fs::MetadataExt::ino(&holder.metadata().unwrap());
+        let mine: Vec<_> = recorded()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.inode == ino && r.kind == LockKind::Exclusive)
+            .collect();
+        assert!(!mine.is_empty(), "the lock is listed in /proc/locks");
+        drop(holder);
     }
 }

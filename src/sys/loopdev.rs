@@ -23,6 +23,8 @@ use linux_raw_sys::loop_device::{
 };
 use rustix::ioctl::{ioctl, Getter, Ioctl, IoctlOutput, NoArg, Opcode, Setter};
 
+use crate::sys::lock::LockKind;
+
 /// Logical block size of every loop device the driver attaches. Fixed, so a
 /// filesystem made on one attach always mounts on the next (a filesystem
 /// with 4 KiB sectors cannot mount on a 512-byte device), and aligned for
@@ -229,28 +231,78 @@ pub fn free_device() -> io::Result<u32> {
     Ok(unsafe { ioctl(&control, GetFree) }?)
 }
 
-/// Attaches `image` to a free loop device in one step. Direct I/O is asked
-/// for when `direct_io`, and dropped if the pool filesystem refuses it.
-pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Attached> {
-    attach_with_block_size(image, read_only, direct_io, BLOCK_SIZE)
+/// Attaches `image` to a free loop device in one step, fenced: the image
+/// is locked (an OFD lock, see [`crate::sys::lock`]) on the very open file
+/// description the device is configured with, exclusively for a writable
+/// device and shared for a read-only one. `Ok(None)` when the lock is
+/// held elsewhere (another device of the image, on this host or another
+/// sharing the pool, or a DeleteVolume or copy in progress): nothing is
+/// attached then. Direct I/O is asked for when `direct_io`, and dropped if
+/// the pool filesystem refuses it.
+///
+/// Why the fence lives exactly as long as the device, whatever happens to
+/// the process that attached it:
+/// - LOOP_CONFIGURE takes its own reference to the `struct file` behind
+///   the descriptor it is given (`fget`) and keeps it as the device's
+///   backing file until the device is cleared, that is until LOOP_CLR_FD,
+///   or for a device still open at that moment, until its last close.
+/// - An OFD lock belongs to that `struct file`, not to a process or a
+///   descriptor: closing a descriptor (or the process dying, SIGKILL or
+///   OOM kill alike) removes only classic POSIX locks, and OFD locks go
+///   when the last reference to the file is dropped.
+/// - So after this returns, the lock is held by the device alone: the
+///   descriptor here is closed, a restarted or upgraded plugin does not
+///   need to hold anything, and the lock goes with the device's last use
+///   of the image, never before. On NFS the lock is the client's state on
+///   the server, kept by the kernel's lease renewal, not by any process.
+pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Option<Attached>> {
+    let file = open_backing(image, read_only)?;
+    let kind = if read_only {
+        LockKind::Shared
+    } else {
+        LockKind::Exclusive
+    };
+    // Patiently: a device detached a moment ago lets go of its lock only
+    // when the kernel drops its last reference to the file, which can run
+    // deferred (a close by udev's probe, a delayed fput).
+    if !crate::sys::lock::try_lock_patiently(&file, kind)? {
+        return Ok(None);
+    }
+    configure(&file, image, read_only, direct_io, BLOCK_SIZE).map(Some)
 }
 
-/// [`attach`] with another logical block size. Volumes always get
-/// [`BLOCK_SIZE`]; this is for an image whose filesystem was made on the
-/// plain file, as `mount -o loop` takes it: mkfs on a file picks 512-byte
-/// sectors (xfs) or 1 KiB blocks (ext4 under 512 MiB), which a 4 KiB device
-/// cannot mount, so such an image needs 512 (the test kit's scratch pools).
+/// Attaches `image` with logical block size `block_size` and no fence.
+/// Volumes are attached by [`attach`]; this is for an image whose
+/// filesystem was made on the plain file, as `mount -o loop` takes it:
+/// mkfs on a file picks 512-byte sectors (xfs) or 1 KiB blocks (ext4 under
+/// 512 MiB), which a 4 KiB device cannot mount, so such an image needs 512
+/// (the test kit's scratch pools).
 pub fn attach_with_block_size(
     image: &Path,
     read_only: bool,
     direct_io: bool,
     block_size: u32,
 ) -> io::Result<Attached> {
-    let file = OpenOptions::new()
+    let file = open_backing(image, read_only)?;
+    configure(&file, image, read_only, direct_io, block_size)
+}
+
+fn open_backing(image: &Path, read_only: bool) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(!read_only)
         .custom_flags(libc::O_CLOEXEC)
-        .open(image)?;
+        .open(image)
+}
+
+/// Configures a free device with `file` as its backing file.
+fn configure(
+    file: &File,
+    image: &Path,
+    read_only: bool,
+    direct_io: bool,
+    block_size: u32,
+) -> io::Result<Attached> {
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -276,7 +328,7 @@ pub fn attach_with_block_size(
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(device.path())?;
-        let config = configuration(&file, image, read_only, dio, block_size);
+        let config = configuration(file, image, read_only, dio, block_size);
         // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` whose `fd` is
         // an open descriptor of the backing file, alive for the call.
         let result = unsafe {

@@ -61,6 +61,30 @@ pub fn read() -> std::io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
+/// The mount points in `table` whose root is the directory `dir` (a path
+/// with no symlinks, as `canonicalize` gives): binds of it, wherever they
+/// are. The mount that holds `dir` is the longest mount point above it; a
+/// bind of `dir` shows that mount's device and, as its root, `dir`'s path
+/// inside that filesystem.
+pub fn binds_of(table: &[MountEntry], dir: &std::path::Path) -> Vec<PathBuf> {
+    let Some(holder) = table
+        .iter()
+        .filter(|e| dir.starts_with(&e.mount_point))
+        .max_by_key(|e| e.mount_point.as_os_str().len())
+    else {
+        return Vec::new();
+    };
+    let Ok(rest) = dir.strip_prefix(&holder.mount_point) else {
+        return Vec::new();
+    };
+    let inside = holder.root.join(rest);
+    table
+        .iter()
+        .filter(|e| e.device == holder.device && e.root == inside && e.id != holder.id)
+        .map(|e| e.mount_point.clone())
+        .collect()
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
@@ -98,6 +122,25 @@ mod tests {
         assert_eq!(e.optional, ["master:1", "shared:7"]);
         assert_eq!(e.fs_type, "ext3");
         assert_eq!(e.source, "/dev/root");
+    }
+
+    #[test]
+    fn binds_of_a_directory_are_found_by_root_and_device() {
+        let table = parse(
+            "22 1 8:1 / / rw - ext4 /dev/sda1 rw
+30 22 8:2 / /pool rw - xfs /dev/sdb rw
+31 22 8:2 /volumes/d/data /k/stage rw - xfs /dev/sdb rw
+32 22 8:2 /volumes/d/data /k/pods/p/mount rw - xfs /dev/sdb rw
+33 22 8:1 /volumes/d/data /elsewhere rw - ext4 /dev/sda1 rw
+34 22 8:2 /volumes/e/data /k/other rw - xfs /dev/sdb rw
+",
+        );
+        let dir = std::path::Path::new("/pool/volumes/d/data");
+        assert_eq!(
+            binds_of(&table, dir),
+            [PathBuf::from("/k/stage"), PathBuf::from("/k/pods/p/mount")]
+        );
+        assert!(binds_of(&table, std::path::Path::new("/pool/volumes/x/data")).is_empty());
     }
 
     #[test]

@@ -75,7 +75,8 @@ fn thirty_two_threads_attaching_at_once_each_get_a_device() {
                             start.wait();
                         }
                         match loopdev::attach(image, false, false) {
-                            Ok(a) => drop(Attached(a.device)),
+                            Ok(Some(a)) => drop(Attached(a.device)),
+                            Ok(None) => failed.push(format!("{}: fenced", image.display())),
                             Err(e) => failed.push(format!("{}: {e}", image.display())),
                         }
                     }
