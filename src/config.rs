@@ -153,6 +153,14 @@ pub struct ServeArgs {
     /// `RandomizedDelaySec=100min`), so volumes do not all trim at once.
     #[arg(long, env = "FILEVOL_TRIM_JITTER", default_value = "100m", value_parser = parse_duration)]
     pub trim_jitter: Duration,
+
+    /// How often the node plugin checks that every loop device it has
+    /// still holds its image's fence (a lock can be lost with an NFS lease
+    /// or a CephFS eviction); one that does not is reported abnormal and
+    /// its volume is not staged or published again until it is unstaged.
+    /// Units s, m, h, d, w. 0: only at start.
+    #[arg(long, env = "FILEVOL_FENCE_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub fence_check_interval: Duration,
 }
 
 fn parse_octal_mode(s: &str) -> Result<u32, String> {
@@ -226,6 +234,8 @@ pub struct Config {
     pub janitor_interval: Option<Duration>,
     /// Periodic trims of staged volumes (None: on demand only).
     pub trim: Option<crate::node::trim::Schedule>,
+    /// Time between checks of the node's fences (None: only at start).
+    pub fence_check_interval: Option<Duration>,
     /// Settings that were not given and took their default, so start-up can
     /// tell a new user where things are.
     pub defaulted: Vec<String>,
@@ -358,6 +368,8 @@ impl Config {
             janitor_interval: (args.janitor_interval > 0)
                 .then(|| Duration::from_secs(args.janitor_interval)),
             trim: crate::node::trim::Schedule::new(args.trim_interval, args.trim_jitter),
+            fence_check_interval: (!args.fence_check_interval.is_zero())
+                .then_some(args.fence_check_interval),
             defaulted,
         })
     }

@@ -213,6 +213,27 @@ impl Metrics {
     }
 }
 
+/// The node's fences by who holds them, at the last check (see
+/// `node::custody`): the device itself, this process (a device an older
+/// filevol attached, or whose lock was lost and re-taken), or nobody this
+/// node can prove (another holder has the image's lock: the volume is
+/// reported abnormal and not staged or published again). Appended by node
+/// plugins only.
+pub fn render_fences(out: &mut String, counts: crate::node::custody::CustodyCounts) {
+    let name = "filevol_fences";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Loop devices of this node plugin by who holds their image's fence at the last check: the device itself (holder=\"device\", lasts as long as the device), this process (holder=\"process\", lasts while the plugin lives; unstage and stage again to mend), or nobody provable (holder=\"unproven\": another host may be writing the image; the volume is reported abnormal and not staged or published again).\n# TYPE {name} gauge"
+    );
+    for (holder, n) in [
+        ("device", counts.device),
+        ("process", counts.process),
+        ("unproven", counts.unproven),
+    ] {
+        let _ = writeln!(out, "{name}{{holder=\"{holder}\"}} {n}");
+    }
+}
+
 /// The node's trim counters (see `node::trim::TrimTotals::read`):
 /// trims done, trims failed, bytes sent as discards, bytes the images'
 /// allocation fell by. Appended to the exposition by node plugins only.

@@ -193,12 +193,15 @@ pub fn of_volume(
     kubelet_dir: &Path,
 ) -> io::Result<Vec<PathBuf>> {
     let table = mountinfo::read()?;
-    let ours = |e: &&MountEntry| e.mount_point.starts_with(kubelet_dir);
+    // Only the mount on top at each mount point is what the path shows: a
+    // mount of something else stacked over this volume's is not this
+    // volume's to unmount.
+    let top = topmost(&table);
+    let ours = |e: &&&MountEntry| e.mount_point.starts_with(kubelet_dir);
     let mut out = Vec::new();
     if let Some(dev) = device {
         out.extend(
-            table
-                .iter()
+            top.iter()
                 .filter(ours)
                 .filter(|e| holds_loop(e, &dev))
                 .map(|e| e.mount_point.clone()),
@@ -206,14 +209,28 @@ pub fn of_volume(
     }
     if let Some((device, volumes)) = volumes_inside(pool, &table)? {
         out.extend(
-            table
-                .iter()
+            top.iter()
                 .filter(ours)
                 .filter(|e| dir_volume_of(e, &device, &volumes).as_deref() == Some(id))
                 .map(|e| e.mount_point.clone()),
         );
     }
     Ok(out)
+}
+
+/// The last mount made at each mount point of `table` (the kernel lists
+/// mounts in the order they were made), in table order.
+fn topmost(table: &[MountEntry]) -> Vec<&MountEntry> {
+    let mut last: HashMap<&Path, usize> = HashMap::new();
+    for (i, e) in table.iter().enumerate() {
+        last.insert(e.mount_point.as_path(), i);
+    }
+    table
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| last.get(e.mount_point.as_path()) == Some(i))
+        .map(|(_, e)| e)
+        .collect()
 }
 
 /// A filesystem on one of the pool's images, mounted under a kubelet

@@ -187,6 +187,22 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         }
         _ => None,
     };
+    // The fences of this node's devices are checked again on a thread of
+    // their own: a lock lost while a device lives is reported, not missed.
+    let fence_checks = match (driver.config.fence_check_interval, driver.node.is_some()) {
+        (Some(every), true) => {
+            let d = Arc::clone(&driver);
+            Some(
+                Periodic::start("filevol-fences", every, move || {
+                    if let Some(node) = &d.node {
+                        node.check_custody(&d.pool);
+                    }
+                })
+                .map_err(ServeError::Threads)?,
+            )
+        }
+        _ => None,
+    };
 
     log::info!(
         "filevol {} serving mode={} driver={} node={} endpoint={} pool={} workers={} queue={}",
@@ -214,6 +230,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     );
     drop(janitor);
     drop(trims);
+    drop(fence_checks);
     drain(&mut server, grace);
     driver.executor.shutdown();
     drop(server);

@@ -139,6 +139,7 @@ impl Driver {
         let mut text = self.executor.metrics().render(&gauges);
         if let Some(node) = &self.node {
             crate::metrics::render_trims(&mut text, node.trim_totals().read());
+            crate::metrics::render_fences(&mut text, node.custody_counts());
         }
         text
     }

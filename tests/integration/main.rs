@@ -27,6 +27,7 @@ mod controller;
 mod crash;
 mod dispatch;
 mod escape;
+mod fences;
 mod fuzz_corpus;
 mod hostile;
 mod identity;
