@@ -195,6 +195,15 @@ impl Node {
                 return Ok(());
             }
         };
+        let dirs = match self.kernel.staged_dirs(pool, &self.kubelet_dir) {
+            Ok(ids) => ids,
+            Err(e) => {
+                log::warn!(
+                    "cannot read the mount table ({e}); staged directory volumes are not fenced"
+                );
+                Vec::new()
+            }
+        };
         let mut ours = Vec::new();
         if !attached.is_empty() {
             // From the directory and the kernel, not the records: a record
@@ -202,16 +211,20 @@ impl Node {
             // unfenced.
             for id in pool.store().ids(crate::pool::store::Kind::Volume)? {
                 let image = pool.image_path(&id);
-                let key = match devices::image_key(&image) {
-                    Ok(Some(key)) => key,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        log::error!("volume {id}: cannot stat {}: {e}; its devices on this host are not adopted", image.display());
-                        continue;
+                match devices::image_key(&image) {
+                    Ok(Some(key)) => {
+                        for (bound, _) in attached.iter().filter(|(_, b)| *b == key) {
+                            self.adopt(pool, &id, *bound, key, &mut ours)?;
+                        }
                     }
-                };
-                for (bound, _) in attached.iter().filter(|(_, b)| *b == key) {
-                    self.adopt(pool, &id, *bound, key, &mut ours)?;
+                    Ok(None) => {}
+                    Err(e) => log::error!(
+                        "volume {id}: cannot stat {}: {e}; its devices on this host are not adopted",
+                        image.display()
+                    ),
+                }
+                if dirs.contains(&id) {
+                    self.adopt_dir_fence(pool, &id, &attached, &mut ours);
                 }
             }
         }
@@ -219,20 +232,50 @@ impl Node {
         // this plugin's devices.
         self.devices.fill(&ours);
         self.check_custody(pool);
-        match self.kernel.staged_dirs(pool, &self.kubelet_dir) {
-            Ok(ids) => {
-                for id in ids {
-                    match self.fences.take(pool, &id, LockKind::Shared) {
-                        Ok(_) => log::info!("volume {id}: found bind-mounted, fence re-taken"),
-                        Err(e) => log::error!("volume {id}: bind-mounted but {e}"),
-                    }
-                }
+        for id in dirs {
+            match self.fences.take(pool, &id, LockKind::Shared) {
+                Ok(_) => log::info!("volume {id}: found bind-mounted, fence re-taken"),
+                Err(e) => log::error!("volume {id}: bind-mounted but {e}"),
             }
-            Err(e) => log::warn!(
-                "cannot read the mount table ({e}); staged directory volumes are not fenced"
-            ),
         }
         Ok(())
+    }
+
+    /// Takes one fence device of the directory volume `id`, bind-mounted
+    /// under this plugin's kubelet directory, into `ours` (see
+    /// `Node::hold_dir_fence`): any one serves, as each holds the same
+    /// shared lock and each unstage detaches one.
+    fn adopt_dir_fence(
+        &self,
+        pool: &Pool,
+        id: &str,
+        attached: &[(kernel::Bound, (u64, u64))],
+        ours: &mut Vec<(kernel::Bound, (u64, u64), String)>,
+    ) {
+        let fence = pool.fence_path(id);
+        let key = match devices::image_key(&fence) {
+            Ok(Some(key)) => key,
+            Ok(None) => return,
+            Err(e) => {
+                log::error!("volume {id}: cannot stat {}: {e}", fence.display());
+                return;
+            }
+        };
+        match attached
+            .iter()
+            .find(|(bound, backing)| *backing == key && !bound.detaching)
+        {
+            Some((bound, _)) => {
+                log::info!(
+                    "volume {id}: its directory's fence device {} adopted",
+                    bound.device.path().display()
+                );
+                ours.push((*bound, key, id.to_owned()));
+            }
+            None => log::warn!(
+                "volume {id}: bind-mounted with no fence device (staged by an older filevol, or a stage that died half-way): fenced by this process only, until it is staged again"
+            ),
+        }
     }
 
     /// Takes a device of volume `id` found at start into `ours` if it is
@@ -305,7 +348,12 @@ impl Node {
             }
             let read_only = self.kernel.read_only(device).unwrap_or(false);
             let path = device.path();
+            // The device serves the image, or a directory volume's fence.
             let image = pool.image_path(&id);
+            let image = match devices::image_key(&image) {
+                Ok(Some(k)) if k == key => image,
+                _ => pool.fence_path(&id),
+            };
             let verdict = self.custody.judge(
                 custody::Device {
                     id: &id,

@@ -70,7 +70,8 @@ impl Node {
             if self.mount_state(staging)? == MountState::Mounted {
                 // Staged already, if what is bound there is this volume's
                 // directory (another volume's lies on the same filesystem).
-                return self.expect_volume_at(pool, &v.id, staging);
+                self.expect_volume_at(pool, &v.id, staging)?;
+                return self.hold_dir_fence(pool, &v.id, &mut claim);
             }
             let source = crate::sys::untrusted::open_root(&data).map_err(sys("open", &data))?;
             let target = self.mount_point(staging, Create::Dir)?;
@@ -86,9 +87,53 @@ impl Node {
                     .remount_read_only(root.as_fd())
                     .map_err(sys("remount read-only", staging))?;
             }
-            Ok(())
+            self.hold_dir_fence(pool, &v.id, &mut claim)
         })();
         claim.finish(result)
+    }
+
+    /// Gives a directory volume's stage a fence as long-lived as its bind
+    /// mount: a read-only loop device of the volume's fence file, which
+    /// holds the file's lock shared (`sys::loopdev::attach`) for as long as
+    /// the device exists, whatever happens to this plugin. A bind mount
+    /// holds no open file, so nothing else the kernel keeps could carry
+    /// the lock. The device has no size and nothing mounts it; a delete or
+    /// a copy of the volume, which needs the fence exclusively, is refused
+    /// while it exists, on any host sharing the pool. The unstage detaches
+    /// it.
+    fn hold_dir_fence<'a>(
+        &'a self,
+        pool: &Pool,
+        id: &str,
+        claim: &mut Claim<'a>,
+    ) -> Result<(), NodeError> {
+        let fence = pool.fence_path(id);
+        let key = super::devices::image_key(&fence)
+            .and_then(|key| key.ok_or_else(|| std::io::ErrorKind::NotFound.into()))
+            .map_err(sys("attach a loop device to", &fence))?;
+        if let Some(bound) = self
+            .devices
+            .bound_key(&*self.kernel, key)
+            .map_err(sys("find loop device of", &fence))?
+        {
+            if !bound.detaching {
+                return Ok(());
+            }
+        }
+        let Some(a) = self
+            .kernel
+            .attach(&fence, true, false)
+            .map_err(sys("attach a loop device to", &fence))?
+        else {
+            // Held exclusively: a delete or copy of the volume is under way.
+            return Err(NodeError::Fenced {
+                id: id.to_owned(),
+                image: fence,
+            });
+        };
+        claim.attached(a.device);
+        self.devices.attached(key, a.device, id);
+        Ok(())
     }
 
     /// Attaches the image's loop device unless this plugin has a usable
@@ -591,8 +636,36 @@ impl Node {
                 }
             }
         }
+        self.release_dir_fence(pool, id)?;
         self.fences.release(id);
         self.custody.forget(id);
+        Ok(())
+    }
+
+    /// Detaches the fence device of a directory volume's stage (see
+    /// [`Node::hold_dir_fence`]), if this plugin has one.
+    fn release_dir_fence(&self, pool: &Pool, id: &str) -> Result<(), NodeError> {
+        let fence = pool.fence_path(id);
+        let Some(bound) = self
+            .bound(&fence)
+            .map_err(sys("find loop device of", &fence))?
+        else {
+            return Ok(());
+        };
+        if !bound.detaching {
+            self.kernel
+                .detach(bound.device)
+                .map_err(sys("detach", bound.device.path()))?;
+        }
+        if !self
+            .detached(&fence)
+            .map_err(sys("find loop device of", &fence))?
+        {
+            return Err(NodeError::DetachPending {
+                device: bound.device.path(),
+                image: fence,
+            });
+        }
         Ok(())
     }
 

@@ -316,6 +316,13 @@ impl Pool {
         self.volume_dir(id).join("image")
     }
 
+    /// The fence file of a volume (see [`store`]): what node plugins lock
+    /// while a stage lasts, and what a directory volume's fence device
+    /// serves (`node::stage`).
+    pub fn fence_path(&self, id: &str) -> PathBuf {
+        self.volume_dir(id).join(store::FENCE)
+    }
+
     /// The formatted template named `name` (see `node::template`).
     pub fn template_path(&self, name: &str) -> PathBuf {
         self.root.join("templates").join(name)

@@ -51,7 +51,7 @@ pub const META: &str = "meta.json";
 /// The object lock file inside an object's directory.
 const LOCK: &str = "lock";
 /// The fence file inside a volume's directory.
-const FENCE: &str = "fence";
+pub const FENCE: &str = "fence";
 
 /// How long a lock test waits before it answers "held": long enough for a
 /// forked child's inherited descriptor to go (see `sys::lock`), short enough

@@ -440,7 +440,7 @@ fn a_killed_node_plugin_converges_after_restart() {
     env.d.signal(rustix::process::Signal::KILL);
     env.d.wait_exit(Duration::from_secs(5));
     env.d = start_node(&env.pool, &env.kubelet, "test-node", "all");
-    assert!(env.d.log().contains("fence re-taken"), "{}", env.d.log());
+    assert!(env.d.log().contains("adopted"), "{}", env.d.log());
 
     // A second node cannot take the image the restarted one has staged.
     let other_kubelet = tempfile::tempdir().unwrap();
