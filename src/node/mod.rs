@@ -193,8 +193,19 @@ impl Node {
         // cannot be read right now must not leave a staged image unfenced.
         for id in pool.store().ids(crate::pool::store::Kind::Volume)? {
             let image = pool.image_path(&id);
-            let Ok(meta) = std::fs::metadata(&image) else {
-                continue;
+            let meta = match crate::sys::fs::metadata_if_present(&image) {
+                Ok(Some(meta)) => meta,
+                // A dir volume, or one deleted meanwhile.
+                Ok(None) => continue,
+                // Not "no image": if this host has it staged, nothing here
+                // can tell, and its fence is not re-taken.
+                Err(e) => {
+                    log::error!(
+                        "volume {id}: stat {}: {e}; if it is staged here, it is not fenced",
+                        image.display()
+                    );
+                    continue;
+                }
             };
             // A device with a detach pending was let go of by an unstage
             // (which waited for it; one still held open is refused by the
