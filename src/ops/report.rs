@@ -401,6 +401,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn what_cannot_be_read_is_listed_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["volumes", "snapshots"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        // A snapshot whose directory is a file: ENOTDIR on its record.
+        std::fs::write(root.join("snapshots/s1"), b"").unwrap();
+        // A volume whose data cannot be looked at.
+        std::fs::create_dir(root.join("volumes/v1")).unwrap();
+        std::fs::write(root.join("volumes/v1/meta.json"), b"{torn").unwrap();
+        let report = {
+            let _eio = crate::faults::inject_eio("volumes/v1/image", 0);
+            read(root).unwrap()
+        };
+        let s = &report.snapshots[0];
+        assert_eq!(s.id, "s1");
+        let problem = s.problem.as_deref().unwrap();
+        assert!(
+            problem.starts_with("metadata cannot be read: "),
+            "{problem}"
+        );
+        assert_eq!(report.totals.snapshots, 0);
+        let problem = report.volumes[0].problem.as_deref().unwrap();
+        assert!(problem.starts_with("metadata damaged: "), "{problem}");
+        assert!(
+            problem.contains("allocated bytes cannot be read: Input/output error"),
+            "{problem}"
+        );
+        // A layout that cannot be looked at is an error, not "not a pool".
+        let _eio = crate::faults::inject_eio("volumes", 0);
+        assert!(matches!(read(root), Err(OpsError::Pool(_))));
+    }
+
+    #[test]
     fn the_summary_says_what_it_cannot_know() {
         let t = Totals {
             filesystem_size_bytes: 2 << 30,

@@ -99,11 +99,10 @@ pub fn snapshot_counts(meta: &SnapshotMeta, allocated: u64) -> u64 {
 /// [`untrusted::MAX_DEPTH`] are not counted.
 pub fn allocated(dir: &Path) -> io::Result<u64> {
     let image = dir.join("image");
-    match std::fs::symlink_metadata(&image) {
-        Ok(m) if m.is_file() => return Ok(m.blocks().saturating_mul(512)),
-        Ok(_) => return Ok(0),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    match sysfs::symlink_metadata_if_present(&image)? {
+        Some(m) if m.is_file() => return Ok(m.blocks().saturating_mul(512)),
+        Some(_) => return Ok(0),
+        None => {}
     }
     let data = dir.join("data");
     let root = match untrusted::open_root(&data) {
