@@ -76,7 +76,7 @@ pub fn crash_point(point: &str) {
 #[cfg(not(debug_assertions))]
 pub fn crash_point(_point: &str) {}
 
-/// Fails with EIO when an `eio:` rule (or, in unit tests, [`inject_eio`])
+/// Fails with EIO when an `eio:` rule (or, in unit tests, `inject_eio`)
 /// names `path` and its looks to let through are used up. Called by the
 /// presence checks in `sys::fs`. Always `Ok` in release builds.
 #[cfg(debug_assertions)]
