@@ -187,9 +187,8 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         NodeError::DetachPending { .. } => RpcStatusCode::UNAVAILABLE,
         // What caused the failure decides; the failed undo is in the message.
         NodeError::RollbackFailed { error, .. } => node_code(rpc, error),
-        NodeError::ProbeFailed { .. } | NodeError::Command { .. } | NodeError::Sys { .. } => {
-            RpcStatusCode::INTERNAL
-        }
+        NodeError::Sys { source, .. } => io_code(source),
+        NodeError::ProbeFailed { .. } | NodeError::Command { .. } => RpcStatusCode::INTERNAL,
         NodeError::Pool(e) => pool_code(rpc, e),
     }
 }
@@ -221,7 +220,38 @@ fn pool_code(rpc: Rpc, err: &PoolError) -> RpcStatusCode {
         // The concurrency section: an operation already in progress on the
         // object is ABORTED, whichever process runs it.
         PoolError::Busy { .. } => RpcStatusCode::ABORTED,
-        PoolError::Io { .. } | PoolError::Damaged { .. } => RpcStatusCode::INTERNAL,
+        PoolError::Io { source, .. } => io_code(source),
+        PoolError::Damaged { .. } => RpcStatusCode::INTERNAL,
+    }
+}
+
+/// The code for a pool or node step that failed with `source`. Such a
+/// failure never means "not there" (only ENOENT does, and it is decided
+/// below this layer), so it is never OK or NOT_FOUND:
+/// - UNAVAILABLE when the filesystem cannot be reached right now: a FUSE
+///   daemon or network server gone (ENOTCONN), an NFS handle gone stale
+///   (ESTALE), a server that does not answer. gRPC defines UNAVAILABLE as
+///   transient and retried with backoff, which the sidecars and kubelet
+///   do, and a remount or reconnect is what ends it;
+/// - INTERNAL for the rest (EIO from a failing disk or a shut-down xfs,
+///   EACCES, ENOTDIR where the pool's layout is broken), as for every I/O
+///   failure before: the spec's error tables have no row for a failing
+///   pool, and it needs an operator, not a retry.
+fn io_code(source: &std::io::Error) -> RpcStatusCode {
+    use rustix::io::Errno;
+    let unreachable = [
+        Errno::NOTCONN,
+        Errno::STALE,
+        Errno::TIMEDOUT,
+        Errno::HOSTDOWN,
+        Errno::HOSTUNREACH,
+        Errno::SHUTDOWN,
+    ];
+    match source.raw_os_error() {
+        Some(code) if unreachable.iter().any(|e| e.raw_os_error() == code) => {
+            RpcStatusCode::UNAVAILABLE
+        }
+        _ => RpcStatusCode::INTERNAL,
     }
 }
 
@@ -337,6 +367,40 @@ mod tests {
         );
         let bad = Error::BadToken("x".into());
         assert_eq!(status_code(Rpc::ListVolumes, &bad), RpcStatusCode::ABORTED);
+    }
+
+    #[test]
+    fn io_failures_are_never_ok_or_not_found() {
+        let io = |errno: i32| {
+            Error::Pool(PoolError::Io {
+                step: "stat",
+                path: "/pool/volumes/v".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            })
+        };
+        // A pool that cannot be reached now: retried.
+        for errno in [libc::ENOTCONN, libc::ESTALE] {
+            assert_eq!(
+                status_code(Rpc::DeleteVolume, &io(errno)),
+                RpcStatusCode::UNAVAILABLE
+            );
+        }
+        // A pool that fails: an operator looks.
+        for errno in [libc::EIO, libc::EACCES, libc::ENOTDIR] {
+            assert_eq!(
+                status_code(Rpc::DeleteVolume, &io(errno)),
+                RpcStatusCode::INTERNAL
+            );
+        }
+        let node = Error::Node(crate::node::NodeError::Sys {
+            step: "stat",
+            path: "/pool/volumes/v/image".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOTCONN),
+        });
+        assert_eq!(
+            status_code(Rpc::NodeGetVolumeStats, &node),
+            RpcStatusCode::UNAVAILABLE
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! with 512-byte sectors (see [`crate::sys::loopdev::attach_with_block_size`]).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use super::tempdir::TempDir;
@@ -104,6 +104,9 @@ pub fn pool_on(fs: &str, mib: u64) -> (LoopFs, PathBuf) {
 #[derive(Debug)]
 pub struct Bindfs {
     mnt: PathBuf,
+    /// The view's daemon, when the test may kill it ([`Bindfs::killable`]).
+    daemon: Option<Child>,
+    source: PathBuf,
     _dir: TempDir,
 }
 
@@ -119,7 +122,64 @@ impl Bindfs {
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "bindfs is needed (scripts/install-deps.sh installs it)");
-        Bindfs { mnt, _dir: dir }
+        Bindfs {
+            mnt,
+            daemon: None,
+            source: source.to_owned(),
+            _dir: dir,
+        }
+    }
+
+    /// A bindfs view of `source` whose daemon this process runs, so that
+    /// [`Bindfs::kill_daemon`] can stand for a network share whose server
+    /// went away.
+    pub fn killable(source: &Path) -> Bindfs {
+        let dir = TempDir::new().expect("make a temporary directory");
+        let mnt = dir.path().join("share");
+        std::fs::create_dir(&mnt).expect("make the mount point");
+        let mut view = Bindfs {
+            mnt,
+            daemon: None,
+            source: source.to_owned(),
+            _dir: dir,
+        };
+        view.start_daemon();
+        view
+    }
+
+    /// Runs bindfs in the foreground on the mount point and waits for the
+    /// view to be mounted.
+    fn start_daemon(&mut self) {
+        let daemon = Command::new("bindfs")
+            .arg("-f")
+            .arg(&self.source)
+            .arg(&self.mnt)
+            .spawn()
+            .expect("bindfs is needed (scripts/install-deps.sh installs it)");
+        self.daemon = Some(daemon);
+        for _ in 0..100 {
+            if mount::state(&self.mnt).is_ok_and(|s| s == mount::MountState::Mounted) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("bindfs did not mount {}", self.mnt.display());
+    }
+
+    /// Kills the view's daemon: the mount stays, and every call on a path
+    /// under it fails with ENOTCONN until [`Bindfs::restart`].
+    pub fn kill_daemon(&mut self) {
+        let mut daemon = self.daemon.take().expect("a killable view, running");
+        daemon.kill().expect("kill bindfs");
+        daemon.wait().expect("reap bindfs");
+    }
+
+    /// Unmounts the dead view and mounts a new one at the same path: what
+    /// reconnecting a share does.
+    pub fn restart(&mut self) {
+        assert!(self.daemon.is_none(), "the daemon still runs");
+        unmount_patiently(&self.mnt);
+        self.start_daemon();
     }
 
     /// The mount point.
@@ -131,6 +191,18 @@ impl Bindfs {
 impl Drop for Bindfs {
     fn drop(&mut self) {
         unmount_patiently(&self.mnt);
+        // A foreground bindfs exits once unmounted; one that did not is
+        // killed, never left behind.
+        if let Some(mut daemon) = self.daemon.take() {
+            for _ in 0..50 {
+                if daemon.try_wait().is_ok_and(|s| s.is_some()) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
     }
 }
 

@@ -150,7 +150,7 @@ impl Node {
                     pool.delete_volume(&id).map_err(std::io::Error::other)
                 });
             }
-            if !staging.exists() {
+            if !crate::sys::fs::exists(staging).map_err(sys("stat", staging))? {
                 std::fs::create_dir_all(staging).map_err(sys("create", staging))?;
                 undo.push(format!("remove {}", staging.display()), || {
                     std::fs::remove_dir(staging)
@@ -185,7 +185,7 @@ impl Node {
             return Ok(());
         }
         self.unstage(pool, &id, staging)?;
-        if staging.exists() {
+        if crate::sys::fs::exists(staging).map_err(sys("stat", staging))? {
             std::fs::remove_dir(staging).map_err(sys("remove", staging))?;
         }
         pool.delete_volume(&id)?;

@@ -263,7 +263,7 @@ impl Kernel for Host {
 
     fn is_mount_of(&self, root: BorrowedFd<'_>, source: BorrowedFd<'_>) -> io::Result<bool> {
         let (a, b) = (rustix::fs::fstat(root)?, rustix::fs::fstat(source)?);
-        Ok((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) && mount::is_mount_root(root))
+        Ok((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) && mount::is_mount_root(root)?)
     }
 
     fn remount_read_only(&self, root: BorrowedFd<'_>) -> io::Result<()> {

@@ -88,6 +88,15 @@ pub fn by_volume(pool: &Pool, kubelet_dir: &Path) -> io::Result<BTreeMap<String,
     Ok(tally(&table, kubelet_dir, &loops, dirs.as_ref()))
 }
 
+/// The image of volume `id`, `None` when it has none (a dir volume, or one
+/// deleted meanwhile: ENOENT). An image that cannot be looked at is an
+/// error naming it, never a volume without mounts.
+fn image_metadata(pool: &Pool, id: &str) -> io::Result<Option<std::fs::Metadata>> {
+    let image = pool.image_path(id);
+    crate::sys::fs::metadata_if_present(&image)
+        .map_err(|e| io::Error::new(e.kind(), format!("stat {}: {e}", image.display())))
+}
+
 /// The loop devices attached to the pool's images, with their volume's id.
 fn attached_images(pool: &Pool) -> io::Result<Vec<(LoopDevice, String)>> {
     let mut by_file: HashMap<(u64, u64), Vec<LoopDevice>> = HashMap::new();
@@ -101,7 +110,7 @@ fn attached_images(pool: &Pool) -> io::Result<Vec<(LoopDevice, String)>> {
     // From the directory, not the records: an unreadable record does not
     // unmount a volume.
     for id in pool.store().ids(Kind::Volume).map_err(io::Error::other)? {
-        let Ok(meta) = std::fs::metadata(pool.image_path(&id)) else {
+        let Some(meta) = image_metadata(pool, &id)? else {
             continue;
         };
         if let Some(devices) = by_file.get(&(meta.dev(), meta.ino())) {
@@ -266,7 +275,7 @@ pub fn filesystems(pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>> 
     let pods = kubelet_dir.join("pods");
     let mut out = Vec::new();
     for id in pool.store().ids(Kind::Volume).map_err(io::Error::other)? {
-        let Ok(meta) = std::fs::metadata(pool.image_path(&id)) else {
+        let Some(meta) = image_metadata(pool, &id)? else {
             continue;
         };
         let Some(&device) = by_backing.get(&(meta.dev(), meta.ino())) else {

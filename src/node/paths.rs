@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 
-use super::error::NodeError;
+use super::error::{sys, NodeError};
 
 /// How a path under the kubelet directory is resolved from its descriptor.
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
@@ -190,7 +190,10 @@ pub fn under_kubelet(
         {
             return match beneath_without_symlinks(kubelet_dir, rest) {
                 Ok(()) => Ok(p.to_owned()),
-                Err(_) => Err(outside()),
+                Err(e) if leads_out(&e) => Err(outside()),
+                // The path could not be looked at: the cause, not a verdict
+                // on where it lies (stats would answer NOT_FOUND for it).
+                Err(e) => Err(sys("resolve", p)(e)),
             };
         }
     }
@@ -201,6 +204,9 @@ pub fn under_kubelet(
     let resolved = loop {
         match existing.canonicalize() {
             Ok(c) => break c,
+            Err(e) if !not_made_yet(&e) && !leads_out(&e) => {
+                return Err(sys("resolve", &existing)(e));
+            }
             Err(_) => {
                 let name = existing.file_name().ok_or_else(outside)?.to_owned();
                 rest.push(name);
@@ -222,6 +228,18 @@ pub fn under_kubelet(
     } else {
         Err(outside())
     }
+}
+
+/// Errors of a walk that say the path leaves the kubelet directory or
+/// loops: a symlink where none may be (ELOOP), an escape (EXDEV).
+fn leads_out(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EXDEV))
+}
+
+/// Errors of a walk that say part of the path does not exist yet: a
+/// missing name (ENOENT), a file where a directory would be (ENOTDIR).
+fn not_made_yet(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
 /// Whether `rest` (plain names) resolves beneath `kubelet_dir` without a

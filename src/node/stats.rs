@@ -49,10 +49,13 @@ impl Node {
                         stats.bytes = Some((size, size - allocated, allocated));
                     }
                 }
-                Ok(_) if !image.exists() => {
-                    problems.push(format!("image {} is gone", image.display()))
-                }
-                Ok(_) => problems.push(format!("no loop device backs {}", image.display())),
+                Ok(_) => match crate::sys::fs::exists(&image) {
+                    Ok(false) => problems.push(format!("image {} is gone", image.display())),
+                    Ok(true) => problems.push(format!("no loop device backs {}", image.display())),
+                    Err(e) => {
+                        problems.push(format!("image {} cannot be read: {e}", image.display()))
+                    }
+                },
                 Err(e) => problems.push(format!("loop devices cannot be listed: {e}")),
             }
         }

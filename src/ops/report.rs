@@ -66,7 +66,8 @@ pub struct VolumeRow {
     pub attached_to: Vec<String>,
     /// Snapshots taken of it.
     pub snapshots: usize,
-    /// Why its metadata cannot be read, if it cannot.
+    /// What of it cannot be read (its metadata, its data's allocation), if
+    /// anything.
     pub problem: Option<String>,
 }
 
@@ -88,6 +89,9 @@ pub struct SnapshotRow {
     pub method: String,
     /// Group snapshot, if any.
     pub group_id: Option<String>,
+    /// What of it cannot be read (its metadata, its data's allocation), if
+    /// anything: such a snapshot is listed, not left out.
+    pub problem: Option<String>,
 }
 
 /// The whole report.
@@ -132,96 +136,148 @@ pub struct Totals {
 /// Why `pool ls` shows no room.
 const CAPACITY_NOTE: &str = "the room GetCapacity reports is (size - reserve) x overcommit, less provisioned, less counted for snapshots, less creations in progress (above an overcommit of 1, at most free - reserve); --reserve and --overcommit are filevol serve's flags, which pool ls does not know";
 
-/// Bytes the data in `dir` has allocated; what cannot be read counts as
-/// nothing here (the report shows the pool as it can be read).
-fn allocated_or_zero(dir: &Path) -> u64 {
-    allocated(dir).unwrap_or(0)
+/// Bytes the data in `dir` has allocated. What cannot be read counts as
+/// nothing in the figures (the report shows the pool as it can be read) and
+/// is said in `problems`, never passed over as if it were not there.
+fn allocated_or_zero(dir: &Path, problems: &mut Vec<String>) -> u64 {
+    allocated(dir).unwrap_or_else(|e| {
+        problems.push(format!("allocated bytes cannot be read: {e}"));
+        0
+    })
+}
+
+/// `problems` joined, or `None`.
+fn problem(problems: Vec<String>) -> Option<String> {
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, OpsError> {
-    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
-        .map_err(io_error("read directory", dir))?
-        .flatten()
-        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
-        .filter(|(name, _)| !name.starts_with('.'))
-        .collect();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error("read directory", dir))? {
+        let entry = entry.map_err(io_error("read directory", dir))?;
+        if let Ok(name) = entry.file_name().into_string() {
+            if !name.starts_with('.') {
+                out.push((name, entry.path()));
+            }
+        }
+    }
     out.sort();
     Ok(out)
+}
+
+/// Whether `path` is a directory; one that cannot be looked at is an error
+/// (with its cause), not "not a pool".
+fn is_dir(path: &Path) -> Result<bool, OpsError> {
+    let found = sysfs::metadata_if_present(path).map_err(io_error("stat", path))?;
+    Ok(found.is_some_and(|m| m.is_dir()))
+}
+
+/// The record in `dir`, or why it cannot be read.
+fn record<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, String> {
+    let path = dir.join("meta.json");
+    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "metadata missing".to_owned(),
+        _ => format!("metadata cannot be read: {e}"),
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("metadata damaged: {e}"))
 }
 
 /// Reads the pool at `root`. A directory without the pool's layout is
 /// refused with that said, not read as an empty pool.
 pub fn read(root: &Path) -> Result<Report, OpsError> {
-    if !root.join("volumes").is_dir() || !root.join("snapshots").is_dir() {
+    if !is_dir(&root.join("volumes"))? || !is_dir(&root.join("snapshots"))? {
         return Err(OpsError::NotAPool(root.to_owned()));
     }
     let mut snapshots = Vec::new();
+    // Snapshots and volumes whose record could be read.
+    let (mut snapshots_read, mut volumes_read) = (0, 0);
     for (id, dir) in entries(&root.join("snapshots"))? {
-        let Ok(bytes) = std::fs::read(dir.join("meta.json")) else {
-            continue;
+        let mut problems = Vec::new();
+        let row = match record::<SnapshotMeta>(&dir) {
+            Ok(s) => {
+                snapshots_read += 1;
+                let allocated_bytes = allocated_or_zero(&dir, &mut problems);
+                SnapshotRow {
+                    id,
+                    counted_bytes: snapshot_counts(&s, allocated_bytes),
+                    source_volume_id: s.source_volume_id,
+                    size_bytes: s.size_bytes,
+                    allocated_bytes,
+                    method: format!("{:?}", s.method).to_lowercase(),
+                    group_id: s.group_id,
+                    problem: problem(problems),
+                }
+            }
+            Err(why) => {
+                let allocated_bytes = allocated_or_zero(&dir, &mut problems);
+                problems.insert(0, why);
+                SnapshotRow {
+                    id,
+                    counted_bytes: 0,
+                    source_volume_id: String::new(),
+                    size_bytes: 0,
+                    allocated_bytes,
+                    method: String::new(),
+                    group_id: None,
+                    problem: problem(problems),
+                }
+            }
         };
-        let Ok(s) = serde_json::from_slice::<SnapshotMeta>(&bytes) else {
-            continue;
-        };
-        let allocated_bytes = allocated_or_zero(&dir);
-        snapshots.push(SnapshotRow {
-            id,
-            counted_bytes: snapshot_counts(&s, allocated_bytes),
-            source_volume_id: s.source_volume_id,
-            size_bytes: s.size_bytes,
-            allocated_bytes,
-            method: format!("{:?}", s.method).to_lowercase(),
-            group_id: s.group_id,
-        });
+        snapshots.push(row);
     }
     let attached = Attachments::read(root)?;
     let mut volumes = Vec::new();
     for (id, dir) in entries(&root.join("volumes"))? {
-        let row = match std::fs::read(dir.join("meta.json"))
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<VolumeMeta>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(v) => VolumeRow {
-                attached_to: attached.of(&v).into_iter().map(|a| a.node_id).collect(),
-                snapshots: snapshots
-                    .iter()
-                    .filter(|s| s.source_volume_id == id)
-                    .count(),
-                id,
-                name: v.name,
-                layout: format!("{:?}", v.layout).to_lowercase(),
-                kind: match (v.access, v.fs_type) {
-                    (crate::pool::meta::AccessType::Block, _) => "block".into(),
-                    (_, Some(fs)) => fs.as_str().into(),
-                    (_, None) => "-".into(),
-                },
-                capacity_bytes: v.capacity_bytes,
-                allocated_bytes: allocated_or_zero(&dir),
-                problem: None,
-            },
-            Err(problem) => VolumeRow {
-                id,
-                name: String::new(),
-                layout: String::new(),
-                kind: String::new(),
-                capacity_bytes: 0,
-                allocated_bytes: allocated_or_zero(&dir),
-                attached_to: Vec::new(),
-                snapshots: 0,
-                problem: Some(format!("metadata damaged: {problem}")),
-            },
+        let mut problems = Vec::new();
+        let row = match record::<VolumeMeta>(&dir) {
+            Ok(v) => {
+                volumes_read += 1;
+                VolumeRow {
+                    attached_to: attached.of(&v).into_iter().map(|a| a.node_id).collect(),
+                    snapshots: snapshots
+                        .iter()
+                        .filter(|s| s.source_volume_id == id)
+                        .count(),
+                    id,
+                    name: v.name,
+                    layout: format!("{:?}", v.layout).to_lowercase(),
+                    kind: match (v.access, v.fs_type) {
+                        (crate::pool::meta::AccessType::Block, _) => "block".into(),
+                        (_, Some(fs)) => fs.as_str().into(),
+                        (_, None) => "-".into(),
+                    },
+                    capacity_bytes: v.capacity_bytes,
+                    allocated_bytes: allocated_or_zero(&dir, &mut problems),
+                    problem: problem(problems),
+                }
+            }
+            Err(why) => {
+                let allocated_bytes = allocated_or_zero(&dir, &mut problems);
+                problems.insert(0, why);
+                VolumeRow {
+                    id,
+                    name: String::new(),
+                    layout: String::new(),
+                    kind: String::new(),
+                    capacity_bytes: 0,
+                    allocated_bytes,
+                    attached_to: Vec::new(),
+                    snapshots: 0,
+                    problem: problem(problems),
+                }
+            }
         };
         volumes.push(row);
     }
     let space = sysfs::space(root).map_err(io_error("statvfs", root))?;
-    let readable = volumes.iter().filter(|v| v.problem.is_none());
     let totals = Totals {
         filesystem_size_bytes: space.total,
         filesystem_used_bytes: space.total.saturating_sub(space.available),
         filesystem_free_bytes: space.available,
-        volumes: readable.clone().count(),
-        provisioned_bytes: readable.map(|v| v.capacity_bytes).sum(),
-        snapshots: snapshots.len(),
+        volumes: volumes_read,
+        // A volume whose record cannot be read has a capacity of 0 here.
+        provisioned_bytes: volumes.iter().map(|v| v.capacity_bytes).sum(),
+        snapshots: snapshots_read,
         snapshot_counted_bytes: snapshots.iter().map(|s| s.counted_bytes).sum(),
         volume_allocated_bytes: volumes.iter().map(|v| v.allocated_bytes).sum(),
         snapshot_allocated_bytes: snapshots.iter().map(|s| s.allocated_bytes).sum(),
@@ -292,14 +348,18 @@ pub fn run(args: PoolArgs, out: &mut dyn std::io::Write) -> Result<(), OpsError>
         w(
             out,
             format!(
-                "{:<44} {:<44} {:>10} {:>10} {:>10} {:<8} {}",
+                "{:<44} {:<44} {:>10} {:>10} {:>10} {:<8} {}{}",
                 s.id,
                 s.source_volume_id,
                 human(s.size_bytes),
                 human(s.allocated_bytes),
                 human(s.counted_bytes),
                 s.method,
-                s.group_id.as_deref().unwrap_or("-")
+                s.group_id.as_deref().unwrap_or("-"),
+                s.problem
+                    .as_deref()
+                    .map(|p| format!("  ({p})"))
+                    .unwrap_or_default()
             ),
         )?;
     }
@@ -339,6 +399,41 @@ fn summary(t: &Totals) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_cannot_be_read_is_listed_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["volumes", "snapshots"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        // A snapshot whose directory is a file: ENOTDIR on its record.
+        std::fs::write(root.join("snapshots/s1"), b"").unwrap();
+        // A volume whose data cannot be looked at.
+        std::fs::create_dir(root.join("volumes/v1")).unwrap();
+        std::fs::write(root.join("volumes/v1/meta.json"), b"{torn").unwrap();
+        let report = {
+            let _eio = crate::faults::inject_eio("volumes/v1/image", 0);
+            read(root).unwrap()
+        };
+        let s = &report.snapshots[0];
+        assert_eq!(s.id, "s1");
+        let problem = s.problem.as_deref().unwrap();
+        assert!(
+            problem.starts_with("metadata cannot be read: "),
+            "{problem}"
+        );
+        assert_eq!(report.totals.snapshots, 0);
+        let problem = report.volumes[0].problem.as_deref().unwrap();
+        assert!(problem.starts_with("metadata damaged: "), "{problem}");
+        assert!(
+            problem.contains("allocated bytes cannot be read: Input/output error"),
+            "{problem}"
+        );
+        // A layout that cannot be looked at is an error, not "not a pool".
+        let _eio = crate::faults::inject_eio("volumes", 0);
+        assert!(matches!(read(root), Err(OpsError::Pool(_))));
+    }
 
     #[test]
     fn the_summary_says_what_it_cannot_know() {

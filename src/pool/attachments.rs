@@ -212,12 +212,20 @@ impl Pool {
         )
     }
 
-    /// The registration of the node plugin with this id, if it has one.
-    pub fn node_record(&self, node: &str) -> Option<NodeRecord> {
+    /// The registration of the node plugin with this id, `None` when it has
+    /// none (no record: ENOENT). A record that cannot be read is an error,
+    /// not an unknown node.
+    pub fn node_record(&self, node: &str) -> Result<Option<NodeRecord>, PoolError> {
         if ids::check(node).is_err() {
-            return None;
+            return Ok(None);
         }
-        store::read_json(&self.root.join("nodes").join(format!("{node}.json"))).ok()
+        match store::read_json(&self.root.join("nodes").join(format!("{node}.json"))) {
+            Ok(record) => Ok(Some(record)),
+            Err(PoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn attachments_dir(&self) -> PathBuf {
@@ -249,7 +257,7 @@ impl Pool {
         // replicas and hosts: the checks below and the record are one step.
         let _lock = self.lock_volume(id)?;
         let v = self.volume(id)?;
-        let Some(registered) = self.node_record(node) else {
+        let Some(registered) = self.node_record(node)? else {
             return Err(PoolError::NodeNotFound(node.to_owned()));
         };
         let all = self.attachments()?;
@@ -393,7 +401,9 @@ impl Pool {
     /// removing it needs no lock. The records are listed *before* their
     /// volumes are read: a record made meanwhile belongs to a volume that
     /// exists, and is not in the list. A volume whose record cannot be read
-    /// keeps its records. Not made durable: readers ignore stale records
+    /// keeps its records: only a volume proven absent (`Store::read` says
+    /// NotFound only on ENOENT) or of another incarnation makes a record
+    /// stale. Not made durable: readers ignore stale records
     /// anyway, so one that a crash brings back changes nothing.
     pub(super) fn remove_stale_attachments(&self, only: Option<&str>) -> Result<(), PoolError> {
         let all = self.attachments()?;
@@ -404,7 +414,15 @@ impl Pool {
             .filter(|r| match self.volume(&r.volume) {
                 Ok(v) => v.created_unix_ms != r.created,
                 Err(PoolError::NotFound { .. }) => true,
-                Err(_) => false,
+                Err(e) => {
+                    log::warn!(
+                        "keeping the attachment of volume {} to node {}: the volume cannot be read: {}",
+                        r.volume,
+                        r.attachment.node_id,
+                        crate::error::message_chain(&e)
+                    );
+                    false
+                }
             })
             .collect();
         for r in &stale {

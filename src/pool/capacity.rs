@@ -99,11 +99,10 @@ pub fn snapshot_counts(meta: &SnapshotMeta, allocated: u64) -> u64 {
 /// [`untrusted::MAX_DEPTH`] are not counted.
 pub fn allocated(dir: &Path) -> io::Result<u64> {
     let image = dir.join("image");
-    match std::fs::symlink_metadata(&image) {
-        Ok(m) if m.is_file() => return Ok(m.blocks().saturating_mul(512)),
-        Ok(_) => return Ok(0),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    match sysfs::symlink_metadata_if_present(&image)? {
+        Some(m) if m.is_file() => return Ok(m.blocks().saturating_mul(512)),
+        Some(_) => return Ok(0),
+        None => {}
     }
     let data = dir.join("data");
     let root = match untrusted::open_root(&data) {
@@ -438,7 +437,7 @@ impl Pool {
     /// What the pool holds and what it counts for. A record that cannot be
     /// read counts as nothing (and is reported by the listings).
     fn committed(&self) -> Result<Committed, PoolError> {
-        let generation = store::stamp(&self.root.join(GENERATION));
+        let generation = store::stamp(&self.root.join(GENERATION))?;
         let mut cache = self.sizes.lock();
         if cache.generation != generation {
             cache.volumes.clear();
@@ -505,13 +504,20 @@ impl Pool {
             let Ok(instance) = entry.file_name().into_string() else {
                 continue;
             };
-            if instance.ends_with(".lock") || !self.scratch.is_alive(&instance) {
+            // An instance whose lock cannot be looked at may be alive: its
+            // promises are not dropped from the sum, the sum fails.
+            if instance.ends_with(".lock") || !self.scratch.is_alive(&instance)? {
                 continue;
             }
-            let Ok(dir) = std::fs::read_dir(entry.path()) else {
-                continue;
+            let path = entry.path();
+            let dir = match std::fs::read_dir(&path) {
+                Ok(dir) => dir,
+                // It stopped meanwhile, and its scratch went.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error("read directory", &path)(e)),
             };
-            for item in dir.flatten() {
+            for item in dir {
+                let item = item.map_err(io_error("read directory", &path))?;
                 if let Some(bytes) = item.file_name().to_str().and_then(promised_bytes) {
                     total = total.saturating_add(bytes);
                 }

@@ -3,9 +3,10 @@
 //! decides, and it removes only what is provably abandoned:
 //! - the scratch of an instance whose scratch lock is free (it is dead);
 //! - members of a group snapshot whose record does not exist (ENOENT, not
-//!   merely unreadable) and whose group lock is free: the creator holds that
-//!   lock from its first member to the record, so a free lock means nobody
-//!   is still making the group;
+//!   merely unreadable: at both looks, before and under the lock) and whose
+//!   group lock is free: the creator holds that lock from its first member
+//!   to the record, so a free lock means nobody is still making the group;
+//!   a look or a lock that fails otherwise is logged and the members stay;
 //! - nothing whose record cannot be read: a damaged record is logged and
 //!   reported (volume condition, `filevol pool ls`), never deleted.
 //!
@@ -23,6 +24,7 @@ use std::fs::OpenOptions;
 
 use super::meta::{Layout, SnapshotMeta, VolumeMeta};
 use super::{scratch, Pool, PoolError};
+use crate::sys::fs as sysfs;
 
 /// Runs every clean-up. A failure to clean one object is logged, not fatal:
 /// the pool still serves.
@@ -47,24 +49,20 @@ fn remove_unfinished_groups(pool: &Pool) -> Result<(), PoolError> {
             }
         };
         let Some(group) = &s.group_id else { continue };
-        match std::fs::symlink_metadata(pool.group_file(group)) {
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                log::warn!(
-                    "snapshot {id}: group snapshot {group} cannot be read ({e}); left in place"
-                );
-                continue;
-            }
+        if !group_record_absent(pool, &id, group) {
+            continue;
         }
         let _lock = match pool.store.lock_group(group) {
             Ok(lock) => lock,
             Err(PoolError::Busy { .. }) => continue, // its creator is still at work
-            Err(e) => return Err(e),
+            Err(e) => {
+                log::warn!("snapshot {id}: group snapshot {group}: {e}; left in place");
+                continue;
+            }
         };
         // Checked again under the lock: the creator may have finished
         // between the first look and the lock.
-        if pool.group_file(group).exists() {
+        if !group_record_absent(pool, &id, group) {
             continue;
         }
         log::warn!(
@@ -77,6 +75,23 @@ fn remove_unfinished_groups(pool: &Pool) -> Result<(), PoolError> {
     Ok(())
 }
 
+/// Whether the record of `group` (which snapshot `id` belongs to) is proven
+/// absent (ENOENT). A record that cannot be looked at is logged and counts
+/// as present: its members stay.
+fn group_record_absent(pool: &Pool, id: &str, group: &str) -> bool {
+    let path = pool.group_file(group);
+    match sysfs::symlink_metadata_if_present(&path) {
+        Ok(found) => found.is_none(),
+        Err(e) => {
+            log::warn!(
+                "snapshot {id}: group snapshot {group}: stat {}: {e}; left in place",
+                path.display()
+            );
+            false
+        }
+    }
+}
+
 fn repair_short_images(pool: &Pool) -> Result<(), PoolError> {
     for (id, entry) in pool.store.load_all::<VolumeMeta>()? {
         let Ok(v) = entry else { continue };
@@ -84,7 +99,13 @@ fn repair_short_images(pool: &Pool) -> Result<(), PoolError> {
             continue;
         }
         let path = pool.image_path(&id);
-        let short = std::fs::metadata(&path).is_ok_and(|m| m.len() < v.capacity_bytes);
+        let short = match sysfs::metadata_if_present(&path) {
+            Ok(found) => found.is_some_and(|m| m.len() < v.capacity_bytes),
+            Err(e) => {
+                log::warn!("volume {id}: stat {}: {e}; not repaired", path.display());
+                false
+            }
+        };
         if !short {
             continue;
         }

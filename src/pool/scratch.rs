@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::error::{io_error, PoolError};
+use crate::sys::fs as sysfs;
 use crate::sys::lock::{self, LockKind};
 
 /// This process's scratch directory.
@@ -113,15 +114,19 @@ impl Scratch {
     }
 
     /// Whether the instance `name` (a directory in [`Scratch::base`]) still
-    /// runs: its lock file is held. This process counts as alive.
-    pub fn is_alive(&self, name: &str) -> bool {
+    /// runs: its lock file is held. This process counts as alive. An
+    /// instance is dead only when its lock is free or its lock file is
+    /// absent (ENOENT); a lock that cannot be looked at is an error.
+    pub fn is_alive(&self, name: &str) -> Result<bool, PoolError> {
         if self.dir.file_name().is_some_and(|own| own == name) {
-            return true;
+            return Ok(true);
         }
         let path = self.base().join(format!("{name}.lock"));
+        crate::faults::io_error_at(&path).map_err(io_error("open", &path))?;
         match OpenOptions::new().read(true).write(true).open(&path) {
-            Ok(f) => !lock::try_lock(&f, LockKind::Exclusive).unwrap_or(false),
-            Err(_) => false,
+            Ok(f) => Ok(!lock::try_lock(&f, LockKind::Exclusive).map_err(io_error("lock", &path))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error("open", &path)(e)),
         }
     }
 
@@ -139,6 +144,16 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(&self.lock_path);
     }
+}
+
+/// Whether the scratch `name` has its lock file. One that cannot be looked
+/// at counts as present: its instance may run, so its scratch stays.
+fn lock_file_present(base: &Path, name: &str) -> bool {
+    let path = base.join(format!("{name}.lock"));
+    sysfs::exists(&path).unwrap_or_else(|e| {
+        log::warn!("scratch {name}: {}: {e}; left in place", path.display());
+        true
+    })
 }
 
 /// Removes the scratch of instances that no longer run (for the janitor).
@@ -163,18 +178,24 @@ pub fn clean(scratch: &Scratch) -> Result<(), PoolError> {
             };
             if lock::try_lock(&lock, LockKind::Exclusive).unwrap_or(false) {
                 let dir = base.join(instance);
-                if dir.exists() {
-                    log::warn!(
-                        "removing scratch {} left by a process that stopped mid-operation",
-                        dir.display()
-                    );
-                    std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
+                match sysfs::exists(&dir) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        log::warn!(
+                            "removing scratch {} left by a process that stopped mid-operation",
+                            dir.display()
+                        );
+                        std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
+                    }
+                    // Its lock file stays, so the next pass looks again.
+                    Err(e) => {
+                        log::warn!("scratch {}: {e}; left in place", dir.display());
+                        continue;
+                    }
                 }
                 let _ = std::fs::remove_file(&path);
             }
-        } else if entry.file_type().is_ok_and(|t| t.is_dir())
-            && !base.join(format!("{name}.lock")).exists()
-        {
+        } else if entry.file_type().is_ok_and(|t| t.is_dir()) && !lock_file_present(base, &name) {
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())

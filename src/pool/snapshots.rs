@@ -61,10 +61,12 @@ impl Pool {
             .open(&path)
         {
             Ok(f) => f,
-            // Deleted between the record and the image.
+            // Deleted between the record and the image: its directory is
+            // proven absent (a directory that cannot be looked at is an
+            // error, not a deleted snapshot).
             Err(e)
                 if e.kind() == std::io::ErrorKind::NotFound
-                    && !path.parent().is_some_and(Path::is_dir) =>
+                    && !self.snapshot_dir_present(id)? =>
             {
                 return Err(PoolError::NotFound {
                     kind: "snapshot",
@@ -93,6 +95,12 @@ impl Pool {
             });
         }
         Ok((meta, image))
+    }
+
+    /// Whether the directory of snapshot `id` is there; only ENOENT is "no".
+    fn snapshot_dir_present(&self, id: &str) -> Result<bool, PoolError> {
+        let dir = self.snapshot_dir(id);
+        crate::sys::fs::exists(&dir).map_err(io_error("stat", &dir))
     }
 
     /// Snapshots in id order from `start`, at most `max` (0: all), keeping

@@ -129,11 +129,18 @@ impl Stamp {
     }
 }
 
-/// The stamp of the file at `path`, `None` when there is none. Opened, not
-/// stat'ed: on NFS an open revalidates what another host changed.
-pub fn stamp(path: &Path) -> Option<Stamp> {
-    let f = File::open(path).ok()?;
-    f.metadata().ok().map(|m| Stamp::of(&m))
+/// The stamp of the file at `path`, `None` when there is none (ENOENT; any
+/// other failure is an error, never "none"). Opened, not stat'ed: on NFS an
+/// open revalidates what another host changed.
+pub fn stamp(path: &Path) -> Result<Option<Stamp>, PoolError> {
+    crate::faults::io_error_at(path).map_err(io_error("open", path))?;
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("open", path)(e)),
+    };
+    let m = f.metadata().map_err(io_error("stat", path))?;
+    Ok(Some(Stamp::of(&m)))
 }
 
 /// A record as a listing sees it: parsed, or why it cannot be.
@@ -225,14 +232,18 @@ impl Store {
         // A directory seen without its record may have been committed
         // (renamed into place, record and all) between the two looks: an
         // object whose record is still missing at a second look is damaged.
+        // Only a directory proven absent (ENOENT) makes the object absent:
+        // one that cannot be looked at is an error, never NotFound, which
+        // delete and clean-up would take as "already gone".
+        let dir_present = || sysfs::exists(&dir).map_err(io_error("stat", &dir));
         let first = read_record::<T>(&path);
         let result = match first {
-            Err(ReadError::Missing) if dir.is_dir() => read_record::<T>(&path),
+            Err(ReadError::Missing) if dir_present()? => read_record::<T>(&path),
             other => other,
         };
         match result {
             Ok((_, record)) => Ok(record),
-            Err(ReadError::Missing) if dir.is_dir() => Err(PoolError::Damaged {
+            Err(ReadError::Missing) if dir_present()? => Err(PoolError::Damaged {
                 path,
                 problem: "the record is missing".into(),
             }),
@@ -281,26 +292,31 @@ impl Store {
     /// The record of `id` for a listing: from the cache when the file is
     /// unchanged, else read. `None` when the object is gone meanwhile.
     pub fn load<T: Record>(&self, id: &str) -> Option<Entry<T>> {
-        let path = self.object_dir(T::KIND, id).join(META);
+        let dir = self.object_dir(T::KIND, id);
+        let path = dir.join(META);
         // As in `read`: a second look at a directory seen without its record.
-        let looked = std::fs::metadata(&path).or_else(|e| {
-            if e.kind() == io::ErrorKind::NotFound && self.object_dir(T::KIND, id).is_dir() {
-                std::fs::metadata(&path)
-            } else {
-                Err(e)
-            }
-        });
+        // A directory that cannot be looked at is reported with its error,
+        // never left out as gone.
+        let unreadable = |e: io::Error, at: &Path| Some(Err(format!("{}: {e}", at.display())));
+        let looked = match sysfs::metadata_if_present(&path) {
+            Ok(None) => match sysfs::exists(&dir) {
+                Ok(true) => sysfs::metadata_if_present(&path),
+                Ok(false) => Ok(None),
+                Err(e) => return unreadable(e, &dir),
+            },
+            other => other,
+        };
         let stamp = match looked {
-            Ok(m) => Stamp::of(&m),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Ok(Some(m)) => Stamp::of(&m),
+            Ok(None) => {
                 T::cache(self).lock().remove(id);
                 // A directory without its record is reported, not hidden.
-                return self
-                    .object_dir(T::KIND, id)
-                    .is_dir()
-                    .then(|| Err("the record is missing".to_owned()));
+                return match sysfs::exists(&dir) {
+                    Ok(present) => present.then(|| Err("the record is missing".to_owned())),
+                    Err(e) => unreadable(e, &dir),
+                };
             }
-            Err(e) => return Some(Err(format!("{}: {e}", path.display()))),
+            Err(e) => return unreadable(e, &path),
         };
         if let Some((cached, record)) = T::cache(self).lock().get(id) {
             if *cached == stamp {
@@ -406,6 +422,7 @@ enum ReadError {
 }
 
 fn read_record<T: DeserializeOwned>(path: &Path) -> Result<(Stamp, T), ReadError> {
+    crate::faults::io_error_at(path).map_err(ReadError::Unreadable)?;
     let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ReadError::Missing),

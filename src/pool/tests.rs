@@ -1274,3 +1274,158 @@ fn the_refusal_of_the_two_gib_pool_reads_in_full() {
         "a byte copy needs 600 MiB of free space on the pool filesystem, which has 500 MiB free, 436 MiB beyond the reserve of 64.0 MiB. To make room: delete volumes or snapshots, or grow the pool filesystem (a pool that can reflink, xfs or btrfs, takes snapshots without copying; --overcommit does not help a copy)"
     );
 }
+
+// ---- errors are not absence: only ENOENT proves an object gone ----
+
+/// Opens a janitor on `root` (a controller's start) and lets it finish.
+fn janitor_pass(root: &Path) {
+    drop(open(root, true));
+}
+
+#[test]
+fn members_stay_while_their_group_record_cannot_be_looked_at() {
+    let dir = tempfile::tempdir().unwrap();
+    member(dir.path(), "m4", "g4");
+    let kept = dir.path().join("snapshots/m4");
+    // Every look at the group's record fails.
+    {
+        let _eio = crate::faults::inject_eio("groups/g4.json", 0);
+        janitor_pass(dir.path());
+        assert!(kept.join("meta.json").exists());
+    }
+    // The first look finds no record, the one under the group's lock fails:
+    // that second look decides, and an error is not "no record".
+    {
+        let _eio = crate::faults::inject_eio("groups/g4.json", 1);
+        janitor_pass(dir.path());
+        assert!(kept.join("meta.json").exists());
+    }
+    // The group's lock cannot be taken (EISDIR): logged, the members stay,
+    // and the rest of the clean-up still runs.
+    std::fs::create_dir(dir.path().join("groups/g4.lock")).unwrap();
+    janitor_pass(dir.path());
+    assert!(kept.join("meta.json").exists());
+    std::fs::remove_dir(dir.path().join("groups/g4.lock")).unwrap();
+    // Proven absent, with its lock free: the creator is gone.
+    janitor_pass(dir.path());
+    assert!(!kept.exists());
+}
+
+#[test]
+fn an_attachment_stays_while_its_volume_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), false);
+    register(&pool, "n1", 0);
+    let v = pool.create_volume(&spec("attached", 8 * MIB)).unwrap();
+    pool.publish(&v.id, "n1", AccessMode::SingleNodeWriter, false)
+        .unwrap();
+    let vdir = dir.path().join("volumes").join(&v.id);
+    let record = vdir.join(store::META);
+
+    // Its record cannot be read (EIO).
+    {
+        let _eio = crate::faults::inject_eio(&format!("volumes/{}/meta.json", v.id), 0);
+        janitor_pass(dir.path());
+        assert_eq!(records(dir.path()).len(), 1);
+    }
+    // Its record is gone and its directory cannot be looked at: that is no
+    // proof the volume is gone.
+    std::fs::remove_file(&record).unwrap();
+    {
+        let _eio = crate::faults::inject_eio(&format!("volumes/{}", v.id), 0);
+        assert!(matches!(pool.volume(&v.id), Err(PoolError::Io { .. })));
+        janitor_pass(dir.path());
+        assert_eq!(records(dir.path()).len(), 1);
+        let (listed, _) = pool.list_volumes(None, 0).unwrap();
+        assert!(listed[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("Input/output error"));
+    }
+    // A directory without its record: damaged, still attached.
+    assert!(matches!(pool.volume(&v.id), Err(PoolError::Damaged { .. })));
+    janitor_pass(dir.path());
+    assert_eq!(records(dir.path()).len(), 1);
+    // A path under it that is a file (ENOTDIR on every look): kept too.
+    let aside = dir.path().join(".aside");
+    std::fs::rename(&vdir, &aside).unwrap();
+    std::fs::write(&vdir, b"").unwrap();
+    janitor_pass(dir.path());
+    assert_eq!(records(dir.path()).len(), 1);
+    std::fs::remove_file(&vdir).unwrap();
+    // Proven absent: stale for good.
+    janitor_pass(dir.path());
+    assert!(records(dir.path()).is_empty());
+    drop(aside);
+}
+
+#[test]
+fn a_delete_answers_ok_only_for_a_volume_proven_absent_or_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), false);
+    let v = pool.create_volume(&spec("kept", 8 * MIB)).unwrap();
+    let vdir = dir.path().join("volumes").join(&v.id);
+    let image = pool.image_path(&v.id);
+    let record = vdir.join(store::META);
+    let io_error = |r: Result<(), PoolError>| matches!(r, Err(PoolError::Io { .. }));
+
+    // The record cannot be read.
+    {
+        let _eio = crate::faults::inject_eio(&format!("volumes/{}/meta.json", v.id), 0);
+        assert!(io_error(pool.delete_volume(&v.id)));
+    }
+    assert!(image.exists() && record.exists());
+    // Its image cannot be looked at: reported as unreadable, not missing.
+    {
+        let _eio = crate::faults::inject_eio(&format!("volumes/{}/image", v.id), 0);
+        let problem = pool.volume_problem(&v).unwrap();
+        assert!(problem.contains("unreadable"), "{problem}");
+    }
+    // The record is gone (ENOENT) and the directory cannot be looked at.
+    let saved = std::fs::read(&record).unwrap();
+    std::fs::remove_file(&record).unwrap();
+    {
+        let _eio = crate::faults::inject_eio(&format!("volumes/{}", v.id), 0);
+        assert!(io_error(pool.delete_volume(&v.id)));
+    }
+    assert!(image.exists());
+    std::fs::write(&record, saved).unwrap();
+    // Every path under the volume fails with ENOTDIR (its directory moved
+    // aside, a file in its place): the lock cannot be taken.
+    let aside = dir.path().join(".aside");
+    std::fs::rename(&vdir, &aside).unwrap();
+    std::fs::write(&vdir, b"").unwrap();
+    match pool.delete_volume(&v.id) {
+        Err(PoolError::Io { source, .. }) => {
+            assert_eq!(source.raw_os_error(), Some(libc::ENOTDIR))
+        }
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_file(&vdir).unwrap();
+    std::fs::rename(&aside, &vdir).unwrap();
+    assert_eq!(pool.volume(&v.id).unwrap(), v);
+    // With the faults lifted, the delete deletes; then the id is proven
+    // absent and a retry answers OK.
+    pool.delete_volume(&v.id).unwrap();
+    assert!(!vdir.exists());
+    pool.delete_volume(&v.id).unwrap();
+}
+
+#[test]
+fn promises_of_an_instance_whose_lock_cannot_be_looked_at_are_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), false);
+    let other = open(dir.path(), false);
+    let _promise = other.promise(64 * MIB).unwrap();
+    assert_eq!(pool.usage().unwrap().in_progress, 64 * MIB);
+    // `other`'s scratch lock cannot be looked at: it may be alive, so the
+    // sum fails instead of leaving its promise out.
+    let own = other.scratch_path("x");
+    let instance = own.parent().unwrap().file_name().unwrap().to_str().unwrap();
+    {
+        let _eio = crate::faults::inject_eio(&format!(".scratch/{instance}.lock"), 0);
+        assert!(matches!(pool.usage(), Err(PoolError::Io { .. })));
+    }
+    assert_eq!(pool.usage().unwrap().in_progress, 64 * MIB);
+}

@@ -128,23 +128,31 @@ impl Pool {
         match v.layout {
             Layout::Image => {
                 let path = self.image_path(&v.id);
-                match std::fs::metadata(&path) {
+                match sysfs::metadata_if_present(&path) {
                     Err(e) => Some(format!("image {} is unreadable: {e}", path.display())),
-                    Ok(m) if !m.is_file() => {
+                    Ok(None) => Some(format!("image {} is missing", path.display())),
+                    Ok(Some(m)) if !m.is_file() => {
                         Some(format!("image {} is not a file", path.display()))
                     }
-                    Ok(m) if m.len() < v.capacity_bytes => Some(format!(
+                    Ok(Some(m)) if m.len() < v.capacity_bytes => Some(format!(
                         "image {} is {} bytes, the volume is {}",
                         path.display(),
                         m.len(),
                         v.capacity_bytes
                     )),
-                    Ok(_) => None,
+                    Ok(Some(_)) => None,
                 }
             }
             Layout::Dir => {
                 let path = self.data_path(&v.id);
-                (!path.is_dir()).then(|| format!("directory {} is missing", path.display()))
+                match sysfs::metadata_if_present(&path) {
+                    Err(e) => Some(format!("directory {} is unreadable: {e}", path.display())),
+                    Ok(None) => Some(format!("directory {} is missing", path.display())),
+                    Ok(Some(m)) if !m.is_dir() => {
+                        Some(format!("{} is not a directory", path.display()))
+                    }
+                    Ok(Some(_)) => None,
+                }
             }
         }
     }

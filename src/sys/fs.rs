@@ -1,7 +1,7 @@
 //! File operations the pool is built on: crash-safe replacement, reflink and
 //! sparse copies, preallocation, capacity. Locks are in `super::lock`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -24,6 +24,40 @@ pub fn raise_open_file_limit() -> u64 {
         }
     }
     limit.current.unwrap_or(u64::MAX)
+}
+
+/// What is at `path`, symlinks followed: `Ok(None)` only when nothing is
+/// there (ENOENT). Every other failure (EIO, ESTALE, EACCES, ENOTCONN from a
+/// FUSE daemon that died, ENOTDIR where a directory was expected) is
+/// returned: a path that cannot be looked at is not a path that is absent,
+/// and whoever would delete, skip or answer "gone" on the strength of
+/// absence must not do it on an error. Every decision about presence in
+/// the pool and the node goes through here (or [`symlink_metadata_if_present`]).
+pub fn metadata_if_present(path: &Path) -> io::Result<Option<Metadata>> {
+    crate::faults::io_error_at(path)?;
+    absent_as_none(std::fs::metadata(path))
+}
+
+/// [`metadata_if_present`] without following a symlink at the end of
+/// `path`: a link is something there, wherever it points.
+pub fn symlink_metadata_if_present(path: &Path) -> io::Result<Option<Metadata>> {
+    crate::faults::io_error_at(path)?;
+    absent_as_none(std::fs::symlink_metadata(path))
+}
+
+/// Whether anything (a symlink included) is at `path`; an error other than
+/// ENOENT is returned, never taken for "no" (see [`metadata_if_present`]).
+pub fn exists(path: &Path) -> io::Result<bool> {
+    Ok(symlink_metadata_if_present(path)?.is_some())
+}
+
+/// `Ok(None)` for ENOENT, the value or any other error as it is.
+fn absent_as_none<T>(result: io::Result<T>) -> io::Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Flushes a directory's entries (a rename or create inside it) to disk.
@@ -260,6 +294,33 @@ pub fn space(path: &Path) -> io::Result<FsSpace> {
 mod tests {
     use super::*;
     use std::io::{Seek, Write};
+
+    #[test]
+    fn only_enoent_is_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(exists(&file).unwrap());
+        assert!(!exists(&dir.path().join("missing")).unwrap());
+        // A regular file where a directory is expected: ENOTDIR, an error,
+        // where Path::exists says "no".
+        let under_file = file.join("meta.json");
+        assert!(!under_file.exists());
+        let err = metadata_if_present(&under_file).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+        assert!(exists(&under_file).is_err());
+        // A dangling symlink is there unless it is followed.
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        assert!(exists(&link).unwrap());
+        assert!(metadata_if_present(&link).unwrap().is_none());
+        // An injected I/O error on one path only.
+        let _eio = crate::faults::inject_eio("f", 1);
+        assert!(exists(&file).unwrap(), "the first look is let through");
+        let err = exists(&file).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert!(!exists(&dir.path().join("missing")).unwrap());
+    }
 
     #[test]
     fn every_replacement_moves_the_mtime_forward() {

@@ -397,8 +397,9 @@ pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
             continue;
         };
         let device = LoopDevice { number };
-        // Only bound devices have loop/backing_file.
-        if !device.sys_block_attr("loop/backing_file").exists() {
+        // Only bound devices have loop/backing_file; a device whose
+        // attribute cannot be looked at is not taken for an unbound one.
+        if !super::fs::exists(&device.sys_block_attr("loop/backing_file"))? {
             continue;
         }
         match device.backing() {

@@ -121,12 +121,13 @@ pub fn bind_at(source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()>
     bind(&proc_path(source), &proc_path(target))
 }
 
-/// Whether the object open at `fd` is the root of a mount.
-pub fn is_mount_root(fd: BorrowedFd<'_>) -> bool {
-    rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS).is_ok_and(|st| {
-        st.stx_attributes
-            .contains(rustix::fs::StatxAttributes::MOUNT_ROOT)
-    })
+/// Whether the object open at `fd` is the root of a mount. A statx that
+/// fails is an error, not "not a mount" (which would have it mounted over).
+pub fn is_mount_root(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let st = rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)?;
+    Ok(st
+        .stx_attributes
+        .contains(rustix::fs::StatxAttributes::MOUNT_ROOT))
 }
 
 /// The id of the mount the object open at `fd` lies on (statx
@@ -147,7 +148,7 @@ pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// descriptor that is not a mount's root is refused: the remount would
 /// change the mount it lies on instead.
 pub fn remount_read_only_at(root: BorrowedFd<'_>) -> io::Result<()> {
-    if !is_mount_root(root) {
+    if !is_mount_root(root)? {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not the root of a mount; refusing to remount what it lies on",

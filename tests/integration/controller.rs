@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use filevol::kit::driver::{code, status, Driver, Opts};
 use filevol::kit::files::{allocated, digest, fill, image};
 use filevol::kit::requests::{self as req, GIB, MIB};
-use filevol::kit::scratch::pool_on;
+use filevol::kit::scratch::{pool_on, Bindfs};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;
@@ -1004,4 +1004,84 @@ fn a_node_takes_no_more_volumes_than_it_accepts() {
         false,
     ))
     .unwrap();
+}
+
+/// DeleteVolume on a pool that answers every call with ENOTCONN (a bindfs
+/// view whose daemon died, as a network share whose server went away)
+/// answers UNAVAILABLE, never OK, and deletes nothing: once the share is
+/// back, the volume is whole, and a retried delete deletes it.
+#[test]
+#[ignore = "needs root"]
+fn delete_on_an_unreachable_pool_is_unavailable_and_deletes_nothing() {
+    let real = tempfile::tempdir().unwrap();
+    let mut view = Bindfs::killable(real.path());
+    let pool = view.path().join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--mode", "controller"]));
+    let c = d.controller();
+    let id = c
+        .create_volume(&req::create("pvc-unreachable", 16 * MIB))
+        .unwrap()
+        .volume
+        .unwrap()
+        .volume_id;
+    let files = real.path().join("pool/volumes").join(&id);
+    fill(&files.join("image"), 0, 4096, 7);
+    let before = digest(&files.join("image"));
+
+    view.kill_daemon();
+    let st = status(c.delete_volume(&req::delete(&id)));
+    assert_eq!(st.code(), RpcStatusCode::UNAVAILABLE, "{}", st.message());
+    assert!(
+        st.message().contains(&id) && st.message().contains("not connected"),
+        "the answer names the step and the cause: {}",
+        st.message()
+    );
+
+    view.restart();
+    assert!(files.join("meta.json").is_file());
+    assert_eq!(digest(&files.join("image")), before);
+    c.delete_volume(&req::delete(&id)).unwrap();
+    assert!(!files.exists());
+}
+
+/// DeleteVolume of a volume whose record is gone (ENOENT) and whose
+/// directory cannot be looked at (EIO, injected on that path only) answers
+/// INTERNAL, not OK: a directory that cannot be looked at is no proof the
+/// volume is gone. With the fault lifted, the delete removes it (a
+/// directory without its record is damaged, and the CO asked for it to go).
+#[test]
+fn delete_answers_an_error_when_the_volume_directory_cannot_be_looked_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    let name = "pvc-eio";
+    let id = filevol::pool::ids::derive(filevol::pool::ids::Kind::Volume, name);
+    let files = pool.join("volumes").join(&id);
+    {
+        let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--mode", "controller"]));
+        d.controller()
+            .create_volume(&req::create(name, 8 * MIB))
+            .unwrap();
+    }
+    std::fs::remove_file(files.join("meta.json")).unwrap();
+
+    let faulty = no_reserve()
+        .args(&["--mode", "controller"])
+        .faults(&format!("eio:volumes/{id}"));
+    {
+        let d = Driver::start_on(BIN, &pool, faulty);
+        let st = status(d.controller().delete_volume(&req::delete(&id)));
+        assert_eq!(st.code(), RpcStatusCode::INTERNAL, "{}", st.message());
+        assert!(
+            st.message().contains("Input/output error"),
+            "{}",
+            st.message()
+        );
+    }
+    assert!(files.join("image").is_file());
+
+    let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--mode", "controller"]));
+    d.controller().delete_volume(&req::delete(&id)).unwrap();
+    assert!(!files.exists());
 }
