@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use filevol::kit::driver::{Driver, Opts};
@@ -137,4 +138,50 @@ fn a_shared_pool_on_a_local_filesystem_needs_the_flag_in_every_mode() {
         "{}",
         d.log()
     );
+}
+
+/// `filevol doctor` reports the lock reach, judged for the layout given.
+#[test]
+#[ignore = "needs root"]
+fn doctor_reports_the_lock_reach() {
+    let (fs, real) = pool_on("xfs", 512);
+    let view = Bindfs::new(fs.path());
+    let shared_view = view.path().join("pool");
+    let lock_check = |pool: &Path, extra: &[&str]| -> serde_json::Value {
+        let out = Command::new(BIN)
+            .args(["doctor", "--json", "--pool"])
+            .arg(pool)
+            .args(extra)
+            .env_remove("FILEVOL_TOPOLOGY")
+            .env_remove("FILEVOL_ALLOW_HOST_LOCAL_LOCKS")
+            .output()
+            .unwrap();
+        let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let found = checks.into_iter().find(|c| c["name"] == "lock reach");
+        found.unwrap_or_else(|| panic!("no lock reach check for {}", pool.display()))
+    };
+
+    let c = lock_check(&real, &[]);
+    assert_eq!(c["level"], "ok", "{c}");
+    assert_eq!(c["lock_reach"]["class"], "host-local", "{c}");
+    assert_eq!(c["lock_reach"]["fs_type"], "xfs", "{c}");
+    assert_eq!(lock_check(&real, &["--topology="])["level"], "fail");
+
+    let c = lock_check(&shared_view, &["--topology="]);
+    assert_eq!(c["level"], "fail", "{c}");
+    assert_eq!(c["lock_reach"]["class"], "may-stay-on-host", "{c}");
+    assert_eq!(c["lock_reach"]["fs_type"], "fuse.bindfs", "{c}");
+    assert!(
+        c["fix"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-host-local-locks"),
+        "{c}"
+    );
+    let c = lock_check(&shared_view, &["--topology=", "--allow-host-local-locks"]);
+    assert_eq!(c["level"], "warn", "{c}");
+    // Node-local through one FUSE mount works, with a warning.
+    assert_eq!(lock_check(&shared_view, &[])["level"], "warn");
+    drop(view);
 }
