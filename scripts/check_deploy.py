@@ -201,6 +201,7 @@ class Checker:
         self.group_snapshot_gate()
         self.privileged_roles()
         self.snapshot_metadata(driver)
+        self.lock_refusal()
         if self.filevol:
             self.topology()
         return self.failures
@@ -480,6 +481,17 @@ class Checker:
                     else:
                         self.fail(where, message)
 
+    def lock_refusal(self):
+        """No shipped workload lifts the refusal of a shared pool whose locks
+        may stay on one host (`--allow-host-local-locks`): on a real cluster
+        the driver must find out that the share does not fence across nodes
+        (src/pool/lock_reach.rs)."""
+        for where, _, _, c in self.containers():
+            if any(a.split("=", 1)[0] == "--allow-host-local-locks" for a in c.get("args", [])):
+                self.fail(where, "passes --allow-host-local-locks: a share whose locks stay on one host would then fence nothing")
+            if any(e.get("name") == "FILEVOL_ALLOW_HOST_LOCAL_LOCKS" for e in c.get("env", [])):
+                self.fail(where, "sets FILEVOL_ALLOW_HOST_LOCAL_LOCKS: a share whose locks stay on one host would then fence nothing")
+
     def topology(self):
         """Asks the driver binary what it advertises with each workload's
         flags: a controller that advertises VOLUME_ACCESSIBILITY_CONSTRAINTS
@@ -648,7 +660,13 @@ def ask_filevol(binary, args, what):
         sock = f"unix://{tmp}/csi.sock"
         cmd = [binary] + keep + [f"--endpoint={sock}", f"--pool={tmp}/pool", f"--kubelet-dir={tmp}/kubelet", "--node-id=check-node"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("FILEVOL_")}
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        # The pool here is a local temporary directory, not the share a
+        # shared-pool workload mounts: its locks reach only this host, which
+        # `--topology=` refuses. One process on one host asks what the flags
+        # advertise, so the refusal is lifted for it alone, by environment
+        # (a flag would clash with one a workload might carry).
+        server_env = dict(env, FILEVOL_ALLOW_HOST_LOCAL_LOCKS="true")
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=server_env)
         try:
             for _ in range(200):
                 if os.path.exists(f"{tmp}/csi.sock"):
@@ -688,6 +706,10 @@ def break_topology(objs):
 def break_capacity_without_topology(objs):
     for kind, name in (("StatefulSet", "filevol-controller"), ("DaemonSet", "filevol-node")):
         container(objs, kind, name, "filevol")["args"].append("--topology=")
+
+
+def break_lock_refusal(objs):
+    container(objs, "DaemonSet", "filevol-node", "filevol")["args"].append("--allow-host-local-locks")
 
 
 def break_snapshot_sidecar(objs):
@@ -781,6 +803,7 @@ BREAKS = [
     ("a probe path the container's flags do not serve", break_probe_path, False),
     ("a topology flag that disagrees with the advertised capabilities", break_topology, True),
     ("storage capacity tracking without topology", break_capacity_without_topology, True),
+    ("a lifted refusal of locks that stay on one host", break_lock_refusal, False),
     ("a snapshot class with no snapshotter", break_snapshot_sidecar, False),
     ("an expansion class with no resizer", break_resizer, False),
     ("a privileged pod holding controller roles", break_privileged_roles, False),

@@ -13,6 +13,9 @@
 #   server at 127.0.0.1:6443, node metrics moved off the controller's port,
 #   one controller replica (two on one host's network would share ports),
 #   and without the health-monitor sidecar, of which no binary is at hand;
+#   for shared-pool, FILEVOL_ALLOW_HOST_LOCAL_LOCKS=true: its "share" is a
+#   local xfs whose locks reach only this host, which the driver otherwise
+#   refuses for a shared pool (every process of it runs on this one host);
 # - gives the layout its pool: /var/lib/filevol (base and node-local) or
 #   /mnt/filevol/pool (shared-pool), on a loop-mounted xfs;
 # - runs the scenarios below and checks that deleting everything leaves
@@ -285,7 +288,22 @@ render() { # layout -> $W/$layout.yaml
   esac
   rm -rf "$over"
   mkdir -p "$over"
-  local controller_patch=""
+  local controller_patch="" shared_patch=""
+  if [[ $layout == shared-pool ]]; then
+    # The pool is a local xfs here, not a share: its locks reach only this
+    # host, which `--topology=` refuses unless told. One host runs every
+    # process, so they conflict where they need to. The shipped overlay
+    # never sets this (scripts/check_deploy.py fails it).
+    local workload
+    for workload in "StatefulSet, name: filevol-controller" "DaemonSet, name: filevol-node"; do
+      shared_patch+="
+  - target: {kind: $workload}
+    patch: |-
+      - op: add
+        path: /spec/template/spec/containers/0/env/-
+        value: {name: FILEVOL_ALLOW_HOST_LOCAL_LOCKS, value: \"true\"}"
+    done
+  fi
   if [[ $layout != node-local ]]; then
     controller_patch=$(
       cat <<'EOF'
@@ -316,7 +334,7 @@ images:
   - {name: registry.k8s.io/sig-storage/csi-node-driver-registrar, newName: localhost/filevol-e2e/csi-node-driver-registrar}
   - {name: registry.k8s.io/sig-storage/livenessprobe, newName: localhost/filevol-e2e/livenessprobe}
 patches:
-$controller_patch
+$controller_patch$shared_patch
   - target: {kind: DaemonSet, name: filevol-node}
     patch: |-
       - op: add

@@ -104,9 +104,20 @@ pub struct ServeArgs {
 
     /// The topology segment of this pool's volumes, `key=value[,key=value]`.
     /// Default: `topology.filevol.csi.rs/node=<node id>`, a node-local pool.
-    /// An empty value means reachable from every node: a shared pool.
+    /// An empty value means reachable from every node: a shared pool, whose
+    /// filesystem must carry locks to every host (see
+    /// `--allow-host-local-locks`).
     #[arg(long, env = "FILEVOL_TOPOLOGY")]
     pub topology: Option<String>,
+
+    /// Start a shared pool (an empty `--topology`) even where its
+    /// filesystem may keep locks on this host (a local filesystem, NFS
+    /// mounted `nolock` or `local_lock=all|posix`, FUSE without lock
+    /// forwarding). Its fences then exclude nothing on other hosts: two
+    /// hosts can stage one single-writer volume at once. Only for pools
+    /// whose processes all run on this one host.
+    #[arg(long, env = "FILEVOL_ALLOW_HOST_LOCAL_LOCKS")]
+    pub allow_host_local_locks: bool,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g.
     /// `0.0.0.0:9808`). Off when not given. The Kubernetes manifests pass
@@ -220,6 +231,8 @@ pub struct Config {
     pub overcommit: f64,
     /// The topology segment of the pool's volumes (empty: everywhere).
     pub topology: BTreeMap<String, String>,
+    /// Serve a shared pool whose locks may stay on this host.
+    pub allow_host_local_locks: bool,
     /// Seconds a connection gets to finish its handshake.
     pub grpc_handshake_timeout: u32,
     /// Direct I/O on loop devices where the pool allows it.
@@ -356,6 +369,7 @@ impl Config {
             loop_direct_io: args.loop_direct_io,
             overcommit: args.overcommit,
             topology,
+            allow_host_local_locks: args.allow_host_local_locks,
             endpoint,
             socket_mode: args.socket_mode,
             pool,
@@ -378,7 +392,9 @@ impl Config {
 /// The topology key of a node-local pool's segment.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.filevol.csi.rs/node";
 
-fn parse_topology(spec: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+/// Parses `key=value[,key=value]`; an empty spec is the empty segment of
+/// a shared pool.
+pub fn parse_topology(spec: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -520,6 +536,23 @@ mod tests {
     }
 
     #[test]
+    fn host_local_locks_are_allowed_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = dir.path().to_str().unwrap();
+        let cfg = Config::from_args(args(&[
+            "--pool",
+            pool,
+            "--topology=",
+            "--allow-host-local-locks",
+        ]))
+        .unwrap();
+        assert!(cfg.allow_host_local_locks);
+        assert!(cfg.topology.is_empty());
+        // A switch: it takes no value on the command line.
+        assert!(ServeArgs::try_parse_from(["--allow-host-local-locks", "yes"]).is_err());
+    }
+
+    #[test]
     fn node_ids_are_bounded() {
         assert!(check_node_id("node-1").is_ok());
         assert!(check_node_id("").is_err());
@@ -556,6 +589,7 @@ mod tests {
         ]))
         .unwrap();
         assert!(cfg.defaulted.is_empty(), "{:?}", cfg.defaulted);
+        assert!(!cfg.allow_host_local_locks);
         assert_eq!(cfg.topology[TOPOLOGY_NODE_KEY], "n1");
         assert_eq!(cfg.endpoint.path(), Path::new("/tmp/x.sock"));
         assert_eq!(cfg.workers, 8);

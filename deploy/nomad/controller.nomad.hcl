@@ -3,7 +3,9 @@
 # Nomad speaks CSI over its own plugin socket (`csi_plugin` blocks below),
 # so no Kubernetes sidecars are needed. The pool here is a host directory
 # (/var/lib/filevol); for a shared pool, mount the share on every client and
-# point both jobs' --pool at a directory on it, with --topology="".
+# point both jobs' --pool at a directory on it, with --topology="". The
+# share must carry locks to its server (NFS without nolock and without
+# local_lock=all|posix, CephFS), else filevol refuses to start.
 #   nomad job run deploy/nomad/controller.nomad.hcl
 #   nomad job run deploy/nomad/node.nomad.hcl
 

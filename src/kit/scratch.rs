@@ -100,7 +100,9 @@ pub fn pool_on(fs: &str, mib: u64) -> (LoopFs, PathBuf) {
 
 /// A bindfs (FUSE) view of a directory, unmounted when dropped: a pool seen
 /// through it behaves like one on a network share before NFS 4.2 (sparse
-/// files read as all data, no reflink).
+/// files read as all data, no reflink). Its locks stay in this kernel, per
+/// view: two opens through one view conflict, opens through two views of
+/// one directory do not (see `pool::lock_reach`).
 #[derive(Debug)]
 pub struct Bindfs {
     mnt: PathBuf,
@@ -116,7 +118,13 @@ impl Bindfs {
         let dir = TempDir::new().expect("make a temporary directory");
         let mnt = dir.path().join("share");
         std::fs::create_dir(&mnt).expect("make the mount point");
+        // Lock forwarding off by name: bindfs's manual says a later release
+        // may turn it on by default, and with it the daemon would take the
+        // locks as one process, so that opens through one view no longer
+        // conflicted. The subtype names the mount `fuse.bindfs`, as an
+        // fstab mount of that type is named (run by hand it is `fuse`).
         let ok = Command::new("bindfs")
+            .args(["--disable-lock-forwarding", "-o", "subtype=bindfs"])
             .arg(source)
             .arg(&mnt)
             .status()

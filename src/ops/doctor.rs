@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::OpsError;
+use crate::pool::lock_reach::{self, Class, LockReach, Verdict};
 use crate::sys::fs as sysfs;
 
 /// Flags of `filevol doctor`.
@@ -24,6 +25,14 @@ pub struct DoctorArgs {
     /// Kubelet's root directory.
     #[arg(long, env = "FILEVOL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+    /// The pool's topology as `filevol serve` gets it: an empty value is a
+    /// shared pool, whose locks must reach every host. Default: node-local.
+    #[arg(long, env = "FILEVOL_TOPOLOGY")]
+    pub topology: Option<String>,
+    /// As `filevol serve --allow-host-local-locks`: a shared pool whose
+    /// locks may stay on this host is a warning, not a failure.
+    #[arg(long, env = "FILEVOL_ALLOW_HOST_LOCAL_LOCKS")]
+    pub allow_host_local_locks: bool,
 }
 
 /// How a check came out.
@@ -49,6 +58,9 @@ pub struct Check {
     pub detail: String,
     /// How to fix it (for Warn and Fail).
     pub fix: Option<String>,
+    /// For the lock reach check: what was found, field by field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_reach: Option<LockReach>,
 }
 
 fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Option<&str>) -> Check {
@@ -57,6 +69,7 @@ fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Optio
         level,
         detail: detail.into(),
         fix: fix.map(str::to_owned),
+        lock_reach: None,
     }
 }
 
@@ -135,6 +148,15 @@ pub fn checks(args: &DoctorArgs) -> Vec<Check> {
         .clone()
         .unwrap_or_else(crate::config::default_pool);
     out.extend(pool_checks(&pool));
+    let shared = match args.topology.as_deref().map(crate::config::parse_topology) {
+        Some(Ok(segment)) => segment.is_empty(),
+        Some(Err(e)) => {
+            out.push(check("topology", Level::Fail, e.to_string(), None));
+            false
+        }
+        None => false,
+    };
+    out.push(lock_reach_check(&pool, shared, args.allow_host_local_locks));
     out.push(
         if crate::sys::caps::effective(crate::sys::caps::SYS_RESOURCE) {
             check(
@@ -189,6 +211,67 @@ fn propagation(kubelet_dir: &Path) -> Check {
             Level::Warn,
             format!("{} is not on a shared mount: mounts made by the node plugin will not reach kubelet", dir.display()),
             Some("mount --make-rshared / on the host, and give the plugin's kubelet volumes mountPropagation: Bidirectional"),
+        ),
+    }
+}
+
+/// Whether the pool's locks reach other hosts, judged as `filevol serve`
+/// would for the layout given (`shared`: an empty `--topology`).
+fn lock_reach_check(pool: &Path, shared: bool, allowed: bool) -> Check {
+    let name = "lock reach";
+    let reach = match lock_reach::of_pool(pool) {
+        Ok(reach) => reach,
+        Err(e) => {
+            return check(
+                name,
+                if shared { Level::Fail } else { Level::Warn },
+                format!(
+                    "cannot tell where the locks of {} reach: {e}",
+                    pool.display()
+                ),
+                None,
+            )
+        }
+    };
+    let (level, detail, fix) = lock_reach_outcome(&reach, shared, allowed);
+    Check {
+        lock_reach: Some(reach),
+        ..check(name, level, detail, fix.as_deref())
+    }
+}
+
+/// The level, detail and fix of the lock reach check.
+fn lock_reach_outcome(
+    reach: &LockReach,
+    shared: bool,
+    allowed: bool,
+) -> (Level, String, Option<String>) {
+    let remedies = format!(
+        "mount the share so that its locks reach every host (NFS without nolock and without local_lock=all|posix, CephFS), \
+         or use the node-local layout (a --topology segment); pass {} only if every process of this pool runs on this one host",
+        lock_reach::ALLOW_FLAG
+    );
+    match (lock_reach::verdict(reach.class, shared, allowed), reach.class) {
+        (Verdict::Refuse, _) => (
+            Level::Fail,
+            format!("{reach}; `filevol serve --topology=` refuses this pool: two hosts could stage one single-writer volume at once"),
+            Some(remedies),
+        ),
+        (Verdict::Warn, _) => (
+            Level::Warn,
+            format!("{reach}; served as a shared pool because of {}: its fences exclude nothing on other hosts", lock_reach::ALLOW_FLAG),
+            Some(remedies),
+        ),
+        (Verdict::Fine, Class::Shared) => (Level::Ok, reach.to_string(), None),
+        (Verdict::Fine, Class::HostLocal) => (
+            Level::Ok,
+            format!("{reach}; fine for a node-local pool, not for a shared one (`--topology=` refuses it)"),
+            None,
+        ),
+        (Verdict::Fine, Class::MayStayOnHost) => (
+            Level::Warn,
+            format!("{reach}; a node-local pool is fine while every process sees it through this one mount, a shared one (`--topology=`) is refused"),
+            Some(remedies),
         ),
     }
 }
@@ -295,5 +378,41 @@ pub fn run(args: DoctorArgs, out: &mut dyn Write) -> Result<(), OpsError> {
     match results.iter().filter(|c| c.level == Level::Fail).count() {
         0 => Ok(()),
         n => Err(OpsError::ChecksFailed(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reach(class: Class) -> LockReach {
+        LockReach {
+            class,
+            fs_type: "fuse.bindfs".into(),
+            mount_point: PathBuf::from("/mnt/share"),
+            source: "/srv/pool".into(),
+            reason: "why".into(),
+        }
+    }
+
+    #[test]
+    fn the_lock_reach_is_judged_for_the_layout_given() {
+        let level = |class, shared, allowed| lock_reach_outcome(&reach(class), shared, allowed).0;
+        // The shared layout: only shared locks pass; the flag makes a
+        // warning of the failure.
+        assert_eq!(level(Class::Shared, true, false), Level::Ok);
+        assert_eq!(level(Class::HostLocal, true, false), Level::Fail);
+        assert_eq!(level(Class::MayStayOnHost, true, false), Level::Fail);
+        assert_eq!(level(Class::MayStayOnHost, true, true), Level::Warn);
+        // Node-local: a local filesystem is what it wants; a FUSE mount
+        // works only through that one mount, which is worth a look.
+        assert_eq!(level(Class::HostLocal, false, false), Level::Ok);
+        assert_eq!(level(Class::MayStayOnHost, false, false), Level::Warn);
+        let (_, detail, fix) = lock_reach_outcome(&reach(Class::MayStayOnHost), true, false);
+        assert!(
+            detail.contains("fuse.bindfs") && detail.contains("why"),
+            "{detail}"
+        );
+        assert!(fix.unwrap().contains(lock_reach::ALLOW_FLAG));
     }
 }

@@ -25,7 +25,8 @@
 //! read, written and locked (and says why each rule holds across hosts);
 //! `volumes`, `snapshots` (and groups), [`attachments`] and [`capacity`]
 //! are the operations; `janitor` is the start-up clean-up, which only a
-//! controller runs.
+//! controller runs; [`lock_reach`] says whether the pool's locks reach
+//! other hosts, which a shared pool needs.
 //!
 //! Crash safety comes from one rule: an object is built whole in the
 //! process's scratch directory and enters `volumes/` or `snapshots/` by a
@@ -40,6 +41,7 @@ pub mod capacity;
 pub mod copy;
 pub mod error;
 pub mod ids;
+pub mod lock_reach;
 pub mod meta;
 pub mod new_volume;
 pub mod parameters;

@@ -13,6 +13,7 @@ use crate::config::{Config, ConfigError};
 use crate::executor::Executor;
 use crate::metrics::http::MetricsServer;
 use crate::node::{Node, NodeError};
+use crate::pool::lock_reach::{self, LockReach, Verdict};
 use crate::pool::meta::NodeRecord;
 use crate::pool::{Pool, PoolError, PoolOptions};
 use crate::service::{CsiService, Driver};
@@ -47,6 +48,24 @@ pub enum ServeError {
     /// The pool cannot be opened.
     #[error("open the pool")]
     Pool(#[from] PoolError),
+    /// The mount table could not say where the pool's locks reach.
+    #[error("read the mount table to tell whether the locks of pool {0} reach other hosts")]
+    MountTable(std::path::PathBuf, #[source] std::io::Error),
+    /// A shared pool on locks that may stay on this host.
+    #[error(
+        "a shared pool (--topology=) needs locks that reach every host, and pool {pool} is on {reach}. \
+         Its fences would exclude nothing on another host: two hosts could stage one single-writer volume at once. \
+         Mount the share so that its locks reach every host (NFS without nolock and without local_lock=all|posix, CephFS), \
+         use the node-local layout (a --topology segment), or, if every process of this pool runs on this one host, \
+         pass {flag} (FILEVOL_ALLOW_HOST_LOCAL_LOCKS=true)",
+        flag = lock_reach::ALLOW_FLAG
+    )]
+    LocksStayOnHost {
+        /// The pool directory.
+        pool: std::path::PathBuf,
+        /// What was found (boxed: the other variants are small).
+        reach: Box<LockReach>,
+    },
     /// The node side cannot start.
     #[error("start the node service")]
     Node(#[from] NodeError),
@@ -67,6 +86,7 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         "open file limit: {}",
         crate::sys::fs::raise_open_file_limit()
     );
+    check_lock_reach(&config)?;
     let mut claim = SocketClaim::claim(&config.endpoint)?;
     let grace = config.shutdown_grace;
     let socket_mode = config.socket_mode;
@@ -237,6 +257,53 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     drop(claim);
     log::info!("stopped");
     Ok(())
+}
+
+/// Refuses a shared pool whose locks may stay on this host, unless the
+/// operator allowed it, in which case it says so once; every mode checks,
+/// since every process takes the pool's locks (`pool::lock_reach`).
+fn check_lock_reach(config: &Config) -> Result<(), ServeError> {
+    let shared = config.topology.is_empty();
+    let reach = match lock_reach::of_pool(&config.pool) {
+        Ok(reach) => reach,
+        // The node-local layout needs nothing from the answer.
+        Err(e) if !shared => {
+            log::debug!("pool {}: mount table: {e}", config.pool.display());
+            return Ok(());
+        }
+        Err(e) if config.allow_host_local_locks => {
+            log::warn!(
+                "pool {}: cannot tell whether its locks reach other hosts ({e}); serving it as a shared pool because of {}",
+                config.pool.display(),
+                lock_reach::ALLOW_FLAG
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(ServeError::MountTable(config.pool.clone(), e)),
+    };
+    match lock_reach::verdict(reach.class, shared, config.allow_host_local_locks) {
+        Verdict::Refuse => Err(ServeError::LocksStayOnHost {
+            pool: config.pool.clone(),
+            reach: Box::new(reach),
+        }),
+        Verdict::Warn => {
+            log::warn!(
+                "pool {} is on {reach}; serving it as a shared pool because of {}: its fences exclude nothing on other hosts",
+                config.pool.display(),
+                lock_reach::ALLOW_FLAG
+            );
+            Ok(())
+        }
+        // A shared pool says at start why its fences hold across hosts.
+        Verdict::Fine if shared => {
+            log::info!("pool {} is on {reach}", config.pool.display());
+            Ok(())
+        }
+        Verdict::Fine => {
+            log::debug!("pool {} is on {reach}", config.pool.display());
+            Ok(())
+        }
+    }
 }
 
 /// Work repeated on a thread of its own (the pool's clean-up, the trims);

@@ -1,8 +1,9 @@
 //! The one parser of /proc/self/mountinfo. filevol answers "is this a mount
 //! point" with statx; the mount table is read only where statx cannot say
 //! enough: a mount's source device (btrfs reports anonymous devices), the
-//! other binds of a ReadWriteOncePod volume, propagation for `doctor`, and
-//! the staged/published gauges.
+//! other binds of a ReadWriteOncePod volume, propagation for `doctor`, the
+//! filesystem and options a pool's locks depend on (`pool::lock_reach`),
+//! and the staged/published gauges.
 
 use std::path::PathBuf;
 
@@ -17,12 +18,17 @@ pub struct MountEntry {
     pub root: PathBuf,
     /// Where it is mounted.
     pub mount_point: PathBuf,
+    /// Per-mount options (`rw,nosuid,relatime`).
+    pub options: String,
     /// Optional fields (`shared:N`, `master:N`, ...).
     pub optional: Vec<String>,
     /// Filesystem type.
     pub fs_type: String,
     /// Mount source (`/dev/loop3`, `server:/export`, ...).
     pub source: String,
+    /// The filesystem's own options (`rw,vers=4.2,...,local_lock=none`);
+    /// empty where the line has none.
+    pub super_options: String,
 }
 
 /// Parses one line; `None` for a line that does not have mountinfo's shape.
@@ -35,6 +41,7 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
     let mut tail = tail.split(' ');
     let fs_type = tail.next()?.to_owned();
     let source = unescape(tail.next()?);
+    let super_options = tail.next().map(unescape).unwrap_or_default();
     // The kernel writes every field; an empty device or a mount point that
     // is not absolute means the line is not a mount-table line.
     if fields[2].is_empty() || !fields[4].starts_with('/') || fs_type.is_empty() {
@@ -45,9 +52,11 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
         device: fields[2].to_owned(),
         root: PathBuf::from(unescape(fields[3])),
         mount_point: PathBuf::from(unescape(fields[4])),
+        options: unescape(fields[5]),
         optional: fields[6..].iter().map(|s| (*s).to_owned()).collect(),
         fs_type,
         source,
+        super_options,
     })
 }
 
@@ -122,6 +131,8 @@ mod tests {
         assert_eq!(e.optional, ["master:1", "shared:7"]);
         assert_eq!(e.fs_type, "ext3");
         assert_eq!(e.source, "/dev/root");
+        assert_eq!(e.options, "rw,noatime");
+        assert_eq!(e.super_options, "rw,errors=continue");
     }
 
     #[test]

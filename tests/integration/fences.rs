@@ -64,6 +64,7 @@ impl Site {
             // The shared-pool layout, on one host: its locks reach every
             // process that uses them, here.
             "--topology=",
+            "--allow-host-local-locks",
             "--reserve",
             "0",
             "--log-level",

@@ -53,16 +53,17 @@ fn plugin_info_and_probe() {
 #[test]
 fn a_shared_pool_advertises_no_topology() {
     // `--topology=`: no segment, so node plugins report no keys and the
-    // provisioner must not be told to look for any.
+    // provisioner must not be told to look for any. Both processes run on
+    // this host, on a local pool: the flag accepts its host-local locks.
+    let shared = ["--topology=", "--allow-host-local-locks"];
     let d = Driver::start_with(
         BIN,
-        Opts::default().args(&["--mode", "controller", "--topology="]),
+        Opts::default()
+            .args(&["--mode", "controller"])
+            .args(&shared),
     );
     assert_eq!(service_caps(&d), [ServiceType::CONTROLLER_SERVICE]);
-    let n = Driver::start_with(
-        BIN,
-        Opts::default().args(&["--mode", "node", "--topology="]),
-    );
+    let n = Driver::start_with(BIN, Opts::default().args(&["--mode", "node"]).args(&shared));
     let info = n
         .node()
         .node_get_info(&csi::NodeGetInfoRequest::new())

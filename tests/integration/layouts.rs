@@ -113,6 +113,9 @@ impl Site {
                     "--kubelet-dir",
                     kubelet.to_str().unwrap(),
                     "--topology=",
+                    // Every process of the site runs on this host, where
+                    // the pool's locks (xfs, or one bindfs view) conflict.
+                    "--allow-host-local-locks",
                     "--reserve",
                     "0",
                     // Not overcommitted: GetCapacity then moves with the
@@ -737,6 +740,7 @@ fn a_running_controller_cleans_up_after_dead_processes() {
             "--node-id",
             "n2",
             "--topology=",
+            "--allow-host-local-locks",
             "--kubelet-dir",
             site.kubelet("n2").to_str().unwrap(),
         ]),
@@ -752,6 +756,7 @@ fn a_running_controller_cleans_up_after_dead_processes() {
             "--node-id",
             "controller-0",
             "--topology=",
+            "--allow-host-local-locks",
         ]),
     );
     // At its start, then every second: debris made after the start goes too.

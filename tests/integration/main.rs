@@ -33,6 +33,7 @@ mod hostile;
 mod identity;
 mod layouts;
 mod lifecycle;
+mod lock_reach;
 mod logging;
 mod mkfs_options;
 mod node;
