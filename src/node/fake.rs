@@ -306,12 +306,6 @@ impl Kernel for Recording {
         }))
     }
 
-    fn same_filesystem(&self, a: &Path, b: &Path) -> io::Result<bool> {
-        let st = self.state.lock();
-        let dev = self.dev_dir.path();
-        Ok(Self::source_at(&st, dev, a) == Self::source_at(&st, dev, b))
-    }
-
     fn mount_fs(
         &self,
         device: &Path,

@@ -85,8 +85,6 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn mount_state(&self, path: &Path) -> io::Result<MountState>;
     /// The source the mount table gives for the mount at `path`.
     fn mount_source(&self, path: &Path) -> io::Result<Option<String>>;
-    /// Whether `a` and `b` lie on the same mounted filesystem.
-    fn same_filesystem(&self, a: &Path, b: &Path) -> io::Result<bool>;
     /// Mounts the filesystem on `device` onto the object open at `target`.
     fn mount_fs(
         &self,
@@ -240,10 +238,6 @@ impl Kernel for Host {
 
     fn mount_source(&self, path: &Path) -> io::Result<Option<String>> {
         mount::source_of(path)
-    }
-
-    fn same_filesystem(&self, a: &Path, b: &Path) -> io::Result<bool> {
-        Ok(mount::device_of(a)? == mount::device_of(b)?)
     }
 
     fn mount_fs(

@@ -480,20 +480,4 @@ impl Node {
             })
         }
     }
-
-    #[allow(dead_code)]
-    fn expect_same_fs(&self, mounted: &Path, source: &Path, what: &str) -> Result<(), NodeError> {
-        if self
-            .kernel
-            .same_filesystem(mounted, source)
-            .map_err(sys("stat", mounted))?
-        {
-            Ok(())
-        } else {
-            Err(NodeError::Occupied {
-                path: mounted.to_owned(),
-                what: what.into(),
-            })
-        }
-    }
 }

@@ -598,7 +598,7 @@ impl Node {
                 self.mount_state(&device_file)?,
                 MountState::Mounted | MountState::Broken
             ) {
-                if !mounts.iter().any(|p| *p == device_file) {
+                if !mounts.contains(&device_file) {
                     return Err(not_this(&device_file));
                 }
                 self.kernel
