@@ -56,17 +56,6 @@ pub fn state(path: &Path) -> io::Result<MountState> {
     }
 }
 
-/// The device a mounted filesystem (or any path on it) lives on.
-pub fn device_of(path: &Path) -> io::Result<u64> {
-    let st = rustix::fs::statx(
-        CWD,
-        path,
-        AtFlags::SYMLINK_NOFOLLOW,
-        StatxFlags::BASIC_STATS,
-    )?;
-    Ok(rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor))
-}
-
 /// The source (device) of the mount at `mount_point`, from the mount
 /// table. Only for the rare "is this already our mount?" question on a
 /// retried stage: btrfs reports an anonymous device number in stat, so the
