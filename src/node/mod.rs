@@ -1,8 +1,10 @@
 //! The node side: stage (attach, probe, format only when blank, mount),
 //! publish (bind mounts), unpublish/unstage, stats, expansion, fencing.
 //!
-//! Where each part lives: `fences` (the locks held per staged volume),
-//! `claim` (a stage's fence and device as one guard), `stage`, `publish`,
+//! Where each part lives: `fences` (the pool fences held per staged
+//! volume), [`custody`] (who holds each device's fence, checked from the
+//! kernel), `devices` (this plugin's loop devices), `claim` (a stage's
+//! fence and device as one guard), `stage`, `publish`,
 //! `stats` (stats and expansion), [`trim`] (giving freed space back to the
 //! pool), [`ephemeral`] (inline volumes, created
 //! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
@@ -24,14 +26,20 @@
 //! (an expansion, a new volume, an ephemeral volume of another node plugin)
 //! is what the node acts on.
 //!
-//! Fencing: while a volume is staged, this process holds the volume's fence
-//! in the pool (`pool::store`): exclusive for an image staged for writing,
-//! shared for read-only stages and for directories. A second node plugin, on
-//! this host or another sharing the pool, cannot take it, so a
-//! single-writer image is never mounted twice; DeleteVolume needs it
-//! exclusively and byte copies need it shared, so neither can touch a staged
-//! volume. A restarted plugin re-takes the fences of the images it finds
-//! attached and the directories it finds bind-mounted before it serves.
+//! Fencing (see `custody` and `sys::loopdev::attach`): a staged image's
+//! fence is its loop device's own OFD lock on the image, exclusive for a
+//! writer and shared for a reader, taken on the open file the device is
+//! configured with, so it lives exactly as long as the device, whatever
+//! happens to this process. A `dir` volume's stage gets a read-only loop
+//! device of its fence file for the same reason. While a stage or unstage
+//! of a volume runs, and as long as it stays staged, this process also
+//! holds the volume's fence file in the pool, which keeps a second node
+//! plugin's stage from starting meanwhile. A second node plugin, on this
+//! host or another sharing the pool, cannot attach beside the device;
+//! DeleteVolume and byte copies need the image's lock, so neither can touch
+//! a staged volume. A restarted plugin adopts its devices from the kernel
+//! and checks their fences before it serves, and every
+//! `--fence-check-interval` after.
 
 mod claim;
 pub mod custody;

@@ -77,7 +77,7 @@ impl Pool {
     }
 
     /// Takes the lock every loop device of the image holds (see
-    /// [`Pool::fence_in_use`]), of `kind`, for as long as the file returned
+    /// `Pool::fence_in_use`), of `kind`, for as long as the file returned
     /// lives.
     pub fn lock_image(&self, id: &str, kind: LockKind) -> Result<ImageLock, PoolError> {
         let image = self.image_path(id);
