@@ -15,7 +15,8 @@
 //!   test; [`leaks`]: the check that a test left no mount or loop device;
 //!   [`files`]: a pool's files read behind the driver's back; [`needs`]:
 //!   what a test needs from the machine (root); [`tempdir`]: a temporary
-//!   directory.
+//!   directory; [`writer`]: a writer inside a volume whose acknowledged
+//!   blocks must survive what the driver's processes go through.
 //!
 //! Why in the library: the tools in the binary build their requests here,
 //! so the builders cannot live under `tests/`; and the integration tests
@@ -46,3 +47,4 @@ pub mod requests;
 pub mod scratch;
 pub mod stats;
 pub mod tempdir;
+pub mod writer;
