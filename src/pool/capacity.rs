@@ -126,7 +126,7 @@ pub struct TreeUsage {
 /// never leaving the tree or its mount, reading directories in fixed-size
 /// pieces. Memory stays bounded whatever the tree holds: one piece and one
 /// descriptor per level, and at most [`LINKED_REMEMBERED`] files with
-/// several links remembered (see [`Linked`]). A tree that is gone counts
+/// several links remembered (see `Linked`). A tree that is gone counts
 /// as nothing.
 pub fn tree_allocated(data: &Path, bounds: WalkBounds<'_>) -> io::Result<TreeUsage> {
     let root = match untrusted::open_root(data) {
