@@ -152,6 +152,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FILEVOL_JANITOR_INTERVAL", default_value_t = 600)]
     pub janitor_interval: u64,
 
+    /// Seconds after which a directory volume's usage is measured again for
+    /// the metrics (a background walk of its tree, never at scrape time;
+    /// at least 1). Only where `--metrics-address` is set.
+    #[arg(long, env = "FILEVOL_DIR_USAGE_INTERVAL", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub dir_usage_interval: u64,
+
     /// How often the node plugin trims (FITRIM) each staged, writable
     /// filesystem volume, so space freed inside it goes back to the pool:
     /// `1w` as util-linux's fstrim.timer (`OnCalendar=weekly`); units s, m,
@@ -245,6 +252,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Time between clean-ups of the pool (None: only at start).
     pub janitor_interval: Option<Duration>,
+    /// How old a directory volume's usage figure gets before it is
+    /// measured again.
+    pub dir_usage_interval: Duration,
     /// Periodic trims of staged volumes (None: on demand only).
     pub trim: Option<crate::node::trim::Schedule>,
     /// Time between checks of the node's fences (None: only at start).
@@ -381,6 +391,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(args.shutdown_grace),
             janitor_interval: (args.janitor_interval > 0)
                 .then(|| Duration::from_secs(args.janitor_interval)),
+            dir_usage_interval: Duration::from_secs(args.dir_usage_interval),
             trim: crate::node::trim::Schedule::new(args.trim_interval, args.trim_jitter),
             fence_check_interval: (!args.fence_check_interval.is_zero())
                 .then_some(args.fence_check_interval),

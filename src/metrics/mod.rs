@@ -1,8 +1,10 @@
 //! Prometheus metrics: per-RPC request counts by gRPC code and latency
 //! histograms (recorded by the executor where each call's outcome is
 //! logged), plus gauges read at scrape time (worker queue, pool capacity and
-//! allocation, volumes staged and published on this node).
+//! allocation, volumes staged and published on this node) and the usage of
+//! directory volumes, measured off the scrape ([`dir_usage`]).
 
+pub mod dir_usage;
 pub mod http;
 
 use std::collections::BTreeMap;
@@ -56,7 +58,8 @@ pub struct Gauges {
     /// What snapshots count as in capacity (the blocks they can come to
     /// own).
     pub pool_snapshot_bytes: u64,
-    /// Bytes allocated by volumes' images and directories.
+    /// Bytes allocated by volumes' images (read now) and directories (as
+    /// last measured, `dir_usage`).
     pub pool_allocated_volumes: u64,
     /// Bytes allocated by snapshots' images and directories.
     pub pool_allocated_snapshots: u64,
@@ -68,6 +71,8 @@ pub struct Gauges {
     pub staged: Option<usize>,
     /// Volume publishes on this node.
     pub published: Option<usize>,
+    /// The directory volumes' figures in `pool_allocated_volumes`.
+    pub dir_usage: dir_usage::DirUsageSummary,
 }
 
 impl Metrics {
@@ -132,13 +137,29 @@ impl Metrics {
         // label value. Written here, before the one-value gauges, because
         // the closure below holds `out` until the last of them.
         out.push_str(
-            "# HELP filevol_pool_allocated_bytes Bytes the data of the pool's volumes (kind=\"volume\") and snapshots (kind=\"snapshot\") has allocated: st_blocks x 512 of each image, summed over each directory volume's tree, read at scrape time. Blocks a reflink shares count in each file that maps them, so the sum can exceed filevol_pool_used_bytes.\n# TYPE filevol_pool_allocated_bytes gauge\n",
+            "# HELP filevol_pool_allocated_bytes Bytes the data of the pool's volumes (kind=\"volume\") and snapshots (kind=\"snapshot\") has allocated: st_blocks x 512 of each image, read at scrape time; of each directory snapshot's tree, walked once; of each directory volume's tree as last measured in the background (filevol_dir_usage_age_seconds), and only of the directory volumes this process measures (a node plugin: those mounted under its kubelet directory; a controller: all). Blocks a reflink shares count in each file that maps them, so the sum can exceed filevol_pool_used_bytes.\n# TYPE filevol_pool_allocated_bytes gauge\n",
         );
         let _ = writeln!(
             out,
             "filevol_pool_allocated_bytes{{kind=\"volume\"}} {}\nfilevol_pool_allocated_bytes{{kind=\"snapshot\"}} {}",
             g.pool_allocated_volumes, g.pool_allocated_snapshots
         );
+        let d = &g.dir_usage;
+        out.push_str(
+            "# HELP filevol_dir_usage_volumes Directory volumes whose trees this process measures in the background (a node plugin: those mounted under its kubelet directory; a controller: every one in the pool), by the state of their figure: measured (the last walk was complete), partial (it stopped at its time or depth bound: the figure is a lower bound), pending (not walked yet: counted as 0).\n# TYPE filevol_dir_usage_volumes gauge\n",
+        );
+        let _ = writeln!(
+            out,
+            "filevol_dir_usage_volumes{{state=\"measured\"}} {}\nfilevol_dir_usage_volumes{{state=\"partial\"}} {}\nfilevol_dir_usage_volumes{{state=\"pending\"}} {}",
+            d.measured, d.partial, d.pending
+        );
+        if let Some(age) = d.oldest {
+            let _ = writeln!(
+                out,
+                "# HELP filevol_dir_usage_age_seconds Age of the oldest directory-volume figure in filevol_pool_allocated_bytes{{kind=\"volume\"}}: the trees are walked by a background thread, each again once its figure is --dir-usage-interval old, never at scrape time. Absent while no tree has been walked.\n# TYPE filevol_dir_usage_age_seconds gauge\nfilevol_dir_usage_age_seconds {:.3}",
+                age.as_secs_f64()
+            );
+        }
         let mut gauge = |name: &str, help: &str, value: String| {
             let _ = writeln!(
                 out,
@@ -330,6 +351,42 @@ mod tests {
             1
         );
         assert!(!text.contains("filevol_volumes_published"));
+        // No directory volume walked yet: no age to give.
+        assert!(text
+            .lines()
+            .any(|l| l == "filevol_dir_usage_volumes{state=\"measured\"} 0"));
+        assert!(!text.contains("# TYPE filevol_dir_usage_age_seconds"));
+    }
+
+    #[test]
+    fn directory_usage_is_served_with_its_state_and_age() {
+        let text = Metrics::default().render(&Gauges {
+            pool_allocated_volumes: 4096,
+            dir_usage: dir_usage::DirUsageSummary {
+                bytes: 4096,
+                measured: 2,
+                partial: 1,
+                pending: 3,
+                oldest: Some(Duration::from_millis(1500)),
+            },
+            ..Gauges::default()
+        });
+        for line in [
+            "# TYPE filevol_dir_usage_volumes gauge",
+            "filevol_dir_usage_volumes{state=\"measured\"} 2",
+            "filevol_dir_usage_volumes{state=\"partial\"} 1",
+            "filevol_dir_usage_volumes{state=\"pending\"} 3",
+            "# TYPE filevol_dir_usage_age_seconds gauge",
+            "filevol_dir_usage_age_seconds 1.500",
+            "filevol_pool_allocated_bytes{kind=\"volume\"} 4096",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert_eq!(
+            text.matches("# HELP filevol_dir_usage_age_seconds ")
+                .count(),
+            1
+        );
     }
 
     #[test]

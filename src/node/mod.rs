@@ -432,6 +432,13 @@ impl Node {
         Ok((staged, published))
     }
 
+    /// The pool's directory volumes bind-mounted under the kubelet
+    /// directory (staged or published), from the mount table: those whose
+    /// usage a node plugin's metrics measure.
+    pub fn staged_dir_volumes(&self, pool: &Pool) -> std::io::Result<Vec<String>> {
+        self.kernel.staged_dirs(pool, &self.kubelet_dir)
+    }
+
     fn mount_state(&self, path: &Path) -> Result<MountState, NodeError> {
         self.kernel.mount_state(path).map_err(sys("stat", path))
     }

@@ -36,7 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -49,7 +49,7 @@ use super::store::{self, Kind, Stamp};
 use super::{Pool, PoolError};
 use crate::sys::fs as sysfs;
 use crate::sys::lock::{self, LockKind};
-use crate::sys::untrusted;
+use crate::sys::untrusted::{self, WalkBounds, Walked};
 use crate::units::human_fine;
 
 /// How long a creation waits for another process's capacity check: those
@@ -87,16 +87,15 @@ pub fn snapshot_counts(meta: &SnapshotMeta, allocated: u64) -> u64 {
 
 /// Bytes the data of the volume or snapshot in `dir` has allocated on the
 /// pool filesystem: its image's `st_blocks` x 512, or, for a directory
-/// volume or snapshot, the same summed over its `data/` tree (each file,
-/// directory and symlink once, a file with several links once). The record
-/// and lock files beside the data are not counted. Blocks a reflink shares
-/// count in each file that maps them, as `st_blocks` does, so the sum over
-/// a pool can exceed what its filesystem has in use.
+/// volume or snapshot, its whole `data/` tree ([`tree_allocated`], no
+/// deadline). The record and lock files beside the data are not counted.
+/// Blocks a reflink shares count in each file that maps them, as
+/// `st_blocks` does, so the sum over a pool can exceed what its filesystem
+/// has in use.
 ///
-/// The tree of a directory volume is the pod's to change while it is
-/// walked, so it is walked through descriptors ([`untrusted`]), never
-/// leaving the tree or its mount; levels deeper than
-/// [`untrusted::MAX_DEPTH`] are not counted.
+/// For what must be exact and is read once: a snapshot's count (a
+/// snapshot never changes) and `filevol pool ls`. The metrics never walk a
+/// tree while they answer; see `metrics::dir_usage`.
 pub fn allocated(dir: &Path) -> io::Result<u64> {
     let image = dir.join("image");
     match sysfs::symlink_metadata_if_present(&image)? {
@@ -104,49 +103,99 @@ pub fn allocated(dir: &Path) -> io::Result<u64> {
         Some(_) => return Ok(0),
         None => {}
     }
-    let data = dir.join("data");
-    let root = match untrusted::open_root(&data) {
+    Ok(tree_allocated(&dir.join("data"), WalkBounds::WHOLE)?.bytes)
+}
+
+/// What a directory tree has allocated, and what the walk left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeUsage {
+    /// Bytes counted: every file, directory and symlink the walk visited,
+    /// the root included; a lower bound unless `walked` is complete.
+    pub bytes: u64,
+    /// What the walk did not visit.
+    pub walked: Walked,
+}
+
+/// Bytes allocated by the directory tree at `data` (the data of a
+/// directory volume or snapshot): `st_blocks` x 512 of the root and of
+/// everything below it, a file with several links once, within `bounds`.
+///
+/// The tree is the pod's to change while it is walked, so it is walked
+/// through descriptors ([`untrusted::walk`]): never following a symlink,
+/// never leaving the tree or its mount, reading directories in fixed-size
+/// pieces. Memory stays bounded whatever the tree holds: one piece and one
+/// descriptor per level, and at most [`LINKED_REMEMBERED`] files with
+/// several links remembered (see `Linked`). A tree that is gone counts
+/// as nothing.
+pub fn tree_allocated(data: &Path, bounds: WalkBounds<'_>) -> io::Result<TreeUsage> {
+    let root = match untrusted::open_root(data) {
         Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(TreeUsage::default()),
         Err(e) => return Err(e),
     };
-    let own = block_bytes(&rustix::fs::fstat(&root)?);
-    let mut linked = HashSet::new();
-    Ok(own.saturating_add(tree_bytes(root.as_fd(), 1, &mut linked)?))
+    let mut bytes = block_bytes(&rustix::fs::fstat(&root)?);
+    let mut linked = Linked::default();
+    let walked = untrusted::walk(root.as_fd(), bounds, &mut |entry| {
+        let st = entry.stat();
+        let counted = if entry.kind() != FileType::Directory && st.st_nlink > 1 {
+            linked.bytes(st)
+        } else {
+            block_bytes(st)
+        };
+        bytes = bytes.saturating_add(counted);
+    })?;
+    Ok(TreeUsage { bytes, walked })
+}
+
+/// Files with several links a walk remembers by (device, inode), so that
+/// each counts once: about 20 bytes each, so at most 350 KiB.
+pub const LINKED_REMEMBERED: usize = 16 * 1024;
+
+/// The files with several links seen so far in one walk.
+#[derive(Debug)]
+struct Linked {
+    seen: HashSet<(u64, u64)>,
+    /// How many it may remember: [`LINKED_REMEMBERED`].
+    cap: usize,
+}
+
+impl Default for Linked {
+    fn default() -> Linked {
+        Linked {
+            seen: HashSet::new(),
+            cap: LINKED_REMEMBERED,
+        }
+    }
+}
+
+impl Linked {
+    /// What a link to a file with several links counts for. A file
+    /// remembered counts in full at its first link and nothing at the
+    /// others. Once [`LINKED_REMEMBERED`] files are remembered, a file not
+    /// among them counts its share at each link (its bytes divided by its
+    /// link count): a file whose links are all in the tree (a pod can only
+    /// link within its volume) then still adds up to its bytes, give or
+    /// take the rounding, and a pod making millions of links cannot make
+    /// the walk remember millions of files.
+    fn bytes(&mut self, st: &rustix::fs::Stat) -> u64 {
+        let key = (st.st_dev, st.st_ino);
+        if self.seen.contains(&key) {
+            return 0;
+        }
+        if self.seen.len() < self.cap {
+            self.seen.insert(key);
+            return block_bytes(st);
+        }
+        // st_nlink is a u64 on x86_64 but a u32 on some architectures.
+        #[allow(clippy::useless_conversion)]
+        let links = u64::from(st.st_nlink).max(1);
+        block_bytes(st) / links
+    }
 }
 
 fn block_bytes(st: &rustix::fs::Stat) -> u64 {
     // st_blocks is never negative; 512-byte units whatever the block size.
     u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512)
-}
-
-/// The allocated bytes below the directory open at `dir`; `linked` holds
-/// the files with several links already counted.
-fn tree_bytes(
-    dir: BorrowedFd<'_>,
-    depth: usize,
-    linked: &mut HashSet<(u64, u64)>,
-) -> io::Result<u64> {
-    let mut total = 0u64;
-    for name in untrusted::names(dir)? {
-        // Gone since the listing, or another mount's root: not ours.
-        let Some(entry) = untrusted::child(dir, &name)? else {
-            continue;
-        };
-        let st = entry.stat();
-        let is_dir = entry.kind() == FileType::Directory;
-        if !is_dir && st.st_nlink > 1 && !linked.insert((st.st_dev, st.st_ino)) {
-            continue;
-        }
-        total = total.saturating_add(block_bytes(st));
-        if is_dir && depth < untrusted::MAX_DEPTH {
-            let inner = entry.open_dir()?;
-            // One descriptor per level, not two.
-            drop(entry);
-            total = total.saturating_add(tree_bytes(inner.as_fd(), depth + 1, linked)?);
-        }
-    }
-    Ok(total)
 }
 
 /// How the pool's room is reached, read at one moment: what GetCapacity,
@@ -327,13 +376,16 @@ impl fmt::Display for Shortfall {
     }
 }
 
-/// Bytes allocated by the data of the pool's volumes and snapshots
-/// ([`allocated`]), read now.
+/// Bytes allocated by the data of the pool's volumes and snapshots, as the
+/// metrics read them at every scrape ([`Pool::allocation`]): one `stat` per
+/// object, never a walk of a tree.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Allocation {
-    /// By volumes' images and directories.
-    pub volumes: u64,
-    /// By snapshots'.
+    /// By volumes' images. Directory volumes are not in it: their trees
+    /// are measured off the scrape (`metrics::dir_usage`).
+    pub volume_images: u64,
+    /// By snapshots: images read now, directory snapshots as counted for
+    /// capacity (their whole tree, walked once: a snapshot never changes).
     pub snapshots: u64,
 }
 
@@ -415,23 +467,44 @@ impl Pool {
         })
     }
 
-    /// Bytes the data of every volume and snapshot has allocated, read now
-    /// (for the metrics). An object that cannot be read counts as nothing.
+    /// Bytes allocated by the volumes' images and by the snapshots, for
+    /// the metrics: a `stat` per object, and for a directory snapshot the
+    /// figure [`Pool::usage`] counted it for (read once per process), so
+    /// nothing here grows with what a pod wrote. An object that cannot be
+    /// read counts as nothing.
     pub fn allocation(&self) -> Result<Allocation, PoolError> {
         let mut total = Allocation::default();
-        for (kind, sum) in [
-            (Kind::Volume, &mut total.volumes),
-            (Kind::Snapshot, &mut total.snapshots),
-        ] {
-            self.store.each_id(kind, |id| {
-                let dir = self.store.object_dir(kind, id);
-                match allocated(&dir) {
-                    Ok(bytes) => *sum = sum.saturating_add(bytes),
-                    Err(e) => log::debug!("allocated bytes of {}: {e}", dir.display()),
-                }
-            })?;
-        }
+        self.store.each_id(Kind::Volume, |id| {
+            total.volume_images = total
+                .volume_images
+                .saturating_add(image_blocks(&self.image_path(id)).unwrap_or(0));
+        })?;
+        // Directory snapshots' counts are those usage() keeps; read it
+        // first so that a snapshot made since the last one is in the cache.
+        self.committed()?;
+        let cache = self.sizes.lock();
+        self.store.each_id(Kind::Snapshot, |id| {
+            let image = self.snapshot_dir(id).join("image");
+            let bytes = match image_blocks(&image) {
+                Some(bytes) => bytes,
+                None => cache.snapshots.get(id).map_or(0, |s| s.bytes),
+            };
+            total.snapshots = total.snapshots.saturating_add(bytes);
+        })?;
         Ok(total)
+    }
+
+    /// The directory volumes of the pool: those with a `data/` tree and no
+    /// image. One `stat` each.
+    pub fn dir_volume_ids(&self) -> Result<Vec<String>, PoolError> {
+        let mut ids = Vec::new();
+        self.store.each_id(Kind::Volume, |id| {
+            let is_dir = std::fs::symlink_metadata(self.data_path(id)).is_ok_and(|m| m.is_dir());
+            if is_dir && image_blocks(&self.image_path(id)).is_none() {
+                ids.push(id.to_owned());
+            }
+        })?;
+        Ok(ids)
     }
 
     /// What the pool holds and what it counts for. A record that cannot be
@@ -557,6 +630,14 @@ impl Pool {
     }
 }
 
+/// `st_blocks` x 512 of the image at `path`, if there is one.
+fn image_blocks(path: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks().saturating_mul(512))
+}
+
 /// The size of `id` from `cache`, else from `read` (a record that cannot be
 /// read counts as nothing and is not remembered); marks it seen in `epoch`.
 /// Listing 10,000 ids costs a hash lookup each, no allocation.
@@ -582,6 +663,64 @@ fn size_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linked_files_count_once_remembered_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut links = Vec::new();
+        for i in 0..5 {
+            let first = dir.path().join(format!("f{i}"));
+            std::fs::write(&first, vec![1u8; 12 << 10]).unwrap();
+            for j in 1..2 {
+                let other = dir.path().join(format!("f{i}-{j}"));
+                std::fs::hard_link(&first, &other).unwrap();
+                links.push(other);
+            }
+            links.push(first);
+        }
+        let stats: Vec<_> = links
+            .iter()
+            .map(|p| rustix::fs::lstat(p).unwrap())
+            .collect();
+        // Two links each: a share is exact (blocks are 512 bytes).
+        let whole: u64 = stats.iter().map(block_bytes).sum::<u64>() / 2;
+        // Two files remembered, three counted by their half at each link:
+        // the same total as remembering them all.
+        let mut linked = Linked {
+            seen: HashSet::new(),
+            cap: 2,
+        };
+        let counted: u64 = stats.iter().map(|st| linked.bytes(st)).sum();
+        assert_eq!(linked.seen.len(), 2);
+        assert_eq!(counted, whole);
+        let mut all = Linked::default();
+        assert_eq!(stats.iter().map(|st| all.bytes(st)).sum::<u64>(), whole);
+    }
+
+    #[test]
+    fn a_tree_walk_counts_what_du_counts_and_says_what_it_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("a/b")).unwrap();
+        std::fs::write(data.join("a/b/f"), vec![1u8; 64 << 10]).unwrap();
+        std::os::unix::fs::symlink("/", data.join("root")).unwrap();
+        let whole = tree_allocated(&data, WalkBounds::WHOLE).unwrap();
+        assert!(whole.walked.complete());
+        let du: u64 = ["", "a", "a/b", "a/b/f", "root"]
+            .iter()
+            .map(|p| block_bytes(&rustix::fs::lstat(data.join(p)).unwrap()))
+            .sum();
+        assert_eq!(whole.bytes, du);
+        let shallow = WalkBounds {
+            max_depth: 1,
+            ..WalkBounds::WHOLE
+        };
+        let part = tree_allocated(&data, shallow).unwrap();
+        assert_eq!(part.walked.not_entered, 1);
+        assert!(part.bytes < whole.bytes);
+        let gone = tree_allocated(&dir.path().join("missing"), WalkBounds::WHOLE).unwrap();
+        assert_eq!(gone, TreeUsage::default());
+    }
 
     #[test]
     fn promise_files_name_their_bytes() {

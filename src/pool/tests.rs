@@ -1089,13 +1089,16 @@ fn a_snapshot_counts_the_blocks_it_can_come_to_own_and_keeps_that_count() {
         capacity::allocated(&dir.path().join("volumes").join(&d.id)).unwrap(),
         du(&data, &mut Default::default())
     );
+    // The metrics' figure reads the images and the snapshots' counts; the
+    // directory volume's tree is not walked there (metrics::dir_usage is).
     assert_eq!(
         a.allocation().unwrap(),
         capacity::Allocation {
-            volumes: allocated_of(&image) + du(&data, &mut Default::default()),
+            volume_images: allocated_of(&image),
             snapshots: held + tree,
         }
     );
+    assert_eq!(a.dir_volume_ids().unwrap(), vec![d.id.clone()]);
 }
 
 #[test]

@@ -11,6 +11,7 @@ use grpcio::{ChannelBuilder, EnvBuilder, ServerBuilder};
 
 use crate::config::{Config, ConfigError};
 use crate::executor::Executor;
+use crate::metrics::dir_usage::{DirUsage, DirUsageLimits};
 use crate::metrics::http::MetricsServer;
 use crate::node::{Node, NodeError};
 use crate::pool::lock_reach::{self, LockReach, Verdict};
@@ -162,15 +163,28 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     }
     let mut server = builder.build()?;
     claim.bind(&mut server, socket_mode)?;
-    let _metrics = match &driver.config.metrics_address {
-        Some(address) => {
+    // Directory volumes' trees are measured on a thread of their own, only
+    // where metrics are served: a scrape reads the last figures.
+    let dir_usage = match &driver.config.metrics_address {
+        Some(_) => {
             let d = Arc::clone(&driver);
-            let m = MetricsServer::start(address, move || d.metrics_text())
+            let limits = DirUsageLimits::every(driver.config.dir_usage_interval);
+            Some(Arc::new(
+                DirUsage::start(limits, move || d.dir_volumes_to_measure())
+                    .map_err(ServeError::Threads)?,
+            ))
+        }
+        None => None,
+    };
+    let metrics = match (&driver.config.metrics_address, &dir_usage) {
+        (Some(address), Some(dirs)) => {
+            let (d, dirs) = (Arc::clone(&driver), Arc::clone(dirs));
+            let m = MetricsServer::start(address, move || d.metrics_text(&dirs.summary()))
                 .map_err(|e| ServeError::Metrics(address.clone(), e))?;
             log::info!("metrics at http://{}/metrics", m.address());
             Some(m)
         }
-        None => None,
+        _ => None,
     };
     // Watch signals before serving, so a SIGTERM that arrives during
     // start-up still drains instead of killing the process mid-call.
@@ -255,6 +269,9 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     driver.executor.shutdown();
     drop(server);
     drop(claim);
+    // The metrics server holds the last figures' owner: it goes first.
+    drop(metrics);
+    drop(dir_usage);
     log::info!("stopped");
     Ok(())
 }

@@ -20,8 +20,9 @@ use grpcio::{RpcContext, ServerStreamingSink, UnarySink};
 use protobuf::MessageFull;
 
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{message_chain, Error};
 use crate::executor::{Executor, Job};
+use crate::metrics::dir_usage::DirUsageSummary;
 use crate::metrics::Gauges;
 use crate::node::Node;
 use crate::pool::Pool;
@@ -101,10 +102,34 @@ impl Driver {
         }
     }
 
+    /// The directory volumes whose usage this process's metrics report
+    /// (with their data directories): a controller (or `--mode all`) every
+    /// one in the pool, a node plugin those mounted under its kubelet
+    /// directory. Read by the measuring thread, not by a scrape.
+    pub fn dir_volumes_to_measure(&self) -> crate::metrics::dir_usage::Listing {
+        let ids = if self.config.mode.serves_controller() {
+            self.pool.dir_volume_ids().map_err(|e| message_chain(&e))?
+        } else if let Some(node) = &self.node {
+            node.staged_dir_volumes(&self.pool)
+                .map_err(|e| format!("read the mount table: {e}"))?
+        } else {
+            Vec::new()
+        };
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let data = self.pool.data_path(&id);
+                (id, data)
+            })
+            .collect())
+    }
+
     /// The Prometheus exposition: call metrics plus gauges read now. The
     /// pool's figures come from one [`crate::pool::capacity::Usage`], the
-    /// one GetCapacity answers from, so they add up.
-    pub fn metrics_text(&self) -> String {
+    /// one GetCapacity answers from, so they add up. Directory volumes'
+    /// trees are not walked here: `dirs` is what the background measurement
+    /// last found ([`crate::metrics::dir_usage`]).
+    pub fn metrics_text(&self, dirs: &DirUsageSummary) -> String {
         let workers = self.executor.workers();
         let usage = self.pool.usage().unwrap_or_else(|e| {
             log::warn!("metrics: pool usage: {e}");
@@ -129,12 +154,13 @@ impl Driver {
             pool_used: usage.fs_size.saturating_sub(usage.fs_free),
             pool_provisioned: usage.volume_bytes,
             pool_snapshot_bytes: usage.snapshot_bytes,
-            pool_allocated_volumes: allocation.volumes,
+            pool_allocated_volumes: allocation.volume_images.saturating_add(dirs.bytes),
             pool_allocated_snapshots: allocation.snapshots,
             volumes: usage.volumes,
             snapshots: usage.snapshots,
             staged: counts.map(|c| c.0),
             published: counts.map(|c| c.1),
+            dir_usage: dirs.clone(),
         };
         let mut text = self.executor.metrics().render(&gauges);
         if let Some(node) = &self.node {

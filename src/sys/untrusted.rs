@@ -27,10 +27,13 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, StatxFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RawDir, ResolveFlags, Stat, StatxFlags};
 
 /// How every name inside an untrusted tree is resolved.
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
@@ -206,7 +209,9 @@ fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(st.stx_mnt_id)
 }
 
-/// The names in the directory open at `dir`, without `.` and `..`.
+/// The names in the directory open at `dir`, without `.` and `..`, all in
+/// memory at once: for directories the driver made or copies whole. A tree a
+/// pod fills is read with [`walk`] instead.
 pub fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     let mut out = Vec::new();
     for entry in rustix::fs::Dir::read_from(dir)? {
@@ -217,6 +222,114 @@ pub fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
         }
     }
     Ok(out)
+}
+
+/// Bytes of directory entries one `getdents64` call may fill. A walk reads
+/// each directory in pieces of this size as it goes, never whole, so it holds
+/// one piece per level it has entered, whatever a directory holds (a pod can
+/// put millions of names in one).
+pub const DIR_CHUNK: usize = 8 * 1024;
+
+/// Where a [`walk`] stops.
+#[derive(Debug, Clone, Copy)]
+pub struct WalkBounds<'a> {
+    /// The deepest level visited: the root's entries are level 1, and a
+    /// directory at this level is visited but not entered.
+    pub max_depth: usize,
+    /// When to give up, if ever: checked before every entry.
+    pub deadline: Option<Instant>,
+    /// Set by another thread to end the walk early (a process stopping).
+    pub stop: Option<&'a AtomicBool>,
+}
+
+impl WalkBounds<'_> {
+    /// Every level [`MAX_DEPTH`] allows, however long it takes.
+    pub const WHOLE: WalkBounds<'static> = WalkBounds {
+        max_depth: MAX_DEPTH,
+        deadline: None,
+        stop: None,
+    };
+
+    fn reached(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+            || self.stop.is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+}
+
+/// What a [`walk`] left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Walked {
+    /// Directories at the depth bound, whose contents were not visited.
+    pub not_entered: u64,
+    /// The deadline passed, or the walk was told to stop, before it was
+    /// done.
+    pub cut_short: bool,
+}
+
+impl Walked {
+    /// Whether every entry of the tree was visited.
+    pub fn complete(&self) -> bool {
+        self.not_entered == 0 && !self.cut_short
+    }
+}
+
+/// Visits every entry of the tree below the directory open at `root` (not
+/// `root` itself), depth first, through descriptors: each is opened with
+/// [`child`], so a symlink is visited as a symlink and never followed, and
+/// the root of another mount is neither visited nor entered. Directories are
+/// read in [`DIR_CHUNK`] pieces as the walk goes, so memory does not grow
+/// with the number of names. Stops at `bounds`, and says so in the answer;
+/// an entry that vanishes while the walk runs is skipped.
+pub fn walk(
+    root: BorrowedFd<'_>,
+    bounds: WalkBounds<'_>,
+    visit: &mut dyn FnMut(&Entry),
+) -> io::Result<Walked> {
+    let mut walked = Walked::default();
+    walk_below(root, 1, bounds, visit, &mut walked)?;
+    Ok(walked)
+}
+
+fn walk_below(
+    dir: BorrowedFd<'_>,
+    depth: usize,
+    bounds: WalkBounds<'_>,
+    visit: &mut dyn FnMut(&Entry),
+    walked: &mut Walked,
+) -> io::Result<()> {
+    let mut chunk = vec![MaybeUninit::<u8>::uninit(); DIR_CHUNK];
+    let mut entries = RawDir::new(dir, &mut chunk);
+    while let Some(raw) = entries.next() {
+        let raw = raw?;
+        let name = raw.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        if bounds.reached() {
+            walked.cut_short = true;
+            return Ok(());
+        }
+        // Gone since it was read, or another mount's root: not in the tree.
+        let Some(entry) = child(dir, name)? else {
+            continue;
+        };
+        visit(&entry);
+        if entry.kind() != FileType::Directory {
+            continue;
+        }
+        if depth >= bounds.max_depth {
+            walked.not_entered += 1;
+            continue;
+        }
+        let inner = entry.open_dir()?;
+        // One descriptor per level, not two.
+        drop(entry);
+        walk_below(inner.as_fd(), depth + 1, bounds, visit, walked)?;
+        if walked.cut_short {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Creates the directory `name` in `dir` and opens it: the new directory is
@@ -310,5 +423,147 @@ mod tests {
         assert_eq!(fifo.kind(), FileType::Fifo);
         assert!(fifo.open_file().is_err());
         fifo.chmod(0o600).unwrap();
+    }
+
+    /// The inode numbers a walk visits, and what it says it left out.
+    fn walk_inodes(root: &Path, bounds: WalkBounds<'_>) -> (Vec<u64>, Walked) {
+        let fd = open_root(root).unwrap();
+        let mut seen = Vec::new();
+        let walked = walk(fd.as_fd(), bounds, &mut |e: &Entry| {
+            seen.push(e.stat().st_ino)
+        })
+        .unwrap();
+        (seen, walked)
+    }
+
+    const UNBOUNDED: WalkBounds<'static> = WalkBounds::WHOLE;
+
+    /// The inode numbers of everything below `root`, from the standard
+    /// library's walk (which follows nothing either).
+    fn inodes_below(root: &Path, out: &mut Vec<u64>) {
+        for e in std::fs::read_dir(root).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            out.push(m.ino());
+            if m.is_dir() {
+                inodes_below(&e.path(), out);
+            }
+        }
+    }
+
+    #[test]
+    fn a_walk_visits_every_entry_of_directories_many_chunks_long_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let top = open_root(root).unwrap();
+        // Far more names than one chunk holds (an entry takes 24 bytes
+        // and its name), in the root and in a subdirectory.
+        let sub = make_dir(top.as_fd(), c"sub", 0o755).unwrap();
+        for i in 0..6000 {
+            let name = CString::new(format!("file-with-a-longish-name-{i:05}")).unwrap();
+            create_file(top.as_fd(), &name, 0o644).unwrap();
+            if i % 3 == 0 {
+                create_file(sub.as_fd(), &name, 0o644).unwrap();
+            }
+        }
+        std::fs::write(root.join("sub/data"), vec![1u8; 64 << 10]).unwrap();
+        let (mut seen, walked) = walk_inodes(root, UNBOUNDED);
+        assert!(walked.complete());
+        let mut expected = Vec::new();
+        inodes_below(root, &mut expected);
+        assert_eq!(seen.len(), 6000 + 2000 + 2);
+        seen.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(seen, expected, "each entry once, none left out");
+    }
+
+    #[test]
+    fn a_walk_visits_symlinks_without_following_them() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("d")).unwrap();
+        std::fs::write(outside.path().join("d/secret"), b"x").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path().join("d"), dir.path().join("to-dir")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("to-file")).unwrap();
+        let fd = open_root(dir.path()).unwrap();
+        let mut kinds = Vec::new();
+        let walked = walk(fd.as_fd(), UNBOUNDED, &mut |e: &Entry| kinds.push(e.kind())).unwrap();
+        assert!(walked.complete());
+        assert_eq!(kinds, vec![FileType::Symlink, FileType::Symlink]);
+    }
+
+    #[test]
+    fn a_walk_stops_at_its_depth_bound_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("1/2/3/4/5/6");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f"), b"x").unwrap();
+        std::fs::write(dir.path().join("1/2/f"), b"x").unwrap();
+        let bounds = WalkBounds {
+            max_depth: 3,
+            ..WalkBounds::WHOLE
+        };
+        let (seen, walked) = walk_inodes(dir.path(), bounds);
+        // 1, 1/2, 1/2/f, 1/2/3 (visited, not entered).
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert_eq!(walked.not_entered, 1);
+        assert!(!walked.complete());
+        let (seen, walked) = walk_inodes(dir.path(), UNBOUNDED);
+        assert_eq!((seen.len(), walked.complete()), (8, true));
+    }
+
+    #[test]
+    fn a_walk_stops_at_its_deadline_or_when_told_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let bounds = WalkBounds {
+            deadline: Some(Instant::now()),
+            ..WalkBounds::WHOLE
+        };
+        let (seen, walked) = walk_inodes(dir.path(), bounds);
+        assert!(seen.is_empty());
+        assert!(walked.cut_short && !walked.complete());
+        let stop = AtomicBool::new(true);
+        let bounds = WalkBounds {
+            stop: Some(&stop),
+            ..WalkBounds::WHOLE
+        };
+        let (seen, walked) = walk_inodes(dir.path(), bounds);
+        assert!(seen.is_empty() && walked.cut_short);
+    }
+
+    /// A tmpfs mounted for a test, unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            crate::kit::scratch::unmount_patiently(&self.0);
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root"]
+    fn a_walk_does_not_enter_another_mount() {
+        crate::kit::needs::root();
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::write(dir.path().join("mine"), b"x").unwrap();
+        crate::sys::mount::mount_fs(
+            Path::new("tmpfs"),
+            &mnt,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            "size=1m",
+        )
+        .unwrap();
+        let _mounted = Tmpfs(mnt.clone());
+        std::fs::write(mnt.join("theirs"), b"x").unwrap();
+        std::fs::create_dir(mnt.join("deeper")).unwrap();
+        let (seen, walked) = walk_inodes(dir.path(), UNBOUNDED);
+        assert!(walked.complete());
+        let mine = std::fs::metadata(dir.path().join("mine")).unwrap().ino();
+        // The mount point's root is not in this tree, nor what it holds.
+        assert_eq!(seen, vec![mine]);
     }
 }

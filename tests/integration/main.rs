@@ -25,6 +25,7 @@ mod capacity;
 mod churn;
 mod controller;
 mod crash;
+mod dir_usage;
 mod dispatch;
 mod escape;
 mod fences;
