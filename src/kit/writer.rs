@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Blocks a writer cycles over (16 MiB).
-pub const SLOTS: u64 = 4096;
+pub const SLOTS: usize = 4096;
 
 /// The block written to `slot` in generation `gen`: the slot and the
 /// generation, then a pattern drawn from both.
@@ -55,20 +55,21 @@ impl Writer {
             .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            let mut generations = vec![0u64; SLOTS as usize];
+            let mut generations = vec![0u64; SLOTS];
             let mut n = 0u64;
-            while !flag.load(Ordering::Relaxed) {
-                let slot = n % SLOTS;
-                let gen = n / SLOTS + 1;
-                f.seek(SeekFrom::Start(slot * 4096))
+            // The slots in order, over and over; generation g is the g-th
+            // pass.
+            for (slot, offset) in (0..SLOTS).zip((0u64..).step_by(4096)).cycle() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let gen = generations[slot] + 1;
+                f.seek(SeekFrom::Start(offset))
                     .expect("a seek inside the volume failed");
-                f.write_all(&block(slot, gen))
+                f.write_all(&block(offset / 4096, gen))
                     .expect("a write inside the volume failed");
                 f.sync_data().expect("an fsync inside the volume failed");
-                // usize holds every slot: SLOTS is small.
-                #[allow(clippy::cast_possible_truncation)]
-                let i = slot as usize;
-                generations[i] = gen;
+                generations[slot] = gen;
                 n += 1;
             }
             Acknowledged {

@@ -9,6 +9,12 @@
 //! plugin and a controller as separate processes on one pool (node started
 //! first, ControllerPublish in the flow), each killed on its own.
 //!
+//! Beside the churn, a writer inside one long-lived volume keeps writing
+//! checksummed blocks (each fsynced before it counts) through every kill:
+//! at the end every acknowledged block reads back and fsck finds its ext4
+//! clean. The writer never stops for a kill: its mount and loop device are
+//! the kernel's, and its fence is the device's.
+//!
 //! CI runs a reduced form (FILEVOL_CHURN_KILLS, default 20 kills for the
 //! single process and 50 for the separate ones); the full form is
 //! `FILEVOL_CHURN_KILLS=200 cargo test --test integration churn --
@@ -26,6 +32,7 @@ use filevol::kit::leaks::LeakGuard;
 use filevol::kit::requests::{self as req, MIB};
 use filevol::kit::scratch::{pool_on, Bindfs};
 use filevol::kit::tempdir::TempDir;
+use filevol::kit::writer::{fsck_clean, verify, Writer};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::{ControllerClient, NodeClient};
@@ -341,6 +348,7 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
     };
     let mut procs = Procs::start(layout, !share, &pool, &kubelet, dir.path());
     let logs = Mutex::new(String::new());
+    let steady = Steady::start(&clients(&procs.sockets), &kubelet);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ledger: Ledger = Arc::default();
@@ -384,6 +392,7 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
         rounds.load(Ordering::SeqCst) > 0,
         "the workload made no progress"
     );
+    let steady_writes = steady.finish(&clients(&procs.sockets), &pool);
 
     // Every volume the workload was told exists is there, with its data.
     let c = clients(&procs.sockets);
@@ -455,9 +464,84 @@ fn churn(layout: Layout, share: bool, default_kills: usize) {
     }
     drop(procs);
     eprintln!(
-        "churn ({layout:?}{}): {kills} kills ({node_kills} of the node plugin), {} rounds, {} volumes verified",
+        "churn ({layout:?}{}): {kills} kills ({node_kills} of the node plugin), {} rounds, {} volumes verified, {steady_writes} acknowledged writes read back",
         if share { ", bindfs" } else { "" },
         rounds.load(Ordering::SeqCst),
         ledger.len()
     );
+}
+
+/// The long-lived volume a writer writes into through every kill.
+struct Steady {
+    id: String,
+    staging: PathBuf,
+    target: PathBuf,
+    writer: Writer,
+}
+
+impl Steady {
+    fn start(c: &Clients, kubelet: &Path) -> Steady {
+        let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
+        let id = retry("CreateVolume", || {
+            c.controller
+                .create_volume_opt(&req::create("steady", 128 * MIB), opt())
+        })
+        .volume
+        .unwrap()
+        .volume_id;
+        let staging = kubelet.join("staging").join(&id);
+        let target = kubelet.join("pods/steady").join(&id).join("mount");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        if let Some(node) = &c.attach_to {
+            retry("ControllerPublishVolume", || {
+                c.controller.controller_publish_volume_opt(
+                    &req::controller_publish(&id, node, cap.clone(), false),
+                    opt(),
+                )
+            });
+        }
+        retry("NodeStageVolume", || {
+            c.node
+                .node_stage_volume_opt(&req::stage(&id, &staging, cap.clone()), opt())
+        });
+        retry("NodePublishVolume", || {
+            c.node.node_publish_volume_opt(
+                &req::publish(&id, &staging, &target, cap.clone(), false),
+                opt(),
+            )
+        });
+        let writer = Writer::start(&target.join("data"));
+        Steady {
+            id,
+            staging,
+            target,
+            writer,
+        }
+    }
+
+    /// Stops the writer, checks every acknowledged block, unstages the
+    /// volume and checks its filesystem; returns the writes acknowledged.
+    fn finish(self, c: &Clients, pool: &Path) -> u64 {
+        let acked = self.writer.finish();
+        verify(&self.target.join("data"), &acked);
+        retry("NodeUnpublishVolume", || {
+            c.node
+                .node_unpublish_volume_opt(&req::unpublish(&self.id, &self.target), opt())
+        });
+        retry("NodeUnstageVolume", || {
+            c.node
+                .node_unstage_volume_opt(&req::unstage(&self.id, &self.staging), opt())
+        });
+        if let Some(node) = &c.attach_to {
+            retry("ControllerUnpublishVolume", || {
+                c.controller.controller_unpublish_volume_opt(
+                    &req::controller_unpublish(&self.id, node),
+                    opt(),
+                )
+            });
+        }
+        fsck_clean(&filevol::kit::files::image(pool, &self.id));
+        acked.writes
+    }
 }
