@@ -299,13 +299,6 @@ impl Kernel for Recording {
         }
     }
 
-    fn mount_source(&self, path: &Path) -> io::Result<Option<String>> {
-        let st = self.state.lock();
-        Ok(st.mount_at(path).map(|m| match &m.source {
-            Source::Device(p) | Source::Dir(p) => p.to_string_lossy().into_owned(),
-        }))
-    }
-
     fn mount_fs(
         &self,
         device: &Path,

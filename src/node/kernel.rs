@@ -83,8 +83,6 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
 
     /// Whether `path` is a mount root (statx, no final symlink followed).
     fn mount_state(&self, path: &Path) -> io::Result<MountState>;
-    /// The source the mount table gives for the mount at `path`.
-    fn mount_source(&self, path: &Path) -> io::Result<Option<String>>;
     /// Mounts the filesystem on `device` onto the object open at `target`.
     fn mount_fs(
         &self,
@@ -234,10 +232,6 @@ impl Kernel for Host {
 
     fn mount_state(&self, path: &Path) -> io::Result<MountState> {
         mount::state(path)
-    }
-
-    fn mount_source(&self, path: &Path) -> io::Result<Option<String>> {
-        mount::source_of(path)
     }
 
     fn mount_fs(

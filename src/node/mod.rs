@@ -349,10 +349,20 @@ impl Node {
         };
         let mut counts = custody::CustodyCounts::default();
         for (id, key, device) in self.devices.entries() {
-            // Gone or detaching since: nothing of it left to fence.
+            // Gone or detaching since: nothing of it left to fence. A
+            // device that cannot be asked is not taken for gone.
             match self.kernel.loop_status(device) {
                 Ok(Some(status)) if status.backing == key && !status.detaching => {}
-                _ => continue,
+                Ok(_) => continue,
+                Err(e) => {
+                    let verdict = Custody::Unproven(format!(
+                        "the state of {} cannot be read: {e}",
+                        device.path().display()
+                    ));
+                    self.custody.record(&id, &device.path(), &verdict);
+                    counts.unproven += 1;
+                    continue;
+                }
             }
             let read_only = self.kernel.read_only(device).unwrap_or(false);
             let path = device.path();

@@ -269,6 +269,13 @@ impl Node {
     ) -> Result<(), NodeError> {
         let fs = v.fs_type.unwrap_or(FsType::Ext4);
         let read_only = req.mode.is_read_only();
+        if self.mount_state(staging)? == MountState::Mounted {
+            // Staged already (a retry, or a restart), if what is mounted is
+            // this volume's device; decided before anything is formatted
+            // or attached, so a stage at another volume's path changes
+            // nothing.
+            return self.expect_volume_at(pool, &v.id, staging);
+        }
         // A provably blank image gets its filesystem before it is attached.
         let (v, formatted_now) = if !read_only && v.written != Some(true) {
             self.format_if_blank(pool, &v.id, fs)?
@@ -276,21 +283,6 @@ impl Node {
             (v.clone(), false)
         };
         let dev = self.attach(pool, &v, read_only, claim)?;
-        if self.mount_state(staging)? == MountState::Mounted {
-            // Staged already (a retry, or a restart): it must be this
-            // volume's device.
-            let source = self
-                .kernel
-                .mount_source(staging)
-                .map_err(sys("read the mount table for", staging))?;
-            if source.as_deref() != Some(dev.path().to_string_lossy().as_ref()) {
-                return Err(NodeError::Occupied {
-                    path: staging.to_owned(),
-                    what: "another filesystem".into(),
-                });
-            }
-            return Ok(());
-        }
 
         let will_not = |found: String| NodeError::WillNotFormat {
             device: dev.path(),
@@ -376,6 +368,12 @@ impl Node {
         claim: &mut Claim<'a>,
     ) -> Result<(), NodeError> {
         let read_only = req.mode.is_read_only();
+        let file = staging.join(BLOCK_DEVICE_FILE);
+        if self.mount_state(&file)? == MountState::Mounted {
+            // Staged already, if it is this volume's device node; decided
+            // before anything is recorded or attached.
+            return self.expect_volume_at(pool, &v.id, &file);
+        }
         // Recorded before the device is handed out: from here on the pod
         // may write anything, signature or not, and a later stage as a
         // filesystem must never take it for blank.
@@ -384,11 +382,6 @@ impl Node {
             pool.mark_written(&v.id, &lock)?;
         }
         let dev = self.attach(pool, v, read_only, claim)?;
-        let file = staging.join(BLOCK_DEVICE_FILE);
-        if self.mount_state(&file)? == MountState::Mounted {
-            // Staged already, if it is this volume's device node.
-            return self.expect_volume_at(pool, &v.id, &file);
-        }
         let source = self
             .kernel
             .open_device(dev)

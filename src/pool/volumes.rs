@@ -106,13 +106,24 @@ impl Pool {
     /// directory bound by a node plugin that died (its fence went with it).
     fn held_on_this_host(&self, id: &str) -> Result<Option<String>, PoolError> {
         let image = self.image_path(id);
-        if let Some(dev) = crate::sys::loopdev::find_bound(&image)
-            .map_err(io_error("find the loop devices of", &image))?
-        {
-            return Ok(Some(format!(
-                "its image is attached to {} on this host",
-                dev.path().display()
-            )));
+        match crate::sys::loopdev::find_bound(&image) {
+            Ok(Some(dev)) => {
+                return Ok(Some(format!(
+                    "its image is attached to {} on this host",
+                    dev.path().display()
+                )))
+            }
+            Ok(None) => {}
+            // A controller without access to the host's loop devices (an
+            // unprivileged process) cannot look; the image's lock, which
+            // every device of it holds, still refused the delete if one
+            // exists. Any other error is not "no device".
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                log::debug!(
+                    "volume {id}: this process cannot read the host's loop devices ({e}); the image's lock decides alone"
+                );
+            }
+            Err(e) => return Err(io_error("find the loop devices of", &image)(e)),
         }
         let data = self.data_path(id);
         let table = crate::sys::mountinfo::read()

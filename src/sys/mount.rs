@@ -56,19 +56,6 @@ pub fn state(path: &Path) -> io::Result<MountState> {
     }
 }
 
-/// The source (device) of the mount at `mount_point`, from the mount
-/// table. Only for the rare "is this already our mount?" question on a
-/// retried stage: btrfs reports an anonymous device number in stat, so the
-/// device can only be read from the mount table.
-pub fn source_of(mount_point: &Path) -> io::Result<Option<String>> {
-    // The last entry for a path is the one on top.
-    Ok(super::mountinfo::read()?
-        .into_iter()
-        .rev()
-        .find(|e| e.mount_point == mount_point)
-        .map(|e| e.source))
-}
-
 /// Mounts the filesystem on `device` at `target`.
 pub fn mount_fs(
     device: &Path,
@@ -231,11 +218,6 @@ mod tests {
             data,
             "context=\"system_u:object_r:container_file_t:s0\",discard"
         );
-    }
-
-    #[test]
-    fn the_root_has_a_source() {
-        assert!(source_of(Path::new("/")).unwrap().is_some());
     }
 
     #[test]
