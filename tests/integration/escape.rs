@@ -7,7 +7,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use filevol::kit::driver::status;
 use filevol::kit::node_env::NodeEnv;
@@ -20,7 +20,12 @@ use crate::BIN;
 
 /// Swaps `a` and `b` until `stop`; returns how many swaps it made.
 fn swap_until(a: &Path, b: &Path, stop: &AtomicBool) -> usize {
-    let mut swaps = 0;
+    swap_counting(a, b, stop, &AtomicUsize::new(0))
+}
+
+/// [`swap_until`], counting the swaps in `swaps` as it goes, so the caller
+/// can wait for the swapping to be under way.
+fn swap_counting(a: &Path, b: &Path, stop: &AtomicBool, swaps: &AtomicUsize) -> usize {
     while !stop.load(Ordering::Relaxed) {
         if rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -31,10 +36,20 @@ fn swap_until(a: &Path, b: &Path, stop: &AtomicBool) -> usize {
         )
         .is_ok()
         {
-            swaps += 1;
+            swaps.fetch_add(1, Ordering::Relaxed);
         }
     }
-    swaps
+    swaps.load(Ordering::Relaxed)
+}
+
+/// Waits (up to a second) until the swapping thread has swapped once: on a
+/// busy machine it may not run before a short call is over, and a round
+/// without a swap races nothing.
+fn wait_for_swaps(swaps: &AtomicUsize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while swaps.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
 }
 
 /// Stops the swapping thread when dropped, even when the test panics.
@@ -178,9 +193,11 @@ fn race_path(path: &Path, victim: &Victim, rounds: usize, op: impl Fn(), undo: i
     let mut swaps = 0;
     for _ in 0..rounds {
         let stop = AtomicBool::new(false);
+        let counted = AtomicUsize::new(0);
         swaps += std::thread::scope(|s| {
-            let swapper = s.spawn(|| swap_until(path, &decoy, &stop));
+            let swapper = s.spawn(|| swap_counting(path, &decoy, &stop, &counted));
             let stopper = StopOnDrop(&stop);
+            wait_for_swaps(&counted);
             op();
             drop(stopper);
             swapper.join().unwrap()
