@@ -273,6 +273,49 @@ fn a_volume_staged_by_a_dead_plugin_is_not_deleted() {
         .delete_volume(&req::delete(&id))
         .unwrap();
     assert!(!site.image(&id).exists());
+
+    // A directory volume: its stage's fence is a loop device of its fence
+    // file, which outlives the plugin as the image's device does.
+    let mut r = req::create_with("shared", 64 * MIB, &[("layout", "dir")]);
+    let cap = req::mount_cap(Mode::MULTI_NODE_MULTI_WRITER, "");
+    r.volume_capabilities[0] = cap.clone();
+    let dir = site
+        .d(c)
+        .controller()
+        .create_volume(&r)
+        .unwrap()
+        .volume
+        .unwrap()
+        .volume_id;
+    let fence = site.pool.join("volumes").join(&dir).join("fence");
+    let sd = staging_path(&site.kubelet("node-b"), &dir);
+    site.d(b)
+        .node()
+        .node_stage_volume(&req::stage(&dir, &sd, cap.clone()))
+        .unwrap();
+    assert!(loop_of(&fence).is_some(), "the stage's fence device");
+    site.kill(b);
+    assert_refused(
+        "DeleteVolume of a directory volume staged by a dead plugin",
+        site.d(c).controller().delete_volume(&req::delete(&dir)),
+        "still staged",
+    );
+    assert!(site.pool.join("volumes").join(&dir).join("data").is_dir());
+    site.restart(b, Path::new(BIN), "node-b");
+    assert!(
+        site.d(b).log().contains("fence device"),
+        "{}",
+        site.d(b).log()
+    );
+    site.d(b)
+        .node()
+        .node_unstage_volume(&req::unstage(&dir, &sd))
+        .unwrap();
+    assert_eq!(loop_of(&fence), None, "the unstage detached it");
+    site.d(c)
+        .controller()
+        .delete_volume(&req::delete(&dir))
+        .unwrap();
 }
 
 /// Case 5 of issue 26: node calls act only on what is provably the named
