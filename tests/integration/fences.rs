@@ -17,6 +17,7 @@ use filevol::kit::scratch::{pool_on, LoopFs};
 use filevol::kit::writer::{fsck_clean, verify, Writer};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol::proto::grpc::NodeClient;
 use filevol::sys::lock::{self, LockKind};
 use grpcio::RpcStatusCode;
 
@@ -131,6 +132,15 @@ fn create(site: &Site, c: usize, name: &str) -> String {
         .volume_id
 }
 
+/// NodeStage and NodePublish of a ReadWriteOnce ext4 volume; a retry of
+/// both converges on what is there.
+fn stage_and_publish(n: &NodeClient, id: &str, staging: &Path, target: &Path) {
+    n.node_stage_volume(&req::stage(id, staging, rwo()))
+        .unwrap();
+    n.node_publish_volume(&req::publish(id, staging, target, rwo(), false))
+        .unwrap();
+}
+
 /// Whether anyone holds a lock on `image` that a writer's stage would
 /// conflict with, asked from this test process.
 fn image_locked(image: &Path) -> bool {
@@ -170,9 +180,7 @@ fn a_dead_plugin_s_device_keeps_its_fence_against_another_node() {
         target_path(&site.kubelet("node-a"), "pod-a"),
     );
     let na = site.d(a).node();
-    na.node_stage_volume(&req::stage(&id, &sa, rwo())).unwrap();
-    na.node_publish_volume(&req::publish(&id, &sa, &ta, rwo(), false))
-        .unwrap();
+    stage_and_publish(&na, &id, &sa, &ta);
     std::fs::write(ta.join("before"), b"written on node-a").unwrap();
 
     site.kill(a);
@@ -198,9 +206,7 @@ fn a_dead_plugin_s_device_keeps_its_fence_against_another_node() {
     site.restart(a, Path::new(BIN), "node-a");
     assert!(site.d(a).log().contains("adopted"), "{}", site.d(a).log());
     let na = site.d(a).node();
-    na.node_stage_volume(&req::stage(&id, &sa, rwo())).unwrap();
-    na.node_publish_volume(&req::publish(&id, &sa, &ta, rwo(), false))
-        .unwrap();
+    stage_and_publish(&na, &id, &sa, &ta);
     let stats = na
         .node_get_volume_stats(&req::volume_stats(&id, &ta))
         .unwrap();
@@ -403,9 +409,7 @@ fn the_plugin_dies_under_load_and_no_second_writer_gets_in() {
         target_path(&site.kubelet("node-a"), "pod-a"),
     );
     let na = site.d(a).node();
-    na.node_stage_volume(&req::stage(&id, &sa, rwo())).unwrap();
-    na.node_publish_volume(&req::publish(&id, &sa, &ta, rwo(), false))
-        .unwrap();
+    stage_and_publish(&na, &id, &sa, &ta);
     let data = ta.join("data");
     let writer = Writer::start(&data);
     let sb = staging_path(&site.kubelet("node-b"), &id);
@@ -439,9 +443,7 @@ fn the_plugin_dies_under_load_and_no_second_writer_gets_in() {
         site.restart(a, bin, "node-a");
         // kubelet's retries converge on what is there.
         let na = site.d(a).node();
-        na.node_stage_volume(&req::stage(&id, &sa, rwo())).unwrap();
-        na.node_publish_volume(&req::publish(&id, &sa, &ta, rwo(), false))
-            .unwrap();
+        stage_and_publish(&na, &id, &sa, &ta);
     }
     let acked = writer.finish();
     let checked = verify(&data, &acked);
