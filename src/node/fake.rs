@@ -227,7 +227,14 @@ impl Kernel for Recording {
     ) -> io::Result<Option<Attached>> {
         self.call("attach", image.display())?;
         let mut st = self.state.lock();
-        if st.fenced_elsewhere.iter().any(|p| p == image) {
+        // Each fake device holds its image's lock as a real one does
+        // (`loopdev::attach`): exclusive when writable, shared when
+        // read-only, until it is gone.
+        let conflicts = st
+            .loops
+            .iter()
+            .any(|l| l.image == image && !(l.read_only && read_only));
+        if conflicts || st.fenced_elsewhere.iter().any(|p| p == image) {
             return Ok(None);
         }
         let device = LoopDevice {

@@ -140,14 +140,16 @@ impl Node {
     /// one attached; the claim detaches one this call attached if the
     /// stage fails.
     ///
-    /// Before attaching, the kernel is asked for any device of the image on
-    /// this host, not only this plugin's table: one mounted by another node
-    /// plugin (or left mounted by one that died) is refused unless both are
-    /// read-only, and one mounted nowhere (a stage that died between attach
-    /// and mount, an older filevol's) is detached first, so this plugin's
-    /// device is the only one and holds the fence. A device on another
-    /// host is found by the image's lock, which it holds
-    /// (`sys::loopdev::attach`).
+    /// A device of the image anywhere else is found by the image's lock,
+    /// which every device this filevol attaches holds (`sys::loopdev::attach`)
+    /// and which a restarted plugin takes for any device it finds without
+    /// one (`custody`): so the attach itself is the look for another device,
+    /// at no cost while there is none. When the lock is held, the host's
+    /// devices are asked ([`Node::clear_other_devices`]): one another node
+    /// plugin has mounted (or a dead one left mounted) is refused; one
+    /// mounted nowhere (a stage that died between attach and mount) is
+    /// detached and the attach tried once more; none means the holder is on
+    /// another host, or a delete or copy is under way.
     fn attach(
         &self,
         pool: &Pool,
@@ -174,16 +176,20 @@ impl Node {
             }
             return Ok(bound.device);
         }
-        self.clear_other_devices(&v.id, &image, key, read_only)?;
-        let Some(a) = self
-            .kernel
-            .attach(&image, read_only, self.direct_io)
-            .map_err(sys("attach a loop device to", &image))?
-        else {
-            return Err(NodeError::ImageFenced {
-                id: v.id.clone(),
-                image,
-            });
+        let attach = || {
+            self.kernel
+                .attach(&image, read_only, self.direct_io)
+                .map_err(sys("attach a loop device to", &image))
+        };
+        let a = match attach()? {
+            Some(a) => a,
+            None => {
+                self.clear_other_devices(&v.id, &image, key)?;
+                attach()?.ok_or_else(|| NodeError::ImageFenced {
+                    id: v.id.clone(),
+                    image: image.clone(),
+                })?
+            }
         };
         claim.attached(a.device);
         self.devices.attached(key, a.device, &v.id);
@@ -201,14 +207,14 @@ impl Node {
         Ok(a.device)
     }
 
-    /// Deals with devices of the image on this host that this plugin does
-    /// not know (see [`Node::attach`]).
+    /// Deals with the devices of the image on this host when its lock is
+    /// held (see [`Node::attach`]): refuses one that is mounted, detaches
+    /// one that is mounted nowhere.
     fn clear_other_devices(
         &self,
         id: &str,
         image: &Path,
         key: (u64, u64),
-        read_only: bool,
     ) -> Result<(), NodeError> {
         let found = self
             .kernel
@@ -221,14 +227,6 @@ impl Node {
                 .loop_mount_points(dev)
                 .map_err(sys("read", "/proc/self/mountinfo"))?;
             if let Some(at) = at.into_iter().next() {
-                let both_read_only = read_only
-                    && self
-                        .kernel
-                        .read_only(dev)
-                        .map_err(sys("read", dev.path()))?;
-                if both_read_only {
-                    continue;
-                }
                 return Err(NodeError::AttachedElsewhere {
                     id: id.to_owned(),
                     image: image.to_owned(),
