@@ -400,6 +400,21 @@ impl Kernel for Recording {
             .collect())
     }
 
+    fn mount_holds(
+        &self,
+        pool: &Pool,
+        id: &str,
+        device: Option<LoopDevice>,
+        kubelet_dir: &Path,
+        path: &Path,
+    ) -> io::Result<bool> {
+        // The fake's mount table answers both questions the same way.
+        Ok(self
+            .mounts_of_volume(pool, id, device, kubelet_dir)?
+            .iter()
+            .any(|p| p == path))
+    }
+
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {
         let st = self.state.lock();
         Ok(st

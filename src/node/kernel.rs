@@ -113,6 +113,17 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
         device: Option<LoopDevice>,
         kubelet_dir: &Path,
     ) -> io::Result<Vec<PathBuf>>;
+    /// Whether the mount on top at `path` holds volume `id` (see
+    /// `node::mounts::holds`), by identity as [`Kernel::mounts_of_volume`]
+    /// judges it.
+    fn mount_holds(
+        &self,
+        pool: &Pool,
+        id: &str,
+        device: Option<LoopDevice>,
+        kubelet_dir: &Path,
+        path: &Path,
+    ) -> io::Result<bool>;
     /// Whether the device is mounted anywhere in this mount namespace.
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool>;
     /// Every mount point of the device in this mount namespace.
@@ -275,6 +286,17 @@ impl Kernel for Host {
         kubelet_dir: &Path,
     ) -> io::Result<Vec<PathBuf>> {
         mounts::of_volume(pool, id, device, kubelet_dir)
+    }
+
+    fn mount_holds(
+        &self,
+        pool: &Pool,
+        id: &str,
+        device: Option<LoopDevice>,
+        kubelet_dir: &Path,
+        path: &Path,
+    ) -> io::Result<bool> {
+        mounts::holds(pool, id, device, kubelet_dir, path)
     }
 
     fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {

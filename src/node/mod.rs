@@ -493,10 +493,23 @@ impl Node {
             .map_err(sys("read", "/proc/self/mountinfo"))
     }
 
+    /// Whether the mount on top at `path` holds volume `id` (see
+    /// `node::mounts::holds`).
+    fn holds(&self, pool: &Pool, id: &str, path: &Path) -> Result<bool, NodeError> {
+        let image = pool.image_path(id);
+        let device = self
+            .bound(&image)
+            .map_err(sys("find loop device of", &image))?
+            .map(|b| b.device);
+        self.kernel
+            .mount_holds(pool, id, device, &self.kubelet_dir, path)
+            .map_err(sys("tell what is mounted at", path))
+    }
+
     /// Answers OK when the mount at `path` is volume `id`'s, else says what
     /// is there ([`NodeError::Occupied`]).
     fn expect_volume_at(&self, pool: &Pool, id: &str, path: &Path) -> Result<(), NodeError> {
-        if self.mounts_of(pool, id)?.iter().any(|p| p == path) {
+        if self.holds(pool, id, path)? {
             Ok(())
         } else {
             Err(NodeError::Occupied {

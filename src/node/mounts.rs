@@ -146,6 +146,58 @@ fn tally(
     out
 }
 
+/// Whether the mount on top at `path` (a mount root under `kubelet_dir`)
+/// holds volume `id`: a filesystem on `device` or a bind of it, a bind of
+/// `device`'s node, or a bind of the volume's data directory. Answered by
+/// one `statx` of the path where that proves it (the mount's device is the
+/// loop device's, the bound node is the device, the mount's root is the
+/// data directory's inode), and from the mount table otherwise ([`of_volume`]):
+/// a filesystem whose mounts show an anonymous device (btrfs), a mount that
+/// cannot be stat'ed (a dead one), or something that is not this volume's.
+pub fn holds(
+    pool: &Pool,
+    id: &str,
+    device: Option<LoopDevice>,
+    kubelet_dir: &Path,
+    path: &Path,
+) -> io::Result<bool> {
+    use rustix::fs::{makedev, statx, AtFlags, FileType, StatxFlags, CWD};
+    let Ok(st) = statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    ) else {
+        return Ok(of_volume(pool, id, device, kubelet_dir)?
+            .iter()
+            .any(|p| p == path));
+    };
+    let on = makedev(st.stx_dev_major, st.stx_dev_minor);
+    if let Some(dev) = device {
+        let node = std::fs::metadata(dev.path())?;
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&node);
+        let kind = FileType::from_raw_mode(u32::from(st.stx_mode));
+        let bound_node =
+            kind == FileType::BlockDevice && makedev(st.stx_rdev_major, st.stx_rdev_minor) == rdev;
+        if bound_node || on == rdev {
+            return Ok(true);
+        }
+    }
+    match std::fs::metadata(pool.data_path(id)) {
+        Ok(data) if (data.dev(), data.ino()) == (on, st.stx_ino) => return Ok(true),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if device.is_some() && st.stx_dev_major == 0 {
+        // An anonymous device: the mount table names the loop device.
+        return Ok(of_volume(pool, id, device, kubelet_dir)?
+            .iter()
+            .any(|p| p == path));
+    }
+    Ok(false)
+}
+
 /// Every mount point of the loop device on this host (in this process's
 /// mount namespace): filesystems on it, their binds, binds of its node.
 pub fn loop_mount_points(dev: &LoopDevice) -> io::Result<Vec<PathBuf>> {

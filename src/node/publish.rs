@@ -41,16 +41,14 @@ impl Node {
         // By identity, not by path: the staging path must hold this
         // volume (another volume staged there is not this one's stage), and
         // a target already mounted must hold it too.
-        let mounts = self.mounts_of(pool, &v.id)?;
-        let holds = |path: &Path| mounts.iter().any(|p| p == path);
-        if self.mount_state(&source)? != MountState::Mounted || !holds(&source) {
+        if self.mount_state(&source)? != MountState::Mounted || !self.holds(pool, &v.id, &source)? {
             return Err(NodeError::NotStaged {
                 id: v.id.clone(),
                 path: staging.to_owned(),
             });
         }
         if self.mount_state(target)? == MountState::Mounted {
-            if !holds(target) {
+            if !self.holds(pool, &v.id, target)? {
                 return Err(NodeError::Occupied {
                     path: target.to_owned(),
                     what: "another volume".into(),
@@ -71,7 +69,8 @@ impl Node {
         if req.mode == AccessMode::SingleNodeSingleWriter {
             // Any mount of this volume under the kubelet directory but its
             // stage is a publish, wherever it is.
-            if let Some(other) = mounts
+            if let Some(other) = self
+                .mounts_of(pool, &v.id)?
                 .into_iter()
                 .find(|p| !p.starts_with(staging) && p != target)
             {
@@ -126,7 +125,7 @@ impl Node {
         match self.mount_state(target)? {
             MountState::Missing => return Ok(()),
             MountState::Mounted | MountState::Broken => {
-                if !self.mounts_of(pool, id)?.iter().any(|p| p == target) {
+                if !self.holds(pool, id, target)? {
                     return Err(not_this("a mount of something else"));
                 }
                 self.kernel
