@@ -18,11 +18,10 @@
 //!   that checks the fences of staged images), keeping the devices that are
 //!   this plugin's: mounted under its kubelet directory, or mounted nowhere
 //!   (a stage that died between attach and mount). Every device this
-//!   process attaches is entered before the attach returns. Before a stage
-//!   attaches, it still asks the kernel for any device of the image on the
-//!   host (`Node::attach`): another node plugin's, or one an older filevol
-//!   attached without a fence, is never taken for this plugin's, nor
-//!   doubled by a second device.
+//!   process attaches is entered before the attach returns. A miss is
+//!   never taken for "no device at all": the attach takes the image's lock,
+//!   which every other device of it holds (`Node::attach`), so another
+//!   node plugin's device is neither taken for this plugin's nor doubled.
 //! - A crash loses the table, not the devices: the next start scans again.
 
 use std::collections::HashMap;
