@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::requests as req;
 use filevol::kit::scratch::pool_on;
-use filevol::kit::stats::percentile;
+use filevol::ops::requests as req;
+use filevol::ops::stats::percentile;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::ControllerClient;
 use grpcio::{ChannelBuilder, EnvBuilder};

@@ -23,10 +23,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::requests as req;
 use filevol::kit::scratch::pool_on;
-use filevol::kit::stats::percentile;
 use filevol::kit::tempdir::TempDir;
+use filevol::ops::requests as req;
+use filevol::ops::stats::percentile;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::{ControllerClient, NodeClient};

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::stats::{memory_kib, percentile};
+use filevol::ops::stats::{memory_kib, percentile};
 use filevol::proto::csi;
 use filevol::proto::grpc::IdentityClient;
 use grpcio::{ChannelBuilder, EnvBuilder, Environment};

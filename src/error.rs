@@ -9,8 +9,7 @@
 //! it has no catch-all arm: a new error variant does not compile until someone
 //! has decided its code.
 
-use std::error::Error as StdError;
-use std::fmt::Write as _;
+use crate::error_chain::message_chain;
 
 use grpcio::{RpcStatus, RpcStatusCode};
 
@@ -94,8 +93,8 @@ impl From<crate::pool::new_volume::Refused> for Error {
     }
 }
 
-impl From<crate::pool::parameters::ParamError> for Error {
-    fn from(e: crate::pool::parameters::ParamError) -> Self {
+impl From<crate::volume::parameters::ParamError> for Error {
+    fn from(e: crate::volume::parameters::ParamError) -> Self {
         crate::pool::new_volume::Refused::from(e).into()
     }
 }
@@ -286,19 +285,6 @@ pub fn code_name(code: RpcStatusCode) -> &'static str {
 /// chain, so the sidecar's event tells the operator what went wrong.
 pub fn to_status(rpc: Rpc, err: &Error) -> RpcStatus {
     RpcStatus::with_message(status_code(rpc, err), message_chain(err))
-}
-
-/// `err` followed by each of its sources, `: `-separated. Errors in this
-/// crate do not repeat their source in their own message, so nothing is said
-/// twice.
-pub fn message_chain(err: &dyn StdError) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let _ = write!(msg, ": {cause}");
-        source = cause.source();
-    }
-    msg
 }
 
 #[cfg(test)]

@@ -23,8 +23,6 @@
 use std::io;
 use std::path::Path;
 
-use crate::rpc::Rpc;
-
 #[cfg(debug_assertions)]
 fn rules() -> &'static [Rule] {
     use std::sync::OnceLock;
@@ -32,11 +30,12 @@ fn rules() -> &'static [Rule] {
     RULES.get_or_init(|| parse(&std::env::var("FILEVOL_FAULTS").unwrap_or_default()))
 }
 
-/// Runs the faults configured for `rpc`, if any. A no-op in release builds.
+/// Runs the faults configured for the call `rpc` (named by its CSI method),
+/// if any. A no-op in release builds.
 #[cfg(debug_assertions)]
-pub fn before_work(rpc: Rpc) {
-    let name = rpc.to_string();
-    for rule in rules().iter().filter(|r| r.target == name) {
+pub fn before_work(rpc: impl std::fmt::Display) {
+    let rpc = rpc.to_string();
+    for rule in rules().iter().filter(|r| r.target == rpc) {
         match rule.action {
             Action::Delay(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
             Action::Panic => panic!("fault injected into {rpc}"),
@@ -45,9 +44,10 @@ pub fn before_work(rpc: Rpc) {
     }
 }
 
-/// Runs the faults configured for `rpc`, if any. A no-op in release builds.
+/// Runs the faults configured for the call `rpc` (named by its CSI method),
+/// if any. A no-op in release builds.
 #[cfg(not(debug_assertions))]
-pub fn before_work(_rpc: Rpc) {}
+pub fn before_work(_rpc: impl std::fmt::Display) {}
 
 /// Marks a point between two steps of a pool operation; aborts the process
 /// there when `crash:<point>` is configured. A no-op in release builds.

@@ -11,10 +11,10 @@ use protobuf::Message;
 use crate::config::{Config, ServeArgs};
 use crate::executor::Executor;
 use crate::node::Node;
-use crate::pool::meta::{GroupMeta, NodeRecord, SnapshotMeta, VolumeMeta};
 use crate::pool::{Pool, PoolOptions};
 use crate::proto::csi;
 use crate::service::{Driver, Operation};
+use crate::volume::meta::{GroupMeta, NodeRecord, SnapshotMeta, VolumeMeta};
 
 /// A driver on `pool` with node paths under `kubelet`, for validating
 /// requests; one worker thread, nothing served.
@@ -145,8 +145,8 @@ pub fn metadata(data: &[u8]) {
 /// `mkfsOptions`. Whatever is accepted must be on the allowlist, word by
 /// word, and name no path: a hole in the validator fails here.
 pub fn mkfs_options(data: &[u8]) {
-    use crate::node::mkfs_options::{allowed, validate};
-    use crate::pool::meta::FsType;
+    use crate::volume::meta::FsType;
+    use crate::volume::mkfs_options::{allowed, validate};
 
     let Some((selector, rest)) = data.split_first() else {
         return;

@@ -4,7 +4,7 @@ use clap::Parser;
 
 use filevol::cli::{Cli, Command};
 use filevol::config::Config;
-use filevol::error::message_chain;
+use filevol::error_chain::message_chain;
 
 fn main() {
     let cli = Cli::parse();

@@ -31,7 +31,8 @@ use parking_lot::Mutex;
 pub use locks::{LockGuard, LockTable};
 pub use workers::{SubmitError, Task, WorkerPool};
 
-use crate::error::{code_name, message_chain, status_code, to_status, Error};
+use crate::error::{code_name, status_code, to_status, Error};
+use crate::error_chain::message_chain;
 use crate::faults;
 use crate::metrics::Metrics;
 use crate::rpc::Rpc;

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use super::driver::{Driver, Opts};
 use super::leaks::leak_check;
-use super::requests::{self as req, MIB};
 use super::scratch::{pool_on, LoopFs};
 use super::tempdir::TempDir;
+use crate::ops::requests::{self as req, MIB};
 use crate::proto::csi::volume_capability::access_mode::Mode;
 
 /// A pool on its own filesystem, a kubelet directory, and a driver.

@@ -18,10 +18,11 @@ use super::error::{sys, NodeError};
 use super::rollback::Rollback;
 use super::{Node, Request};
 use crate::pool::capability::Capability;
-use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
 use crate::pool::new_volume::Refused;
-use crate::pool::{ids, CapacityRange, Pool, PoolError, VolumeSpec};
+use crate::pool::{CapacityRange, Pool, PoolError, VolumeSpec};
 use crate::units::parse_size;
+use crate::volume::ids;
+use crate::volume::meta::{AccessType, FsType, Layout, VolumeMeta};
 
 /// The volume_context key kubelet sets on ephemeral inline volumes.
 pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";

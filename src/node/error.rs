@@ -133,7 +133,7 @@ pub enum NodeError {
         id: String,
         /// The option at fault, and why.
         #[source]
-        source: super::mkfs_options::MkfsOptionError,
+        source: crate::volume::mkfs_options::MkfsOptionError,
     },
     /// The path is busy (EBUSY): it stays mounted.
     #[error("{step} {path}: busy (still in use)")]
@@ -191,7 +191,7 @@ pub enum NodeError {
     /// too: both are reported, since what stays behind needs cleaning up.
     /// The first error is not a `#[source]` (the undo is what failed last),
     /// so its own causes are written out here, not lost.
-    #[error("{}; undoing it failed too: {undo}", crate::error::message_chain(error.as_ref()))]
+    #[error("{}; undoing it failed too: {undo}", crate::error_chain::message_chain(error.as_ref()))]
     RollbackFailed {
         /// What made the operation fail.
         error: Box<NodeError>,

@@ -310,8 +310,9 @@ pub fn crc32c_raw(mut crc: u32, bytes: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::{format, mkfs_options};
-    use crate::pool::meta::FsType;
+    use crate::node::format;
+    use crate::volume::meta::FsType;
+    use crate::volume::mkfs_options;
     use std::path::{Path, PathBuf};
     use std::process::Command;
 

@@ -27,13 +27,13 @@ use super::error::NodeError;
 use super::ext4::RenewError;
 use super::format::Content;
 use super::kernel::{Bound, Kernel};
-use super::mkfs_options::Validated;
 use super::mounts::FsMount;
-use crate::pool::meta::FsType;
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
 use crate::sys::mount::MountState;
+use crate::volume::meta::FsType;
+use crate::volume::mkfs_options::Validated;
 
 /// What the fake's "mkfs" writes at the start of a file.
 const MARKER: &str = "FAKE-FILESYSTEM ";

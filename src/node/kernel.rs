@@ -26,14 +26,14 @@ use rustix::mount::MountFlags;
 use super::error::NodeError;
 use super::ext4::{self, RenewError};
 use super::format::{self, Content};
-use super::mkfs_options::Validated;
 use super::mounts::{self, FsMount};
 use super::probe;
-use crate::pool::meta::FsType;
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
 use crate::sys::mount::{self, MountState};
+use crate::volume::meta::FsType;
+use crate::volume::mkfs_options::Validated;
 
 /// The loop device bound to an image, and whether its detach is pending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

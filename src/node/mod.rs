@@ -13,7 +13,7 @@
 //! paths, opened safely), `probe` (the signature probe: in-process where the
 //! answer is clear, else `blkid`), `format` (`blkid`, mkfs), `template`
 //! (new ext4 volumes as copies of a template made once, given their own
-//! UUID by `ext4`) and [`mkfs_options`].
+//! UUID by `ext4`) and [`mkfs_options`](crate::volume::mkfs_options).
 //!
 //! Every decision is read from the kernel, never from memory: whether a
 //! path is mounted (statx `STATX_ATTR_MOUNT_ROOT`), which loop device backs
@@ -52,7 +52,6 @@ mod fake;
 mod fences;
 pub mod format;
 pub mod kernel;
-pub mod mkfs_options;
 mod mounts;
 pub mod paths;
 mod probe;
@@ -75,10 +74,10 @@ use fences::Fences;
 use kernel::{Host, Kernel};
 use paths::Create;
 
-use crate::pool::meta::{AccessMode, AccessType};
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;
 use crate::sys::mount::MountState;
+use crate::volume::meta::{AccessMode, AccessType};
 
 /// The file inside a block volume's staging directory onto which its loop
 /// device is bind-mounted, so the kernel's mount table remembers the stage.

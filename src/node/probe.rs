@@ -28,7 +28,7 @@ use std::path::Path;
 use super::error::NodeError;
 use super::ext4;
 use super::format::{self, Content};
-use crate::pool::meta::FsType;
+use crate::volume::meta::FsType;
 
 /// Bytes read from the start of the device: the superblocks and labels of
 /// everything probed here, the furthest being ZFS's first uberblock array
@@ -239,7 +239,7 @@ pub fn signatures(w: &Window) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::mkfs_options;
+    use crate::volume::mkfs_options;
     use std::io::Write;
     use std::path::PathBuf;
     use std::process::Command;

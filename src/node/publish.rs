@@ -15,10 +15,10 @@ use super::error::{sys, NodeError};
 use super::paths::{self, Create};
 use super::rollback::Rollback;
 use super::{Node, Request, BLOCK_DEVICE_FILE};
-use crate::pool::meta::{AccessMode, AccessType, VolumeMeta};
 use crate::pool::Pool;
 use crate::sys::mount::MountState;
 use crate::sys::untrusted;
+use crate::volume::meta::{AccessMode, AccessType, VolumeMeta};
 
 impl Node {
     /// NodePublishVolume: binds the staged volume onto the target.

@@ -15,16 +15,16 @@ use std::path::Path;
 use super::claim::Claim;
 use super::error::{sys, NodeError};
 use super::format::Content;
-use super::mkfs_options;
 use super::paths::Create;
 use super::rollback::Rollback;
 use super::template::Recipe;
 use super::{lock_kind, Node, Request, BLOCK_DEVICE_FILE};
-use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;
 use crate::sys::loopdev::LoopDevice;
 use crate::sys::mount::{self, MountState};
+use crate::volume::meta::{AccessType, FsType, Layout, VolumeMeta};
+use crate::volume::mkfs_options;
 
 impl Node {
     /// NodeStageVolume.
@@ -335,7 +335,7 @@ impl Node {
             // Clones and restores share their source's UUID.
             add("nouuid");
         }
-        if !read_only && crate::pool::parameters::online_discard(&v.parameters, v.thick) {
+        if !read_only && crate::volume::parameters::online_discard(&v.parameters, v.thick) {
             add("discard");
         }
         let target = self.mount_point(staging, Create::Dir)?;
@@ -494,10 +494,10 @@ impl Node {
             .expect("images live in their volume directory");
         let scratch = dir.join(".image.mkfs");
         // Left by a stage that crashed before its rename.
-        remove_if_present(&scratch).map_err(sys("remove", &scratch))?;
+        crate::sys::fs::remove_if_present(&scratch).map_err(sys("remove", &scratch))?;
         let mut undo = Rollback::new();
         undo.push(format!("remove {}", scratch.display()), || {
-            remove_if_present(&scratch)
+            crate::sys::fs::remove_if_present(&scratch)
         });
         let result = (|| {
             let copied = match Recipe::of(pool, v, options.fs()) {
@@ -596,7 +596,7 @@ impl Node {
                     .unmount(&device_file)
                     .map_err(sys("unmount", &device_file))?;
             }
-            remove_if_present(&device_file).map_err(sys("remove", &device_file))?;
+            crate::sys::fs::remove_if_present(&device_file).map_err(sys("remove", &device_file))?;
         }
         if let Some(bound) = bound {
             let dev = bound.device;
@@ -687,12 +687,5 @@ impl Node {
             }
         }
         Ok(false)
-    }
-}
-
-pub(super) fn remove_if_present(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
     }
 }

@@ -11,9 +11,9 @@ use std::path::Path;
 
 use super::error::{sys, NodeError};
 use super::{Node, Stats};
-use crate::pool::meta::{AccessType, FsType, Layout, VolumeMeta};
 use crate::pool::{CapacityRange, Pool};
 use crate::sys::mount::MountState;
+use crate::volume::meta::{AccessType, FsType, Layout, VolumeMeta};
 
 impl Node {
     /// NodeGetVolumeStats.

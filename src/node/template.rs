@@ -51,10 +51,11 @@ use std::path::Path;
 
 use super::error::{sys, NodeError};
 use super::ext4::RenewError;
-use super::{format, mkfs_options, Node};
-use crate::pool::meta::{FsType, VolumeMeta};
+use super::{format, Node};
 use crate::pool::Pool;
 use crate::sys::fs as sysfs;
+use crate::volume::meta::{FsType, VolumeMeta};
+use crate::volume::mkfs_options;
 
 /// What filevol adds to its mkfs arguments for an ext4 template (see the
 /// module documentation).
@@ -91,7 +92,7 @@ impl Recipe {
         let words: Vec<&str> = std::iter::once(program)
             .chain(args.iter().map(String::as_str))
             .collect();
-        let hash = crate::pool::ids::fnv1a64(words.join("\0").as_bytes().iter());
+        let hash = crate::volume::ids::fnv1a64(words.join("\0").as_bytes().iter());
         Some(Recipe {
             fs,
             len: v.capacity_bytes,
@@ -120,7 +121,7 @@ impl Node {
                     "no template for {} of {} bytes ({}); running mkfs for this volume",
                     recipe.fs.as_str(),
                     recipe.len,
-                    crate::error::message_chain(&e)
+                    crate::error_chain::message_chain(&e)
                 );
                 return Ok(None);
             }
@@ -149,8 +150,8 @@ impl Node {
                     path.display()
                 );
                 drop(copy);
-                super::stage::remove_if_present(scratch).map_err(sys("remove", scratch))?;
-                if let Err(e) = super::stage::remove_if_present(&path) {
+                sysfs::remove_if_present(scratch).map_err(sys("remove", scratch))?;
+                if let Err(e) = sysfs::remove_if_present(&path) {
                     log::warn!("remove {}: {e}", path.display());
                 }
                 Ok(None)
@@ -168,7 +169,7 @@ impl Node {
         let built = pool.scratch_path("template");
         let result = self.make_template(recipe, &built, path);
         if result.is_err() {
-            let _ = super::stage::remove_if_present(&built);
+            let _ = sysfs::remove_if_present(&built);
         }
         result?;
         File::open(path).map_err(sys("open", path))

@@ -19,9 +19,10 @@ use rustix::mount::MountFlags;
 use super::fake::Recording;
 use super::*;
 use crate::pool::capability::Capability;
-use crate::pool::meta::{FsType, Layout, VolumeMeta};
-use crate::pool::{ids, CapacityRange, PoolOptions, VolumeSpec};
+use crate::pool::{CapacityRange, PoolOptions, VolumeSpec};
 use crate::sys::loopdev::LoopDevice;
+use crate::volume::ids;
+use crate::volume::meta::{FsType, Layout, VolumeMeta};
 
 const MIB: u64 = 1 << 20;
 
@@ -154,7 +155,7 @@ fn request(v: &VolumeMeta, mode: AccessMode, readonly: bool) -> Request {
 
 /// The error and its causes, as the gRPC status message gives them.
 fn chain(e: &NodeError) -> String {
-    crate::error::message_chain(e)
+    crate::error_chain::message_chain(e)
 }
 
 const RWO: AccessMode = AccessMode::SingleNodeWriter;

@@ -37,8 +37,8 @@ use super::error::NodeError;
 use super::mounts::FsMount;
 use super::paths;
 use super::Node;
-use crate::pool::meta::FsType;
 use crate::pool::Pool;
+use crate::volume::meta::FsType;
 
 /// The longest a trim waits for its discards to complete before it reads
 /// what the image holds.
@@ -252,7 +252,11 @@ impl Node {
             Ok(Err(why)) => log::debug!("volume {}: not trimmed: {why}", m.id),
             Err(e) => {
                 self.trims.failures.fetch_add(1, Ordering::Relaxed);
-                log::warn!("volume {}: trim: {}", m.id, crate::error::message_chain(e));
+                log::warn!(
+                    "volume {}: trim: {}",
+                    m.id,
+                    crate::error_chain::message_chain(e)
+                );
             }
         }
         TrimReport {
@@ -485,7 +489,7 @@ pub fn periodic_pass(node: &Node, pool: &Pool, schedule: &Schedule, turns: &mut 
     let staged = match node.filesystems(pool) {
         Ok(s) => s,
         Err(e) => {
-            log::warn!("periodic trim: {}", crate::error::message_chain(&e));
+            log::warn!("periodic trim: {}", crate::error_chain::message_chain(&e));
             return;
         }
     };

@@ -11,7 +11,7 @@ use protobuf::MessageDyn;
 
 use super::OpsError;
 use crate::endpoint::Endpoint;
-use crate::kit::requests as req;
+use crate::ops::requests as req;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, IdentityClient, NodeClient, SnapshotMetadataClient};

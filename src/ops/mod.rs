@@ -1,6 +1,10 @@
-//! Operator tools: a CSI client for any driver's socket, a pool report, and
-//! a host doctor. They share the binary so an operator has them wherever
-//! the driver is installed.
+//! Operator tools: a CSI client for any driver's socket, a pool report, a
+//! host doctor, a benchmark and a trim. They share the binary so an
+//! operator has them wherever the driver is installed. What they build
+//! requests with ([`requests`]) and measure with ([`stats`]) is theirs; the
+//! test kit (`filevol-kit`) and the benchmarks use the same builders and
+//! statistics from here, so a figure the tools print and one a benchmark
+//! prints are the same statistic.
 
 pub mod bench;
 pub mod block_metadata;
@@ -8,6 +12,8 @@ pub mod client;
 pub mod doctor;
 pub mod json;
 pub mod report;
+pub mod requests;
+pub mod stats;
 pub mod trim;
 
 /// Why an operator command failed.

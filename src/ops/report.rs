@@ -16,11 +16,12 @@ use serde::Serialize;
 
 use super::OpsError;
 use crate::pool::attachments::Attachments;
-use crate::pool::capacity::{allocated, snapshot_counts};
+use crate::pool::capacity::allocated;
 use crate::pool::error::io_error;
-use crate::pool::meta::{SnapshotMeta, VolumeMeta};
+use crate::pool::room::snapshot_counts;
 use crate::sys::fs as sysfs;
 use crate::units::human;
+use crate::volume::meta::{SnapshotMeta, VolumeMeta};
 
 /// Flags of `filevol pool`.
 #[derive(Debug, Args)]
@@ -242,7 +243,7 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
                     name: v.name,
                     layout: format!("{:?}", v.layout).to_lowercase(),
                     kind: match (v.access, v.fs_type) {
-                        (crate::pool::meta::AccessType::Block, _) => "block".into(),
+                        (crate::volume::meta::AccessType::Block, _) => "block".into(),
                         (_, Some(fs)) => fs.as_str().into(),
                         (_, None) => "-".into(),
                     },

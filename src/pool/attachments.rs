@@ -42,11 +42,11 @@ use serde::de::IntoDeserializer;
 use serde::Deserialize;
 
 use super::error::io_error;
-use super::ids;
-use super::meta::{AccessMode, Attachment, NodeRecord, VolumeMeta};
 use super::store::{self, ObjectLock};
 use super::{Pool, PoolError};
 use crate::sys::fs as sysfs;
+use crate::volume::ids;
+use crate::volume::meta::{AccessMode, Attachment, NodeRecord, VolumeMeta};
 
 /// The pool directory holding the records.
 pub const DIR: &str = "attachments";
@@ -419,7 +419,7 @@ impl Pool {
                         "keeping the attachment of volume {} to node {}: the volume cannot be read: {}",
                         r.volume,
                         r.attachment.node_id,
-                        crate::error::message_chain(&e)
+                        crate::error_chain::message_chain(&e)
                     );
                     false
                 }

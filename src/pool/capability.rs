@@ -2,8 +2,8 @@
 //! access mode) and whether a volume can give it. No protobuf here: the
 //! service layer builds a [`Capability`] from the request.
 
-use super::meta::{AccessMode, AccessType, VolumeMeta};
 use super::{Pool, PoolError};
+use crate::volume::meta::{AccessMode, AccessType, VolumeMeta};
 
 /// A volume capability, checked and typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,11 +86,11 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::meta::{FsType, Layout};
+    use crate::volume::meta::{FsType, Layout};
 
     fn volume(layout: Layout, access: AccessType, fs_type: Option<FsType>) -> VolumeMeta {
         VolumeMeta {
-            format: crate::pool::meta::FORMAT,
+            format: crate::volume::meta::FORMAT,
             id: "v".into(),
             name: "n".into(),
             layout,

@@ -11,10 +11,10 @@ use std::path::Path;
 use rustix::fs::{AtFlags, FileType, Mode, Stat};
 
 use super::error::{io_error, PoolError};
-use super::meta::CopyMethod;
 use super::store::Fence;
 use crate::sys::fs as sysfs;
 use crate::sys::untrusted;
+use crate::volume::meta::CopyMethod;
 
 /// What to do where the pool cannot reflink.
 #[allow(missing_debug_implementations)]

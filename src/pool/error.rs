@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use super::capacity::{Need, Shortfall, Usage};
+use super::room::{Need, Shortfall, Usage};
 
 /// Why a pool operation failed.
 #[derive(Debug, thiserror::Error)]

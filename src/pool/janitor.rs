@@ -22,9 +22,9 @@
 
 use std::fs::OpenOptions;
 
-use super::meta::{Layout, SnapshotMeta, VolumeMeta};
 use super::{scratch, Pool, PoolError};
 use crate::sys::fs as sysfs;
+use crate::volume::meta::{Layout, SnapshotMeta, VolumeMeta};
 
 /// Runs every clean-up. A failure to clean one object is logged, not fatal:
 /// the pool still serves.

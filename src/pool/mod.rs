@@ -23,7 +23,8 @@
 //!
 //! The modules follow the objects: [`store`] is the one place records are
 //! read, written and locked (and says why each rule holds across hosts);
-//! `volumes`, `snapshots` (and groups), [`attachments`] and [`capacity`]
+//! `volumes`, `snapshots` (and groups), [`attachments`] and [`capacity`] (with
+//! [`room`], its arithmetic)
 //! are the operations; `janitor` is the start-up clean-up, which only a
 //! controller runs; [`lock_reach`] says whether the pool's locks reach
 //! other hosts, which a shared pool needs.
@@ -40,13 +41,10 @@ pub mod capability;
 pub mod capacity;
 pub mod copy;
 pub mod error;
-pub mod ids;
 pub mod lock_reach;
-pub mod meta;
 pub mod new_volume;
-pub mod parameters;
+pub mod room;
 pub mod store;
-pub mod topology;
 
 mod janitor;
 mod scratch;
@@ -59,9 +57,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::volume::meta::{self, AccessMode, AccessType, FsType, Layout, Source};
 use error::io_error;
 pub use error::PoolError;
-use meta::{AccessMode, AccessType, FsType, Layout, Source};
 use scratch::Scratch;
 use store::{Kind, Store};
 

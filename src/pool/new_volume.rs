@@ -1,17 +1,17 @@
 //! What a CreateVolume asks for, checked and resolved into a
 //! [`VolumeSpec`]: the capabilities agree on mount or block and on one
 //! filesystem, the layout can serve every access mode asked for, and the
-//! StorageClass parameters (`pool::parameters`) and mkfs options
-//! (`node::mkfs_options`) are ones filevol takes. Nothing here touches the
+//! StorageClass parameters (`volume::parameters`) and mkfs options
+//! (`volume::mkfs_options`) are ones filevol takes. Nothing here touches the
 //! pool: a refused request has changed nothing.
 
 use std::collections::BTreeMap;
 
 use super::capability::Capability;
-use super::meta::{AccessType, FsType, Layout};
-use super::parameters::{self, ParamError, Set, VolumeParameters};
 use super::{CapacityRange, VolumeSpec};
-use crate::node::mkfs_options;
+use crate::volume::meta::{AccessType, FsType, Layout};
+use crate::volume::mkfs_options;
+use crate::volume::parameters::{self, ParamError, Set, VolumeParameters};
 
 /// A request field that asks for something filevol cannot make (a
 /// CreateVolume's, or an ephemeral volume's publish): INVALID_ARGUMENT
@@ -126,7 +126,7 @@ pub fn spec(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::meta::AccessMode;
+    use crate::volume::meta::AccessMode;
 
     fn cap(access: AccessType, fs: &str, mode: AccessMode) -> Capability {
         Capability::plain(access, fs, mode)

@@ -11,13 +11,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::capacity::Need;
 use super::error::io_error;
-use super::meta::{CopyMethod, GroupMeta, Layout, SnapshotMeta, Source, FORMAT};
+use super::room::Need;
 use super::store::{self, Kind};
-use super::{copy, ids, now_ts, page, remove_built, source_missing, Pool, PoolError};
+use super::{copy, now_ts, page, remove_built, source_missing, Pool, PoolError};
 use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
+use crate::volume::ids;
+use crate::volume::meta::{CopyMethod, GroupMeta, Layout, SnapshotMeta, Source, FORMAT};
 
 /// Checks a caller's list of a group's snapshots against the group.
 pub fn check_members(group: &GroupMeta, expected: &[String]) -> Result<(), PoolError> {

@@ -42,9 +42,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::error::{io_error, PoolError};
-use super::meta::{SnapshotMeta, VolumeMeta};
 use crate::sys::fs as sysfs;
 use crate::sys::lock::{self, LockKind};
+use crate::volume::meta::{SnapshotMeta, VolumeMeta};
 
 /// The record file of a volume or snapshot.
 pub const META: &str = "meta.json";
@@ -516,7 +516,7 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PoolError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::meta::{AccessType, Layout, FORMAT};
+    use crate::volume::meta::{AccessType, Layout, FORMAT};
     use std::collections::BTreeMap;
 
     fn volume(id: &str, capacity: u64) -> VolumeMeta {

@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::meta::{
-    AccessMode, AccessType, CopyMethod, FsType, GroupMeta, Layout, SnapshotMeta, FORMAT,
-};
 use super::store;
 use super::*;
 use crate::sys::lock::LockKind;
 use crate::units::human_fine;
+use crate::volume::meta::{
+    AccessMode, AccessType, CopyMethod, FsType, GroupMeta, Layout, SnapshotMeta, FORMAT,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -213,7 +213,7 @@ fn attachments_recorded_by_one_replica_hold_for_another() {
     let a = open(dir.path(), true);
     let b = open(dir.path(), true);
     for node in ["n1", "n2"] {
-        a.register_node(&meta::NodeRecord {
+        a.register_node(&crate::volume::meta::NodeRecord {
             node_id: node.into(),
             topology: BTreeMap::new(),
             max_volumes: 0,
@@ -244,7 +244,7 @@ fn attachments_recorded_by_one_replica_hold_for_another() {
 }
 
 fn register(pool: &Pool, node: &str, max_volumes: u32) {
-    pool.register_node(&meta::NodeRecord {
+    pool.register_node(&crate::volume::meta::NodeRecord {
         node_id: node.into(),
         topology: BTreeMap::new(),
         max_volumes,
@@ -960,7 +960,7 @@ fn a_dir_volume_in_use_is_not_copied() {
     // Published for writing (the record says so even with no fence held,
     // as while a node plugin restarts): refused as well.
     controller
-        .register_node(&meta::NodeRecord {
+        .register_node(&crate::volume::meta::NodeRecord {
             node_id: "n1".into(),
             topology: BTreeMap::new(),
             max_volumes: 0,
@@ -989,7 +989,7 @@ fn an_image_attached_for_writing_is_not_byte_copied() {
         CopyMethod::Sparse,
         "the temporary directory's filesystem can reflink; this test needs one that cannot"
     );
-    pool.register_node(&meta::NodeRecord {
+    pool.register_node(&crate::volume::meta::NodeRecord {
         node_id: "n1".into(),
         topology: BTreeMap::new(),
         max_volumes: 0,
@@ -1119,26 +1119,23 @@ fn an_image_snapshot_counts_at_most_its_size() {
         written: None,
     };
     assert_eq!(
-        capacity::snapshot_counts(&meta(Layout::Image), 3 * MIB),
+        room::snapshot_counts(&meta(Layout::Image), 3 * MIB),
         3 * MIB
     );
     // Blocks past the end (speculative preallocation) are not the
     // snapshot's to own.
     assert_eq!(
-        capacity::snapshot_counts(&meta(Layout::Image), 9 * MIB),
+        room::snapshot_counts(&meta(Layout::Image), 9 * MIB),
         8 * MIB
     );
     // A directory has no size to cap at.
-    assert_eq!(
-        capacity::snapshot_counts(&meta(Layout::Dir), 9 * MIB),
-        9 * MIB
-    );
+    assert_eq!(room::snapshot_counts(&meta(Layout::Dir), 9 * MIB), 9 * MIB);
 }
 
 /// The figures of the report's pool: 2 GiB, the default reserve, one 1 GiB
 /// volume and a reflinked snapshot of it holding 100 MiB.
-fn two_gib_pool(overcommit: f64, fs_free: u64) -> capacity::Usage {
-    capacity::Usage {
+fn two_gib_pool(overcommit: f64, fs_free: u64) -> room::Usage {
+    room::Usage {
         fs_size: 2 << 30,
         fs_free,
         reserve: 64 * MIB,
@@ -1172,7 +1169,7 @@ fn room_is_what_the_promises_leave_and_above_ratio_one_what_the_filesystem_holds
     assert_eq!(u.room(), 2976 * MIB - 1124 * MIB);
     assert!(!u.free_space_binds());
     // In-progress creations count against the promises.
-    let u = capacity::Usage {
+    let u = room::Usage {
         in_progress: 24 * MIB,
         ..two_gib_pool(1.0, 0)
     };
@@ -1197,7 +1194,7 @@ fn above_ratio_one_a_real_pool_never_offers_more_than_its_free_space() {
     let PoolError::Exhausted { shortfall } = &e else {
         panic!("{e}");
     };
-    assert_eq!(shortfall.need, capacity::Need::Capacity(asked));
+    assert_eq!(shortfall.need, room::Need::Capacity(asked));
     let text = e.to_string();
     for part in [
         "free space",
@@ -1226,7 +1223,7 @@ fn a_refusal_says_how_the_room_was_reached_and_what_makes_more() {
     let PoolError::Exhausted { shortfall } = &e else {
         panic!("{e}");
     };
-    assert_eq!(shortfall.need, capacity::Need::Capacity(asked));
+    assert_eq!(shortfall.need, room::Need::Capacity(asked));
     let u = &shortfall.usage;
     assert_eq!(
         (
@@ -1258,8 +1255,7 @@ fn a_refusal_says_how_the_room_was_reached_and_what_makes_more() {
 
 #[test]
 fn the_refusal_of_the_two_gib_pool_reads_in_full() {
-    let refusal =
-        |usage| PoolError::exhausted(capacity::Need::Capacity(1 << 30), usage).to_string();
+    let refusal = |usage| PoolError::exhausted(room::Need::Capacity(1 << 30), usage).to_string();
     assert_eq!(
         refusal(two_gib_pool(1.0, 1900 * MIB)),
         "the pool cannot promise 1.00 GiB more: it has 860 MiB left. Room is the usable size 1.94 GiB (2.00 GiB less the reserve of 64.0 MiB) x overcommit 1.0 = 1.94 GiB, less 1.00 GiB promised to 1 volume, less 100 MiB counted for 1 snapshot (by the blocks they can come to own, not their size), less 0 B promised to creations in progress = 860 MiB. To make room: delete volumes or snapshots, grow the pool filesystem, or, for thin volumes, raise --overcommit (now 1.0)"
@@ -1268,10 +1264,7 @@ fn the_refusal_of_the_two_gib_pool_reads_in_full() {
         refusal(two_gib_pool(3.0, 500 * MIB)),
         "the pool cannot promise 1.00 GiB more: it has 436 MiB left. Room is the usable size 1.94 GiB (2.00 GiB less the reserve of 64.0 MiB) x overcommit 3.0 = 5.81 GiB, less 1.00 GiB promised to 1 volume, less 100 MiB counted for 1 snapshot (by the blocks they can come to own, not their size), less 0 B promised to creations in progress = 4.71 GiB; above an overcommit of 1.0 room is also bounded by the pool filesystem's free space, 500 MiB less the reserve = 436 MiB, which binds. To make room: delete volumes or snapshots, or grow the pool filesystem; raising --overcommit does not help while free space binds"
     );
-    let copy = PoolError::exhausted(
-        capacity::Need::Space(600 * MIB),
-        two_gib_pool(1.0, 500 * MIB),
-    );
+    let copy = PoolError::exhausted(room::Need::Space(600 * MIB), two_gib_pool(1.0, 500 * MIB));
     assert_eq!(
         copy.to_string(),
         "a byte copy needs 600 MiB of free space on the pool filesystem, which has 500 MiB free, 436 MiB beyond the reserve of 64.0 MiB. To make room: delete volumes or snapshots, or grow the pool filesystem (a pool that can reflink, xfs or btrfs, takes snapshots without copying; --overcommit does not help a copy)"

@@ -10,15 +10,16 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::error::io_error;
-use super::meta::{AccessType, Layout, Source, VolumeMeta, FORMAT};
 use super::store::{self, Fence, Kind, ObjectLock};
 use super::{
-    align_up, copy, ids, now_ms, page, parameters, remove_built, source_missing, CapacityRange,
-    Page, Pool, PoolError, VolumeEntry, VolumeSpec, ALIGN, DEFAULT_CAPACITY,
+    align_up, copy, now_ms, page, remove_built, source_missing, CapacityRange, Page, Pool,
+    PoolError, VolumeEntry, VolumeSpec, ALIGN, DEFAULT_CAPACITY,
 };
 use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
 use crate::sys::lock::LockKind;
+use crate::volume::meta::{AccessType, Layout, Source, VolumeMeta, FORMAT};
+use crate::volume::{ids, parameters};
 
 /// An image's lock (see [`Pool::lock_image`]).
 #[derive(Debug)]

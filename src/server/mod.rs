@@ -15,9 +15,9 @@ use crate::metrics::dir_usage::{DirUsage, DirUsageLimits};
 use crate::metrics::http::MetricsServer;
 use crate::node::{Node, NodeError};
 use crate::pool::lock_reach::{self, LockReach, Verdict};
-use crate::pool::meta::NodeRecord;
 use crate::pool::{Pool, PoolError, PoolOptions};
 use crate::service::{CsiService, Driver};
+use crate::volume::meta::NodeRecord;
 use socket::{SocketClaim, SocketError};
 
 /// Largest request accepted. CSI requests are a few KiB at most (ids,

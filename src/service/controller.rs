@@ -14,13 +14,14 @@ use crate::error::Error;
 use crate::executor::Job;
 use crate::pool::attachments::Attachments;
 use crate::pool::capability::{self, Capability};
-use crate::pool::meta::{Layout, Source};
-use crate::pool::parameters;
-use crate::pool::{ids, new_volume, topology, PoolError, ALIGN};
+use crate::pool::{new_volume, PoolError, ALIGN};
 use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
 use crate::rpc::Rpc;
+use crate::volume::meta::{Layout, Source};
+use crate::volume::parameters;
+use crate::volume::{ids, topology};
 
 fn sorted(map: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -190,7 +191,7 @@ impl Operation for csi::ValidateVolumeCapabilitiesRequest {
 fn volume_status(
     driver: &Driver,
     attached: &Attachments,
-    v: &crate::pool::meta::VolumeMeta,
+    v: &crate::volume::meta::VolumeMeta,
 ) -> (Vec<String>, csi::VolumeCondition) {
     (
         convert::published_nodes(attached, v),

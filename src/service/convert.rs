@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use protobuf::well_known_types::timestamp::Timestamp;
 
 use crate::pool::attachments::Attachments;
-use crate::pool::meta::{AccessType, GroupMeta, Layout, SnapshotMeta, Source, VolumeMeta};
 use crate::pool::Pool;
 use crate::proto::csi;
+use crate::volume::meta::{AccessType, GroupMeta, Layout, SnapshotMeta, Source, VolumeMeta};
 
 /// A byte or inode count as CSI's int64 fields carry it (saturating: no
 /// count of ours reaches 2^63).

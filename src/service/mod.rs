@@ -20,7 +20,8 @@ use grpcio::{RpcContext, ServerStreamingSink, UnarySink};
 use protobuf::MessageFull;
 
 use crate::config::Config;
-use crate::error::{message_chain, Error};
+use crate::error::Error;
+use crate::error_chain::message_chain;
 use crate::executor::{Executor, Job};
 use crate::metrics::dir_usage::DirUsageSummary;
 use crate::metrics::Gauges;
@@ -125,7 +126,7 @@ impl Driver {
     }
 
     /// The Prometheus exposition: call metrics plus gauges read now. The
-    /// pool's figures come from one [`crate::pool::capacity::Usage`], the
+    /// pool's figures come from one [`crate::pool::room::Usage`], the
     /// one GetCapacity answers from, so they add up. Directory volumes'
     /// trees are not walked here: `dirs` is what the background measurement
     /// last found ([`crate::metrics::dir_usage`]).

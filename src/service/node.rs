@@ -10,10 +10,10 @@ use crate::error::Error;
 use crate::executor::Job;
 use crate::node::{ephemeral, Node, NodeError, Request};
 use crate::pool::capability::Capability;
-use crate::pool::meta::VolumeMeta;
 use crate::proto::csi;
 use crate::proto::csi::node_service_capability::rpc::Type as NodeCap;
 use crate::rpc::Rpc;
+use crate::volume::meta::VolumeMeta;
 
 /// The node side. Always there when a node call gets this far: dispatch
 /// refuses node calls in a mode without it (`Driver::serves`).
@@ -296,7 +296,7 @@ impl Operation for crate::proto::filevol::TrimVolumesRequest {
                         t.allocated_bytes_after = done.allocated_after;
                     }
                     Ok(Err(why)) => t.skipped = why.to_string(),
-                    Err(e) => t.error = crate::error::message_chain(&e),
+                    Err(e) => t.error = crate::error_chain::message_chain(&e),
                 }
                 resp.volumes.push(t);
             }

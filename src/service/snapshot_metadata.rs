@@ -14,11 +14,11 @@ use super::{validate, Driver};
 use crate::changed_blocks::{Delta, Pager, Run};
 use crate::error::Error;
 use crate::executor::{Job, Messages};
-use crate::pool::meta::{CopyMethod, SnapshotMeta};
 use crate::pool::PoolError;
 use crate::proto::csi;
 use crate::rpc::Rpc;
 use crate::sys::extents::{DataRanges, ExtentMap};
+use crate::volume::meta::{CopyMethod, SnapshotMeta};
 
 /// Runs per message when the caller leaves `max_results` at 0: about 14 KiB
 /// on the wire.

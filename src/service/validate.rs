@@ -6,11 +6,11 @@ use protobuf::MessageField;
 
 use crate::error::Error;
 use crate::pool::capability::Capability;
-use crate::pool::ids;
-use crate::pool::meta::{AccessMode, AccessType};
 use crate::pool::CapacityRange;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
+use crate::volume::ids;
+use crate::volume::meta::{AccessMode, AccessType};
 
 /// A required id: present and unable to leave its directory.
 pub fn id(field: &'static str, value: &str) -> Result<(), Error> {

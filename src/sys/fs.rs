@@ -60,6 +60,15 @@ fn absent_as_none<T>(result: io::Result<T>) -> io::Result<Option<T>> {
     }
 }
 
+/// Removes a file; one that is already gone is not an error (a retried
+/// step, or a clean-up after a crash, finds it removed).
+pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// Flushes a directory's entries (a rename or create inside it) to disk.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

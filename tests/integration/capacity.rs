@@ -8,7 +8,7 @@ use std::process::Command;
 use filevol::kit::driver::{scrape, status, Driver, Opts};
 use filevol::kit::files;
 use filevol::kit::node_env::NodeEnv;
-use filevol::kit::requests as req;
+use filevol::ops::requests as req;
 use filevol::proto::csi::{self, volume_capability::access_mode::Mode};
 use filevol::units::{human, human_fine};
 use grpcio::RpcStatusCode;

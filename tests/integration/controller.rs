@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use filevol::kit::driver::{code, status, Driver, Opts};
 use filevol::kit::files::{allocated, digest, fill, image};
-use filevol::kit::requests::{self as req, GIB, MIB};
 use filevol::kit::scratch::{pool_on, Bindfs};
+use filevol::ops::requests::{self as req, GIB, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;
@@ -1056,7 +1056,7 @@ fn delete_answers_an_error_when_the_volume_directory_cannot_be_looked_at() {
     let pool = dir.path().join("pool");
     std::fs::create_dir(&pool).unwrap();
     let name = "pvc-eio";
-    let id = filevol::pool::ids::derive(filevol::pool::ids::Kind::Volume, name);
+    let id = filevol::volume::ids::derive(filevol::volume::ids::Kind::Volume, name);
     let files = pool.join("volumes").join(&id);
     {
         let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--mode", "controller"]));

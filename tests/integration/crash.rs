@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use filevol::kit::driver::{Driver, Opts};
 use filevol::kit::files::{allocated, assert_consistent, fill, image};
-use filevol::kit::requests::{self as req, MIB};
 use filevol::kit::scratch::pool_on;
+use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 
 use crate::BIN;
@@ -74,7 +74,7 @@ fn sigkill_between_steps_leaves_a_consistent_pool() {
         });
         let d = start(&pool, "");
         assert_consistent(&pool);
-        let id = filevol::pool::ids::derive(filevol::pool::ids::Kind::Volume, &name);
+        let id = filevol::volume::ids::derive(filevol::volume::ids::Kind::Volume, &name);
         assert_eq!(volume_ids(&d).contains(&id), present, "{point}");
         let v = d
             .controller()

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use filevol::kit::driver::{scrape, Driver, Opts};
 use filevol::kit::leaks::LeakGuard;
 use filevol::kit::node_env::staging_path;
-use filevol::kit::requests as req;
 use filevol::kit::scratch::{pool_on, LoopFs};
-use filevol::kit::stats::memory_kib;
+use filevol::ops::requests as req;
+use filevol::ops::stats::memory_kib;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use rustix::fs::{Mode as FileMode, OFlags};
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use filevol::kit::driver::status;
 use filevol::kit::node_env::NodeEnv;
-use filevol::kit::requests as req;
+use filevol::ops::requests as req;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;

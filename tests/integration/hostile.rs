@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use filevol::kit::driver::{code, Driver, Opts};
-use filevol::kit::requests::{self as req, MIB};
-use filevol::kit::stats::memory_kib;
+use filevol::ops::requests::{self as req, MIB};
+use filevol::ops::stats::memory_kib;
 use filevol::proto::csi;
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 

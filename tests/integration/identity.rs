@@ -1,8 +1,8 @@
 //! Identity service over the socket.
 
 use filevol::kit::driver::{status, Driver, Opts};
-use filevol::kit::requests as req;
 use filevol::kit::scratch::pool_on;
+use filevol::ops::requests as req;
 use filevol::proto::csi;
 use filevol::proto::csi::plugin_capability::service::Type as ServiceType;
 use grpcio::RpcStatusCode;

@@ -8,7 +8,7 @@ use std::process::Command;
 use filevol::kit::driver::{status, Driver};
 use filevol::kit::leaks::{detach_loops_under, is_mounted, loop_of};
 use filevol::kit::node_env::NodeEnv;
-use filevol::kit::requests::{self as req, MIB};
+use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;
 

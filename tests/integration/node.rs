@@ -15,7 +15,7 @@ use filevol::kit::files::digest;
 use filevol::kit::leaks::{is_mounted, loop_of};
 use filevol::kit::needs;
 use filevol::kit::node_env::{node_opts, NodeEnv};
-use filevol::kit::requests::{self as req, MIB};
+use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;

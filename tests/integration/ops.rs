@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 
 use filevol::kit::driver::scrape;
 use filevol::kit::node_env::NodeEnv;
-use filevol::kit::requests as req;
 use filevol::kit::scratch::pool_on;
+use filevol::ops::requests as req;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 
 use crate::BIN;

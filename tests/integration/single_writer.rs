@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use filevol::kit::driver::status;
 use filevol::kit::leaks::is_mounted;
 use filevol::kit::node_env::NodeEnv;
-use filevol::kit::requests::{self as req, MIB};
+use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use grpcio::RpcStatusCode;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use filevol::kit::node_env::NodeEnv;
-use filevol::kit::requests as req;
+use filevol::ops::requests as req;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 
 use crate::BIN;

@@ -12,7 +12,7 @@ pub const LAYOUT: &str = "layout";
 /// `thick`: `true` preallocates the image; mutable.
 pub const THICK: &str = "thick";
 /// `mkfsOptions`: tuning options for mkfs, split on whitespace (see
-/// `node::mkfs_options` for what is allowed).
+/// `volume::mkfs_options` for what is allowed).
 pub const MKFS_OPTIONS: &str = "mkfsOptions";
 /// `discard`: `true` mounts the filesystem with `discard`, so space a pod
 /// frees goes back to the pool at once instead of at the next trim.
