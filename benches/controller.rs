@@ -8,6 +8,9 @@
 //! Run: `cargo bench --bench controller`. `BENCH_CREATES` (default 300) and
 //! `BENCH_LIST_VOLUMES` (default 10000) scale it down.
 
+// A benchmark's report is its output: a table on stdout, progress on
+// stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 // Test data and measurements cast on purpose: counters truncated into
 // pattern bytes, percentile indices from floats, sizes into CSI's int64.
 #![allow(
@@ -20,12 +23,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::scratch::pool_on;
 use filevol::ops::requests as req;
 use filevol::ops::stats::percentile;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::ControllerClient;
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::scratch::pool_on;
 use grpcio::{ChannelBuilder, EnvBuilder};
 
 /// A driver on `pool`, and a controller client that takes the answer of a

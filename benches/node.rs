@@ -10,6 +10,9 @@
 //! Run: `cargo bench --bench node`. `BENCH_PUBLISHES` (default 300) scales
 //! the publish loops.
 
+// A benchmark's report is its output: a table on stdout, progress on
+// stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 // Test data and measurements cast on purpose: counters truncated into
 // pattern bytes, percentile indices from floats, sizes into CSI's int64.
 #![allow(
@@ -22,15 +25,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::scratch::pool_on;
-use filevol::kit::tempdir::TempDir;
 use filevol::ops::requests as req;
 use filevol::ops::stats::percentile;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::{ControllerClient, NodeClient};
-use filevol::sys::{loopdev, mount};
+use filevol_core::sys::{loopdev, mount};
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::scratch::pool_on;
+use filevol_kit::tempdir::TempDir;
 
 /// The driver and its clients.
 struct Server {

@@ -16,6 +16,9 @@
 //! `BENCH_THREADS` (client threads for the throughput run, default 8),
 //! `BENCH_STARTS` (start-ups timed, default 20).
 
+// A benchmark's report is its output: a table on stdout, progress on
+// stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 // Test data and measurements cast on purpose: counters truncated into
 // pattern bytes, percentile indices from floats, sizes into CSI's int64.
 #![allow(
@@ -27,10 +30,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{Driver, Opts};
 use filevol::ops::stats::{memory_kib, percentile};
 use filevol::proto::csi;
 use filevol::proto::grpc::IdentityClient;
+use filevol_kit::driver::{Driver, Opts};
 use grpcio::{ChannelBuilder, EnvBuilder, Environment};
 
 const NO_SUCH_METHOD: grpcio::Method<csi::ProbeRequest, csi::ProbeResponse> = grpcio::Method {

@@ -1,5 +1,5 @@
 //! Writes filevol's manual pages and shell completions from its clap
-//! definitions, for packaging (scripts/package.sh):
+//! definitions, for packaging (scripts/package/package.sh):
 //!
 //! ```text
 //! cargo run --release --example generate-docs -- <out-dir>
@@ -15,6 +15,7 @@
 //! nor carries them, and its dependency tree stays what the README lists.
 
 use std::path::Path;
+use std::process::ExitCode;
 
 use clap::CommandFactory;
 use clap_complete::Shell;
@@ -27,16 +28,19 @@ const SHELLS: [(Shell, &str); 3] = [
     (Shell::Fish, "filevol.fish"),
 ];
 
-fn main() {
+// A command-line tool: its errors go to stderr.
+#[allow(clippy::print_stderr)]
+fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let (Some(out), None) = (args.next(), args.next()) else {
         eprintln!("usage: generate-docs <out-dir>");
-        std::process::exit(2);
+        return ExitCode::from(2);
     };
     if let Err(err) = generate(Path::new(&out)) {
         eprintln!("generate-docs: {err}");
-        std::process::exit(1);
+        return ExitCode::FAILURE;
     }
+    ExitCode::SUCCESS
 }
 
 /// Writes every page and completion file under `out`.

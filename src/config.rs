@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::endpoint::{Endpoint, EndpointError};
-use crate::units::{parse_duration, parse_size};
+use filevol_core::units::{parse_duration, parse_size};
 
 /// Which CSI services a process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -256,7 +256,7 @@ pub struct Config {
     /// measured again.
     pub dir_usage_interval: Duration,
     /// Periodic trims of staged volumes (None: on demand only).
-    pub trim: Option<crate::node::trim::Schedule>,
+    pub trim: Option<filevol_core::node::trim::Schedule>,
     /// Time between checks of the node's fences (None: only at start).
     pub fence_check_interval: Option<Duration>,
     /// Settings that were not given and took their default, so start-up can
@@ -392,7 +392,7 @@ impl Config {
             janitor_interval: (args.janitor_interval > 0)
                 .then(|| Duration::from_secs(args.janitor_interval)),
             dir_usage_interval: Duration::from_secs(args.dir_usage_interval),
-            trim: crate::node::trim::Schedule::new(args.trim_interval, args.trim_jitter),
+            trim: filevol_core::node::trim::Schedule::new(args.trim_interval, args.trim_jitter),
             fence_check_interval: (!args.fence_check_interval.is_zero())
                 .then_some(args.fence_check_interval),
             defaulted,

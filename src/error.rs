@@ -9,13 +9,13 @@
 //! it has no catch-all arm: a new error variant does not compile until someone
 //! has decided its code.
 
-use crate::error_chain::message_chain;
+use filevol_core::error_chain::message_chain;
 
 use grpcio::{RpcStatus, RpcStatusCode};
 
-use crate::node::NodeError;
-use crate::pool::PoolError;
 use crate::rpc::Rpc;
+use filevol_core::node::NodeError;
+use filevol_core::pool::PoolError;
 
 /// Why a CSI call failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,20 +87,20 @@ pub enum Error {
     Node(#[from] NodeError),
 }
 
-impl From<crate::pool::new_volume::Refused> for Error {
-    fn from(e: crate::pool::new_volume::Refused) -> Self {
+impl From<filevol_core::pool::new_volume::Refused> for Error {
+    fn from(e: filevol_core::pool::new_volume::Refused) -> Self {
         Error::invalid(e.field, e.reason)
     }
 }
 
-impl From<crate::volume::parameters::ParamError> for Error {
-    fn from(e: crate::volume::parameters::ParamError) -> Self {
-        crate::pool::new_volume::Refused::from(e).into()
+impl From<filevol_core::volume::parameters::ParamError> for Error {
+    fn from(e: filevol_core::volume::parameters::ParamError) -> Self {
+        filevol_core::pool::new_volume::Refused::from(e).into()
     }
 }
 
-impl From<crate::changed_blocks::OutOfOrder> for Error {
-    fn from(e: crate::changed_blocks::OutOfOrder) -> Self {
+impl From<filevol_core::changed_blocks::OutOfOrder> for Error {
+    fn from(e: filevol_core::changed_blocks::OutOfOrder) -> Self {
         Error::Pool(PoolError::Io {
             step: "read the extent maps of",
             path: "a snapshot image".into(),
@@ -378,7 +378,7 @@ mod tests {
                 RpcStatusCode::INTERNAL
             );
         }
-        let node = Error::Node(crate::node::NodeError::Sys {
+        let node = Error::Node(filevol_core::node::NodeError::Sys {
             step: "stat",
             path: "/pool/volumes/v/image".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOTCONN),

@@ -7,26 +7,16 @@
 //! make the blocking syscalls, with a per-volume lock table keeping calls on
 //! one volume serialised. There is no async runtime.
 
-pub mod changed_blocks;
 pub mod cli;
 pub mod config;
 pub mod endpoint;
 pub mod error;
-pub mod error_chain;
 pub mod executor;
-pub mod faults;
-pub mod fuzzing;
-pub mod kit;
 pub mod logging;
 pub mod metrics;
-pub mod node;
 pub mod ops;
-pub mod pool;
 pub mod proto;
 pub mod redact;
 pub mod rpc;
 pub mod server;
 pub mod service;
-pub mod sys;
-pub mod units;
-pub mod volume;

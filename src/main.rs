@@ -1,12 +1,16 @@
-//! The `filevol` binary: parses the command line and runs a subcommand.
+//! The `filevol` binary: parses the command line, runs a subcommand and
+//! turns its outcome into the exit code. The only place filevol decides
+//! one (`clippy::exit` holds the rest of the code to that).
+
+use std::process::ExitCode;
 
 use clap::Parser;
 
 use filevol::cli::{Cli, Command};
 use filevol::config::Config;
-use filevol::error_chain::message_chain;
+use filevol_core::error_chain::message_chain;
 
-fn main() {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     filevol::logging::init(cli.log_level);
     let mut stdout = std::io::stdout().lock();
@@ -21,9 +25,16 @@ fn main() {
         Command::Bench(args) => filevol::ops::bench::run(args, &mut stdout).map_err(Into::into),
         Command::Trim(args) => filevol::ops::trim::run(args, &mut stdout).map_err(Into::into),
     };
-    if let Err(err) = result {
-        let err = err.as_ref();
-        eprintln!("filevol: error: {}", message_chain(err));
-        std::process::exit(1);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The one line an operator reads when a command fails: the
+            // error and its causes, printed once, here at the edge.
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("filevol: error: {}", message_chain(err.as_ref()));
+            }
+            ExitCode::FAILURE
+        }
     }
 }

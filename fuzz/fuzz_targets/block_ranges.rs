@@ -1,8 +1,8 @@
-//! Arbitrary bytes through `filevol::fuzzing::block_ranges`.
+//! Arbitrary bytes through `filevol_kit::fuzzing::block_ranges`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    filevol::fuzzing::block_ranges(data);
+    filevol_kit::fuzzing::block_ranges(data);
 });

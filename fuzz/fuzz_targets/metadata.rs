@@ -1,8 +1,8 @@
-//! Arbitrary bytes through `filevol::fuzzing::metadata`.
+//! Arbitrary bytes through `filevol_kit::fuzzing::metadata`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    filevol::fuzzing::metadata(data);
+    filevol_kit::fuzzing::metadata(data);
 });

@@ -1,8 +1,8 @@
-//! Arbitrary bytes through `filevol::fuzzing::mkfs_options`.
+//! Arbitrary bytes through `filevol_kit::fuzzing::mkfs_options`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    filevol::fuzzing::mkfs_options(data);
+    filevol_kit::fuzzing::mkfs_options(data);
 });

@@ -1,8 +1,8 @@
-//! Arbitrary bytes through `filevol::fuzzing::mountinfo`.
+//! Arbitrary bytes through `filevol_kit::fuzzing::mountinfo`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    filevol::fuzzing::mountinfo(data);
+    filevol_kit::fuzzing::mountinfo(data);
 });

@@ -1,5 +1,5 @@
 //! Arbitrary bytes decoded as each CSI request and handed to its validation
-//! (see `filevol::fuzzing::request`).
+//! (see `filevol_kit::fuzzing::request`).
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -20,12 +20,12 @@ fn env() -> &'static Env {
         std::fs::create_dir_all(&pool).unwrap();
         std::fs::create_dir_all(&kubelet).unwrap();
         Env {
-            driver: filevol::fuzzing::driver(&pool, &kubelet),
+            driver: filevol_kit::fuzzing::driver(&pool, &kubelet),
             _dir: dir,
         }
     })
 }
 
 fuzz_target!(|data: &[u8]| {
-    filevol::fuzzing::request(&env().driver, data);
+    filevol_kit::fuzzing::request(&env().driver, data);
 });

@@ -1,8 +1,8 @@
-//! Arbitrary bytes through `filevol::fuzzing::sysfs`.
+//! Arbitrary bytes through `filevol_kit::fuzzing::sysfs`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    filevol::fuzzing::sysfs(data);
+    filevol_kit::fuzzing::sysfs(data);
 });

@@ -32,10 +32,10 @@ pub use locks::{LockGuard, LockTable};
 pub use workers::{SubmitError, Task, WorkerPool};
 
 use crate::error::{code_name, status_code, to_status, Error};
-use crate::error_chain::message_chain;
-use crate::faults;
 use crate::metrics::Metrics;
 use crate::rpc::Rpc;
+use filevol_core::error_chain::message_chain;
+use filevol_core::faults;
 
 /// Which threads run a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,7 @@
 //!   bound and said to be partial.
 //! - **How much memory**: the walk reads directories in fixed-size pieces
 //!   and remembers a bounded number of multiply-linked files
-//!   ([`crate::pool::capacity::tree_allocated`]); the thread keeps one
+//!   ([`filevol_core::pool::capacity::tree_allocated`]); the thread keeps one
 //!   figure per listed volume.
 
 use std::collections::BTreeMap;
@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::pool::capacity::{tree_allocated, TreeUsage};
-use crate::sys::untrusted::{WalkBounds, MAX_DEPTH};
+use filevol_core::pool::capacity::{tree_allocated, TreeUsage};
+use filevol_core::sys::untrusted::{WalkBounds, MAX_DEPTH};
 
 /// The bounds the measuring thread keeps to.
 #[derive(Debug, Clone, Copy)]

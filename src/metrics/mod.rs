@@ -240,7 +240,7 @@ impl Metrics {
 /// node can prove (another holder has the image's lock: the volume is
 /// reported abnormal and not staged or published again). Appended by node
 /// plugins only.
-pub fn render_fences(out: &mut String, counts: crate::node::custody::CustodyCounts) {
+pub fn render_fences(out: &mut String, counts: filevol_core::node::custody::CustodyCounts) {
     let name = "filevol_fences";
     let _ = writeln!(
         out,

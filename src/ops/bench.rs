@@ -37,7 +37,7 @@ use crate::ops::stats::{machine_busy_seconds, memory_kib, percentile, process_cp
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, NodeClient};
-use crate::units::parse_size;
+use filevol_core::units::parse_size;
 
 /// Which load to generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -968,7 +968,7 @@ mod tests {
         struct Unmount(PathBuf);
         impl Drop for Unmount {
             fn drop(&mut self) {
-                let _ = crate::sys::mount::unmount(&self.0);
+                let _ = filevol_core::sys::mount::unmount(&self.0);
             }
         }
         assert!(rustix::process::geteuid().is_root(), "this test needs root");

@@ -13,9 +13,9 @@ use grpcio::{CallOption, ClientSStreamReceiver};
 use protobuf::{MessageDyn, MessageFull};
 
 use super::OpsError;
-use crate::changed_blocks::{Run, StreamCheck};
 use crate::proto::csi;
 use crate::proto::grpc::SnapshotMetadataClient;
+use filevol_core::changed_blocks::{Run, StreamCheck};
 
 /// Where to start and how much per message.
 #[derive(Debug, Args, Clone, Copy)]

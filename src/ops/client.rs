@@ -17,7 +17,7 @@ use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::grpc::{ControllerClient, IdentityClient, NodeClient, SnapshotMetadataClient};
 
 use super::block_metadata::{self, StreamArgs, Totals};
-use crate::units::parse_size;
+use filevol_core::units::parse_size;
 
 /// Flags of `filevol client`.
 #[derive(Debug, Args)]

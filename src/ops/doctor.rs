@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::OpsError;
-use crate::pool::lock_reach::{self, Class, LockReach, Verdict};
-use crate::sys::fs as sysfs;
+use filevol_core::pool::lock_reach::{self, Class, LockReach, Verdict};
+use filevol_core::sys::fs as sysfs;
 
 /// Flags of `filevol doctor`.
 #[derive(Debug, Args)]
@@ -101,7 +101,7 @@ pub fn checks(args: &DoctorArgs) -> Vec<Check> {
             loop_fix,
         )),
     }
-    match crate::sys::loopdev::free_device() {
+    match filevol_core::sys::loopdev::free_device() {
         Ok(n) => out.push(check(
             "free loop device",
             Level::Ok,
@@ -158,7 +158,7 @@ pub fn checks(args: &DoctorArgs) -> Vec<Check> {
     };
     out.push(lock_reach_check(&pool, shared, args.allow_host_local_locks));
     out.push(
-        if crate::sys::caps::effective(crate::sys::caps::SYS_RESOURCE) {
+        if filevol_core::sys::caps::effective(filevol_core::sys::caps::SYS_RESOURCE) {
             check(
                 "CAP_SYS_RESOURCE",
                 Level::Ok,
@@ -189,7 +189,7 @@ fn propagation(kubelet_dir: &Path) -> Check {
             Some("pass --kubelet-dir, or run this on a Kubernetes node"),
         );
     };
-    let Ok(table) = crate::sys::mountinfo::read() else {
+    let Ok(table) = filevol_core::sys::mountinfo::read() else {
         return check(name, Level::Warn, "cannot read /proc/self/mountinfo", None);
     };
     // The mount holding the directory: the longest mount point that is a
@@ -332,8 +332,8 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
             Level::Warn,
             format!(
                 "{} of {} free",
-                crate::units::human(s.available),
-                crate::units::human(s.total)
+                filevol_core::units::human(s.available),
+                filevol_core::units::human(s.total)
             ),
             Some("grow the pool filesystem or delete volumes and snapshots"),
         )),
@@ -342,8 +342,8 @@ fn pool_checks(pool: &Path) -> Vec<Check> {
             Level::Ok,
             format!(
                 "{} of {} free",
-                crate::units::human(s.available),
-                crate::units::human(s.total)
+                filevol_core::units::human(s.available),
+                filevol_core::units::human(s.total)
             ),
             None,
         )),

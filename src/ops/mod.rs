@@ -33,7 +33,7 @@ pub enum OpsError {
     },
     /// The pool could not be read.
     #[error("read the pool")]
-    Pool(#[from] crate::pool::PoolError),
+    Pool(#[from] filevol_core::pool::PoolError),
     /// Output could not be written.
     #[error("write the report")]
     Output(#[source] std::io::Error),

@@ -3,7 +3,7 @@
 //! as JSON, with the totals capacity is made of.
 //!
 //! The figures are the driver's own: allocated bytes and what a snapshot
-//! counts as come from [`crate::pool::capacity`], the functions GetCapacity
+//! counts as come from [`filevol_core::pool::capacity`], the functions GetCapacity
 //! and the metrics use. What it cannot show is the room GetCapacity
 //! reports: that depends on `filevol serve`'s `--reserve` and
 //! `--overcommit`, which a reader of the pool does not know, so the report
@@ -15,13 +15,13 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use super::OpsError;
-use crate::pool::attachments::Attachments;
-use crate::pool::capacity::allocated;
-use crate::pool::error::io_error;
-use crate::pool::room::snapshot_counts;
-use crate::sys::fs as sysfs;
-use crate::units::human;
-use crate::volume::meta::{SnapshotMeta, VolumeMeta};
+use filevol_core::pool::attachments::Attachments;
+use filevol_core::pool::capacity::allocated;
+use filevol_core::pool::error::io_error;
+use filevol_core::pool::room::snapshot_counts;
+use filevol_core::sys::fs as sysfs;
+use filevol_core::units::human;
+use filevol_core::volume::meta::{SnapshotMeta, VolumeMeta};
 
 /// Flags of `filevol pool`.
 #[derive(Debug, Args)]
@@ -243,7 +243,7 @@ pub fn read(root: &Path) -> Result<Report, OpsError> {
                     name: v.name,
                     layout: format!("{:?}", v.layout).to_lowercase(),
                     kind: match (v.access, v.fs_type) {
-                        (crate::volume::meta::AccessType::Block, _) => "block".into(),
+                        (filevol_core::volume::meta::AccessType::Block, _) => "block".into(),
                         (_, Some(fs)) => fs.as_str().into(),
                         (_, None) => "-".into(),
                     },
@@ -414,7 +414,7 @@ mod tests {
         std::fs::create_dir(root.join("volumes/v1")).unwrap();
         std::fs::write(root.join("volumes/v1/meta.json"), b"{torn").unwrap();
         let report = {
-            let _eio = crate::faults::inject_eio("volumes/v1/image", 0);
+            let _eio = filevol_core::faults::inject_eio("volumes/v1/image", 0);
             read(root).unwrap()
         };
         let s = &report.snapshots[0];
@@ -432,7 +432,7 @@ mod tests {
             "{problem}"
         );
         // A layout that cannot be looked at is an error, not "not a pool".
-        let _eio = crate::faults::inject_eio("volumes", 0);
+        let _eio = filevol_core::faults::inject_eio("volumes", 0);
         assert!(matches!(read(root), Err(OpsError::Pool(_))));
     }
 

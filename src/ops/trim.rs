@@ -17,7 +17,7 @@ use super::OpsError;
 use crate::endpoint::Endpoint;
 use crate::proto::filevol::TrimVolumesRequest;
 use crate::proto::grpc::NodeMaintenanceClient;
-use crate::units::human;
+use filevol_core::units::human;
 
 /// Flags of `filevol trim`.
 #[derive(Debug, Args)]

@@ -13,11 +13,11 @@ use crate::config::{Config, ConfigError};
 use crate::executor::Executor;
 use crate::metrics::dir_usage::{DirUsage, DirUsageLimits};
 use crate::metrics::http::MetricsServer;
-use crate::node::{Node, NodeError};
-use crate::pool::lock_reach::{self, LockReach, Verdict};
-use crate::pool::{Pool, PoolError, PoolOptions};
 use crate::service::{CsiService, Driver};
-use crate::volume::meta::NodeRecord;
+use filevol_core::node::{Node, NodeError};
+use filevol_core::pool::lock_reach::{self, LockReach, Verdict};
+use filevol_core::pool::{Pool, PoolError, PoolOptions};
+use filevol_core::volume::meta::NodeRecord;
 use socket::{SocketClaim, SocketError};
 
 /// Largest request accepted. CSI requests are a few KiB at most (ids,
@@ -85,7 +85,7 @@ pub enum ServeError {
 pub fn run(config: Config) -> Result<(), ServeError> {
     log::debug!(
         "open file limit: {}",
-        crate::sys::fs::raise_open_file_limit()
+        filevol_core::sys::fs::raise_open_file_limit()
     );
     check_lock_reach(&config)?;
     let mut claim = SocketClaim::claim(&config.endpoint)?;
@@ -209,11 +209,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     let trims = match (driver.config.trim, driver.node.is_some()) {
         (Some(schedule), true) => {
             let d = Arc::clone(&driver);
-            let mut turns = crate::node::trim::Turns::default();
+            let mut turns = filevol_core::node::trim::Turns::default();
             Some(
                 Periodic::start("filevol-trim", schedule.tick(), move || {
                     if let Some(node) = &d.node {
-                        crate::node::trim::periodic_pass(node, &d.pool, &schedule, &mut turns);
+                        filevol_core::node::trim::periodic_pass(
+                            node, &d.pool, &schedule, &mut turns,
+                        );
                     }
                 })
                 .map_err(ServeError::Threads)?,
@@ -250,10 +252,15 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         cfg.queue_depth
     );
     if !cfg.defaulted.is_empty() {
-        eprintln!(
-            "filevol: serving with defaults: {} (see `filevol serve --help`)",
-            cfg.defaulted.join(", ")
-        );
+        // On stderr whatever the log level: a flag left at its default is
+        // what an operator starting the driver by hand should see.
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!(
+                "filevol: serving with defaults: {} (see `filevol serve --help`)",
+                cfg.defaulted.join(", ")
+            );
+        }
     }
 
     let sig = stop.recv().unwrap_or(signal_hook::consts::SIGTERM);

@@ -46,7 +46,7 @@ pub enum SocketError {
     RemoveStale(PathBuf, #[source] io::Error),
     /// gRPC could not listen on the path.
     #[error("listen on {0} (gRPC core logged the reason above)")]
-    Bind(PathBuf),
+    Bind(PathBuf, #[source] grpcio::Error),
     /// The socket's permissions could not be set.
     #[error("set permissions of {0}")]
     Chmod(PathBuf, #[source] io::Error),
@@ -125,7 +125,7 @@ impl SocketClaim {
         let old = rustix::process::umask(Mode::from_raw_mode(0o177));
         let bound = server.add_listening_port(address, grpcio::ServerCredentials::insecure());
         rustix::process::umask(old);
-        bound.map_err(|_| SocketError::Bind(self.path.clone()))?;
+        bound.map_err(|e| SocketError::Bind(self.path.clone(), e))?;
         std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| SocketError::Chmod(self.path.clone(), e))?;
         let meta = std::fs::symlink_metadata(&self.path)

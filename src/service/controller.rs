@@ -12,16 +12,16 @@ use super::validate;
 use super::{convert, group_key, snapshot_key, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
-use crate::pool::attachments::Attachments;
-use crate::pool::capability::{self, Capability};
-use crate::pool::{new_volume, PoolError, ALIGN};
 use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
 use crate::rpc::Rpc;
-use crate::volume::meta::{Layout, Source};
-use crate::volume::parameters;
-use crate::volume::{ids, topology};
+use filevol_core::pool::attachments::Attachments;
+use filevol_core::pool::capability::{self, Capability};
+use filevol_core::pool::{new_volume, PoolError, ALIGN};
+use filevol_core::volume::meta::{Layout, Source};
+use filevol_core::volume::parameters;
+use filevol_core::volume::{ids, topology};
 
 fn sorted(map: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
@@ -191,7 +191,7 @@ impl Operation for csi::ValidateVolumeCapabilitiesRequest {
 fn volume_status(
     driver: &Driver,
     attached: &Attachments,
-    v: &crate::volume::meta::VolumeMeta,
+    v: &filevol_core::volume::meta::VolumeMeta,
 ) -> (Vec<String>, csi::VolumeCondition) {
     (
         convert::published_nodes(attached, v),
@@ -565,7 +565,7 @@ impl Operation for csi::GetVolumeGroupSnapshotRequest {
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
             let g = driver.pool.group(&self.group_snapshot_id)?;
-            crate::pool::check_members(&g, &self.snapshot_ids)?;
+            filevol_core::pool::check_members(&g, &self.snapshot_ids)?;
             let mut resp = csi::GetVolumeGroupSnapshotResponse::new();
             resp.group_snapshot = Some(convert::group(&driver.pool, &g)).into();
             Ok(resp)

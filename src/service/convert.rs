@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use protobuf::well_known_types::timestamp::Timestamp;
 
-use crate::pool::attachments::Attachments;
-use crate::pool::Pool;
 use crate::proto::csi;
-use crate::volume::meta::{AccessType, GroupMeta, Layout, SnapshotMeta, Source, VolumeMeta};
+use filevol_core::pool::attachments::Attachments;
+use filevol_core::pool::Pool;
+use filevol_core::volume::meta::{AccessType, GroupMeta, Layout, SnapshotMeta, Source, VolumeMeta};
 
 /// A byte or inode count as CSI's int64 fields carry it (saturating: no
 /// count of ours reaches 2^63).

@@ -124,7 +124,7 @@ fn plugin_capabilities(offers: Offers) -> Vec<csi::PluginCapability> {
 /// Ready means: the pool is a directory this process can read and write,
 /// and every worker thread is running.
 fn check_health(pool: &Path, workers: &WorkerPool) -> Result<(), Error> {
-    crate::pool::usable(pool).map_err(Error::Unhealthy)?;
+    filevol_core::pool::usable(pool).map_err(Error::Unhealthy)?;
     let alive = workers.alive();
     if alive < workers.size() {
         return Err(Error::Unhealthy(format!(

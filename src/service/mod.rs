@@ -21,15 +21,15 @@ use protobuf::MessageFull;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::error_chain::message_chain;
 use crate::executor::{Executor, Job};
 use crate::metrics::dir_usage::DirUsageSummary;
 use crate::metrics::Gauges;
-use crate::node::Node;
-use crate::pool::Pool;
 use crate::proto::{csi, grpc};
 use crate::redact::redacted_text;
 use crate::rpc::{Rpc, Service};
+use filevol_core::error_chain::message_chain;
+use filevol_core::node::Node;
+use filevol_core::pool::Pool;
 
 use snapshot_metadata::StreamOperation;
 
@@ -126,7 +126,7 @@ impl Driver {
     }
 
     /// The Prometheus exposition: call metrics plus gauges read now. The
-    /// pool's figures come from one [`crate::pool::room::Usage`], the
+    /// pool's figures come from one [`filevol_core::pool::room::Usage`], the
     /// one GetCapacity answers from, so they add up. Directory volumes'
     /// trees are not walked here: `dirs` is what the background measurement
     /// last found ([`crate::metrics::dir_usage`]).

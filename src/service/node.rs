@@ -1,5 +1,5 @@
 //! The Node service: requests checked on the completion-queue thread, the
-//! mounts and loop devices done by `crate::node` on a worker.
+//! mounts and loop devices done by `filevol_core::node` on a worker.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,12 +8,12 @@ use super::validate;
 use super::{convert, volume_key, Driver, Operation};
 use crate::error::Error;
 use crate::executor::Job;
-use crate::node::{ephemeral, Node, NodeError, Request};
-use crate::pool::capability::Capability;
 use crate::proto::csi;
 use crate::proto::csi::node_service_capability::rpc::Type as NodeCap;
 use crate::rpc::Rpc;
-use crate::volume::meta::VolumeMeta;
+use filevol_core::node::{ephemeral, Node, NodeError, Request};
+use filevol_core::pool::capability::Capability;
+use filevol_core::volume::meta::VolumeMeta;
 
 /// The node side. Always there when a node call gets this far: dispatch
 /// refuses node calls in a mode without it (`Driver::serves`).
@@ -296,7 +296,7 @@ impl Operation for crate::proto::filevol::TrimVolumesRequest {
                         t.allocated_bytes_after = done.allocated_after;
                     }
                     Ok(Err(why)) => t.skipped = why.to_string(),
-                    Err(e) => t.error = crate::error_chain::message_chain(&e),
+                    Err(e) => t.error = filevol_core::error_chain::message_chain(&e),
                 }
                 resp.volumes.push(t);
             }

@@ -4,21 +4,21 @@
 //! (`Executor::submit_stream`).
 //!
 //! The answers come from the pool filesystem's metadata
-//! (`crate::changed_blocks`), never from reading volume data. Both calls
+//! (`filevol_core::changed_blocks`), never from reading volume data. Both calls
 //! answer VARIABLE_LENGTH runs, adjacent ones merged.
 
 use std::io;
 use std::sync::Arc;
 
 use super::{validate, Driver};
-use crate::changed_blocks::{Delta, Pager, Run};
 use crate::error::Error;
 use crate::executor::{Job, Messages};
-use crate::pool::PoolError;
 use crate::proto::csi;
 use crate::rpc::Rpc;
-use crate::sys::extents::{DataRanges, ExtentMap};
-use crate::volume::meta::{CopyMethod, SnapshotMeta};
+use filevol_core::changed_blocks::{Delta, Pager, Run};
+use filevol_core::pool::PoolError;
+use filevol_core::sys::extents::{DataRanges, ExtentMap};
+use filevol_core::volume::meta::{CopyMethod, SnapshotMeta};
 
 /// Runs per message when the caller leaves `max_results` at 0: about 14 KiB
 /// on the wire.

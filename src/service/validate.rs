@@ -5,12 +5,12 @@
 use protobuf::MessageField;
 
 use crate::error::Error;
-use crate::pool::capability::Capability;
-use crate::pool::CapacityRange;
 use crate::proto::csi;
 use crate::proto::csi::volume_capability::access_mode::Mode;
-use crate::volume::ids;
-use crate::volume::meta::{AccessMode, AccessType};
+use filevol_core::pool::capability::Capability;
+use filevol_core::pool::CapacityRange;
+use filevol_core::volume::ids;
+use filevol_core::volume::meta::{AccessMode, AccessType};
 
 /// A required id: present and unable to leave its directory.
 pub fn id(field: &'static str, value: &str) -> Result<(), Error> {

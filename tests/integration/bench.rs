@@ -6,7 +6,7 @@
 
 use std::process::{Command, Output};
 
-use filevol::kit::node_env::NodeEnv;
+use filevol_kit::node_env::NodeEnv;
 
 use crate::BIN;
 

@@ -9,9 +9,9 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::scratch::pool_on;
 use filevol::proto::csi;
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::scratch::pool_on;
 
 use crate::BIN;
 

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use filevol::kit::driver::{scrape, status, Driver, Opts};
-use filevol::kit::files;
-use filevol::kit::node_env::NodeEnv;
 use filevol::ops::requests as req;
 use filevol::proto::csi::{self, volume_capability::access_mode::Mode};
-use filevol::units::{human, human_fine};
+use filevol_core::units::{human, human_fine};
+use filevol_kit::driver::{scrape, status, Driver, Opts};
+use filevol_kit::files;
+use filevol_kit::node_env::NodeEnv;
 use grpcio::RpcStatusCode;
 
 use crate::BIN;

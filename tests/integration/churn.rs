@@ -26,16 +26,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::files::{assert_consistent, digest};
-use filevol::kit::leaks::LeakGuard;
-use filevol::kit::scratch::{pool_on, Bindfs};
-use filevol::kit::tempdir::TempDir;
-use filevol::kit::writer::{fsck_clean, verify, Writer};
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::{ControllerClient, NodeClient};
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::files::{assert_consistent, digest};
+use filevol_kit::leaks::LeakGuard;
+use filevol_kit::scratch::{pool_on, Bindfs};
+use filevol_kit::tempdir::TempDir;
+use filevol_kit::writer::{fsck_clean, verify, Writer};
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 use parking_lot::Mutex;
 
@@ -541,7 +541,7 @@ impl Steady {
                 )
             });
         }
-        fsck_clean(&filevol::kit::files::image(pool, &self.id));
+        fsck_clean(&filevol_kit::files::image(pool, &self.id));
         acked.writes
     }
 }

@@ -1,19 +1,19 @@
 //! The Controller service over the socket, on real pools: loop-mounted xfs
 //! (reflink), ext4 (no reflink) and tiny filesystems (pool full). Needs root
 //! for the mounts: those tests carry `#[ignore = "needs root"]` (see
-//! `filevol::kit::needs`).
+//! `filevol_kit::needs`).
 
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use filevol::kit::driver::{code, status, Driver, Opts};
-use filevol::kit::files::{allocated, digest, fill, image};
-use filevol::kit::scratch::{pool_on, Bindfs};
 use filevol::ops::requests::{self as req, GIB, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::driver::{code, status, Driver, Opts};
+use filevol_kit::files::{allocated, digest, fill, image};
+use filevol_kit::scratch::{pool_on, Bindfs};
 use grpcio::RpcStatusCode;
 
 use crate::BIN;
@@ -29,7 +29,10 @@ fn hold_fence(pool: &Path, id: &str) -> File {
         .truncate(false)
         .open(path)
         .unwrap();
-    assert!(filevol::sys::lock::try_lock(&f, filevol::sys::lock::LockKind::Exclusive).unwrap());
+    assert!(
+        filevol_core::sys::lock::try_lock(&f, filevol_core::sys::lock::LockKind::Exclusive)
+            .unwrap()
+    );
     f
 }
 
@@ -1056,7 +1059,7 @@ fn delete_answers_an_error_when_the_volume_directory_cannot_be_looked_at() {
     let pool = dir.path().join("pool");
     std::fs::create_dir(&pool).unwrap();
     let name = "pvc-eio";
-    let id = filevol::volume::ids::derive(filevol::volume::ids::Kind::Volume, name);
+    let id = filevol_core::volume::ids::derive(filevol_core::volume::ids::Kind::Volume, name);
     let files = pool.join("volumes").join(&id);
     {
         let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--mode", "controller"]));

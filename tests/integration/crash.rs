@@ -6,11 +6,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::files::{allocated, assert_consistent, fill, image};
-use filevol::kit::scratch::pool_on;
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::files::{allocated, assert_consistent, fill, image};
+use filevol_kit::scratch::pool_on;
 
 use crate::BIN;
 
@@ -74,7 +74,7 @@ fn sigkill_between_steps_leaves_a_consistent_pool() {
         });
         let d = start(&pool, "");
         assert_consistent(&pool);
-        let id = filevol::volume::ids::derive(filevol::volume::ids::Kind::Volume, &name);
+        let id = filevol_core::volume::ids::derive(filevol_core::volume::ids::Kind::Volume, &name);
         assert_eq!(volume_ids(&d).contains(&id), present, "{point}");
         let v = d
             .controller()
@@ -186,8 +186,8 @@ fn sigkill_between_steps_leaves_a_consistent_pool() {
 #[test]
 #[ignore = "needs root"]
 fn sigkill_during_format_and_node_expansion_converges() {
-    use filevol::kit::leaks::LeakGuard;
     use filevol::proto::csi::volume_capability::access_mode::Mode;
+    use filevol_kit::leaks::LeakGuard;
 
     let (_fs, pool) = pool_on("xfs", 2048);
     let dir = tempfile::tempdir().unwrap();

@@ -10,13 +10,13 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{scrape, Driver, Opts};
-use filevol::kit::leaks::LeakGuard;
-use filevol::kit::node_env::staging_path;
-use filevol::kit::scratch::{pool_on, LoopFs};
 use filevol::ops::requests as req;
 use filevol::ops::stats::memory_kib;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::driver::{scrape, Driver, Opts};
+use filevol_kit::leaks::LeakGuard;
+use filevol_kit::node_env::staging_path;
+use filevol_kit::scratch::{pool_on, LoopFs};
 use rustix::fs::{Mode as FileMode, OFlags};
 
 use crate::BIN;
@@ -144,7 +144,7 @@ fn a_node_plugin_reports_a_400000_file_directory_volume_in_bounded_memory() {
     // What a full walk of the filled tree finds (the same walk the node
     // plugin makes, run here to the end).
     let tree =
-        filevol::pool::capacity::allocated(&site.node.pool.join("volumes").join(&id)).unwrap();
+        filevol_core::pool::capacity::allocated(&site.node.pool.join("volumes").join(&id)).unwrap();
     assert!(tree > 1 << 20, "a directory of {FILES} names: {tree} bytes");
     // Wait for the node plugin to report it: a walk begun after the fill.
     let filled = Instant::now();

@@ -5,8 +5,8 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{code, Driver, Opts};
 use filevol::proto::csi;
+use filevol_kit::driver::{code, Driver, Opts};
 use grpcio::{CallOption, RpcStatusCode};
 
 use crate::BIN;

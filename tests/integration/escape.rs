@@ -9,11 +9,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use filevol::kit::driver::status;
-use filevol::kit::node_env::NodeEnv;
 use filevol::ops::requests as req;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::driver::status;
+use filevol_kit::node_env::NodeEnv;
 use grpcio::RpcStatusCode;
 
 use crate::BIN;
@@ -392,9 +392,11 @@ fn a_stage_that_fails_after_attaching_lets_go_of_everything() {
             .write(true)
             .open(env.pool.join("volumes").join(&id).join("fence"))
             .unwrap();
-        assert!(
-            filevol::sys::lock::try_lock(&fence, filevol::sys::lock::LockKind::Exclusive).unwrap()
-        );
+        assert!(filevol_core::sys::lock::try_lock(
+            &fence,
+            filevol_core::sys::lock::LockKind::Exclusive
+        )
+        .unwrap());
     }
     n.node_stage_volume(&req::stage(&id, &staging, good))
         .unwrap();

@@ -9,16 +9,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use filevol::kit::driver::{status, Driver, Opts};
-use filevol::kit::leaks::{is_mounted, loop_of, LeakGuard};
-use filevol::kit::node_env::{staging_path, target_path};
-use filevol::kit::scratch::{pool_on, LoopFs};
-use filevol::kit::writer::{fsck_clean, verify, Writer};
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::NodeClient;
-use filevol::sys::lock::{self, LockKind};
+use filevol_core::sys::lock::{self, LockKind};
+use filevol_kit::driver::{status, Driver, Opts};
+use filevol_kit::leaks::{is_mounted, loop_of, LeakGuard};
+use filevol_kit::node_env::{staging_path, target_path};
+use filevol_kit::scratch::{pool_on, LoopFs};
+use filevol_kit::writer::{fsck_clean, verify, Writer};
 use grpcio::RpcStatusCode;
 
 use crate::BIN;
@@ -112,7 +112,7 @@ impl Site {
     }
 
     fn image(&self, id: &str) -> PathBuf {
-        filevol::kit::files::image(&self.pool, id)
+        filevol_kit::files::image(&self.pool, id)
     }
 }
 
@@ -461,7 +461,7 @@ fn the_plugin_dies_under_load_and_no_second_writer_gets_in() {
         "{}",
         stats.volume_condition.message
     );
-    let metrics = filevol::kit::driver::scrape(&site.d(a).metrics_address());
+    let metrics = filevol_kit::driver::scrape(&site.d(a).metrics_address());
     assert!(
         metrics.contains("filevol_fences{holder=\"device\"} 1"),
         "{metrics}"

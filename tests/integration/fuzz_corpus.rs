@@ -29,10 +29,10 @@ fn request_validation_corpus() {
     let (pool, kubelet) = (dir.path().join("pool"), dir.path().join("kubelet"));
     std::fs::create_dir_all(&pool).unwrap();
     std::fs::create_dir_all(&kubelet).unwrap();
-    let driver = filevol::fuzzing::driver(&pool, &kubelet);
+    let driver = filevol_kit::fuzzing::driver(&pool, &kubelet);
     for (name, data) in inputs("requests") {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            filevol::fuzzing::request(&driver, &data)
+            filevol_kit::fuzzing::request(&driver, &data)
         }));
         assert!(outcome.is_ok(), "{name} panicked");
     }
@@ -44,11 +44,11 @@ fn request_validation_corpus() {
 #[test]
 fn parser_and_metadata_corpora() {
     for (target, run) in [
-        ("mountinfo", filevol::fuzzing::mountinfo as fn(&[u8])),
-        ("sysfs", filevol::fuzzing::sysfs),
-        ("metadata", filevol::fuzzing::metadata),
-        ("mkfs_options", filevol::fuzzing::mkfs_options),
-        ("block_ranges", filevol::fuzzing::block_ranges),
+        ("mountinfo", filevol_kit::fuzzing::mountinfo as fn(&[u8])),
+        ("sysfs", filevol_kit::fuzzing::sysfs),
+        ("metadata", filevol_kit::fuzzing::metadata),
+        ("mkfs_options", filevol_kit::fuzzing::mkfs_options),
+        ("block_ranges", filevol_kit::fuzzing::block_ranges),
     ] {
         for (name, data) in inputs(target) {
             assert!(

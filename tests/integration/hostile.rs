@@ -7,10 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{code, Driver, Opts};
 use filevol::ops::requests::{self as req, MIB};
 use filevol::ops::stats::memory_kib;
 use filevol::proto::csi;
+use filevol_kit::driver::{code, Driver, Opts};
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 
 use crate::BIN;

@@ -1,10 +1,10 @@
 //! Identity service over the socket.
 
-use filevol::kit::driver::{status, Driver, Opts};
-use filevol::kit::scratch::pool_on;
 use filevol::ops::requests as req;
 use filevol::proto::csi;
 use filevol::proto::csi::plugin_capability::service::Type as ServiceType;
+use filevol_kit::driver::{status, Driver, Opts};
+use filevol_kit::scratch::pool_on;
 use grpcio::RpcStatusCode;
 
 use crate::BIN;

@@ -15,16 +15,16 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use filevol::kit::driver::{code, status, Driver, Opts};
-use filevol::kit::files::{digest, image};
-use filevol::kit::leaks::LeakGuard;
-use filevol::kit::node_env::{staging_path, target_path};
-use filevol::kit::scratch::pool_on;
-use filevol::kit::scratch::{Bindfs, LoopFs};
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::ControllerClient;
+use filevol_kit::driver::{code, status, Driver, Opts};
+use filevol_kit::files::{digest, image};
+use filevol_kit::leaks::LeakGuard;
+use filevol_kit::node_env::{staging_path, target_path};
+use filevol_kit::scratch::pool_on;
+use filevol_kit::scratch::{Bindfs, LoopFs};
 use grpcio::RpcStatusCode;
 
 use crate::BIN;

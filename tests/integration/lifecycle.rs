@@ -7,9 +7,9 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::tempdir::TempDir;
 use filevol::proto::csi;
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::tempdir::TempDir;
 use rustix::process::Signal;
 
 use crate::BIN;

@@ -11,10 +11,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::scratch::{pool_on, Bindfs};
-use filevol::kit::tempdir::TempDir;
-use filevol::sys::lock::{try_lock, LockKind};
+use filevol_core::sys::lock::{try_lock, LockKind};
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::scratch::{pool_on, Bindfs};
+use filevol_kit::tempdir::TempDir;
 
 use crate::BIN;
 

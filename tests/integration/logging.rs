@@ -1,7 +1,7 @@
 //! What reaches the log: one line per mutating call, never a secret.
 
-use filevol::kit::driver::{Driver, Opts};
 use filevol::proto::csi;
+use filevol_kit::driver::{Driver, Opts};
 
 use crate::BIN;
 

@@ -1,11 +1,11 @@
 //! Integration tests: the real `filevol` binary on a temporary socket and
 //! pool, driven over gRPC. One test binary (gRPC core is linked into each).
 //!
-//! What more than one file uses (request builders, the driver harness,
-//! scratch pools, leak checks) comes from the library's test kit,
-//! `filevol::kit`, which the benchmarks and the operator tools use too; a
-//! file keeps here only the helpers it alone needs, and no file imports
-//! from another.
+//! What more than one file uses (the driver harness, scratch pools, leak
+//! checks) comes from the test kit, `filevol_kit`, which the benchmarks use
+//! too, and the request builders from the tools that ship them
+//! (`filevol::ops::requests`); a file keeps here only the helpers it alone
+//! needs, and no file imports from another.
 
 // Test data and measurements cast on purpose: counters truncated into
 // pattern bytes, percentile indices from floats, sizes into CSI's int64.
@@ -14,9 +14,14 @@
     clippy::cast_possible_wrap,
     clippy::cast_sign_loss
 )]
+// This crate is all tests: `tests_outside_test_module` is for the unit
+// tests of the libraries, which belong in a `#[cfg(test)] mod tests`.
+#![allow(clippy::tests_outside_test_module)]
+// Long tests report what they measured on stderr, as `cargo test` shows it.
+#![allow(clippy::print_stderr, clippy::use_debug)]
 
 /// The binary under test, for the kit's driver harness
-/// (`filevol::kit::driver`) and for the tests that run it themselves.
+/// (`filevol_kit::driver`) and for the tests that run it themselves.
 const BIN: &str = env!("CARGO_BIN_EXE_filevol");
 
 mod bench;

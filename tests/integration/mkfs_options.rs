@@ -5,11 +5,11 @@
 
 use std::process::Command;
 
-use filevol::kit::driver::{status, Driver};
-use filevol::kit::leaks::{detach_loops_under, is_mounted, loop_of};
-use filevol::kit::node_env::NodeEnv;
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::driver::{status, Driver};
+use filevol_kit::leaks::{detach_loops_under, is_mounted, loop_of};
+use filevol_kit::node_env::NodeEnv;
 use grpcio::RpcStatusCode;
 
 use crate::BIN;
@@ -136,7 +136,7 @@ fn stage_refuses_a_recorded_mkfs_option_that_reaches_the_node() {
         assert!(!is_mounted(&staging));
         assert_eq!(loop_of(&image), None, "no loop device is left attached");
         assert!(
-            !filevol::node::format::has_data(&image).unwrap(),
+            !filevol_core::node::format::has_data(&image).unwrap(),
             "the image is still blank"
         );
         assert_eq!(std::fs::metadata(&image).unwrap().len(), size);

@@ -10,14 +10,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use filevol::kit::driver::{code, status, Driver};
-use filevol::kit::files::digest;
-use filevol::kit::leaks::{is_mounted, loop_of};
-use filevol::kit::needs;
-use filevol::kit::node_env::{node_opts, NodeEnv};
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::driver::{code, status, Driver};
+use filevol_kit::files::digest;
+use filevol_kit::leaks::{is_mounted, loop_of};
+use filevol_kit::needs;
+use filevol_kit::node_env::{node_opts, NodeEnv};
 use grpcio::RpcStatusCode;
 
 use crate::BIN;

@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use filevol::kit::driver::scrape;
-use filevol::kit::node_env::NodeEnv;
-use filevol::kit::scratch::pool_on;
 use filevol::ops::requests as req;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::driver::scrape;
+use filevol_kit::node_env::NodeEnv;
+use filevol_kit::scratch::pool_on;
 
 use crate::BIN;
 

@@ -5,12 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use filevol::kit::driver::status;
-use filevol::kit::leaks::is_mounted;
-use filevol::kit::node_env::NodeEnv;
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::driver::status;
+use filevol_kit::leaks::is_mounted;
+use filevol_kit::node_env::NodeEnv;
 use grpcio::RpcStatusCode;
 
 use crate::BIN;

@@ -7,14 +7,14 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use filevol::changed_blocks::{check_stream, Run};
-use filevol::kit::driver::{code, status, Driver, Opts};
-use filevol::kit::files;
-use filevol::kit::scratch::pool_on;
 use filevol::ops::requests as req;
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::grpc::SnapshotMetadataClient;
+use filevol_core::changed_blocks::{check_stream, Run};
+use filevol_kit::driver::{code, status, Driver, Opts};
+use filevol_kit::files;
+use filevol_kit::scratch::pool_on;
 use futures_util::StreamExt;
 use grpcio::RpcStatusCode;
 

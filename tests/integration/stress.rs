@@ -17,10 +17,10 @@
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 
-use filevol::kit::leaks::detach_loops_under;
-use filevol::kit::node_env::NodeEnv;
-use filevol::kit::tempdir::TempDir;
-use filevol::sys::loopdev::{self, LoopDevice};
+use filevol_core::sys::loopdev::{self, LoopDevice};
+use filevol_kit::leaks::detach_loops_under;
+use filevol_kit::node_env::NodeEnv;
+use filevol_kit::tempdir::TempDir;
 
 use crate::BIN;
 

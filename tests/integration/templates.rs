@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use filevol::kit::node_env::NodeEnv;
 use filevol::ops::requests as req;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
+use filevol_kit::node_env::NodeEnv;
 
 use crate::BIN;
 

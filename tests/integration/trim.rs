@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use filevol::kit::driver::{Driver, Opts};
-use filevol::kit::files::{allocated, digest, fill};
-use filevol::kit::leaks::{loop_of, LeakGuard};
-use filevol::kit::node_env::{staging_path, target_path};
-use filevol::kit::scratch::{pool_on, LoopFs};
 use filevol::ops::requests::{self as req, MIB};
 use filevol::proto::csi;
 use filevol::proto::csi::volume_capability::access_mode::Mode;
 use filevol::proto::filevol::{TrimVolumesRequest, VolumeTrim};
+use filevol_kit::driver::{Driver, Opts};
+use filevol_kit::files::{allocated, digest, fill};
+use filevol_kit::leaks::{loop_of, LeakGuard};
+use filevol_kit::node_env::{staging_path, target_path};
+use filevol_kit::scratch::{pool_on, LoopFs};
 
 use crate::BIN;
 
@@ -96,7 +96,7 @@ impl Site {
     }
 
     fn image(&self, id: &str) -> PathBuf {
-        filevol::kit::files::image(&self.pool, id)
+        filevol_kit::files::image(&self.pool, id)
     }
 
     fn stage(&self, id: &str, cap: csi::VolumeCapability) -> PathBuf {
@@ -550,7 +550,7 @@ fn a_trim_racing_an_unstage_neither_fails_it_nor_leaves_a_mount() {
         std::thread::sleep(Duration::from_millis(round % 5 * 3));
         site.unstage(&id, &staging);
         assert!(
-            !filevol::kit::leaks::is_mounted(&staging),
+            !filevol_kit::leaks::is_mounted(&staging),
             "round {round}: left mounted"
         );
         assert_eq!(

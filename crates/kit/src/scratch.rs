@@ -7,14 +7,14 @@
 //! root"]` (see [`super::needs`]), and making one without root fails the
 //! test with that reason. The filesystem is made on the image file, as an
 //! operator's `mkfs` and `mount -o loop` would, so the device is attached
-//! with 512-byte sectors (see [`crate::sys::loopdev::attach_with_block_size`]).
+//! with 512-byte sectors (see [`filevol_core::sys::loopdev::attach_with_block_size`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use super::tempdir::TempDir;
-use crate::sys::{loopdev, mount};
+use filevol_core::sys::{loopdev, mount};
 
 /// A mounted scratch filesystem on a loop device.
 #[derive(Debug)]

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use protobuf::Message;
 
-use crate::config::{Config, ServeArgs};
-use crate::executor::Executor;
-use crate::node::Node;
-use crate::pool::{Pool, PoolOptions};
-use crate::proto::csi;
-use crate::service::{Driver, Operation};
-use crate::volume::meta::{GroupMeta, NodeRecord, SnapshotMeta, VolumeMeta};
+use filevol::config::{Config, ServeArgs};
+use filevol::executor::Executor;
+use filevol::proto::csi;
+use filevol::service::{Driver, Operation};
+use filevol_core::node::Node;
+use filevol_core::pool::{Pool, PoolOptions};
+use filevol_core::volume::meta::{GroupMeta, NodeRecord, SnapshotMeta, VolumeMeta};
 
 /// A driver on `pool` with node paths under `kubelet`, for validating
 /// requests; one worker thread, nothing served.
@@ -105,7 +105,7 @@ pub fn request(driver: &Arc<Driver>, data: &[u8]) {
 /// The mount-table parser on arbitrary text.
 pub fn mountinfo(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    for entry in crate::sys::mountinfo::parse(&text) {
+    for entry in filevol_core::sys::mountinfo::parse(&text) {
         // Whatever parses names a device and an absolute mount point.
         assert!(!entry.device.is_empty());
         assert!(entry.mount_point.is_absolute());
@@ -115,7 +115,7 @@ pub fn mountinfo(data: &[u8]) {
 /// The sysfs readers on arbitrary text.
 pub fn sysfs(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    if let Ok(bytes) = crate::sys::loopdev::parse_sectors(&text) {
+    if let Ok(bytes) = filevol_core::sys::loopdev::parse_sectors(&text) {
         assert_eq!(bytes % 512, 0);
     }
 }
@@ -145,8 +145,8 @@ pub fn metadata(data: &[u8]) {
 /// `mkfsOptions`. Whatever is accepted must be on the allowlist, word by
 /// word, and name no path: a hole in the validator fails here.
 pub fn mkfs_options(data: &[u8]) {
-    use crate::volume::meta::FsType;
-    use crate::volume::mkfs_options::{allowed, validate};
+    use filevol_core::volume::meta::FsType;
+    use filevol_core::volume::mkfs_options::{allowed, validate};
 
     let Some((selector, rest)) = data.split_first() else {
         return;
@@ -209,15 +209,15 @@ pub fn mkfs_options(data: &[u8]) {
 }
 
 /// The range arithmetic of changed-block tracking
-/// (`crate::changed_blocks`), against a model that looks at every unit:
+/// (`filevol_core::changed_blocks`), against a model that looks at every unit:
 /// two extent maps and a request (offset, capacity, page size) drawn from
 /// `data`, optionally shifted to the top of u64. The delta must be exactly
 /// the units where the maps do not provably agree (so never less than what
 /// changed), the pages must keep every promise of the spec, and paging
 /// must neither lose nor invent a byte. Panics on any difference.
 pub fn block_ranges(data: &[u8]) {
-    use crate::changed_blocks::{check_stream, Delta, OutOfOrder, Pager, Run};
-    use crate::sys::extents::Extent;
+    use filevol_core::changed_blocks::{check_stream, Delta, OutOfOrder, Pager, Run};
+    use filevol_core::sys::extents::Extent;
 
     let mut bytes = data.iter().copied();
     let mut next = || bytes.next().unwrap_or(0);

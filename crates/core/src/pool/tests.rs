@@ -660,7 +660,7 @@ fn capacity_follows_what_other_instances_create_grow_and_delete() {
     .unwrap();
     assert_eq!(unpromised(&b), empty - 24 * MIB);
     // A snapshot counts by the blocks it holds: 3 MiB written of 24.
-    crate::kit::files::fill(&a.image_path(&v.id), 5 * MIB, 3 << 20, 1);
+    filevol_kit::files::fill(&a.image_path(&v.id), 5 * MIB, 3 << 20, 1);
     let s = a.create_snapshot("s", &v.id).unwrap();
     let held = allocated_of(&dir.path().join("snapshots").join(&s.id).join("image"));
     assert!((3 * MIB..24 * MIB).contains(&held), "{held}");
@@ -1046,8 +1046,8 @@ fn a_snapshot_counts_the_blocks_it_can_come_to_own_and_keeps_that_count() {
     let a = open(dir.path(), true);
     let v = a.create_volume(&spec("src", 64 * MIB)).unwrap();
     let image = a.image_path(&v.id);
-    crate::kit::files::fill(&image, 0, 2 << 20, 1);
-    crate::kit::files::fill(&image, 40 * MIB, 1 << 20, 2);
+    filevol_kit::files::fill(&image, 0, 2 << 20, 1);
+    filevol_kit::files::fill(&image, 40 * MIB, 1 << 20, 2);
     let s = a.create_snapshot("s", &v.id).unwrap();
     let snap_image = dir.path().join("snapshots").join(&s.id).join("image");
     let held = allocated_of(&snap_image);
@@ -1060,7 +1060,7 @@ fn a_snapshot_counts_the_blocks_it_can_come_to_own_and_keeps_that_count() {
     );
     // The source goes on being written: the snapshot holds what it held,
     // for this process (which remembers) and for a new one (which reads).
-    crate::kit::files::fill(&image, 10 * MIB, 10 << 20, 3);
+    filevol_kit::files::fill(&image, 10 * MIB, 10 << 20, 3);
     assert_eq!(allocated_of(&snap_image), held);
     assert_eq!(a.usage().unwrap().snapshot_bytes, held);
     let b = open(dir.path(), false);
@@ -1214,7 +1214,7 @@ fn a_refusal_says_how_the_room_was_reached_and_what_makes_more() {
     let dir = tempfile::tempdir().unwrap();
     let pool = open_with(dir.path(), 0, 1.0);
     let v = pool.create_volume(&spec("v", 8 * MIB)).unwrap();
-    crate::kit::files::fill(&pool.image_path(&v.id), 0, 2 << 20, 4);
+    filevol_kit::files::fill(&pool.image_path(&v.id), 0, 2 << 20, 4);
     let s = pool.create_snapshot("s", &v.id).unwrap();
     let held = allocated_of(&dir.path().join("snapshots").join(&s.id).join("image"));
     let room = pool.capacity().unwrap();

@@ -537,14 +537,14 @@ mod tests {
 
     impl Drop for Tmpfs {
         fn drop(&mut self) {
-            crate::kit::scratch::unmount_patiently(&self.0);
+            filevol_kit::scratch::unmount_patiently(&self.0);
         }
     }
 
     #[test]
     #[ignore = "needs root"]
     fn a_walk_does_not_enter_another_mount() {
-        crate::kit::needs::root();
+        filevol_kit::needs::root();
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use grpcio::{CallOption, ChannelBuilder, EnvBuilder, RpcStatusCode};
 
 use super::tempdir::TempDir;
-use crate::proto::csi;
-use crate::proto::grpc::{
+use filevol::proto::csi;
+use filevol::proto::grpc::{
     ControllerClient, GroupControllerClient, IdentityClient, NodeClient, NodeMaintenanceClient,
     SnapshotMetadataClient,
 };
@@ -27,7 +27,7 @@ use crate::proto::grpc::{
 pub struct Opts {
     /// Extra flags after `serve`.
     pub args: Vec<String>,
-    /// `FILEVOL_FAULTS` for the process (see [`crate::faults`]).
+    /// `FILEVOL_FAULTS` for the process (see [`filevol_core::faults`]).
     pub faults: String,
     /// Run as this uid/gid instead of root.
     pub user: Option<u32>,

@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::sys::lock::{try_lock, LockKind};
+use filevol_core::sys::lock::{try_lock, LockKind};
 
 /// The image of volume `id` in `pool` (an image-layout volume's).
 pub fn image(pool: &Path, id: &str) -> PathBuf {

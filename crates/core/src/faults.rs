@@ -62,7 +62,11 @@ pub fn crash_point(point: &str) {
         .iter()
         .any(|r| r.action == Action::Crash && r.target == point)
     {
-        eprintln!("FILEVOL_FAULTS: SIGKILL at {point}");
+        // Straight to stderr: a logger's buffer would die with the process.
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("FILEVOL_FAULTS: SIGKILL at {point}");
+        }
         // SIGKILL, not abort(): no core file, no unwinding, exactly what an
         // OOM kill or a node losing power does to the process.
         let _ =
@@ -97,10 +101,7 @@ pub fn io_error_at(path: &Path) -> io::Result<()> {
             fail |= *seen > skip;
         }
     }
-    #[cfg(test)]
-    {
-        fail |= injected::hit(path);
-    }
+    fail |= injected::hit(path);
     if fail {
         return Err(io::Error::from_raw_os_error(libc::EIO));
     }
@@ -118,13 +119,14 @@ pub fn io_error_at(_path: &Path) -> io::Result<()> {
 /// Makes every look at a path ending with `path` fail with EIO on this
 /// thread, after the first `skip` looks, until the guard is dropped: the
 /// unit tests' `eio:` rule (the environment is read once per process, and
-/// tests share the process).
-#[cfg(test)]
+/// tests share the process). Debug builds only, as every rule is; the
+/// driver crate's unit tests use it too, so it is not `cfg(test)`.
+#[cfg(debug_assertions)]
 pub fn inject_eio(path: &str, skip: usize) -> injected::Guard {
     injected::add(path, skip)
 }
 
-#[cfg(test)]
+#[cfg(debug_assertions)]
 pub mod injected {
     //! The unit tests' `eio:` rules, per thread.
     use std::cell::RefCell;

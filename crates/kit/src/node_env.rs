@@ -11,8 +11,8 @@ use super::driver::{Driver, Opts};
 use super::leaks::leak_check;
 use super::scratch::{pool_on, LoopFs};
 use super::tempdir::TempDir;
-use crate::ops::requests::{self as req, MIB};
-use crate::proto::csi::volume_capability::access_mode::Mode;
+use filevol::ops::requests::{self as req, MIB};
+use filevol::proto::csi::volume_capability::access_mode::Mode;
 
 /// A pool on its own filesystem, a kubelet directory, and a driver.
 #[derive(Debug)]

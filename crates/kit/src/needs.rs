@@ -26,7 +26,7 @@ pub fn root() {
 pub fn cap_sys_resource() {
     root();
     assert!(
-        crate::sys::caps::effective(crate::sys::caps::SYS_RESOURCE),
+        filevol_core::sys::caps::effective(filevol_core::sys::caps::SYS_RESOURCE),
         "this test needs CAP_SYS_RESOURCE, which this process lacks (CapEff in /proc/self/status)"
     );
 }

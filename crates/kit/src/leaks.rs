@@ -1,12 +1,12 @@
 //! What a test left on the machine, found and undone: mounts under its
 //! kubelet directory and loop devices backed by files in its pool. A test
-//! that mounts or attaches holds a [`LeakGuard`] (a [`super::node_env::NodeEnv`]
+//! that mounts or attaches holds a [`LeakGuard`] (a `node_env::NodeEnv`
 //! holds one for it), so the clean-up runs even when the test panics, and a
 //! test that did not panic fails if there was anything to clean.
 
 use std::path::{Path, PathBuf};
 
-use crate::sys::{loopdev, mount, mountinfo};
+use filevol_core::sys::{loopdev, mount, mountinfo};
 
 /// Unmounts whatever is left under `kubelet` (deepest first) and detaches
 /// every loop device backed by a file under `pool`, then, unless the test
