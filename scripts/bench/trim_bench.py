@@ -1,4 +1,4 @@
-"""The trim benchmark's measurements (run by scripts/bench-trim.sh, which
+"""The trim benchmark's measurements (run by scripts/bench/trim.sh, which
 starts the driver processes on a scratch pool and cleans up).
 
 1. N ext4 volumes are created and staged; each gets a file written, synced

@@ -9,19 +9,19 @@
 #   3. the time from a delete to the first byte given back to the pool,
 #      with online discard (`discard=true`) and with a trim right after.
 #
-#   scripts/bench-trim.sh
+#   scripts/bench/trim.sh
 # Needs root. BENCH_TRIM_VOLUMES sets the volume count (default 100).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
-[[ $(id -u) -eq 0 ]] || { echo "bench-trim: needs root" >&2; exit 1; }
+[[ $(id -u) -eq 0 ]] || { echo "bench/trim: needs root" >&2; exit 1; }
 volumes=${BENCH_TRIM_VOLUMES:-100}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  bin=$(scripts/build-release.sh --quiet)
+  bin=$(scripts/package/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-trim.XXXXXX)
@@ -49,7 +49,7 @@ for s in node controller; do
   for _ in $(seq 100); do [[ -S $work/$s.sock ]] && break; sleep 0.1; done
 done
 
-python3 scripts/lib/trim_bench.py --filevol "$bin" \
+python3 scripts/bench/trim_bench.py --filevol "$bin" \
   --node "unix://$work/node.sock" --controller "unix://$work/controller.sock" \
   --node-pid "$node_pid" --pool "$work/mnt/pool" --kubelet "$work/kubelet" \
   --volumes "$volumes"

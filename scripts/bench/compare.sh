@@ -18,19 +18,19 @@
 # HOSTPATH_PLUGIN at another hostpathplugin binary to use that one. Under CI
 # (CI=true) a missing reference is a failure, not a skip. Needs root
 # (mounts, loop devices).
-#   scripts/bench-compare.sh
+#   scripts/bench/compare.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
 hostpath=${HOSTPATH_PLUGIN:-../shared/tools/hostpathplugin}
 if [[ ! -x $hostpath ]]; then
-  echo "bench-compare: no hostpathplugin at $hostpath: set HOSTPATH_PLUGIN to a csi-driver-host-path hostpathplugin binary" >&2
+  echo "bench/compare: no hostpathplugin at $hostpath: set HOSTPATH_PLUGIN to a csi-driver-host-path hostpathplugin binary" >&2
   [[ ${CI:-} == true ]] && exit 1
   exit 0
 fi
-[[ $(id -u) -eq 0 ]] || { echo "bench-compare: needs root" >&2; exit 1; }
+[[ $(id -u) -eq 0 ]] || { echo "bench/compare: needs root" >&2; exit 1; }
 
 volumes=${BENCH_VOLUMES:-200}
 concurrency=${BENCH_CONCURRENCY:-16}
@@ -42,7 +42,7 @@ runs=${BENCH_RUNS:-3}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  bin=$(scripts/build-release.sh --quiet)
+  bin=$(scripts/package/build-release.sh --quiet)
 fi
 client=${BENCH_CLIENT:-$bin}
 

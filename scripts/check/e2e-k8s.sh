@@ -32,11 +32,11 @@
 # kept in target/e2e. Online expansion is the slowest step (kubelet retries
 # node expansion on its own period).
 #
-# Usage: scripts/e2e-k8s.sh [layout...]   (default: base shared-pool node-local)
+# Usage: scripts/check/e2e-k8s.sh [layout...]   (default: base shared-pool node-local)
 # FILEVOL_BIN: the binary to ship (default: a release build).
 # E2E_KEEP=1: leave the cluster and the pool up after a failure, to look.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 repo=$PWD
 
 K8S=$repo/../shared/tools/k8s
@@ -64,7 +64,7 @@ log() { echo "[e2e $(date +%T)] $*"; }
 
 # ---------- images ----------
 if [[ -z ${FILEVOL_BIN:-} ]]; then
-  FILEVOL_BIN=$("$repo/scripts/build-release.sh")
+  FILEVOL_BIN=$("$repo/scripts/package/build-release.sh")
 fi
 # mmdebstrap builds the image's root filesystem; python3-yaml adapts the
 # rendered manifests.
@@ -86,8 +86,8 @@ if [[ ! -f $rootfs ]]; then
     bookworm "${rootfs%.tar}.partial.tar"
   mv "${rootfs%.tar}.partial.tar" "$rootfs"
 fi
-python3 scripts/lib/oci.py --layer "$W/filevol-layer.tar" "$FILEVOL_BIN=/usr/local/bin/filevol"
-python3 scripts/lib/oci.py "$W/images/filevol.tar" localhost/filevol-e2e/filevol:test \
+python3 scripts/package/oci.py --layer "$W/filevol-layer.tar" "$FILEVOL_BIN=/usr/local/bin/filevol"
+python3 scripts/package/oci.py "$W/images/filevol.tar" localhost/filevol-e2e/filevol:test \
   --entrypoint /usr/local/bin/filevol "$rootfs" "$W/filevol-layer.tar" >/dev/null
 
 # Sidecars: a static binary each, as the images the manifests name ship them.
@@ -99,8 +99,8 @@ for name in "${!sidecar_tags[@]}"; do
   out=$W/images/$name.tar
   [[ -f $out && $out -nt $K8S/bin/$name.xz ]] && continue
   xz -dc "$K8S/bin/$name.xz" >"$W/$name"
-  python3 scripts/lib/oci.py --layer "$W/$name-layer.tar" "$W/$name=/$name"
-  python3 scripts/lib/oci.py "$out" "localhost/filevol-e2e/$name:${sidecar_tags[$name]}" \
+  python3 scripts/package/oci.py --layer "$W/$name-layer.tar" "$W/$name=/$name"
+  python3 scripts/package/oci.py "$out" "localhost/filevol-e2e/$name:${sidecar_tags[$name]}" \
     --entrypoint "/$name" "$W/$name-layer.tar" >/dev/null
   rm -f "$W/$name" "$W/$name-layer.tar"
 done
@@ -293,7 +293,7 @@ render() { # layout -> $W/$layout.yaml
     # The pool is a local xfs here, not a share: its locks reach only this
     # host, which `--topology=` refuses unless told. One host runs every
     # process, so they conflict where they need to. The shipped overlay
-    # never sets this (scripts/check_deploy.py fails it).
+    # never sets this (scripts/check/check_deploy.py fails it).
     local workload
     for workload in "StatefulSet, name: filevol-controller" "DaemonSet, name: filevol-node"; do
       shared_patch+="

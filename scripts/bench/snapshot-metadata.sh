@@ -15,21 +15,21 @@
 # (/proc/PID/io read_bytes) and through read(2) (rchar), its peak RSS during
 # the call (VmHWM after resetting it), and the ranges returned.
 #
-#   HOSTPATH_PLUGIN=../shared/tools/hostpathplugin scripts/bench-snapshot-metadata.sh
+#   HOSTPATH_PLUGIN=../shared/tools/hostpathplugin scripts/bench/snapshot-metadata.sh
 # Needs root. BENCH_CBT_GIB sets the volume size (default 16).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
 hostpath=${HOSTPATH_PLUGIN:-../shared/tools/hostpathplugin}
-[[ -x $hostpath ]] || { echo "bench-snapshot-metadata: no reference driver at $hostpath (set HOSTPATH_PLUGIN)" >&2; exit 1; }
-[[ $(id -u) -eq 0 ]] || { echo "bench-snapshot-metadata: needs root" >&2; exit 1; }
+[[ -x $hostpath ]] || { echo "bench/snapshot-metadata: no reference driver at $hostpath (set HOSTPATH_PLUGIN)" >&2; exit 1; }
+[[ $(id -u) -eq 0 ]] || { echo "bench/snapshot-metadata: needs root" >&2; exit 1; }
 gib=${BENCH_CBT_GIB:-16}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  bin=$(scripts/build-release.sh --quiet)
+  bin=$(scripts/package/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-cbt.XXXXXX)
@@ -56,7 +56,7 @@ filevol_pid=$!
 pids+=($!)
 hostpath_pid=$!
 
-python3 scripts/lib/cbt_bench.py \
+python3 scripts/bench/cbt_bench.py \
   --filevol "$bin" --gib "$gib" \
   --driver "filevol=$filevol_pid=unix://$work/filevol.sock=$work/mnt/pool/volumes/{id}/image" \
   --driver "hostpath v1.18.0=$hostpath_pid=unix://$work/hostpath.sock=$work/mnt/hostpath/{id}"

@@ -2,10 +2,10 @@
 # Installs the Debian package on this machine and checks it as an operator
 # would meet it, then purges it and checks nothing is left:
 #
-#   scripts/check-package.sh DEB [RELEASE_BINARY]
+#   scripts/package/check-package.sh DEB [RELEASE_BINARY]
 #
 # - with RELEASE_BINARY, the packaged binary must be byte-identical to it
-#   (the reproducibility check: scripts/package.sh builds offline from
+#   (the reproducibility check: scripts/package/package.sh builds offline from
 #   vendored sources in a directory of its own);
 # - dpkg -i; the installed `filevol --version` and `filevol doctor`;
 #   `systemd-analyze verify` of both units, which must print nothing;
@@ -24,7 +24,7 @@
 # Needs root (dpkg). The default pool /var/lib/filevol must be absent or
 # empty: the check owns it while it runs and leaves it as it found it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 deb=${1:?usage: check-package.sh DEB [RELEASE_BINARY]}
 release=${2:-}

@@ -4,15 +4,15 @@
 # as a ratio; then again with the loop device's direct I/O turned off
 # (`--loop-direct-io=false`: the image is read through the page cache).
 # Needs root; installs fio (Debian package) if missing.
-#   scripts/bench-datapath.sh            (BENCH_RUNTIME=15 seconds per job)
+#   scripts/bench/datapath.sh            (BENCH_RUNTIME=15 seconds per job)
 # By default the pool is a loop-mounted xfs in a file (which measures the
 # loop layers against memory-speed storage); BENCH_POOL_DIR=/some/dir on a
 # real disk's filesystem measures against that disk.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
-[[ $(id -u) -eq 0 ]] || { echo "bench-datapath: needs root" >&2; exit 1; }
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
+[[ $(id -u) -eq 0 ]] || { echo "bench/datapath: needs root" >&2; exit 1; }
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 
 runtime=${BENCH_RUNTIME:-15}
@@ -21,7 +21,7 @@ runtime=${BENCH_RUNTIME:-15}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  bin=$(scripts/build-release.sh --quiet)
+  bin=$(scripts/package/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-datapath.XXXXXX)

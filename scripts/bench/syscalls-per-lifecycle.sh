@@ -5,12 +5,12 @@
 # while `filevol bench` runs BENCH_VOLUMES lifecycles one at a time, each
 # count divided by the lifecycles. The figures in README.md (Performance)
 # come from here. Needs root and strace.
-#   scripts/syscalls-per-lifecycle.sh            # this checkout's release build
-#   FILEVOL_BIN=/path/to/filevol scripts/syscalls-per-lifecycle.sh
+#   scripts/bench/syscalls-per-lifecycle.sh            # this checkout's release build
+#   FILEVOL_BIN=/path/to/filevol scripts/bench/syscalls-per-lifecycle.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
 [[ $(id -u) -eq 0 ]] || { echo "syscalls-per-lifecycle: needs root" >&2; exit 1; }
 command -v strace >/dev/null || { echo "syscalls-per-lifecycle: needs strace" >&2; exit 1; }
@@ -18,7 +18,7 @@ volumes=${BENCH_VOLUMES:-50}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  bin=$(scripts/build-release.sh --quiet)
+  bin=$(scripts/package/build-release.sh --quiet)
 fi
 client=${BENCH_CLIENT:-$bin}
 

@@ -20,9 +20,9 @@
 # script says it did not run and exits 0, except under CI (CI=true), where
 # a conformance run that did not happen is a failure.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
 not_run() {
   if [[ ${CI:-} == true ]]; then
@@ -42,7 +42,7 @@ sanity=${CSI_SANITY:-../shared/tools/csi-sanity}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  bin=$(scripts/build-release.sh --quiet)
+  bin=$(scripts/package/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-sanity.XXXXXX)

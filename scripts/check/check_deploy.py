@@ -514,7 +514,7 @@ class Checker:
                     f"CSIDriver/{driver['metadata']['name']}",
                     "storageCapacity is true but the driver advertises no topology: on a real cluster no "
                     "CSIStorageCapacity was published for it and the scheduler held every new pod "
-                    "(scripts/e2e-k8s.sh, shared-pool)",
+                    "(scripts/check/e2e-k8s.sh, shared-pool)",
                 )
         for cw, adv in advertised.items():
             for nw, rep in reported.items():
