@@ -59,7 +59,7 @@ cleanup() {
   set +e
   stop_driver
   # Whatever the tests left under the kubelet directory, deepest first.
-  scratch_cleanup "$work"
+  bench_cleanup "$work"
 }
 trap cleanup EXIT
 printf 'thick: "true"\n' >"$work/mutable.yaml"
@@ -110,7 +110,7 @@ status=0
 for fs in xfs ext4; do
   pass_dir=$work/$fs
   mkdir -p "$pass_dir"
-  scratch_fs "$pass_dir" 8G "$fs"
+  bench_scratch_pool "$pass_dir" 8G "$fs"
   mkdir -p "$pass_dir/kubelet" "$pass_dir/mnt/pool"
   "$bin" serve --mode all --endpoint "unix://$pass_dir/csi.sock" --pool "$pass_dir/mnt/pool" \
     --node-id sanity-node --kubelet-dir "$pass_dir/kubelet" --reserve 0 --overcommit 100 \
