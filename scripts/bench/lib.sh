@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The preamble the benchmarks in scripts/bench/ share (sourced, not run, from
 # the repository root): the binary under test, a work directory holding a
 # throwaway pool filesystem, and a clean-up that stops the processes a

@@ -4,14 +4,16 @@
 # the test runner's summary stays the last line of the run.
 set -uo pipefail
 
-mounts=$(awk '$5 ~ "^/tmp/" {print $5}' /proc/self/mountinfo)
-loops=$(for f in /sys/block/loop*/loop/backing_file; do
+# One path a line: mountinfo escapes the blanks in its paths, a loop
+# device's backing_file holds one path.
+mapfile -t mounts < <(awk '$5 ~ "^/tmp/" {print $5}' /proc/self/mountinfo)
+mapfile -t loops < <(for f in /sys/block/loop*/loop/backing_file; do
   [[ -r $f ]] && grep -E '^/tmp/' "$f"
 done 2>/dev/null)
 
-if [[ -n $mounts || -n $loops ]]; then
+if ((${#mounts[@]} > 0 || ${#loops[@]} > 0)); then
   echo "check-leaks: the tests left these behind:" >&2
-  [[ -n $mounts ]] && printf '  mount: %s\n' $mounts >&2
-  [[ -n $loops ]] && printf '  loop backing file: %s\n' $loops >&2
+  ((${#mounts[@]} == 0)) || printf '  mount: %s\n' "${mounts[@]}" >&2
+  ((${#loops[@]} == 0)) || printf '  loop backing file: %s\n' "${loops[@]}" >&2
   exit 1
 fi

@@ -53,7 +53,6 @@ Sidecar behaviour these checks encode, at the pinned tags:
 import base64
 import binascii
 import copy
-import json
 import os
 import re
 import subprocess
@@ -634,7 +633,7 @@ class Checker:
                     self.fail(w, "deletionPolicy must be Delete or Retain")
 
     def rbac(self):
-        for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        for kind in ("ClusterRoleBinding", "RoleBinding"):
             for b in self.of_kind(kind):
                 w = f"{kind}/{b['metadata']['name']}"
                 ns = b["metadata"].get("namespace")

@@ -54,6 +54,7 @@ stop_driver() {
     driver=""
   fi
 }
+# shellcheck disable=SC2317 # the EXIT trap runs it; shellcheck 0.9 takes it for dead code
 cleanup() {
   # Best effort from here on: a failed kill or wait must not skip the rest.
   set +e

@@ -169,6 +169,9 @@ wait_for() { # what seconds command...
 phase() { kubectl -n "$ns" get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null; }
 pod_done() { [[ $(phase "$1") == Succeeded ]]; }
 pvc_bound() { [[ $(kubectl -n "$ns" get pvc "$1" -o jsonpath='{.status.phase}') == Bound ]]; }
+none_left() { # [-n NAMESPACE] RESOURCE: kubectl lists none
+  [[ -z $(kubectl get "$@" -o name 2>/dev/null) ]]
+}
 snapshot_ready() { [[ $(kubectl -n "$ns" get volumesnapshot "$1" -o jsonpath='{.status.readyToUse}') == true ]]; }
 
 # pvc NAME CLASS SIZE [MODE] [extra spec lines]
@@ -400,6 +403,7 @@ run_layout() {
 
   # fsGroup: the volume's files belong to the pod's group.
   pvc grouped filevol 64Mi
+  # shellcheck disable=SC2016 # the pod's shell expands it
   expect "$layout: fsGroup applied" \
     "$(run_pod grouped grouped 'touch /data/f && echo $(stat -c %g /data) $(stat -c %g /data/f)' \
       '{runAsUser: 1000, runAsGroup: 1000, fsGroup: 2000}')" "2000 2000"
@@ -417,6 +421,7 @@ run_layout() {
   # CAP_SYS_RESOURCE, which root lacks on this machine).
   if [[ $layout != node-local ]]; then
     pvc grow filevol-xfs 320Mi
+    # shellcheck disable=SC2016 # the pod's shell expands it
     pod grower grow 'i=0; while [ $i -lt 90 ]; do df -k /data | tail -1; sleep 2; i=$((i+1)); done'
     wait_for "pod grower running" 120 sh -c "[ \"\$(kubectl -n $ns get pod grower -o jsonpath='{.status.phase}')\" = Running ]"
     kubectl -n "$ns" patch pvc grow -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}' >/dev/null
@@ -443,11 +448,11 @@ EOF
   # Deletion leaves nothing behind.
   kubectl -n "$ns" delete volumesnapshot --all --wait=true >/dev/null
   kubectl -n "$ns" delete pvc --all --wait=true >/dev/null
-  wait_for "every PV to be deleted" 120 sh -c '[ -z "$(kubectl get pv -o name)" ]'
-  wait_for "every snapshot content to be deleted" 120 sh -c '[ -z "$(kubectl get volumesnapshotcontent -o name)" ]'
+  wait_for "every PV to be deleted" 120 none_left pv
+  wait_for "every snapshot content to be deleted" 120 none_left volumesnapshotcontent
   kubectl delete namespace "$ns" --wait=true >/dev/null
   kubectl delete -f "$W/$layout.yaml" --wait=true --timeout=120s >/dev/null
-  wait_for "the filevol pods to go" 120 sh -c '[ -z "$(kubectl -n filevol get pods -o name 2>/dev/null)" ]'
+  wait_for "the filevol pods to go" 120 none_left -n filevol pods
   release_pool "$layout"
   log "layout $layout passed in $((SECONDS - started)) s"
 }

@@ -98,6 +98,7 @@ start_unit() {
   (
     set -a
     while IFS= read -r line; do eval "${line#Environment=}"; done < <(grep '^Environment=' "$unit")
+    # shellcheck source=/dev/null # the package installs it, shellcheck cannot follow it
     source /etc/default/filevol
     set +a
     eval "exec $(sed -n 's/^ExecStart=//p' "$unit")"
@@ -160,7 +161,7 @@ while IFS= read -r path; do
   [[ -e $path && ! ( -d $path && $path != "$pool" && $path != /usr/share/doc/filevol* ) ]] && left+=("$path")
 done <<<"$listed"
 [[ -e /etc/default/filevol ]] && left+=(/etc/default/filevol)
-[[ -e $pool ]] && left+=("$pool: $(ls -A "$pool" | tr '\n' ' ')")
+[[ -e $pool ]] && left+=("$pool: $(find "$pool" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort | tr '\n' ' ')")
 ((${#left[@]} == 0)) || fail "left after purge: ${left[*]}"
 echo "purged: nothing left"
 

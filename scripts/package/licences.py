@@ -104,7 +104,7 @@ def roles(meta):
 
 def header_define(path, name):
     with open(path, errors="replace") as f:
-        m = re.search(r"#define\s+%s\s+\"?([^\"\s]+)" % name, f.read())
+        m = re.search(rf"#define\s+{name}\s+\"?([^\"\s]+)", f.read())
     return m.group(1) if m else "?"
 
 

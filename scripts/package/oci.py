@@ -8,7 +8,6 @@ Usage:
 """
 
 import hashlib
-import io
 import json
 import os
 import shutil

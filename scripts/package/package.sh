@@ -95,7 +95,8 @@ doc=$root/usr/share/doc/filevol
 install -D -m 0755 "$bin" "$root/usr/bin/filevol"
 install -d "$root/usr/share/man/man1"
 for page in "$out"/docs/man/*.1; do
-  gzip -9n <"$page" >"$root/usr/share/man/man1/$(basename "$page").gz"
+  name=$(basename "$page")
+  gzip -9n <"$page" >"$root/usr/share/man/man1/$name.gz"
 done
 install -D -m 0644 "$out/docs/completions/filevol.bash" "$root/usr/share/bash-completion/completions/filevol"
 install -D -m 0644 "$out/docs/completions/_filevol" "$root/usr/share/zsh/vendor-completions/_filevol"

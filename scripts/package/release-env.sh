@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced, not run. The environment that makes a release binary depend on
 # the sources and the toolchain only, not on where or when it was built, so
 # the binary of the package (built from vendored sources in its own
