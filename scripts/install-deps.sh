@@ -11,15 +11,17 @@
 # (rustc-web/cargo-web on Debian 12, rustc/cargo elsewhere) if it is at
 # least filevol's rust-version; rustup's toolchains are left alone.
 # Deploy validation: python3-venv for its pinned tools
-# (scripts/deploy-requirements.txt), and xz to unpack the kubectl of
+# (scripts/check/requirements.txt), and xz to unpack the kubectl of
 # ../shared/tools/k8s when none is on PATH (its kustomize renders the
-# overlays). scripts/e2e-k8s.sh installs what the cluster run needs itself.
+# overlays). scripts/check/e2e-k8s.sh installs what the cluster run needs itself.
+# Script lint (scripts/check/lint.sh): shellcheck; its ruff is pinned in
+# scripts/check/requirements.txt and goes to the same venv.
 set -euo pipefail
 
-# Packaging (scripts/package.sh, scripts/check-package.sh): dpkg-dev for
+# Packaging (scripts/package/package.sh, scripts/package/check-package.sh): dpkg-dev for
 # dpkg-shlibdeps, systemd for `systemd-analyze verify`, man-db for `man`.
 packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv bindfs xz-utils
-  dpkg-dev systemd man-db)
+  dpkg-dev systemd man-db shellcheck)
 
 sudo_cmd=()
 [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)

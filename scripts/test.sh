@@ -54,7 +54,7 @@ status=0
 cargo test --locked --no-fail-fast --lib --bins --tests "${args[@]}" 2>&1 | tee "$log" || status=$?
 
 # Every test cleans up through guards; this proves it for the whole suite.
-scripts/check-leaks.sh || status=1
+scripts/check/check-leaks.sh || status=1
 
 # The summary: libtest's per-binary counts added up, and every ignored
 # test's reason.

@@ -5,39 +5,28 @@
 # while `filevol bench` runs BENCH_VOLUMES lifecycles one at a time, each
 # count divided by the lifecycles. The figures in README.md (Performance)
 # come from here. Needs root and strace.
-#   scripts/syscalls-per-lifecycle.sh            # this checkout's release build
-#   FILEVOL_BIN=/path/to/filevol scripts/syscalls-per-lifecycle.sh
+#   scripts/bench/syscalls-per-lifecycle.sh            # this checkout's release build
+#   FILEVOL_BIN=/path/to/filevol scripts/bench/syscalls-per-lifecycle.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
-[[ $(id -u) -eq 0 ]] || { echo "syscalls-per-lifecycle: needs root" >&2; exit 1; }
-command -v strace >/dev/null || { echo "syscalls-per-lifecycle: needs strace" >&2; exit 1; }
+bench_need_root
+command -v strace >/dev/null || { echo "bench/syscalls-per-lifecycle: needs strace" >&2; exit 1; }
 volumes=${BENCH_VOLUMES:-50}
-if [[ -n ${FILEVOL_BIN:-} ]]; then
-  bin=$FILEVOL_BIN
-else
-  bin=$(scripts/build-release.sh --quiet)
-fi
+bin=$(bench_binary)
 client=${BENCH_CLIENT:-$bin}
 
-work=$(mktemp -d /tmp/filevol-syscalls.XXXXXX)
-pids=()
-cleanup() {
-  set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  scratch_cleanup "$work"
-}
-trap cleanup EXIT
+bench_work syscalls
 
-scratch_fs "$work" 8G
+bench_scratch_pool "$work" 8G
 mkdir -p "$work/kubelet" "$work/mnt/pool"
 "$bin" serve --endpoint "unix://$work/filevol.sock" --pool "$work/mnt/pool" \
   --kubelet-dir "$work/kubelet" --node-id bench --reserve 0 --overcommit 1000 \
   --log-level warn 2>"$work/filevol.log" &
-pids+=($!); server=$!
-for _ in $(seq 100); do [[ -S $work/filevol.sock ]] && break; sleep 0.1; done
+bench_pids+=($!); server=$!
+bench_wait_sockets "$work/filevol.sock"
 
 for kind in dir block image; do
   case $kind in

@@ -1,4 +1,4 @@
-"""The measuring half of scripts/bench-snapshot-metadata.sh (standard
+"""The measuring half of scripts/bench/snapshot-metadata.sh (standard
 library only): for each driver, makes the volume and the snapshots over
 CSI with `filevol client`, writes the same data into each volume's backing
 file, then times GetMetadataAllocated and GetMetadataDelta and reads the

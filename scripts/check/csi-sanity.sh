@@ -20,9 +20,9 @@
 # script says it did not run and exits 0, except under CI (CI=true), where
 # a conformance run that did not happen is a failure.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
 not_run() {
   if [[ ${CI:-} == true ]]; then
@@ -42,7 +42,7 @@ sanity=${CSI_SANITY:-../shared/tools/csi-sanity}
 if [[ -n ${FILEVOL_BIN:-} ]]; then
   bin=$FILEVOL_BIN
 else
-  bin=$(scripts/build-release.sh --quiet)
+  bin=$(scripts/package/build-release.sh --quiet)
 fi
 
 work=$(mktemp -d /tmp/filevol-sanity.XXXXXX)
@@ -54,12 +54,13 @@ stop_driver() {
     driver=""
   fi
 }
+# shellcheck disable=SC2317 # the EXIT trap runs it; shellcheck 0.9 takes it for dead code
 cleanup() {
   # Best effort from here on: a failed kill or wait must not skip the rest.
   set +e
   stop_driver
   # Whatever the tests left under the kubelet directory, deepest first.
-  scratch_cleanup "$work"
+  bench_cleanup "$work"
 }
 trap cleanup EXIT
 printf 'thick: "true"\n' >"$work/mutable.yaml"
@@ -110,7 +111,7 @@ status=0
 for fs in xfs ext4; do
   pass_dir=$work/$fs
   mkdir -p "$pass_dir"
-  scratch_fs "$pass_dir" 8G "$fs"
+  bench_scratch_pool "$pass_dir" 8G "$fs"
   mkdir -p "$pass_dir/kubelet" "$pass_dir/mnt/pool"
   "$bin" serve --mode all --endpoint "unix://$pass_dir/csi.sock" --pool "$pass_dir/mnt/pool" \
     --node-id sanity-node --kubelet-dir "$pass_dir/kubelet" --reserve 0 --overcommit 100 \

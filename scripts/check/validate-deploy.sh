@@ -4,15 +4,15 @@
 # Kubernetes API schemas of the three newest minor versions
 # kubernetes-validate knows (strict: unknown fields are errors), and checks
 # the cross-references a typo would break and the sidecar behaviour a
-# layout depends on (scripts/check_deploy.py, which asks the filevol binary
+# layout depends on (scripts/check/check_deploy.py, which asks the filevol binary
 # what it advertises with each workload's flags), and the Nomad jobs
-# (scripts/check_nomad.py). Then it breaks the default rendering once per
+# (scripts/check/check_nomad.py). Then it breaks the default rendering once per
 # class of mistake and requires the checker to catch every one.
 #
 # kubectl: the one on PATH, else the v1.36 kubectl of ../shared/tools/k8s
 # (kustomize v5 built in). The binary: FILEVOL_BIN, else a debug build.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 kubectl=$(command -v kubectl || true)
 tools_kubectl=../shared/tools/k8s/bin/kubectl.xz
@@ -29,7 +29,7 @@ fi
 venv=${FILEVOL_DEPLOY_VENV:-$PWD/target/deploy-venv}
 if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml, hcl2' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/deploy-requirements.txt
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/check/requirements.txt
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -85,23 +85,23 @@ done
 # temporary directory on this machine, not the node's. So the answer is
 # printed as a warning; everything else about that overlay is checked.
 sm_capability=--allow-unadvertised-snapshot-metadata
-"$venv/bin/python" scripts/check_deploy.py --filevol "$FILEVOL_BIN" $sm_capability "${rendered[@]}" || status=1
-"$venv/bin/python" scripts/check_deploy.py deploy/kubernetes/examples/*.yaml || status=1
+"$venv/bin/python" scripts/check/check_deploy.py --filevol "$FILEVOL_BIN" $sm_capability "${rendered[@]}" || status=1
+"$venv/bin/python" scripts/check/check_deploy.py deploy/kubernetes/examples/*.yaml || status=1
 
-"$venv/bin/python" scripts/check_nomad.py deploy/nomad/*.nomad.hcl || status=1
+"$venv/bin/python" scripts/check/check_nomad.py deploy/nomad/*.nomad.hcl || status=1
 
 # The checker must catch the classes of mistake it exists for, each made on
 # purpose on a copy of the default rendering (and of the snapshot-metadata
 # overlay's, for the mistakes only it can hold)...
 selftest=("$out/kubernetes.yaml")
 [[ -n $kubectl ]] && selftest+=("$out/snapshot-metadata.yaml")
-"$venv/bin/python" scripts/check_deploy.py --self-test --filevol "$FILEVOL_BIN" $sm_capability "${selftest[@]}" || status=1
+"$venv/bin/python" scripts/check/check_deploy.py --self-test --filevol "$FILEVOL_BIN" $sm_capability "${selftest[@]}" || status=1
 # ...and the typos: each of these broken copies has to fail.
 typos() {
   local base=$1 what from to
   while IFS='|' read -r what from to; do
     sed "0,\|$from|s||$to|" "$base" >"$out/broken.yaml"
-    if "$venv/bin/python" scripts/check_deploy.py "$out/broken.yaml" 2>/dev/null; then
+    if "$venv/bin/python" scripts/check/check_deploy.py "$out/broken.yaml" 2>/dev/null; then
       echo "validate-deploy: check_deploy.py missed a broken $what ($(basename "$base"))" >&2
       status=1
     fi

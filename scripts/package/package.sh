@@ -3,19 +3,19 @@
 # committed sources with every crate vendored, offline, in a directory of its
 # own.
 #
-#   scripts/package.sh            -> target/package/filevol_<version>-1_<arch>.deb
+#   scripts/package/package.sh            -> target/package/filevol_<version>-1_<arch>.deb
 #
 # 1. The sources of HEAD (git archive: what a release tarball holds) go to
 #    target/package/filevol-<version>/, and `cargo vendor` puts every crate
 #    of Cargo.lock beside them (from ~/.cargo's cache or crates.io).
 # 2. The build runs with no network (a network namespace of its own:
 #    unshare -n) and an empty CARGO_HOME, `--offline --frozen`: what is not
-#    vendored cannot be found. The settings of scripts/lib/release-env.sh
-#    make the binary byte-identical to scripts/build-release.sh's for the
+#    vendored cannot be found. The settings of scripts/package/release-env.sh
+#    make the binary byte-identical to scripts/package/build-release.sh's for the
 #    same commit; CI compares the two (.ci/run).
 # 3. The manual pages and completions come from the clap definitions
 #    (examples/generate-docs.rs), the dependency report and the licence
-#    files from the vendored crates (scripts/licences.py).
+#    files from the vendored crates (scripts/package/licences.py).
 # 4. dpkg-deb packs it, with file times set to the commit's.
 #
 # The package: /usr/bin/filevol; filevol(1) and a page per subcommand;
@@ -30,11 +30,11 @@
 # which the binary must match). Needs: git, cargo, dpkg-deb, dpkg-shlibdeps
 # (dpkg-dev), unshare (util-linux; as root, or with user namespaces).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 repo=$PWD
 # File modes in the package must not depend on the builder's umask.
 umask 022
-source scripts/lib/release-env.sh
+source scripts/package/release-env.sh
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 revision=1
@@ -57,7 +57,7 @@ git archive --format=tar HEAD | tar -x -C "$src"
 (cd "$src" && cargo vendor --locked --versioned-dirs --quiet vendor >/dev/null)
 mkdir -p "$src/.cargo"
 cat >"$src/.cargo/config.toml" <<'EOF'
-# Every crate comes from vendor/ (scripts/package.sh).
+# Every crate comes from vendor/ (scripts/package/package.sh).
 [source.crates-io]
 replace-with = "vendored-sources"
 
@@ -95,7 +95,8 @@ doc=$root/usr/share/doc/filevol
 install -D -m 0755 "$bin" "$root/usr/bin/filevol"
 install -d "$root/usr/share/man/man1"
 for page in "$out"/docs/man/*.1; do
-  gzip -9n <"$page" >"$root/usr/share/man/man1/$(basename "$page").gz"
+  name=$(basename "$page")
+  gzip -9n <"$page" >"$root/usr/share/man/man1/$name.gz"
 done
 install -D -m 0644 "$out/docs/completions/filevol.bash" "$root/usr/share/bash-completion/completions/filevol"
 install -D -m 0644 "$out/docs/completions/_filevol" "$root/usr/share/zsh/vendor-completions/_filevol"
@@ -110,7 +111,7 @@ install -D -m 0644 README.md "$doc/README.md"
 gzip -9n <CHANGELOG.md >"$doc/changelog.gz"
 "$cargo_bin" metadata --offline --frozen --format-version 1 \
   --filter-platform "$("$rustc_bin" -vV | sed -n 's/^host: //p')" |
-  python3 scripts/licences.py --report "$doc/dependencies.txt" --collect "$doc/licenses" >&2
+  python3 scripts/package/licences.py --report "$doc/dependencies.txt" --collect "$doc/licenses" >&2
 cat >"$doc/copyright" <<'EOF'
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: filevol

@@ -1,6 +1,6 @@
 """Writes an OCI image archive (the image-layout spec, as a tar) from
 uncompressed layer tars, for `ctr images import` on a cluster that has no
-registry. Used by scripts/e2e-k8s.sh.
+registry. Used by scripts/check/e2e-k8s.sh.
 
 Usage:
   oci.py OUT.tar NAME:TAG --entrypoint PATH [--env K=V ...] LAYER.tar...
@@ -8,7 +8,6 @@ Usage:
 """
 
 import hashlib
-import io
 import json
 import os
 import shutil

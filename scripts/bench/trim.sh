@@ -9,47 +9,34 @@
 #   3. the time from a delete to the first byte given back to the pool,
 #      with online discard (`discard=true`) and with a trim right after.
 #
-#   scripts/bench-trim.sh
+#   scripts/bench/trim.sh
 # Needs root. BENCH_TRIM_VOLUMES sets the volume count (default 100).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
-[[ $(id -u) -eq 0 ]] || { echo "bench-trim: needs root" >&2; exit 1; }
+bench_need_root
 volumes=${BENCH_TRIM_VOLUMES:-100}
-if [[ -n ${FILEVOL_BIN:-} ]]; then
-  bin=$FILEVOL_BIN
-else
-  bin=$(scripts/build-release.sh --quiet)
-fi
+bin=$(bench_binary)
 
-work=$(mktemp -d /tmp/filevol-trim.XXXXXX)
-pids=()
-cleanup() {
-  set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  scratch_cleanup "$work"
-}
-trap cleanup EXIT
+bench_work trim
 
-scratch_fs "$work" 8G
+bench_scratch_pool "$work" 8G
 mkdir -p "$work/mnt/pool" "$work/kubelet"
 common=(--pool "$work/mnt/pool" --node-id bench --kubelet-dir "$work/kubelet"
   --reserve 0 --overcommit 10 --log-level warn)
 # No periodic trims during the measurement: only the passes asked for.
 "$bin" serve --mode node "${common[@]}" --trim-interval 0 \
   --endpoint "unix://$work/node.sock" 2>"$work/node.log" &
-pids+=($!)
+bench_pids+=($!)
 node_pid=$!
 "$bin" serve --mode controller "${common[@]}" \
   --endpoint "unix://$work/controller.sock" 2>"$work/controller.log" &
-pids+=($!)
-for s in node controller; do
-  for _ in $(seq 100); do [[ -S $work/$s.sock ]] && break; sleep 0.1; done
-done
+bench_pids+=($!)
+bench_wait_sockets "$work/node.sock" "$work/controller.sock"
 
-python3 scripts/lib/trim_bench.py --filevol "$bin" \
+python3 scripts/bench/trim_bench.py --filevol "$bin" \
   --node "unix://$work/node.sock" --controller "unix://$work/controller.sock" \
   --node-pid "$node_pid" --pool "$work/mnt/pool" --kubelet "$work/kubelet" \
   --volumes "$volumes"

@@ -15,48 +15,37 @@
 # (/proc/PID/io read_bytes) and through read(2) (rchar), its peak RSS during
 # the call (VmHWM after resetting it), and the ranges returned.
 #
-#   HOSTPATH_PLUGIN=../shared/tools/hostpathplugin scripts/bench-snapshot-metadata.sh
+#   HOSTPATH_PLUGIN=../shared/tools/hostpathplugin scripts/bench/snapshot-metadata.sh
 # Needs root. BENCH_CBT_GIB sets the volume size (default 16).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
 hostpath=${HOSTPATH_PLUGIN:-../shared/tools/hostpathplugin}
-[[ -x $hostpath ]] || { echo "bench-snapshot-metadata: no reference driver at $hostpath (set HOSTPATH_PLUGIN)" >&2; exit 1; }
-[[ $(id -u) -eq 0 ]] || { echo "bench-snapshot-metadata: needs root" >&2; exit 1; }
+[[ -x $hostpath ]] || { echo "bench/snapshot-metadata: no reference driver at $hostpath (set HOSTPATH_PLUGIN)" >&2; exit 1; }
+bench_need_root
 gib=${BENCH_CBT_GIB:-16}
-if [[ -n ${FILEVOL_BIN:-} ]]; then
-  bin=$FILEVOL_BIN
-else
-  bin=$(scripts/build-release.sh --quiet)
-fi
+bin=$(bench_binary)
 
-work=$(mktemp -d /tmp/filevol-cbt.XXXXXX)
-pids=()
-cleanup() {
-  set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  scratch_cleanup "$work"
-}
-trap cleanup EXIT
+bench_work cbt
 
 # Room for two volumes' data, their snapshots' rewritten blocks, and the
 # reference driver's fallocated (fully allocated) volume.
-scratch_fs "$work" "$((gib * 3 + 8))G"
+bench_scratch_pool "$work" "$((gib * 3 + 8))G"
 mkdir -p "$work/mnt/pool" "$work/mnt/hostpath"
 
 "$bin" serve --mode controller --pool "$work/mnt/pool" --node-id bench \
   --endpoint "unix://$work/filevol.sock" --log-level warn 2>"$work/filevol.log" &
-pids+=($!)
+bench_pids+=($!)
 filevol_pid=$!
 "$hostpath" --endpoint "unix://$work/hostpath.sock" --nodeid bench \
   --statedir "$work/mnt/hostpath" --enable-snapshot-metadata \
   --v=0 2>"$work/hostpath.log" &
-pids+=($!)
+bench_pids+=($!)
 hostpath_pid=$!
 
-python3 scripts/lib/cbt_bench.py \
+python3 scripts/bench/cbt_bench.py \
   --filevol "$bin" --gib "$gib" \
   --driver "filevol=$filevol_pid=unix://$work/filevol.sock=$work/mnt/pool/volumes/{id}/image" \
   --driver "hostpath v1.18.0=$hostpath_pid=unix://$work/hostpath.sock=$work/mnt/hostpath/{id}"

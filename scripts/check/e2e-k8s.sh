@@ -32,11 +32,11 @@
 # kept in target/e2e. Online expansion is the slowest step (kubelet retries
 # node expansion on its own period).
 #
-# Usage: scripts/e2e-k8s.sh [layout...]   (default: base shared-pool node-local)
+# Usage: scripts/check/e2e-k8s.sh [layout...]   (default: base shared-pool node-local)
 # FILEVOL_BIN: the binary to ship (default: a release build).
 # E2E_KEEP=1: leave the cluster and the pool up after a failure, to look.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 repo=$PWD
 
 K8S=$repo/../shared/tools/k8s
@@ -64,7 +64,7 @@ log() { echo "[e2e $(date +%T)] $*"; }
 
 # ---------- images ----------
 if [[ -z ${FILEVOL_BIN:-} ]]; then
-  FILEVOL_BIN=$("$repo/scripts/build-release.sh")
+  FILEVOL_BIN=$("$repo/scripts/package/build-release.sh")
 fi
 # mmdebstrap builds the image's root filesystem; python3-yaml adapts the
 # rendered manifests.
@@ -86,8 +86,8 @@ if [[ ! -f $rootfs ]]; then
     bookworm "${rootfs%.tar}.partial.tar"
   mv "${rootfs%.tar}.partial.tar" "$rootfs"
 fi
-python3 scripts/lib/oci.py --layer "$W/filevol-layer.tar" "$FILEVOL_BIN=/usr/local/bin/filevol"
-python3 scripts/lib/oci.py "$W/images/filevol.tar" localhost/filevol-e2e/filevol:test \
+python3 scripts/package/oci.py --layer "$W/filevol-layer.tar" "$FILEVOL_BIN=/usr/local/bin/filevol"
+python3 scripts/package/oci.py "$W/images/filevol.tar" localhost/filevol-e2e/filevol:test \
   --entrypoint /usr/local/bin/filevol "$rootfs" "$W/filevol-layer.tar" >/dev/null
 
 # Sidecars: a static binary each, as the images the manifests name ship them.
@@ -99,8 +99,8 @@ for name in "${!sidecar_tags[@]}"; do
   out=$W/images/$name.tar
   [[ -f $out && $out -nt $K8S/bin/$name.xz ]] && continue
   xz -dc "$K8S/bin/$name.xz" >"$W/$name"
-  python3 scripts/lib/oci.py --layer "$W/$name-layer.tar" "$W/$name=/$name"
-  python3 scripts/lib/oci.py "$out" "localhost/filevol-e2e/$name:${sidecar_tags[$name]}" \
+  python3 scripts/package/oci.py --layer "$W/$name-layer.tar" "$W/$name=/$name"
+  python3 scripts/package/oci.py "$out" "localhost/filevol-e2e/$name:${sidecar_tags[$name]}" \
     --entrypoint "/$name" "$W/$name-layer.tar" >/dev/null
   rm -f "$W/$name" "$W/$name-layer.tar"
 done
@@ -169,6 +169,9 @@ wait_for() { # what seconds command...
 phase() { kubectl -n "$ns" get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null; }
 pod_done() { [[ $(phase "$1") == Succeeded ]]; }
 pvc_bound() { [[ $(kubectl -n "$ns" get pvc "$1" -o jsonpath='{.status.phase}') == Bound ]]; }
+none_left() { # [-n NAMESPACE] RESOURCE: kubectl lists none
+  [[ -z $(kubectl get "$@" -o name 2>/dev/null) ]]
+}
 snapshot_ready() { [[ $(kubectl -n "$ns" get volumesnapshot "$1" -o jsonpath='{.status.readyToUse}') == true ]]; }
 
 # pvc NAME CLASS SIZE [MODE] [extra spec lines]
@@ -293,7 +296,7 @@ render() { # layout -> $W/$layout.yaml
     # The pool is a local xfs here, not a share: its locks reach only this
     # host, which `--topology=` refuses unless told. One host runs every
     # process, so they conflict where they need to. The shipped overlay
-    # never sets this (scripts/check_deploy.py fails it).
+    # never sets this (scripts/check/check_deploy.py fails it).
     local workload
     for workload in "StatefulSet, name: filevol-controller" "DaemonSet, name: filevol-node"; do
       shared_patch+="
@@ -400,6 +403,7 @@ run_layout() {
 
   # fsGroup: the volume's files belong to the pod's group.
   pvc grouped filevol 64Mi
+  # shellcheck disable=SC2016 # the pod's shell expands it
   expect "$layout: fsGroup applied" \
     "$(run_pod grouped grouped 'touch /data/f && echo $(stat -c %g /data) $(stat -c %g /data/f)' \
       '{runAsUser: 1000, runAsGroup: 1000, fsGroup: 2000}')" "2000 2000"
@@ -417,6 +421,7 @@ run_layout() {
   # CAP_SYS_RESOURCE, which root lacks on this machine).
   if [[ $layout != node-local ]]; then
     pvc grow filevol-xfs 320Mi
+    # shellcheck disable=SC2016 # the pod's shell expands it
     pod grower grow 'i=0; while [ $i -lt 90 ]; do df -k /data | tail -1; sleep 2; i=$((i+1)); done'
     wait_for "pod grower running" 120 sh -c "[ \"\$(kubectl -n $ns get pod grower -o jsonpath='{.status.phase}')\" = Running ]"
     kubectl -n "$ns" patch pvc grow -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}' >/dev/null
@@ -443,11 +448,11 @@ EOF
   # Deletion leaves nothing behind.
   kubectl -n "$ns" delete volumesnapshot --all --wait=true >/dev/null
   kubectl -n "$ns" delete pvc --all --wait=true >/dev/null
-  wait_for "every PV to be deleted" 120 sh -c '[ -z "$(kubectl get pv -o name)" ]'
-  wait_for "every snapshot content to be deleted" 120 sh -c '[ -z "$(kubectl get volumesnapshotcontent -o name)" ]'
+  wait_for "every PV to be deleted" 120 none_left pv
+  wait_for "every snapshot content to be deleted" 120 none_left volumesnapshotcontent
   kubectl delete namespace "$ns" --wait=true >/dev/null
   kubectl delete -f "$W/$layout.yaml" --wait=true --timeout=120s >/dev/null
-  wait_for "the filevol pods to go" 120 sh -c '[ -z "$(kubectl -n filevol get pods -o name 2>/dev/null)" ]'
+  wait_for "the filevol pods to go" 120 none_left -n filevol pods
   release_pool "$layout"
   log "layout $layout passed in $((SECONDS - started)) s"
 }

@@ -1,8 +1,9 @@
+# shellcheck shell=bash
 # Sourced, not run. The environment that makes a release binary depend on
 # the sources and the toolchain only, not on where or when it was built, so
 # the binary of the package (built from vendored sources in its own
-# directory, scripts/package.sh) and the ordinary release build of the same
-# commit (scripts/build-release.sh) are byte-identical.
+# directory, scripts/package/package.sh) and the ordinary release build of the same
+# commit (scripts/package/build-release.sh) are byte-identical.
 #
 # release_env SOURCE_DIR TARGET_DIR [VENDOR_DIR]
 #
@@ -27,7 +28,7 @@
 release_env() {
   local src=$1 target=$2 vendor=${3:-}
   if [[ -n ${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-}${CFLAGS:-}${CXXFLAGS:-} ]]; then
-    echo "release build: RUSTFLAGS, CFLAGS or CXXFLAGS is set; a release build sets its own (scripts/lib/release-env.sh)" >&2
+    echo "release build: RUSTFLAGS, CFLAGS or CXXFLAGS is set; a release build sets its own (scripts/package/release-env.sh)" >&2
     return 1
   fi
   local maps=("$src=/usr/src/filevol" "$target=/usr/src/filevol/target")

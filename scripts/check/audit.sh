@@ -11,7 +11,7 @@
 # cargo-audit is installed (pinned, --locked) when missing; it takes about
 # ten minutes to compile once per machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 AUDIT_VERSION=0.22.2
 db=${ADVISORY_DB:-../shared/advisory-db}
@@ -37,4 +37,4 @@ echo "== advisories (cargo audit, database $db)"
 cargo audit --db "$db" --no-fetch --stale --deny warnings "${ignored[@]/#/--ignore=}"
 
 echo "== licences"
-cargo metadata --locked --format-version 1 | python3 scripts/licences.py
+cargo metadata --locked --format-version 1 | python3 scripts/package/licences.py

@@ -4,12 +4,12 @@
 # fuzz/artifacts/<target>/: fix the bug, then keep the input in
 # fuzz/regressions/<target>/, where the corpus replay test
 # (tests/integration/fuzz_corpus.rs) runs it in CI on every build.
-#   scripts/fuzz.sh [seconds] [target...]
+#   scripts/check/fuzz.sh [seconds] [target...]
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). Without a nightly
 # toolchain the targets build with coverage instrumentation only
 # (`--sanitizer none`, through RUSTC_BOOTSTRAP=1 for cargo-fuzz's flags).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 seconds=${1:-60}
 shift || true

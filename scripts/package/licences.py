@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
 """filevol's dependency tree and its licences, from `cargo metadata` on stdin.
 
-    cargo metadata --locked --format-version 1 | scripts/licences.py
+    cargo metadata --locked --format-version 1 | scripts/package/licences.py
         Checks every crate in Cargo.lock (build and dev dependencies too)
         against the allowlist: an SPDX expression passes when one of its
-        OR-alternatives uses allowed licences only. scripts/audit.sh runs this.
+        OR-alternatives uses allowed licences only. scripts/check/audit.sh runs this.
 
-    ... | scripts/licences.py --report FILE --collect DIR
+    ... | scripts/package/licences.py --report FILE --collect DIR
         Also writes the dependency report (every crate with its version,
         licence and role; the C and C++ code bundled into the binary, with
         upstream versions) and copies the licence files of everything
-        linked into the binary to DIR/<crate>-<version>/. scripts/package.sh
+        linked into the binary to DIR/<crate>-<version>/. scripts/package/package.sh
         runs this on vendored sources, with --filter-platform, so roles are
         those of the packaged architecture.
 
@@ -104,7 +104,7 @@ def roles(meta):
 
 def header_define(path, name):
     with open(path, errors="replace") as f:
-        m = re.search(r"#define\s+%s\s+\"?([^\"\s]+)" % name, f.read())
+        m = re.search(rf"#define\s+{name}\s+\"?([^\"\s]+)", f.read())
     return m.group(1) if m else "?"
 
 
@@ -194,7 +194,7 @@ def main():
             f.write("Roles: linked = compiled into the filevol binary; build = runs only while\n"
                     "building (build scripts, proc macros); dev = tests, benches, examples.\n")
             f.write(f"{len(reached)} crates: {counts['linked']} linked, {counts['build']} build, "
-                    f"{counts['dev']} dev. Every licence is on the allowlist of scripts/licences.py.\n\n")
+                    f"{counts['dev']} dev. Every licence is on the allowlist of scripts/package/licences.py.\n\n")
             f.write(f"{'crate':<28} {'version':<24} {'role':<7} licence\n")
             for p in reached:
                 f.write(f"{p['name']:<28} {p['version']:<24} {role[p['id']]:<7} {p['license']}\n")

@@ -4,43 +4,31 @@
 # as a ratio; then again with the loop device's direct I/O turned off
 # (`--loop-direct-io=false`: the image is read through the page cache).
 # Needs root; installs fio (Debian package) if missing.
-#   scripts/bench-datapath.sh            (BENCH_RUNTIME=15 seconds per job)
+#   scripts/bench/datapath.sh            (BENCH_RUNTIME=15 seconds per job)
 # By default the pool is a loop-mounted xfs in a file (which measures the
 # loop layers against memory-speed storage); BENCH_POOL_DIR=/some/dir on a
 # real disk's filesystem measures against that disk.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
-[[ $(id -u) -eq 0 ]] || { echo "bench-datapath: needs root" >&2; exit 1; }
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
+bench_need_root
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; }
 
 runtime=${BENCH_RUNTIME:-15}
 # FILEVOL_BIN: an existing binary to use (a packaged one, or one built
 # before); else the release build of this checkout.
-if [[ -n ${FILEVOL_BIN:-} ]]; then
-  bin=$FILEVOL_BIN
-else
-  bin=$(scripts/build-release.sh --quiet)
-fi
+bin=$(bench_binary)
 
-work=$(mktemp -d /tmp/filevol-datapath.XXXXXX)
-driver=""
-cleanup() {
-  # Best effort from here on: a failed kill or wait must not skip the rest.
-  set +e
-  [[ -n $driver ]] && kill "$driver" 2>/dev/null && wait "$driver" 2>/dev/null
-  scratch_cleanup "$work"
-}
-trap cleanup EXIT
+bench_work datapath
 
 if [[ -n ${BENCH_POOL_DIR:-} ]]; then
   mkdir -p "$work/mnt"
   base=$(mktemp -d "$BENCH_POOL_DIR/filevol-datapath.XXXXXX")
   mount --bind "$base" "$work/mnt"
-  trap 'cleanup; rm -rf "$base"' EXIT
+  trap 'bench_exit; rm -rf "$base"' EXIT
 else
-  scratch_fs "$work" 16G
+  bench_scratch_pool "$work" 16G
 fi
 mkdir -p "$work/kubelet/staging" "$work/kubelet/pods/p"
 mkdir -p "$work/mnt/pool" "$work/mnt/direct"
@@ -49,9 +37,10 @@ start() { # extra serve flags
   "$bin" serve --endpoint "unix://$work/csi.sock" --pool "$work/mnt/pool" \
     --kubelet-dir "$work/kubelet" --node-id bench --reserve 0 --log-level warn "$@" 2>>"$work/filevol.log" &
   driver=$!
-  for _ in $(seq 100); do [[ -S $work/csi.sock ]] && break; sleep 0.1; done
+  bench_pids+=("$driver")
+  bench_wait_sockets "$work/csi.sock"
 }
-stop() { kill "$driver"; wait "$driver" 2>/dev/null || true; driver=""; }
+stop() { bench_stop "$driver"; }
 client() { "$bin" client --endpoint "unix://$work/csi.sock" "$@" >/dev/null; }
 
 # fio job -> MiB/s or IOPS

@@ -2,10 +2,10 @@
 # Installs the Debian package on this machine and checks it as an operator
 # would meet it, then purges it and checks nothing is left:
 #
-#   scripts/check-package.sh DEB [RELEASE_BINARY]
+#   scripts/package/check-package.sh DEB [RELEASE_BINARY]
 #
 # - with RELEASE_BINARY, the packaged binary must be byte-identical to it
-#   (the reproducibility check: scripts/package.sh builds offline from
+#   (the reproducibility check: scripts/package/package.sh builds offline from
 #   vendored sources in a directory of its own);
 # - dpkg -i; the installed `filevol --version` and `filevol doctor`;
 #   `systemd-analyze verify` of both units, which must print nothing;
@@ -24,7 +24,7 @@
 # Needs root (dpkg). The default pool /var/lib/filevol must be absent or
 # empty: the check owns it while it runs and leaves it as it found it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 deb=${1:?usage: check-package.sh DEB [RELEASE_BINARY]}
 release=${2:-}
@@ -98,6 +98,7 @@ start_unit() {
   (
     set -a
     while IFS= read -r line; do eval "${line#Environment=}"; done < <(grep '^Environment=' "$unit")
+    # shellcheck source=/dev/null # the package installs it, shellcheck cannot follow it
     source /etc/default/filevol
     set +a
     eval "exec $(sed -n 's/^ExecStart=//p' "$unit")"
@@ -160,7 +161,7 @@ while IFS= read -r path; do
   [[ -e $path && ! ( -d $path && $path != "$pool" && $path != /usr/share/doc/filevol* ) ]] && left+=("$path")
 done <<<"$listed"
 [[ -e /etc/default/filevol ]] && left+=(/etc/default/filevol)
-[[ -e $pool ]] && left+=("$pool: $(ls -A "$pool" | tr '\n' ' ')")
+[[ -e $pool ]] && left+=("$pool: $(find "$pool" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort | tr '\n' ' ')")
 ((${#left[@]} == 0)) || fail "left after purge: ${left[*]}"
 echo "purged: nothing left"
 

@@ -53,7 +53,6 @@ Sidecar behaviour these checks encode, at the pinned tags:
 import base64
 import binascii
 import copy
-import json
 import os
 import re
 import subprocess
@@ -514,7 +513,7 @@ class Checker:
                     f"CSIDriver/{driver['metadata']['name']}",
                     "storageCapacity is true but the driver advertises no topology: on a real cluster no "
                     "CSIStorageCapacity was published for it and the scheduler held every new pod "
-                    "(scripts/e2e-k8s.sh, shared-pool)",
+                    "(scripts/check/e2e-k8s.sh, shared-pool)",
                 )
         for cw, adv in advertised.items():
             for nw, rep in reported.items():
@@ -634,7 +633,7 @@ class Checker:
                     self.fail(w, "deletionPolicy must be Delete or Retain")
 
     def rbac(self):
-        for kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        for kind in ("ClusterRoleBinding", "RoleBinding"):
             for b in self.of_kind(kind):
                 w = f"{kind}/{b['metadata']['name']}"
                 ns = b["metadata"].get("namespace")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Measures what the README reports about the build: a clean release build's
 # wall time (dependencies and gRPC core included) and the stripped binary's
-# size, with scripts/build-release.sh's settings. Builds in a throwaway
+# size, with scripts/package/build-release.sh's settings. Builds in a throwaway
 # target directory so the developer's target/ is neither reused nor
 # disturbed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib/release-env.sh
+cd "$(dirname "$0")/../.."
+source scripts/package/release-env.sh
 
 target=$(mktemp -d)
 trap 'rm -rf "$target"' EXIT

@@ -12,7 +12,7 @@
 # Only on Debian 12, where that toolchain is packaged. Elsewhere it says
 # NOT RUN, and under CI (CI=true) that is a failure.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 deb_version=1.85.0+dfsg3-1~deb12u3
 packages=(rustc-web cargo-web libstd-rust-web-1.85 libstd-rust-web-dev)

@@ -1,4 +1,4 @@
-"""The trim benchmark's measurements (run by scripts/bench-trim.sh, which
+"""The trim benchmark's measurements (run by scripts/bench/trim.sh, which
 starts the driver processes on a scratch pool and cleans up).
 
 1. N ext4 volumes are created and staged; each gets a file written, synced
@@ -166,7 +166,10 @@ def main():
     print()
     print("| route | delete to first byte given back |")
     print("|---|---|")
-    fmt = lambda t: "not within 60 s" if t is None else f"{t * 1000:.0f} ms"
+
+    def fmt(t):
+        return "not within 60 s" if t is None else f"{t * 1000:.0f} ms"
+
     print(f"| `discard=true` (online discard; rm, then syncfs) | {fmt(t_online)} |")
     print(f"| `filevol trim VOLUME` right after the rm | {fmt(t_on_demand)} |")
     print("| periodic trim (default) | at the volume's next turn: within a week and 100 minutes |")

@@ -18,19 +18,19 @@
 # HOSTPATH_PLUGIN at another hostpathplugin binary to use that one. Under CI
 # (CI=true) a missing reference is a failure, not a skip. Needs root
 # (mounts, loop devices).
-#   scripts/bench-compare.sh
+#   scripts/bench/compare.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-# shellcheck source=scripts/lib/scratch-fs.sh
-source scripts/lib/scratch-fs.sh
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/bench/lib.sh
+source scripts/bench/lib.sh
 
 hostpath=${HOSTPATH_PLUGIN:-../shared/tools/hostpathplugin}
 if [[ ! -x $hostpath ]]; then
-  echo "bench-compare: no hostpathplugin at $hostpath: set HOSTPATH_PLUGIN to a csi-driver-host-path hostpathplugin binary" >&2
+  echo "bench/compare: no hostpathplugin at $hostpath: set HOSTPATH_PLUGIN to a csi-driver-host-path hostpathplugin binary" >&2
   [[ ${CI:-} == true ]] && exit 1
   exit 0
 fi
-[[ $(id -u) -eq 0 ]] || { echo "bench-compare: needs root" >&2; exit 1; }
+bench_need_root
 
 volumes=${BENCH_VOLUMES:-200}
 concurrency=${BENCH_CONCURRENCY:-16}
@@ -39,36 +39,24 @@ runs=${BENCH_RUNS:-3}
 # before); else the release build of this checkout. BENCH_CLIENT: the
 # binary whose `bench` drives the load (default: the same one), so an older
 # driver can be measured by today's load generator.
-if [[ -n ${FILEVOL_BIN:-} ]]; then
-  bin=$FILEVOL_BIN
-else
-  bin=$(scripts/build-release.sh --quiet)
-fi
+bin=$(bench_binary)
 client=${BENCH_CLIENT:-$bin}
 
-work=$(mktemp -d /tmp/filevol-compare.XXXXXX)
-pids=()
-cleanup() {
-  # Best effort from here on: a failed kill or wait must not skip the rest.
-  set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  scratch_cleanup "$work"
-}
-trap cleanup EXIT
+bench_work compare
 
 # Both drivers keep their volumes on the same xfs filesystem.
-scratch_fs "$work" 32G
+bench_scratch_pool "$work" 32G
 mkdir -p "$work/kubelet"
 mkdir -p "$work/mnt/pool" "$work/mnt/hostpath"
 
 "$bin" serve --endpoint "unix://$work/filevol.sock" --pool "$work/mnt/pool" \
   --kubelet-dir "$work/kubelet" --node-id bench --reserve 0 --overcommit 1000 \
   --log-level warn 2>"$work/filevol.log" &
-pids+=($!); filevol_pid=$!
+bench_pids+=($!); filevol_pid=$!
 "$hostpath" --endpoint "unix://$work/hostpath.sock" --nodeid bench \
   --statedir "$work/mnt/hostpath" --enable-attach -v=0 2>"$work/hostpath.log" &
-pids+=($!); hostpath_pid=$!
-for _ in $(seq 100); do [[ -S $work/filevol.sock && -S $work/hostpath.sock ]] && break; sleep 0.1; done
+bench_pids+=($!); hostpath_pid=$!
+bench_wait_sockets "$work/filevol.sock" "$work/hostpath.sock"
 
 bench() { # socket pid extra-args... -> JSON
   "$client" bench --json --endpoint "unix://$work/$1" --pid "$2" --kubelet-dir "$work/kubelet" \
