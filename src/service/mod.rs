@@ -129,7 +129,7 @@ impl Driver {
     /// pool's figures come from one [`filevol_core::pool::room::Usage`], the
     /// one GetCapacity answers from, so they add up. Directory volumes'
     /// trees are not walked here: `dirs` is what the background measurement
-    /// last found ([`crate::metrics::dir_usage`]).
+    /// last found (`metrics::dir_usage`).
     pub fn metrics_text(&self, dirs: &DirUsageSummary) -> String {
         let workers = self.executor.workers();
         let usage = self.pool.usage().unwrap_or_else(|e| {
