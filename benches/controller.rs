@@ -1,4 +1,4 @@
-//! Controller figures for the README, measured over the UNIX socket against
+//! Controller figures for the book (docs/src/performance.md), measured over the UNIX socket against
 //! the release binary on loop-mounted pools (needs root):
 //! - CreateVolume of a sparse 10 GiB image (then DeleteVolume), p50/p99;
 //! - CreateSnapshot of a 1 GiB image holding 512 MiB of data, reflink

@@ -1,5 +1,5 @@
-//! Node figures for the README, against the release binary over its UNIX
-//! socket on a loop-mounted xfs pool (needs root), each beside the same
+//! Node figures for the book (docs/src/performance.md), against the
+//! release binary over its UNIX socket on a loop-mounted xfs pool (needs root), each beside the same
 //! operation done directly with the syscalls (the floor):
 //! - NodePublish (bind mount) and NodeUnpublish, over the socket and as the
 //!   server logs it (its own duration line);

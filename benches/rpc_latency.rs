@@ -2,7 +2,7 @@
 //! footprint of `filevol serve`.
 //!
 //! Run: `cargo bench --bench rpc_latency` (release build; prints a Markdown
-//! table for the README). It starts the real binary on a temporary socket and
+//! table for the book, docs/src/performance.md). It starts the real binary on a temporary socket and
 //! pool and measures, over the UNIX socket:
 //! - Probe: answered on the probe lane;
 //! - GetPluginInfo: handed to the worker pool and answered from a worker,

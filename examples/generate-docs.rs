@@ -12,7 +12,7 @@
 //!
 //! An example rather than a subcommand of the binary: clap_mangen and
 //! clap_complete are dev-dependencies, so the shipped binary neither links
-//! nor carries them, and its dependency tree stays what the README lists.
+//! nor carries them, and its dependency tree stays what the book lists (docs/src/packaging.md).
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -47,11 +47,11 @@ fi
 log=$(mktemp /tmp/filevol-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
 
-# Doc tests are left out (the crate has none): cargo would otherwise end the
+# Doc tests are left out (the crates have none): cargo would otherwise end the
 # run with an empty "0 passed" summary of its own. --no-fail-fast: a failing
 # unit test must not hide the integration tests from the summary.
 status=0
-cargo test --locked --no-fail-fast --lib --bins --tests "${args[@]}" 2>&1 | tee "$log" || status=$?
+cargo test --locked --no-fail-fast --workspace --lib --bins --tests "${args[@]}" 2>&1 | tee "$log" || status=$?
 
 # Every test cleans up through guards; this proves it for the whole suite.
 scripts/check/check-leaks.sh || status=1

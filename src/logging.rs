@@ -1,5 +1,5 @@
 //! Logging set-up. The policy (what each level is for, and that secrets never
-//! appear at any level) is written down in README.md.
+//! appear at any level) is written down in docs/src/operating.md.
 
 /// Sends `log` records (ours and gRPC core's) to stderr at `level`.
 ///

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Measures what the README reports about the build: a clean release build's
+# Measures what the book reports about the build (docs/src/packaging.md):
+# a clean release build's
 # wall time (dependencies and gRPC core included) and the stripped binary's
 # size, with scripts/package/build-release.sh's settings. Builds in a throwaway
 # target directory so the developer's target/ is neither reused nor

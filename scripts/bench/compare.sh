@@ -6,7 +6,7 @@
 # counterpart of) and reports lifecycles per second, the CPU each lifecycle
 # cost (the driver with the tools it forked, the load generator, the rest
 # of the machine: kernel threads), the driver's peak RSS, and the ratios
-# the README quotes.
+# the book quotes (docs/src/performance.md).
 #
 # This machine's speed drifts by about 2x within an hour, so the load runs
 # BENCH_RUNS times (default 3), each run measuring both drivers back to

@@ -72,41 +72,28 @@ bench_wait_sockets() {
   return 0
 }
 
-# The pool filesystem. Every script goes through these two functions only,
-# so their bodies can change (to a helper shared with the Rust test kit)
-# without touching a caller.
+# The pool filesystem: the test kit's scratch filesystems
+# (crates/kit/src/bin/scratch-pool.rs), so a script's pool is made and
+# removed exactly as a Rust test's is. The tool is built on first use
+# (gRPC-free, seconds once the dependencies are built).
+_bench_scratch_tool() {
+  if [[ -z ${_bench_scratch:-} ]]; then
+    cargo build --quiet --locked -p filevol-kit --bin scratch-pool >&2
+    _bench_scratch=${CARGO_TARGET_DIR:-$PWD/target}/debug/scratch-pool
+  fi
+  "$_bench_scratch" "$@"
+}
 
-# bench_scratch_pool WORK SIZE [FS]: a filesystem of SIZE (truncate syntax)
-# mounted at WORK/mnt: xfs with reflink (the default) or ext4 (no reflink).
+# bench_scratch_pool WORK SIZE [FS]: a filesystem of SIZE (8G, 512M) mounted
+# at WORK/mnt: xfs with reflink (the default), ext4 (no reflink) or btrfs.
 bench_scratch_pool() {
-  truncate -s "$2" "$1/fs.img"
-  case ${3:-xfs} in
-    xfs) mkfs.xfs -q -m reflink=1 "$1/fs.img" ;;
-    ext4) mkfs.ext4 -q -F "$1/fs.img" ;;
-    *) echo "bench_scratch_pool: unknown filesystem $3" >&2; return 1 ;;
-  esac
-  mkdir -p "$1/mnt"
-  mount -o loop "$1/fs.img" "$1/mnt"
+  _bench_scratch_tool make "$@"
 }
 
 # bench_cleanup WORK: detaches every loop device backed by a file under WORK
-# (a driver's block volumes, attached on the scratch filesystem, keep it
-# busy: detached first, while their paths still read as under WORK),
-# unmounts everything under WORK (deepest first), detaches the scratch
-# filesystem's own device, removes it all.
+# (a driver's block volumes keep the scratch filesystem busy), unmounts
+# everything under WORK (deepest first), detaches the scratch filesystem's
+# own device, removes it all.
 bench_cleanup() {
-  _bench_detach_under "$1"
-  awk -v d="$1/" 'index($5, d) == 1 {print length($5), $5}' /proc/self/mountinfo |
-    sort -rn | cut -d' ' -f2- | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  _bench_detach_under "$1"
-  rm -rf "$1"
-}
-# Part of bench_cleanup: detaches the loop devices backed by files under $1.
-_bench_detach_under() {
-  local f
-  for f in /sys/block/loop*/loop/backing_file; do
-    [[ -r $f ]] && grep -q "^$1/" "$f" 2>/dev/null &&
-      losetup -d "/dev/$(basename "$(dirname "$(dirname "$f")")")" 2>/dev/null
-  done
-  return 0
+  _bench_scratch_tool remove "$1"
 }

@@ -3,7 +3,7 @@
 # controller publish, stage, publish, unpublish, unstage, controller
 # unpublish, delete), by layout: `strace -f -c` attached to `filevol serve`
 # while `filevol bench` runs BENCH_VOLUMES lifecycles one at a time, each
-# count divided by the lifecycles. The figures in README.md (Performance)
+# count divided by the lifecycles. The figures in docs/src/performance.md
 # come from here. Needs root and strace.
 #   scripts/bench/syscalls-per-lifecycle.sh            # this checkout's release build
 #   FILEVOL_BIN=/path/to/filevol scripts/bench/syscalls-per-lifecycle.sh

@@ -49,4 +49,4 @@ fi
 echo "msrv: $(/usr/bin/cargo --version), $(/usr/bin/rustc --version)"
 # As root every test runs, those that mount included.
 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc CARGO_TARGET_DIR=target/msrv \
-  /usr/bin/cargo test --quiet --locked --lib --bins --examples -- --include-ignored
+  /usr/bin/cargo test --quiet --locked --workspace --lib --bins --examples -- --include-ignored

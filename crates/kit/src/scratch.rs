@@ -14,7 +14,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use super::tempdir::TempDir;
-use filevol_core::sys::{loopdev, mount};
+use filevol_core::sys::{loopdev, mount, mountinfo};
 
 /// A mounted scratch filesystem on a loop device.
 #[derive(Debug)]
@@ -31,44 +31,9 @@ impl LoopFs {
     pub fn new(fs: &str, size_mib: u64) -> LoopFs {
         super::needs::root();
         let dir = TempDir::new().expect("make a temporary directory");
-        let image = dir.path().join("fs.img");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("make the mount point");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(size_mib << 20))
-            .expect("make the image");
-        let mkfs = match fs {
-            "xfs" => Command::new("mkfs.xfs")
-                .args(["-q", "-m", "reflink=1"])
-                .arg(&image)
-                .status(),
-            "ext4" => Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .arg(&image)
-                .status(),
-            other => Command::new(format!("mkfs.{other}"))
-                .arg("-q")
-                .arg(&image)
-                .status(),
-        };
-        assert!(mkfs.expect("run mkfs").success(), "mkfs.{fs} failed");
-        let device = loopdev::attach_with_block_size(&image, false, false, 512)
-            .expect("attach the image to a loop device")
-            .device;
-        let mounted = mount::mount_fs(
-            &device.path(),
-            &mnt,
-            fs,
-            rustix::mount::MountFlags::empty(),
-            "",
-        );
-        if let Err(e) = mounted {
-            // Best effort: the mount's failure is the one to report.
-            let _ = device.detach();
-            panic!("mount {fs} from {}: {e}", device.path().display());
-        }
+        let device = make_at(dir.path(), fs, size_mib << 20).unwrap_or_else(|e| panic!("{e}"));
         LoopFs {
-            mnt,
+            mnt: dir.path().join("mnt"),
             device,
             _dir: dir,
         }
@@ -86,6 +51,99 @@ impl Drop for LoopFs {
         // After a lazy unmount the device is still in use; the kernel then
         // detaches it when the filesystem lets go of it.
         let _ = self.device.detach();
+    }
+}
+
+/// Makes a filesystem of type `fs` ("xfs" with reflink, "ext4", "btrfs") in
+/// a sparse `dir/fs.img` of `bytes`, attaches it with 512-byte sectors and
+/// mounts it at `dir/mnt`: what [`LoopFs`] and the `scratch-pool` tool of
+/// the shell benchmarks both do. On an error nothing stays attached.
+pub fn make_at(dir: &Path, fs: &str, bytes: u64) -> Result<loopdev::LoopDevice, String> {
+    let image = dir.join("fs.img");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).map_err(|e| format!("make {}: {e}", mnt.display()))?;
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(bytes))
+        .map_err(|e| format!("make {}: {e}", image.display()))?;
+    let mut mkfs = match fs {
+        "xfs" => {
+            let mut c = Command::new("mkfs.xfs");
+            c.args(["-q", "-m", "reflink=1"]);
+            c
+        }
+        "ext4" => {
+            let mut c = Command::new("mkfs.ext4");
+            c.args(["-q", "-F"]);
+            c
+        }
+        other => {
+            let mut c = Command::new(format!("mkfs.{other}"));
+            c.arg("-q");
+            c
+        }
+    };
+    let status = mkfs
+        .arg(&image)
+        .status()
+        .map_err(|e| format!("run mkfs.{fs}: {e}"))?;
+    if !status.success() {
+        return Err(format!("mkfs.{fs} failed ({status})"));
+    }
+    let device = loopdev::attach_with_block_size(&image, false, false, 512)
+        .map_err(|e| format!("attach {} to a loop device: {e}", image.display()))?
+        .device;
+    let mounted = mount::mount_fs(
+        &device.path(),
+        &mnt,
+        fs,
+        rustix::mount::MountFlags::empty(),
+        "",
+    );
+    if let Err(e) = mounted {
+        // Best effort: the mount's failure is the one to report.
+        let _ = device.detach();
+        return Err(format!("mount {fs} from {}: {e}", device.path().display()));
+    }
+    Ok(device)
+}
+
+/// Removes `work` and everything a benchmark left under it: the loop
+/// devices backed by files there (a driver's block volumes keep the scratch
+/// filesystem busy, so they go first, while their paths still read as under
+/// `work`), every mount under it, deepest first, then the scratch
+/// filesystem's own device, then the files. Best effort throughout; what
+/// could not be undone is returned.
+pub fn remove_tree(work: &Path) -> Result<(), String> {
+    let mut problems = Vec::new();
+    super::leaks::detach_loops_under(work);
+    let mut points: Vec<PathBuf> = mountinfo::read()
+        .map_err(|e| format!("read the mount table: {e}"))?
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|p| p.starts_with(work) && p != work)
+        .collect();
+    // A path mounted over twice is listed twice; one lazy unmount of it
+    // takes the whole stack.
+    points.sort();
+    points.dedup();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in &points {
+        if let Err(e) = mount::unmount_lazily(p) {
+            problems.push(format!("unmount {}: {e}", p.display()));
+        }
+    }
+    // The scratch filesystem's own device, free now that nothing is
+    // mounted from it (a lazy unmount lets the kernel detach it later).
+    super::leaks::detach_loops_under(work);
+    match std::fs::remove_dir_all(work) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => problems.push(format!("remove {}: {e}", work.display())),
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
     }
 }
 

@@ -62,7 +62,7 @@ pub fn quick(device: &Path, image: &Path, expected: FsType) -> io::Result<Option
     // process's life. A window is 768 KiB: allocated per probe, glibc
     // raises its mmap threshold after the first free and serves the next
     // ones from each worker's arena, which keeps them, so 16 workers held
-    // 12 MiB (the driver's peak RSS grew by 7 MiB under `bench-compare`).
+    // 12 MiB (the driver's peak RSS grew by 7 MiB under `scripts/bench/compare.sh`).
     // Reading a window takes well under a millisecond, so the turns cost
     // little; a device that hangs the read is on the pool every stage here
     // uses anyway.
