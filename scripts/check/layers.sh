@@ -6,6 +6,8 @@
 #   `cargo test -p filevol-core` never waits for gRPC core's C++ build.
 # - Nothing shipped links the test kit: the driver's normal and build
 #   dependencies do not reach filevol-kit.
+# - Inside filevol-core, each module imports only from the layers below it
+#   (the table below; comments are not imports).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -20,5 +22,33 @@ if grep -E '^filevol-kit[ @]' <<<"$shipped" | sort -u | grep .; then
   echo "layers: the filevol binary links the test kit" >&2
   status=1
 fi
-((status == 0)) && echo "layers: filevol-core has no gRPC; nothing shipped links filevol-kit"
+# module: what its code may name as crate::<module>
+declare -A allowed=(
+  [sys]="sys faults"
+  [units]=""
+  [faults]=""
+  [error_chain]=""
+  [volume]="volume units"
+  [changed_blocks]="changed_blocks sys"
+  [pool]="pool volume changed_blocks sys units faults error_chain"
+  [node]="node pool volume sys units faults error_chain"
+)
+core=crates/core/src
+if grep -rn 'crate::{' "$core"; then
+  echo "layers: write one \`use crate::<module>...\` per module in filevol-core, so this check can read it" >&2
+  status=1
+fi
+for module in "${!allowed[@]}"; do
+  files=("$core/$module.rs")
+  [[ -d $core/$module ]] && files=("$core/$module")
+  while IFS= read -r hit; do
+    used=${hit##*crate::}
+    if [[ " ${allowed[$module]} " != *" $used "* ]]; then
+      echo "layers: filevol-core's $module imports crate::$used" >&2
+      status=1
+    fi
+  done < <(grep -rhE '^[^/]*\bcrate::[a-z_]+' "${files[@]}" | grep -v '^\s*//' |
+    grep -oE '\bcrate::[a-z_]+' | sort -u)
+done
+((status == 0)) && echo "layers: filevol-core has no gRPC, its modules import downwards only; nothing shipped links filevol-kit"
 exit "$status"

@@ -180,8 +180,8 @@ pub struct VolumeMeta {
     pub created_unix_ms: u64,
     /// ControllerPublish records written by filevol before attachments got
     /// records of their own (`attachments/`, see
-    /// [`attachments`](crate::pool::attachments)). Never added to now, only
-    /// removed from, so ask [`Pool::attachments`](crate::pool::Pool::attachments)
+    /// `pool::attachments`). Never added to now, only
+    /// removed from, so ask `Pool::attachments`
     /// which nodes a volume is published to: that is these and the records.
     /// Always written, even empty: a version that still expects the field
     /// must be able to read the record (a rollback, a replica not yet
