@@ -204,7 +204,7 @@ fn pool_code(rpc: Rpc, err: &PoolError) -> RpcStatusCode {
         // RESOURCE_EXHAUSTED in the spec's tables.
         PoolError::Exhausted { .. }
         | PoolError::NoSpace { .. }
-        | PoolError::Topology { .. }
+        | PoolError::Topology(_)
         | PoolError::AttachLimit { .. } => RpcStatusCode::RESOURCE_EXHAUSTED,
         PoolError::InUse(_) | PoolError::AttachedElsewhere { .. } | PoolError::NeedsReflink(_) => {
             RpcStatusCode::FAILED_PRECONDITION

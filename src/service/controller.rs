@@ -64,12 +64,7 @@ impl Operation for csi::CreateVolumeRequest {
         };
         if let Some(req) = self.accessibility_requirements.as_ref() {
             let requisite = req.requisite.iter().map(|t| &t.segments);
-            if !topology::reachable(&driver.config.topology, requisite) {
-                return Err(PoolError::Topology {
-                    pool: format!("{:?}", driver.config.topology),
-                }
-                .into());
-            }
+            topology::require(&driver.config.topology, requisite).map_err(PoolError::from)?;
         }
 
         spec.source.clone_from(&source);
