@@ -51,10 +51,7 @@ pub fn require<'a>(
     if reachable(pool, requisite.clone()) {
         return Ok(());
     }
-    let required: Vec<String> = requisite
-        .into_iter()
-        .map(segment_text)
-        .collect();
+    let required: Vec<String> = requisite.into_iter().map(segment_text).collect();
     Err(Unreachable {
         pool: segment_text(pool),
         required: required.join(" or "),
