@@ -99,6 +99,15 @@ impl From<filevol_core::volume::parameters::ParamError> for Error {
     }
 }
 
+impl From<filevol_core::node::PublishRefused> for Error {
+    fn from(e: filevol_core::node::PublishRefused) -> Self {
+        match e {
+            filevol_core::node::PublishRefused::Request(r) => r.into(),
+            filevol_core::node::PublishRefused::Node(n) => Error::Node(n),
+        }
+    }
+}
+
 impl From<filevol_core::changed_blocks::OutOfOrder> for Error {
     fn from(e: filevol_core::changed_blocks::OutOfOrder) -> Self {
         Error::Pool(PoolError::Io {
@@ -204,7 +213,7 @@ fn pool_code(rpc: Rpc, err: &PoolError) -> RpcStatusCode {
         // RESOURCE_EXHAUSTED in the spec's tables.
         PoolError::Exhausted { .. }
         | PoolError::NoSpace { .. }
-        | PoolError::Topology { .. }
+        | PoolError::Topology(_)
         | PoolError::AttachLimit { .. } => RpcStatusCode::RESOURCE_EXHAUSTED,
         PoolError::InUse(_) | PoolError::AttachedElsewhere { .. } | PoolError::NeedsReflink(_) => {
             RpcStatusCode::FAILED_PRECONDITION

@@ -33,7 +33,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use filevol_core::error_chain::message_chain;
+use filevol_core::node::Node;
 use filevol_core::pool::capacity::{tree_allocated, TreeUsage};
+use filevol_core::pool::Pool;
 use filevol_core::sys::untrusted::{WalkBounds, MAX_DEPTH};
 
 /// The bounds the measuring thread keeps to.
@@ -68,6 +71,29 @@ impl DirUsageLimits {
 /// The ids and data directories of the volumes to measure, or why they
 /// cannot be listed now.
 pub type Listing = Result<Vec<(String, PathBuf)>, String>;
+
+/// The directory volumes whose usage a process reports (with their data
+/// directories): with `every_volume` (a controller, or `--mode all`) every
+/// one in the pool, else those `node` has mounted under its kubelet
+/// directory (none without a node side). Read by the measuring thread, not
+/// by a scrape.
+pub fn to_measure(pool: &Pool, node: Option<&Node>, every_volume: bool) -> Listing {
+    let ids = if every_volume {
+        pool.dir_volume_ids().map_err(|e| message_chain(&e))?
+    } else if let Some(node) = node {
+        node.staged_dir_volumes(pool)
+            .map_err(|e| format!("read the mount table: {e}"))?
+    } else {
+        Vec::new()
+    };
+    Ok(ids
+        .into_iter()
+        .map(|id| {
+            let data = pool.data_path(&id);
+            (id, data)
+        })
+        .collect())
+}
 
 /// What a scrape reports of the directory volumes.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -16,6 +16,8 @@ use parking_lot::Mutex;
 
 use crate::error::code_name;
 use crate::rpc::Rpc;
+use filevol_core::node::Node;
+use filevol_core::pool::Pool;
 
 /// Upper bounds of the latency buckets, in seconds: from a bind mount
 /// (sub-millisecond) to an mkfs or a byte copy of a large image.
@@ -75,7 +77,82 @@ pub struct Gauges {
     pub dir_usage: dir_usage::DirUsageSummary,
 }
 
+/// The executor's load at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Load {
+    /// Calls waiting for a worker.
+    pub queued: usize,
+    /// Workers running a call.
+    pub busy: usize,
+}
+
+impl Gauges {
+    /// The gauges read now: the executor's `load`, the pool's figures from
+    /// one [`filevol_core::pool::room::Usage`] (the one GetCapacity answers
+    /// from, so they add up) and its allocation, the mounts of `node` where
+    /// this process serves one, and `dirs`, what the background measurement
+    /// of directory volumes last found ([`dir_usage`]): their trees are not
+    /// walked here. A figure that cannot be read is logged and reported as
+    /// 0.
+    pub fn read(
+        load: Load,
+        pool: &Pool,
+        node: Option<&Node>,
+        dirs: &dir_usage::DirUsageSummary,
+    ) -> Gauges {
+        let usage = pool.usage().unwrap_or_else(|e| {
+            log::warn!("metrics: pool usage: {e}");
+            Default::default()
+        });
+        let allocation = pool.allocation().unwrap_or_else(|e| {
+            log::warn!("metrics: pool allocation: {e}");
+            Default::default()
+        });
+        let counts = node.map(|n| {
+            n.mount_counts(pool).unwrap_or_else(|e| {
+                log::warn!("metrics: mounts of the pool's volumes: {e}");
+                (0, 0)
+            })
+        });
+        Gauges {
+            queued: load.queued,
+            busy: load.busy,
+            pool_capacity: usage.room(),
+            pool_size: usage.fs_size,
+            pool_free: usage.fs_free,
+            pool_used: usage.fs_size.saturating_sub(usage.fs_free),
+            pool_provisioned: usage.volume_bytes,
+            pool_snapshot_bytes: usage.snapshot_bytes,
+            pool_allocated_volumes: allocation.volume_images.saturating_add(dirs.bytes),
+            pool_allocated_snapshots: allocation.snapshots,
+            volumes: usage.volumes,
+            snapshots: usage.snapshots,
+            staged: counts.map(|c| c.0),
+            published: counts.map(|c| c.1),
+            dir_usage: dirs.clone(),
+        }
+    }
+}
+
 impl Metrics {
+    /// The whole Prometheus exposition of a process: its call metrics, the
+    /// gauges read now ([`Gauges::read`]), and where it serves a `node`,
+    /// the node's trim counters and fences.
+    pub fn exposition(
+        &self,
+        load: Load,
+        pool: &Pool,
+        node: Option<&Node>,
+        dirs: &dir_usage::DirUsageSummary,
+    ) -> String {
+        let mut text = self.render(&Gauges::read(load, pool, node, dirs));
+        if let Some(node) = node {
+            render_trims(&mut text, node.trim_totals().read());
+            render_fences(&mut text, node.custody_counts());
+        }
+        text
+    }
+
     /// Counts one finished call.
     pub fn record(&self, rpc: Rpc, code: RpcStatusCode, elapsed: Duration) {
         let name = rpc.to_string();
@@ -387,6 +464,41 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn the_exposition_reads_the_pool_and_leaves_out_what_no_node_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(
+            dir.path(),
+            filevol_core::pool::PoolOptions {
+                reserve_bytes: 0,
+                overcommit: 1.0,
+                topology: BTreeMap::new(),
+                janitor: false,
+            },
+        )
+        .unwrap();
+        let dirs = dir_usage::DirUsageSummary {
+            bytes: 4096,
+            ..Default::default()
+        };
+        let text = Metrics::default().exposition(Load { queued: 3, busy: 2 }, &pool, None, &dirs);
+        for line in [
+            "filevol_worker_queue_depth 3",
+            "filevol_workers_busy 2",
+            "filevol_pool_volumes 0",
+            "filevol_pool_allocated_bytes{kind=\"volume\"} 4096",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        for family in [
+            "filevol_volumes_staged",
+            "filevol_trims_total",
+            "filevol_fences",
+        ] {
+            assert!(!text.contains(family), "{family} without a node:\n{text}");
+        }
     }
 
     #[test]

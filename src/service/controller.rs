@@ -19,7 +19,7 @@ use crate::rpc::Rpc;
 use filevol_core::pool::attachments::Attachments;
 use filevol_core::pool::capability::{self, Capability};
 use filevol_core::pool::{new_volume, PoolError, ALIGN};
-use filevol_core::volume::meta::{Layout, Source};
+use filevol_core::volume::meta::Source;
 use filevol_core::volume::parameters;
 use filevol_core::volume::{ids, topology};
 
@@ -64,12 +64,7 @@ impl Operation for csi::CreateVolumeRequest {
         };
         if let Some(req) = self.accessibility_requirements.as_ref() {
             let requisite = req.requisite.iter().map(|t| &t.segments);
-            if !topology::reachable(&driver.config.topology, requisite) {
-                return Err(PoolError::Topology {
-                    pool: format!("{:?}", driver.config.topology),
-                }
-                .into());
-            }
+            topology::require(&driver.config.topology, requisite).map_err(PoolError::from)?;
         }
 
         spec.source.clone_from(&source);
@@ -374,8 +369,7 @@ impl Operation for csi::ControllerExpandVolumeRequest {
             let v = driver.pool.expand_volume(&id, range)?;
             let mut resp = csi::ControllerExpandVolumeResponse::new();
             resp.capacity_bytes = convert::count(v.capacity_bytes);
-            // The loop device and the filesystem grow on the node.
-            resp.node_expansion_required = v.layout == Layout::Image;
+            resp.node_expansion_required = v.layout.expands_on_node();
             Ok(resp)
         })
         .locking(key))

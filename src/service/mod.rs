@@ -22,12 +22,11 @@ use protobuf::MessageFull;
 use crate::config::Config;
 use crate::error::Error;
 use crate::executor::{Executor, Job};
-use crate::metrics::dir_usage::DirUsageSummary;
-use crate::metrics::Gauges;
+use crate::metrics::dir_usage::{self, DirUsageSummary};
+use crate::metrics::Load;
 use crate::proto::{csi, grpc};
 use crate::redact::redacted_text;
 use crate::rpc::{Rpc, Service};
-use filevol_core::error_chain::message_chain;
 use filevol_core::node::Node;
 use filevol_core::pool::Pool;
 
@@ -104,71 +103,29 @@ impl Driver {
     }
 
     /// The directory volumes whose usage this process's metrics report
-    /// (with their data directories): a controller (or `--mode all`) every
-    /// one in the pool, a node plugin those mounted under its kubelet
-    /// directory. Read by the measuring thread, not by a scrape.
-    pub fn dir_volumes_to_measure(&self) -> crate::metrics::dir_usage::Listing {
-        let ids = if self.config.mode.serves_controller() {
-            self.pool.dir_volume_ids().map_err(|e| message_chain(&e))?
-        } else if let Some(node) = &self.node {
-            node.staged_dir_volumes(&self.pool)
-                .map_err(|e| format!("read the mount table: {e}"))?
-        } else {
-            Vec::new()
-        };
-        Ok(ids
-            .into_iter()
-            .map(|id| {
-                let data = self.pool.data_path(&id);
-                (id, data)
-            })
-            .collect())
+    /// (see [`dir_usage::to_measure`]): a controller (or `--mode all`)
+    /// every one in the pool, a node plugin those mounted under its
+    /// kubelet directory.
+    pub fn dir_volumes_to_measure(&self) -> dir_usage::Listing {
+        dir_usage::to_measure(
+            &self.pool,
+            self.node.as_ref(),
+            self.config.mode.serves_controller(),
+        )
     }
 
-    /// The Prometheus exposition: call metrics plus gauges read now. The
-    /// pool's figures come from one [`filevol_core::pool::room::Usage`], the
-    /// one GetCapacity answers from, so they add up. Directory volumes'
-    /// trees are not walked here: `dirs` is what the background measurement
-    /// last found (`metrics::dir_usage`).
+    /// The Prometheus exposition (see `metrics::Metrics::exposition`);
+    /// `dirs` is what the background measurement of directory volumes last
+    /// found.
     pub fn metrics_text(&self, dirs: &DirUsageSummary) -> String {
         let workers = self.executor.workers();
-        let usage = self.pool.usage().unwrap_or_else(|e| {
-            log::warn!("metrics: pool usage: {e}");
-            Default::default()
-        });
-        let allocation = self.pool.allocation().unwrap_or_else(|e| {
-            log::warn!("metrics: pool allocation: {e}");
-            Default::default()
-        });
-        let counts = self.node.as_ref().map(|n| {
-            n.mount_counts(&self.pool).unwrap_or_else(|e| {
-                log::warn!("metrics: mounts of the pool's volumes: {e}");
-                (0, 0)
-            })
-        });
-        let gauges = Gauges {
+        let load = Load {
             queued: workers.queued(),
             busy: workers.busy(),
-            pool_capacity: usage.room(),
-            pool_size: usage.fs_size,
-            pool_free: usage.fs_free,
-            pool_used: usage.fs_size.saturating_sub(usage.fs_free),
-            pool_provisioned: usage.volume_bytes,
-            pool_snapshot_bytes: usage.snapshot_bytes,
-            pool_allocated_volumes: allocation.volume_images.saturating_add(dirs.bytes),
-            pool_allocated_snapshots: allocation.snapshots,
-            volumes: usage.volumes,
-            snapshots: usage.snapshots,
-            staged: counts.map(|c| c.0),
-            published: counts.map(|c| c.1),
-            dir_usage: dirs.clone(),
         };
-        let mut text = self.executor.metrics().render(&gauges);
-        if let Some(node) = &self.node {
-            crate::metrics::render_trims(&mut text, node.trim_totals().read());
-            crate::metrics::render_fences(&mut text, node.custody_counts());
-        }
-        text
+        self.executor
+            .metrics()
+            .exposition(load, &self.pool, self.node.as_ref(), dirs)
     }
 }
 

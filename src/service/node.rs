@@ -11,7 +11,7 @@ use crate::executor::Job;
 use crate::proto::csi;
 use crate::proto::csi::node_service_capability::rpc::Type as NodeCap;
 use crate::rpc::Rpc;
-use filevol_core::node::{ephemeral, Node, NodeError, Request};
+use filevol_core::node::{Node, Request};
 use filevol_core::pool::capability::Capability;
 use filevol_core::volume::meta::VolumeMeta;
 
@@ -112,41 +112,21 @@ impl Operation for csi::NodePublishVolumeRequest {
         let target = node_path(driver, "target_path", &self.target_path)?;
         let cap = required_capability(&self.volume_capability)?;
         let req = request(&self.volume_id, &cap, self.readonly)?;
-        let (driver, id) = (Arc::clone(driver), self.volume_id.clone());
-        if ephemeral::requested(&self.volume_context) {
-            let spec = ephemeral::spec(&self.volume_id, &cap, &self.volume_context)?;
-            let staging = ephemeral_staging(&driver, &self.volume_id)?;
-            return Ok(Job::new(move || {
-                node(&driver)?.publish_ephemeral(&driver.pool, &spec, &staging, &target, &req)?;
-                Ok(csi::NodePublishVolumeResponse::new())
-            })
-            .locking(volume_key(&id)));
-        }
-        if self.staging_target_path.is_empty() {
-            return Err(NodeError::NotStaged {
-                id: self.volume_id,
-                path: PathBuf::new(),
-            }
-            .into());
-        }
-        let staging = node_path(&driver, "staging_target_path", &self.staging_target_path)?;
+        let publication = node(driver)?.plan_publish(
+            &driver.config.driver_name,
+            &req,
+            &cap,
+            &self.volume_context,
+            &self.staging_target_path,
+        )?;
+        let driver = Arc::clone(driver);
+        let key = volume_key(&self.volume_id);
         Ok(Job::new(move || {
-            let v = volume_for(&driver, &req.volume_id, &cap)?;
-            node(&driver)?.publish(&driver.pool, &v, &staging, &target, &req)?;
+            node(&driver)?.publish_volume(&driver.pool, &publication, &target, &req)?;
             Ok(csi::NodePublishVolumeResponse::new())
         })
-        .locking(volume_key(&id)))
+        .locking(key))
     }
-}
-
-/// Where an ephemeral volume is staged: the plugin's own directory under
-/// the kubelet directory.
-fn ephemeral_staging(driver: &Driver, volume_id: &str) -> Result<PathBuf, Error> {
-    Ok(ephemeral::staging(
-        node(driver)?.kubelet_dir(),
-        &driver.config.driver_name,
-        volume_id,
-    ))
 }
 
 impl Operation for csi::NodeUnpublishVolumeRequest {
@@ -159,11 +139,12 @@ impl Operation for csi::NodeUnpublishVolumeRequest {
         let (driver, id) = (Arc::clone(driver), self.volume_id);
         let key = volume_key(&id);
         Ok(Job::new(move || {
-            let node = node(&driver)?;
-            let pool_id = ephemeral::pool_id(&driver.pool, &id)?;
-            node.unpublish(&driver.pool, &pool_id, &target)?;
-            // An ephemeral volume goes with its last (only) publish.
-            node.remove_ephemeral(&driver.pool, &id, &ephemeral_staging(&driver, &id)?)?;
+            node(&driver)?.unpublish_volume(
+                &driver.pool,
+                &driver.config.driver_name,
+                &id,
+                &target,
+            )?;
             Ok(csi::NodeUnpublishVolumeResponse::new())
         })
         .locking(key))

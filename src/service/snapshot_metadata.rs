@@ -4,10 +4,11 @@
 //! (`Executor::submit_stream`).
 //!
 //! The answers come from the pool filesystem's metadata
-//! (`filevol_core::changed_blocks`), never from reading volume data. Both calls
-//! answer VARIABLE_LENGTH runs, adjacent ones merged.
+//! (`filevol_core::pool::block_maps`, which decides which snapshots compare
+//! and reads their maps), never from reading volume data. Both calls answer
+//! VARIABLE_LENGTH runs, adjacent ones merged; this module checks the
+//! request and pages the runs into messages.
 
-use std::io;
 use std::sync::Arc;
 
 use super::{validate, Driver};
@@ -15,10 +16,9 @@ use crate::error::Error;
 use crate::executor::{Job, Messages};
 use crate::proto::csi;
 use crate::rpc::Rpc;
-use filevol_core::changed_blocks::{Delta, Pager, Run};
+use filevol_core::changed_blocks::{Pager, Run};
+use filevol_core::pool::block_maps::BlockMap;
 use filevol_core::pool::PoolError;
-use filevol_core::sys::extents::{DataRanges, ExtentMap};
-use filevol_core::volume::meta::{CopyMethod, SnapshotMeta};
 
 /// Runs per message when the caller leaves `max_results` at 0: about 14 KiB
 /// on the wire.
@@ -63,22 +63,18 @@ fn per_page(max_results: i32) -> Result<usize, Error> {
 /// The volume capacity the stream reports, and the starting offset checked
 /// against it. An offset at the capacity is the end of a stream already
 /// read: it gets an empty answer, not an error.
-fn bounds(snapshot: &SnapshotMeta, from: u64) -> Result<(u64, i64), Error> {
-    let capacity = snapshot.size_bytes;
+fn bounds(snapshot: &str, capacity: u64, from: u64) -> Result<i64, Error> {
     let wire = i64::try_from(capacity).map_err(|_| PoolError::Damaged {
-        path: format!("snapshots/{}", snapshot.id).into(),
+        path: format!("snapshots/{snapshot}").into(),
         problem: format!("size {capacity} does not fit the CSI int64"),
     })?;
     if from > capacity {
         return Err(Error::OutOfRange {
             field: "starting_offset",
-            reason: format!(
-                "{from} is past the end of snapshot {} ({capacity} bytes)",
-                snapshot.id
-            ),
+            reason: format!("{from} is past the end of snapshot {snapshot} ({capacity} bytes)"),
         });
     }
-    Ok((capacity, wire))
+    Ok(wire)
 }
 
 /// A run as the spec's `BlockMetadata`. Runs never pass the capacity, which
@@ -91,37 +87,19 @@ fn block(run: Run) -> csi::BlockMetadata {
     b
 }
 
-/// An error of the filesystem while reading its maps.
-fn read_error(what: &'static str, snapshot: String) -> impl Fn(io::Error) -> Error {
-    move |e| {
-        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            Error::Pool(PoolError::NeedsReflink(format!(
-                "the pool filesystem does not report {what} for snapshot {snapshot} ({e}); changed-block tracking needs a pool on xfs or btrfs"
-            )))
-        } else {
-            Error::Pool(PoolError::Io {
-                step: what,
-                path: format!("snapshots/{snapshot}/image").into(),
-                source: e,
-            })
-        }
-    }
-}
-
-/// The pages of `runs` as stream messages; at least one message, so even a
-/// snapshot with nothing to report tells the reader its capacity.
-fn messages<R, I>(
-    runs: I,
+/// The pages of `map`'s runs as stream messages; at least one message, so
+/// even a snapshot with nothing to report tells the reader its capacity.
+fn messages<R>(
+    map: BlockMap,
     from: u64,
-    capacity: u64,
     per_page: usize,
     make: impl Fn(Vec<csi::BlockMetadata>) -> R + Send + 'static,
 ) -> Messages<R>
 where
     R: Send + 'static,
-    I: Iterator<Item = Result<Run, Error>> + Send + 'static,
 {
-    let mut pages = Pager::new(runs, from, capacity, per_page);
+    let runs = map.runs.map(|r| r.map_err(Error::from));
+    let mut pages = Pager::new(runs, from, map.capacity, per_page);
     let mut sent_any = false;
     Box::new(std::iter::from_fn(move || match pages.next() {
         Some(page) => {
@@ -148,12 +126,9 @@ impl StreamOperation for csi::GetMetadataAllocatedRequest {
         let id = self.snapshot_id;
         let subject = format!("snapshot/{id}");
         let job = Job::new(move || {
-            let (snapshot, image) = driver.pool.open_snapshot_image(&id)?;
-            let (capacity, wire) = bounds(&snapshot, from)?;
-            let fail = read_error("data ranges", id);
-            let runs = DataRanges::new(image, from, capacity)
-                .map(move |r| r.map(|(start, end)| Run { start, end }).map_err(&fail));
-            Ok(messages(runs, from, capacity, per_page, move |blocks| {
+            let map = driver.pool.allocated_blocks(&id, from)?;
+            let wire = bounds(&id, map.capacity, from)?;
+            Ok(messages(map, from, per_page, move |blocks| {
                 let mut resp = csi::GetMetadataAllocatedResponse::new();
                 resp.block_metadata_type = csi::BlockMetadataType::VARIABLE_LENGTH.into();
                 resp.volume_capacity_bytes = wire;
@@ -178,25 +153,9 @@ impl StreamOperation for csi::GetMetadataDeltaRequest {
         let (base_id, target_id) = (self.base_snapshot_id, self.target_snapshot_id);
         let subject = format!("snapshot/{base_id}..{target_id}");
         let job = Job::new(move || {
-            let (base, base_image) = driver.pool.open_snapshot_image(&base_id)?;
-            let (target, target_image) = driver.pool.open_snapshot_image(&target_id)?;
-            comparable(&base, &target, driver.pool.root())?;
-            let (capacity, wire) = bounds(&target, from)?;
-            // The whole of both maps from `from` to the target's end: where
-            // the base is shorter (the volume grew between the two), its
-            // missing end reads as a hole, so the target's data there is
-            // reported.
-            let fail = read_error("extent maps", format!("{base_id} or {target_id}"));
-            let runs = Delta::new(
-                ExtentMap::new(base_image, from, capacity),
-                ExtentMap::new(target_image, from, capacity),
-                from,
-                capacity,
-            )
-            // Which of the two maps failed is not known here; both ids are
-            // in the call's log line.
-            .map(move |r| r.map_err(&fail));
-            Ok(messages(runs, from, capacity, per_page, move |blocks| {
+            let map = driver.pool.changed_blocks(&base_id, &target_id, from)?;
+            let wire = bounds(&target_id, map.capacity, from)?;
+            Ok(messages(map, from, per_page, move |blocks| {
                 let mut resp = csi::GetMetadataDeltaResponse::new();
                 resp.block_metadata_type = csi::BlockMetadataType::VARIABLE_LENGTH.into();
                 resp.volume_capacity_bytes = wire;
@@ -206,34 +165,4 @@ impl StreamOperation for csi::GetMetadataDeltaRequest {
         });
         Ok(job.about(subject))
     }
-}
-
-/// Whether comparing the extent maps of `base` and `target` proves what
-/// changed: two snapshots of one volume, both reflink copies of its image.
-/// A byte-for-byte copy shares no block with anything, so its map would
-/// report every allocated block as changed: correct, but a full backup in
-/// disguise, and the spec has a code for it.
-fn comparable(
-    base: &SnapshotMeta,
-    target: &SnapshotMeta,
-    pool: &std::path::Path,
-) -> Result<(), Error> {
-    if base.source_volume_id != target.source_volume_id {
-        return Err(PoolError::Unsupported(format!(
-            "snapshots {} and {} are of different volumes ({} and {}); a delta compares two snapshots of one volume",
-            base.id, target.id, base.source_volume_id, target.source_volume_id
-        ))
-        .into());
-    }
-    for s in [base, target] {
-        if s.method != CopyMethod::Reflink {
-            return Err(PoolError::NeedsReflink(format!(
-                "snapshot {} is a byte-for-byte copy (the pool filesystem at {} could not reflink when it was taken), so it shares no blocks with other snapshots and changed-block tracking is not available for it; take a full backup (GetMetadataAllocated), or put the pool on xfs (mkfs.xfs -m reflink=1) or btrfs",
-                s.id,
-                pool.display()
-            ))
-            .into());
-        }
-    }
-    Ok(())
 }

@@ -593,8 +593,20 @@ fn capacity_counts_what_volumes_were_promised() {
     let mut t = csi::Topology::new();
     t.segments
         .insert("topology.filevol.csi.rs/node".into(), "elsewhere".into());
-    r.accessible_topology = Some(t).into();
+    r.accessible_topology = Some(t.clone()).into();
     assert_eq!(c.get_capacity(&r).unwrap().available_capacity, 0);
+    // Nor is a volume made for it: the refusal names both segments.
+    let mut r = req::create("c", 8 * MIB);
+    let mut need = csi::TopologyRequirement::new();
+    need.requisite.push(t);
+    r.accessibility_requirements = Some(need).into();
+    let st = status(c.create_volume(&r));
+    assert_eq!(st.code(), RpcStatusCode::RESOURCE_EXHAUSTED);
+    assert_eq!(
+        st.message(),
+        "the pool's volumes are reachable only from topology {topology.filevol.csi.rs/node=test-node}; \
+         the request requires one of {topology.filevol.csi.rs/node=elsewhere}"
+    );
 }
 
 #[test]

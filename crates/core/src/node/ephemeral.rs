@@ -125,6 +125,13 @@ pub fn pool_id(pool: &Pool, volume_id: &str) -> Result<String, NodeError> {
 }
 
 impl Node {
+    /// Where this node stages the ephemeral volume kubelet calls
+    /// `volume_id`: [`staging`] under its kubelet directory, in the
+    /// directory of the plugin named `driver_name`.
+    pub fn ephemeral_staging(&self, driver_name: &str, volume_id: &str) -> PathBuf {
+        staging(self.kubelet_dir(), driver_name, volume_id)
+    }
+
     /// NodePublishVolume of an ephemeral volume: creates the pool volume
     /// described by `spec` (or finds it, on a retry), stages it at
     /// `staging` and publishes it at `target`; a failure undoes what this

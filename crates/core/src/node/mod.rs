@@ -4,7 +4,9 @@
 //! Where each part lives: `fences` (the pool fences held per staged
 //! volume), [`custody`] (who holds each device's fence, checked from the
 //! kernel), `devices` (this plugin's loop devices), `claim` (a stage's
-//! fence and device as one guard), `stage`, `publish`,
+//! fence and device as one guard), `stage`, `publish`, `publication`
+//! (whether a NodePublishVolume's volume is staged or ephemeral, and the
+//! order NodeUnpublishVolume removes an ephemeral one in),
 //! `stats` (stats and expansion), [`trim`] (giving freed space back to the
 //! pool), [`ephemeral`] (inline volumes, created
 //! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
@@ -55,6 +57,7 @@ pub mod kernel;
 mod mounts;
 pub mod paths;
 mod probe;
+mod publication;
 mod publish;
 mod rollback;
 mod stage;
@@ -73,6 +76,7 @@ pub use error::NodeError;
 use fences::Fences;
 use kernel::{Host, Kernel};
 use paths::Create;
+pub use publication::{Publication, PublishRefused};
 
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;

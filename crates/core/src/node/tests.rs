@@ -927,3 +927,120 @@ fn a_device_whose_fence_another_holds_is_reported_and_refused() {
     assert_eq!(bed.node.custody.unproven(&v.id), None);
     drop(other);
 }
+
+// ---- NodePublishVolume and NodeUnpublishVolume as the service asks ----
+
+#[test]
+fn a_publish_needs_a_stage_unless_its_context_makes_it_ephemeral() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let cap = Capability::plain(AccessType::Mount, "ext4", RWO);
+    let req = request(&v, RWO, false);
+    let none = std::collections::HashMap::new();
+    let plan = |staging: &str| {
+        bed.node
+            .plan_publish("filevol.test", &req, &cap, &none, staging)
+    };
+    // No staging path: the volume was not staged.
+    match plan("") {
+        Err(PublishRefused::Node(NodeError::NotStaged { id, path })) => {
+            assert_eq!((id, path), (v.id.clone(), PathBuf::new()));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        plan("/elsewhere/staging"),
+        Err(PublishRefused::Node(NodeError::OutsideKubeletDir { .. }))
+    ));
+    let staging = bed.path("staging/a");
+    let publication = plan(staging.to_str().unwrap()).unwrap();
+    assert!(matches!(&publication, Publication::Staged { staging: s, .. } if *s == staging));
+
+    let target = bed.path("pods/p/volumes/a");
+    assert!(matches!(
+        bed.node
+            .publish_volume(&bed.pool, &publication, &target, &req),
+        Err(NodeError::NotStaged { .. })
+    ));
+    bed.stage(&v, &staging, RWO).unwrap();
+    bed.node
+        .publish_volume(&bed.pool, &publication, &target, &req)
+        .unwrap();
+    assert_eq!(bed.kernel.mounted(), vec![staging.clone(), target.clone()]);
+    // The record is read and checked against the capability at publish.
+    let block = Capability::plain(AccessType::Block, "", RWO);
+    let wrong = bed
+        .node
+        .plan_publish(
+            "filevol.test",
+            &req,
+            &block,
+            &none,
+            staging.to_str().unwrap(),
+        )
+        .unwrap();
+    assert!(matches!(
+        bed.node.publish_volume(&bed.pool, &wrong, &target, &req),
+        Err(NodeError::Pool(crate::pool::PoolError::Unsupported(_)))
+    ));
+
+    // A volume that is not ephemeral stays staged and in the pool.
+    bed.node
+        .unpublish_volume(&bed.pool, "filevol.test", &v.id, &target)
+        .unwrap();
+    assert_eq!(bed.kernel.mounted(), vec![staging]);
+    assert!(bed.pool.volume(&v.id).is_ok());
+}
+
+#[test]
+fn an_ephemeral_publish_is_staged_in_the_plugins_directory_and_goes_with_its_unpublish() {
+    let bed = Bed::new();
+    let (_, req) = ephemeral_request("16Mi");
+    let cap = Capability::plain(AccessType::Mount, "ext4", RWO);
+    let context = |extra: (&str, &str)| {
+        std::collections::HashMap::from([
+            (ephemeral::EPHEMERAL_KEY.to_owned(), "true".to_owned()),
+            (extra.0.to_owned(), extra.1.to_owned()),
+        ])
+    };
+    // kubelet gives no staging path for an ephemeral volume.
+    let publication = bed
+        .node
+        .plan_publish("filevol.test", &req, &cap, &context(("size", "16Mi")), "")
+        .unwrap();
+    let staging = bed.path("plugins/filevol.test/ephemeral/csi-eph");
+    match &publication {
+        Publication::Ephemeral { spec, staging: s } => {
+            assert_eq!(*s, staging);
+            assert_eq!(spec.capacity.required, 16 * MIB);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Attributes it cannot take are the request's fault, named.
+    match bed
+        .node
+        .plan_publish("filevol.test", &req, &cap, &context(("color", "blue")), "")
+    {
+        Err(PublishRefused::Request(r)) => assert_eq!(r.field, "volume_context"),
+        other => panic!("{other:?}"),
+    }
+
+    let target = bed.path("pods/p/volumes/eph");
+    bed.node
+        .publish_volume(&bed.pool, &publication, &target, &req)
+        .unwrap();
+    let id = ids::derive(ids::Kind::Volume, "csi-eph");
+    assert_eq!(bed.kernel.mounted(), vec![staging.clone(), target.clone()]);
+    // Unpublish by kubelet's id: unbind, unstage, delete, in that order.
+    bed.node
+        .unpublish_volume(&bed.pool, "filevol.test", "csi-eph", &target)
+        .unwrap();
+    assert!(bed.pool.volume(&id).is_err(), "deleted");
+    assert!(!staging.exists());
+    assert!(bed.kernel.mounted().is_empty());
+    assert!(bed.kernel.attached_images().is_empty());
+    // kubelet's retry finds nothing left to do.
+    bed.node
+        .unpublish_volume(&bed.pool, "filevol.test", "csi-eph", &target)
+        .unwrap();
+}

@@ -52,11 +52,8 @@ pub enum PoolError {
         path: PathBuf,
     },
     /// The volume cannot be reached from the requested topology.
-    #[error("the pool serves topology {pool}, none of the requested segments")]
-    Topology {
-        /// The pool's segment.
-        pool: String,
-    },
+    #[error(transparent)]
+    Topology(#[from] crate::volume::topology::Unreachable),
     /// Another thread, process or host holds the object's lock in the pool.
     #[error("another operation on {kind} {id} is in progress (its lock in the pool is held); retry later")]
     Busy {

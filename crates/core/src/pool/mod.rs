@@ -25,7 +25,8 @@
 //! read, written and locked (and says why each rule holds across hosts);
 //! `volumes`, `snapshots` (and groups), [`attachments`] and [`capacity`] (with
 //! [`room`], its arithmetic)
-//! are the operations; `janitor` is the start-up clean-up, which only a
+//! are the operations; [`block_maps`] is what changed-block tracking reads
+//! of snapshots; `janitor` is the start-up clean-up, which only a
 //! controller runs; [`lock_reach`] says whether the pool's locks reach
 //! other hosts, which a shared pool needs.
 //!
@@ -37,6 +38,7 @@
 //! controller removes once the process that left it is gone.
 
 pub mod attachments;
+pub mod block_maps;
 pub mod capability;
 pub mod capacity;
 pub mod copy;

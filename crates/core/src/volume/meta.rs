@@ -19,6 +19,18 @@ pub enum Layout {
     Dir,
 }
 
+impl Layout {
+    /// Whether an expansion is finished on the node: an image's loop
+    /// device and filesystem grow where it is staged (NodeExpandVolume); a
+    /// directory has nothing to grow.
+    pub fn expands_on_node(self) -> bool {
+        match self {
+            Layout::Image => true,
+            Layout::Dir => false,
+        }
+    }
+}
+
 /// How the volume is handed to the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -21,6 +21,43 @@ pub fn reachable<'a>(
     requisite.peek().is_none() || requisite.any(|segment| within(pool, segment))
 }
 
+/// A CreateVolume whose requisite topologies the pool's volumes cannot be
+/// reached from. The message lists the pool's segment and each requisite
+/// segment as `{key=value, ...}`, keys sorted, so an operator sees at once
+/// which key or value differs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the pool's volumes are reachable only from topology {pool}; the request requires one of {required}")]
+pub struct Unreachable {
+    /// The pool's segment, as `{key=value, ...}`.
+    pub pool: String,
+    /// The requisite segments, each as `{key=value, ...}`, joined by ` or `.
+    pub required: String,
+}
+
+/// A segment as `{key=value, ...}`, in key order.
+fn segment_text<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    let mut pairs: Vec<_> = pairs.into_iter().collect();
+    pairs.sort();
+    let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{{{}}}", text.join(", "))
+}
+
+/// [`reachable`], as the refusal a CreateVolume gets when the pool is none
+/// of its `requisite` topologies.
+pub fn require<'a>(
+    pool: &BTreeMap<String, String>,
+    requisite: impl IntoIterator<Item = &'a HashMap<String, String>> + Clone,
+) -> Result<(), Unreachable> {
+    if reachable(pool, requisite.clone()) {
+        return Ok(());
+    }
+    let required: Vec<String> = requisite.into_iter().map(segment_text).collect();
+    Err(Unreachable {
+        pool: segment_text(pool),
+        required: required.join(" or "),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +107,20 @@ mod tests {
         assert!(reachable(&local, [&b, &a]));
         assert!(!reachable(&local, [&b]));
         assert!(reachable(&pool(&[]), [&b]));
+    }
+
+    #[test]
+    fn a_refusal_names_the_pools_segment_and_what_was_required() {
+        let local = pool(&[("topology.filevol.csi.rs/node", "a"), ("zone", "z")]);
+        let b = segment(&[("zone", "z"), ("topology.filevol.csi.rs/node", "b")]);
+        let c = segment(&[("topology.filevol.csi.rs/node", "c")]);
+        assert_eq!(require(&local, []), Ok(()));
+        let e = require(&local, [&b, &c]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the pool's volumes are reachable only from topology \
+             {topology.filevol.csi.rs/node=a, zone=z}; the request requires one of \
+             {topology.filevol.csi.rs/node=b, zone=z} or {topology.filevol.csi.rs/node=c}"
+        );
     }
 }
