@@ -103,7 +103,7 @@ impl Driver {
     }
 
     /// The directory volumes whose usage this process's metrics report
-    /// (see [`dir_usage::to_measure`]): a controller (or `--mode all`)
+    /// (see `dir_usage::to_measure`): a controller (or `--mode all`)
     /// every one in the pool, a node plugin those mounted under its
     /// kubelet directory.
     pub fn dir_volumes_to_measure(&self) -> dir_usage::Listing {
