@@ -23,12 +23,11 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use rustix::mount::MountFlags;
 
-use super::error::NodeError;
-use super::ext4::RenewError;
 use super::format::Content;
-use super::kernel::{Bound, Kernel};
+use super::kernel::{Bound, Kernel, Renewal};
 use super::mounts::FsMount;
 use crate::pool::Pool;
+use crate::sys::command::CommandError;
 use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
 use crate::sys::mount::MountState;
@@ -166,13 +165,13 @@ impl Recording {
         }
     }
 
-    fn node_error(&self, op: &'static str, detail: &Path) -> Result<(), NodeError> {
-        self.call(op, detail.display())
-            .map_err(|e| NodeError::Command {
-                command: format!("{op} {}", detail.display()),
-                status: "failed".into(),
-                stderr: e.to_string(),
-            })
+    /// Records a tool's call and fails it, as the tool would, if asked to.
+    fn tool(&self, op: &'static str, detail: &Path) -> Result<(), CommandError> {
+        self.call(op, detail.display()).map_err(|e| CommandError {
+            command: format!("{op} {}", detail.display()),
+            status: "failed".into(),
+            stderr: e.to_string(),
+        })
     }
 
     /// What the fake would show as the source of `path`: the mount there,
@@ -518,8 +517,8 @@ impl Kernel for Recording {
         Ok(out)
     }
 
-    fn probe(&self, device: &Path, _image: &Path, _expected: FsType) -> Result<Content, NodeError> {
-        self.node_error("probe", device)?;
+    fn probe(&self, device: &Path, _image: &Path, _expected: FsType) -> io::Result<Content> {
+        self.call("probe", device.display())?;
         let image = {
             let st = self.state.lock();
             st.loops
@@ -528,10 +527,10 @@ impl Kernel for Recording {
                 .map(|l| l.image.clone())
         };
         let Some(image) = image else {
-            return Err(NodeError::NotFound {
-                what: "fake loop device",
-                path: device.to_owned(),
-            });
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no such fake loop device",
+            ));
         };
         let bytes = std::fs::read(&image).unwrap_or_default();
         let head = String::from_utf8_lossy(&bytes[..bytes.len().min(64)]).into_owned();
@@ -547,13 +546,13 @@ impl Kernel for Recording {
         image: &Path,
         _reports_holes: bool,
         written: Option<bool>,
-    ) -> Result<bool, NodeError> {
+    ) -> io::Result<bool> {
         let bytes = std::fs::read(image).unwrap_or_default();
         Ok(written != Some(true) && bytes.iter().all(|&b| b == 0))
     }
 
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError> {
-        self.node_error("mkfs", file)?;
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError> {
+        self.tool("mkfs", file)?;
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
         writeln!(f, "{MARKER}{}", options.fs().as_str()).unwrap();
@@ -562,28 +561,28 @@ impl Kernel for Recording {
 
     /// Checks the marker "mkfs" wrote and the length, and writes a new
     /// "UUID" on the marker's second line (a counter: each copy its own).
-    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError> {
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> io::Result<Renewal> {
         use std::os::unix::fs::FileExt;
         self.call("renew_uuid", fs.as_str())?;
         let first = format!("{MARKER}{}\n", fs.as_str());
         let mut head = vec![0u8; first.len()];
         copy.read_exact_at(&mut head, 0)?;
         if head != first.as_bytes() || copy.metadata()?.len() != len {
-            return Err(RenewError::NotTemplate(
+            return Ok(Renewal::NotTemplate(
                 "no fake filesystem of that size".into(),
             ));
         }
         let uuid = self.state.lock().calls.len();
         copy.write_all_at(format!("uuid {uuid:08}\n").as_bytes(), head.len() as u64)?;
-        Ok(())
+        Ok(Renewal::Renewed)
     }
 
-    fn grow(&self, _fs: FsType, device: &Path, _mount_point: &Path) -> Result<(), NodeError> {
-        self.node_error("grow", device)
+    fn grow(&self, _fs: FsType, device: &Path, _mount_point: &Path) -> Result<(), CommandError> {
+        self.tool("grow", device)
     }
 
-    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError> {
-        self.node_error("btrfs_device_size", mount_point)?;
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, CommandError> {
+        self.tool("btrfs_device_size", mount_point)?;
         Ok(0)
     }
 }

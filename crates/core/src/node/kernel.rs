@@ -23,12 +23,12 @@ use std::path::{Path, PathBuf};
 
 use rustix::mount::MountFlags;
 
-use super::error::NodeError;
 use super::ext4::{self, RenewError};
 use super::format::{self, Content};
 use super::mounts::{self, FsMount};
 use super::probe;
 use crate::pool::Pool;
+use crate::sys::command::CommandError;
 use crate::sys::lock::LockKind;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
 use crate::sys::mount::{self, MountState};
@@ -43,6 +43,16 @@ pub struct Bound {
     /// A detach is pending: the device still serves its last opener and
     /// must not be used, nor a second device attached beside it.
     pub detaching: bool,
+}
+
+/// What [`Kernel::renew_uuid`] did with a copy of a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// The copy has its own UUID now.
+    Renewed,
+    /// The copy does not hold the filesystem a template makes (why, for
+    /// the log); nothing was written to it.
+    NotTemplate(String),
 }
 
 /// The kernel calls of the node side. Method names follow what they do to
@@ -163,25 +173,27 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
 
     /// What `device` (backed by `image`) holds; `expected` is the
     /// filesystem the stage wants, which only decides whether the answer
-    /// is clear enough to give without `blkid` (see `node::probe`).
-    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> Result<Content, NodeError>;
+    /// is clear enough to give without `blkid` (see `node::probe`). An
+    /// error is a probe that failed: the caller formats nothing.
+    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> io::Result<Content>;
     /// Whether an image is provably blank (see [`format::blank_image`]).
     fn blank_image(
         &self,
         image: &Path,
         reports_holes: bool,
         written: Option<bool>,
-    ) -> Result<bool, NodeError>;
+    ) -> io::Result<bool>;
     /// Makes a filesystem in the file `file`.
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError>;
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError>;
     /// Checks that `copy` (a copy of a template, see `node::template`)
     /// holds the whole `fs` of `len` bytes a template makes, then gives it
-    /// a fresh random UUID.
-    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError>;
+    /// a fresh random UUID; [`Renewal::NotTemplate`] when it does not hold
+    /// one (nothing was written).
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> io::Result<Renewal>;
     /// Grows the filesystem mounted at `mount_point` to fill `device`.
-    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError>;
+    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), CommandError>;
     /// The size of the one device of the btrfs mounted at `mount_point`.
-    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError>;
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, CommandError>;
 }
 
 /// The real kernel: `crate::sys` and the filesystem tools.
@@ -345,7 +357,7 @@ impl Kernel for Host {
         mounts::by_volume(pool, kubelet_dir)
     }
 
-    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> Result<Content, NodeError> {
+    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> io::Result<Content> {
         probe::probe(device, image, expected)
     }
 
@@ -354,29 +366,34 @@ impl Kernel for Host {
         image: &Path,
         reports_holes: bool,
         written: Option<bool>,
-    ) -> Result<bool, NodeError> {
+    ) -> io::Result<bool> {
         format::blank_image(image, reports_holes, written)
     }
 
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError> {
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError> {
         format::mkfs_file(file, options)
     }
 
-    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError> {
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> io::Result<Renewal> {
         if fs != FsType::Ext4 {
-            return Err(RenewError::NotTemplate(format!(
+            return Ok(Renewal::NotTemplate(format!(
                 "no in-process UUID for {}",
                 fs.as_str()
             )));
         }
-        ext4::renew_uuid(copy, len, ext4::random_uuid()?, ext4::random_bytes()?)
+        let (uuid, seed) = (ext4::random_uuid()?, ext4::random_bytes()?);
+        match ext4::renew_uuid(copy, len, uuid, seed) {
+            Ok(()) => Ok(Renewal::Renewed),
+            Err(RenewError::NotTemplate(why)) => Ok(Renewal::NotTemplate(why)),
+            Err(RenewError::Io(e)) => Err(e),
+        }
     }
 
-    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError> {
+    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), CommandError> {
         format::grow(fs, device, mount_point)
     }
 
-    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError> {
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, CommandError> {
         format::btrfs_device_size(mount_point)
     }
 }

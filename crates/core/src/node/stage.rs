@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::claim::Claim;
-use super::error::{sys, NodeError};
+use super::error::{probe_failed, sys, NodeError};
 use super::format::Content;
 use super::paths::Create;
 use super::rollback::Rollback;
@@ -296,7 +296,8 @@ impl Node {
             Content::Filesystem(fs.as_str().into())
         } else {
             self.kernel
-                .probe(&dev.path(), &pool.image_path(&v.id), fs)?
+                .probe(&dev.path(), &pool.image_path(&v.id), fs)
+                .map_err(probe_failed(dev.path()))?
         };
         match content {
             Content::Filesystem(found) if found == fs.as_str() => {}
@@ -411,7 +412,8 @@ impl Node {
         let image = pool.image_path(id);
         if !self
             .kernel
-            .blank_image(&image, pool.reports_holes(), v.written)?
+            .blank_image(&image, pool.reports_holes(), v.written)
+            .map_err(probe_failed(&image))?
         {
             return Ok((v, false));
         }
