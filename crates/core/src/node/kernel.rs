@@ -14,24 +14,32 @@
 //! cannot hide a path-handling mistake, and everything that is not a mount,
 //! a loop device or a filesystem tool (record keeping, fences, directory
 //! creation, fsGroup) stays real in the tests too.
+//!
+//! It speaks the kernel's vocabulary only: no pool, no node error. Questions
+//! about the pool's volumes ("which mounts hold volume `id`", "which lock
+//! records are the pool's") are not asked of it; it hands over the raw
+//! tables ([`Kernel::mount_table`], [`Kernel::lock_records`],
+//! [`Kernel::attached`]) and single `statx` answers ([`Kernel::identity`]),
+//! and `node::mounts` decides from them, the same code on the fake's tables
+//! as on the host's. The tools answer with `io::Error` (a probe that could
+//! not be made), a [`CommandError`] (a tool that failed, as it said it) or a
+//! [`Renewal`]; the node names the step in its own error (`NodeError`).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::mount::MountFlags;
 
 use super::ext4::{self, RenewError};
 use super::format::{self, Content};
-use super::mounts::{self, FsMount};
 use super::probe;
-use crate::pool::Pool;
 use crate::sys::command::CommandError;
-use crate::sys::lock::LockKind;
+use crate::sys::lock::{self, Recorded};
 use crate::sys::loopdev::{self, Attached, LoopDevice};
-use crate::sys::mount::{self, MountState};
+use crate::sys::mount::{self, Identity, MountState};
+use crate::sys::mountinfo::{self, MountEntry};
 use crate::volume::meta::FsType;
 use crate::volume::mkfs_options::Validated;
 
@@ -114,38 +122,15 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn mounted_read_only(&self, path: &Path) -> io::Result<bool>;
     /// Unmounts `path` (nothing mounted there is not an error).
     fn unmount(&self, path: &Path) -> io::Result<()>;
-    /// Every mount point of volume `id` under `kubelet_dir`, by identity
-    /// (see `node::mounts`).
-    fn mounts_of_volume(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-    ) -> io::Result<Vec<PathBuf>>;
-    /// Whether the mount on top at `path` holds volume `id` (see
-    /// `node::mounts::holds`), by identity as [`Kernel::mounts_of_volume`]
-    /// judges it.
-    fn mount_holds(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-        path: &Path,
-    ) -> io::Result<bool>;
-    /// Whether the device is mounted anywhere in this mount namespace.
-    fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool>;
-    /// Every mount point of the device in this mount namespace.
-    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>>;
-    /// The OFD locks this host records on the pool's filesystem, as
-    /// (inode, kind) (see `node::custody`).
-    fn pool_locks(&self, pool: &Pool) -> io::Result<Vec<(u64, LockKind)>>;
-    /// Ids of the pool's directory volumes bind-mounted under `under`.
-    fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>>;
-    /// The pool's image volumes with a filesystem mounted under
-    /// `kubelet_dir` (see `node::mounts::filesystems`).
-    fn filesystems(&self, pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>>;
+    /// This process's mount table (`/proc/self/mountinfo`). What a mount
+    /// holds is decided from it by `node::mounts`.
+    fn mount_table(&self) -> io::Result<Vec<MountEntry>>;
+    /// The OFD locks this host records (`/proc/locks`); which are the
+    /// pool's is decided by `node::mounts::pool_locks`.
+    fn lock_records(&self) -> io::Result<Vec<Recorded>>;
+    /// What one `statx` of `path` says (no final symlink followed): the
+    /// fast answer to "what does this mount hold" (`node::mounts`).
+    fn identity(&self, path: &Path) -> io::Result<Identity>;
     /// The id of the mount the object open at `fd` lies on.
     fn mount_id(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
     /// Whether the filesystem the object open at `fd` lies on is mounted
@@ -160,14 +145,6 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn trim(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
     /// Requests the device has in flight.
     fn in_flight(&self, dev: LoopDevice) -> io::Result<u64>;
-    /// How many mounts each of the pool's volumes has under
-    /// `kubelet_dir`, by identity (see `node::mounts`); volumes with none
-    /// are left out.
-    fn mounts_by_volume(
-        &self,
-        pool: &Pool,
-        kubelet_dir: &Path,
-    ) -> io::Result<BTreeMap<String, usize>>;
 
     // ---- filesystems ----
 
@@ -290,45 +267,16 @@ impl Kernel for Host {
         mount::unmount(path)
     }
 
-    fn mounts_of_volume(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-    ) -> io::Result<Vec<PathBuf>> {
-        mounts::of_volume(pool, id, device, kubelet_dir)
+    fn mount_table(&self) -> io::Result<Vec<MountEntry>> {
+        mountinfo::read()
     }
 
-    fn mount_holds(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-        path: &Path,
-    ) -> io::Result<bool> {
-        mounts::holds(pool, id, device, kubelet_dir, path)
+    fn lock_records(&self) -> io::Result<Vec<Recorded>> {
+        lock::recorded()
     }
 
-    fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {
-        mounts::loop_mounted(&dev)
-    }
-
-    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>> {
-        mounts::loop_mount_points(&dev)
-    }
-
-    fn pool_locks(&self, pool: &Pool) -> io::Result<Vec<(u64, LockKind)>> {
-        mounts::pool_locks(pool)
-    }
-
-    fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {
-        mounts::staged_dirs(pool, Some(under))
-    }
-
-    fn filesystems(&self, pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>> {
-        mounts::filesystems(pool, kubelet_dir)
+    fn identity(&self, path: &Path) -> io::Result<Identity> {
+        mount::identity(path)
     }
 
     fn mount_id(&self, fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -347,14 +295,6 @@ impl Kernel for Host {
 
     fn in_flight(&self, dev: LoopDevice) -> io::Result<u64> {
         dev.in_flight()
-    }
-
-    fn mounts_by_volume(
-        &self,
-        pool: &Pool,
-        kubelet_dir: &Path,
-    ) -> io::Result<BTreeMap<String, usize>> {
-        mounts::by_volume(pool, kubelet_dir)
     }
 
     fn probe(&self, device: &Path, image: &Path, expected: FsType) -> io::Result<Content> {

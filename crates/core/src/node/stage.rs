@@ -223,7 +223,6 @@ impl Node {
         for (bound, _) in found.into_iter().filter(|(_, backing)| *backing == key) {
             let dev = bound.device;
             let at = self
-                .kernel
                 .loop_mount_points(dev)
                 .map_err(sys("read", "/proc/self/mountinfo"))?;
             if let Some(at) = at.into_iter().next() {
@@ -555,8 +554,8 @@ impl Node {
             .bound(&image)
             .map_err(sys("find loop device of", &image))?;
         let mounts = self
-            .kernel
-            .mounts_of_volume(pool, id, bound.map(|b| b.device), &self.kubelet_dir)
+            .mounts(pool)
+            .of_volume(id, bound.map(|b| b.device))
             .map_err(sys("read", "/proc/self/mountinfo"))?;
         if let Some(at) = mounts.iter().find(|p| !p.starts_with(staging)) {
             return Err(NodeError::StillPublished {
@@ -603,7 +602,6 @@ impl Node {
         if let Some(bound) = bound {
             let dev = bound.device;
             if self
-                .kernel
                 .loop_mounted(dev)
                 .map_err(sys("read", "/proc/self/mountinfo"))?
             {
