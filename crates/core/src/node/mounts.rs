@@ -477,14 +477,398 @@ fn image_metadata(pool: &Pool, id: &str) -> io::Result<Option<std::fs::Metadata>
         .map_err(|e| io::Error::new(e.kind(), format!("stat {}: {e}", image.display())))
 }
 
+/// The classifiers on mount tables as the kernel writes them
+/// (`/proc/self/mountinfo`, fields escaped), one node layout each. The node
+/// tests (`node::tests`) run the same functions on the fake kernel's table.
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::lock::parse_recorded;
     use crate::sys::mountinfo;
+    use rustix::fs::makedev;
+
+    const KUBELET: &str = "/var/lib/kubelet";
+
+    fn loop_dev(number: u32) -> LoopDevice {
+        LoopDevice { number }
+    }
+
+    fn paths(list: &[&str]) -> Vec<PathBuf> {
+        list.iter().map(PathBuf::from).collect()
+    }
+
+    fn counts(list: &[(&str, usize)]) -> BTreeMap<String, usize> {
+        list.iter().map(|&(id, n)| (id.to_owned(), n)).collect()
+    }
+
+    fn kubelet() -> &'static Path {
+        Path::new(KUBELET)
+    }
+
+    /// An xfs pool on its own disk at /srv/filevol. Image volume `a` is on
+    /// loop3 (ext4): staged, published to two pods, and a tmpfs mounted
+    /// later over its second publish. Block volume `c` is on loop4: its
+    /// node bound at the block staging file and a block publish. A pod
+    /// also has loop40's node (another volume, a number that starts like
+    /// loop4's).
+    const XFS_POOL: &str = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+24 22 0:5 / /dev rw,nosuid,relatime shared:2 - devtmpfs udev rw,size=8046784k,nr_inodes=2011696,mode=755,inode64
+60 22 259:5 / /srv/filevol rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+81 22 7:3 / /var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/3f1a/globalmount rw,relatime shared:41 - ext4 /dev/loop3 rw
+82 22 7:3 / /var/lib/kubelet/pods/0a1b/volumes/kubernetes.io~csi/pvc-a/mount rw,relatime shared:41 - ext4 /dev/loop3 rw
+83 22 7:3 / /var/lib/kubelet/pods/0c2d/volumes/kubernetes.io~csi/pvc-a/mount rw,relatime shared:41 - ext4 /dev/loop3 rw
+84 83 0:61 / /var/lib/kubelet/pods/0c2d/volumes/kubernetes.io~csi/pvc-a/mount rw,relatime shared:50 - tmpfs tmpfs rw,size=65536k,inode64
+85 22 0:5 /loop4 /var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/pvc-c/device rw,nosuid,relatime shared:2 - devtmpfs udev rw,size=8046784k,nr_inodes=2011696,mode=755,inode64
+86 22 0:5 /loop4 /var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-c/0e3f rw,nosuid,relatime shared:2 - devtmpfs udev rw,size=8046784k,nr_inodes=2011696,mode=755,inode64
+87 22 0:5 /loop40 /var/lib/kubelet/pods/0e3f/volumeDevices/kubernetes.io~csi/pvc-z rw,nosuid,relatime shared:2 - devtmpfs udev rw,size=8046784k,nr_inodes=2011696,mode=755,inode64
+";
+
+    const STAGE_A: &str =
+        "/var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/3f1a/globalmount";
+    const PUBLISH_A1: &str = "/var/lib/kubelet/pods/0a1b/volumes/kubernetes.io~csi/pvc-a/mount";
+    const PUBLISH_A2: &str = "/var/lib/kubelet/pods/0c2d/volumes/kubernetes.io~csi/pvc-a/mount";
+    const STAGE_C: &str =
+        "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/pvc-c/device";
+    const PUBLISH_C: &str =
+        "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-c/0e3f";
+
+    #[test]
+    fn an_image_volume_is_found_by_its_loop_device_wherever_it_is_mounted() {
+        let table = mountinfo::parse(XFS_POOL);
+        let pool = Path::new("/srv/filevol");
+        // The publish with a tmpfs over it is not a's to unmount.
+        assert_eq!(
+            of_volume(&table, pool, "a", Some(loop_dev(3)), kubelet()),
+            paths(&[STAGE_A, PUBLISH_A1])
+        );
+        // A block volume: its node's binds, loop40's not among them.
+        assert_eq!(
+            of_volume(&table, pool, "c", Some(loop_dev(4)), kubelet()),
+            paths(&[STAGE_C, PUBLISH_C])
+        );
+        // No device: an image volume has nothing the table could show.
+        assert!(of_volume(&table, pool, "a", None, kubelet()).is_empty());
+        // Every mount of the device, the covered one too.
+        assert_eq!(
+            loop_mount_points(&table, loop_dev(3)),
+            paths(&[STAGE_A, PUBLISH_A1, PUBLISH_A2])
+        );
+        assert_eq!(
+            loop_mount_points(&table, loop_dev(40)),
+            paths(&["/var/lib/kubelet/pods/0e3f/volumeDevices/kubernetes.io~csi/pvc-z"])
+        );
+        assert!(loop_mount_points(&table, loop_dev(9)).is_empty());
+        // The gauges count every mount of the volume (the covered publish
+        // too); loop40 is not the pool's.
+        let loops = [(loop_dev(3), "a".to_owned()), (loop_dev(4), "c".to_owned())];
+        assert_eq!(
+            by_volume(&table, pool, kubelet(), &loops),
+            counts(&[("a", 3), ("c", 2)])
+        );
+        // Trims: a's filesystem through its stage, c (block) not at all,
+        // whatever order the table lists the mounts in.
+        let stage = FsMount {
+            id: "a".into(),
+            device: loop_dev(3),
+            mount_point: STAGE_A.into(),
+            mount_id: 81,
+        };
+        let reversed: Vec<MountEntry> = table.iter().rev().cloned().collect();
+        assert_eq!(
+            filesystems(&reversed, kubelet(), &loops),
+            std::slice::from_ref(&stage)
+        );
+        assert_eq!(filesystems(&table, kubelet(), &loops), [stage]);
+        assert!(staged_dirs(&table, pool, kubelet()).is_empty());
+    }
+
+    #[test]
+    fn the_pools_locks_are_those_on_the_device_the_table_names() {
+        let table = mountinfo::parse(XFS_POOL);
+        // /proc/locks writes major:minor in hex: 259:5 is 103:05.
+        let records = parse_recorded(
+            "\
+1: OFDLCK ADVISORY  WRITE -1 103:05:131 0 EOF
+2: OFDLCK ADVISORY  READ  -1 103:05:140 0 EOF
+3: OFDLCK ADVISORY  WRITE -1 103:02:131 0 EOF
+4: POSIX  ADVISORY  WRITE 812 103:05:150 0 EOF
+",
+        );
+        assert_eq!(
+            pool_locks(&table, Path::new("/srv/filevol"), &records).unwrap(),
+            [(131, LockKind::Exclusive), (140, LockKind::Shared)]
+        );
+        // A pool no mount holds (an empty table): no locks, no error.
+        assert!(pool_locks(&[], Path::new("/srv/filevol"), &records)
+            .unwrap()
+            .is_empty());
+    }
+
+    /// The same pool with directory volumes: `d` staged and published,
+    /// then a subPath of its publish; a bind of `e`'s volume directory (not
+    /// its data); `f`'s data in another pool on the root disk; `g`'s data
+    /// bound outside any kubelet directory.
+    const DIR_VOLUMES: &str = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+60 22 259:5 / /srv/filevol rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+90 22 259:5 /volumes/d/data /var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/7c4e/globalmount rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+91 22 259:5 /volumes/d/data /var/lib/kubelet/pods/1a2b/volumes/kubernetes.io~csi/pvc-d/mount ro,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+92 22 259:5 /volumes/d/data/logs /var/lib/kubelet/pods/1a2b/volume-subpaths/pvc-d/app/0 rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+93 22 259:5 /volumes/e /var/lib/kubelet/pods/3c4d/volumes/kubernetes.io~csi/pvc-e/mount rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+94 22 259:2 /srv/other/volumes/f/data /var/lib/kubelet/pods/5e6f/volumes/kubernetes.io~csi/pvc-f/mount rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+95 22 259:5 /volumes/g/data /mnt/debug rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+";
+
+    #[test]
+    fn a_dir_volume_is_found_by_the_root_of_its_binds() {
+        let table = mountinfo::parse(DIR_VOLUMES);
+        let pool = Path::new("/srv/filevol");
+        assert_eq!(staged_dirs(&table, pool, kubelet()), ["d"]);
+        assert_eq!(staged_dirs(&table, pool, Path::new("/")), ["d", "g"]);
+        // The subPath bind kubelet makes of a subdirectory is kubelet's:
+        // only binds of the data directory itself are the volume's.
+        assert_eq!(
+            of_volume(&table, pool, "d", None, kubelet()),
+            paths(&[
+                "/var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/7c4e/globalmount",
+                "/var/lib/kubelet/pods/1a2b/volumes/kubernetes.io~csi/pvc-d/mount",
+            ])
+        );
+        assert!(of_volume(&table, pool, "e", None, kubelet()).is_empty());
+        // The same path inside another filesystem is another pool's.
+        assert!(of_volume(&table, pool, "f", None, kubelet()).is_empty());
+        assert_eq!(
+            of_volume(&table, Path::new("/srv/other"), "f", None, kubelet()).len(),
+            1
+        );
+        assert_eq!(by_volume(&table, pool, kubelet(), &[]), counts(&[("d", 2)]));
+    }
+
+    /// A btrfs pool in subvolume `/filevol` of /dev/sdb, mounted at
+    /// /srv/pool: the table names the filesystem by its anonymous device
+    /// 0:45 and paths inside it from the top of the filesystem, and stat
+    /// of a file in the subvolume gives yet another device. Directory
+    /// volume `d` is staged; image volume `b` holds a btrfs on loop7, which
+    /// also shows an anonymous device.
+    const BTRFS_POOL: &str = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+61 22 0:45 /filevol /srv/pool rw,relatime shared:31 - btrfs /dev/sdb rw,space_cache=v2,subvolid=256,subvol=/filevol
+96 22 0:45 /filevol/volumes/d/data /var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/9a0b/globalmount rw,relatime shared:31 - btrfs /dev/sdb rw,space_cache=v2,subvolid=256,subvol=/filevol
+97 22 0:52 / /var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/5d6e/globalmount rw,relatime shared:42 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
+98 22 0:52 / /var/lib/kubelet/pods/7f80/volumes/kubernetes.io~csi/pvc-b/mount rw,relatime shared:42 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
+";
+
+    #[test]
+    fn on_btrfs_the_table_names_what_stat_cannot() {
+        let table = mountinfo::parse(BTRFS_POOL);
+        let pool = Path::new("/srv/pool");
+        let stage_b = "/var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/5d6e/globalmount";
+        assert_eq!(staged_dirs(&table, pool, kubelet()), ["d"]);
+        assert_eq!(
+            of_volume(&table, pool, "d", None, kubelet()),
+            paths(&["/var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/9a0b/globalmount"])
+        );
+        assert_eq!(
+            of_volume(&table, pool, "b", Some(loop_dev(7)), kubelet()),
+            paths(&[
+                stage_b,
+                "/var/lib/kubelet/pods/7f80/volumes/kubernetes.io~csi/pvc-b/mount"
+            ])
+        );
+        assert_eq!(
+            filesystems(&table, kubelet(), &[(loop_dev(7), "b".to_owned())]),
+            [FsMount {
+                id: "b".into(),
+                device: loop_dev(7),
+                mount_point: stage_b.into(),
+                mount_id: 97,
+            }]
+        );
+        // /proc/locks names the filesystem as the table does (0:45, hex
+        // 00:2d), not as stat of a file in the subvolume would (0:46).
+        let records = parse_recorded(
+            "\
+1: OFDLCK ADVISORY  WRITE -1 00:2d:300 0 EOF
+2: OFDLCK ADVISORY  WRITE -1 00:2e:301 0 EOF
+",
+        );
+        assert_eq!(
+            pool_locks(&table, pool, &records).unwrap(),
+            [(300, LockKind::Exclusive)]
+        );
+        // statx of b's stage shows an anonymous device, not loop7: only the
+        // table can tell, so the fast path hands the question over.
+        let at = Identity {
+            dev: makedev(0, 53),
+            ino: 256,
+            block: None,
+        };
+        let node = Identity {
+            dev: makedev(0, 5),
+            ino: 7_100,
+            block: Some(makedev(7, 7)),
+        };
+        assert!(!shows_device(&at, &node));
+        assert!(anonymous(&at));
+    }
+
+    #[test]
+    fn statx_proves_a_mount_of_the_device_or_the_data_directory() {
+        let node = |n| Identity {
+            dev: makedev(0, 5),
+            ino: 7_000 + u64::from(n),
+            block: Some(makedev(7, n)),
+        };
+        // A filesystem on loop3, at its root.
+        let fs = Identity {
+            dev: makedev(7, 3),
+            ino: 2,
+            block: None,
+        };
+        assert!(shows_device(&fs, &node(3)));
+        assert!(!shows_device(&fs, &node(4)));
+        assert!(!anonymous(&fs));
+        // loop4's node bound onto a file.
+        let bound = node(4);
+        assert!(shows_device(&bound, &node(4)));
+        assert!(!shows_device(&bound, &node(40)));
+        // A path that is not a block device names no device.
+        let not_a_node = Identity {
+            block: None,
+            ..node(3)
+        };
+        assert!(!shows_device(&fs, &not_a_node));
+        // A bind of a data directory: the same inode on the same device.
+        let data = Identity {
+            dev: makedev(259, 5),
+            ino: 131,
+            block: None,
+        };
+        assert!(is_dir(&data, &data));
+        assert!(!is_dir(&Identity { ino: 132, ..data }, &data));
+        assert!(!is_dir(
+            &Identity {
+                dev: makedev(259, 2),
+                ..data
+            },
+            &data
+        ));
+    }
+
+    /// What the kernel writes for what was removed while mounted: `d`'s
+    /// data directory deleted while bound at a publish (the root gets the
+    /// kernel's `//deleted` mark), and loop3's stage, whose image was
+    /// deleted (the table names the device, never the file behind it).
+    const DELETED: &str = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+60 22 259:5 / /srv/filevol rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+99 22 259:5 /volumes/d/data//deleted /var/lib/kubelet/pods/1a2b/volumes/kubernetes.io~csi/pvc-d/mount rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+100 22 7:3 / /var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/3f1a/globalmount rw,relatime shared:41 - ext4 /dev/loop3 rw
+";
+
+    #[test]
+    fn what_was_deleted_while_mounted() {
+        let table = mountinfo::parse(DELETED);
+        let pool = Path::new("/srv/filevol");
+        // A bind of a removed directory is no volume's: the table cannot
+        // tell it from any other directory that is gone.
+        assert_eq!(
+            table[2].root,
+            PathBuf::from("/volumes/d/data//deleted"),
+            "the mark is kept as the kernel wrote it"
+        );
+        assert!(staged_dirs(&table, pool, kubelet()).is_empty());
+        assert!(of_volume(&table, pool, "d", None, kubelet()).is_empty());
+        assert!(by_volume(&table, pool, kubelet(), &[]).is_empty());
+        // The device still holds a volume whose image is gone.
+        assert_eq!(
+            of_volume(&table, pool, "a", Some(loop_dev(3)), kubelet()),
+            paths(&[STAGE_A])
+        );
+    }
+
+    /// Two node plugins on one host: this one's kubelet directory is
+    /// /var/lib/kubelet, the other's /var/lib/kubelet-b (a name that
+    /// starts like this one's). Image volume `a` is the other's, on loop5;
+    /// directory volume `d` is staged read-only by both.
+    const TWO_PLUGINS: &str = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+60 22 259:5 / /srv/filevol rw,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+101 22 7:5 / /var/lib/kubelet-b/plugins/kubernetes.io/csi/filevol.csi.rs/aa11/globalmount rw,relatime shared:43 - ext4 /dev/loop5 rw
+102 22 7:5 / /var/lib/kubelet-b/pods/bb22/volumes/kubernetes.io~csi/pvc-a/mount rw,relatime shared:43 - ext4 /dev/loop5 rw
+103 22 259:5 /volumes/d/data /var/lib/kubelet-b/plugins/kubernetes.io/csi/filevol.csi.rs/cc33/globalmount ro,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+104 22 259:5 /volumes/d/data /var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/cc33/globalmount ro,noatime shared:30 - xfs /dev/nvme1n1 rw,attr2,inode64,logbufs=8,logbsize=32k,noquota
+";
+
+    #[test]
+    fn another_plugins_kubelet_directory_is_not_ours() {
+        let table = mountinfo::parse(TWO_PLUGINS);
+        let pool = Path::new("/srv/filevol");
+        let other = Path::new("/var/lib/kubelet-b");
+        let loops = [(loop_dev(5), "a".to_owned())];
+        // This plugin sees none of a's mounts as its own...
+        assert!(of_volume(&table, pool, "a", Some(loop_dev(5)), kubelet()).is_empty());
+        assert!(filesystems(&table, kubelet(), &loops).is_empty());
+        assert_eq!(
+            by_volume(&table, pool, kubelet(), &loops),
+            counts(&[("d", 1)])
+        );
+        // ...but sees that loop5 is mounted (so it adopts nothing of it).
+        assert_eq!(loop_mount_points(&table, loop_dev(5)).len(), 2);
+        // Each plugin has its own bind of d.
+        assert_eq!(staged_dirs(&table, pool, kubelet()), ["d"]);
+        assert_eq!(staged_dirs(&table, pool, other), ["d"]);
+        assert_eq!(
+            of_volume(&table, pool, "d", None, kubelet()),
+            paths(&["/var/lib/kubelet/plugins/kubernetes.io/csi/filevol.csi.rs/cc33/globalmount"])
+        );
+        assert_eq!(
+            filesystems(&table, other, &loops)
+                .iter()
+                .map(|m| m.mount_id)
+                .collect::<Vec<_>>(),
+            [101]
+        );
+    }
+
+    /// Names with a space, a tab and a backslash, which the kernel writes as
+    /// `\040`, `\011` and `\134`: a pool at "/srv/file vol" on the root
+    /// disk, another at "/mnt/pool disk/filevol" on its own disk, and pod
+    /// directories with such names.
+    const ESCAPES: &str = r"22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+105 22 259:2 /srv/file\040vol/volumes/d/data /var/lib/kubelet/pods/1a\0402b/volumes/kubernetes.io~csi/pvc\134d/mount rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+106 22 7:6 / /var/lib/kubelet/pods/1a\0402b/volumes/kubernetes.io~csi/pvc\011a/mount rw,relatime shared:44 - ext4 /dev/loop6 rw
+107 22 259:7 / /mnt/pool\040disk rw,noatime shared:32 - xfs /dev/sdc rw,attr2,inode64,noquota
+108 22 259:7 /filevol/volumes/e/data /var/lib/kubelet/pods/9c8d/volumes/kubernetes.io~csi/pvc-e/mount rw,noatime shared:32 - xfs /dev/sdc rw,attr2,inode64,noquota
+";
+
+    #[test]
+    fn escaped_names_are_compared_as_the_paths_they_stand_for() {
+        let table = mountinfo::parse(ESCAPES);
+        let pool = Path::new("/srv/file vol");
+        assert_eq!(staged_dirs(&table, pool, kubelet()), ["d"]);
+        assert_eq!(
+            of_volume(&table, pool, "d", None, kubelet()),
+            paths(&["/var/lib/kubelet/pods/1a 2b/volumes/kubernetes.io~csi/pvc\\d/mount"])
+        );
+        assert_eq!(
+            of_volume(&table, pool, "a", Some(loop_dev(6)), kubelet()),
+            paths(&["/var/lib/kubelet/pods/1a 2b/volumes/kubernetes.io~csi/pvc\ta/mount"])
+        );
+        let on_disk = Path::new("/mnt/pool disk/filevol");
+        assert_eq!(staged_dirs(&table, on_disk, kubelet()), ["e"]);
+        assert_eq!(
+            by_volume(&table, on_disk, kubelet(), &[(loop_dev(6), "a".to_owned())]),
+            counts(&[("a", 1), ("e", 1)])
+        );
+        // The escaped form is not the path.
+        assert!(staged_dirs(&table, Path::new(r"/srv/file\040vol"), kubelet()).is_empty());
+    }
 
     /// A node's mount table as the kernel writes it: a pool on /dev/sda1
-    /// (8:1, mounted at /) at /pool, kubelet at /k; loop3 and loop4 back two of the
-    /// pool's images, loop5 another pool's.
+    /// (8:1, mounted at /) at /pool, kubelet at /k; loop3 and loop4 back two
+    /// of the pool's images, loop5 another pool's.
     const TABLE: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
 30 22 7:3 / /k/plugins/kubernetes.io/csi/filevol.csi.rs/a/globalmount rw,relatime shared:20 - ext4 /dev/loop3 rw
@@ -514,10 +898,6 @@ mod tests {
         // pool's device, a bind of a volume's directory that is not its
         // data, another loop device's node and anything outside the
         // kubelet directory are not counted.
-        let expected: BTreeMap<String, usize> = [("a", 3), ("c", 3), ("d", 2)]
-            .into_iter()
-            .map(|(id, n)| (id.to_owned(), n))
-            .collect();
-        assert_eq!(counted, expected);
+        assert_eq!(counted, counts(&[("a", 3), ("c", 3), ("d", 2)]));
     }
 }
