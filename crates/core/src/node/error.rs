@@ -235,3 +235,27 @@ pub fn sys(step: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Erro
         }
     }
 }
+
+/// A filesystem tool that failed is reported as it said it
+/// ([`NodeError::Command`]).
+impl From<crate::sys::command::CommandError> for NodeError {
+    fn from(e: crate::sys::command::CommandError) -> NodeError {
+        let crate::sys::command::CommandError {
+            command,
+            status,
+            stderr,
+        } = e;
+        NodeError::Command {
+            command,
+            status,
+            stderr,
+        }
+    }
+}
+
+/// Builds the error for a probe that failed: the device (or image) is
+/// never formatted ([`NodeError::ProbeFailed`]).
+pub fn probe_failed(device: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> NodeError {
+    let device = device.into();
+    move |source| NodeError::ProbeFailed { device, source }
+}

@@ -10,45 +10,142 @@
 //! opens real directories under a temporary kubelet directory), so it reads
 //! the path behind each through `/proc/self/fd`.
 //!
+//! Which mount holds which volume is not decided here: the fake writes its
+//! mount table as the kernel writes `/proc/self/mountinfo` (mount id,
+//! parent, `major:minor`, root, mount point, options, filesystem type,
+//! source; names escaped) and hands it, parsed by `sys::mountinfo`, to
+//! the node, whose classifiers (`node::mounts`) are the ones that run on a
+//! real node. The fake's host is one filesystem, the one holding the
+//! temporary directory (mount `/`): a bind of a directory shows that
+//! filesystem's device and the directory's path as its root. A loop
+//! device's filesystem shows `7:N`, or an anonymous `0:N` for btrfs as
+//! the real one does; a bind of a device node shows devtmpfs with root
+//! `/loopN`. [`Kernel::identity`] answers from the same state (the device a
+//! mount shows, the node a bind stands for), so the statx fast path of
+//! `node::mounts` runs too. The fake's devices hold no lock of their own:
+//! it records none.
+//!
 //! "mkfs" writes a marker at the start of the file and "probe" reads it
 //! back: the image's bytes, not the fake's memory, say whether a volume was
 //! formatted, as they do for the real tools.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
+use rustix::fs::makedev;
 use rustix::mount::MountFlags;
 
-use super::error::NodeError;
-use super::ext4::RenewError;
 use super::format::Content;
-use super::kernel::{Bound, Kernel};
-use super::mounts::FsMount;
-use crate::pool::Pool;
-use crate::sys::lock::LockKind;
+use super::kernel::{Bound, Kernel, Renewal};
+use crate::sys::command::CommandError;
+use crate::sys::lock::Recorded;
 use crate::sys::loopdev::{self, Attached, LoopDevice};
-use crate::sys::mount::MountState;
+use crate::sys::mount::{Identity, MountState};
+use crate::sys::mountinfo::{self, MountEntry};
 use crate::volume::meta::FsType;
 use crate::volume::mkfs_options::Validated;
 
 /// What the fake's "mkfs" writes at the start of a file.
 const MARKER: &str = "FAKE-FILESYSTEM ";
 
+/// The major number of loop devices.
+const LOOP_MAJOR: u32 = 7;
+/// The `major:minor` the fake's devtmpfs shows.
+const DEVTMPFS: (u32, u32) = (0, 5);
+/// The first mount id the fake gives (the host's filesystem is 1).
+const FIRST_MOUNT_ID: u64 = 100;
+
 /// What a fake mount holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {
-    /// A loop device (a filesystem on it, or a bind of its node).
-    Device(PathBuf),
-    /// A directory bound from elsewhere.
-    Dir(PathBuf),
+    /// A filesystem of type `fs_type` on the loop device `number`.
+    Filesystem { number: u32, fs_type: String },
+    /// The node of the loop device `number` (a block stage or publish).
+    Node(u32),
+    /// A directory of the host's filesystem bound from elsewhere, with its
+    /// identity when it was bound.
+    Dir { path: PathBuf, dev: u64, ino: u64 },
+}
+
+impl Source {
+    /// The device number a mount of this shows (`st_dev` of its root, and
+    /// the table's `major:minor`): btrfs, as the real one, an anonymous
+    /// device rather than its block device.
+    fn dev(&self) -> u64 {
+        match self {
+            Source::Filesystem { number, fs_type } if fs_type == "btrfs" => {
+                makedev(0, 100 + number)
+            }
+            Source::Filesystem { number, .. } => makedev(LOOP_MAJOR, *number),
+            Source::Node(_) => makedev(DEVTMPFS.0, DEVTMPFS.1),
+            Source::Dir { dev, .. } => *dev,
+        }
+    }
+
+    /// What `statx` of a mount root of this says.
+    fn identity(&self) -> Identity {
+        match self {
+            // The root directory of a filesystem.
+            Source::Filesystem { .. } => Identity {
+                dev: self.dev(),
+                ino: 2,
+                block: None,
+            },
+            Source::Node(number) => node_identity(*number),
+            Source::Dir { dev, ino, .. } => Identity {
+                dev: *dev,
+                ino: *ino,
+                block: None,
+            },
+        }
+    }
+}
+
+/// What `statx` of the fake's `/dev/loopN` says.
+fn node_identity(number: u32) -> Identity {
+    Identity {
+        dev: makedev(DEVTMPFS.0, DEVTMPFS.1),
+        ino: 1000 + u64::from(number),
+        block: Some(makedev(LOOP_MAJOR, number)),
+    }
+}
+
+/// The number of a loop device path (`/dev/loopN`).
+fn loop_number(path: &Path) -> Option<u32> {
+    path.strip_prefix("/dev")
+        .ok()?
+        .to_str()?
+        .strip_prefix("loop")?
+        .parse()
+        .ok()
+}
+
+/// `major:minor` of a device number, as the mount table writes it.
+fn major_minor(dev: u64) -> String {
+    format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev))
+}
+
+/// Escapes a mount-table field as the kernel does: space, tab, newline and
+/// backslash as three octal digits.
+fn escape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    for c in field.chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
 struct Mount {
+    id: u64,
     target: PathBuf,
     source: Source,
     read_only: bool,
@@ -69,6 +166,7 @@ struct State {
     loops: Vec<Loop>,
     mounts: Vec<Mount>,
     next_loop: u32,
+    next_mount: u64,
     /// Devices whose detach the fake leaves pending (held open elsewhere).
     held_open: Vec<u32>,
     /// Images whose lock a device elsewhere (another host) holds: an
@@ -81,12 +179,27 @@ impl State {
     fn mount_at(&self, path: &Path) -> Option<&Mount> {
         self.mounts.iter().rev().find(|m| m.target == path)
     }
+
+    /// Adds a mount on top at `target`.
+    fn push_mount(&mut self, target: PathBuf, source: Source, read_only: bool) {
+        let id = self.next_mount;
+        self.next_mount += 1;
+        self.mounts.push(Mount {
+            id,
+            target,
+            source,
+            read_only,
+        });
+    }
 }
 
 /// The fake kernel. Device nodes it hands out are files in `dev_dir`.
 #[derive(Debug)]
 pub struct Recording {
     dev_dir: tempfile::TempDir,
+    /// The device of the host's one filesystem (see the module
+    /// documentation).
+    host_dev: u64,
     state: Mutex<State>,
 }
 
@@ -97,10 +210,14 @@ fn path_of(fd: BorrowedFd<'_>) -> io::Result<PathBuf> {
 impl Recording {
     /// An empty kernel: nothing attached, nothing mounted.
     pub fn new() -> Recording {
+        let dev_dir = tempfile::tempdir().unwrap();
+        let host_dev = std::fs::metadata(dev_dir.path()).unwrap().dev();
         Recording {
-            dev_dir: tempfile::tempdir().unwrap(),
+            dev_dir,
+            host_dev,
             state: Mutex::new(State {
                 next_loop: 900,
+                next_mount: FIRST_MOUNT_ID,
                 ..State::default()
             }),
         }
@@ -166,25 +283,79 @@ impl Recording {
         }
     }
 
-    fn node_error(&self, op: &'static str, detail: &Path) -> Result<(), NodeError> {
-        self.call(op, detail.display())
-            .map_err(|e| NodeError::Command {
-                command: format!("{op} {}", detail.display()),
-                status: "failed".into(),
-                stderr: e.to_string(),
-            })
+    /// Records a tool's call and fails it, as the tool would, if asked to.
+    fn tool(&self, op: &'static str, detail: &Path) -> Result<(), CommandError> {
+        self.call(op, detail.display()).map_err(|e| CommandError {
+            command: format!("{op} {}", detail.display()),
+            status: "failed".into(),
+            stderr: e.to_string(),
+        })
     }
 
-    /// What the fake would show as the source of `path`: the mount there,
-    /// a device node it handed out, or the directory itself.
-    fn source_at(st: &State, dev_dir: &Path, path: &Path) -> Source {
+    /// The fake's mount table as the kernel would write it
+    /// (`/proc/self/mountinfo`).
+    fn mountinfo(&self) -> String {
+        let st = self.state.lock();
+        let mut text = format!(
+            "1 1 {} / / rw,relatime shared:1 - ext4 /dev/root rw\n",
+            major_minor(self.host_dev)
+        );
+        for (i, m) in st.mounts.iter().enumerate() {
+            // It lies on the newest mount made before it at or above its
+            // mount point, or on the host's filesystem.
+            let parent = st.mounts[..i]
+                .iter()
+                .filter(|p| m.target.starts_with(&p.target))
+                .max_by_key(|p| p.target.as_os_str().len())
+                .map_or(1, |p| p.id);
+            let (root, fs_type, source) = match &m.source {
+                Source::Filesystem { number, fs_type } => (
+                    "/".to_owned(),
+                    fs_type.as_str(),
+                    format!("/dev/loop{number}"),
+                ),
+                Source::Node(number) => (format!("/loop{number}"), "devtmpfs", "udev".into()),
+                Source::Dir { path, .. } => {
+                    // The kernel marks a bound directory that was removed.
+                    let mut root = path.to_string_lossy().into_owned();
+                    if std::fs::symlink_metadata(path).is_err() {
+                        root.push_str("//deleted");
+                    }
+                    (root, "ext4", "/dev/root".into())
+                }
+            };
+            text.push_str(&format!(
+                "{} {parent} {} {} {} {},relatime shared:1 - {fs_type} {} rw\n",
+                m.id,
+                major_minor(m.source.dev()),
+                escape(&root),
+                escape(&m.target.to_string_lossy()),
+                if m.read_only { "ro" } else { "rw" },
+                escape(&source),
+            ));
+        }
+        text
+    }
+
+    /// What the fake would show as the source of a bind from `path`: the
+    /// mount there, a device node it handed out, or the directory itself.
+    fn source_at(st: &State, dev_dir: &Path, path: &Path) -> io::Result<Source> {
         if let Some(m) = st.mount_at(path) {
-            return m.source.clone();
+            return Ok(m.source.clone());
         }
-        if let Ok(rest) = path.strip_prefix(dev_dir) {
-            return Source::Device(Path::new("/dev").join(rest));
+        if let Some(number) = path
+            .strip_prefix(dev_dir)
+            .ok()
+            .and_then(|rest| loop_number(&Path::new("/dev").join(rest)))
+        {
+            return Ok(Source::Node(number));
         }
-        Source::Dir(path.to_owned())
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(Source::Dir {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
     }
 }
 
@@ -319,11 +490,18 @@ impl Kernel for Recording {
             "mount",
             format_args!("{} {} {fs_type}", device.display(), target.display()),
         )?;
-        self.state.lock().mounts.push(Mount {
-            target,
-            source: Source::Device(device.to_owned()),
-            read_only: flags.contains(MountFlags::RDONLY),
-        });
+        let number = loop_number(device).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: not a fake loop device", device.display()),
+            )
+        })?;
+        let source = Source::Filesystem {
+            number,
+            fs_type: fs_type.to_owned(),
+        };
+        let read_only = flags.contains(MountFlags::RDONLY);
+        self.state.lock().push_mount(target, source, read_only);
         Ok(())
     }
 
@@ -334,12 +512,8 @@ impl Kernel for Recording {
             format_args!("{} {}", source.display(), target.display()),
         )?;
         let mut st = self.state.lock();
-        let source = Self::source_at(&st, self.dev_dir.path(), &source);
-        st.mounts.push(Mount {
-            target,
-            source,
-            read_only: false,
-        });
+        let source = Self::source_at(&st, self.dev_dir.path(), &source)?;
+        st.push_mount(target, source, false);
         Ok(())
     }
 
@@ -348,7 +522,7 @@ impl Kernel for Recording {
         let st = self.state.lock();
         let dev = self.dev_dir.path();
         Ok(st.mount_at(&root).is_some()
-            && Self::source_at(&st, dev, &root) == Self::source_at(&st, dev, &source))
+            && Self::source_at(&st, dev, &root)? == Self::source_at(&st, dev, &source)?)
     }
 
     fn remount_read_only(&self, root: BorrowedFd<'_>) -> io::Result<()> {
@@ -378,94 +552,34 @@ impl Kernel for Recording {
         Ok(())
     }
 
-    fn mounts_of_volume(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-    ) -> io::Result<Vec<PathBuf>> {
-        let data = pool.data_path(id);
-        let st = self.state.lock();
-        let devices: Vec<PathBuf> = device.iter().map(LoopDevice::path).collect();
-        Ok(st
-            .mounts
-            .iter()
-            .filter(|m| m.target.starts_with(kubelet_dir))
-            .filter(|m| match &m.source {
-                Source::Device(d) => devices.contains(d),
-                Source::Dir(d) => *d == data,
-            })
-            .map(|m| m.target.clone())
-            .collect())
+    fn mount_table(&self) -> io::Result<Vec<MountEntry>> {
+        Ok(mountinfo::parse(&self.mountinfo()))
     }
 
-    fn mount_holds(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-        path: &Path,
-    ) -> io::Result<bool> {
-        // The fake's mount table answers both questions the same way.
-        Ok(self
-            .mounts_of_volume(pool, id, device, kubelet_dir)?
-            .iter()
-            .any(|p| p == path))
-    }
-
-    fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {
-        let st = self.state.lock();
-        Ok(st
-            .mounts
-            .iter()
-            .any(|m| m.source == Source::Device(dev.path())))
-    }
-
-    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>> {
-        let st = self.state.lock();
-        Ok(st
-            .mounts
-            .iter()
-            .filter(|m| m.source == Source::Device(dev.path()))
-            .map(|m| m.target.clone())
-            .collect())
-    }
-
-    fn pool_locks(&self, _pool: &Pool) -> io::Result<Vec<(u64, LockKind)>> {
+    fn lock_records(&self) -> io::Result<Vec<Recorded>> {
         // The fake's devices hold no lock of their own: a check finds none
         // and takes the images' locks for the process (`node::custody`).
         Ok(Vec::new())
     }
 
-    fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {
-        let volumes = pool.root().join("volumes");
-        let st = self.state.lock();
-        let mut ids: Vec<String> = st
-            .mounts
-            .iter()
-            .filter(|m| m.target.starts_with(under))
-            .filter_map(|m| match &m.source {
-                Source::Dir(d) => d
-                    .strip_prefix(&volumes)
-                    .ok()
-                    .and_then(|rest| rest.iter().next())
-                    .map(|id| id.to_string_lossy().into_owned()),
-                Source::Device(_) => None,
-            })
-            .collect();
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+    fn identity(&self, path: &Path) -> io::Result<Identity> {
+        if let Some(number) = loop_number(path) {
+            return Ok(node_identity(number));
+        }
+        if let Some(m) = self.state.lock().mount_at(path) {
+            return Ok(m.source.identity());
+        }
+        let meta = std::fs::symlink_metadata(path)?;
+        let block = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        Ok(Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            block: block.then(|| meta.rdev()),
+        })
     }
 
-    // Trims act on real filesystems only: the fake lists none, so the
-    // unit tests never reach the calls below; the root tests trim for real.
-    fn filesystems(&self, _pool: &Pool, _kubelet_dir: &Path) -> io::Result<Vec<FsMount>> {
-        Ok(Vec::new())
-    }
-
+    // Trims act on real filesystems only: the unit tests never trim, and
+    // the calls below fail; the root tests trim for real.
     fn mount_id(&self, _fd: BorrowedFd<'_>) -> io::Result<u64> {
         Err(io::ErrorKind::Unsupported.into())
     }
@@ -482,44 +596,8 @@ impl Kernel for Recording {
         Ok(0)
     }
 
-    fn mounts_by_volume(
-        &self,
-        pool: &Pool,
-        kubelet_dir: &Path,
-    ) -> io::Result<BTreeMap<String, usize>> {
-        let volumes = pool.root().join("volumes");
-        // The volume a pool path belongs to: `volumes/<id>/image` or
-        // `volumes/<id>/data`.
-        let id_of = |path: &Path, leaf: &str| {
-            let rest = path.strip_prefix(&volumes).ok()?;
-            let mut parts = rest.iter();
-            let id = parts.next()?.to_string_lossy().into_owned();
-            (parts.next()? == leaf && parts.next().is_none()).then_some(id)
-        };
-        let st = self.state.lock();
-        let mut out = BTreeMap::new();
-        for m in st
-            .mounts
-            .iter()
-            .filter(|m| m.target.starts_with(kubelet_dir))
-        {
-            let id = match &m.source {
-                Source::Device(d) => st
-                    .loops
-                    .iter()
-                    .find(|l| l.device.path() == *d)
-                    .and_then(|l| id_of(&l.image, "image")),
-                Source::Dir(d) => id_of(d, "data"),
-            };
-            if let Some(id) = id {
-                *out.entry(id).or_insert(0) += 1;
-            }
-        }
-        Ok(out)
-    }
-
-    fn probe(&self, device: &Path, _image: &Path, _expected: FsType) -> Result<Content, NodeError> {
-        self.node_error("probe", device)?;
+    fn probe(&self, device: &Path, _image: &Path, _expected: FsType) -> io::Result<Content> {
+        self.call("probe", device.display())?;
         let image = {
             let st = self.state.lock();
             st.loops
@@ -528,10 +606,10 @@ impl Kernel for Recording {
                 .map(|l| l.image.clone())
         };
         let Some(image) = image else {
-            return Err(NodeError::NotFound {
-                what: "fake loop device",
-                path: device.to_owned(),
-            });
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no such fake loop device",
+            ));
         };
         let bytes = std::fs::read(&image).unwrap_or_default();
         let head = String::from_utf8_lossy(&bytes[..bytes.len().min(64)]).into_owned();
@@ -547,13 +625,13 @@ impl Kernel for Recording {
         image: &Path,
         _reports_holes: bool,
         written: Option<bool>,
-    ) -> Result<bool, NodeError> {
+    ) -> io::Result<bool> {
         let bytes = std::fs::read(image).unwrap_or_default();
         Ok(written != Some(true) && bytes.iter().all(|&b| b == 0))
     }
 
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError> {
-        self.node_error("mkfs", file)?;
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError> {
+        self.tool("mkfs", file)?;
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
         writeln!(f, "{MARKER}{}", options.fs().as_str()).unwrap();
@@ -562,28 +640,28 @@ impl Kernel for Recording {
 
     /// Checks the marker "mkfs" wrote and the length, and writes a new
     /// "UUID" on the marker's second line (a counter: each copy its own).
-    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError> {
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> io::Result<Renewal> {
         use std::os::unix::fs::FileExt;
         self.call("renew_uuid", fs.as_str())?;
         let first = format!("{MARKER}{}\n", fs.as_str());
         let mut head = vec![0u8; first.len()];
         copy.read_exact_at(&mut head, 0)?;
         if head != first.as_bytes() || copy.metadata()?.len() != len {
-            return Err(RenewError::NotTemplate(
+            return Ok(Renewal::NotTemplate(
                 "no fake filesystem of that size".into(),
             ));
         }
         let uuid = self.state.lock().calls.len();
         copy.write_all_at(format!("uuid {uuid:08}\n").as_bytes(), head.len() as u64)?;
-        Ok(())
+        Ok(Renewal::Renewed)
     }
 
-    fn grow(&self, _fs: FsType, device: &Path, _mount_point: &Path) -> Result<(), NodeError> {
-        self.node_error("grow", device)
+    fn grow(&self, _fs: FsType, device: &Path, _mount_point: &Path) -> Result<(), CommandError> {
+        self.tool("grow", device)
     }
 
-    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError> {
-        self.node_error("btrfs_device_size", mount_point)?;
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, CommandError> {
+        self.tool("btrfs_device_size", mount_point)?;
         Ok(0)
     }
 }

@@ -10,10 +10,11 @@
 //! first, which answers the clear cases in-process and hands every other
 //! one to [`probe`] here.
 
+use std::io;
 use std::path::Path;
 use std::process::Command;
 
-use super::error::NodeError;
+use crate::sys::command::{output, run, CommandError};
 use crate::volume::meta::FsType;
 use crate::volume::mkfs_options;
 
@@ -30,17 +31,13 @@ pub enum Content {
 }
 
 /// Runs `blkid -p` on `path` (a device or an image file): `None` when it
-/// finds no signature at all.
-fn blkid(path: &Path) -> Result<Option<Content>, NodeError> {
-    let failed = |source| NodeError::ProbeFailed {
-        device: path.to_owned(),
-        source,
-    };
+/// finds no signature at all. A blkid that cannot run or fails is an error
+/// (the node reports it as a probe that failed: never formatted).
+fn blkid(path: &Path) -> io::Result<Option<Content>> {
     let out = Command::new("blkid")
         .args(["-p", "-o", "export"])
         .arg(path)
-        .output()
-        .map_err(failed)?;
+        .output()?;
     match out.status.code() {
         Some(0) => {
             let text = String::from_utf8_lossy(&out.stdout);
@@ -59,25 +56,24 @@ fn blkid(path: &Path) -> Result<Option<Content>, NodeError> {
         }
         // blkid -p: 2 means nothing was found.
         Some(2) => Ok(None),
-        _ => Err(failed(std::io::Error::other(format!(
+        _ => Err(io::Error::other(format!(
             "blkid exited with {}: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        )))),
+        ))),
     }
 }
 
 /// Probes `device` with `blkid -p`; its backing image is `image`. No signature is
 /// "blank" only when the image has no data extent either; on a pool that
 /// cannot report holes that is never proven here (see [`blank_image`]).
-pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
+/// An error means the probe failed: the node refuses to format
+/// (`NodeError::ProbeFailed` of the device).
+pub fn probe(device: &Path, image: &Path) -> io::Result<Content> {
     if let Some(found) = blkid(device)? {
         return Ok(found);
     }
-    if has_data(image).map_err(|source| NodeError::ProbeFailed {
-        device: device.to_owned(),
-        source,
-    })? {
+    if has_data(image)? {
         Ok(Content::Other("data without any known signature".into()))
     } else {
         Ok(Content::Blank)
@@ -94,20 +90,15 @@ pub fn probe(device: &Path, image: &Path) -> Result<Content, NodeError> {
 ///   formatted or handed out raw (`written == Some(false)`) *and* in which
 ///   `blkid -p` finds no signature is blank. A record without the field
 ///   (`None`, older pools) is never enough.
-pub fn blank_image(
-    image: &Path,
-    reports_holes: bool,
-    written: Option<bool>,
-) -> Result<bool, NodeError> {
-    let failed = |source| NodeError::ProbeFailed {
-        device: image.to_owned(),
-        source,
-    };
+///
+/// An error means the question could not be answered (the node reports a
+/// probe of the image that failed, and formats nothing).
+pub fn blank_image(image: &Path, reports_holes: bool, written: Option<bool>) -> io::Result<bool> {
     if written == Some(true) {
         return Ok(false);
     }
     if reports_holes {
-        return Ok(!has_data(image).map_err(failed)?);
+        return Ok(!has_data(image)?);
     }
     if written != Some(false) {
         return Ok(false);
@@ -126,34 +117,6 @@ pub fn has_data(image: &Path) -> std::io::Result<bool> {
     }
 }
 
-fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), NodeError> {
-    output(program, args).map(drop)
-}
-
-/// Runs a tool; its standard output when it succeeds.
-fn output(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, NodeError> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| NodeError::Command {
-            command: program.to_owned(),
-            status: "no start".into(),
-            stderr: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(NodeError::Command {
-            command: std::iter::once(program.to_owned())
-                .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
-                .collect::<Vec<_>>()
-                .join(" "),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
-}
-
 /// Makes a filesystem in the file `file` (a new file beside the volume's
 /// image; see `Node::format_image`), with 4 KiB sectors to match the loop
 /// devices (a 512-byte-sector xfs would not mount on them), without discard
@@ -163,7 +126,7 @@ fn output(program: &str, args: &[&std::ffi::OsStr]) -> Result<String, NodeError>
 /// mke2fs keeps only the last `-E` it is given, so for ext4 every `-E` of
 /// the options joins filevol's `nodiscard` in one `-E`, at the end: an
 /// option such as `-E lazy_itable_init=1` does not bring discard back.
-pub fn mkfs_file(file: &Path, options: &mkfs_options::Validated<'_>) -> Result<(), NodeError> {
+pub fn mkfs_file(file: &Path, options: &mkfs_options::Validated<'_>) -> Result<(), CommandError> {
     let (program, args) = mkfs_args(options);
     let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
     argv.push(file.as_os_str());
@@ -200,17 +163,19 @@ pub fn mkfs_args(options: &mkfs_options::Validated<'_>) -> (&'static str, Vec<St
 }
 
 /// Grows the mounted filesystem to fill its (grown) device.
-pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError> {
+pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<(), CommandError> {
     match fs {
-        FsType::Ext4 => run("resize2fs", &[device.as_os_str()]).map_err(|e| match e {
+        FsType::Ext4 => run("resize2fs", &[device.as_os_str()]).map_err(|e| {
             // The kernel's online resize wants CAP_SYS_RESOURCE; say so
             // rather than leave an operator with "Permission denied".
-            NodeError::Command { command, status, stderr } if stderr.contains("Permission denied") => NodeError::Command {
-                command,
-                status,
-                stderr: format!("{stderr} (growing a mounted ext4 needs CAP_SYS_RESOURCE in the node plugin's container)"),
-            },
-            other => other,
+            if e.stderr.contains("Permission denied") {
+                CommandError {
+                    stderr: format!("{} (growing a mounted ext4 needs CAP_SYS_RESOURCE in the node plugin's container)", e.stderr),
+                    ..e
+                }
+            } else {
+                e
+            }
         }),
         FsType::Xfs => run("xfs_growfs", &[std::ffi::OsStr::new("-d"), mount_point.as_os_str()]),
         FsType::Btrfs => run(
@@ -227,7 +192,7 @@ pub fn grow(fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeErr
 
 /// The size of the one device of the btrfs mounted at `mount_point`, as
 /// the filesystem sees it (`btrfs filesystem show --raw`: "devid 1 size N").
-pub fn btrfs_device_size(mount_point: &Path) -> Result<u64, NodeError> {
+pub fn btrfs_device_size(mount_point: &Path) -> Result<u64, CommandError> {
     let args = [
         std::ffi::OsStr::new("filesystem"),
         std::ffi::OsStr::new("show"),
@@ -235,7 +200,7 @@ pub fn btrfs_device_size(mount_point: &Path) -> Result<u64, NodeError> {
         mount_point.as_os_str(),
     ];
     let text = output("btrfs", &args)?;
-    parse_btrfs_device_size(&text).ok_or_else(|| NodeError::Command {
+    parse_btrfs_device_size(&text).ok_or_else(|| CommandError {
         command: format!("btrfs filesystem show --raw {}", mount_point.display()),
         status: "unreadable output".into(),
         stderr: text.trim().to_owned(),

@@ -14,24 +14,32 @@
 //! cannot hide a path-handling mistake, and everything that is not a mount,
 //! a loop device or a filesystem tool (record keeping, fences, directory
 //! creation, fsGroup) stays real in the tests too.
+//!
+//! It speaks the kernel's vocabulary only: no pool, no node error. Questions
+//! about the pool's volumes ("which mounts hold volume `id`", "which lock
+//! records are the pool's") are not asked of it; it hands over the raw
+//! tables ([`Kernel::mount_table`], [`Kernel::lock_records`],
+//! [`Kernel::attached`]) and single `statx` answers ([`Kernel::identity`]),
+//! and `node::mounts` decides from them, the same code on the fake's tables
+//! as on the host's. The tools answer with `io::Error` (a probe that could
+//! not be made), a [`CommandError`] (a tool that failed, as it said it) or a
+//! [`Renewal`]; the node names the step in its own error (`NodeError`).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::mount::MountFlags;
 
-use super::error::NodeError;
 use super::ext4::{self, RenewError};
 use super::format::{self, Content};
-use super::mounts::{self, FsMount};
 use super::probe;
-use crate::pool::Pool;
-use crate::sys::lock::LockKind;
+use crate::sys::command::CommandError;
+use crate::sys::lock::{self, Recorded};
 use crate::sys::loopdev::{self, Attached, LoopDevice};
-use crate::sys::mount::{self, MountState};
+use crate::sys::mount::{self, Identity, MountState};
+use crate::sys::mountinfo::{self, MountEntry};
 use crate::volume::meta::FsType;
 use crate::volume::mkfs_options::Validated;
 
@@ -43,6 +51,16 @@ pub struct Bound {
     /// A detach is pending: the device still serves its last opener and
     /// must not be used, nor a second device attached beside it.
     pub detaching: bool,
+}
+
+/// What [`Kernel::renew_uuid`] did with a copy of a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// The copy has its own UUID now.
+    Renewed,
+    /// The copy does not hold the filesystem a template makes (why, for
+    /// the log); nothing was written to it.
+    NotTemplate(String),
 }
 
 /// The kernel calls of the node side. Method names follow what they do to
@@ -104,38 +122,15 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn mounted_read_only(&self, path: &Path) -> io::Result<bool>;
     /// Unmounts `path` (nothing mounted there is not an error).
     fn unmount(&self, path: &Path) -> io::Result<()>;
-    /// Every mount point of volume `id` under `kubelet_dir`, by identity
-    /// (see `node::mounts`).
-    fn mounts_of_volume(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-    ) -> io::Result<Vec<PathBuf>>;
-    /// Whether the mount on top at `path` holds volume `id` (see
-    /// `node::mounts::holds`), by identity as [`Kernel::mounts_of_volume`]
-    /// judges it.
-    fn mount_holds(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-        path: &Path,
-    ) -> io::Result<bool>;
-    /// Whether the device is mounted anywhere in this mount namespace.
-    fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool>;
-    /// Every mount point of the device in this mount namespace.
-    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>>;
-    /// The OFD locks this host records on the pool's filesystem, as
-    /// (inode, kind) (see `node::custody`).
-    fn pool_locks(&self, pool: &Pool) -> io::Result<Vec<(u64, LockKind)>>;
-    /// Ids of the pool's directory volumes bind-mounted under `under`.
-    fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>>;
-    /// The pool's image volumes with a filesystem mounted under
-    /// `kubelet_dir` (see `node::mounts::filesystems`).
-    fn filesystems(&self, pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>>;
+    /// This process's mount table (`/proc/self/mountinfo`). What a mount
+    /// holds is decided from it by `node::mounts`.
+    fn mount_table(&self) -> io::Result<Vec<MountEntry>>;
+    /// The OFD locks this host records (`/proc/locks`); which are the
+    /// pool's is decided by `node::mounts::pool_locks`.
+    fn lock_records(&self) -> io::Result<Vec<Recorded>>;
+    /// What one `statx` of `path` says (no final symlink followed): the
+    /// fast answer to "what does this mount hold" (`node::mounts`).
+    fn identity(&self, path: &Path) -> io::Result<Identity>;
     /// The id of the mount the object open at `fd` lies on.
     fn mount_id(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
     /// Whether the filesystem the object open at `fd` lies on is mounted
@@ -150,38 +145,32 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn trim(&self, fd: BorrowedFd<'_>) -> io::Result<u64>;
     /// Requests the device has in flight.
     fn in_flight(&self, dev: LoopDevice) -> io::Result<u64>;
-    /// How many mounts each of the pool's volumes has under
-    /// `kubelet_dir`, by identity (see `node::mounts`); volumes with none
-    /// are left out.
-    fn mounts_by_volume(
-        &self,
-        pool: &Pool,
-        kubelet_dir: &Path,
-    ) -> io::Result<BTreeMap<String, usize>>;
 
     // ---- filesystems ----
 
     /// What `device` (backed by `image`) holds; `expected` is the
     /// filesystem the stage wants, which only decides whether the answer
-    /// is clear enough to give without `blkid` (see `node::probe`).
-    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> Result<Content, NodeError>;
+    /// is clear enough to give without `blkid` (see `node::probe`). An
+    /// error is a probe that failed: the caller formats nothing.
+    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> io::Result<Content>;
     /// Whether an image is provably blank (see [`format::blank_image`]).
     fn blank_image(
         &self,
         image: &Path,
         reports_holes: bool,
         written: Option<bool>,
-    ) -> Result<bool, NodeError>;
+    ) -> io::Result<bool>;
     /// Makes a filesystem in the file `file`.
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError>;
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError>;
     /// Checks that `copy` (a copy of a template, see `node::template`)
     /// holds the whole `fs` of `len` bytes a template makes, then gives it
-    /// a fresh random UUID.
-    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError>;
+    /// a fresh random UUID; [`Renewal::NotTemplate`] when it does not hold
+    /// one (nothing was written).
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> io::Result<Renewal>;
     /// Grows the filesystem mounted at `mount_point` to fill `device`.
-    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError>;
+    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), CommandError>;
     /// The size of the one device of the btrfs mounted at `mount_point`.
-    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError>;
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, CommandError>;
 }
 
 /// The real kernel: `crate::sys` and the filesystem tools.
@@ -278,45 +267,16 @@ impl Kernel for Host {
         mount::unmount(path)
     }
 
-    fn mounts_of_volume(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-    ) -> io::Result<Vec<PathBuf>> {
-        mounts::of_volume(pool, id, device, kubelet_dir)
+    fn mount_table(&self) -> io::Result<Vec<MountEntry>> {
+        mountinfo::read()
     }
 
-    fn mount_holds(
-        &self,
-        pool: &Pool,
-        id: &str,
-        device: Option<LoopDevice>,
-        kubelet_dir: &Path,
-        path: &Path,
-    ) -> io::Result<bool> {
-        mounts::holds(pool, id, device, kubelet_dir, path)
+    fn lock_records(&self) -> io::Result<Vec<Recorded>> {
+        lock::recorded()
     }
 
-    fn loop_mounted(&self, dev: LoopDevice) -> io::Result<bool> {
-        mounts::loop_mounted(&dev)
-    }
-
-    fn loop_mount_points(&self, dev: LoopDevice) -> io::Result<Vec<PathBuf>> {
-        mounts::loop_mount_points(&dev)
-    }
-
-    fn pool_locks(&self, pool: &Pool) -> io::Result<Vec<(u64, LockKind)>> {
-        mounts::pool_locks(pool)
-    }
-
-    fn staged_dirs(&self, pool: &Pool, under: &Path) -> io::Result<Vec<String>> {
-        mounts::staged_dirs(pool, Some(under))
-    }
-
-    fn filesystems(&self, pool: &Pool, kubelet_dir: &Path) -> io::Result<Vec<FsMount>> {
-        mounts::filesystems(pool, kubelet_dir)
+    fn identity(&self, path: &Path) -> io::Result<Identity> {
+        mount::identity(path)
     }
 
     fn mount_id(&self, fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -337,15 +297,7 @@ impl Kernel for Host {
         dev.in_flight()
     }
 
-    fn mounts_by_volume(
-        &self,
-        pool: &Pool,
-        kubelet_dir: &Path,
-    ) -> io::Result<BTreeMap<String, usize>> {
-        mounts::by_volume(pool, kubelet_dir)
-    }
-
-    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> Result<Content, NodeError> {
+    fn probe(&self, device: &Path, image: &Path, expected: FsType) -> io::Result<Content> {
         probe::probe(device, image, expected)
     }
 
@@ -354,29 +306,34 @@ impl Kernel for Host {
         image: &Path,
         reports_holes: bool,
         written: Option<bool>,
-    ) -> Result<bool, NodeError> {
+    ) -> io::Result<bool> {
         format::blank_image(image, reports_holes, written)
     }
 
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), NodeError> {
+    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError> {
         format::mkfs_file(file, options)
     }
 
-    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> Result<(), RenewError> {
+    fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> io::Result<Renewal> {
         if fs != FsType::Ext4 {
-            return Err(RenewError::NotTemplate(format!(
+            return Ok(Renewal::NotTemplate(format!(
                 "no in-process UUID for {}",
                 fs.as_str()
             )));
         }
-        ext4::renew_uuid(copy, len, ext4::random_uuid()?, ext4::random_bytes()?)
+        let (uuid, seed) = (ext4::random_uuid()?, ext4::random_bytes()?);
+        match ext4::renew_uuid(copy, len, uuid, seed) {
+            Ok(()) => Ok(Renewal::Renewed),
+            Err(RenewError::NotTemplate(why)) => Ok(Renewal::NotTemplate(why)),
+            Err(RenewError::Io(e)) => Err(e),
+        }
     }
 
-    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), NodeError> {
+    fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<(), CommandError> {
         format::grow(fs, device, mount_point)
     }
 
-    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, NodeError> {
+    fn btrfs_device_size(&self, mount_point: &Path) -> Result<u64, CommandError> {
         format::btrfs_device_size(mount_point)
     }
 }

@@ -206,7 +206,7 @@ impl Node {
                 return Ok(());
             }
         };
-        let dirs = match self.kernel.staged_dirs(pool, &self.kubelet_dir) {
+        let dirs = match self.mounts(pool).staged_dirs() {
             Ok(ids) => ids,
             Err(e) => {
                 log::warn!(
@@ -301,7 +301,6 @@ impl Node {
     ) -> Result<(), NodeError> {
         let dev = bound.device;
         let at = self
-            .kernel
             .loop_mount_points(dev)
             .map_err(sys("read", "/proc/self/mountinfo"))?;
         if !at.is_empty() && !at.iter().any(|p| p.starts_with(&self.kubelet_dir)) {
@@ -343,7 +342,7 @@ impl Node {
     /// `custody`), records what is not proven and returns the counts. Run
     /// at start and then periodically (`filevol serve --fence-check-interval`).
     pub fn check_custody(&self, pool: &Pool) -> custody::CustodyCounts {
-        let recorded = match self.kernel.pool_locks(pool) {
+        let recorded = match self.mounts(pool).pool_locks() {
             Ok(r) => r,
             Err(e) => {
                 log::warn!("cannot read this host's locks (/proc/locks): {e}; fences not checked");
@@ -430,16 +429,14 @@ impl Node {
     }
 
     /// (staged, published) on this node, decided by what the mount table
-    /// holds, not by where it is ([`mounts_by_volume`]): a volume of the
+    /// holds, not by where it is (`node::mounts::by_volume`): a volume of the
     /// pool with any mount under the kubelet directory is staged, once
     /// (kubelet stages a volume once per node, as a filesystem, as a block
     /// device's bind, or as a directory's bind); every other mount of it
     /// there is a publish, wherever kubelet put the target (block publishes
     /// live under `plugins/kubernetes.io/csi/volumeDevices/`, not `pods/`).
-    ///
-    /// [`mounts_by_volume`]: Kernel::mounts_by_volume
     pub fn mount_counts(&self, pool: &Pool) -> std::io::Result<(usize, usize)> {
-        let by_volume = self.kernel.mounts_by_volume(pool, &self.kubelet_dir)?;
+        let by_volume = self.mounts(pool).by_volume()?;
         let staged = by_volume.len();
         let published = by_volume.values().map(|n| n.saturating_sub(1)).sum();
         Ok((staged, published))
@@ -449,7 +446,7 @@ impl Node {
     /// directory (staged or published), from the mount table: those whose
     /// usage a node plugin's metrics measure.
     pub fn staged_dir_volumes(&self, pool: &Pool) -> std::io::Result<Vec<String>> {
-        self.kernel.staged_dirs(pool, &self.kubelet_dir)
+        self.mounts(pool).staged_dirs()
     }
 
     fn mount_state(&self, path: &Path) -> Result<MountState, NodeError> {
@@ -491,8 +488,8 @@ impl Node {
             .bound(&image)
             .map_err(sys("find loop device of", &image))?
             .map(|b| b.device);
-        self.kernel
-            .mounts_of_volume(pool, id, device, &self.kubelet_dir)
+        self.mounts(pool)
+            .of_volume(id, device)
             .map_err(sys("read", "/proc/self/mountinfo"))
     }
 
@@ -504,8 +501,8 @@ impl Node {
             .bound(&image)
             .map_err(sys("find loop device of", &image))?
             .map(|b| b.device);
-        self.kernel
-            .mount_holds(pool, id, device, &self.kubelet_dir, path)
+        self.mounts(pool)
+            .holds(id, device, path)
             .map_err(sys("tell what is mounted at", path))
     }
 

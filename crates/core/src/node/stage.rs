@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::claim::Claim;
-use super::error::{sys, NodeError};
+use super::error::{probe_failed, sys, NodeError};
 use super::format::Content;
 use super::paths::Create;
 use super::rollback::Rollback;
@@ -223,7 +223,6 @@ impl Node {
         for (bound, _) in found.into_iter().filter(|(_, backing)| *backing == key) {
             let dev = bound.device;
             let at = self
-                .kernel
                 .loop_mount_points(dev)
                 .map_err(sys("read", "/proc/self/mountinfo"))?;
             if let Some(at) = at.into_iter().next() {
@@ -296,7 +295,8 @@ impl Node {
             Content::Filesystem(fs.as_str().into())
         } else {
             self.kernel
-                .probe(&dev.path(), &pool.image_path(&v.id), fs)?
+                .probe(&dev.path(), &pool.image_path(&v.id), fs)
+                .map_err(probe_failed(dev.path()))?
         };
         match content {
             Content::Filesystem(found) if found == fs.as_str() => {}
@@ -411,7 +411,8 @@ impl Node {
         let image = pool.image_path(id);
         if !self
             .kernel
-            .blank_image(&image, pool.reports_holes(), v.written)?
+            .blank_image(&image, pool.reports_holes(), v.written)
+            .map_err(probe_failed(&image))?
         {
             return Ok((v, false));
         }
@@ -553,8 +554,8 @@ impl Node {
             .bound(&image)
             .map_err(sys("find loop device of", &image))?;
         let mounts = self
-            .kernel
-            .mounts_of_volume(pool, id, bound.map(|b| b.device), &self.kubelet_dir)
+            .mounts(pool)
+            .of_volume(id, bound.map(|b| b.device))
             .map_err(sys("read", "/proc/self/mountinfo"))?;
         if let Some(at) = mounts.iter().find(|p| !p.starts_with(staging)) {
             return Err(NodeError::StillPublished {
@@ -601,7 +602,6 @@ impl Node {
         if let Some(bound) = bound {
             let dev = bound.device;
             if self
-                .kernel
                 .loop_mounted(dev)
                 .map_err(sys("read", "/proc/self/mountinfo"))?
             {

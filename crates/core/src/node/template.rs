@@ -50,7 +50,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::error::{sys, NodeError};
-use super::ext4::RenewError;
+use super::kernel::Renewal;
 use super::{format, Node};
 use crate::pool::Pool;
 use crate::sys::fs as sysfs;
@@ -142,9 +142,8 @@ impl Node {
             Err(e) => return Err(sys("reflink the template into", scratch)(e)),
         }
         match self.kernel.renew_uuid(&copy, recipe.fs, recipe.len) {
-            Ok(()) => Ok(Some(copy)),
-            Err(RenewError::Io(e)) => Err(sys("give a new UUID to", scratch)(e)),
-            Err(RenewError::NotTemplate(why)) => {
+            Ok(Renewal::Renewed) => Ok(Some(copy)),
+            Ok(Renewal::NotTemplate(why)) => {
                 log::warn!(
                     "template {} is unusable ({why}); removing it, and running mkfs for this volume",
                     path.display()
@@ -156,6 +155,7 @@ impl Node {
                 }
                 Ok(None)
             }
+            Err(e) => Err(sys("give a new UUID to", scratch)(e)),
         }
     }
 

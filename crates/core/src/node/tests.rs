@@ -1044,3 +1044,42 @@ fn an_ephemeral_publish_is_staged_in_the_plugins_directory_and_goes_with_its_unp
         .unpublish_volume(&bed.pool, "filevol.test", "csi-eph", &target)
         .unwrap();
 }
+
+/// The fake writes its mount table as the kernel writes mountinfo, names
+/// escaped, and the node's classifiers read it back: stages and publishes
+/// at paths with a space, a tab and a backslash are found by what they
+/// hold, across a restart, and undone.
+#[test]
+fn paths_the_mount_table_escapes_are_found_by_what_they_hold() {
+    let bed = Bed::new();
+    let a = bed.volume("a", Layout::Image, AccessType::Mount);
+    let d = bed.volume("d", Layout::Dir, AccessType::Mount);
+    let mut mounts = Vec::new();
+    for v in [&a, &d] {
+        let staging = bed.path(&format!("plugins/a {}/globalmount", v.name));
+        let target = bed.path(&format!("pods/p\t1/volumes/pv\\{}/mount", v.name));
+        bed.stage(v, &staging, RWO).unwrap();
+        bed.publish(v, &staging, &target, RWO, false).unwrap();
+        mounts.push((v.id.clone(), staging, target));
+    }
+    assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (2, 2));
+    let bed = bed.restart();
+    assert_eq!(
+        bed.node.staged_dir_volumes(&bed.pool).unwrap(),
+        [d.id.as_str()]
+    );
+    assert_eq!(bed.fence(&a), Some(LockKind::Exclusive));
+    assert_eq!(bed.fence(&d), Some(LockKind::Shared));
+    for (id, staging, target) in &mounts {
+        // An unstage before the unpublish finds the publish.
+        assert!(matches!(
+            bed.node.unstage(&bed.pool, id, staging),
+            Err(NodeError::StillPublished { .. })
+        ));
+        bed.node.unpublish(&bed.pool, id, target).unwrap();
+        bed.node.unstage(&bed.pool, id, staging).unwrap();
+    }
+    assert!(bed.kernel.mounted().is_empty());
+    assert!(bed.kernel.attached_images().is_empty());
+    assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (0, 0));
+}

@@ -210,8 +210,8 @@ impl Node {
     /// The pool's filesystem volumes mounted under this node's kubelet
     /// directory, from the kernel.
     pub fn filesystems(&self, pool: &Pool) -> Result<Vec<FsMount>, NodeError> {
-        self.kernel
-            .filesystems(pool, &self.kubelet_dir)
+        self.mounts(pool)
+            .filesystems()
             .map_err(super::error::sys("read", "/proc/self/mountinfo"))
     }
 

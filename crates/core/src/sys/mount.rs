@@ -56,6 +56,39 @@ pub fn state(path: &Path) -> io::Result<MountState> {
     }
 }
 
+/// What one `statx` of a path says about the object there, enough to tell
+/// which mount holds it (see `crate::node::mounts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The device of the filesystem the object lies on (`st_dev`; an
+    /// anonymous device, major 0, on btrfs and other filesystems that
+    /// have no block device of their own per mount).
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+    /// The device number it stands for, when it is a block device node
+    /// (`st_rdev`).
+    pub block: Option<u64>,
+}
+
+/// The [`Identity`] of what is at `path`, without following a final
+/// symlink.
+pub fn identity(path: &Path) -> io::Result<Identity> {
+    use rustix::fs::{makedev, FileType};
+    let st = rustix::fs::statx(
+        CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    )?;
+    let block = FileType::from_raw_mode(u32::from(st.stx_mode)) == FileType::BlockDevice;
+    Ok(Identity {
+        dev: makedev(st.stx_dev_major, st.stx_dev_minor),
+        ino: st.stx_ino,
+        block: block.then(|| makedev(st.stx_rdev_major, st.stx_rdev_minor)),
+    })
+}
+
 /// Mounts the filesystem on `device` at `target`.
 pub fn mount_fs(
     device: &Path,

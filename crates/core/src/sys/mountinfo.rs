@@ -12,6 +12,9 @@ use std::path::PathBuf;
 pub struct MountEntry {
     /// The mount's id (statx's `stx_mnt_id` names the same mount).
     pub id: u64,
+    /// The id of the mount it lies on (its own id for the root of the
+    /// namespace's tree, or one outside the table: a mount below a chroot).
+    pub parent: u64,
     /// `major:minor` of the filesystem.
     pub device: String,
     /// The path inside the filesystem that is mounted.
@@ -49,6 +52,7 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
     }
     Some(MountEntry {
         id: fields[0].parse().ok()?,
+        parent: fields[1].parse().ok()?,
         device: fields[2].to_owned(),
         root: PathBuf::from(unescape(fields[3])),
         mount_point: PathBuf::from(unescape(fields[4])),
@@ -125,6 +129,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.id, 36);
+        assert_eq!(e.parent, 35);
         assert_eq!(e.device, "98:0");
         assert_eq!(e.root, PathBuf::from("/mnt1"));
         assert_eq!(e.mount_point, PathBuf::from("/var/lib/kubelet/pods/a b"));
