@@ -8,6 +8,8 @@
 #   dependencies do not reach filevol-kit.
 # - Inside filevol-core, each module imports only from the layers below it
 #   (the table below; comments are not imports).
+# - No crate has an import circle between its modules
+#   (scripts/check/module_cycles.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -50,5 +52,6 @@ for module in "${!allowed[@]}"; do
   done < <(grep -rhE '^[^/]*\bcrate::[a-z_]+' "${files[@]}" | grep -v '^\s*//' |
     grep -oE '\bcrate::[a-z_]+' | sort -u)
 done
-((status == 0)) && echo "layers: filevol-core has no gRPC, its modules import downwards only; nothing shipped links filevol-kit"
+python3 scripts/check/module_cycles.py crates/core/src crates/kit/src src || status=1
+((status == 0)) && echo "layers: filevol-core has no gRPC, its modules import downwards only, no crate has an import circle; nothing shipped links filevol-kit"
 exit "$status"
