@@ -241,6 +241,11 @@ fn pool_code(rpc: Rpc, err: &PoolError) -> RpcStatusCode {
 ///   (ESTALE), a server that does not answer. gRPC defines UNAVAILABLE as
 ///   transient and retried with backoff, which the sidecars and kubelet
 ///   do, and a remount or reconnect is what ends it;
+/// - RESOURCE_EXHAUSTED when the pool filesystem is full or a quota is
+///   reached (ENOSPC, EDQUOT), on any call: the spec's tables use it for
+///   "insufficient capacity" and "not enough space", and what ends it is
+///   space made free, not an operator mending a fault. (INTERNAL here sent
+///   kubelet into retries that looked like a driver bug.);
 /// - INTERNAL for the rest (EIO from a failing disk or a shut-down xfs,
 ///   EACCES, ENOTDIR where the pool's layout is broken), as for every I/O
 ///   failure before: the spec's error tables have no row for a failing
@@ -255,9 +260,13 @@ fn io_code(source: &std::io::Error) -> RpcStatusCode {
         Errno::HOSTUNREACH,
         Errno::SHUTDOWN,
     ];
+    let full = [Errno::NOSPC, Errno::DQUOT];
     match source.raw_os_error() {
         Some(code) if unreachable.iter().any(|e| e.raw_os_error() == code) => {
             RpcStatusCode::UNAVAILABLE
+        }
+        Some(code) if full.iter().any(|e| e.raw_os_error() == code) => {
+            RpcStatusCode::RESOURCE_EXHAUSTED
         }
         _ => RpcStatusCode::INTERNAL,
     }
@@ -387,15 +396,45 @@ mod tests {
                 RpcStatusCode::INTERNAL
             );
         }
-        let node = Error::Node(filevol_core::node::NodeError::Sys {
-            step: "stat",
-            path: "/pool/volumes/v/image".into(),
-            source: std::io::Error::from_raw_os_error(libc::ENOTCONN),
-        });
+        let node = |errno: i32| {
+            Error::Node(filevol_core::node::NodeError::Sys {
+                step: "stat",
+                path: "/pool/volumes/v/image".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            })
+        };
         assert_eq!(
-            status_code(Rpc::NodeGetVolumeStats, &node),
+            status_code(Rpc::NodeGetVolumeStats, &node(libc::ENOTCONN)),
             RpcStatusCode::UNAVAILABLE
         );
+        // A full pool or a reached quota, on whichever call meets it (a
+        // stage's preallocation, a copy, a snapshot): space, not a fault.
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            for rpc in [
+                Rpc::CreateVolume,
+                Rpc::CreateSnapshot,
+                Rpc::ControllerExpandVolume,
+            ] {
+                assert_eq!(
+                    status_code(rpc, &io(errno)),
+                    RpcStatusCode::RESOURCE_EXHAUSTED
+                );
+            }
+            for rpc in [Rpc::NodeStageVolume, Rpc::NodePublishVolume] {
+                assert_eq!(
+                    status_code(rpc, &node(errno)),
+                    RpcStatusCode::RESOURCE_EXHAUSTED
+                );
+                let undone = Error::Node(filevol_core::node::NodeError::RollbackFailed {
+                    error: Box::new(match node(errno) {
+                        Error::Node(e) => e,
+                        _ => unreachable!(),
+                    }),
+                    undo: "unmount: busy".into(),
+                });
+                assert_eq!(status_code(rpc, &undone), RpcStatusCode::RESOURCE_EXHAUSTED);
+            }
+        }
     }
 
     #[test]
