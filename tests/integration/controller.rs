@@ -207,6 +207,89 @@ fn thick_images_and_directory_volumes() {
     assert_eq!(v.volume_context["layout"], "dir");
 }
 
+/// Bytes of `path`'s first `len` bytes that FIEMAP reports shared with
+/// another file (a reflink's blocks not yet written by either).
+fn shared_bytes(path: &Path, len: u64) -> u64 {
+    use filevol_core::sys::extents::ExtentMap;
+    const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+    ExtentMap::new(File::open(path).unwrap(), 0, len)
+        .map(|e| e.unwrap())
+        .filter(|e| e.flags & FIEMAP_EXTENT_SHARED != 0)
+        .map(|e| e.length)
+        .sum()
+}
+
+/// A thick restore or clone owns its blocks on a pool that can reflink:
+/// none is shared with its source (xfs unshares them in the kernel, btrfs
+/// by rewriting the new image's data before it is committed), every byte
+/// of its size is allocated, and it holds the source's data. A thin one
+/// stays a cheap reflink. On xfs, ControllerModifyVolume `thick=true`
+/// unshares a thin clone too.
+#[test]
+#[ignore = "needs root"]
+fn thick_restores_and_clones_own_their_blocks() {
+    for fs in ["xfs", "btrfs"] {
+        let (_fs, pool) = pool_on(fs, 1024);
+        let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "4"]));
+        let c = d.controller();
+        let src = c
+            .create_volume(&req::create("src", 64 * MIB))
+            .unwrap()
+            .volume
+            .unwrap();
+        let src_image = image(&pool, &src.volume_id);
+        fill(&src_image, 4 << 20, 24 << 20, 7);
+        let snap = c
+            .create_snapshot(&req::snapshot("snap", &src.volume_id))
+            .unwrap()
+            .snapshot
+            .unwrap();
+        let len = 64u64 << 20;
+
+        let thin = c
+            .create_volume(&req::restore("thin", 64 * MIB, &snap.snapshot_id))
+            .unwrap()
+            .volume
+            .unwrap();
+        let thin_image = image(&pool, &thin.volume_id);
+        assert!(
+            shared_bytes(&thin_image, len) >= 24 << 20,
+            "{fs}: a thin restore is a reflink"
+        );
+
+        let mut restore = req::restore("thick-restore", 64 * MIB, &snap.snapshot_id);
+        restore.parameters.insert("thick".into(), "true".into());
+        let mut clone = req::clone("thick-clone", 64 * MIB, &src.volume_id);
+        clone.parameters.insert("thick".into(), "true".into());
+        for r in [restore, clone] {
+            let v = c.create_volume(&r).unwrap().volume.unwrap();
+            let img = image(&pool, &v.volume_id);
+            assert_eq!(shared_bytes(&img, len), 0, "{fs} {}: shares blocks", r.name);
+            assert!(
+                allocated(&img) >= len,
+                "{fs} {}: {} allocated",
+                r.name,
+                allocated(&img)
+            );
+            assert_eq!(digest(&img), digest(&src_image), "{fs} {}: data", r.name);
+        }
+
+        if fs == "xfs" {
+            let mut m = csi::ControllerModifyVolumeRequest::new();
+            m.volume_id = thin.volume_id.clone();
+            m.mutable_parameters.insert("thick".into(), "true".into());
+            c.controller_modify_volume(&m).unwrap();
+            assert_eq!(
+                shared_bytes(&thin_image, len),
+                0,
+                "modified thick: shares blocks"
+            );
+            assert!(allocated(&thin_image) >= len);
+            assert_eq!(digest(&thin_image), digest(&src_image));
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs root"]
 fn snapshots_are_reflinks_on_xfs() {

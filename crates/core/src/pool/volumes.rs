@@ -18,7 +18,7 @@ use super::{
 use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
 use crate::sys::lock::LockKind;
-use crate::volume::meta::{AccessType, Layout, Source, VolumeMeta, FORMAT};
+use crate::volume::meta::{AccessType, CopyMethod, Layout, Source, VolumeMeta, FORMAT};
 use crate::volume::{ids, parameters};
 
 /// An image's lock (see [`Pool::lock_image`]).
@@ -334,15 +334,30 @@ impl Pool {
                     Some(source) => {
                         let from = self.source_image(source);
                         let check = || self.check_copyable(source);
-                        copy::copy_image(&from, &image, capacity, copy::Fallback::Sparse(&check))?;
+                        let method = copy::copy_image(
+                            &from,
+                            &image,
+                            capacity,
+                            copy::Fallback::Sparse(&check),
+                        )?;
                         crash_point("create.copied");
                         if spec.thick {
                             let f = OpenOptions::new()
+                                .read(true)
                                 .write(true)
                                 .open(&image)
                                 .map_err(io_error("open image", &image))?;
-                            sysfs::preallocate(&f, capacity)
-                                .map_err(io_error("preallocate image", &image))?;
+                            // A thick restore or clone owns its blocks: a
+                            // reflink's are shared with the source, and the
+                            // first write to one could fail for space. A
+                            // byte copy owns what it wrote already.
+                            if method == CopyMethod::Reflink {
+                                sysfs::own_blocks(&f, capacity)
+                                    .map_err(io_error("take the image's blocks", &image))?;
+                            } else {
+                                sysfs::preallocate(&f, capacity)
+                                    .map_err(io_error("preallocate image", &image))?;
+                            }
                             f.sync_all().map_err(io_error("sync image", &image))?;
                         }
                     }
@@ -613,7 +628,8 @@ impl Pool {
         Ok(v)
     }
 
-    /// Applies mutable parameters: `thick=true` preallocates the image.
+    /// Applies mutable parameters: `thick=true` unshares (where the kernel
+    /// can) and preallocates the image.
     pub fn modify_volume(
         &self,
         id: &str,
@@ -631,6 +647,10 @@ impl Pool {
                     .write(true)
                     .open(&image)
                     .map_err(io_error("open image", &image))?;
+                // The volume may be in use: only the kernel's unshare is
+                // safe beside its writers. Where the filesystem has none
+                // (btrfs), blocks a clone shares stay shared.
+                sysfs::unshare(&f, v.capacity_bytes).map_err(io_error("unshare image", &image))?;
                 sysfs::preallocate(&f, v.capacity_bytes)
                     .map_err(io_error("preallocate image", &image))?;
                 f.sync_all().map_err(io_error("sync image", &image))?;

@@ -276,6 +276,57 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
     rustix::fs::fallocate(file, FallocateFlags::empty(), 0, len).map_err(io::Error::from)
 }
 
+/// Makes `file` own every block of its first `len` bytes, so no later
+/// write to it can fail for space: what a thick volume promises. A reflink
+/// copy shares its blocks with its source until one of them is written, and
+/// preallocation alone leaves shared blocks shared, so the shared ones are
+/// unshared first: by FALLOC_FL_UNSHARE_RANGE where the filesystem has it
+/// (xfs), else (btrfs) by writing each data range back over itself, which
+/// copy-on-write gives new blocks. Then the holes are allocated.
+///
+/// Only for a file no one else writes meanwhile (a volume being built):
+/// the rewrite reads a chunk and writes it back, which would undo a write
+/// that came in between. A live file takes [`unshare`] instead.
+pub fn own_blocks(file: &File, len: u64) -> io::Result<()> {
+    if !unshare(file, len)? {
+        rewrite_data(file, len)?;
+    }
+    preallocate(file, len)
+}
+
+/// Unshares the shared blocks of the first `len` bytes of `file` in the
+/// kernel (FALLOC_FL_UNSHARE_RANGE), safe beside writers. `Ok(false)` where
+/// the filesystem does not have the mode: ext4 (which shares nothing) and
+/// btrfs (whose shared blocks then stay shared).
+pub fn unshare(file: &File, len: u64) -> io::Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
+    match rustix::fs::fallocate(file, FallocateFlags::UNSHARE_RANGE, 0, len) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes every data range of the first `len` bytes of `file` back over
+/// itself (see [`own_blocks`]), a chunk at a time.
+fn rewrite_data(file: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    for range in super::extents::DataRanges::new(file, 0, len) {
+        let (mut at, end) = range?;
+        while at < end {
+            let n = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
+            file.read_exact_at(&mut buf[..n], at)?;
+            file.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
 /// Bytes the file really occupies on disk (`st_blocks` x 512).
 pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
     Ok(std::fs::symlink_metadata(path)?.blocks() * 512)
