@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Which way imports run (CONTRIBUTING.md): the crate graph enforces it, and
-# this checks the two promises a new dependency line could quietly break.
+# this checks what a new dependency or import line could quietly break:
 #
 # - filevol-core builds without gRPC or protobuf, tests included, so
 #   `cargo test -p filevol-core` never waits for gRPC core's C++ build.
