@@ -12,18 +12,12 @@ use filevol_core::sys::{loopdev, mount, mountinfo};
 /// every loop device backed by a file under `pool`, then, unless the test
 /// is already failing, asserts there was nothing to clean.
 pub fn leak_check(kubelet: &Path, pool: &Path) {
-    let mut points: Vec<PathBuf> = mountinfo::read()
+    // Best effort: whatever was mounted is reported below, unmounted or not.
+    let leaked_mounts: Vec<PathBuf> = unmount_under(kubelet)
         .unwrap_or_default()
         .into_iter()
-        .map(|e| e.mount_point)
-        .filter(|p| p.starts_with(kubelet))
+        .map(|(p, _)| p)
         .collect();
-    let leaked_mounts = points.clone();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in &points {
-        // Best effort: what cannot be unmounted is reported below.
-        let _ = mount::unmount_lazily(p);
-    }
     let leaked_loops = detach_loops_under(pool);
     if !std::thread::panicking() {
         assert!(
@@ -35,6 +29,27 @@ pub fn leak_check(kubelet: &Path, pool: &Path) {
             "test left loop devices: {leaked_loops:?}"
         );
     }
+}
+
+/// Unmounts, lazily, every mount at or below `dir`, deepest first: the
+/// mount points, each once (one lazy unmount of a path takes every mount
+/// stacked on it), with how each unmount went.
+pub fn unmount_under(dir: &Path) -> std::io::Result<Vec<(PathBuf, std::io::Result<()>)>> {
+    let mut points: Vec<PathBuf> = mountinfo::read()?
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort();
+    points.dedup();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    Ok(points
+        .into_iter()
+        .map(|p| {
+            let done = mount::unmount_lazily(&p);
+            (p, done)
+        })
+        .collect())
 }
 
 /// Runs [`leak_check`] when dropped: declare it after the pool's

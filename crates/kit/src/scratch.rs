@@ -14,7 +14,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use super::tempdir::TempDir;
-use filevol_core::sys::{loopdev, mount, mountinfo};
+use filevol_core::sys::{loopdev, mount};
 
 /// A mounted scratch filesystem on a loop device.
 #[derive(Debug)]
@@ -116,19 +116,10 @@ pub fn make_at(dir: &Path, fs: &str, bytes: u64) -> Result<loopdev::LoopDevice, 
 pub fn remove_tree(work: &Path) -> Result<(), String> {
     let mut problems = Vec::new();
     super::leaks::detach_loops_under(work);
-    let mut points: Vec<PathBuf> = mountinfo::read()
-        .map_err(|e| format!("read the mount table: {e}"))?
-        .into_iter()
-        .map(|e| e.mount_point)
-        .filter(|p| p.starts_with(work) && p != work)
-        .collect();
-    // A path mounted over twice is listed twice; one lazy unmount of it
-    // takes the whole stack.
-    points.sort();
-    points.dedup();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in &points {
-        if let Err(e) = mount::unmount_lazily(p) {
+    let unmounted =
+        super::leaks::unmount_under(work).map_err(|e| format!("read the mount table: {e}"))?;
+    for (p, done) in unmounted {
+        if let Err(e) = done {
             problems.push(format!("unmount {}: {e}", p.display()));
         }
     }
