@@ -230,7 +230,12 @@ fn shared_bytes(path: &Path, len: u64) -> u64 {
 fn thick_restores_and_clones_own_their_blocks() {
     for fs in ["xfs", "btrfs"] {
         let (_fs, pool) = pool_on(fs, 1024);
-        let d = Driver::start_on(BIN, &pool, no_reserve().args(&["--overcommit", "4"]));
+        // The controller process of the shipped layouts, which makes them.
+        let d = Driver::start_on(
+            BIN,
+            &pool,
+            no_reserve().args(&["--mode", "controller", "--overcommit", "4"]),
+        );
         let c = d.controller();
         let src = c
             .create_volume(&req::create("src", 64 * MIB))
