@@ -37,6 +37,24 @@ pub enum Command {
     /// Trim a running node plugin's staged volumes now, giving the space
     /// freed inside them back to the pool.
     Trim(crate::ops::trim::TrimArgs),
+    /// Internal: holds a group snapshot's freeze for a node plugin (see
+    /// `filevol_core::node::freeze`). Started by the plugin, never by hand.
+    #[command(hide = true)]
+    FreezeGuard(FreezeGuardArgs),
+}
+
+/// What a node plugin hands its freeze guardian.
+#[derive(Debug, clap::Args)]
+pub struct FreezeGuardArgs {
+    /// Thaw after this many milliseconds, whatever happens.
+    #[arg(long)]
+    pub max_ms: u64,
+    /// The inherited descriptor of the answer's locked file.
+    #[arg(long)]
+    pub answer_fd: i32,
+    /// Inherited descriptors of the mounts to freeze.
+    #[arg(long = "fd")]
+    pub fds: Vec<i32>,
 }
 
 #[cfg(test)]

@@ -13,6 +13,20 @@ use filevol_core::error_chain::message_chain;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     filevol::logging::init(cli.log_level);
+    if let Command::FreezeGuard(args) = &cli.command {
+        // Its stdout is the protocol with its node plugin: nothing else
+        // may write there.
+        let thawed = filevol_core::node::freeze::guard(
+            args.answer_fd,
+            &args.fds,
+            std::time::Duration::from_millis(args.max_ms),
+        );
+        return if thawed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let mut stdout = std::io::stdout().lock();
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Serve(args) => Config::from_args(args)
@@ -24,6 +38,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => filevol::ops::doctor::run(args, &mut stdout).map_err(Into::into),
         Command::Bench(args) => filevol::ops::bench::run(args, &mut stdout).map_err(Into::into),
         Command::Trim(args) => filevol::ops::trim::run(args, &mut stdout).map_err(Into::into),
+        Command::FreezeGuard(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,6 +34,11 @@ const GRPC_MEMORY_QUOTA: usize = 64 << 20;
 /// How long cancelled calls get to unwind after the grace period.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
+/// How often a node plugin looks for freeze requests: a readdir of a
+/// directory that is empty but while a group snapshot is being taken. It
+/// bounds how long a controller waits for a freeze, not how long one lasts.
+const FREEZE_POLL: Duration = Duration::from_millis(50);
+
 /// Why `filevol serve` stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -223,6 +228,28 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         }
         _ => None,
     };
+    // Group snapshots' freeze requests are answered on a thread of their
+    // own, every FREEZE_POLL: a controller waits for the answer, and the
+    // pods of a frozen filesystem wait for the thaw.
+    let freezes = match &driver.node {
+        Some(node) => {
+            node.thaw_left_frozen(&driver.pool, &driver.config.node_id);
+            let d = Arc::clone(&driver);
+            let guardian = filevol_core::node::freeze::GuardianCommand {
+                program: "/proc/self/exe".into(),
+                args: vec!["freeze-guard".into()],
+            };
+            Some(
+                Periodic::start("filevol-freezes", FREEZE_POLL, move || {
+                    if let Some(node) = &d.node {
+                        node.serve_freezes(&d.pool, &d.config.node_id, &guardian);
+                    }
+                })
+                .map_err(ServeError::Threads)?,
+            )
+        }
+        None => None,
+    };
     // The fences of this node's devices are checked again on a thread of
     // their own: a lock lost while a device lives is reported, not missed.
     let fence_checks = match (driver.config.fence_check_interval, driver.node.is_some()) {
@@ -272,6 +299,10 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     drop(janitor);
     drop(trims);
     drop(fence_checks);
+    drop(freezes);
+    if let Some(node) = &driver.node {
+        node.end_freezes(&driver.pool, &driver.config.node_id);
+    }
     drain(&mut server, grace);
     driver.executor.shutdown();
     drop(server);

@@ -35,6 +35,7 @@ mod dispatch;
 mod escape;
 mod fences;
 mod fuzz_corpus;
+mod group_freeze;
 mod hostile;
 mod identity;
 mod layouts;

@@ -8,7 +8,8 @@
 //! (whether a NodePublishVolume's volume is staged or ephemeral, and the
 //! order NodeUnpublishVolume removes an ephemeral one in),
 //! `stats` (stats and expansion), [`trim`] (giving freed space back to the
-//! pool), [`ephemeral`] (inline volumes, created
+//! pool), [`freeze`] (group snapshots' freezes, held by a guardian
+//! process), [`ephemeral`] (inline volumes, created
 //! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
 //! loop and mkfs calls, with a recording fake for the unit tests), `mounts`
 //! (what the mount table says of a volume), [`paths`] (staging and target
@@ -53,6 +54,7 @@ mod ext4;
 mod fake;
 mod fences;
 pub mod format;
+pub mod freeze;
 pub mod kernel;
 mod mounts;
 pub mod paths;
@@ -121,6 +123,8 @@ pub struct Node {
     gate: trim::Gate,
     /// What trims have done, for the metrics.
     trims: trim::TrimTotals,
+    /// The freezes held for group snapshots.
+    freezes: freeze::Freezes,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -178,6 +182,7 @@ impl Node {
             kernel,
             gate: trim::Gate::default(),
             trims: trim::TrimTotals::default(),
+            freezes: freeze::Freezes::default(),
         };
         node.recover(pool)?;
         Ok(node)

@@ -17,6 +17,8 @@
 //! <pool>/templates/<fs>-<bytes>-<recipe>  formatted filesystems that new
 //!                                 volumes start as copies of (see
 //!                                 `node::template`); no volume's data
+//! <pool>/freezes/<group>.json    a group snapshot's freeze request, and
+//!                                 the nodes' answers (see [`freeze`])
 //! <pool>/.capacity.lock           held while capacity is promised
 //! <pool>/.scratch/<instance>/     work in progress of one running process
 //! ```
@@ -43,6 +45,7 @@ pub mod capability;
 pub mod capacity;
 pub mod copy;
 pub mod error;
+pub mod freeze;
 pub mod lock_reach;
 pub mod new_volume;
 pub mod room;
@@ -204,6 +207,7 @@ impl Pool {
             "nodes",
             attachments::DIR,
             "templates",
+            freeze::DIR,
         ] {
             let p = root.join(dir);
             match std::fs::create_dir(&p) {

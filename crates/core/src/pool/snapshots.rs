@@ -10,13 +10,17 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::error::io_error;
+use super::freeze::{FreezeAnswer, PostedRequest, ANSWER_WAIT, COPY_DEADLINE};
 use super::room::Need;
 use super::store::{self, Kind};
+use super::volumes::ImageLock;
 use super::{copy, now_ts, page, remove_built, source_missing, Pool, PoolError};
 use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
+use crate::sys::lock::LockKind;
 use crate::volume::ids;
 use crate::volume::meta::{CopyMethod, GroupMeta, Layout, SnapshotMeta, Source, FORMAT};
 
@@ -317,6 +321,16 @@ impl Pool {
             Err(PoolError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
+        // Every member is copied at one instant: those attached for writing
+        // anywhere are frozen by their node plugins for the copies; the
+        // others are kept from being attached for writing meanwhile.
+        let (writers, _readers) = self.group_writers(sources)?;
+        let freeze = if writers.is_empty() {
+            None
+        } else {
+            Some(self.freeze_writers(&id, &writers)?)
+        };
+        crash_point("group.frozen");
         let mut built = Vec::new();
         let result = (|| {
             for source in sources {
@@ -338,7 +352,11 @@ impl Pool {
                 }
             }
             Ok(())
-        })();
+        })()
+        .and_then(|()| freeze.as_ref().map_or(Ok(()), Freeze::still_holds));
+        // Thawed here, before the members are committed: the copies are
+        // made, and a pod's writes wait no longer than they must.
+        drop(freeze);
         if let Err(e) = result {
             for (_, path) in &built {
                 remove_built(path);
@@ -379,6 +397,78 @@ impl Pool {
         Ok(group)
     }
 
+    /// Splits a group's members into those attached for writing somewhere
+    /// (their image's lock is held exclusively, by a loop device on some
+    /// host) and the rest, whose shared image locks are returned: held
+    /// until the group is made, they keep a writer from attaching to a
+    /// member meanwhile.
+    fn group_writers(&self, sources: &[String]) -> Result<(Vec<String>, Vec<File>), PoolError> {
+        let mut writers = Vec::new();
+        let mut readers = Vec::new();
+        for source in sources {
+            let v = self.volume(source).map_err(source_missing)?;
+            if v.layout == Layout::Dir {
+                return Err(PoolError::Unsupported(format!(
+                    "volume {source} is a directory volume; group snapshots need image volumes on a reflink pool"
+                )));
+            }
+            match self.lock_image(source, LockKind::Shared)? {
+                ImageLock::Held(file) => readers.push(file),
+                ImageLock::Busy => writers.push(source.clone()),
+                ImageLock::NoImage => {}
+            }
+        }
+        Ok((writers, readers))
+    }
+
+    /// Asks the node plugins to freeze the filesystems of `writers` (see
+    /// [`freeze`](super::freeze)) and waits until every one is frozen, or
+    /// refuses the group with the reason: a member that cannot be frozen
+    /// (a raw block device), or one no node answered for in time.
+    fn freeze_writers(&self, group: &str, writers: &[String]) -> Result<Freeze, PoolError> {
+        let posted = self.post_freeze(group, writers)?;
+        let started = Instant::now();
+        loop {
+            let answers = posted.answers()?;
+            let refused: Vec<String> = answers
+                .iter()
+                .flat_map(|(a, _)| {
+                    a.refused
+                        .iter()
+                        .filter(|(v, _)| writers.contains(v))
+                        .map(|(v, why)| format!("volume {v} on node {}: {why}", a.node))
+                })
+                .collect();
+            if !refused.is_empty() {
+                return Err(PoolError::InUse(format!(
+                    "group snapshot {group} cannot be taken at one instant: {}",
+                    refused.join("; ")
+                )));
+            }
+            let missing = unfrozen(writers, &answers);
+            if missing.is_empty() {
+                log::info!(
+                    "group snapshot {group}: {} member(s) frozen after {} ms",
+                    writers.len(),
+                    started.elapsed().as_millis()
+                );
+                return Ok(Freeze {
+                    posted,
+                    started,
+                    writers: writers.to_vec(),
+                });
+            }
+            if started.elapsed() >= ANSWER_WAIT {
+                return Err(PoolError::InUse(format!(
+                    "group snapshot {group} cannot be taken at one instant: volume(s) {} are attached for writing and no node plugin froze them within {} s (their node plugin is down, or older than this controller)",
+                    missing.join(", "),
+                    ANSWER_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(ANSWER_POLL);
+        }
+    }
+
     /// Deletes a group snapshot and its members. Idempotent. `expected`, when
     /// not empty, must list exactly the group's snapshots.
     pub fn delete_group(&self, id: &str, expected: &[String]) -> Result<(), PoolError> {
@@ -396,6 +486,53 @@ impl Pool {
         }
         self.discard(&self.group_file(id))?;
         self.sizes_changed()
+    }
+}
+
+/// How often a controller looks for the nodes' answers.
+const ANSWER_POLL: Duration = Duration::from_millis(10);
+
+/// The members of `writers` that no answer whose freeze holds has frozen.
+fn unfrozen(writers: &[String], answers: &[(FreezeAnswer, bool)]) -> Vec<String> {
+    writers
+        .iter()
+        .filter(|w| {
+            !answers
+                .iter()
+                .any(|(a, holds)| *holds && a.frozen.contains(w))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The freeze of a group's writers, held while its members are copied;
+/// dropping it withdraws the request, and the nodes thaw.
+#[derive(Debug)]
+struct Freeze {
+    posted: PostedRequest,
+    started: Instant,
+    writers: Vec<String>,
+}
+
+impl Freeze {
+    /// Checks, after the copies, that every freeze lasted through them:
+    /// each answer is still held by its guardian, and the copies ended
+    /// before any guardian's own deadline could come.
+    fn still_holds(&self) -> Result<(), PoolError> {
+        if self.started.elapsed() >= COPY_DEADLINE {
+            return Err(PoolError::InUse(format!(
+                "the members took {} ms to copy, longer than a freeze may last; nothing was kept",
+                self.started.elapsed().as_millis()
+            )));
+        }
+        let missing = unfrozen(&self.writers, &self.posted.answers()?);
+        if !missing.is_empty() {
+            return Err(PoolError::InUse(format!(
+                "the freeze of volume(s) {} ended before the copies did (its node plugin or freeze guardian stopped); nothing was kept",
+                missing.join(", ")
+            )));
+        }
+        Ok(())
     }
 }
 

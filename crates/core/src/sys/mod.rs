@@ -9,6 +9,7 @@
 pub mod caps;
 pub mod command;
 pub mod extents;
+pub mod freeze;
 pub mod fs;
 pub mod lock;
 pub mod loopdev;
