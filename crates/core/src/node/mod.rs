@@ -8,8 +8,8 @@
 //! (whether a NodePublishVolume's volume is staged or ephemeral, and the
 //! order NodeUnpublishVolume removes an ephemeral one in),
 //! `stats` (stats and expansion), [`trim`] (giving freed space back to the
-//! pool), [`ephemeral`] (inline volumes, created
-//! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
+//! pool), [`ephemeral`] (inline volumes, off unless turned on, created
+//! and removed by the node with rollback, within limits), [`kernel`] (the one seam to the mount,
 //! loop and mkfs calls, with a recording fake for the unit tests), `mounts`
 //! (what the mount table says of a volume), [`paths`] (staging and target
 //! paths, opened safely), `probe` (the signature probe: in-process where the
@@ -121,6 +121,11 @@ pub struct Node {
     gate: trim::Gate,
     /// What trims have done, for the metrics.
     trims: trim::TrimTotals,
+    /// Whether ephemeral inline volumes are made here, and how big (None:
+    /// they are refused).
+    ephemeral: Option<ephemeral::Limits>,
+    /// One admission of a new ephemeral volume at a time.
+    ephemeral_admission: ephemeral::Admission,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -178,9 +183,19 @@ impl Node {
             kernel,
             gate: trim::Gate::default(),
             trims: trim::TrimTotals::default(),
+            ephemeral: None,
+            ephemeral_admission: ephemeral::Admission::default(),
         };
         node.recover(pool)?;
         Ok(node)
+    }
+
+    /// This node with ephemeral inline volumes made within `limits`, or
+    /// refused (`None`, as a node starts: an operator turns them on).
+    #[must_use]
+    pub fn with_ephemeral(mut self, limits: Option<ephemeral::Limits>) -> Node {
+        self.ephemeral = limits;
+        self
     }
 
     /// The resolved kubelet directory.
