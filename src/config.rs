@@ -142,6 +142,26 @@ pub struct ServeArgs {
     #[arg(long, env = "FILEVOL_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     pub max_volumes_per_node: u32,
 
+    /// Make CSI ephemeral inline volumes (a pod's `csi:` volume, sized by
+    /// its `size` attribute). Off by default: any pod author names the
+    /// size, so an operator decides whether this node makes them, within
+    /// `--ephemeral-max-size` and `--ephemeral-max-per-node`. The CSIDriver
+    /// must also list the `Ephemeral` lifecycle mode (the Kubernetes
+    /// overlay `ephemeral-inline` does both).
+    #[arg(long, env = "FILEVOL_EPHEMERAL_INLINE")]
+    pub ephemeral_inline: bool,
+
+    /// The most one ephemeral inline volume may take in the pool (its
+    /// size rounded up to whole MiB and its filesystem's minimum; suffixes
+    /// Ki, Mi, Gi, Ti). A larger one is refused with OUT_OF_RANGE.
+    #[arg(long, env = "FILEVOL_EPHEMERAL_MAX_SIZE", default_value = "1Gi", value_parser = parse_size)]
+    pub ephemeral_max_size: u64,
+
+    /// The most this node's ephemeral inline volumes may take in the pool
+    /// together; a new one beyond it is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FILEVOL_EPHEMERAL_MAX_PER_NODE", default_value = "10Gi", value_parser = parse_size)]
+    pub ephemeral_max_per_node: u64,
+
     /// Seconds in-flight calls get to finish after SIGTERM before they are
     /// cancelled.
     #[arg(long, env = "FILEVOL_SHUTDOWN_GRACE", default_value_t = 20)]
@@ -248,6 +268,9 @@ pub struct Config {
     pub metrics_address: Option<String>,
     /// NodeGetInfo's max_volumes_per_node (0: no limit).
     pub max_volumes_per_node: u32,
+    /// Ephemeral inline volumes: made within these limits, or refused
+    /// (None).
+    pub ephemeral: Option<filevol_core::node::ephemeral::Limits>,
     /// Time in-flight calls get after SIGTERM.
     pub shutdown_grace: Duration,
     /// Time between clean-ups of the pool (None: only at start).
@@ -312,6 +335,17 @@ pub enum ConfigError {
     /// The kubelet directory is not absolute.
     #[error("--kubelet-dir {0}: must be an absolute path")]
     KubeletDir(PathBuf),
+    /// The ephemeral volume limits admit no volume, or one larger than
+    /// all of them together.
+    #[error("--ephemeral-max-size {max_size} bytes: {reason} (--ephemeral-max-per-node is {max_per_node} bytes)")]
+    EphemeralLimits {
+        /// The per-volume limit given.
+        max_size: u64,
+        /// The per-node limit given.
+        max_per_node: u64,
+        /// What is wrong with them.
+        reason: &'static str,
+    },
 }
 
 impl Config {
@@ -369,11 +403,17 @@ impl Config {
         if !(args.overcommit.is_finite() && args.overcommit > 0.0) {
             return Err(ConfigError::Overcommit(args.overcommit));
         }
+        let ephemeral = ephemeral_limits(
+            args.ephemeral_inline,
+            args.ephemeral_max_size,
+            args.ephemeral_max_per_node,
+        )?;
 
         Ok(Config {
             mode: args.mode,
             reserve_bytes: args.reserve,
             max_volumes_per_node: args.max_volumes_per_node,
+            ephemeral,
             metrics_address: args.metrics_address,
             grpc_handshake_timeout: args.grpc_handshake_timeout,
             loop_direct_io: args.loop_direct_io,
@@ -398,6 +438,31 @@ impl Config {
             defaulted,
         })
     }
+}
+
+/// The ephemeral inline volume limits, checked, where `on`
+/// (`--ephemeral-inline`). Checked even when off, so that turning them on
+/// later cannot meet a bad value for the first time.
+fn ephemeral_limits(
+    on: bool,
+    max_size: u64,
+    max_per_node: u64,
+) -> Result<Option<filevol_core::node::ephemeral::Limits>, ConfigError> {
+    let bad = |reason| ConfigError::EphemeralLimits {
+        max_size,
+        max_per_node,
+        reason,
+    };
+    if max_size < filevol_core::pool::ALIGN {
+        return Err(bad("must be at least 1Mi, the smallest volume"));
+    }
+    if max_size > max_per_node {
+        return Err(bad("must not be more than --ephemeral-max-per-node"));
+    }
+    Ok(on.then_some(filevol_core::node::ephemeral::Limits {
+        max_size,
+        max_per_node,
+    }))
 }
 
 /// The topology key of a node-local pool's segment.
@@ -561,6 +626,38 @@ mod tests {
         assert!(cfg.topology.is_empty());
         // A switch: it takes no value on the command line.
         assert!(ServeArgs::try_parse_from(["--allow-host-local-locks", "yes"]).is_err());
+    }
+
+    #[test]
+    fn ephemeral_inline_volumes_are_off_unless_turned_on_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = dir.path().to_str().unwrap();
+        let cfg = |extra: &[&str]| {
+            let mut flags = vec!["--pool", pool];
+            flags.extend_from_slice(extra);
+            Config::from_args(args(&flags))
+        };
+        assert_eq!(cfg(&[]).unwrap().ephemeral, None);
+        let on = cfg(&["--ephemeral-inline"]).unwrap().ephemeral.unwrap();
+        assert_eq!((on.max_size, on.max_per_node), (1 << 30, 10 << 30));
+        let on = cfg(&[
+            "--ephemeral-inline",
+            "--ephemeral-max-size=256Mi",
+            "--ephemeral-max-per-node",
+            "2Gi",
+        ])
+        .unwrap()
+        .ephemeral
+        .unwrap();
+        assert_eq!((on.max_size, on.max_per_node), (256 << 20, 2 << 30));
+        // Limits that admit nothing, or a volume larger than all together.
+        for bad in [
+            &["--ephemeral-max-size=4Gi", "--ephemeral-max-per-node=2Gi"][..],
+            &["--ephemeral-max-size=0"][..],
+        ] {
+            let err = cfg(bad).unwrap_err();
+            assert!(matches!(err, ConfigError::EphemeralLimits { .. }), "{err}");
+        }
     }
 
     #[test]

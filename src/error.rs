@@ -196,7 +196,26 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         // What caused the failure decides; the failed undo is in the message.
         NodeError::RollbackFailed { error, .. } => node_code(rpc, error),
         NodeError::Sys { source, .. } => io_code(source),
-        NodeError::ProbeFailed { .. } | NodeError::Command { .. } => RpcStatusCode::INTERNAL,
+        // A filesystem tool that ran out of room (mkfs writing into an
+        // image on a full pool) is a full pool, as ENOSPC from a syscall
+        // is (see `io_code`); any other failure of it needs an operator.
+        NodeError::Command(e) if e.out_of_space() => RpcStatusCode::RESOURCE_EXHAUSTED,
+        NodeError::ProbeFailed { .. } | NodeError::Command(_) => RpcStatusCode::INTERNAL,
+        // Ephemeral inline volumes. Off: the request is sound, the node is
+        // not set up to serve it, and only its operator can change that;
+        // gRPC's FAILED_PRECONDITION ("the system is not in a state required
+        // for the operation", not retried until that is fixed), the code
+        // the spec's NodePublishVolume table gives a request that exceeds
+        // what the plugin serves ("Exceeds capabilities"). INVALID_ARGUMENT
+        // would call the request wrong whatever the state, which it is not.
+        NodeError::EphemeralOff { .. } => RpcStatusCode::FAILED_PRECONDITION,
+        // Larger than one may be: the size itself is outside what the node
+        // allows and no retry changes that, the spec's "Unsupported
+        // capacity" (OUT_OF_RANGE in CreateVolume's table).
+        NodeError::EphemeralTooLarge { .. } => RpcStatusCode::OUT_OF_RANGE,
+        // Over the node's total: "Insufficient capacity", which the spec
+        // makes RESOURCE_EXHAUSTED; it fits once other ephemeral volumes go.
+        NodeError::EphemeralNodeFull { .. } => RpcStatusCode::RESOURCE_EXHAUSTED,
         NodeError::Pool(e) => pool_code(rpc, e),
     }
 }
@@ -435,6 +454,63 @@ mod tests {
                 assert_eq!(status_code(rpc, &undone), RpcStatusCode::RESOURCE_EXHAUSTED);
             }
         }
+    }
+
+    #[test]
+    fn a_tool_out_of_space_is_resource_exhausted_and_other_failures_internal() {
+        let tool = |stderr: &str| {
+            Error::Node(NodeError::Command(
+                filevol_core::sys::command::CommandError {
+                    command: "mkfs.ext4 -q /pool/volumes/v/.image.mkfs".into(),
+                    status: "exit status: 1".into(),
+                    stderr: stderr.into(),
+                },
+            ))
+        };
+        let full =
+            tool("mkfs.ext4: No space left on device while writing out and closing file system");
+        let broken = tool("mkfs.ext4: Permission denied while trying to determine filesystem size");
+        for rpc in [
+            Rpc::NodeStageVolume,
+            Rpc::NodePublishVolume,
+            Rpc::NodeExpandVolume,
+        ] {
+            assert_eq!(status_code(rpc, &full), RpcStatusCode::RESOURCE_EXHAUSTED);
+            assert_eq!(status_code(rpc, &broken), RpcStatusCode::INTERNAL);
+        }
+        // The tool's own words reach the caller.
+        assert!(to_status(Rpc::NodeStageVolume, &full)
+            .message()
+            .contains("No space left on device"));
+    }
+
+    #[test]
+    fn ephemeral_refusals_say_what_would_change_them() {
+        let off = Error::Node(NodeError::EphemeralOff { id: "csi-1".into() });
+        let large = Error::Node(NodeError::EphemeralTooLarge {
+            id: "csi-1".into(),
+            size: 2 << 30,
+            max: 1 << 30,
+        });
+        let full = Error::Node(NodeError::EphemeralNodeFull {
+            id: "csi-1".into(),
+            size: 1 << 30,
+            used: 10 << 30,
+            max: 10 << 30,
+        });
+        let rpc = Rpc::NodePublishVolume;
+        assert_eq!(status_code(rpc, &off), RpcStatusCode::FAILED_PRECONDITION);
+        assert_eq!(status_code(rpc, &large), RpcStatusCode::OUT_OF_RANGE);
+        assert_eq!(status_code(rpc, &full), RpcStatusCode::RESOURCE_EXHAUSTED);
+        assert!(to_status(rpc, &off)
+            .message()
+            .contains("--ephemeral-inline"));
+        assert!(to_status(rpc, &large)
+            .message()
+            .contains("--ephemeral-max-size"));
+        assert!(to_status(rpc, &full)
+            .message()
+            .contains("--ephemeral-max-per-node"));
     }
 
     #[test]

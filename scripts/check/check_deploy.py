@@ -201,6 +201,7 @@ class Checker:
         self.privileged_roles()
         self.snapshot_metadata(driver)
         self.lock_refusal()
+        self.ephemeral_modes()
         if self.filevol:
             self.topology()
         return self.failures
@@ -491,6 +492,38 @@ class Checker:
             if any(e.get("name") == "FILEVOL_ALLOW_HOST_LOCAL_LOCKS" for e in c.get("env", [])):
                 self.fail(where, "sets FILEVOL_ALLOW_HOST_LOCAL_LOCKS: a share whose locks stay on one host would then fence nothing")
 
+    def ephemeral_modes(self):
+        """The CSIDriver lists the Ephemeral lifecycle mode exactly where the
+        node plugins make CSI ephemeral inline volumes (`--ephemeral-inline`,
+        off by default): without the mode kubelet refuses every inline
+        volume itself and the flag is dead; with the mode and without the
+        flag every pod with one stays in ContainerCreating
+        (FAILED_PRECONDITION from the node plugin)."""
+        for d in self.of_kind("CSIDriver"):
+            # Kubernetes' default when the field is left out.
+            listed = "Ephemeral" in d["spec"].get("volumeLifecycleModes", ["Persistent"])
+            for where, _, _, c in self.containers():
+                args = c.get("args", [])
+                if "serve" not in args or (arg(args, "--mode") or "all") not in ("node", "all"):
+                    continue
+                on = "--ephemeral-inline" in args or any(
+                    e.get("name") == "FILEVOL_EPHEMERAL_INLINE" and str(e.get("value", "")).lower() in ("true", "1", "yes", "on")
+                    for e in c.get("env", [])
+                )
+                if listed and not on:
+                    self.fail(
+                        where,
+                        f"CSIDriver/{d['metadata']['name']} lists the Ephemeral lifecycle mode but this node "
+                        "plugin does not make ephemeral inline volumes (no --ephemeral-inline): every pod with "
+                        "one would stay in ContainerCreating",
+                    )
+                if on and not listed:
+                    self.fail(
+                        where,
+                        f"passes --ephemeral-inline but CSIDriver/{d['metadata']['name']} does not list the "
+                        "Ephemeral lifecycle mode: kubelet refuses every inline volume before it reaches the driver",
+                    )
+
     def topology(self):
         """Asks the driver binary what it advertises with each workload's
         flags: a controller that advertises VOLUME_ACCESSIBILITY_CONSTRAINTS
@@ -711,6 +744,16 @@ def break_lock_refusal(objs):
     container(objs, "DaemonSet", "filevol-node", "filevol")["args"].append("--allow-host-local-locks")
 
 
+def break_ephemeral_mode(objs):
+    for o in objs:
+        if o.get("kind") == "CSIDriver":
+            o["spec"]["volumeLifecycleModes"].append("Ephemeral")
+
+
+def break_ephemeral_flag(objs):
+    container(objs, "DaemonSet", "filevol-node", "filevol")["args"].append("--ephemeral-inline")
+
+
 def break_snapshot_sidecar(objs):
     for o in objs:
         if o.get("kind") == "StatefulSet":
@@ -803,6 +846,8 @@ BREAKS = [
     ("a topology flag that disagrees with the advertised capabilities", break_topology, True),
     ("storage capacity tracking without topology", break_capacity_without_topology, True),
     ("a lifted refusal of locks that stay on one host", break_lock_refusal, False),
+    ("an Ephemeral lifecycle mode no node plugin serves", break_ephemeral_mode, False),
+    ("ephemeral volumes on in the node plugin, off in the CSIDriver", break_ephemeral_flag, False),
     ("a snapshot class with no snapshotter", break_snapshot_sidecar, False),
     ("an expansion class with no resizer", break_resizer, False),
     ("a privileged pod holding controller roles", break_privileged_roles, False),

@@ -24,7 +24,11 @@
 # Scenarios per layout: data written and read back; the pod replaced on
 # the same claim (restaged, never reformatted); fsGroup; ReadWriteOncePod
 # (a second pod stays pending); expansion (not in node-local, which has no
-# resizer); snapshot and restore; clone; deletion.
+# resizer); snapshot and restore; clone; deletion. The base layout also
+# refuses a CSI ephemeral inline volume (off by default). The
+# ephemeral-inline layout (base with them on) runs only the inline volume
+# scenarios: one made, written and gone with its pod; one larger than
+# --ephemeral-max-size refused with the reason in the pod's events.
 #
 # Time on the 2-core machine: base about 3 minutes, shared-pool about 3,
 # node-local about 1, plus about 40 s to build the images and start the
@@ -32,7 +36,8 @@
 # kept in target/e2e. Online expansion is the slowest step (kubelet retries
 # node expansion on its own period).
 #
-# Usage: scripts/check/e2e-k8s.sh [layout...]   (default: base shared-pool node-local)
+# Usage: scripts/check/e2e-k8s.sh [layout...]
+#   (default: base shared-pool node-local ephemeral-inline)
 # FILEVOL_BIN: the binary to ship (default: a release build).
 # E2E_KEEP=1: leave the cluster and the pool up after a failure, to look.
 set -euo pipefail
@@ -52,7 +57,7 @@ fail_or_skip() {
 [[ -x $K8S/up.sh ]] || fail_or_skip "no $K8S (the single-node Kubernetes of the shared tools)"
 
 layouts=("$@")
-((${#layouts[@]})) || layouts=(base shared-pool node-local)
+((${#layouts[@]})) || layouts=(base shared-pool node-local ephemeral-inline)
 
 W=$repo/target/e2e
 mkdir -p "$W/images"
@@ -210,6 +215,41 @@ spec:
   volumes: [{name: v, persistentVolumeClaim: {claimName: $claim}}]
 EOF
 }
+
+# inline_pod NAME SIZE SCRIPT : runs SCRIPT with a CSI ephemeral inline
+# volume of SIZE at /data and exits.
+inline_pod() {
+  local name=$1 size=$2 script=$3
+  kubectl -n "$ns" apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name}
+spec:
+  hostNetwork: true
+  restartPolicy: Never
+  containers:
+    - name: c
+      image: localhost/k8s-test/busybox:1.35
+      imagePullPolicy: Never
+      command: ["/bin/sh", "-c", $(printf '%s' "$script" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
+      volumeMounts: [{name: v, mountPath: /data}]
+  volumes:
+    - name: v
+      csi: {driver: filevol.csi.rs, fsType: ext4, volumeAttributes: {size: "$size"}}
+EOF
+}
+# pod_events NAME [REASON]: the messages of the events of pod NAME.
+pod_events() {
+  local selector=involvedObject.name=$1
+  [[ -n ${2:-} ]] && selector+=,reason=$2
+  kubectl -n "$ns" get events --field-selector "$selector" -o jsonpath='{.items[*].message}'
+}
+pool_volumes() { # layout: how many volumes its pool holds
+  find "$(pool_for "$1")/volumes" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l
+}
+no_pool_volumes() { [[ $(pool_volumes "$1") -eq 0 ]]; }
+has_event() { [[ -n $(pod_events "$@") ]]; }          # POD [REASON]
+event_mentions() { pod_events "$1" | grep -q -- "$2"; } # POD TEXT
 
 run_pod() { # NAME CLAIM SCRIPT [securityContext]: runs and prints its log
   pod "$@"
@@ -395,6 +435,25 @@ run_layout() {
   kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   wait_for "the default service account" 30 kubectl -n "$ns" get sa default
 
+  if [[ $layout == ephemeral-inline ]]; then
+    ephemeral_scenarios "$layout"
+    kubectl delete namespace "$ns" --wait=true >/dev/null
+    kubectl delete -f "$W/$layout.yaml" --wait=true --timeout=120s >/dev/null
+    wait_for "the filevol pods to go" 120 none_left -n filevol pods
+    release_pool "$layout"
+    log "layout $layout passed in $((SECONDS - started)) s"
+    return
+  fi
+  if [[ $layout == base ]]; then
+    # Off by default: kubelet refuses the inline volume (the CSIDriver
+    # lists only Persistent), the pod never starts, nothing is made.
+    inline_pod inline-refused 64Mi 'echo started'
+    wait_for "a FailedMount event of pod inline-refused" 90 has_event inline-refused FailedMount
+    expect "$layout: an inline volume is refused by default" "$(phase inline-refused)" Pending
+    expect "$layout: the refused inline volume made nothing" "$(pool_volumes "$layout")" 0
+    kubectl -n "$ns" delete pod inline-refused --wait=true --grace-period=1 >/dev/null
+  fi
+
   # Data written and read back; then a new pod on the same claim reads it:
   # the volume was unstaged and staged again, never reformatted.
   pvc data filevol 64Mi
@@ -455,6 +514,28 @@ EOF
   wait_for "the filevol pods to go" 120 none_left -n filevol pods
   release_pool "$layout"
   log "layout $layout passed in $((SECONDS - started)) s"
+}
+
+# The ephemeral-inline layout: base with CSI ephemeral inline volumes on
+# (1Gi each at most, 10Gi a node).
+ephemeral_scenarios() { # layout
+  local layout=$1
+  inline_pod inline 64Mi 'echo inline >/data/f && sync && cat /data/f'
+  if ! wait_for "pod inline" 180 pod_done inline; then
+    kubectl -n "$ns" describe pod inline | tail -20 >&2
+    return 1
+  fi
+  expect "$layout: an inline volume is made, written and read" "$(kubectl -n "$ns" logs inline)" inline
+  kubectl -n "$ns" delete pod inline --wait=true >/dev/null
+  wait_for "the inline volume to go with its pod" 60 no_pool_volumes "$layout"
+  expect "$layout: the inline volume went with its pod" "$(pool_volumes "$layout")" 0
+  # Larger than --ephemeral-max-size: the driver's reason reaches the pod's
+  # events, and nothing is made.
+  inline_pod inline-big 2Gi 'echo started'
+  wait_for "the refusal of pod inline-big" 90 event_mentions inline-big --ephemeral-max-size
+  expect "$layout: an inline volume over the limit is refused" "$(phase inline-big)" Pending
+  expect "$layout: the refused inline volume made nothing" "$(pool_volumes "$layout")" 0
+  kubectl -n "$ns" delete pod inline-big --wait=true --grace-period=1 >/dev/null
 }
 
 for layout in "${layouts[@]}"; do

@@ -17,6 +17,7 @@ use crate::service::{CsiService, Driver};
 use filevol_core::node::{Node, NodeError};
 use filevol_core::pool::lock_reach::{self, LockReach, Verdict};
 use filevol_core::pool::{Pool, PoolError, PoolOptions};
+use filevol_core::units::human;
 use filevol_core::volume::meta::NodeRecord;
 use socket::{SocketClaim, SocketError};
 
@@ -116,11 +117,20 @@ pub fn run(config: Config) -> Result<(), ServeError> {
     // The node side re-takes the locks of what it finds staged before it
     // serves a single call.
     let node = if config.mode.serves_node() {
-        Some(Node::start(
-            &config.kubelet_dir,
-            &pool,
-            config.loop_direct_io,
-        )?)
+        match config.ephemeral {
+            Some(limits) => log::info!(
+                "CSI ephemeral inline volumes: on, at most {} each and {} on this node together",
+                human(limits.max_size),
+                human(limits.max_per_node)
+            ),
+            None => {
+                log::info!("CSI ephemeral inline volumes: off (--ephemeral-inline turns them on)")
+            }
+        }
+        Some(
+            Node::start(&config.kubelet_dir, &pool, config.loop_direct_io)?
+                .with_ephemeral(config.ephemeral),
+        )
     } else {
         None
     };

@@ -127,6 +127,13 @@ impl Site {
                     "--log-level",
                     "debug",
                 ])
+                // Node plugins make ephemeral inline volumes here (off by
+                // default; two_nodes_one_pool makes one).
+                .args(if mode == "controller" {
+                    &[]
+                } else {
+                    &["--ephemeral-inline"]
+                })
                 .faults(faults),
         );
         self.procs.push(d);

@@ -653,7 +653,7 @@ fn fs_group_is_applied_by_the_driver() {
 #[test]
 #[ignore = "needs root"]
 fn ephemeral_inline_volumes_live_and_die_with_their_pod() {
-    let env = NodeEnv::new(BIN, "xfs", 1024);
+    let env = NodeEnv::with_args(BIN, "xfs", 1024, &["--ephemeral-inline"]);
     let n = env.d.node();
     let target = env.target("pod-eph");
     let mut p = csi::NodePublishVolumeRequest::new();

@@ -115,16 +115,10 @@ pub enum NodeError {
         #[source]
         source: io::Error,
     },
-    /// A filesystem tool failed.
-    #[error("{command} exited with {status}: {stderr}")]
-    Command {
-        /// The command line (program and arguments).
-        command: String,
-        /// Its exit status.
-        status: String,
-        /// What it printed on stderr.
-        stderr: String,
-    },
+    /// A filesystem tool failed, reported as it said it. Whether it ran out
+    /// of space is [`CommandError::out_of_space`](crate::sys::command::CommandError::out_of_space).
+    #[error(transparent)]
+    Command(#[from] crate::sys::command::CommandError),
     /// The volume's record holds mkfs options off the allowlist (a record
     /// made by an older version): it is not formatted.
     #[error("volume {id} records mkfsOptions that filevol does not allow, so it is not formatted (recreate it from a StorageClass without them)")]
@@ -198,6 +192,36 @@ pub enum NodeError {
         /// The undo steps that failed, and why.
         undo: String,
     },
+    /// An ephemeral inline volume asked of a node plugin that does not make
+    /// them: they are off unless the operator turns them on.
+    #[error("volume {id} is a CSI ephemeral inline volume, and this node plugin does not make them: they are off unless its operator turns them on (`--ephemeral-inline`; the Kubernetes overlay deploy/kubernetes/overlays/ephemeral-inline); use a PersistentVolumeClaim or a generic ephemeral volume instead. Nothing was made")]
+    EphemeralOff {
+        /// kubelet's volume id.
+        id: String,
+    },
+    /// An ephemeral inline volume larger than this node allows one.
+    #[error("ephemeral volume {id} would take {} in the pool, more than the {} this node allows one ephemeral volume (`--ephemeral-max-size`); nothing was made", crate::units::human(*size), crate::units::human(*max))]
+    EphemeralTooLarge {
+        /// kubelet's volume id.
+        id: String,
+        /// What it would take in the pool, in bytes.
+        size: u64,
+        /// The most one may take.
+        max: u64,
+    },
+    /// A new ephemeral inline volume would bring this node's ephemeral
+    /// volumes over their total.
+    #[error("ephemeral volume {id} would take {} in the pool, and this node's ephemeral volumes already take {} of the {} they may take together (`--ephemeral-max-per-node`); nothing was made, and it fits once others are removed", crate::units::human(*size), crate::units::human(*used), crate::units::human(*max))]
+    EphemeralNodeFull {
+        /// kubelet's volume id.
+        id: String,
+        /// What it would take in the pool, in bytes.
+        size: u64,
+        /// What this node's ephemeral volumes take now.
+        used: u64,
+        /// The most they may take together.
+        max: u64,
+    },
     /// No volume at the given path.
     #[error("{what} {path} does not exist")]
     NotFound {
@@ -232,23 +256,6 @@ pub fn sys(step: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Erro
             NodeError::Busy { step, path }
         } else {
             NodeError::Sys { step, path, source }
-        }
-    }
-}
-
-/// A filesystem tool that failed is reported as it said it
-/// ([`NodeError::Command`]).
-impl From<crate::sys::command::CommandError> for NodeError {
-    fn from(e: crate::sys::command::CommandError) -> NodeError {
-        let crate::sys::command::CommandError {
-            command,
-            status,
-            stderr,
-        } = e;
-        NodeError::Command {
-            command,
-            status,
-            stderr,
         }
     }
 }

@@ -9,8 +9,8 @@
 //! order NodeUnpublishVolume removes an ephemeral one in),
 //! `stats` (stats and expansion), [`trim`] (giving freed space back to the
 //! pool), [`freeze`] (group snapshots' freezes, held by a guardian
-//! process), [`ephemeral`] (inline volumes, created
-//! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
+//! process), [`ephemeral`] (inline volumes, off unless turned on, created
+//! and removed by the node with rollback, within limits), [`kernel`] (the one seam to the mount,
 //! loop and mkfs calls, with a recording fake for the unit tests), `mounts`
 //! (what the mount table says of a volume), [`paths`] (staging and target
 //! paths, opened safely), `probe` (the signature probe: in-process where the
@@ -125,6 +125,11 @@ pub struct Node {
     trims: trim::TrimTotals,
     /// The freezes held for group snapshots.
     freezes: freeze::Freezes,
+    /// Whether ephemeral inline volumes are made here, and how big (None:
+    /// they are refused).
+    ephemeral: Option<ephemeral::Limits>,
+    /// One admission of a new ephemeral volume at a time.
+    ephemeral_admission: ephemeral::Admission,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -183,9 +188,19 @@ impl Node {
             gate: trim::Gate::default(),
             trims: trim::TrimTotals::default(),
             freezes: freeze::Freezes::default(),
+            ephemeral: None,
+            ephemeral_admission: ephemeral::Admission::default(),
         };
         node.recover(pool)?;
         Ok(node)
+    }
+
+    /// This node with ephemeral inline volumes made within `limits`, or
+    /// refused (`None`, as a node starts: an operator turns them on).
+    #[must_use]
+    pub fn with_ephemeral(mut self, limits: Option<ephemeral::Limits>) -> Node {
+        self.ephemeral = limits;
+        self
     }
 
     /// The resolved kubelet directory.

@@ -57,7 +57,8 @@ pub enum PublishRefused {
 impl Node {
     /// Decides how NodePublishVolume serves `req`. A `volume_context` that
     /// marks the volume ephemeral gets a volume of its own, staged by the
-    /// node in `driver_name`'s directory; any other volume must have been
+    /// node in `driver_name`'s directory, where this node makes them and
+    /// within its per-volume limit (see [`ephemeral`]); any other volume must have been
     /// staged by NodeStageVolume at `staging_target_path`, and an empty
     /// one means it was not ([`NodeError::NotStaged`]).
     pub fn plan_publish(
@@ -70,8 +71,13 @@ impl Node {
     ) -> Result<Publication, PublishRefused> {
         let id = &req.volume_id;
         if ephemeral::requested(volume_context) {
+            // Off, or larger than one may be: refused before anything is
+            // made. This node's total is counted on the worker, at creation.
+            let limits = self.ephemeral_limits(id)?;
+            let spec = ephemeral::spec(id, cap, volume_context)?;
+            ephemeral::check_size(&spec, &limits)?;
             return Ok(Publication::Ephemeral {
-                spec: ephemeral::spec(id, cap, volume_context)?,
+                spec,
                 staging: self.ephemeral_staging(driver_name, id),
             });
         }

@@ -70,13 +70,24 @@ impl Bed {
             node,
         } = self;
         let kubelet = node.kubelet_dir().to_owned();
+        let ephemeral = node.ephemeral;
         drop(node);
-        let node = Node::with_kernel(&kubelet, &pool, true, kernel.clone()).unwrap();
+        let node = Node::with_kernel(&kubelet, &pool, true, kernel.clone())
+            .unwrap()
+            .with_ephemeral(ephemeral);
         Bed {
             _dir,
             pool,
             kernel,
             node,
+        }
+    }
+
+    /// This bed's node making ephemeral inline volumes within `limits`.
+    fn ephemeral(self, limits: ephemeral::Limits) -> Bed {
+        Bed {
+            node: self.node.with_ephemeral(Some(limits)),
+            ..self
         }
     }
 
@@ -669,7 +680,7 @@ fn ephemeral_attributes_are_checked_before_anything_is_made() {
 
 #[test]
 fn an_ephemeral_volume_lives_and_goes_with_its_publish() {
-    let bed = Bed::new();
+    let bed = Bed::new().ephemeral(ephemeral::Limits::default());
     let (spec, req) = ephemeral_request("16Mi");
     let staging = ephemeral::staging(bed.node.kubelet_dir(), "filevol.test", "csi-eph");
     let target = bed.path("pods/p/volumes/eph");
@@ -706,7 +717,7 @@ fn an_ephemeral_volume_lives_and_goes_with_its_publish() {
 
 #[test]
 fn an_ephemeral_publish_that_fails_leaves_no_volume() {
-    let bed = Bed::new();
+    let bed = Bed::new().ephemeral(ephemeral::Limits::default());
     let (spec, req) = ephemeral_request("16Mi");
     let staging = ephemeral::staging(bed.node.kubelet_dir(), "filevol.test", "csi-eph");
     let target = bed.path("pods/p/volumes/eph");
@@ -739,6 +750,142 @@ fn an_ephemeral_publish_that_fails_leaves_no_volume() {
         .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req)
         .unwrap_err();
     assert!(bed.pool.volume(&id).is_ok(), "not this call's to delete");
+}
+
+/// ephemeral_request's volume under kubelet's id `id`, of `size`.
+fn ephemeral_named(id: &str, size: &str) -> (VolumeSpec, Request) {
+    let (mut spec, mut req) = ephemeral_request(size);
+    spec.name = id.to_owned();
+    req.volume_id = id.to_owned();
+    (spec, req)
+}
+
+#[test]
+fn ephemeral_volumes_are_refused_unless_the_node_makes_them() {
+    let bed = Bed::new();
+    let (spec, req) = ephemeral_request("16Mi");
+    let cap = Capability::plain(AccessType::Mount, "ext4", RWO);
+    let context = std::collections::HashMap::from([
+        (ephemeral::EPHEMERAL_KEY.to_owned(), "true".to_owned()),
+        (ephemeral::SIZE_KEY.to_owned(), "16Mi".to_owned()),
+    ]);
+    match bed
+        .node
+        .plan_publish("filevol.test", &req, &cap, &context, "")
+    {
+        Err(PublishRefused::Node(NodeError::EphemeralOff { id })) => assert_eq!(id, "csi-eph"),
+        other => panic!("{other:?}"),
+    }
+    // Asked of the node directly, too: nothing is made.
+    let staging = ephemeral::staging(bed.node.kubelet_dir(), "filevol.test", "csi-eph");
+    let target = bed.path("pods/p/volumes/eph");
+    assert!(matches!(
+        bed.node
+            .publish_ephemeral(&bed.pool, &spec, &staging, &target, &req),
+        Err(NodeError::EphemeralOff { .. })
+    ));
+    assert!(bed
+        .pool
+        .volume(&ids::derive(ids::Kind::Volume, "csi-eph"))
+        .is_err());
+    assert!(!staging.exists());
+    assert!(bed.kernel.calls().is_empty(), "{:?}", bed.kernel.calls());
+}
+
+#[test]
+fn ephemeral_volumes_are_bounded_each_and_on_the_node_across_a_restart() {
+    let limits = ephemeral::Limits {
+        max_size: 64 * MIB,
+        max_per_node: 100 * MIB,
+    };
+    let bed = Bed::new().ephemeral(limits);
+    let cap = Capability::plain(AccessType::Mount, "ext4", RWO);
+    let kubelet = bed.node.kubelet_dir().to_owned();
+    let staging = |id: &str| ephemeral::staging(&kubelet, "filevol.test", id);
+    let target = |id: &str| kubelet.join(format!("pods/{id}/volumes/eph"));
+    let publish = |bed: &Bed, id: &str, size: &str| {
+        let (spec, req) = ephemeral_named(id, size);
+        bed.node
+            .publish_ephemeral(&bed.pool, &spec, &staging(id), &target(id), &req)
+    };
+
+    // One larger than one may be: refused when planned, before any work,
+    // and by the node itself; rounded as the pool rounds (64Mi + 1 byte
+    // takes 65 MiB).
+    let mut context = std::collections::HashMap::from([
+        (ephemeral::EPHEMERAL_KEY.to_owned(), "true".to_owned()),
+        (ephemeral::SIZE_KEY.to_owned(), "65Mi".to_owned()),
+    ]);
+    let (_, req) = ephemeral_named("csi-big", "65Mi");
+    match bed
+        .node
+        .plan_publish("filevol.test", &req, &cap, &context, "")
+    {
+        Err(PublishRefused::Node(NodeError::EphemeralTooLarge { size, max, .. })) => {
+            assert_eq!((size, max), (65 * MIB, 64 * MIB));
+        }
+        other => panic!("{other:?}"),
+    }
+    context.insert(ephemeral::SIZE_KEY.to_owned(), "64Mi".to_owned());
+    assert!(bed
+        .node
+        .plan_publish("filevol.test", &req, &cap, &context, "")
+        .is_ok());
+    let (big, _) = ephemeral_named("csi-big", &(64 * MIB + 1).to_string());
+    assert_eq!(ephemeral::size_in_pool(&big), 65 * MIB);
+    assert!(matches!(
+        publish(&bed, "csi-big", &(64 * MIB + 1).to_string()),
+        Err(NodeError::EphemeralTooLarge { .. })
+    ));
+
+    // 48 + 48 fit in 100; a third does not, and makes nothing.
+    publish(&bed, "csi-a", "48Mi").unwrap();
+    publish(&bed, "csi-b", "48Mi").unwrap();
+    let dir = staging("csi-a").parent().unwrap().to_owned();
+    assert_eq!(bed.node.ephemeral_bytes(&bed.pool, &dir).unwrap(), 96 * MIB);
+    match publish(&bed, "csi-c", "8Mi") {
+        Err(NodeError::EphemeralNodeFull {
+            size, used, max, ..
+        }) => assert_eq!((size, used, max), (8 * MIB, 96 * MIB, 100 * MIB)),
+        other => panic!("{other:?}"),
+    }
+    assert!(bed
+        .pool
+        .volume(&ids::derive(ids::Kind::Volume, "csi-c"))
+        .is_err());
+    assert!(!staging("csi-c").exists());
+    // kubelet's retry of one already made is not counted twice.
+    publish(&bed, "csi-a", "48Mi").unwrap();
+
+    // A volume of the pool that is not ephemeral, and a staging directory
+    // left without its volume, count for nothing.
+    bed.volume("persistent", Layout::Image, AccessType::Mount);
+    std::fs::create_dir_all(staging("csi-gone")).unwrap();
+
+    // A restarted plugin counts what it made before.
+    let bed = bed.restart();
+    assert_eq!(bed.node.ephemeral_bytes(&bed.pool, &dir).unwrap(), 96 * MIB);
+    assert!(matches!(
+        publish(&bed, "csi-c", "8Mi"),
+        Err(NodeError::EphemeralNodeFull { .. })
+    ));
+    // Room comes back when one goes; 4 MiB still fits beside the rest.
+    bed.node
+        .unpublish_volume(&bed.pool, "filevol.test", "csi-b", &target("csi-b"))
+        .unwrap();
+    publish(&bed, "csi-c", "8Mi").unwrap();
+    publish(&bed, "csi-d", "4Mi").unwrap();
+    assert!(matches!(
+        publish(&bed, "csi-e", "48Mi"),
+        Err(NodeError::EphemeralNodeFull { .. })
+    ));
+    for id in ["csi-a", "csi-c", "csi-d"] {
+        bed.node
+            .unpublish_volume(&bed.pool, "filevol.test", id, &target(id))
+            .unwrap();
+    }
+    assert_eq!(bed.node.ephemeral_bytes(&bed.pool, &dir).unwrap(), 0);
+    assert!(bed.kernel.mounted().is_empty());
 }
 
 /// A device of the image on another host holds the image's lock (see
@@ -994,7 +1141,7 @@ fn a_publish_needs_a_stage_unless_its_context_makes_it_ephemeral() {
 
 #[test]
 fn an_ephemeral_publish_is_staged_in_the_plugins_directory_and_goes_with_its_unpublish() {
-    let bed = Bed::new();
+    let bed = Bed::new().ephemeral(ephemeral::Limits::default());
     let (_, req) = ephemeral_request("16Mi");
     let cap = Capability::plain(AccessType::Mount, "ext4", RWO);
     let context = |extra: (&str, &str)| {

@@ -190,7 +190,8 @@ fn now_ts() -> (i64, i32) {
     )
 }
 
-fn align_up(bytes: u64) -> u64 {
+/// `bytes` rounded up to [`ALIGN`], as a new volume's size is.
+pub(crate) fn align_up(bytes: u64) -> u64 {
     bytes.div_ceil(ALIGN).saturating_mul(ALIGN)
 }
 
