@@ -7,6 +7,8 @@
 //! fence and device as one guard), `stage`, `publish`, `publication`
 //! (whether a NodePublishVolume's volume is staged or ephemeral, and the
 //! order NodeUnpublishVolume removes an ephemeral one in),
+//! `settle` (the journal of a clone or restore replayed once, before its
+//! first read-only stage),
 //! `stats` (stats and expansion), [`trim`] (giving freed space back to the
 //! pool), [`ephemeral`] (inline volumes, created
 //! and removed by the node with rollback), [`kernel`] (the one seam to the mount,
@@ -60,6 +62,7 @@ mod probe;
 mod publication;
 mod publish;
 mod rollback;
+mod settle;
 mod stage;
 mod stats;
 mod template;
