@@ -44,6 +44,7 @@ mod logging;
 mod mkfs_options;
 mod node;
 mod ops;
+mod read_only_copies;
 mod single_writer;
 mod snapshot_metadata;
 mod stress;

@@ -712,7 +712,11 @@ impl Node {
 impl Node {
     /// Waits as [`Node::detached`] does until `dev` no longer serves the
     /// image `key`.
-    pub(super) fn detached_device(&self, dev: LoopDevice, key: (u64, u64)) -> std::io::Result<bool> {
+    pub(super) fn detached_device(
+        &self,
+        dev: LoopDevice,
+        key: (u64, u64),
+    ) -> std::io::Result<bool> {
         for wait in [0, 10, 20, 50, 100, 200, 400, 600, 600] {
             std::thread::sleep(std::time::Duration::from_millis(wait));
             match self.kernel.loop_status(dev)? {

@@ -1196,7 +1196,13 @@ fn a_read_only_mount_the_kernel_refuses_is_unmountable_and_undone() {
     bed.kernel.fail_next("mount", ErrorKind::InvalidData);
     let e = bed.stage(&v, &staging, ROX).unwrap_err();
     assert!(
-        matches!(e, NodeError::Unmountable { how: "read-only", .. }),
+        matches!(
+            e,
+            NodeError::Unmountable {
+                how: "read-only",
+                ..
+            }
+        ),
         "{e}"
     );
     assert!(bed.kernel.attached_images().is_empty());
