@@ -409,3 +409,12 @@ fn a_read_only_stage_that_cannot_mount_is_a_failed_precondition() {
     ctl.delete_snapshot(&req::delete_snapshot(&snapshot))
         .unwrap();
 }
+
+/// btrfs replays its log tree (written by an `fsync`) no more than ext4
+/// and xfs replay their journals from a read-only device ("log replay
+/// required on RO media"): the same replay settles it.
+#[test]
+#[ignore = "needs root"]
+fn read_only_restore_and_clone_of_a_mounted_btrfs_mount_on_two_nodes() {
+    read_only_copies_of_a_mounted_volume("btrfs");
+}
