@@ -307,8 +307,11 @@ pub fn unmountable(
         let is = |e: Errno| code == Some(e.raw_os_error());
         let reason = if is(Errno::ROFS) {
             "it has a journal to replay (it was copied, or left, while mounted), which a read-only device cannot do; stage it read-write once to replay it".to_owned()
-        } else if is(Errno::UCLEAN) || is(Errno::BADMSG) || is(Errno::INVAL) || is(Errno::IO) {
+        } else if is(Errno::UCLEAN) || is(Errno::BADMSG) || is(Errno::INVAL) {
             format!("the kernel finds it damaged or not a valid {fs} (its log on the node says where); repair the image (fsck) or restore it again")
+        } else if is(Errno::IO) {
+            // btrfs answers EIO to a log tree it cannot replay read-only.
+            format!("the kernel could not read it, finds it damaged, or has a log to replay that a read-only device cannot take (the node's kernel log says which); stage it read-write once, or repair the {fs} image")
         } else {
             "the kernel refused the mount".to_owned()
         };
