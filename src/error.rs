@@ -184,7 +184,14 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         | NodeError::WillNotFormat { .. }
         | NodeError::MkfsOptionsRefused { .. }
         | NodeError::Busy { .. }
-        | NodeError::StillPublished { .. } => RpcStatusCode::FAILED_PRECONDITION,
+        | NodeError::StillPublished { .. }
+        | NodeError::NotSettled { .. } => RpcStatusCode::FAILED_PRECONDITION,
+        // A filesystem the kernel will not mount needs an operator, not a
+        // retry; a full or unreachable pool is still what it is.
+        NodeError::Unmountable { source, .. } => match io_code(source) {
+            RpcStatusCode::INTERNAL => RpcStatusCode::FAILED_PRECONDITION,
+            code => code,
+        },
         // The spec's NodeExpandVolume table: a capacity the plugin cannot
         // give is OUT_OF_RANGE.
         NodeError::NotGrown { .. } | NodeError::TooSmallToResize { .. } => {
@@ -511,6 +518,33 @@ mod tests {
         assert!(to_status(rpc, &full)
             .message()
             .contains("--ephemeral-max-per-node"));
+    }
+
+    #[test]
+    fn a_filesystem_that_will_not_mount_is_a_precondition_unless_the_pool_is_full() {
+        let unmountable = |errno: i32| {
+            Error::Node(filevol_core::node::error::unmountable(
+                "v",
+                "xfs",
+                "/dev/loop3",
+                "read-only",
+            )(std::io::Error::from_raw_os_error(errno)))
+        };
+        for errno in [libc::EROFS, libc::EUCLEAN, libc::EINVAL, libc::EIO] {
+            let e = unmountable(errno);
+            assert_eq!(
+                status_code(Rpc::NodeStageVolume, &e),
+                RpcStatusCode::FAILED_PRECONDITION,
+                "{e}"
+            );
+        }
+        assert!(unmountable(libc::EROFS)
+            .to_string()
+            .contains("journal to replay"));
+        assert_eq!(
+            status_code(Rpc::NodeStageVolume, &unmountable(libc::ENOSPC)),
+            RpcStatusCode::RESOURCE_EXHAUSTED
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ mod mkfs_options;
 mod no_space;
 mod node;
 mod ops;
+mod read_only_copies;
 mod single_writer;
 mod snapshot_metadata;
 mod stress;

@@ -129,6 +129,37 @@ pub enum NodeError {
         #[source]
         source: crate::volume::mkfs_options::MkfsOptionError,
     },
+    /// The volume's filesystem cannot be mounted as the stage needs it: a
+    /// read-only stage of one with a journal to replay, or one the kernel
+    /// finds damaged. A retry changes nothing; the message says what to do.
+    #[error("volume {id}: its {fs} filesystem on {device} cannot be mounted {how}: {reason}")]
+    Unmountable {
+        /// The volume.
+        id: String,
+        /// Its filesystem.
+        fs: &'static str,
+        /// The loop device.
+        device: PathBuf,
+        /// How it was mounted ("read-only", or read-write to replay its
+        /// journal).
+        how: &'static str,
+        /// What the kernel's answer means here.
+        reason: String,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// A read-only stage of a clone or restore whose copied journal has not
+    /// been replayed yet (see `node::settle`) could not have the volume
+    /// exclusively to replay it: another node is replaying it right now,
+    /// or has it staged for writing.
+    #[error("volume {id} is a clone or restore whose journal has not been replayed yet, which needs the volume exclusively once before any read-only stage: {reason}")]
+    NotSettled {
+        /// The volume.
+        id: String,
+        /// Who has it.
+        reason: String,
+    },
     /// The path is busy (EBUSY): it stays mounted.
     #[error("{step} {path}: busy (still in use)")]
     Busy {
@@ -265,4 +296,39 @@ pub fn sys(step: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Erro
 pub fn probe_failed(device: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> NodeError {
     let device = device.into();
     move |source| NodeError::ProbeFailed { device, source }
+}
+
+/// Builds the error for a mount of volume `id`'s filesystem `fs` on
+/// `device` that the kernel refused ([`NodeError::Unmountable`]), saying
+/// what the kernel's answer means for a filevol volume.
+pub fn unmountable(
+    id: &str,
+    fs: &'static str,
+    device: impl Into<PathBuf>,
+    how: &'static str,
+) -> impl FnOnce(io::Error) -> NodeError {
+    let (id, device) = (id.to_owned(), device.into());
+    move |source| {
+        use rustix::io::Errno;
+        let code = source.raw_os_error();
+        let is = |e: Errno| code == Some(e.raw_os_error());
+        let reason = if is(Errno::ROFS) {
+            "it has a journal to replay (it was copied, or left, while mounted), which a read-only device cannot do; stage it read-write once to replay it".to_owned()
+        } else if is(Errno::UCLEAN) || is(Errno::BADMSG) || is(Errno::INVAL) {
+            format!("the kernel finds it damaged or not a valid {fs} (its log on the node says where); repair the image (fsck) or restore it again")
+        } else if is(Errno::IO) {
+            // btrfs answers EIO to a log tree it cannot replay read-only.
+            format!("the kernel could not read it, finds it damaged, or has a log to replay that a read-only device cannot take (the node's kernel log says which); stage it read-write once, or repair the {fs} image")
+        } else {
+            "the kernel refused the mount".to_owned()
+        };
+        NodeError::Unmountable {
+            id,
+            fs,
+            device,
+            how,
+            reason,
+            source,
+        }
+    }
 }

@@ -505,6 +505,24 @@ impl Kernel for Recording {
         Ok(())
     }
 
+    /// Checks that `device` is a fake loop device and writable; leaves
+    /// nothing mounted.
+    fn mount_unattached(&self, device: &Path, fs_type: &str, _flags: &[&str]) -> io::Result<()> {
+        self.call(
+            "mount_unattached",
+            format_args!("{} {fs_type}", device.display()),
+        )?;
+        let st = self.state.lock();
+        match st.loops.iter().find(|l| l.device.path() == device) {
+            Some(l) if l.read_only => Err(io::Error::from_raw_os_error(libc::EROFS)),
+            Some(_) => Ok(()),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: not a fake loop device", device.display()),
+            )),
+        }
+    }
+
     fn bind(&self, source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
         let (source, target) = (path_of(source)?, path_of(target)?);
         self.call(

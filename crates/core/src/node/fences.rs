@@ -63,7 +63,6 @@ impl Fences {
     }
 
     /// The kind of fence held on the volume, if any.
-    #[cfg(test)]
     pub(super) fn held(&self, id: &str) -> Option<LockKind> {
         self.held.lock().get(id).map(|(_, kind)| *kind)
     }

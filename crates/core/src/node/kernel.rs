@@ -110,6 +110,10 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
         flags: MountFlags,
         data: &str,
     ) -> io::Result<()>;
+    /// Mounts the filesystem on `device` read-write where no path reaches
+    /// it, and unmounts it again before returning (see
+    /// [`mount::mount_unattached`]): what replays a journal.
+    fn mount_unattached(&self, device: &Path, fs_type: &str, flags: &[&str]) -> io::Result<()>;
     /// Binds the object open at `source` onto the object open at `target`.
     fn bind(&self, source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()>;
     /// Whether the object open at `root` is the root of a mount of the
@@ -243,6 +247,10 @@ impl Kernel for Host {
         data: &str,
     ) -> io::Result<()> {
         mount::mount_fs_at(device, target, fs_type, flags, data)
+    }
+
+    fn mount_unattached(&self, device: &Path, fs_type: &str, flags: &[&str]) -> io::Result<()> {
+        mount::mount_unattached(device, fs_type, flags)
     }
 
     fn bind(&self, source: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {

@@ -7,6 +7,8 @@
 //! fence and device as one guard), `stage`, `publish`, `publication`
 //! (whether a NodePublishVolume's volume is staged or ephemeral, and the
 //! order NodeUnpublishVolume removes an ephemeral one in),
+//! `settle` (the journal of a clone or restore replayed once, before its
+//! first read-only stage),
 //! `stats` (stats and expansion), [`trim`] (giving freed space back to the
 //! pool), [`freeze`] (group snapshots' freezes, held by a guardian
 //! process), [`ephemeral`] (inline volumes, off unless turned on, created
@@ -62,6 +64,7 @@ mod probe;
 mod publication;
 mod publish;
 mod rollback;
+mod settle;
 mod stage;
 mod stats;
 mod template;

@@ -8,12 +8,13 @@
 //! (kubelet's retry, a restarted plugin) checks that what is mounted is this
 //! volume and answers OK.
 
+use std::borrow::Cow;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::claim::Claim;
-use super::error::{probe_failed, sys, NodeError};
+use super::error::{probe_failed, sys, unmountable, NodeError};
 use super::format::Content;
 use super::paths::Create;
 use super::rollback::Rollback;
@@ -42,8 +43,9 @@ impl Node {
         match (v.layout, req.access) {
             (Layout::Dir, _) => self.stage_dir(pool, v, staging, req),
             (Layout::Image, AccessType::Mount) => {
+                let v = self.settled_for(pool, v, staging, req)?;
                 let mut claim = Claim::fence(self, pool, &v.id, lock_kind(req.mode))?;
-                let result = self.stage_image(pool, v, staging, req, &mut claim);
+                let result = self.stage_image(pool, &v, staging, req, &mut claim);
                 claim.finish(result)
             }
             (Layout::Image, AccessType::Block) => {
@@ -52,6 +54,29 @@ impl Node {
                 claim.finish(result)
             }
         }
+    }
+
+    /// The volume's record for a filesystem stage: for a read-only one of
+    /// a clone or restore not settled yet, after it is settled (see
+    /// `node::settle`). Not for a stage this plugin holds the fence of
+    /// already (a retry, a second staging path: settled before, or staged
+    /// by a version before settling, which must not be fenced out by its
+    /// own fence).
+    fn settled_for<'v>(
+        &self,
+        pool: &Pool,
+        v: &'v VolumeMeta,
+        staging: &Path,
+        req: &Request,
+    ) -> Result<Cow<'v, VolumeMeta>, NodeError> {
+        if !req.mode.is_read_only()
+            || !v.needs_settling()
+            || self.fences.held(&v.id).is_some()
+            || self.mount_state(staging)? == MountState::Mounted
+        {
+            return Ok(Cow::Borrowed(v));
+        }
+        Ok(Cow::Owned(self.settle(pool, v)?))
     }
 
     fn stage_dir(
@@ -210,7 +235,7 @@ impl Node {
     /// Deals with the devices of the image on this host when its lock is
     /// held (see [`Node::attach`]): refuses one that is mounted, detaches
     /// one that is mounted nowhere.
-    fn clear_other_devices(
+    pub(super) fn clear_other_devices(
         &self,
         id: &str,
         image: &Path,
@@ -341,7 +366,16 @@ impl Node {
         let target = self.mount_point(staging, Create::Dir)?;
         self.kernel
             .mount_fs(&dev.path(), target.as_fd(), fs.as_str(), flags, &data)
-            .map_err(sys("mount", staging))?;
+            .map_err(|e| {
+                // A read-only mount the kernel refuses (a journal to replay
+                // after all, a damaged filesystem) is the volume's state,
+                // not a fault: kubelet's retries would change nothing.
+                if read_only {
+                    unmountable(&v.id, fs.as_str(), dev.path(), "read-only")(e)
+                } else {
+                    sys("mount", staging)(e)
+                }
+            })?;
         claim.push(format!("unmount {}", staging.display()), move || {
             self.kernel.unmount(staging)
         });
@@ -678,7 +712,11 @@ impl Node {
 impl Node {
     /// Waits as [`Node::detached`] does until `dev` no longer serves the
     /// image `key`.
-    fn detached_device(&self, dev: LoopDevice, key: (u64, u64)) -> std::io::Result<bool> {
+    pub(super) fn detached_device(
+        &self,
+        dev: LoopDevice,
+        key: (u64, u64),
+    ) -> std::io::Result<bool> {
         for wait in [0, 10, 20, 50, 100, 200, 400, 600, 600] {
             std::thread::sleep(std::time::Duration::from_millis(wait));
             match self.kernel.loop_status(dev)? {

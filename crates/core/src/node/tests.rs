@@ -124,6 +124,29 @@ impl Bed {
             .unwrap()
     }
 
+    /// A clone of `v` (which must not be staged: the fake's pool cannot
+    /// reflink), for read-only stages.
+    fn clone_of(&self, v: &VolumeMeta, name: &str) -> VolumeMeta {
+        self.pool
+            .create_volume(&VolumeSpec {
+                name: name.into(),
+                layout: v.layout,
+                capacity: CapacityRange {
+                    required: v.capacity_bytes,
+                    limit: 0,
+                },
+                access: v.access,
+                fs_type: v.fs_type,
+                thick: false,
+                mkfs_options: vec![],
+                parameters: BTreeMap::new(),
+                mutable_parameters: BTreeMap::new(),
+                source: Some(crate::volume::meta::Source::Volume(v.id.clone())),
+                modes: vec![ROX],
+            })
+            .unwrap()
+    }
+
     fn path(&self, rel: &str) -> PathBuf {
         self.node.kubelet_dir().join(rel)
     }
@@ -1229,4 +1252,110 @@ fn paths_the_mount_table_escapes_are_found_by_what_they_hold() {
     assert!(bed.kernel.mounted().is_empty());
     assert!(bed.kernel.attached_images().is_empty());
     assert_eq!(bed.node.mount_counts(&bed.pool).unwrap(), (0, 0));
+}
+
+/// A formatted volume, staged read-write once and unstaged, and a clone of
+/// it: what a restore or clone of a mounted filesystem looks like to the
+/// node.
+fn formatted_and_cloned(bed: &Bed) -> (VolumeMeta, VolumeMeta) {
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    bed.stage(&v, &staging, RWO).unwrap();
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+    let clone = bed.clone_of(&v, "a-clone");
+    assert!(clone.needs_settling());
+    (v, clone)
+}
+
+#[test]
+fn a_read_only_stage_of_a_clone_replays_its_journal_once_on_a_private_writable_device() {
+    let bed = Bed::new();
+    let (_, clone) = formatted_and_cloned(&bed);
+    let before = bed.kernel.calls().len();
+    let staging = bed.path("staging/clone");
+    bed.stage(&clone, &staging, ROX).unwrap();
+    let done: Vec<String> = ops(&bed).split_off(before);
+    assert_eq!(
+        done,
+        [
+            // The replay, on a writable device of its own, mounted nowhere.
+            "attach",
+            "drop_cached_blocks",
+            "probe",
+            "mount_unattached",
+            "detach",
+            // Then the read-only stage, as ever.
+            "attach",
+            "drop_cached_blocks",
+            "probe",
+            "mount",
+        ]
+    );
+    assert!(bed.pool.volume(&clone.id).unwrap().settled);
+    assert_eq!(bed.fence(&clone), Some(LockKind::Shared));
+    assert_eq!(
+        bed.kernel.attached_images(),
+        [bed.pool.image_path(&clone.id)]
+    );
+
+    // A retry, and a later stage after an unstage: nothing replayed again.
+    bed.stage(&clone, &staging, ROX).unwrap();
+    bed.node.unstage(&bed.pool, &clone.id, &staging).unwrap();
+    bed.stage(&clone, &staging, ROX).unwrap();
+    assert_eq!(bed.kernel.count("mount_unattached"), 1);
+}
+
+#[test]
+fn a_replay_that_fails_leaves_nothing_and_says_the_filesystem_will_not_mount() {
+    let bed = Bed::new();
+    let (_, clone) = formatted_and_cloned(&bed);
+    let staging = bed.path("staging/clone");
+    bed.kernel
+        .fail_next("mount_unattached", ErrorKind::InvalidData);
+    let e = bed.stage(&clone, &staging, ROX).unwrap_err();
+    assert!(
+        matches!(e, NodeError::Unmountable { how, .. } if how.contains("replay")),
+        "{e}"
+    );
+    assert!(bed.kernel.attached_images().is_empty());
+    assert!(bed.kernel.mounted().is_empty());
+    assert_eq!(bed.fence(&clone), None);
+    assert!(!bed.pool.volume(&clone.id).unwrap().settled);
+    // Nothing is half done: the retry replays and stages.
+    bed.stage(&clone, &staging, ROX).unwrap();
+    assert!(bed.pool.volume(&clone.id).unwrap().settled);
+}
+
+#[test]
+fn a_read_write_stage_of_a_clone_replays_by_mounting_and_settles_nothing() {
+    let bed = Bed::new();
+    let (_, clone) = formatted_and_cloned(&bed);
+    bed.stage(&clone, &bed.path("staging/clone"), RWO).unwrap();
+    assert_eq!(bed.kernel.count("mount_unattached"), 0);
+    assert!(!bed.pool.volume(&clone.id).unwrap().settled);
+}
+
+#[test]
+fn a_read_only_mount_the_kernel_refuses_is_unmountable_and_undone() {
+    let bed = Bed::new();
+    let (v, _) = formatted_and_cloned(&bed);
+    let staging = bed.path("staging/a");
+    bed.kernel.fail_next("mount", ErrorKind::InvalidData);
+    let e = bed.stage(&v, &staging, ROX).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            NodeError::Unmountable {
+                how: "read-only",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(bed.kernel.attached_images().is_empty());
+    assert_eq!(bed.fence(&v), None);
+    // A read-write stage's failed mount stays what it was.
+    bed.kernel.fail_next("mount", ErrorKind::InvalidData);
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::Sys { step: "mount", .. }), "{e}");
 }

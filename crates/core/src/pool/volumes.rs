@@ -404,6 +404,7 @@ impl Pool {
             created_unix_ms: now_ms(),
             legacy_attachments: Vec::new(),
             written,
+            settled: false,
         };
         store::write_new(&built.join(store::META), &meta)?;
         Ok(meta)
@@ -670,6 +671,18 @@ impl Pool {
         let mut v = self.volume(id)?;
         if v.written != Some(true) {
             v.written = Some(true);
+            self.update_volume(&v, held)?;
+        }
+        Ok(v)
+    }
+
+    /// Records that the journal the volume's copied filesystem carried has
+    /// been replayed (see [`VolumeMeta::settled`]). The caller holds the
+    /// volume's lock, and its fence exclusively. Never goes back to false.
+    pub fn mark_settled(&self, id: &str, held: &ObjectLock) -> Result<VolumeMeta, PoolError> {
+        let mut v = self.volume(id)?;
+        if !v.settled {
+            v.settled = true;
             self.update_volume(&v, held)?;
         }
         Ok(v)

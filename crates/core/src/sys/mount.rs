@@ -103,6 +103,31 @@ pub fn mount_fs(
         .map_err(io::Error::from)
 }
 
+/// Mounts the filesystem on `device` read-write where no path reaches it,
+/// and lets it go again: the kernel opens it as for any mount (a journal
+/// is replayed, orphans are cleaned up) and, when the descriptor closes,
+/// shuts it down as an unmount does (everything written, the log marked
+/// clean) before this returns. `flags` are the filesystem's boolean options
+/// (`nouuid`).
+///
+/// Built on the mount API's `fsopen` and `FSCONFIG_CMD_CREATE`: the
+/// superblock exists only for the descriptor, never in a mount table, so a
+/// process killed half-way leaves no mount behind, and no directory is
+/// needed for it.
+pub fn mount_unattached(device: &Path, fs_type: &str, flags: &[&str]) -> io::Result<()> {
+    use rustix::mount::{fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsopen};
+    let fs = fsopen(fs_type, rustix::mount::FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_set_string(&fs, "source", device)?;
+    for flag in flags {
+        fsconfig_set_flag(&fs, *flag)?;
+    }
+    fsconfig_create(&fs)?;
+    // The close puts the only reference to the superblock: the kernel
+    // shuts it down (in the task work run before close returns).
+    drop(fs);
+    Ok(())
+}
+
 /// Bind-mounts `source` (a directory or a file) onto `target`. The new
 /// mount's propagation follows the mount it lands on: under a kubelet
 /// directory mounted `Bidirectional`, the host and the pods see it.

@@ -209,6 +209,27 @@ pub struct VolumeMeta {
     /// probe, is what keeps a written volume from being formatted.
     #[serde(default)]
     pub written: Option<bool>,
+    /// Whether the filesystem copied into a clone or restore has had its
+    /// journal replayed (`node::settle`): a copy of a mounted filesystem
+    /// carries one, which a read-only device cannot replay. Set once, by
+    /// the first read-only stage, before any reader mounts it; false in
+    /// records made before this field, whose first read-only stage then
+    /// replays it (a clean journal replays to nothing). Means nothing for
+    /// a volume without a source.
+    #[serde(default)]
+    pub settled: bool,
+}
+
+impl VolumeMeta {
+    /// Whether a read-only stage must first have the journal of the copied
+    /// filesystem replayed (see [`VolumeMeta::settled`]): a clone or
+    /// restore of a filesystem image, not settled yet.
+    pub fn needs_settling(&self) -> bool {
+        self.source.is_some()
+            && !self.settled
+            && self.layout == Layout::Image
+            && self.access == AccessType::Mount
+    }
 }
 
 /// How a snapshot's data was copied.
