@@ -127,7 +127,24 @@ pub fn has_data(image: &Path) -> std::io::Result<bool> {
 /// the options joins filevol's `nodiscard` in one `-E`, at the end: an
 /// option such as `-E lazy_itable_init=1` does not bring discard back.
 pub fn mkfs_file(file: &Path, options: &mkfs_options::Validated<'_>) -> Result<(), CommandError> {
-    let (program, args) = mkfs_args(options);
+    mkfs_file_over(file, options, false)
+}
+
+/// [`mkfs_file`], told with `overwrite` that `file` may hold signatures
+/// already: a thick image whose format in place was cut short (see
+/// `Node::format_in_place`), which only filevol ever wrote. mkfs.xfs and
+/// mkfs.btrfs refuse such a file without `-f`; mkfs.ext4 always gets `-F`
+/// (it asks before formatting a file that is not a device). Never for a
+/// file a pod may have written.
+pub fn mkfs_file_over(
+    file: &Path,
+    options: &mkfs_options::Validated<'_>,
+    overwrite: bool,
+) -> Result<(), CommandError> {
+    let (program, mut args) = mkfs_args(options);
+    if overwrite && options.fs() != FsType::Ext4 {
+        args.insert(0, "-f".to_owned());
+    }
     let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
     argv.push(file.as_os_str());
     run(program, &argv)

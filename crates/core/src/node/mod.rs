@@ -53,6 +53,7 @@ mod ext4;
 mod fake;
 mod fences;
 pub mod format;
+mod in_place;
 pub mod kernel;
 mod mounts;
 pub mod paths;
