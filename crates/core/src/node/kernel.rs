@@ -163,8 +163,12 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     /// Makes a filesystem in the file `file`; `overwrite`: over the
     /// signatures of a format filevol itself cut short (see
     /// [`format::mkfs_file_over`]).
-    fn mkfs(&self, file: &Path, options: &Validated<'_>, overwrite: bool)
-        -> Result<(), CommandError>;
+    fn mkfs(
+        &self,
+        file: &Path,
+        options: &Validated<'_>,
+        overwrite: bool,
+    ) -> Result<(), CommandError>;
     /// Checks that `copy` (a copy of a template, see `node::template`)
     /// holds the whole `fs` of `len` bytes a template makes, then gives it
     /// a fresh random UUID; [`Renewal::NotTemplate`] when it does not hold

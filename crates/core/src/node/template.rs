@@ -232,7 +232,8 @@ impl Node {
         result?;
         // A new template: the bound on how many the pool keeps is kept
         // here, where they are made (the janitor reclaims idle ones too).
-        if let Err(e) = pool.prune_templates(crate::pool::MAX_TEMPLATES, Some(recipe.name.as_str())) {
+        if let Err(e) = pool.prune_templates(crate::pool::MAX_TEMPLATES, Some(recipe.name.as_str()))
+        {
             log::warn!("reclaiming templates: {e}");
         }
         File::open(path).map_err(sys("open", path))

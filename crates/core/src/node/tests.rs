@@ -398,7 +398,14 @@ fn a_thick_image_is_formatted_in_place_and_a_cut_short_format_is_made_again() {
     let after = bed.pool.volume(&b.id).unwrap();
     assert_eq!((after.written, after.formatting), (Some(true), false));
     // Old records, without the field, read as not formatting.
-    let text = std::fs::read_to_string(bed.pool.root().join("volumes").join(&b.id).join("meta.json")).unwrap();
+    let text = std::fs::read_to_string(
+        bed.pool
+            .root()
+            .join("volumes")
+            .join(&b.id)
+            .join("meta.json"),
+    )
+    .unwrap();
     assert!(!text.contains("formatting"), "{text}");
 }
 

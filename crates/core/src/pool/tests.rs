@@ -1469,7 +1469,11 @@ fn templates_count_their_blocks_and_the_least_recently_used_go_beyond_the_bound(
     );
 
     // The oldest, 9, is spared (just made); 7 and 8 go.
-    assert_eq!(pool.prune_templates(crate::pool::MAX_TEMPLATES, Some("ext4-9-x")).unwrap(), 2);
+    assert_eq!(
+        pool.prune_templates(crate::pool::MAX_TEMPLATES, Some("ext4-9-x"))
+            .unwrap(),
+        2
+    );
     let left = |pool: &Pool| {
         let mut names: Vec<String> = std::fs::read_dir(pool.root().join("templates"))
             .unwrap()
@@ -1480,7 +1484,10 @@ fn templates_count_their_blocks_and_the_least_recently_used_go_beyond_the_bound(
     };
     assert_eq!(
         left(&pool),
-        ["ext4-0-x", "ext4-1-x", "ext4-2-x", "ext4-3-x", "ext4-4-x", "ext4-5-x", "ext4-6-x", "ext4-9-x"]
+        [
+            "ext4-0-x", "ext4-1-x", "ext4-2-x", "ext4-3-x", "ext4-4-x", "ext4-5-x", "ext4-6-x",
+            "ext4-9-x"
+        ]
     );
     assert_eq!(pool.usage().unwrap().templates, crate::pool::MAX_TEMPLATES);
     // Idle for longer than a day: reclaimed, however few there are.
@@ -1491,7 +1498,11 @@ fn templates_count_their_blocks_and_the_least_recently_used_go_beyond_the_bound(
         .unwrap()
         .set_modified(now - crate::pool::TEMPLATE_IDLE - Duration::from_secs(1))
         .unwrap();
-    assert_eq!(pool.prune_templates(crate::pool::MAX_TEMPLATES, None).unwrap(), 1);
+    assert_eq!(
+        pool.prune_templates(crate::pool::MAX_TEMPLATES, None)
+            .unwrap(),
+        1
+    );
     assert!(!stale.exists());
     assert_eq!(left(&pool).len(), 7);
 }
