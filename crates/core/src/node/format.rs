@@ -4,7 +4,8 @@
 //! The probe is the guard against the commonest way CSI drivers destroy
 //! data. Only an image that is *provably* blank (see [`blank_image`]) is
 //! ever formatted, and then into a new file that replaces it (see
-//! `Node::format_image`). On an attached device, anything `blkid -p` finds,
+//! `Node::format_image`), or for a thick image in place under an intent
+//! recorded first (`super::in_place`). On an attached device, anything `blkid -p` finds,
 //! a probe that fails, or data without a recognisable signature stops the
 //! stage: nothing is ever formatted there. A stage asks `super::probe`
 //! first, which answers the clear cases in-process and hands every other
@@ -118,8 +119,9 @@ pub fn has_data(image: &Path) -> std::io::Result<bool> {
 }
 
 /// Makes a filesystem in the file `file` (a new file beside the volume's
-/// image; see `Node::format_image`), with 4 KiB sectors to match the loop
-/// devices (a 512-byte-sector xfs would not mount on them), without discard
+/// image, see `Node::format_image`, or a thick image itself), with 4 KiB
+/// sectors to match the loop devices (a 512-byte-sector xfs would not
+/// mount on them), without discard
 /// (it would undo a thick image's preallocation), then the volume's extra
 /// options, which only [`mkfs_options::validate`] can give.
 ///

@@ -10,7 +10,15 @@
 //! the volume writes them), else a sparse copy of those few MiB. The copy
 //! then gets a fresh random UUID in-process (`ext4::renew_uuid`), so no
 //! two volumes share one, and goes through the same sync, crash points and
-//! rename as a mkfs'd image (`Node::format_image`).
+//! rename as a mkfs'd image (`Node::format_image`). A thick volume gets the
+//! template's data written into its own preallocated image instead
+//! (`Node::template_into`, under the intent of `super::in_place`): a copy
+//! would be a second preallocated file, or share the template's blocks.
+//!
+//! mke2fs leaves out a last block group too small for its own metadata, so
+//! the template of some sizes (1025 MiB, 20e9 bytes) is a filesystem a few
+//! MiB shorter than its file; a mkfs of the volume's own would be the
+//! same, and the kernel mounts it. The check accepts it.
 //!
 //! The recipe is filevol's mkfs arguments plus two that make a template
 //! fit to copy:
@@ -32,15 +40,19 @@
 //! scratch debris a controller removes). Node plugins sharing a pool may
 //! make the same template at once: each rename replaces the other's with
 //! an equivalent file, and a copy in progress holds its own descriptor.
-//! Only `templates/` holds them: volume listings, capacity, `pool ls`, the
-//! janitor and `doctor` never look there.
+//! Only `templates/` holds them: volume listings, `pool ls` and `doctor`
+//! never look there. Capacity counts their blocks, and the pool keeps at
+//! most `pool::MAX_TEMPLATES`, evicting the least recently used (a use
+//! sets the template's mtime) when a node makes one, and reclaiming idle
+//! ones (`pool::templates`).
 //!
 //! A template is checked at each use, on the copy (the bytes that will
 //! become the volume): its size, and the superblock's magic, checksum,
 //! geometry and features. One that fails is removed and the volume gets a
 //! mkfs of its own. So does a volume whose template cannot be made (an
-//! older mkfs without those options), a thick volume (a copy would not be
-//! preallocated), a volume with `mkfsOptions`, an xfs or btrfs volume
+//! older mkfs without those options, a pool too full for it), a thick
+//! volume whose format in place was cut short, a volume with
+//! `mkfsOptions`, an xfs or btrfs volume
 //! (their UUIDs are not rewritten in-process yet), and any volume on a pool
 //! that can neither reflink nor report holes (a "sparse" copy there would
 //! write every byte).

@@ -118,7 +118,7 @@ impl Pool {
     pub fn prune_templates(&self, keep: usize, spare: Option<&str>) -> Result<usize, PoolError> {
         let mut found = self.found_templates()?;
         // Most recently used first.
-        found.sort_by(|a, b| b.used.cmp(&a.used));
+        found.sort_by_key(|t| std::cmp::Reverse(t.used));
         let now = SystemTime::now();
         let spared = |t: &Found| spare == Some(t.name.as_str());
         // The spared one takes its place in the bound first.
