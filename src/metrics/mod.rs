@@ -60,6 +60,8 @@ pub struct Gauges {
     /// What snapshots count as in capacity (the blocks they can come to
     /// own).
     pub pool_snapshot_bytes: u64,
+    /// What the pool's formatted templates hold, counted in capacity.
+    pub pool_template_bytes: u64,
     /// Bytes allocated by volumes' images (read now) and directories (as
     /// last measured, `dir_usage`).
     pub pool_allocated_volumes: u64,
@@ -123,6 +125,7 @@ impl Gauges {
             pool_used: usage.fs_size.saturating_sub(usage.fs_free),
             pool_provisioned: usage.volume_bytes,
             pool_snapshot_bytes: usage.snapshot_bytes,
+            pool_template_bytes: usage.template_bytes,
             pool_allocated_volumes: allocation.volume_images.saturating_add(dirs.bytes),
             pool_allocated_snapshots: allocation.snapshots,
             volumes: usage.volumes,
@@ -255,7 +258,7 @@ impl Metrics {
         );
         gauge(
             "filevol_pool_capacity_bytes",
-            "Bytes the pool can still promise to new volumes (GetCapacity): usable size x overcommit, less filevol_pool_provisioned_bytes, filevol_pool_snapshot_bytes and creations in progress; above an overcommit of 1, at most the free bytes less the reserve.",
+            "Bytes the pool can still promise to new volumes (GetCapacity): usable size x overcommit, less filevol_pool_provisioned_bytes, filevol_pool_snapshot_bytes, filevol_pool_template_bytes and creations in progress; above an overcommit of 1, at most the free bytes less the reserve.",
             g.pool_capacity.to_string(),
         );
         gauge(
@@ -282,6 +285,11 @@ impl Metrics {
             "filevol_pool_snapshot_bytes",
             "Bytes the pool's snapshots count for in capacity: the blocks each can come to own (its allocated bytes, at most its size), not its size.",
             g.pool_snapshot_bytes.to_string(),
+        );
+        gauge(
+            "filevol_pool_template_bytes",
+            "Bytes the pool's formatted templates (new ext4 volumes start as copies of them) hold, counted in capacity: their allocated bytes.",
+            g.pool_template_bytes.to_string(),
         );
         gauge(
             "filevol_pool_volumes",

@@ -165,7 +165,8 @@ fn is_power_of(mut n: u64, base: u64) -> bool {
     n == 1
 }
 
-/// Checks that `file` holds a whole ext4 of exactly `len` bytes made with
+/// Checks that `file` holds a whole ext4 that mke2fs made of a file of
+/// `len` bytes (as long, or shorter by the last group it left out), made with
 /// `metadata_csum_seed` (magic, checksum, size, features), then gives it
 /// the filesystem UUID `uuid` and the directory hash seed `hash_seed` in
 /// its primary superblock and every backup, each with its checksum
@@ -221,10 +222,18 @@ pub fn renew_uuid(
     if geo.blocks_per_group == 0 || geo.blocks <= geo.first_data_block {
         return Err(not("an impossible geometry".into()));
     }
-    if geo.blocks.saturating_mul(geo.block_size) != len {
+    // mke2fs leaves out a last block group too small to hold its own
+    // metadata (a 1025 MiB file gets a 1024 MiB filesystem), and the
+    // kernel mounts a filesystem shorter than its device. So a shorter
+    // filesystem is what mke2fs made of a file of `len` bytes when it ends
+    // on a group boundary and less than a group short of the end.
+    let fs_len = geo.blocks.saturating_mul(geo.block_size);
+    let group_len = geo.blocks_per_group.saturating_mul(geo.block_size);
+    let whole_groups = (geo.blocks - geo.first_data_block) % geo.blocks_per_group == 0;
+    let dropped_last_group = fs_len < len && len - fs_len < group_len && whole_groups;
+    if fs_len != len && !dropped_last_group {
         return Err(not(format!(
-            "a filesystem of {} bytes in a file of {len}",
-            geo.blocks.saturating_mul(geo.block_size)
+            "a filesystem of {fs_len} bytes in a file of {len}"
         )));
     }
     let old_uuid = &primary[UUID..UUID + 16];
@@ -425,6 +434,39 @@ mod tests {
             renew(&open(&blank), len),
             Err(RenewError::NotTemplate(_))
         ));
+    }
+
+    /// mke2fs leaves out a last group too small for its metadata: the
+    /// template of a 1025 MiB volume is a 1024 MiB filesystem in a 1025 MiB
+    /// file, and is renewed; a filesystem short by more is not.
+    #[test]
+    fn a_filesystem_short_by_its_dropped_last_group_is_renewed() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = 1025 << 20;
+        let extra = ["-O", "metadata_csum_seed"];
+        let p = made(dir.path(), "short", len, &extra);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let mut sb = vec![0u8; SUPERBLOCK_LEN];
+        f.read_exact_at(&mut sb, SUPERBLOCK_OFFSET).unwrap();
+        assert_eq!(
+            u64::from(u32_at(&sb, BLOCKS_COUNT_LO)) * 4096,
+            1 << 30,
+            "mke2fs left out the last group"
+        );
+        let uuid = random_uuid().unwrap();
+        renew_uuid(&f, len, uuid, random_bytes().unwrap()).unwrap();
+        f.sync_all().unwrap();
+        let (ok, text) = run("e2fsck", &["-fn", p.to_str().unwrap()]);
+        assert!(ok, "{text}");
+        assert_eq!(uuid_at(&p, 0), uuid_text(&uuid));
+        // A whole group and more short: not what mke2fs makes of the file.
+        f.set_len(len + (128 << 20)).unwrap();
+        let e = renew_uuid(&f, len + (128 << 20), [1; 16], [2; 16]).unwrap_err();
+        assert!(matches!(e, RenewError::NotTemplate(_)), "{e}");
     }
 
     #[test]

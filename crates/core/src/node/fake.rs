@@ -648,7 +648,12 @@ impl Kernel for Recording {
         Ok(written != Some(true) && bytes.iter().all(|&b| b == 0))
     }
 
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError> {
+    fn mkfs(
+        &self,
+        file: &Path,
+        options: &Validated<'_>,
+        _overwrite: bool,
+    ) -> Result<(), CommandError> {
         self.tool("mkfs", file)?;
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();

@@ -4,7 +4,8 @@
 //! The probe is the guard against the commonest way CSI drivers destroy
 //! data. Only an image that is *provably* blank (see [`blank_image`]) is
 //! ever formatted, and then into a new file that replaces it (see
-//! `Node::format_image`). On an attached device, anything `blkid -p` finds,
+//! `Node::format_image`), or for a thick image in place under an intent
+//! recorded first (`super::in_place`). On an attached device, anything `blkid -p` finds,
 //! a probe that fails, or data without a recognisable signature stops the
 //! stage: nothing is ever formatted there. A stage asks `super::probe`
 //! first, which answers the clear cases in-process and hands every other
@@ -118,8 +119,9 @@ pub fn has_data(image: &Path) -> std::io::Result<bool> {
 }
 
 /// Makes a filesystem in the file `file` (a new file beside the volume's
-/// image; see `Node::format_image`), with 4 KiB sectors to match the loop
-/// devices (a 512-byte-sector xfs would not mount on them), without discard
+/// image, see `Node::format_image`, or a thick image itself), with 4 KiB
+/// sectors to match the loop devices (a 512-byte-sector xfs would not
+/// mount on them), without discard
 /// (it would undo a thick image's preallocation), then the volume's extra
 /// options, which only [`mkfs_options::validate`] can give.
 ///
@@ -127,7 +129,24 @@ pub fn has_data(image: &Path) -> std::io::Result<bool> {
 /// the options joins filevol's `nodiscard` in one `-E`, at the end: an
 /// option such as `-E lazy_itable_init=1` does not bring discard back.
 pub fn mkfs_file(file: &Path, options: &mkfs_options::Validated<'_>) -> Result<(), CommandError> {
-    let (program, args) = mkfs_args(options);
+    mkfs_file_over(file, options, false)
+}
+
+/// [`mkfs_file`], told with `overwrite` that `file` may hold signatures
+/// already: a thick image whose format in place was cut short (see
+/// `Node::format_in_place`), which only filevol ever wrote. mkfs.xfs and
+/// mkfs.btrfs refuse such a file without `-f`; mkfs.ext4 always gets `-F`
+/// (it asks before formatting a file that is not a device). Never for a
+/// file a pod may have written.
+pub fn mkfs_file_over(
+    file: &Path,
+    options: &mkfs_options::Validated<'_>,
+    overwrite: bool,
+) -> Result<(), CommandError> {
+    let (program, mut args) = mkfs_args(options);
+    if overwrite && options.fs() != FsType::Ext4 {
+        args.insert(0, "-f".to_owned());
+    }
     let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
     argv.push(file.as_os_str());
     run(program, &argv)

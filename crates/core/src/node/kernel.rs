@@ -164,8 +164,15 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
         reports_holes: bool,
         written: Option<bool>,
     ) -> io::Result<bool>;
-    /// Makes a filesystem in the file `file`.
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError>;
+    /// Makes a filesystem in the file `file`; `overwrite`: over the
+    /// signatures of a format filevol itself cut short (see
+    /// [`format::mkfs_file_over`]).
+    fn mkfs(
+        &self,
+        file: &Path,
+        options: &Validated<'_>,
+        overwrite: bool,
+    ) -> Result<(), CommandError>;
     /// Checks that `copy` (a copy of a template, see `node::template`)
     /// holds the whole `fs` of `len` bytes a template makes, then gives it
     /// a fresh random UUID; [`Renewal::NotTemplate`] when it does not hold
@@ -318,8 +325,13 @@ impl Kernel for Host {
         format::blank_image(image, reports_holes, written)
     }
 
-    fn mkfs(&self, file: &Path, options: &Validated<'_>) -> Result<(), CommandError> {
-        format::mkfs_file(file, options)
+    fn mkfs(
+        &self,
+        file: &Path,
+        options: &Validated<'_>,
+        overwrite: bool,
+    ) -> Result<(), CommandError> {
+        format::mkfs_file_over(file, options, overwrite)
     }
 
     fn renew_uuid(&self, copy: &File, fs: FsType, len: u64) -> io::Result<Renewal> {

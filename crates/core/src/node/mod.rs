@@ -57,6 +57,7 @@ mod fake;
 mod fences;
 pub mod format;
 pub mod freeze;
+mod in_place;
 pub mod kernel;
 mod mounts;
 pub mod paths;

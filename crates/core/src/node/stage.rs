@@ -316,6 +316,14 @@ impl Node {
         // lock and exclusive fence this call proved the image blank,
         // replaced it by the filesystem it made, and attached a new device
         // to that file (a new inode no other device can serve).
+        // A read-only stage never formats: a filesystem whose making was
+        // cut short waits for the first read-write stage.
+        if v.formatting && v.written != Some(true) {
+            return Err(will_not(
+                "a filesystem whose making was cut short (made again at the first read-write stage)"
+                    .into(),
+            ));
+        }
         let content = if formatted_now {
             Content::Filesystem(fs.as_str().into())
         } else {
@@ -443,10 +451,16 @@ impl Node {
         let lock = pool.lock_volume(id)?;
         let v = pool.volume(id)?;
         let image = pool.image_path(id);
-        if !self
-            .kernel
-            .blank_image(&image, pool.reports_holes(), v.written)
-            .map_err(probe_failed(&image))?
+        // A format in place cut short (see `super::in_place`): the image
+        // holds only filevol's half-made filesystem, never handed out, and
+        // is formatted again. Asked before the probe, which would call it
+        // data (or a filesystem, one that may not be whole).
+        let redo = v.formatting && v.written != Some(true);
+        if !redo
+            && !self
+                .kernel
+                .blank_image(&image, pool.reports_holes(), v.written)
+                .map_err(probe_failed(&image))?
         {
             return Ok((v, false));
         }
@@ -497,6 +511,12 @@ impl Node {
             }
             held => held,
         };
+        if v.thick {
+            // The image itself: a second preallocated copy would need twice
+            // the volume's size of the pool.
+            let v = self.format_in_place(pool, &v, &options, &lock, redo)?;
+            return Ok((v, true));
+        }
         log::info!(
             "volume {id}: the image is blank, making {} of {} bytes",
             fs.as_str(),
@@ -510,8 +530,9 @@ impl Node {
         Ok((pool.mark_written(id, &lock)?, true))
     }
 
-    /// Makes the filesystem of a blank image without ever writing to the
-    /// image itself: a new file beside it, a copy of the volume's template
+    /// Makes the filesystem of a blank thin image without ever writing to
+    /// the image itself (a thick one is formatted in place, see
+    /// `super::in_place`): a new file beside it, a copy of the volume's template
     /// (see `super::template`) or one mkfs formats, replaces the image by
     /// one rename once it is complete and synced. A crash before that
     /// leaves the blank image and a scratch file (removed on the next try),
@@ -568,11 +589,7 @@ impl Node {
             .map_err(sys("create", scratch))?;
         file.set_len(v.capacity_bytes)
             .map_err(sys("size", scratch))?;
-        if v.thick {
-            crate::sys::fs::preallocate(&file, v.capacity_bytes)
-                .map_err(sys("preallocate", scratch))?;
-        }
-        self.kernel.mkfs(scratch, options)?;
+        self.kernel.mkfs(scratch, options, false)?;
         Ok(file)
     }
 

@@ -10,7 +10,15 @@
 //! the volume writes them), else a sparse copy of those few MiB. The copy
 //! then gets a fresh random UUID in-process (`ext4::renew_uuid`), so no
 //! two volumes share one, and goes through the same sync, crash points and
-//! rename as a mkfs'd image (`Node::format_image`).
+//! rename as a mkfs'd image (`Node::format_image`). A thick volume gets the
+//! template's data written into its own preallocated image instead
+//! (`Node::template_into`, under the intent of `super::in_place`): a copy
+//! would be a second preallocated file, or share the template's blocks.
+//!
+//! mke2fs leaves out a last block group too small for its own metadata, so
+//! the template of some sizes (1025 MiB, 20e9 bytes) is a filesystem a few
+//! MiB shorter than its file; a mkfs of the volume's own would be the
+//! same, and the kernel mounts it. The check accepts it.
 //!
 //! The recipe is filevol's mkfs arguments plus two that make a template
 //! fit to copy:
@@ -32,15 +40,19 @@
 //! scratch debris a controller removes). Node plugins sharing a pool may
 //! make the same template at once: each rename replaces the other's with
 //! an equivalent file, and a copy in progress holds its own descriptor.
-//! Only `templates/` holds them: volume listings, capacity, `pool ls`, the
-//! janitor and `doctor` never look there.
+//! Only `templates/` holds them: volume listings, `pool ls` and `doctor`
+//! never look there. Capacity counts their blocks, and the pool keeps at
+//! most `pool::MAX_TEMPLATES`, evicting the least recently used (a use
+//! sets the template's mtime) when a node makes one, and reclaiming idle
+//! ones (`pool::templates`).
 //!
 //! A template is checked at each use, on the copy (the bytes that will
 //! become the volume): its size, and the superblock's magic, checksum,
 //! geometry and features. One that fails is removed and the volume gets a
 //! mkfs of its own. So does a volume whose template cannot be made (an
-//! older mkfs without those options), a thick volume (a copy would not be
-//! preallocated), a volume with `mkfsOptions`, an xfs or btrfs volume
+//! older mkfs without those options, a pool too full for it), a thick
+//! volume whose format in place was cut short, a volume with
+//! `mkfsOptions`, an xfs or btrfs volume
 //! (their UUIDs are not rewritten in-process yet), and any volume on a pool
 //! that can neither reflink nor report holes (a "sparse" copy there would
 //! write every byte).
@@ -84,7 +96,7 @@ impl Recipe {
     /// (see the module documentation for which do).
     pub(super) fn of(pool: &Pool, v: &VolumeMeta, fs: FsType) -> Option<Recipe> {
         let copies_cheaply = pool.reflinks() || pool.reports_holes();
-        if fs != FsType::Ext4 || v.thick || !v.mkfs_options.is_empty() || !copies_cheaply {
+        if fs != FsType::Ext4 || !v.mkfs_options.is_empty() || !copies_cheaply {
             return None;
         }
         let options: Vec<String> = EXT4_TEMPLATE.iter().map(|&s| s.to_owned()).collect();
@@ -114,17 +126,8 @@ impl Node {
         scratch: &Path,
     ) -> Result<Option<File>, NodeError> {
         let path = pool.template_path(&recipe.name);
-        let template = match self.open_template(pool, recipe, &path) {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!(
-                    "no template for {} of {} bytes ({}); running mkfs for this volume",
-                    recipe.fs.as_str(),
-                    recipe.len,
-                    crate::error_chain::message_chain(&e)
-                );
-                return Ok(None);
-            }
+        let Some(template) = self.usable_template(pool, recipe, &path) else {
+            return Ok(None);
         };
         let copy = OpenOptions::new()
             .read(true)
@@ -141,21 +144,88 @@ impl Node {
             }
             Err(e) => return Err(sys("reflink the template into", scratch)(e)),
         }
-        match self.kernel.renew_uuid(&copy, recipe.fs, recipe.len) {
-            Ok(Renewal::Renewed) => Ok(Some(copy)),
+        if self.renewed(&template, &copy, recipe, &path, scratch)? {
+            Ok(Some(copy))
+        } else {
+            drop(copy);
+            sysfs::remove_if_present(scratch).map_err(sys("remove", scratch))?;
+            Ok(None)
+        }
+    }
+
+    /// Writes the volume's template into `image`, the volume's own
+    /// preallocated image (a thick volume's first format, see
+    /// `Node::format_in_place`), with a UUID of its own, making the
+    /// template first if there is none. The template's data is written
+    /// into the image's own blocks, never shared with the template nor
+    /// put in a new file, so the image keeps every block it owns and the
+    /// format needs no space beyond it; what the template has as holes
+    /// the image reads as zeros already (it was proven blank). `Ok(false)`
+    /// when there is no usable template: the caller then runs mkfs on the
+    /// image, which may hold part of an unusable template by then.
+    pub(super) fn template_into(
+        &self,
+        pool: &Pool,
+        recipe: &Recipe,
+        image: &File,
+        image_path: &Path,
+    ) -> Result<bool, NodeError> {
+        let path = pool.template_path(&recipe.name);
+        let Some(template) = self.usable_template(pool, recipe, &path) else {
+            return Ok(false);
+        };
+        sysfs::write_data_into(&template, image, recipe.len)
+            .map_err(sys("write the template into", image_path))?;
+        self.renewed(&template, image, recipe, &path, image_path)
+    }
+
+    /// The template of `recipe` at `path`, made first if it is missing;
+    /// `None` (logged) when there is none to be had.
+    fn usable_template(&self, pool: &Pool, recipe: &Recipe, path: &Path) -> Option<File> {
+        match self.open_template(pool, recipe, path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log::warn!(
+                    "no template for {} of {} bytes ({}); running mkfs for this volume",
+                    recipe.fs.as_str(),
+                    recipe.len,
+                    crate::error_chain::message_chain(&e)
+                );
+                None
+            }
+        }
+    }
+
+    /// Gives `copy` (at `copy_path`, a copy of `template` at `path`) a
+    /// UUID of its own, and marks the template used (its mtime: the
+    /// pool evicts the least recently used, see `pool::templates`).
+    /// `Ok(false)` when the copy is no template: the template is removed.
+    fn renewed(
+        &self,
+        template: &File,
+        copy: &File,
+        recipe: &Recipe,
+        path: &Path,
+        copy_path: &Path,
+    ) -> Result<bool, NodeError> {
+        match self.kernel.renew_uuid(copy, recipe.fs, recipe.len) {
+            Ok(Renewal::Renewed) => {
+                if let Err(e) = template.set_modified(std::time::SystemTime::now()) {
+                    log::warn!("mark {} used: {e}", path.display());
+                }
+                Ok(true)
+            }
             Ok(Renewal::NotTemplate(why)) => {
                 log::warn!(
                     "template {} is unusable ({why}); removing it, and running mkfs for this volume",
                     path.display()
                 );
-                drop(copy);
-                sysfs::remove_if_present(scratch).map_err(sys("remove", scratch))?;
-                if let Err(e) = sysfs::remove_if_present(&path) {
+                if let Err(e) = sysfs::remove_if_present(path) {
                     log::warn!("remove {}: {e}", path.display());
                 }
-                Ok(None)
+                Ok(false)
             }
-            Err(e) => Err(sys("give a new UUID to", scratch)(e)),
+            Err(e) => Err(sys("give a new UUID to", copy_path)(e)),
         }
     }
 
@@ -172,6 +242,12 @@ impl Node {
             let _ = sysfs::remove_if_present(&built);
         }
         result?;
+        // A new template: the bound on how many the pool keeps is kept
+        // here, where they are made (the janitor reclaims idle ones too).
+        if let Err(e) = pool.prune_templates(crate::pool::MAX_TEMPLATES, Some(recipe.name.as_str()))
+        {
+            log::warn!("reclaiming templates: {e}");
+        }
         File::open(path).map_err(sys("open", path))
     }
 
@@ -196,7 +272,7 @@ impl Node {
             recipe.fs.as_str(),
             recipe.len
         );
-        self.kernel.mkfs(built, &options)?;
+        self.kernel.mkfs(built, &options, false)?;
         file.sync_all().map_err(sys("sync", built))?;
         std::fs::rename(built, path).map_err(sys("move into the pool", path))?;
         let dir = path.parent().expect("templates live in their directory");

@@ -147,6 +147,18 @@ impl Bed {
             .unwrap()
     }
 
+    /// A thick ext4 volume of 16 MiB.
+    fn thick(&self, name: &str) -> VolumeMeta {
+        let v = self.volume(&format!("{name}-thin"), Layout::Image, AccessType::Mount);
+        self.pool
+            .create_volume(&VolumeSpec {
+                name: name.into(),
+                thick: true,
+                ..spec_of(&v)
+            })
+            .unwrap()
+    }
+
     fn path(&self, rel: &str) -> PathBuf {
         self.node.kubelet_dir().join(rel)
     }
@@ -173,6 +185,26 @@ impl Bed {
 
     fn fence(&self, v: &VolumeMeta) -> Option<LockKind> {
         self.node.fences.held(&v.id)
+    }
+}
+
+/// A spec that makes a volume like `v` (its name, mount, ext4).
+fn spec_of(v: &VolumeMeta) -> VolumeSpec {
+    VolumeSpec {
+        name: v.name.clone(),
+        layout: v.layout,
+        capacity: CapacityRange {
+            required: v.capacity_bytes,
+            limit: 0,
+        },
+        access: v.access,
+        fs_type: v.fs_type,
+        thick: v.thick,
+        mkfs_options: v.mkfs_options.clone(),
+        parameters: BTreeMap::new(),
+        mutable_parameters: BTreeMap::new(),
+        source: None,
+        modes: vec![AccessMode::SingleNodeWriter],
     }
 }
 
@@ -341,6 +373,74 @@ fn volumes_of_one_size_are_copies_of_one_template_each_with_its_uuid() {
     bed.stage(&c, &bed.path("staging/c"), RWO).unwrap();
     assert_eq!(bed.kernel.count("mkfs"), 2);
     assert_eq!(bed.kernel.count("renew_uuid"), 2);
+}
+
+/// A thick image gets its filesystem in its own blocks (the same inode,
+/// no scratch file): from the template, written into it; a format cut
+/// short (the record's `formatting` set, the image holding what it wrote)
+/// is made again by a read-write stage, over its signatures, and refused
+/// by a read-only one.
+#[test]
+fn a_thick_image_is_formatted_in_place_and_a_cut_short_format_is_made_again() {
+    use std::os::unix::fs::MetadataExt;
+    let bed = Bed::new();
+    let a = bed.thick("a");
+    let image = bed.pool.image_path(&a.id);
+    let inode = std::fs::metadata(&image).unwrap().ino();
+    bed.stage(&a, &bed.path("staging/a"), RWO).unwrap();
+    // The template is made (its mkfs), written into the image and renewed.
+    assert_eq!(
+        ops(&bed),
+        [
+            "mkfs",
+            "renew_uuid",
+            "attach",
+            "drop_cached_blocks",
+            "mount"
+        ]
+    );
+    assert_eq!(std::fs::metadata(&image).unwrap().ino(), inode, "in place");
+    assert!(!image.with_file_name(".image.mkfs").exists());
+    let after = bed.pool.volume(&a.id).unwrap();
+    assert_eq!((after.written, after.formatting), (Some(true), false));
+
+    // Cut short: the intent recorded, half a filesystem in the image.
+    let b = bed.thick("b");
+    let lock = bed.pool.lock_volume(&b.id).unwrap();
+    bed.pool.mark_formatting(&b.id, &lock).unwrap();
+    drop(lock);
+    let image = bed.pool.image_path(&b.id);
+    std::fs::write(&image, b"half a filesystem").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(b.capacity_bytes)
+        .unwrap();
+    let e = bed.stage(&b, &bed.path("staging/b-ro"), ROX).unwrap_err();
+    assert!(chain(&e).contains("making was cut short"), "{}", chain(&e));
+    let before = bed.kernel.calls().len();
+    bed.stage(&b, &bed.path("staging/b"), RWO).unwrap();
+    let calls = bed.kernel.calls()[before..].to_vec();
+    // A mkfs of the image itself: no template over what is there, no
+    // probe asked.
+    assert!(
+        calls[0].starts_with("mkfs") && calls[0].ends_with(&format!("{}/image", b.id)),
+        "{calls:?}"
+    );
+    assert!(!calls.iter().any(|c| c.starts_with("probe")), "{calls:?}");
+    let after = bed.pool.volume(&b.id).unwrap();
+    assert_eq!((after.written, after.formatting), (Some(true), false));
+    // Old records, without the field, read as not formatting.
+    let text = std::fs::read_to_string(
+        bed.pool
+            .root()
+            .join("volumes")
+            .join(&b.id)
+            .join("meta.json"),
+    )
+    .unwrap();
+    assert!(!text.contains("formatting"), "{text}");
 }
 
 #[test]

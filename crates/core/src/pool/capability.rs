@@ -107,6 +107,7 @@ mod tests {
             legacy_attachments: vec![],
             written: None,
             settled: false,
+            formatting: false,
         }
     }
 

@@ -4,6 +4,7 @@
 //! Room is the usable size (total less the reserve) times the overcommit
 //! ratio, less the capacity of every volume, less what every snapshot counts
 //! as ([`snapshot_counts`]: the blocks it can come to own, not its size),
+//! less the blocks formatted templates hold ([`super::templates`]),
 //! less what creations in progress have been promised; above a ratio of 1 it
 //! is bounded too by what the pool filesystem can still hold. [`Usage`]
 //! carries those figures, and GetCapacity, CreateVolume's promise, the
@@ -249,6 +250,7 @@ impl Pool {
         // Promises first: see the module documentation.
         let in_progress = self.promised()?;
         let c = self.committed()?;
+        let templates = self.templates_held()?;
         Ok(Usage {
             fs_size: space.total,
             fs_free: space.available,
@@ -258,6 +260,8 @@ impl Pool {
             volume_bytes: c.volume_bytes,
             snapshots: c.snapshots,
             snapshot_bytes: c.snapshot_bytes,
+            templates: templates.count,
+            template_bytes: templates.bytes,
             in_progress,
         })
     }

@@ -15,6 +15,9 @@
 //! attachment records whose volume is gone (see `attachments`: a stale
 //! record can never become current again).
 //!
+//! It reclaims formatted templates unused for a day, and any beyond the
+//! bound (see `templates`).
+//!
 //! It also extends an image shorter than its volume (a size change lost in
 //! a crash, or an expansion cut short), under the volume's lock: the tail is
 //! a hole, so no data changes; and it tells every process to read the
@@ -34,6 +37,9 @@ pub(super) fn run(pool: &Pool) -> Result<(), PoolError> {
     repair_short_images(pool)?;
     move_legacy_attachments(pool)?;
     pool.remove_stale_attachments(None)?;
+    if let Err(e) = pool.prune_templates(super::MAX_TEMPLATES, None) {
+        log::warn!("reclaiming templates: {e}");
+    }
     // An expansion cut short between its record and its notice: every
     // process reads the sizes again.
     pool.sizes_changed()

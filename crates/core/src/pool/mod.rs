@@ -16,7 +16,9 @@
 //!                                 ControllerPublish records (empty files)
 //! <pool>/templates/<fs>-<bytes>-<recipe>  formatted filesystems that new
 //!                                 volumes start as copies of (see
-//!                                 `node::template`); no volume's data
+//!                                 `node::template`); no volume's data;
+//!                                 counted in capacity, at most
+//!                                 [`MAX_TEMPLATES`] (see [`templates`])
 //! <pool>/freezes/<group>.json    a group snapshot's freeze request, and
 //!                                 the nodes' answers (see [`freeze`])
 //! <pool>/.capacity.lock           held while capacity is promised
@@ -50,12 +52,14 @@ pub mod lock_reach;
 pub mod new_volume;
 pub mod room;
 pub mod store;
+pub mod templates;
 
 mod janitor;
 mod scratch;
 mod snapshots;
 mod volumes;
 
+pub use templates::{MAX_TEMPLATES, TEMPLATE_IDLE};
 pub use volumes::ImageLock;
 
 use std::collections::BTreeMap;

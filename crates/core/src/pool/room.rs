@@ -56,6 +56,10 @@ pub struct Usage {
     pub snapshots: usize,
     /// What they count as ([`snapshot_counts`]).
     pub snapshot_bytes: u64,
+    /// Formatted templates in the pool (see [`super::templates`]).
+    pub templates: usize,
+    /// The bytes they hold (`st_blocks`).
+    pub template_bytes: u64,
     /// Bytes promised to creations and expansions in progress, in every
     /// live process.
     pub in_progress: u64,
@@ -76,11 +80,12 @@ impl Usage {
         promisable
     }
 
-    /// What is counted against it: volumes, snapshots, creations in
-    /// progress.
+    /// What is counted against it: volumes, snapshots, templates,
+    /// creations in progress.
     pub fn committed(&self) -> u64 {
         self.volume_bytes
             .saturating_add(self.snapshot_bytes)
+            .saturating_add(self.template_bytes)
             .saturating_add(self.in_progress)
     }
 
@@ -123,6 +128,19 @@ impl Usage {
         }
     }
 
+    /// The templates' part of the refusal's sum: nothing while there are
+    /// none.
+    fn templates_part(&self) -> String {
+        if self.templates == 0 && self.template_bytes == 0 {
+            return String::new();
+        }
+        format!(
+            ", less {} held by {}",
+            human_fine(self.template_bytes),
+            plural(self.templates, "formatted template")
+        )
+    }
+
     /// What a creation could not get, in words: what was asked, what is
     /// left and how that was reached, and what would make room.
     fn explain(&self, need: Need, out: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,7 +149,7 @@ impl Usage {
             Need::Capacity(bytes) => {
                 write!(
                     out,
-                    "the pool cannot promise {} more: it has {} left. Room is the usable size {} ({} less the reserve of {}) x overcommit {ratio} = {}, less {} promised to {}, less {} counted for {} (by the blocks they can come to own, not their size), less {} promised to creations in progress = {}",
+                    "the pool cannot promise {} more: it has {} left. Room is the usable size {} ({} less the reserve of {}) x overcommit {ratio} = {}, less {} promised to {}, less {} counted for {} (by the blocks they can come to own, not their size){}, less {} promised to creations in progress = {}",
                     human_fine(bytes),
                     human_fine(self.room()),
                     human_fine(self.usable()),
@@ -142,6 +160,7 @@ impl Usage {
                     plural(self.volumes, "volume"),
                     human_fine(self.snapshot_bytes),
                     plural(self.snapshots, "snapshot"),
+                    self.templates_part(),
                     human_fine(self.in_progress),
                     human_fine(self.unpromised()),
                 )?;

@@ -538,6 +538,7 @@ mod tests {
             legacy_attachments: vec![],
             written: Some(false),
             settled: false,
+            formatting: false,
         }
     }
 

@@ -1144,6 +1144,8 @@ fn two_gib_pool(overcommit: f64, fs_free: u64) -> room::Usage {
         volume_bytes: 1 << 30,
         snapshots: 1,
         snapshot_bytes: 100 * MIB,
+        templates: 0,
+        template_bytes: 0,
         in_progress: 0,
     }
 }
@@ -1264,6 +1266,16 @@ fn the_refusal_of_the_two_gib_pool_reads_in_full() {
         refusal(two_gib_pool(3.0, 500 * MIB)),
         "the pool cannot promise 1.00 GiB more: it has 436 MiB left. Room is the usable size 1.94 GiB (2.00 GiB less the reserve of 64.0 MiB) x overcommit 3.0 = 5.81 GiB, less 1.00 GiB promised to 1 volume, less 100 MiB counted for 1 snapshot (by the blocks they can come to own, not their size), less 0 B promised to creations in progress = 4.71 GiB; above an overcommit of 1.0 room is also bounded by the pool filesystem's free space, 500 MiB less the reserve = 436 MiB, which binds. To make room: delete volumes or snapshots, or grow the pool filesystem; raising --overcommit does not help while free space binds"
     );
+    // Templates count, and say so.
+    let with_templates = room::Usage {
+        templates: 2,
+        template_bytes: 10 * MIB,
+        ..two_gib_pool(1.0, 1900 * MIB)
+    };
+    assert_eq!(with_templates.room(), 850 * MIB);
+    assert!(refusal(with_templates).contains(
+        "not their size), less 10.0 MiB held by 2 formatted templates, less 0 B promised"
+    ));
     let copy = PoolError::exhausted(room::Need::Space(600 * MIB), two_gib_pool(1.0, 500 * MIB));
     assert_eq!(
         copy.to_string(),
@@ -1424,4 +1436,73 @@ fn promises_of_an_instance_whose_lock_cannot_be_looked_at_are_not_dropped() {
         assert!(matches!(pool.usage(), Err(PoolError::Io { .. })));
     }
     assert_eq!(pool.usage().unwrap().in_progress, 64 * MIB);
+}
+
+/// Templates count in capacity by their blocks, and no more than
+/// `MAX_TEMPLATES` are kept: the least recently used go first, one unused
+/// for a day goes whatever the count, and the one just made is spared.
+#[test]
+fn templates_count_their_blocks_and_the_least_recently_used_go_beyond_the_bound() {
+    use std::time::{Duration, SystemTime};
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), false);
+    let before = pool.usage().unwrap();
+    assert_eq!((before.templates, before.template_bytes), (0, 0));
+    let now = SystemTime::now();
+    for i in 0..10u64 {
+        let path = pool.template_path(&format!("ext4-{i}-x"));
+        std::fs::write(&path, vec![1u8; 64 << 10]).unwrap();
+        // Template i was last used i minutes ago.
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(now - Duration::from_secs(60 * i))
+            .unwrap();
+    }
+    let usage = pool.usage().unwrap();
+    assert_eq!(usage.templates, 10);
+    assert!(usage.template_bytes >= 10 * (64 << 10), "{usage:?}");
+    assert_eq!(
+        usage.unpromised() + usage.template_bytes,
+        before.unpromised()
+    );
+
+    // The oldest, 9, is spared (just made); 7 and 8 go.
+    assert_eq!(
+        pool.prune_templates(crate::pool::MAX_TEMPLATES, Some("ext4-9-x"))
+            .unwrap(),
+        2
+    );
+    let left = |pool: &Pool| {
+        let mut names: Vec<String> = std::fs::read_dir(pool.root().join("templates"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        left(&pool),
+        [
+            "ext4-0-x", "ext4-1-x", "ext4-2-x", "ext4-3-x", "ext4-4-x", "ext4-5-x", "ext4-6-x",
+            "ext4-9-x"
+        ]
+    );
+    assert_eq!(pool.usage().unwrap().templates, crate::pool::MAX_TEMPLATES);
+    // Idle for longer than a day: reclaimed, however few there are.
+    let stale = pool.template_path("ext4-0-x");
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(now - crate::pool::TEMPLATE_IDLE - Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(
+        pool.prune_templates(crate::pool::MAX_TEMPLATES, None)
+            .unwrap(),
+        1
+    );
+    assert!(!stale.exists());
+    assert_eq!(left(&pool).len(), 7);
 }

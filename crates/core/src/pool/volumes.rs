@@ -382,10 +382,17 @@ impl Pool {
         }
         // Read under the source's lock, after the copy: `written` only goes
         // from false to true, set before anything is written through a node.
-        let written = match &spec.source {
-            None => Some(false),
-            Some(Source::Volume(src)) => self.volume(src).map_err(source_missing)?.written,
-            Some(Source::Snapshot(src)) => self.snapshot(src).map_err(source_missing)?.written,
+        // A clone of a volume whose format in place was cut short holds
+        // that half-made filesystem: formatted again, as its source will be.
+        let (written, formatting) = match &spec.source {
+            None => (Some(false), false),
+            Some(Source::Volume(src)) => {
+                let v = self.volume(src).map_err(source_missing)?;
+                (v.written, v.formatting)
+            }
+            Some(Source::Snapshot(src)) => {
+                (self.snapshot(src).map_err(source_missing)?.written, false)
+            }
         };
         let meta = VolumeMeta {
             format: FORMAT,
@@ -405,6 +412,7 @@ impl Pool {
             legacy_attachments: Vec::new(),
             written,
             settled: false,
+            formatting,
         };
         store::write_new(&built.join(store::META), &meta)?;
         Ok(meta)
@@ -667,10 +675,24 @@ impl Pool {
     /// Records that the volume's image now holds (or may hold) data: a node
     /// formatted it, or is about to hand it out as a raw block device. The
     /// caller holds the volume's lock. Never goes back to false.
+    /// A format in place that was under way ([`VolumeMeta::formatting`])
+    /// is over with the same write.
     pub fn mark_written(&self, id: &str, held: &ObjectLock) -> Result<VolumeMeta, PoolError> {
         let mut v = self.volume(id)?;
-        if v.written != Some(true) {
+        if v.written != Some(true) || v.formatting {
             v.written = Some(true);
+            v.formatting = false;
+            self.update_volume(&v, held)?;
+        }
+        Ok(v)
+    }
+
+    /// Records, durably, that a node is about to format the volume's image
+    /// in place ([`VolumeMeta::formatting`]). The caller holds its lock.
+    pub fn mark_formatting(&self, id: &str, held: &ObjectLock) -> Result<VolumeMeta, PoolError> {
+        let mut v = self.volume(id)?;
+        if !v.formatting {
+            v.formatting = true;
             self.update_volume(&v, held)?;
         }
         Ok(v)

@@ -250,6 +250,29 @@ pub fn sparse_copy(src: &File, dst: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes every data range of the first `len` bytes of `src` into `dst`
+/// at the same offsets, by read and write: never `copy_file_range`, which
+/// on a filesystem that can share blocks (xfs, btrfs) shares them instead,
+/// dropping the blocks `dst` had allocated there. So a preallocated `dst`
+/// keeps owning every block: the ranges land in its own (unwritten)
+/// extents. `dst` keeps its length; what `src` has as holes, `dst` keeps
+/// as it was (zeros, for a preallocated file never written).
+pub fn write_data_into(src: &File, dst: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    for range in super::extents::DataRanges::new(src, 0, len) {
+        let (mut at, end) = range?;
+        while at < end {
+            let n = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
 fn copy_range(src: &File, dst: &File, start: u64, mut count: u64) -> io::Result<()> {
     let (mut src_off, mut dst_off) = (start, start);
     while count > 0 {

@@ -218,6 +218,18 @@ pub struct VolumeMeta {
     /// a volume without a source.
     #[serde(default)]
     pub settled: bool,
+    /// A format in place is under way, or was cut short: set, durably,
+    /// before a node writes the first byte of a filesystem into the image
+    /// itself (thick volumes: a second copy would need twice the space),
+    /// cleared in the same record write that sets `written`, after the
+    /// filesystem is synced. While set, the image holds nothing but
+    /// filevol's own half-made filesystem, never handed out: the next
+    /// read-write stage formats it again (never a read-only one, which is
+    /// refused), and the probe is not asked whether it looks formatted.
+    /// Absent in older records and while false, so those read and write
+    /// as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub formatting: bool,
 }
 
 impl VolumeMeta {
