@@ -106,6 +106,7 @@ mod tests {
             created_unix_ms: 0,
             legacy_attachments: vec![],
             written: None,
+            subvolume: false,
         }
     }
 

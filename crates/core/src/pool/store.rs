@@ -537,6 +537,7 @@ mod tests {
             created_unix_ms: 0,
             legacy_attachments: vec![],
             written: Some(false),
+            subvolume: false,
         }
     }
 
