@@ -117,9 +117,7 @@ pub fn usage(data: &Path) -> io::Result<QgroupUsage> {
 pub(super) fn is_subvolume(data: &Path) -> io::Result<bool> {
     match untrusted::open_root(data) {
         Ok(fd) => btrfs::is_subvolume(&fd),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-            Ok(false)
-        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(false),
         Err(e) => Err(e),
     }
 }

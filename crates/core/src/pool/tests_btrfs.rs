@@ -42,10 +42,11 @@ fn dir_spec(name: &str, bytes: u64, source: Option<Source>) -> VolumeSpec {
 /// of the first write or sync that fails.
 fn write_mib(path: &Path, mib: u64) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
-    let mut block = vec![0u8; MIB as usize];
+    let mut block = vec![0u8; 1 << 20];
     for i in 0..mib {
         for (j, b) in block.iter_mut().enumerate() {
-            *b = (j as u64 ^ i.wrapping_mul(2654435761)) as u8;
+            // Bytes that differ per MiB: nothing for btrfs to share.
+            *b = (j as u64 ^ i.wrapping_mul(2654435761)).to_le_bytes()[0];
         }
         f.write_all(&block)?;
     }
@@ -129,7 +130,11 @@ fn dir_volumes_on_btrfs_are_subvolumes_with_their_size_enforced() {
 
     // A restore is writable, with its own limit.
     let r = pool
-        .create_volume(&dir_spec("r", 64 * MIB, Some(Source::Snapshot(s.id.clone()))))
+        .create_volume(&dir_spec(
+            "r",
+            64 * MIB,
+            Some(Source::Snapshot(s.id.clone())),
+        ))
         .unwrap();
     assert!(r.subvolume);
     let r_data = pool.data_path(&r.id);
@@ -180,7 +185,11 @@ fn a_plain_directory_volume_from_before_stays_plain_on_btrfs() {
     assert!(!s.subvolume);
     assert_eq!(s.method, CopyMethod::Sparse);
     let c = pool
-        .create_volume(&dir_spec("old-c", 8 * MIB, Some(Source::Volume(v.id.clone()))))
+        .create_volume(&dir_spec(
+            "old-c",
+            8 * MIB,
+            Some(Source::Volume(v.id.clone())),
+        ))
         .unwrap();
     assert!(!c.subvolume);
     assert_eq!(

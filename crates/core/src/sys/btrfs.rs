@@ -31,8 +31,8 @@ use linux_raw_sys::btrfs::{
 use linux_raw_sys::general::BTRFS_SUPER_MAGIC;
 use linux_raw_sys::ioctl::{
     BTRFS_IOC_FS_INFO, BTRFS_IOC_INO_LOOKUP, BTRFS_IOC_QGROUP_CREATE, BTRFS_IOC_QGROUP_LIMIT,
-    BTRFS_IOC_QUOTA_CTL, BTRFS_IOC_SNAP_CREATE_V2, BTRFS_IOC_SNAP_DESTROY,
-    BTRFS_IOC_SUBVOL_CREATE, BTRFS_IOC_SYNC,
+    BTRFS_IOC_QUOTA_CTL, BTRFS_IOC_SNAP_CREATE_V2, BTRFS_IOC_SNAP_DESTROY, BTRFS_IOC_SUBVOL_CREATE,
+    BTRFS_IOC_SYNC,
 };
 use rustix::ioctl::{ioctl, NoArg, Opcode, Setter, Updater};
 
@@ -45,8 +45,9 @@ const QGROUP_DROP_WAIT: Duration = Duration::from_secs(10);
 /// Whether the filesystem holding `fd` is btrfs.
 pub fn is_btrfs(fd: impl AsFd) -> io::Result<bool> {
     let st = rustix::fs::fstatfs(fd)?;
-    // f_type's width differs between architectures; the magic fits in 32 bits.
-    Ok(st.f_type as u64 == u64::from(BTRFS_SUPER_MAGIC))
+    // f_type's type differs between architectures (signed on some); the
+    // magic fits in 32 bits either way.
+    Ok(i128::from(st.f_type) == i128::from(BTRFS_SUPER_MAGIC))
 }
 
 /// Whether the directory `dir` is the root of a btrfs subvolume (inode 256
@@ -68,7 +69,7 @@ fn put_name(name: &CStr, into: &mut [linux_raw_sys::ctypes::c_char]) -> io::Resu
         ));
     }
     for (slot, b) in into.iter_mut().zip(bytes) {
-        *slot = *b as linux_raw_sys::ctypes::c_char;
+        *slot = linux_raw_sys::ctypes::c_char::from_ne_bytes([*b]);
     }
     Ok(())
 }
@@ -329,7 +330,8 @@ mod tests {
         assert!(put_name(c"", &mut slot).is_err());
         assert!(put_name(c"12345678", &mut slot).is_err());
         put_name(c"data", &mut slot).unwrap();
-        assert_eq!(slot[..5], [b'd' as _, b'a' as _, b't' as _, b'a' as _, 0]);
+        let bytes: Vec<u8> = slot[..5].iter().map(|c| c.to_ne_bytes()[0]).collect();
+        assert_eq!(bytes, b"data\0");
     }
 
     #[test]
