@@ -25,6 +25,7 @@
 const BIN: &str = env!("CARGO_BIN_EXE_filevol");
 
 mod bench;
+mod btrfs_dirs;
 mod capabilities;
 mod capacity;
 mod churn;

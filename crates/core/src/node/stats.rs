@@ -68,6 +68,22 @@ impl Node {
             if st.f_files > 0 {
                 stats.inodes = Some((st.f_files, st.f_favail, st.f_files - st.f_ffree));
             }
+            if v.subvolume {
+                // statvfs of a subvolume answers for the whole pool
+                // filesystem; the volume's size and use are its qgroup's.
+                let data = pool.data_path(&v.id);
+                match crate::pool::subvolumes::usage(&data) {
+                    Ok(q) => {
+                        let total = q.max_referenced.unwrap_or(v.capacity_bytes);
+                        stats.bytes =
+                            Some((total, total.saturating_sub(q.referenced), q.referenced));
+                    }
+                    Err(e) => problems.push(format!(
+                        "the qgroup of subvolume {} cannot be read: {e}",
+                        data.display()
+                    )),
+                }
+            }
         }
         if let Some(reason) = self.custody.unproven(&v.id) {
             problems.push(format!("its fence is not proven: {reason}"));

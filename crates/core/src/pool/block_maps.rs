@@ -151,6 +151,7 @@ mod tests {
             created_secs: 0,
             created_nanos: 0,
             written: None,
+            subvolume: false,
         }
     }
 

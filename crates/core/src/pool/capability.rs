@@ -108,6 +108,7 @@ mod tests {
             written: None,
             settled: false,
             formatting: false,
+            subvolume: false,
         }
     }
 

@@ -60,9 +60,10 @@ const CAPACITY_LOCK_WAIT: Duration = Duration::from_secs(2);
 const GENERATION: &str = ".capacity.gen";
 
 /// Bytes the data of the volume or snapshot in `dir` has allocated on the
-/// pool filesystem: its image's `st_blocks` x 512, or, for a directory
-/// volume or snapshot, its whole `data/` tree ([`tree_allocated`], no
-/// deadline). The record and lock files beside the data are not counted.
+/// pool filesystem: its image's `st_blocks` x 512; for a btrfs subvolume
+/// (`subvolumes`), the bytes its qgroup references, which the kernel keeps
+/// and no walk needs to count; for a plain directory volume or snapshot,
+/// its whole `data/` tree ([`tree_allocated`], no deadline). The record and lock files beside the data are not counted.
 /// Blocks a reflink shares count in each file that maps them, as
 /// `st_blocks` does, so the sum over a pool can exceed what its filesystem
 /// has in use.
@@ -77,7 +78,11 @@ pub fn allocated(dir: &Path) -> io::Result<u64> {
         Some(_) => return Ok(0),
         None => {}
     }
-    Ok(tree_allocated(&dir.join("data"), WalkBounds::WHOLE)?.bytes)
+    let data = dir.join("data");
+    if super::subvolumes::is_subvolume(&data)? {
+        return Ok(super::subvolumes::usage(&data)?.referenced);
+    }
+    Ok(tree_allocated(&data, WalkBounds::WHOLE)?.bytes)
 }
 
 /// What a directory tree has allocated, and what the walk left out.

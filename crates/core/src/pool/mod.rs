@@ -8,7 +8,8 @@
 //! <pool>/volumes/<id>/lock        object lock: serialises mutations
 //! <pool>/volumes/<id>/fence       held by node plugins while staged
 //! <pool>/volumes/<id>/image       image layout: the sparse image
-//! <pool>/volumes/<id>/data/       dir layout: the directory
+//! <pool>/volumes/<id>/data/       dir layout: the directory (on btrfs,
+//!                                 a subvolume: see `subvolumes`)
 //! <pool>/snapshots/<id>/...       the same, for snapshots
 //! <pool>/groups/<id>.json         group snapshots (and <id>.lock)
 //! <pool>/nodes/<node>.json        node plugins serving this pool
@@ -53,6 +54,7 @@ pub mod new_volume;
 pub mod room;
 pub mod store;
 pub mod templates;
+pub mod subvolumes;
 
 mod janitor;
 mod scratch;
@@ -358,12 +360,7 @@ impl Pool {
             sysfs::fsync_dir(parent).map_err(io_error("sync", parent))?;
         }
         crash_point("discard.renamed");
-        let removed = if trash.is_dir() {
-            std::fs::remove_dir_all(&trash)
-        } else {
-            std::fs::remove_file(&trash)
-        };
-        if let Err(e) = removed {
+        if let Err(e) = subvolumes::remove_object(&trash) {
             // The object is already gone from the pool; a controller clears
             // the debris once this process is gone.
             log::warn!("remove {}: {e}", trash.display());
@@ -403,12 +400,7 @@ impl Pool {
 /// Removes a half-built object from scratch after a failure. The failure is
 /// what the caller reports; a leftover is only debris for the janitor.
 fn remove_built(path: &Path) {
-    let removed = if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    };
-    if let Err(e) = removed {
+    if let Err(e) = subvolumes::remove_object(path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             log::warn!("remove {}: {e}", path.display());
         }
@@ -452,6 +444,8 @@ fn page<T>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_btrfs;
 
 #[cfg(test)]
 mod page_tests {

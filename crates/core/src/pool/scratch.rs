@@ -185,7 +185,7 @@ pub fn clean(scratch: &Scratch) -> Result<(), PoolError> {
                             "removing scratch {} left by a process that stopped mid-operation",
                             dir.display()
                         );
-                        std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
+                        remove_instance(&dir)?;
                     }
                     // Its lock file stays, so the next pass looks again.
                     Err(e) => {
@@ -204,9 +204,20 @@ pub fn clean(scratch: &Scratch) -> Result<(), PoolError> {
                 .is_some_and(|age| age > ORPHAN_AGE);
             if old {
                 log::warn!("removing orphaned scratch {}", path.display());
-                std::fs::remove_dir_all(&path).map_err(io_error("remove", &path))?;
+                remove_instance(&path)?;
             }
         }
     }
     Ok(())
+}
+
+/// Removes an instance's scratch directory: each object it was building or
+/// deleting first (a btrfs subvolume among them, read-only or not, goes
+/// with its qgroup: see `subvolumes::remove_object`), then the directory.
+fn remove_instance(dir: &Path) -> Result<(), PoolError> {
+    for entry in std::fs::read_dir(dir).map_err(io_error("read directory", dir))? {
+        let path = entry.map_err(io_error("read directory", dir))?.path();
+        super::subvolumes::remove_object(&path).map_err(io_error("remove", &path))?;
+    }
+    std::fs::remove_dir_all(dir).map_err(io_error("remove", dir))
 }

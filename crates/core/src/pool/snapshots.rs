@@ -17,6 +17,7 @@ use super::freeze::{FreezeAnswer, PostedRequest, ANSWER_WAIT, COPY_DEADLINE};
 use super::room::Need;
 use super::store::{self, Kind};
 use super::volumes::ImageLock;
+use super::subvolumes;
 use super::{copy, now_ts, page, remove_built, source_missing, Pool, PoolError};
 use crate::faults::crash_point;
 use crate::sys::fs as sysfs;
@@ -199,6 +200,7 @@ impl Pool {
         let _source = self.lock_volume(source).map_err(source_missing)?;
         let v = self.volume(source).map_err(source_missing)?;
         std::fs::create_dir(built).map_err(io_error("create", built))?;
+        let mut subvolume = false;
         let method = match v.layout {
             Layout::Image => {
                 let dest = built.join("image");
@@ -215,9 +217,16 @@ impl Pool {
                         "volume {source} is a directory, which cannot be copied at one instant; group snapshots take image volumes on a pool that can reflink"
                     )));
                 }
-                let _quiet = self.check_dir_copyable(&Source::Volume(source.to_owned()))?;
-                copy::copy_tree(&self.data_path(source), &built.join("data"))?;
-                CopyMethod::Sparse
+                if v.subvolume {
+                    // Atomic: no fence, the volume may be staged and written.
+                    subvolumes::snapshot(&self.data_path(source), built, true, None)?;
+                    subvolume = true;
+                    CopyMethod::Reflink
+                } else {
+                    let _quiet = self.check_dir_copyable(&Source::Volume(source.to_owned()))?;
+                    copy::copy_tree(&self.data_path(source), &built.join("data"))?;
+                    CopyMethod::Sparse
+                }
             }
         };
         crash_point("snapshot.copied");
@@ -238,6 +247,7 @@ impl Pool {
             created_secs: secs,
             created_nanos: nanos,
             written,
+            subvolume,
         };
         store::write_new(&built.join(store::META), &meta)?;
         Ok(meta)

@@ -539,6 +539,7 @@ mod tests {
             written: Some(false),
             settled: false,
             formatting: false,
+            subvolume: false,
         }
     }
 

@@ -475,6 +475,7 @@ fn member(root: &Path, id: &str, group: &str) {
             created_secs: 0,
             created_nanos: 0,
             written: Some(false),
+            subvolume: false,
         },
     )
     .unwrap();
@@ -1117,6 +1118,7 @@ fn an_image_snapshot_counts_at_most_its_size() {
         created_secs: 0,
         created_nanos: 0,
         written: None,
+        subvolume: false,
     };
     assert_eq!(
         room::snapshot_counts(&meta(Layout::Image), 3 * MIB),

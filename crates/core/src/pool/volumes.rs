@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::io_error;
 use super::store::{self, Fence, Kind, ObjectLock};
+use super::subvolumes;
 use super::{
     align_up, copy, now_ms, page, remove_built, source_missing, CapacityRange, Page, Pool,
     PoolError, VolumeEntry, VolumeSpec, ALIGN, DEFAULT_CAPACITY,
@@ -310,6 +311,7 @@ impl Pool {
             Some(source) => self.lock_source(source)?,
             None => None,
         };
+        let mut subvolume = false;
         match spec.layout {
             Layout::Image => {
                 let image = built.join("image");
@@ -367,11 +369,26 @@ impl Pool {
                 let data = built.join("data");
                 match &spec.source {
                     None => {
-                        std::fs::create_dir(&data).map_err(io_error("create directory", &data))?;
+                        subvolume = subvolumes::create(built, capacity)?;
+                        if !subvolume {
+                            std::fs::create_dir(&data)
+                                .map_err(io_error("create directory", &data))?;
+                        }
                         // Any pod user may write a shared directory; kubelet
                         // applies fsGroup on top where one is set.
                         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777))
                             .map_err(io_error("chmod", &data))?;
+                    }
+                    // A subvolume's copy is a writable snapshot, taken at
+                    // one instant even while pods write the source.
+                    Some(source) if self.source_is_subvolume(source)? => {
+                        subvolumes::snapshot(
+                            &self.source_data(source),
+                            built,
+                            false,
+                            Some(capacity),
+                        )?;
+                        subvolume = true;
                     }
                     Some(source) => {
                         let _quiet = self.check_dir_copyable(source)?;
@@ -413,6 +430,7 @@ impl Pool {
             written,
             settled: false,
             formatting,
+            subvolume,
         };
         store::write_new(&built.join(store::META), &meta)?;
         Ok(meta)
@@ -424,6 +442,14 @@ impl Pool {
             Source::Volume(id) => self.lock_volume(id).map(Some).map_err(source_missing),
             Source::Snapshot(_) => Ok(None),
         }
+    }
+
+    /// Whether the source's data is a btrfs subvolume, as its record says.
+    fn source_is_subvolume(&self, source: &Source) -> Result<bool, PoolError> {
+        Ok(match source {
+            Source::Volume(id) => self.volume(id).map_err(source_missing)?.subvolume,
+            Source::Snapshot(id) => self.snapshot(id).map_err(source_missing)?.subvolume,
+        })
     }
 
     pub(super) fn source_image(&self, source: &Source) -> PathBuf {
@@ -464,8 +490,9 @@ impl Pool {
         }
     }
 
-    /// Approves a copy of a source `dir` volume (a snapshot, a clone). A
-    /// directory tree cannot be copied at one instant: files written during
+    /// Approves a copy of a source `dir` volume that is a plain directory
+    /// (a subvolume's copy is a btrfs snapshot, atomic, and needs no
+    /// approval). A directory tree cannot be copied at one instant: files written during
     /// the walk would make a copy of no moment at all. So a volume is
     /// refused while it is attached for writing or staged on any node (its
     /// fence is held, even shared); the fence returned is held exclusively
@@ -630,6 +657,10 @@ impl Pool {
                 sysfs::preallocate(&f, target).map_err(io_error("preallocate image", &image))?;
             }
             f.sync_all().map_err(io_error("sync image", &image))?;
+        }
+        if v.subvolume {
+            // The new size holds from here: no node has anything to grow.
+            subvolumes::set_limit(&self.data_path(id), target)?;
         }
         v.capacity_bytes = target;
         self.update_volume(&v, &lock)?;

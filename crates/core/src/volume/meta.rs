@@ -15,7 +15,9 @@ pub const FORMAT: u32 = 1;
 pub enum Layout {
     /// A sparse (or preallocated) image file behind a loop device.
     Image,
-    /// A plain directory, for ReadWriteMany; no size enforcement.
+    /// A directory, for ReadWriteMany: on a btrfs pool a subvolume with a
+    /// qgroup limit (see [`VolumeMeta::subvolume`]), elsewhere a plain
+    /// directory without size enforcement.
     Dir,
 }
 
@@ -170,7 +172,7 @@ pub struct VolumeMeta {
     pub name: String,
     /// Image or directory.
     pub layout: Layout,
-    /// Size in bytes (for `dir`, what was asked; not enforced).
+    /// Size in bytes (for `dir`, enforced only on a subvolume).
     pub capacity_bytes: u64,
     /// Mount or block.
     pub access: AccessType,
@@ -230,6 +232,12 @@ pub struct VolumeMeta {
     /// as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub formatting: bool,
+    /// Whether a `dir` volume's data is a btrfs subvolume whose qgroup
+    /// limit is `capacity_bytes` (`pool::subvolumes`). False for image
+    /// volumes, for dir volumes on other filesystems, and in records made
+    /// before subvolumes: those directories stay plain.
+    #[serde(default)]
+    pub subvolume: bool,
 }
 
 impl VolumeMeta {
@@ -248,7 +256,8 @@ impl VolumeMeta {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CopyMethod {
-    /// FICLONE: shares blocks with the source.
+    /// FICLONE, or a btrfs subvolume snapshot: shares blocks with the
+    /// source.
     Reflink,
     /// A byte copy that skips holes.
     Sparse,
@@ -285,6 +294,11 @@ pub struct SnapshotMeta {
     /// The source volume's [`VolumeMeta::written`] when it was taken.
     #[serde(default)]
     pub written: Option<bool>,
+    /// Whether the data is a read-only btrfs subvolume, snapshotted from a
+    /// subvolume `dir` volume at one instant (its `method` is `reflink`:
+    /// it shares every extent with its source).
+    #[serde(default)]
+    pub subvolume: bool,
 }
 
 /// A group snapshot (`groups/<id>.json`).
