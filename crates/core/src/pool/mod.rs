@@ -53,8 +53,8 @@ pub mod lock_reach;
 pub mod new_volume;
 pub mod room;
 pub mod store;
-pub mod templates;
 pub mod subvolumes;
+pub mod templates;
 
 mod janitor;
 mod scratch;
