@@ -500,6 +500,14 @@ fn kill_while_frozen(victim: Victim) {
         .list_snapshots(&csi::ListSnapshotsRequest::new())
         .unwrap();
     assert!(listed.entries.is_empty(), "{:?}", listed.entries);
+    // No request or answer is left (a dead controller's: the next one's
+    // janitor removes it).
+    let left: Vec<_> = std::fs::read_dir(site.pool.join("freezes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{victim:?}: left in freezes/: {left:?}");
     site.unmount(&a, &at);
     site.unmount(&b, &bt);
 }

@@ -321,6 +321,46 @@ impl Pool {
         }
     }
 
+    /// Removes what controllers and nodes that died left here: requests
+    /// whose controller is gone, answers no guardian holds whose request is
+    /// gone, half-written files nobody holds. Run by the janitor; anything
+    /// whose lock is held is somebody's work in progress and stays.
+    pub(super) fn remove_abandoned_freezes(&self) -> Result<usize, PoolError> {
+        let dir = self.freeze_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_error("list", &dir)(e)),
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect();
+        // Requests first, so their answers are seen without a request.
+        names.sort_by_key(|n| !n.ends_with(".json"));
+        let mut removed = 0;
+        for name in names {
+            let path = dir.join(&name);
+            let request_gone = match name.split_once('@') {
+                Some((group, _)) if name.ends_with(".answer") => {
+                    !dir.join(format!("{group}.json")).exists()
+                }
+                _ => true,
+            };
+            if !request_gone {
+                continue;
+            }
+            let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
+                continue;
+            };
+            if lock::try_lock(&file, LockKind::Exclusive).map_err(io_error("lock", &path))? {
+                sysfs::remove_if_present(&path).map_err(io_error("remove", &path))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Whether any answer of `node` is still held by a guardian: a freeze
     /// that some process of this node still answers for.
     pub fn node_has_live_freeze(&self, node: &str) -> Result<bool, PoolError> {

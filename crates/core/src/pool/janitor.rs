@@ -15,6 +15,9 @@
 //! attachment records whose volume is gone (see `attachments`: a stale
 //! record can never become current again).
 //!
+//! It removes freeze requests and answers (see `freeze`) whose controller
+//! or guardian is gone: a lock held means work in progress, which stays.
+//!
 //! It reclaims formatted templates unused for a day, and any beyond the
 //! bound (see `templates`).
 //!
@@ -37,6 +40,11 @@ pub(super) fn run(pool: &Pool) -> Result<(), PoolError> {
     repair_short_images(pool)?;
     move_legacy_attachments(pool)?;
     pool.remove_stale_attachments(None)?;
+    match pool.remove_abandoned_freezes() {
+        Ok(0) => {}
+        Ok(n) => log::info!("removed {n} freeze request(s) and answer(s) left by dead processes"),
+        Err(e) => log::warn!("freeze requests: {e}"),
+    }
     if let Err(e) = pool.prune_templates(super::MAX_TEMPLATES, None) {
         log::warn!("reclaiming templates: {e}");
     }
