@@ -18,7 +18,10 @@
 //!    holds: no other node plugin, on this host or another sharing the
 //!    pool, has the volume staged or stages it meanwhile. A reader on
 //!    another node that comes while one settles waits for it (up to
-//!    [`PATIENCE`]), then finds it settled and does nothing;
+//!    [`PATIENCE`]), then finds it settled and does nothing. A fence held
+//!    only shared means readers have it staged already, so it mounts
+//!    read-only as it is (a copy made before settling existed): nothing is
+//!    replayed, and new readers are not locked out by the old ones;
 //! 2. reads the record again under it: settled meanwhile, nothing to do;
 //! 3. attaches the image read-write to a loop device of its own (which
 //!    holds the image's lock exclusively, as every writer's device does),
@@ -83,6 +86,17 @@ impl Node {
                     v.id
                 );
                 return Ok(settled);
+            }
+            // Held, but only shared: readers have it staged, so it mounted
+            // read-only for them as it is (a copy made before settling, of
+            // an unmounted source): nothing to replay, and waiting for
+            // every reader to go would lock out new ones.
+            if pool.fence_volume(&v.id, LockKind::Shared)?.is_some() {
+                log::debug!(
+                    "volume {}: staged read-only elsewhere already; not settled",
+                    v.id
+                );
+                return Ok(now);
             }
             if Instant::now() >= give_up {
                 return Err(NodeError::NotSettled {

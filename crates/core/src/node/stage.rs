@@ -71,6 +71,8 @@ impl Node {
     ) -> Result<Cow<'v, VolumeMeta>, NodeError> {
         if !req.mode.is_read_only()
             || !v.needs_settling()
+            // A format cut short is refused by the stage, never replayed.
+            || v.formatting
             || self.fences.held(&v.id).is_some()
             || self.mount_state(staging)? == MountState::Mounted
         {

@@ -1427,6 +1427,26 @@ fn a_replay_that_fails_leaves_nothing_and_says_the_filesystem_will_not_mount() {
 }
 
 #[test]
+fn a_clone_that_readers_have_staged_already_is_staged_without_a_replay() {
+    // A copy made before settling existed, already mounted read-only by
+    // readers on other nodes (their fences are shared): a new reader is
+    // neither locked out by them nor replays under them.
+    let bed = Bed::new();
+    let (_, clone) = formatted_and_cloned(&bed);
+    let other_reader = bed
+        .pool
+        .fence_volume(&clone.id, LockKind::Shared)
+        .unwrap()
+        .expect("a shared fence");
+    let started = std::time::Instant::now();
+    bed.stage(&clone, &bed.path("staging/clone"), ROX).unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(bed.kernel.count("mount_unattached"), 0);
+    assert!(!bed.pool.volume(&clone.id).unwrap().settled);
+    drop(other_reader);
+}
+
+#[test]
 fn a_read_write_stage_of_a_clone_replays_by_mounting_and_settles_nothing() {
     let bed = Bed::new();
     let (_, clone) = formatted_and_cloned(&bed);

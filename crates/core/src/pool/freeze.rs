@@ -23,7 +23,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +49,10 @@ pub const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// starts after the request, so its deadline is later than the request's
 /// time plus `MAX_FREEZE`).
 pub const COPY_DEADLINE: Duration = Duration::from_secs(12);
+
+/// How old a temporary file must be before the janitor takes it for
+/// debris (it is locked only after it is made).
+const TEMP_GRACE: Duration = Duration::from_secs(60);
 
 /// What a controller asks: freeze these volumes, wherever they are mounted
 /// for writing.
@@ -353,7 +357,25 @@ impl Pool {
             let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
                 continue;
             };
-            if lock::try_lock(&file, LockKind::Exclusive).map_err(io_error("lock", &path))? {
+            let Ok(held) = file.metadata() else { continue };
+            // A temporary file is made before it is locked: one younger
+            // than a minute may be a post or an answer under way.
+            let young = held
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_none_or(|age| age < TEMP_GRACE);
+            if name.starts_with('.') && young {
+                continue;
+            }
+            if !lock::try_lock(&file, LockKind::Exclusive).map_err(io_error("lock", &path))? {
+                continue;
+            }
+            // Still the file locked: a retried post or a new answer renamed
+            // over the name since the open is somebody's, and stays.
+            let same = std::fs::symlink_metadata(&path)
+                .is_ok_and(|now| (now.dev(), now.ino()) == (held.dev(), held.ino()));
+            if same {
                 sysfs::remove_if_present(&path).map_err(io_error("remove", &path))?;
                 removed += 1;
             }

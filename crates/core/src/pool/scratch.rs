@@ -217,7 +217,16 @@ pub fn clean(scratch: &Scratch) -> Result<(), PoolError> {
 fn remove_instance(dir: &Path) -> Result<(), PoolError> {
     for entry in std::fs::read_dir(dir).map_err(io_error("read directory", dir))? {
         let path = entry.map_err(io_error("read directory", dir))?.path();
-        super::subvolumes::remove_object(&path).map_err(io_error("remove", &path))?;
+        // One object that will not go (a read-only subvolume, once this
+        // process has lost CAP_SYS_ADMIN) must not keep the pool from
+        // opening: it is left for the next clean-up, and said.
+        if let Err(e) = super::subvolumes::remove_object(&path) {
+            log::warn!(
+                "cannot remove scratch debris {}: {e}; left for the next clean-up",
+                path.display()
+            );
+            return Ok(());
+        }
     }
     std::fs::remove_dir_all(dir).map_err(io_error("remove", dir))
 }

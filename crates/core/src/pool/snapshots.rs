@@ -199,6 +199,13 @@ impl Pool {
         // Held from the copy to reading `written` (see `build_volume`).
         let _source = self.lock_volume(source).map_err(source_missing)?;
         let v = self.volume(source).map_err(source_missing)?;
+        if v.formatting {
+            // Its image holds a half-made filesystem that only a stage of
+            // the volume itself knows to make again; a restore would not.
+            return Err(PoolError::InUse(format!(
+                "volume {source}'s first format was cut short; stage it once (its filesystem is made again) before taking a snapshot of it"
+            )));
+        }
         std::fs::create_dir(built).map_err(io_error("create", built))?;
         let mut subvolume = false;
         let method = match v.layout {
@@ -418,8 +425,9 @@ impl Pool {
         for source in sources {
             let v = self.volume(source).map_err(source_missing)?;
             if v.layout == Layout::Dir {
-                return Err(PoolError::Unsupported(format!(
-                    "volume {source} is a directory volume; group snapshots need image volumes on a reflink pool"
+                // As before members were frozen: FAILED_PRECONDITION.
+                return Err(PoolError::NeedsReflink(format!(
+                    "volume {source} is a directory, which cannot be copied at one instant with the other members; group snapshots take image volumes on a pool that can reflink"
                 )));
             }
             match self.lock_image(source, LockKind::Shared)? {

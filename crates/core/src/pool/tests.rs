@@ -1508,3 +1508,22 @@ fn templates_count_their_blocks_and_the_least_recently_used_go_beyond_the_bound(
     assert!(!stale.exists());
     assert_eq!(left(&pool).len(), 7);
 }
+
+#[test]
+fn a_volume_whose_first_format_was_cut_short_is_not_snapshotted() {
+    // Its image holds a half-made filesystem that only a stage of the
+    // volume itself makes again: a restore of a snapshot of it would not
+    // know to, so the snapshot is refused until the volume is staged.
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), true);
+    let v = pool.create_volume(&spec("cut-short", 8 * MIB)).unwrap();
+    {
+        let held = pool.lock_volume(&v.id).unwrap();
+        pool.mark_formatting(&v.id, &held).unwrap();
+    }
+    match pool.create_snapshot("snap", &v.id) {
+        Err(PoolError::InUse(why)) => assert!(why.contains("cut short"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(pool.all_snapshots().unwrap().is_empty());
+}
