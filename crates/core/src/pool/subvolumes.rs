@@ -12,7 +12,7 @@
 //! (`VolumeMeta::subvolume`, `SnapshotMeta::subvolume`), never guessed:
 //! directories made before this, or on another filesystem, stay plain and
 //! behave as they always did. Removal alone also looks at the object itself
-//! ([`remove_object`]), because it also clears scratch debris that has no
+//! (`remove_object`), because it also clears scratch debris that has no
 //! record and a read-only snapshot that no plain `remove_dir_all` can empty.
 //!
 //! Quotas are turned on by the first subvolume volume made, not when the
