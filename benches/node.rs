@@ -213,7 +213,7 @@ fn main() {
     let mut direct_stages = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        let dev = loopdev::attach(&image, false, true)
+        let dev = loopdev::attach(&image, false, true, "bench")
             .unwrap()
             .expect("not fenced")
             .device;
@@ -249,7 +249,7 @@ fn main() {
             .unwrap()
             .set_len(10 << 30)
             .unwrap();
-        let dev = loopdev::attach(&img, false, true)
+        let dev = loopdev::attach(&img, false, true, "bench")
             .unwrap()
             .expect("not fenced")
             .device;

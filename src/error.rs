@@ -177,6 +177,7 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         NodeError::Fenced { .. }
         | NodeError::ImageFenced { .. }
         | NodeError::AttachedElsewhere { .. }
+        | NodeError::AttachedForAnotherNode { .. }
         | NodeError::FenceUnproven { .. }
         | NodeError::NotThisVolume { .. }
         | NodeError::NotStaged { .. }

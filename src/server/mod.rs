@@ -128,8 +128,13 @@ pub fn run(config: Config) -> Result<(), ServeError> {
             }
         }
         Some(
-            Node::start(&config.kubelet_dir, &pool, config.loop_direct_io)?
-                .with_ephemeral(config.ephemeral),
+            Node::start(
+                &config.kubelet_dir,
+                &config.node_id,
+                &pool,
+                config.loop_direct_io,
+            )?
+            .with_ephemeral(config.ephemeral),
         )
     } else {
         None

@@ -74,7 +74,7 @@ fn thirty_two_threads_attaching_at_once_each_get_a_device() {
                         if round == 0 {
                             start.wait();
                         }
-                        match loopdev::attach(image, false, false) {
+                        match loopdev::attach(image, false, false, "stress") {
                             Ok(Some(a)) => drop(Attached(a.device)),
                             Ok(None) => failed.push(format!("{}: fenced", image.display())),
                             Err(e) => failed.push(format!("{}: {e}", image.display())),

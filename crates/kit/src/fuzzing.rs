@@ -43,7 +43,8 @@ pub fn driver(pool: &Path, kubelet: &Path) -> Arc<Driver> {
         },
     )
     .expect("fuzz pool");
-    let node = Some(Node::start(&config.kubelet_dir, &pool, true).expect("fuzz node"));
+    let node =
+        Some(Node::start(&config.kubelet_dir, &config.node_id, &pool, true).expect("fuzz node"));
     let executor = Executor::start(1, 1, false).expect("fuzz executor");
     Arc::new(Driver {
         config,

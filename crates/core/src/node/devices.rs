@@ -90,6 +90,7 @@ impl DeviceTable {
             Some(status) if status.backing == key => Ok(Some(Bound {
                 device,
                 detaching: status.detaching,
+                owner: status.owner,
             })),
             // Detached (and perhaps bound to another image since): drop
             // the entry unless an attach has replaced it meanwhile.

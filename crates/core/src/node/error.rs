@@ -50,6 +50,20 @@ pub enum NodeError {
         /// Where it is mounted.
         at: PathBuf,
     },
+    /// A loop device of the image exists on this kernel that was attached
+    /// for another node (two nodes on one kernel: kind-style clusters):
+    /// that node staged it, and its mounts are in its own mount namespace,
+    /// out of this plugin's sight. Never detached from here: it goes when
+    /// that node unstages, or when the node is rebooted.
+    #[error("volume {id}: its image {image} is attached to {device} for another node on this host (staged there, or left by a node that stopped answering); it is staged here only once that device is gone")]
+    AttachedForAnotherNode {
+        /// The volume.
+        id: String,
+        /// The image.
+        image: PathBuf,
+        /// The other node's device.
+        device: PathBuf,
+    },
     /// This host has a device of the volume whose fence cannot be proven
     /// (another holder has the image's lock): the volume is not staged or
     /// published again until that is resolved.

@@ -157,6 +157,7 @@ struct Loop {
     image: PathBuf,
     read_only: bool,
     detaching: bool,
+    owner: Option<loopdev::Owner>,
 }
 
 #[derive(Debug, Default)]
@@ -370,6 +371,7 @@ impl Kernel for Recording {
         Ok(Some(loopdev::Status {
             backing: (meta.dev(), meta.ino()),
             detaching: l.detaching,
+            owner: l.owner,
         }))
     }
 
@@ -384,6 +386,7 @@ impl Kernel for Recording {
                 let bound = Bound {
                     device: l.device,
                     detaching: l.detaching,
+                    owner: l.owner,
                 };
                 Some((bound, (meta.dev(), meta.ino())))
             })
@@ -395,6 +398,7 @@ impl Kernel for Recording {
         image: &Path,
         read_only: bool,
         direct_io: bool,
+        node_id: &str,
     ) -> io::Result<Option<Attached>> {
         self.call("attach", image.display())?;
         let mut st = self.state.lock();
@@ -421,6 +425,7 @@ impl Kernel for Recording {
             image: image.to_owned(),
             read_only,
             detaching: false,
+            owner: Some(loopdev::Owner::of_node(node_id)),
         });
         Ok(Some(Attached { device, direct_io }))
     }

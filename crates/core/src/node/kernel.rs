@@ -51,6 +51,8 @@ pub struct Bound {
     /// A detach is pending: the device still serves its last opener and
     /// must not be used, nor a second device attached beside it.
     pub detaching: bool,
+    /// The node it was attached for (see [`loopdev::Owner`]).
+    pub owner: Option<loopdev::Owner>,
 }
 
 /// What [`Kernel::renew_uuid`] did with a copy of a template.
@@ -75,14 +77,15 @@ pub trait Kernel: Send + Sync + std::fmt::Debug {
     fn loop_status(&self, dev: LoopDevice) -> io::Result<Option<loopdev::Status>>;
     /// Every attached device and the (st_dev, st_ino) of its backing file.
     fn attached(&self) -> io::Result<Vec<(Bound, (u64, u64))>>;
-    /// Attaches a free device to `image`, fenced by the device itself (see
-    /// [`loopdev::attach`]): `Ok(None)` when the image's lock is held
-    /// elsewhere and nothing was attached.
+    /// Attaches a free device to `image` for node `node_id`, fenced by the
+    /// device itself (see [`loopdev::attach`]): `Ok(None)` when the image's
+    /// lock is held elsewhere and nothing was attached.
     fn attach(
         &self,
         image: &Path,
         read_only: bool,
         direct_io: bool,
+        node_id: &str,
     ) -> io::Result<Option<Attached>>;
     /// Detaches a device (deferred by the kernel until its last close).
     fn detach(&self, dev: LoopDevice) -> io::Result<()>;
@@ -196,9 +199,13 @@ impl Kernel for Host {
     fn attached(&self) -> io::Result<Vec<(Bound, (u64, u64))>> {
         Ok(loopdev::attached()?
             .into_iter()
-            .map(|(device, backing)| {
-                let detaching = device.detaching();
-                (Bound { device, detaching }, backing)
+            .map(|(device, status)| {
+                let bound = Bound {
+                    device,
+                    detaching: status.detaching,
+                    owner: status.owner,
+                };
+                (bound, status.backing)
             })
             .collect())
     }
@@ -208,8 +215,9 @@ impl Kernel for Host {
         image: &Path,
         read_only: bool,
         direct_io: bool,
+        node_id: &str,
     ) -> io::Result<Option<Attached>> {
-        loopdev::attach(image, read_only, direct_io)
+        loopdev::attach(image, read_only, direct_io, node_id)
     }
 
     fn detach(&self, dev: LoopDevice) -> io::Result<()> {

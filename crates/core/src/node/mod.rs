@@ -86,6 +86,7 @@ pub use publication::{Publication, PublishRefused};
 
 use crate::pool::Pool;
 use crate::sys::lock::LockKind;
+use crate::sys::loopdev;
 use crate::sys::mount::MountState;
 use crate::volume::meta::{AccessMode, AccessType};
 
@@ -115,6 +116,11 @@ pub struct Request {
 #[derive(Debug)]
 pub struct Node {
     kubelet_dir: PathBuf,
+    /// This node's id: the name of every loop device it attaches (see
+    /// [`loopdev::Owner`]).
+    node_id: String,
+    /// The owner its devices carry.
+    owner: loopdev::Owner,
     /// Direct I/O on loop devices where the pool allows it.
     direct_io: bool,
     fences: Fences,
@@ -158,13 +164,25 @@ fn lock_kind(mode: AccessMode) -> LockKind {
 impl Node {
     /// Prepares the node side: resolves the kubelet directory and re-takes
     /// the fencing locks of every image of `pool` attached to a loop device.
-    pub fn start(kubelet_dir: &Path, pool: &Pool, direct_io: bool) -> Result<Node, NodeError> {
-        Node::with_kernel(kubelet_dir, pool, direct_io, std::sync::Arc::new(Host))
+    pub fn start(
+        kubelet_dir: &Path,
+        node_id: &str,
+        pool: &Pool,
+        direct_io: bool,
+    ) -> Result<Node, NodeError> {
+        Node::with_kernel(
+            kubelet_dir,
+            node_id,
+            pool,
+            direct_io,
+            std::sync::Arc::new(Host),
+        )
     }
 
     /// [`Node::start`] acting on `kernel` (the unit tests' fake).
     pub fn with_kernel(
         kubelet_dir: &Path,
+        node_id: &str,
         pool: &Pool,
         direct_io: bool,
         kernel: std::sync::Arc<dyn Kernel>,
@@ -184,6 +202,8 @@ impl Node {
         };
         let node = Node {
             kubelet_dir,
+            node_id: node_id.to_owned(),
+            owner: loopdev::Owner::of_node(node_id),
             direct_io,
             fences: Fences::default(),
             custody: custody::Custodies::default(),
@@ -298,7 +318,7 @@ impl Node {
         };
         match attached
             .iter()
-            .find(|(bound, backing)| *backing == key && !bound.detaching)
+            .find(|(bound, backing)| *backing == key && !bound.detaching && self.owns(*bound))
         {
             Some((bound, _)) => {
                 log::info!(
@@ -313,6 +333,16 @@ impl Node {
         }
     }
 
+    /// Whether `bound` is a device of this node: attached for its node id,
+    /// or unnamed (attached by a filevol from before devices carried their
+    /// node, which was this node's: such a release served one node per
+    /// kernel). Another node's device on this kernel is never detached or
+    /// adopted here, whatever this mount namespace shows of it: its mounts
+    /// are in that node's namespace, not this one.
+    fn owns(&self, bound: kernel::Bound) -> bool {
+        bound.owner.is_none_or(|owner| owner == self.owner)
+    }
+
     /// Takes a device of volume `id` found at start into `ours` if it is
     /// this plugin's (see [`Node::recover`]).
     fn adopt(
@@ -324,6 +354,13 @@ impl Node {
         ours: &mut Vec<(kernel::Bound, (u64, u64), String)>,
     ) -> Result<(), NodeError> {
         let dev = bound.device;
+        if !self.owns(bound) {
+            log::info!(
+                "volume {id}: {} was attached for another node on this host, not adopted",
+                dev.path().display()
+            );
+            return Ok(());
+        }
         let at = self
             .loop_mount_points(dev)
             .map_err(sys("read", "/proc/self/mountinfo"))?;

@@ -125,7 +125,7 @@ impl Node {
             .map_err(sys("attach a loop device to", &image))?;
         let attach = || {
             self.kernel
-                .attach(&image, false, self.direct_io)
+                .attach(&image, false, self.direct_io, &self.node_id)
                 .map_err(sys("attach a loop device to", &image))
         };
         let a = match attach()? {

@@ -149,7 +149,7 @@ impl Node {
         }
         let Some(a) = self
             .kernel
-            .attach(&fence, true, false)
+            .attach(&fence, true, false, &self.node_id)
             .map_err(sys("attach a loop device to", &fence))?
         else {
             // Held exclusively: a delete or copy of the volume is under way.
@@ -205,7 +205,7 @@ impl Node {
         }
         let attach = || {
             self.kernel
-                .attach(&image, read_only, self.direct_io)
+                .attach(&image, read_only, self.direct_io, &self.node_id)
                 .map_err(sys("attach a loop device to", &image))
         };
         let a = match attach()? {
@@ -235,8 +235,10 @@ impl Node {
     }
 
     /// Deals with the devices of the image on this host when its lock is
-    /// held (see [`Node::attach`]): refuses one that is mounted, detaches
-    /// one that is mounted nowhere.
+    /// held (see [`Node::attach`]): refuses one attached for another node
+    /// (on this kernel: its mounts do not show in this namespace) or one
+    /// that is mounted, detaches one of this node's that is mounted
+    /// nowhere.
     pub(super) fn clear_other_devices(
         &self,
         id: &str,
@@ -258,6 +260,15 @@ impl Node {
                     image: image.to_owned(),
                     device: dev.path(),
                     at,
+                });
+            }
+            // Mounted nowhere that this namespace shows: another node's
+            // mounts are in its own.
+            if !self.owns(bound) {
+                return Err(NodeError::AttachedForAnotherNode {
+                    id: id.to_owned(),
+                    image: image.to_owned(),
+                    device: dev.path(),
                 });
             }
             // Mounted nowhere: nobody's stage. The kernel defers the detach

@@ -21,6 +21,9 @@ use super::*;
 use crate::pool::capability::Capability;
 use crate::pool::{CapacityRange, PoolOptions, VolumeSpec};
 use crate::sys::loopdev::LoopDevice;
+
+/// The node id of the plugin under test.
+const NODE: &str = "node-a";
 use crate::volume::ids;
 use crate::volume::meta::{FsType, Layout, VolumeMeta};
 
@@ -50,8 +53,14 @@ impl Bed {
         )
         .unwrap();
         let kernel = Arc::new(Recording::new());
-        let node =
-            Node::with_kernel(&dir.path().join("kubelet"), &pool, true, kernel.clone()).unwrap();
+        let node = Node::with_kernel(
+            &dir.path().join("kubelet"),
+            NODE,
+            &pool,
+            true,
+            kernel.clone(),
+        )
+        .unwrap();
         Bed {
             _dir: dir,
             pool,
@@ -72,7 +81,7 @@ impl Bed {
         let kubelet = node.kubelet_dir().to_owned();
         let ephemeral = node.ephemeral;
         drop(node);
-        let node = Node::with_kernel(&kubelet, &pool, true, kernel.clone())
+        let node = Node::with_kernel(&kubelet, NODE, &pool, true, kernel.clone())
             .unwrap()
             .with_ephemeral(ephemeral);
         Bed {
@@ -1041,7 +1050,11 @@ fn a_device_another_plugin_has_mounted_is_never_doubled() {
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
     // Another plugin's stage, under its own kubelet directory.
     let image = bed.pool.image_path(&v.id);
-    let theirs = bed.kernel.attach(&image, false, true).unwrap().unwrap();
+    let theirs = bed
+        .kernel
+        .attach(&image, false, true, NODE)
+        .unwrap()
+        .unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let onto = std::fs::File::open(elsewhere.path()).unwrap();
     bed.kernel
@@ -1078,12 +1091,52 @@ fn a_device_mounted_nowhere_is_detached_before_the_stage_attaches() {
     bed.stage(&v, &staging, RWO).unwrap();
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
     let image = bed.pool.image_path(&v.id);
-    let orphan = bed.kernel.attach(&image, false, true).unwrap().unwrap();
+    let orphan = bed
+        .kernel
+        .attach(&image, false, true, NODE)
+        .unwrap()
+        .unwrap();
     bed.stage(&v, &staging, RWO).unwrap();
     assert!(bed
         .kernel
         .calls()
         .contains(&format!("detach {}", orphan.device.path().display())));
+    assert_eq!(bed.kernel.attached_images(), vec![image]);
+    bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
+}
+
+/// Two nodes on one kernel (kind-style clusters): the other node's device
+/// of the image shows here mounted nowhere, because its mounts are in its
+/// own mount namespace. It is never detached from here, nor adopted by a
+/// restart: the stage is refused until that device is gone.
+#[test]
+fn another_node_s_device_on_this_kernel_is_never_detached_or_adopted() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    let image = bed.pool.image_path(&v.id);
+    let theirs = bed
+        .kernel
+        .attach(&image, false, true, "node-b")
+        .unwrap()
+        .unwrap();
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::AttachedForAnotherNode { .. }), "{e}");
+    let detach = format!("detach {}", theirs.device.path().display());
+    assert!(!bed.kernel.calls().contains(&detach), "left alone");
+    let bed = bed.restart();
+    let custody = bed.node.custody_counts();
+    assert_eq!(
+        (custody.device, custody.process, custody.unproven),
+        (0, 0, 0),
+        "not adopted"
+    );
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::AttachedForAnotherNode { .. }), "{e}");
+    assert!(!bed.kernel.calls().contains(&detach), "left alone");
+    // That node unstaged (or rebooted): the stage goes through.
+    bed.kernel.detach(theirs.device).unwrap();
+    bed.stage(&v, &staging, RWO).unwrap();
     assert_eq!(bed.kernel.attached_images(), vec![image]);
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
 }
@@ -1175,6 +1228,7 @@ fn a_device_whose_fence_another_holds_is_reported_and_refused() {
     };
     let node = Node::with_kernel(
         &bed._dir.path().join("kubelet"),
+        NODE,
         &bed.pool,
         true,
         bed.kernel.clone(),

@@ -163,11 +163,6 @@ impl LoopDevice {
         }
     }
 
-    /// The (device, inode) of the backing file, or `None` if unbound.
-    fn backing(&self) -> io::Result<Option<(u64, u64)>> {
-        Ok(self.status()?.map(|s| s.backing))
-    }
-
     /// What the device is bound to, from one LOOP_GET_STATUS64: `None` if
     /// it is unbound (or its node is gone).
     pub fn status(&self) -> io::Result<Option<Status>> {
@@ -187,6 +182,7 @@ impl LoopDevice {
                 backing: (info.lo_device, info.lo_inode),
                 // The flag sysfs `loop/autoclear` shows (see `detaching`).
                 detaching: info.lo_flags & LO_FLAGS_AUTOCLEAR as u32 != 0,
+                owner: Owner::from_name(&info.lo_file_name),
             })),
             Err(rustix::io::Errno::NXIO) => Ok(None),
             Err(e) => Err(e.into()),
@@ -201,6 +197,57 @@ pub struct Status {
     pub backing: (u64, u64),
     /// A detach is pending (see [`LoopDevice::detaching`]).
     pub detaching: bool,
+    /// The node whose plugin attached it, from the device's name; `None`
+    /// for a device not named by [`attach`] (an older filevol's, or
+    /// someone else's).
+    pub owner: Option<Owner>,
+}
+
+/// The node a loop device was attached for, kept in the device's name
+/// (`lo_file_name`, set by LOOP_CONFIGURE): a property of the kernel
+/// object, so it outlives the plugin that attached it, and it is the one
+/// thing two node plugins on one kernel (kind-style clusters, or a node
+/// plugin beside a second kubelet on the same host) both see. A plugin
+/// judges "mounted" from its own mount namespace, where another node's
+/// mounts do not show: without the name it would take another node's
+/// device in use for one a dead stage left, and detach or adopt it.
+///
+/// The name is `filevol@<16 hex digits> <node id>`: the digits are a
+/// 64-bit FNV-1a hash of the whole node id (which compares exactly,
+/// whatever its length), the node id is there for people (`losetup` does
+/// not show it, `LOOP_GET_STATUS64` does) and is cut to fit 63 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner(u64);
+
+const OWNER_PREFIX: &[u8] = b"filevol@";
+
+impl Owner {
+    /// The owner that stands for node `node_id`.
+    pub fn of_node(node_id: &str) -> Owner {
+        // FNV-1a, 64 bits: stable across builds and releases, unlike
+        // std's hasher, because the name outlives the process.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in node_id.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Owner(hash)
+    }
+
+    /// The device name for this owner, with `node_id` (its node) for
+    /// people; [`configuration`] cuts it to fit.
+    fn name_with(self, node_id: &str) -> Vec<u8> {
+        let mut name = OWNER_PREFIX.to_vec();
+        name.extend_from_slice(format!("{:016x} {node_id}", self.0).as_bytes());
+        name
+    }
+
+    /// The owner a device name records, if it is one [`attach`] wrote.
+    fn from_name(name: &[u8]) -> Option<Owner> {
+        let digits = name.strip_prefix(OWNER_PREFIX)?.get(..16)?;
+        let digits = std::str::from_utf8(digits).ok()?;
+        u64::from_str_radix(digits, 16).ok().map(Owner)
+    }
 }
 
 /// A sysfs `size` attribute (512-byte sectors, whatever the device's block
@@ -238,7 +285,8 @@ pub fn free_device() -> io::Result<u32> {
 /// held elsewhere (another device of the image, on this host or another
 /// sharing the pool, or a DeleteVolume or copy in progress): nothing is
 /// attached then. Direct I/O is asked for when `direct_io`, and dropped if
-/// the pool filesystem refuses it.
+/// the pool filesystem refuses it. The device is named for node `node_id`
+/// (see [`Owner`]).
 ///
 /// Why the fence lives exactly as long as the device, whatever happens to
 /// the process that attached it:
@@ -255,7 +303,12 @@ pub fn free_device() -> io::Result<u32> {
 ///   need to hold anything, and the lock goes with the device's last use
 ///   of the image, never before. On NFS the lock is the client's state on
 ///   the server, kept by the kernel's lease renewal, not by any process.
-pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Option<Attached>> {
+pub fn attach(
+    image: &Path,
+    read_only: bool,
+    direct_io: bool,
+    node_id: &str,
+) -> io::Result<Option<Attached>> {
     let file = open_backing(image, read_only)?;
     let kind = if read_only {
         LockKind::Shared
@@ -268,7 +321,8 @@ pub fn attach(image: &Path, read_only: bool, direct_io: bool) -> io::Result<Opti
     if !crate::sys::lock::try_lock_patiently(&file, kind)? {
         return Ok(None);
     }
-    configure(&file, image, read_only, direct_io, BLOCK_SIZE).map(Some)
+    let name = Owner::of_node(node_id).name_with(node_id);
+    configure(&file, &name, read_only, direct_io, BLOCK_SIZE).map(Some)
 }
 
 /// Attaches `image` with logical block size `block_size` and no fence.
@@ -284,7 +338,13 @@ pub fn attach_with_block_size(
     block_size: u32,
 ) -> io::Result<Attached> {
     let file = open_backing(image, read_only)?;
-    configure(&file, image, read_only, direct_io, block_size)
+    configure(
+        &file,
+        image.as_os_str().as_encoded_bytes(),
+        read_only,
+        direct_io,
+        block_size,
+    )
 }
 
 fn open_backing(image: &Path, read_only: bool) -> io::Result<File> {
@@ -295,10 +355,11 @@ fn open_backing(image: &Path, read_only: bool) -> io::Result<File> {
         .open(image)
 }
 
-/// Configures a free device with `file` as its backing file.
+/// Configures a free device with `file` as its backing file and `name` as
+/// its name.
 fn configure(
     file: &File,
-    image: &Path,
+    name: &[u8],
     read_only: bool,
     direct_io: bool,
     block_size: u32,
@@ -328,7 +389,7 @@ fn configure(
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(device.path())?;
-        let config = configuration(file, image, read_only, dio, block_size);
+        let config = configuration(file, name, read_only, dio, block_size);
         // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` whose `fd` is
         // an open descriptor of the backing file, alive for the call.
         let result = unsafe {
@@ -355,7 +416,7 @@ fn configure(
 
 fn configuration(
     file: &File,
-    image: &Path,
+    name: &[u8],
     read_only: bool,
     direct_io: bool,
     block_size: u32,
@@ -371,8 +432,7 @@ fn configuration(
         flags |= LO_FLAGS_DIRECT_IO as u32;
     }
     info.lo_flags = flags;
-    // The name is informational (losetup shows it); the kernel truncates.
-    let name = image.as_os_str().as_encoded_bytes();
+    // At most LO_NAME_SIZE - 1 bytes: the kernel keeps a NUL at the end.
     let n = name.len().min(info.lo_file_name.len() - 1);
     info.lo_file_name[..n].copy_from_slice(&name[..n]);
     // SAFETY: as above.
@@ -384,8 +444,8 @@ fn configuration(
     config
 }
 
-/// Every loop device with a backing file, as (device, (st_dev, st_ino)).
-pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
+/// Every loop device with a backing file, with what it is bound to.
+pub fn attached() -> io::Result<Vec<(LoopDevice, Status)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/sys/block")? {
         let name = entry?.file_name();
@@ -402,8 +462,8 @@ pub fn attached() -> io::Result<Vec<(LoopDevice, (u64, u64))>> {
         if !super::fs::exists(&device.sys_block_attr("loop/backing_file"))? {
             continue;
         }
-        match device.backing() {
-            Ok(Some(backing)) => out.push((device, backing)),
+        match device.status() {
+            Ok(Some(status)) => out.push((device, status)),
             Ok(None) => {}
             // Detached between the sysfs check and the open or the ioctl
             // (ENXIO), or no device node (ENOENT): not attached.
@@ -439,7 +499,7 @@ fn bound_to(image: &Path) -> io::Result<Vec<LoopDevice>> {
     let key = (meta.dev(), meta.ino());
     Ok(attached()?
         .into_iter()
-        .filter(|(_, backing)| *backing == key)
+        .filter(|(_, status)| status.backing == key)
         .map(|(d, _)| d)
         .collect())
 }
