@@ -30,16 +30,27 @@
 # scenarios: one made, written and gone with its pod; one larger than
 # --ephemeral-max-size refused with the reason in the pod's events.
 #
-# Time on the 2-core machine: base about 3 minutes, shared-pool about 3,
-# node-local about 1, plus about 40 s to build the images and start the
-# cluster; the Debian root filesystem is built once (about 1 minute) and
-# kept in target/e2e. Online expansion is the slowest step (kubelet retries
-# node expansion on its own period).
+# The layout shared-pool-2n is shared-pool as shipped (two controller
+# replicas) on two nodes: a second node joins the cluster
+# (scripts/check/e2e-node2.sh says how), and after the scenarios above the
+# two-node ones run (scripts/check/e2e-two-nodes.sh): a pod moving between
+# nodes, a second node kept off a ReadWriteOnce volume, a ReadWriteMany
+# directory written from both, a snapshot restored on the other node, the
+# leader replica deleted; with E2E_FULL=1 also a node lost with a pod
+# writing. The single-node shared-pool layout is the same overlay and is
+# left to a run that names it.
+#
+# Time on the 2-core machine: base about 3 minutes, shared-pool-2n about
+# 6 (E2E_FULL=1: about 9), node-local about 1, plus about 40 s to build
+# the images and start the cluster; the Debian root filesystem is built
+# once (about 1 minute) and kept in target/e2e. Online expansion is the
+# slowest step (kubelet retries node expansion on its own period).
 #
 # Usage: scripts/check/e2e-k8s.sh [layout...]
-#   (default: base shared-pool node-local ephemeral-inline)
+#   (default: base shared-pool-2n node-local ephemeral-inline)
 # FILEVOL_BIN: the binary to ship (default: a release build).
 # E2E_KEEP=1: leave the cluster and the pool up after a failure, to look.
+# E2E_FULL=1: the long two-node scenarios too (CONTRIBUTING.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -57,7 +68,7 @@ fail_or_skip() {
 [[ -x $K8S/up.sh ]] || fail_or_skip "no $K8S (the single-node Kubernetes of the shared tools)"
 
 layouts=("$@")
-((${#layouts[@]})) || layouts=(base shared-pool node-local ephemeral-inline)
+((${#layouts[@]})) || layouts=(base shared-pool-2n node-local ephemeral-inline)
 
 W=$repo/target/e2e
 mkdir -p "$W/images"
@@ -66,6 +77,10 @@ export KUBECONFIG=$K8S_BASE/cluster/admin.kubeconfig
 export PATH=$K8S_BASE/bin:$PATH
 CTR=(ctr --address /run/k8s-test/containerd.sock -n k8s.io)
 log() { echo "[e2e $(date +%T)] $*"; }
+# shellcheck source=scripts/check/e2e-node2.sh
+source "$repo/scripts/check/e2e-node2.sh"
+# shellcheck source=scripts/check/e2e-two-nodes.sh
+source "$repo/scripts/check/e2e-two-nodes.sh"
 
 # ---------- images ----------
 if [[ -z ${FILEVOL_BIN:-} ]]; then
@@ -74,7 +89,7 @@ fi
 # mmdebstrap builds the image's root filesystem; python3-yaml adapts the
 # rendered manifests.
 need=()
-for p in mmdebstrap python3-yaml xz-utils; do
+for p in mmdebstrap python3-yaml xz-utils socat; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if ((${#need[@]})); then
@@ -133,8 +148,11 @@ cleanup() {
   for layout in "${layouts[@]}"; do
     [[ -f $W/$layout.yaml ]] && kubectl delete -f "$W/$layout.yaml" --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1
   done
+  scheduler_resume
+  node2_down
   # --wipe: the next run starts from an empty cluster, whatever this one left.
   "$K8S/down.sh" --wipe >"$W/down.log" 2>&1
+  detach_pool_images
   unmount_pool
   exit "$status"
 }
@@ -257,7 +275,7 @@ run_pod() { # NAME CLAIM SCRIPT [securityContext]: runs and prints its log
     kubectl -n "$ns" describe pod "$1" | tail -20 >&2
     return 1
   fi
-  kubectl -n "$ns" logs "$1"
+  pod_output "$1"
   kubectl -n "$ns" delete pod "$1" --wait=true >/dev/null
 }
 
@@ -274,9 +292,20 @@ expect() { # WHAT GOT WANT
 # ---------- a layout ----------
 pool_for() {
   case $1 in
-    shared-pool) echo /mnt/filevol/pool ;;
+    shared-pool*) echo /mnt/filevol/pool ;;
     *) echo /var/lib/filevol ;;
   esac
+}
+
+# Detaches the loop devices of images on the pool's filesystem: what a
+# failed run left staged (a passing run leaves none, and checks it).
+detach_pool_images() {
+  local pool_dev number
+  pool_dev=$(losetup -j "$pool_fs" -n -O MAJ:MIN 2>/dev/null | head -n 1 | tr -d ' ')
+  [[ -n $pool_dev ]] || return 0
+  # losetup -a names a backing file's device by its number, major * 256 + minor.
+  number=$((${pool_dev%:*} * 256 + ${pool_dev#*:}))
+  losetup -a | grep -F "[$number]:" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
 }
 
 unmount_pool() {
@@ -297,7 +326,7 @@ prepare_pool() { # layout
   # Shared propagation, as a directory under a systemd host's / has: the
   # node plugin's HostToContainer mount of the pool requires it.
   case $1 in
-    shared-pool)
+    shared-pool*)
       mkdir -p /mnt/filevol "$pool_mnt/pool"
       mount --bind "$pool_mnt" /mnt/filevol
       mount --make-shared /mnt/filevol
@@ -318,6 +347,10 @@ release_pool() { # layout
   expect "$layout: nothing left in the pool" "$left" 0
   expect "$layout: no mount of a filevol volume left" \
     "$(grep -c -E 'kubernetes.io~csi|filevol.csi.rs' /proc/self/mountinfo || true)" 0
+  if [[ $layout == shared-pool-2n ]]; then
+    expect "$layout: no mount of a filevol volume left on node 2" \
+      "$(n2_mountinfo | grep -c -E 'kubernetes.io~csi|filevol.csi.rs' || true)" 0
+  fi
   expect "$layout: no loop device on the pool left" \
     "$(losetup -a | grep -c -E "$pool_mnt|/var/lib/filevol|/mnt/filevol" || true)" 0
   unmount_pool
@@ -327,12 +360,13 @@ render() { # layout -> $W/$layout.yaml
   local layout=$1 src over=$W/overlay-$1
   case $layout in
     base) src=$repo/deploy/kubernetes ;;
+    shared-pool-2n) src=$repo/deploy/kubernetes/overlays/shared-pool ;;
     *) src=$repo/deploy/kubernetes/overlays/$layout ;;
   esac
   rm -rf "$over"
   mkdir -p "$over"
   local controller_patch="" shared_patch=""
-  if [[ $layout == shared-pool ]]; then
+  if [[ $layout == shared-pool* ]]; then
     # The pool is a local xfs here, not a share: its locks reach only this
     # host, which `--topology=` refuses unless told. One host runs every
     # process, so they conflict where they need to. The shipped overlay
@@ -347,14 +381,18 @@ render() { # layout -> $W/$layout.yaml
         value: {name: FILEVOL_ALLOW_HOST_LOCAL_LOCKS, value: \"true\"}"
     done
   fi
-  if [[ $layout != node-local ]]; then
-    controller_patch=$(
-      cat <<'EOF'
-  - target: {kind: StatefulSet, name: filevol-controller}
-    patch: |-
+  # One controller replica on one node (two would share the host's
+  # network); on two nodes, the overlay's two.
+  local replicas="
       - op: replace
         path: /spec/replicas
-        value: 1
+        value: 1"
+  [[ $layout == shared-pool-2n ]] && replicas=
+  if [[ $layout != node-local ]]; then
+    controller_patch=$(
+      cat <<EOF
+  - target: {kind: StatefulSet, name: filevol-controller}
+    patch: |-$replicas
       - op: add
         path: /spec/template/spec/hostNetwork
         value: true
@@ -413,13 +451,18 @@ workloads_ready() {
     have=$(kubectl -n filevol get "$w" -o jsonpath='{.status.readyReplicas}{.status.numberReady}')
     [[ -n $want && $want == "$have" ]] || return 1
   done
-  kubectl get csinode localhost -o jsonpath='{.spec.drivers[*].name}' | grep -q filevol.csi.rs
+  local node
+  for node in $(kubectl get node -o name); do
+    kubectl get csinode "${node#node/}" -o jsonpath='{.spec.drivers[*].name}' | grep -q filevol.csi.rs || return 1
+  done
 }
 
 run_layout() {
   local layout=$1 started=$SECONDS
   log "== layout $layout"
   prepare_pool "$layout"
+  # Node 2 sees the pool's mount as it is when its namespace is made.
+  [[ $layout == shared-pool-2n ]] && node2_up
   if [[ $layout == node-local ]]; then
     start_snapshot_controller --enable-distributed-snapshotting
   else
@@ -504,6 +547,8 @@ EOF
   pvc cloned filevol 64Mi ReadWriteOnce "  dataSource: {name: data, kind: PersistentVolumeClaim}"
   expect "$layout: cloned" "$(run_pod clone-reader cloned 'cat /data/file')" "filevol e2e 42"
 
+  [[ $layout == shared-pool-2n ]] && two_node_scenarios
+
   # Deletion leaves nothing behind.
   kubectl -n "$ns" delete volumesnapshot --all --wait=true >/dev/null
   kubectl -n "$ns" delete pvc --all --wait=true >/dev/null
@@ -513,6 +558,7 @@ EOF
   kubectl delete -f "$W/$layout.yaml" --wait=true --timeout=120s >/dev/null
   wait_for "the filevol pods to go" 120 none_left -n filevol pods
   release_pool "$layout"
+  [[ $layout == shared-pool-2n ]] && node2_gone
   log "layout $layout passed in $((SECONDS - started)) s"
 }
 
