@@ -297,15 +297,21 @@ pool_for() {
   esac
 }
 
-# Detaches the loop devices of images on the pool's filesystem: what a
-# failed run left staged (a passing run leaves none, and checks it).
-detach_pool_images() {
+# The loop devices of images on the pool's filesystem (/dev/loopN each).
+pool_image_devices() {
   local pool_dev number
   pool_dev=$(losetup -j "$pool_fs" -n -O MAJ:MIN 2>/dev/null | head -n 1 | tr -d ' ')
   [[ -n $pool_dev ]] || return 0
-  # losetup -a names a backing file's device by its number, major * 256 + minor.
+  # losetup -a names a backing file's device by its number, major * 256 +
+  # minor (for minors below 256, as the pool's loop device has here).
   number=$((${pool_dev%:*} * 256 + ${pool_dev#*:}))
-  losetup -a | grep -F "[$number]:" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
+  losetup -a | grep -F "[$number]:" | cut -d: -f1 || true
+}
+
+# Detaches them: what a failed run left staged (a passing run leaves none,
+# and checks it).
+detach_pool_images() {
+  pool_image_devices | xargs -r -n1 losetup -d 2>/dev/null
 }
 
 unmount_pool() {
@@ -348,8 +354,10 @@ release_pool() { # layout
   expect "$layout: no mount of a filevol volume left" \
     "$(grep -c -E 'kubernetes.io~csi|filevol.csi.rs' /proc/self/mountinfo || true)" 0
   if [[ $layout == shared-pool-2n ]]; then
+    local info
+    info=$(n2_mountinfo)
     expect "$layout: no mount of a filevol volume left on node 2" \
-      "$(n2_mountinfo | grep -c -E 'kubernetes.io~csi|filevol.csi.rs' || true)" 0
+      "$(grep -c -E 'kubernetes.io~csi|filevol.csi.rs' <<<"$info" || true)" 0
   fi
   expect "$layout: no loop device on the pool left" \
     "$(losetup -a | grep -c -E "$pool_mnt|/var/lib/filevol|/mnt/filevol" || true)" 0

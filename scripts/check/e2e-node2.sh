@@ -204,6 +204,10 @@ node2_namespaces() {
 # Brings node 2 up and waits for it to be Ready. Its images are those of
 # node 1 ($K8S_BASE/cluster/images and $W/images).
 node2_up() {
+  if [[ ! -d /sys/fs/cgroup/freezer ]]; then
+    echo "e2e-k8s: node 2 needs cgroup v1's freezer hierarchy (this machine's layout, where up.sh's kubelet runs with cgroupfs)" >&2
+    return 1
+  fi
   node2_down # what a run that was stopped left
   log "starting node $N2"
   mkdir -p "$X2"
@@ -269,13 +273,16 @@ node2_reboot() {
   done
 }
 
-# The loop devices mounted in node 2's namespace.
+# The loop devices of the pool's images mounted in node 2's namespace (its
+# copy of the host's mounts holds the host's own loop mounts too, the
+# pool's among them: never those).
 n2_loop_devices() {
-  local majmin dev
+  local majmin ours
+  ours=$(pool_image_devices)
   for majmin in $(n2_mountinfo | awk '$3 ~ /^7:/ {print $3}' | sort -u); do
-    dev=/dev/loop${majmin#7:}
-    echo "$dev"
+    grep -qx "/dev/loop${majmin#7:}" <<<"$ours" && echo "/dev/loop${majmin#7:}"
   done
+  true
 }
 
 n2_kill_shims() {

@@ -32,16 +32,28 @@ use std::path::Path;
 use parking_lot::Mutex;
 
 use super::kernel::{Bound, Kernel};
-use crate::sys::loopdev::LoopDevice;
+use crate::sys::loopdev::{LoopDevice, Owner};
 
 /// Loop devices by the (st_dev, st_ino) of the image they serve, with the
 /// id of the volume whose image it is.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct DeviceTable {
     by_image: Mutex<HashMap<(u64, u64), (LoopDevice, String)>>,
+    /// The node whose devices these are: an entry whose device number now
+    /// serves the same image for another node (this node's device went
+    /// and the kernel handed the number out again) is not this node's.
+    owner: Owner,
 }
 
 impl DeviceTable {
+    /// An empty table of `owner`'s devices.
+    pub(super) fn of(owner: Owner) -> DeviceTable {
+        DeviceTable {
+            by_image: Mutex::default(),
+            owner,
+        }
+    }
+
     /// Enters devices found by a scan, with their volume's id (usable ones
     /// win over ones being detached, as a stage wants).
     pub(super) fn fill(&self, attached: &[(Bound, (u64, u64), String)]) {
@@ -87,13 +99,16 @@ impl DeviceTable {
             return Ok(None);
         };
         match kernel.loop_status(device)? {
-            Some(status) if status.backing == key => Ok(Some(Bound {
-                device,
-                detaching: status.detaching,
-                owner: status.owner,
-            })),
-            // Detached (and perhaps bound to another image since): drop
-            // the entry unless an attach has replaced it meanwhile.
+            Some(status) if status.backing == key && self.owner.claims(status.owner) => {
+                Ok(Some(Bound {
+                    device,
+                    detaching: status.detaching,
+                    owner: status.owner,
+                }))
+            }
+            // Detached (and perhaps bound to another image, or to this one
+            // for another node, since): drop the entry unless an attach has
+            // replaced it meanwhile.
             _ => {
                 let mut table = self.by_image.lock();
                 if table.get(&key).map(|(d, _)| *d) == Some(device) {

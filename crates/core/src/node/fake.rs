@@ -239,6 +239,12 @@ impl Recording {
         self.state.lock().held_open.push(dev.number);
     }
 
+    /// The next attach takes device number `n` (the kernel hands out the
+    /// lowest free one, so a number comes back).
+    pub fn reuse_number(&self, n: u32) {
+        self.state.lock().next_loop = n;
+    }
+
     /// How many calls named `op` were made.
     pub fn count(&self, op: &str) -> usize {
         self.state

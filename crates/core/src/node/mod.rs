@@ -207,7 +207,7 @@ impl Node {
             direct_io,
             fences: Fences::default(),
             custody: custody::Custodies::default(),
-            devices: devices::DeviceTable::default(),
+            devices: devices::DeviceTable::of(loopdev::Owner::of_node(node_id)),
             kernel,
             gate: trim::Gate::default(),
             trims: trim::TrimTotals::default(),
@@ -340,7 +340,7 @@ impl Node {
     /// adopted here, whatever this mount namespace shows of it: its mounts
     /// are in that node's namespace, not this one.
     fn owns(&self, bound: kernel::Bound) -> bool {
-        bound.owner.is_none_or(|owner| owner == self.owner)
+        self.owner.claims(bound.owner)
     }
 
     /// Takes a device of volume `id` found at start into `ours` if it is
@@ -415,7 +415,12 @@ impl Node {
             // Gone or detaching since: nothing of it left to fence. A
             // device that cannot be asked is not taken for gone.
             match self.kernel.loop_status(device) {
-                Ok(Some(status)) if status.backing == key && !status.detaching => {}
+                // Another node's since (this node's went, and the number
+                // was reused for the same image): not this node's to fence.
+                Ok(Some(status))
+                    if status.backing == key
+                        && !status.detaching
+                        && self.owner.claims(status.owner) => {}
                 Ok(_) => continue,
                 Err(e) => {
                     let verdict = Custody::Unproven(format!(

@@ -1141,6 +1141,38 @@ fn another_node_s_device_on_this_kernel_is_never_detached_or_adopted() {
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();
 }
 
+/// This node's device went without the plugin hearing of it, and the
+/// kernel handed its number to another node's device of the same image:
+/// the plugin's table of its devices does not take that one for its own
+/// (it would mount it, or detach it at the next unstage).
+#[test]
+fn a_device_number_handed_to_another_node_is_not_taken_for_this_node_s() {
+    let bed = Bed::new();
+    let v = bed.volume("a", Layout::Image, AccessType::Mount);
+    let staging = bed.path("staging/a");
+    let image = bed.pool.image_path(&v.id);
+    bed.stage(&v, &staging, RWO).unwrap();
+    let ours = bed.node.bound(&image).unwrap().unwrap().device;
+    bed.kernel.unmount(&staging).unwrap();
+    bed.kernel.detach(ours).unwrap();
+    bed.kernel.reuse_number(ours.number);
+    let theirs = bed
+        .kernel
+        .attach(&image, false, true, "node-b")
+        .unwrap()
+        .unwrap();
+    assert_eq!(theirs.device, ours, "the number came back");
+    assert_eq!(bed.node.bound(&image).unwrap(), None);
+    let e = bed.stage(&v, &staging, RWO).unwrap_err();
+    assert!(matches!(e, NodeError::AttachedForAnotherNode { .. }), "{e}");
+    assert!(bed.kernel.mounted().is_empty(), "nothing mounted");
+    assert_eq!(
+        bed.kernel.count("detach"),
+        1,
+        "only this node's own device was detached"
+    );
+}
+
 /// Stage, publish and unpublish act only on what is provably the named
 /// volume's: another volume at the path, a mount of something else and a
 /// file with data are refused, and nothing is unmounted or removed.

@@ -234,6 +234,13 @@ impl Owner {
         Owner(hash)
     }
 
+    /// Whether a device named for `named` is this owner's: named for it,
+    /// or unnamed (attached by a filevol from before devices were named,
+    /// which served one node per kernel).
+    pub fn claims(self, named: Option<Owner>) -> bool {
+        named.is_none_or(|owner| owner == self)
+    }
+
     /// The device name for this owner, with `node_id` (its node) for
     /// people; [`configuration`] cuts it to fit.
     fn name_with(self, node_id: &str) -> Vec<u8> {
