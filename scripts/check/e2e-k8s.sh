@@ -212,10 +212,16 @@ $extra
 EOF
 }
 
-# pod NAME CLAIM SCRIPT [securityContext yaml] : runs SCRIPT with the
-# volume at /data and exits.
+json_string() { python3 -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
+
+# pod NAME CLAIM SCRIPT [securityContext yaml] [NODE] : runs SCRIPT with
+# the volume at /data and exits; on node NODE if given (the scheduler
+# places it there: nodeSelector, not nodeName, so claims waiting for their
+# first consumer are bound as usual).
 pod() {
-  local name=$1 claim=$2 script=$3 sc=${4:-"{}"}
+  local name=$1 claim=$2 script=$3 sc=${4:-"{}"} node=${5:-}
+  local selector=
+  [[ -n $node ]] && selector="nodeSelector: {kubernetes.io/hostname: $node}"
   kubectl -n "$ns" apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Pod
@@ -223,12 +229,14 @@ metadata: {name: $name}
 spec:
   hostNetwork: true
   restartPolicy: Never
+  terminationGracePeriodSeconds: 1
   securityContext: $sc
+  $selector
   containers:
     - name: c
       image: localhost/k8s-test/busybox:1.35
       imagePullPolicy: Never
-      command: ["/bin/sh", "-c", $(printf '%s' "$script" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
+      command: ["/bin/sh", "-c", $(json_string "$script")]
       volumeMounts: [{name: v, mountPath: /data}]
   volumes: [{name: v, persistentVolumeClaim: {claimName: $claim}}]
 EOF
@@ -249,7 +257,7 @@ spec:
     - name: c
       image: localhost/k8s-test/busybox:1.35
       imagePullPolicy: Never
-      command: ["/bin/sh", "-c", $(printf '%s' "$script" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
+      command: ["/bin/sh", "-c", $(json_string "$script")]
       volumeMounts: [{name: v, mountPath: /data}]
   volumes:
     - name: v
@@ -269,7 +277,21 @@ no_pool_volumes() { [[ $(pool_volumes "$1") -eq 0 ]]; }
 has_event() { [[ -n $(pod_events "$@") ]]; }          # POD [REASON]
 event_mentions() { pod_events "$1" | grep -q -- "$2"; } # POD TEXT
 
-run_pod() { # NAME CLAIM SCRIPT [securityContext]: runs and prints its log
+# What a pod printed. The API server cannot reach node 2's kubelet
+# (scripts/check/e2e-node2.sh), so node 2's pods are read from their log
+# files (the CRI format: time, stream, tag, text).
+pod_output() { # NAME
+  local node uid
+  node=$(kubectl -n "$ns" get pod "$1" -o jsonpath='{.spec.nodeName}')
+  if [[ $node == "$N2" ]]; then
+    uid=$(kubectl -n "$ns" get pod "$1" -o jsonpath='{.metadata.uid}')
+    cat "$D2/log-pods/${ns}_$1_$uid"/c/*.log 2>/dev/null | cut -d' ' -f4-
+  else
+    kubectl -n "$ns" logs "$1"
+  fi
+}
+
+run_pod() { # NAME CLAIM SCRIPT [securityContext] [NODE]: runs and prints its output
   pod "$@"
   if ! wait_for "pod $1" 180 pod_done "$1"; then
     kubectl -n "$ns" describe pod "$1" | tail -20 >&2

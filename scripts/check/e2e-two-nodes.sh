@@ -16,54 +16,11 @@
 
 N1=localhost
 
-# pod_on NAME NODE CLAIM SCRIPT [restartPolicy]: runs SCRIPT on node NODE
-# with the claim at /data.
-pod_on() {
-  local name=$1 node=$2 claim=$3 script=$4 restart=${5:-Never}
-  kubectl -n "$ns" apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Pod
-metadata: {name: $name}
-spec:
-  hostNetwork: true
-  restartPolicy: $restart
-  nodeSelector: {kubernetes.io/hostname: $node}
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: c
-      image: localhost/k8s-test/busybox:1.35
-      imagePullPolicy: Never
-      command: ["/bin/sh", "-c", $(printf '%s' "$script" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
-      volumeMounts: [{name: v, mountPath: /data}]
-  volumes: [{name: v, persistentVolumeClaim: {claimName: $claim}}]
-EOF
-}
+# pod_on NAME NODE CLAIM SCRIPT: `pod` on node NODE.
+pod_on() { pod "$1" "$3" "$4" "{}" "$2"; }
 
-# What a pod printed. The API server cannot reach node 2's kubelet, so
-# node 2's pods are read from their log files (the CRI format: time,
-# stream, tag, text).
-pod_output() { # NAME
-  local node uid
-  node=$(kubectl -n "$ns" get pod "$1" -o jsonpath='{.spec.nodeName}')
-  if [[ $node == "$N2" ]]; then
-    uid=$(kubectl -n "$ns" get pod "$1" -o jsonpath='{.metadata.uid}')
-    cat "$D2/log-pods/${ns}_$1_$uid"/c/*.log 2>/dev/null | cut -d' ' -f4-
-  else
-    kubectl -n "$ns" logs "$1"
-  fi
-}
 running() { [[ $(phase "$1") == Running ]]; }
 output_has() { pod_output "$1" | grep -q -- "$2"; } # POD TEXT
-
-run_on() { # NAME NODE CLAIM SCRIPT: runs to the end, prints what it printed
-  pod_on "$@"
-  if ! wait_for "pod $1" 180 pod_done "$1"; then
-    kubectl -n "$ns" describe pod "$1" | tail -20 >&2
-    return 1
-  fi
-  pod_output "$1"
-  kubectl -n "$ns" delete pod "$1" --wait=true >/dev/null
-}
 
 wait_running() { # POD
   if ! wait_for "pod $1 running" 180 running "$1"; then
@@ -190,7 +147,7 @@ spec:
 EOF
   wait_for "the snapshot to be ready" 120 snapshot_ready snap2n
   pvc restored2n filevol 64Mi ReadWriteOnce "  dataSource: {name: snap2n, kind: VolumeSnapshot, apiGroup: snapshot.storage.k8s.io}"
-  expect "node 2 reads the snapshot taken on node 1" "$(run_on snap-reader "$N2" restored2n 'cat /data/f')" "snap 7"
+  expect "node 2 reads the snapshot taken on node 1" "$(run_pod snap-reader restored2n 'cat /data/f' '{}' "$N2")" "snap 7"
   kubectl -n "$ns" delete pod snap-writer --wait=true >/dev/null
 }
 

@@ -179,6 +179,21 @@ fn stage_and_publish(n: &NodeClient, id: &str, staging: &Path, target: &Path) {
         .unwrap();
 }
 
+/// ControllerPublish of volume `id` to `node` (through controller process
+/// `c`), then NodeStage and NodePublish on its plugin (process `n`) for a
+/// pod "pod-a": the volume in use there. Returns the staging and target
+/// paths.
+fn in_use_on(site: &Site, c: usize, n: usize, node: &str, id: &str) -> (PathBuf, PathBuf) {
+    site.d(c)
+        .controller()
+        .controller_publish_volume(&req::controller_publish(id, node, rwo(), false))
+        .unwrap();
+    let staging = staging_path(&site.kubelet(node), id);
+    let target = target_path(&site.kubelet(node), "pod-a");
+    stage_and_publish(&site.d(n).node(), id, &staging, &target);
+    (staging, target)
+}
+
 /// Whether anyone holds a lock on `image` that a writer's stage would
 /// conflict with, asked from this test process.
 fn image_locked(image: &Path) -> bool {
@@ -211,14 +226,7 @@ fn a_dead_plugin_s_device_keeps_its_fence_against_another_node() {
     let c = site.start("controller", "controller-0");
     let id = create(&site, c, "rwo");
     let ctl = site.d(c).controller();
-    ctl.controller_publish_volume(&req::controller_publish(&id, "node-a", rwo(), false))
-        .unwrap();
-    let (sa, ta) = (
-        staging_path(&site.kubelet("node-a"), &id),
-        target_path(&site.kubelet("node-a"), "pod-a"),
-    );
-    let na = site.d(a).node();
-    stage_and_publish(&na, &id, &sa, &ta);
+    let (sa, ta) = in_use_on(&site, c, a, "node-a", &id);
     std::fs::write(ta.join("before"), b"written on node-a").unwrap();
 
     site.kill(a);
@@ -299,14 +307,7 @@ fn another_node_s_device_on_one_kernel_is_never_detached_or_adopted() {
     let c = site.start("controller", "controller-0");
     let id = create(&site, c, "rwo");
     let ctl = site.d(c).controller();
-    ctl.controller_publish_volume(&req::controller_publish(&id, "node-a", rwo(), false))
-        .unwrap();
-    let (sa, ta) = (
-        staging_path(&site.kubelet("node-a"), &id),
-        target_path(&site.kubelet("node-a"), "pod-a"),
-    );
-    let na = site.d(a).node();
-    stage_and_publish(&na, &id, &sa, &ta);
+    let (sa, ta) = in_use_on(&site, c, a, "node-a", &id);
     let image = site.image(&id);
     let device = loop_of(&image).expect("node-a's device");
     let autoclear = format!("/sys/block/{device}/loop/autoclear");
