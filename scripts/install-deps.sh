@@ -14,6 +14,8 @@
 # (scripts/check/requirements.txt), and xz to unpack the kubectl of
 # ../shared/tools/k8s when none is on PATH (its kustomize renders the
 # overlays). scripts/check/e2e-k8s.sh installs what the cluster run needs itself.
+# Alert rules (scripts/check/alerts.sh): promtool, from the prometheus
+# package, runs their unit tests.
 # Script lint (scripts/check/lint.sh): shellcheck; its ruff is pinned in
 # scripts/check/requirements.txt and goes to the same venv.
 set -euo pipefail
@@ -21,7 +23,7 @@ set -euo pipefail
 # Packaging (scripts/package/package.sh, scripts/package/check-package.sh): dpkg-dev for
 # dpkg-shlibdeps, systemd for `systemd-analyze verify`, man-db for `man`.
 packages=(cmake build-essential pkg-config e2fsprogs xfsprogs btrfs-progs util-linux mount python3-venv bindfs xz-utils
-  dpkg-dev systemd man-db shellcheck)
+  dpkg-dev systemd man-db shellcheck prometheus)
 
 sudo_cmd=()
 [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)

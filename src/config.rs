@@ -137,6 +137,27 @@ pub struct ServeArgs {
     #[arg(long, env = "FILEVOL_LOOP_DIRECT_IO", default_value_t = true, action = clap::ArgAction::Set)]
     pub loop_direct_io: bool,
 
+    /// Serve the CSI v1.12 volume condition: the `volume_condition` of
+    /// NodeGetVolumeStats, ListVolumes and ControllerGetVolume and the
+    /// VOLUME_CONDITION capabilities, which external-health-monitor
+    /// (v0.18 and before) needs.
+    #[arg(long, env = "FILEVOL_VOLUME_CONDITION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub volume_condition: bool,
+
+    /// Serve the CSI v1.13 health calls (NodeGetVolumeHealth,
+    /// NodeGetStorageHealth, ControllerGetVolumeHealth,
+    /// ControllerListVolumeHealth) and their capabilities, which kubelet
+    /// reads behind its CSIVolumeHealth feature gate.
+    #[arg(long, env = "FILEVOL_VOLUME_HEALTH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub volume_health: bool,
+
+    /// Seconds between probes of the pool's health, and how long a probe
+    /// or a volume's health check may take before the pool counts as
+    /// unreachable.
+    #[arg(long, env = "FILEVOL_HEALTH_INTERVAL", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=600))]
+    pub health_interval: u32,
+
     /// Volumes this node accepts (NodeGetInfo's max_volumes_per_node); 0
     /// reports no limit.
     #[arg(long, env = "FILEVOL_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
@@ -264,6 +285,12 @@ pub struct Config {
     pub grpc_handshake_timeout: u32,
     /// Direct I/O on loop devices where the pool allows it.
     pub loop_direct_io: bool,
+    /// Serve the v1.12 volume condition.
+    pub volume_condition: bool,
+    /// Serve the v1.13 health calls.
+    pub volume_health: bool,
+    /// Between pool health probes, and their deadline.
+    pub health_interval: Duration,
     /// Where to serve metrics, if anywhere.
     pub metrics_address: Option<String>,
     /// NodeGetInfo's max_volumes_per_node (0: no limit).
@@ -417,6 +444,9 @@ impl Config {
             metrics_address: args.metrics_address,
             grpc_handshake_timeout: args.grpc_handshake_timeout,
             loop_direct_io: args.loop_direct_io,
+            volume_condition: args.volume_condition,
+            volume_health: args.volume_health,
+            health_interval: Duration::from_secs(args.health_interval.into()),
             overcommit: args.overcommit,
             topology,
             allow_host_local_locks: args.allow_host_local_locks,

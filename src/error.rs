@@ -160,7 +160,9 @@ fn node_code(rpc: Rpc, err: &NodeError) -> RpcStatusCode {
         // outside the kubelet directory, which the spec calls NOT_FOUND
         // ("volume does not exist on the specified path").
         NodeError::OutsideKubeletDir { .. } => match rpc {
-            Rpc::NodeGetVolumeStats | Rpc::NodeExpandVolume => RpcStatusCode::NOT_FOUND,
+            Rpc::NodeGetVolumeStats | Rpc::NodeGetVolumeHealth | Rpc::NodeExpandVolume => {
+                RpcStatusCode::NOT_FOUND
+            }
             _ => RpcStatusCode::INVALID_ARGUMENT,
         },
         NodeError::NotFound { .. } => RpcStatusCode::NOT_FOUND,

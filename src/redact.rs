@@ -115,7 +115,8 @@ mod tests {
             checked += 1;
         }
         // The 19 requests of CSI v1.12 that take secrets (17, and the two
-        // SnapshotMetadata requests).
-        assert_eq!(checked, 19);
+        // SnapshotMetadata requests), and the three health requests of
+        // v1.13 that do.
+        assert_eq!(checked, 22);
     }
 }

@@ -20,6 +20,8 @@ pub enum Rpc {
     ControllerUnpublishVolume,
     ValidateVolumeCapabilities,
     ListVolumes,
+    ControllerListVolumeHealth,
+    ControllerGetVolumeHealth,
     GetCapacity,
     ControllerGetCapabilities,
     CreateSnapshot,
@@ -40,6 +42,8 @@ pub enum Rpc {
     NodePublishVolume,
     NodeUnpublishVolume,
     NodeGetVolumeStats,
+    NodeGetVolumeHealth,
+    NodeGetStorageHealth,
     NodeExpandVolume,
     NodeGetCapabilities,
     NodeGetInfo,
@@ -77,6 +81,8 @@ impl Rpc {
             | ControllerUnpublishVolume
             | ValidateVolumeCapabilities
             | ListVolumes
+            | ControllerListVolumeHealth
+            | ControllerGetVolumeHealth
             | GetCapacity
             | ControllerGetCapabilities
             | CreateSnapshot
@@ -91,11 +97,24 @@ impl Rpc {
             | DeleteVolumeGroupSnapshot
             | GetVolumeGroupSnapshot => Service::GroupController,
             NodeStageVolume | NodeUnstageVolume | NodePublishVolume | NodeUnpublishVolume
-            | NodeGetVolumeStats | NodeExpandVolume | NodeGetCapabilities | NodeGetInfo
+            | NodeGetVolumeStats | NodeGetVolumeHealth | NodeGetStorageHealth | NodeExpandVolume
+            | NodeGetCapabilities | NodeGetInfo
             // Served where the Node service is: it acts on what is staged.
             | TrimVolumes => Service::Node,
             GetMetadataAllocated | GetMetadataDelta => Service::SnapshotMetadata,
         }
+    }
+
+    /// The CSI v1.13 health calls (`--volume-health`).
+    pub fn is_health(self) -> bool {
+        use Rpc::*;
+        matches!(
+            self,
+            ControllerListVolumeHealth
+                | ControllerGetVolumeHealth
+                | NodeGetVolumeHealth
+                | NodeGetStorageHealth
+        )
     }
 
     /// Calls that change state. Each gets one info log line with its outcome;

@@ -15,6 +15,13 @@
 # csi-sanity at all. A pass with a failure, another skip or more than that
 # one pending spec fails the script.
 #
+# The CSI v1.13 health calls are off for it (--volume-health=false): this
+# csi-sanity is built against spec v1.12, and its capability specs fail on
+# any value they do not know ("Unknown capability: 16", the v1.13
+# GET_VOLUME_HEALTH). The v1.12 volume condition stays on, so its specs
+# see VOLUME_CONDITION. Switching one wire off for a client that objects
+# is what the flag is for (docs/src/health.md).
+#
 # csi-sanity comes from $CSI_SANITY, else ../shared/tools/csi-sanity (the
 # prebuilt one beside this checkout). Without it, or without root, the
 # script says it did not run and exits 0, except under CI (CI=true), where
@@ -115,7 +122,7 @@ for fs in xfs ext4; do
   mkdir -p "$pass_dir/kubelet" "$pass_dir/mnt/pool"
   "$bin" serve --mode all --endpoint "unix://$pass_dir/csi.sock" --pool "$pass_dir/mnt/pool" \
     --node-id sanity-node --kubelet-dir "$pass_dir/kubelet" --reserve 0 --overcommit 100 \
-    --max-volumes-per-node 8 --log-level warn 2>"$pass_dir/filevol.log" &
+    --max-volumes-per-node 8 --volume-health=false --log-level warn 2>"$pass_dir/filevol.log" &
   driver=$!
   for _ in $(seq 100); do [[ -S $pass_dir/csi.sock ]] && break; sleep 0.1; done
   for access in mount block; do

@@ -31,9 +31,10 @@ declare -A allowed=(
   [faults]=""
   [error_chain]=""
   [volume]="volume units"
+  [health]="health sys units"
   [changed_blocks]="changed_blocks sys"
-  [pool]="pool volume changed_blocks sys units faults error_chain"
-  [node]="node pool volume sys units faults error_chain"
+  [pool]="pool volume changed_blocks health sys units faults error_chain"
+  [node]="node pool volume health sys units faults error_chain"
 )
 core=crates/core/src
 if grep -rn 'crate::{' "$core"; then

@@ -5,6 +5,7 @@
 //! directory volumes, measured off the scrape ([`dir_usage`]).
 
 pub mod dir_usage;
+pub mod health;
 pub mod http;
 
 use std::collections::BTreeMap;

@@ -134,7 +134,8 @@ pub fn run(config: Config) -> Result<(), ServeError> {
                 &pool,
                 config.loop_direct_io,
             )?
-            .with_ephemeral(config.ephemeral),
+            .with_ephemeral(config.ephemeral)
+            .with_kernel_log(filevol_core::health::loop_errors::LoopErrors::follow()),
         )
     } else {
         None
@@ -145,12 +146,15 @@ pub fn run(config: Config) -> Result<(), ServeError> {
         config.mode.serves_controller(),
     )
     .map_err(ServeError::Threads)?;
+    let health = crate::service::health::PoolWatch::new(pool.root(), config.health_interval);
     let driver = Arc::new(Driver {
         config,
         executor,
         pool,
         node,
+        health,
     });
+    driver.health.start(&driver).map_err(ServeError::Threads)?;
     let cfg = &driver.config;
 
     // One completion queue: its thread only decodes, validates and hands

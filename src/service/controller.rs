@@ -16,10 +16,11 @@ use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
 use crate::rpc::Rpc;
-use filevol_core::pool::attachments::Attachments;
+use filevol_core::health::{Health, Reason};
 use filevol_core::pool::capability::{self, Capability};
+use filevol_core::pool::store::{self, Kind};
 use filevol_core::pool::{new_volume, PoolError, ALIGN};
-use filevol_core::volume::meta::Source;
+use filevol_core::volume::meta::{Source, VolumeMeta};
 use filevol_core::volume::parameters;
 use filevol_core::volume::{ids, topology};
 
@@ -183,15 +184,34 @@ impl Operation for csi::ValidateVolumeCapabilitiesRequest {
     }
 }
 
-fn volume_status(
+/// The v1.12 conditions of a page of volumes whose records were read,
+/// where that is served (`--volume-condition`): from the same findings as
+/// the v1.13 health calls, all checked under one deadline.
+fn conditions(
+    driver: &Arc<Driver>,
+    volumes: Vec<Arc<VolumeMeta>>,
+) -> Vec<Option<csi::VolumeCondition>> {
+    if !driver.config.volume_condition {
+        return vec![None; volumes.len()];
+    }
+    super::health::of_volumes(driver, volumes)
+        .iter()
+        .map(|h| Some(convert::condition(h)))
+        .collect()
+}
+
+/// The v1.12 condition of a volume whose record is damaged, where that is
+/// served.
+fn damaged_condition(
     driver: &Driver,
-    attached: &Attachments,
-    v: &filevol_core::volume::meta::VolumeMeta,
-) -> (Vec<String>, csi::VolumeCondition) {
-    (
-        convert::published_nodes(attached, v),
-        convert::condition(driver.pool.volume_problem(v)),
-    )
+    path: &std::path::Path,
+    problem: &str,
+) -> Option<csi::VolumeCondition> {
+    driver.config.volume_condition.then(|| {
+        let mut h = Health::ok();
+        h.add(super::health::damaged(path, problem));
+        convert::condition(&h)
+    })
 }
 
 impl Operation for csi::ListVolumesRequest {
@@ -206,29 +226,102 @@ impl Operation for csi::ListVolumesRequest {
             let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
             // One readdir answers for every volume of the page.
             let attached = driver.pool.attachments()?;
+            let read: Vec<Arc<VolumeMeta>> = entries
+                .iter()
+                .filter_map(|(_, e)| e.as_ref().ok().cloned())
+                .collect();
+            let mut conditions = conditions(&driver, read).into_iter();
             let mut resp = csi::ListVolumesResponse::new();
             for (id, entry) in entries {
                 let mut e = csi::list_volumes_response::Entry::new();
                 let mut status = csi::list_volumes_response::VolumeStatus::new();
                 match entry {
                     Ok(v) => {
-                        let (nodes, condition) = volume_status(&driver, &attached, &v);
-                        status.published_node_ids = nodes;
-                        status.volume_condition = Some(condition).into();
+                        status.published_node_ids = convert::published_nodes(&attached, &v);
+                        status.volume_condition = conditions.next().flatten().into();
                         e.volume = Some(convert::volume(&v)).into();
                     }
                     Err(problem) => {
+                        let record = driver
+                            .pool
+                            .store()
+                            .object_dir(Kind::Volume, &id)
+                            .join(store::META);
+                        status.volume_condition =
+                            damaged_condition(&driver, &record, &problem).into();
                         let mut vol = csi::Volume::new();
                         vol.volume_id = id;
                         e.volume = Some(vol).into();
-                        status.volume_condition = Some(convert::condition(Some(format!(
-                            "metadata damaged: {problem}"
-                        ))))
-                        .into();
                     }
                 }
                 e.status = Some(status).into();
                 resp.entries.push(e);
+            }
+            resp.next_token = validate::next_token(next);
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::ControllerGetVolumeHealthRequest {
+    type Response = csi::ControllerGetVolumeHealthResponse;
+    const RPC: Rpc = Rpc::ControllerGetVolumeHealth;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        let driver = Arc::clone(driver);
+        // No lock: a health answer must not wait for a slow operation.
+        Ok(Job::new(move || {
+            let health = super::health::in_pool(&driver, &self.volume_id)?.ok_or_else(|| {
+                Error::from(PoolError::NotFound {
+                    kind: "volume",
+                    id: self.volume_id.clone(),
+                })
+            })?;
+            let mut resp = csi::ControllerGetVolumeHealthResponse::new();
+            resp.volume_health = Some(convert::volume_health(&self.volume_id, &health)).into();
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::ControllerListVolumeHealthRequest {
+    type Response = csi::ControllerListVolumeHealthResponse;
+    const RPC: Rpc = Rpc::ControllerListVolumeHealth;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let max = validate::max_entries(self.max_entries)?;
+        let start = validate::starting_token(&self.starting_token)?;
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            // A pool that does not answer cannot be listed; say why at
+            // once rather than hang a worker on its directory.
+            let pool = driver.health.pool_health();
+            if pool.has(Reason::PoolUnreachable) {
+                return Err(Error::Unhealthy(pool.message()));
+            }
+            let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
+            let read: Vec<Arc<VolumeMeta>> = entries
+                .iter()
+                .filter_map(|(_, e)| e.as_ref().ok().cloned())
+                .collect();
+            let mut healths = super::health::of_volumes(&driver, read).into_iter();
+            let mut resp = csi::ControllerListVolumeHealthResponse::new();
+            for (id, entry) in entries {
+                let health = match entry {
+                    Ok(_) => healths.next().unwrap_or_default(),
+                    Err(problem) => {
+                        let mut h = Health::ok();
+                        let record = driver
+                            .pool
+                            .store()
+                            .object_dir(Kind::Volume, &id)
+                            .join(store::META);
+                        h.add(super::health::damaged(&record, &problem));
+                        h
+                    }
+                };
+                resp.entries.push(convert::volume_health(&id, &health));
             }
             resp.next_token = validate::next_token(next);
             Ok(resp)
@@ -249,9 +342,11 @@ impl Operation for csi::ControllerGetVolumeRequest {
             match driver.pool.volume(&self.volume_id) {
                 Ok(v) => {
                     let attached = driver.pool.attachments()?;
-                    let (nodes, condition) = volume_status(&driver, &attached, &v);
-                    status.published_node_ids = nodes;
-                    status.volume_condition = Some(condition).into();
+                    status.published_node_ids = convert::published_nodes(&attached, &v);
+                    status.volume_condition = conditions(&driver, vec![Arc::new(v.clone())])
+                        .pop()
+                        .flatten()
+                        .into();
                     resp.volume = Some(convert::volume(&v)).into();
                 }
                 // Damaged metadata is a condition to report, not a failure
@@ -260,11 +355,7 @@ impl Operation for csi::ControllerGetVolumeRequest {
                     let mut vol = csi::Volume::new();
                     vol.volume_id.clone_from(&self.volume_id);
                     resp.volume = Some(vol).into();
-                    status.volume_condition = Some(convert::condition(Some(format!(
-                        "metadata {} is damaged: {problem}",
-                        path.display()
-                    ))))
-                    .into();
+                    status.volume_condition = damaged_condition(&driver, &path, &problem).into();
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -314,10 +405,11 @@ impl Operation for csi::ControllerGetCapabilitiesRequest {
     type Response = csi::ControllerGetCapabilitiesResponse;
     const RPC: Rpc = Rpc::ControllerGetCapabilities;
 
-    fn prepare(self, _driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
-        Ok(Job::new(|| {
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let (condition, health) = (driver.config.volume_condition, driver.config.volume_health);
+        Ok(Job::new(move || {
             let mut resp = csi::ControllerGetCapabilitiesResponse::new();
-            for t in [
+            let always = [
                 CtrlCap::CREATE_DELETE_VOLUME,
                 CtrlCap::PUBLISH_UNPUBLISH_VOLUME,
                 CtrlCap::LIST_VOLUMES,
@@ -328,12 +420,16 @@ impl Operation for csi::ControllerGetCapabilitiesRequest {
                 CtrlCap::PUBLISH_READONLY,
                 CtrlCap::EXPAND_VOLUME,
                 CtrlCap::LIST_VOLUMES_PUBLISHED_NODES,
-                CtrlCap::VOLUME_CONDITION,
                 CtrlCap::GET_VOLUME,
                 CtrlCap::SINGLE_NODE_MULTI_WRITER,
                 CtrlCap::MODIFY_VOLUME,
                 CtrlCap::GET_SNAPSHOT,
-            ] {
+            ];
+            let v12 = condition.then_some(CtrlCap::VOLUME_CONDITION);
+            let v13 = [CtrlCap::GET_VOLUME_HEALTH, CtrlCap::LIST_VOLUME_HEALTH]
+                .into_iter()
+                .filter(move |_| health);
+            for t in always.into_iter().chain(v12).chain(v13) {
                 let mut rpc = csi::controller_service_capability::RPC::new();
                 rpc.type_ = t.into();
                 let mut cap = csi::ControllerServiceCapability::new();

@@ -9,6 +9,7 @@
 
 mod controller;
 mod convert;
+pub mod health;
 mod identity;
 mod node;
 mod snapshot_metadata;
@@ -43,6 +44,8 @@ pub struct Driver {
     pub pool: Pool,
     /// The node side, in modes that serve the Node service.
     pub node: Option<Node>,
+    /// The pool's health, kept by a probe of its own (see `health`).
+    pub health: health::PoolWatch,
 }
 
 impl Driver {
@@ -68,6 +71,11 @@ impl Driver {
     pub fn refusal(&self, rpc: Rpc) -> Option<String> {
         if let Some(why) = self.mode_refusal(rpc.service()) {
             return Some(why);
+        }
+        if rpc.is_health() && !self.config.volume_health {
+            return Some(
+                "the CSI v1.13 health calls are off here (--volume-health=false); the v1.12 volume condition is in NodeGetVolumeStats, ListVolumes and ControllerGetVolume".into(),
+            );
         }
         let makes_groups = matches!(
             rpc,
@@ -117,15 +125,30 @@ impl Driver {
     /// The Prometheus exposition (see `metrics::Metrics::exposition`);
     /// `dirs` is what the background measurement of directory volumes last
     /// found.
-    pub fn metrics_text(&self, dirs: &DirUsageSummary) -> String {
+    pub fn metrics_text(self: &Arc<Self>, dirs: &DirUsageSummary) -> String {
         let workers = self.executor.workers();
         let load = Load {
             queued: workers.queued(),
             busy: workers.busy(),
         };
-        self.executor
-            .metrics()
-            .exposition(load, &self.pool, self.node.as_ref(), dirs)
+        let health = health::gauges(self);
+        let metrics = self.executor.metrics();
+        // A pool that does not answer would hang the figures read from it:
+        // the scrape then carries the calls, the load and the health only.
+        let mut text = if health
+            .pool
+            .has(filevol_core::health::Reason::PoolUnreachable)
+        {
+            metrics.render(&crate::metrics::Gauges {
+                queued: load.queued,
+                busy: load.busy,
+                ..Default::default()
+            })
+        } else {
+            metrics.exposition(load, &self.pool, self.node.as_ref(), dirs)
+        };
+        crate::metrics::health::render(&mut text, &health);
+        text
     }
 }
 
@@ -281,6 +304,8 @@ dispatch_all!(grpc::Controller {
     controller_unpublish_volume(ControllerUnpublishVolumeRequest) -> ControllerUnpublishVolumeResponse;
     validate_volume_capabilities(ValidateVolumeCapabilitiesRequest) -> ValidateVolumeCapabilitiesResponse;
     list_volumes(ListVolumesRequest) -> ListVolumesResponse;
+    controller_list_volume_health(ControllerListVolumeHealthRequest) -> ControllerListVolumeHealthResponse;
+    controller_get_volume_health(ControllerGetVolumeHealthRequest) -> ControllerGetVolumeHealthResponse;
     get_capacity(GetCapacityRequest) -> GetCapacityResponse;
     controller_get_capabilities(ControllerGetCapabilitiesRequest) -> ControllerGetCapabilitiesResponse;
     create_snapshot(CreateSnapshotRequest) -> CreateSnapshotResponse;
@@ -305,6 +330,8 @@ dispatch_all!(grpc::Node {
     node_publish_volume(NodePublishVolumeRequest) -> NodePublishVolumeResponse;
     node_unpublish_volume(NodeUnpublishVolumeRequest) -> NodeUnpublishVolumeResponse;
     node_get_volume_stats(NodeGetVolumeStatsRequest) -> NodeGetVolumeStatsResponse;
+    node_get_volume_health(NodeGetVolumeHealthRequest) -> NodeGetVolumeHealthResponse;
+    node_get_storage_health(NodeGetStorageHealthRequest) -> NodeGetStorageHealthResponse;
     node_expand_volume(NodeExpandVolumeRequest) -> NodeExpandVolumeResponse;
     node_get_capabilities(NodeGetCapabilitiesRequest) -> NodeGetCapabilitiesResponse;
     node_get_info(NodeGetInfoRequest) -> NodeGetInfoResponse;

@@ -178,7 +178,48 @@ impl Operation for csi::NodeGetVolumeStatsRequest {
             if let Some(i) = stats.inodes {
                 resp.usage.push(usage(csi::volume_usage::Unit::INODES, i));
             }
-            resp.volume_condition = Some(convert::condition(stats.problem)).into();
+            if driver.config.volume_condition {
+                let health = super::health::on_node(&driver, &self.volume_id, Some(&path))?;
+                resp.volume_condition = Some(convert::condition(&health)).into();
+            }
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::NodeGetVolumeHealthRequest {
+    type Response = csi::NodeGetVolumeHealthResponse;
+    const RPC: Rpc = Rpc::NodeGetVolumeHealth;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        validate::id("volume_id", &self.volume_id)?;
+        // The publish path where kubelet names one, else the staging path:
+        // either is a mount of the volume.
+        let path = if self.volume_publish_path.is_empty() {
+            node_path(driver, "staging_target_path", &self.staging_target_path)?
+        } else {
+            node_path(driver, "volume_publish_path", &self.volume_publish_path)?
+        };
+        let driver = Arc::clone(driver);
+        // No lock: a health answer must not wait for a slow stage.
+        Ok(Job::new(move || {
+            let health = super::health::on_node(&driver, &self.volume_id, Some(&path))?;
+            let mut resp = csi::NodeGetVolumeHealthResponse::new();
+            resp.volume_health = Some(convert::volume_health(&self.volume_id, &health)).into();
+            Ok(resp)
+        }))
+    }
+}
+
+impl Operation for csi::NodeGetStorageHealthRequest {
+    type Response = csi::NodeGetStorageHealthResponse;
+    const RPC: Rpc = Rpc::NodeGetStorageHealth;
+
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let driver = Arc::clone(driver);
+        Ok(Job::new(move || {
+            let mut resp = csi::NodeGetStorageHealthResponse::new();
+            resp.backend_health = convert::storage_health(&driver.health.pool_health());
             Ok(resp)
         }))
     }
@@ -209,17 +250,22 @@ impl Operation for csi::NodeGetCapabilitiesRequest {
     type Response = csi::NodeGetCapabilitiesResponse;
     const RPC: Rpc = Rpc::NodeGetCapabilities;
 
-    fn prepare(self, _driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
-        Ok(Job::new(|| {
+    fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
+        let (condition, health) = (driver.config.volume_condition, driver.config.volume_health);
+        Ok(Job::new(move || {
             let mut resp = csi::NodeGetCapabilitiesResponse::new();
-            for t in [
+            let always = [
                 NodeCap::STAGE_UNSTAGE_VOLUME,
                 NodeCap::GET_VOLUME_STATS,
                 NodeCap::EXPAND_VOLUME,
-                NodeCap::VOLUME_CONDITION,
                 NodeCap::SINGLE_NODE_MULTI_WRITER,
                 NodeCap::VOLUME_MOUNT_GROUP,
-            ] {
+            ];
+            let v12 = condition.then_some(NodeCap::VOLUME_CONDITION);
+            let v13 = [NodeCap::GET_VOLUME_HEALTH, NodeCap::GET_STORAGE_HEALTH]
+                .into_iter()
+                .filter(move |_| health);
+            for t in always.into_iter().chain(v12).chain(v13) {
                 let mut rpc = csi::node_service_capability::RPC::new();
                 rpc.type_ = t.into();
                 let mut cap = csi::NodeServiceCapability::new();

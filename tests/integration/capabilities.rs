@@ -112,6 +112,17 @@ const COVERED: &[(&str, &[&str])] = &[
         &["controller::volume_condition_turns_abnormal_when_the_image_goes"],
     ),
     (
+        "controller GET_VOLUME_HEALTH",
+        &[
+            "health::a_thin_pool_that_fills_is_reported_on_both_wires_and_clears_once_space_is_freed",
+            "health::a_share_that_stops_answering_is_unreachable_and_no_worker_hangs",
+        ],
+    ),
+    (
+        "controller LIST_VOLUME_HEALTH",
+        &["health::filesystem_faults_and_a_missing_image_show_on_both_wires_and_clear"],
+    ),
+    (
         "controller GET_VOLUME",
         &["controller::volume_condition_turns_abnormal_when_the_image_goes"],
     ),
@@ -156,6 +167,20 @@ const COVERED: &[(&str, &[&str])] = &[
     (
         "node VOLUME_CONDITION",
         &["node::volume_condition_turns_abnormal_when_the_mount_goes"],
+    ),
+    (
+        "node GET_VOLUME_HEALTH",
+        &[
+            "health::a_thin_pool_that_fills_is_reported_on_both_wires_and_clears_once_space_is_freed",
+            "health::filesystem_faults_and_a_missing_image_show_on_both_wires_and_clear",
+        ],
+    ),
+    (
+        "node GET_STORAGE_HEALTH",
+        &[
+            "health::a_thin_pool_that_fills_is_reported_on_both_wires_and_clears_once_space_is_freed",
+            "health::a_share_that_stops_answering_is_unreachable_and_no_worker_hangs",
+        ],
     ),
     (
         "node SINGLE_NODE_MULTI_WRITER",

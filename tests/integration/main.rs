@@ -38,6 +38,7 @@ mod escape;
 mod fences;
 mod fuzz_corpus;
 mod group_freeze;
+mod health;
 mod hostile;
 mod identity;
 mod layouts;

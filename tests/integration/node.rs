@@ -865,5 +865,7 @@ fn node_info_and_capabilities() {
     let caps = n
         .node_get_capabilities(&csi::NodeGetCapabilitiesRequest::new())
         .unwrap();
-    assert_eq!(caps.capabilities.len(), 6);
+    // Six, the v1.12 VOLUME_CONDITION among them, and the two v1.13
+    // health capabilities beside it.
+    assert_eq!(caps.capabilities.len(), 8);
 }

@@ -9,6 +9,8 @@
 //! - [`units`], [`volume`]: the vocabulary: sizes and durations, and what a
 //!   volume is and what may be asked of it (records, access modes,
 //!   StorageClass parameters, the mkfs option policy, topology, ids).
+//! - [`health`]: what can be wrong with a volume or the pool (findings with
+//!   stable reasons), and the kernel log's loop-device errors.
 //! - [`pool`]: the store. A directory that holds every volume, snapshot and
 //!   record, shared by every filevol process.
 //! - [`node`]: staging and publishing on one host, every kernel call behind
@@ -23,6 +25,7 @@
 pub mod changed_blocks;
 pub mod error_chain;
 pub mod faults;
+pub mod health;
 pub mod node;
 pub mod pool;
 pub mod sys;

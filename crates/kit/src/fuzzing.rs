@@ -46,11 +46,14 @@ pub fn driver(pool: &Path, kubelet: &Path) -> Arc<Driver> {
     let node =
         Some(Node::start(&config.kubelet_dir, &config.node_id, &pool, true).expect("fuzz node"));
     let executor = Executor::start(1, 1, false).expect("fuzz executor");
+    // Not started: the fuzzed jobs are built, never run.
+    let health = filevol::service::health::PoolWatch::new(pool.root(), config.health_interval);
     Arc::new(Driver {
         config,
         executor,
         pool,
         node,
+        health,
     })
 }
 

@@ -231,6 +231,28 @@ impl Bindfs {
         daemon.wait().expect("reap bindfs");
     }
 
+    /// Stops the view's daemon (SIGSTOP): the mount stays and every call
+    /// that reaches it sleeps until [`Bindfs::resume_daemon`], as on a
+    /// share whose server stopped answering.
+    pub fn pause_daemon(&self) {
+        self.signal_daemon(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a paused daemon go on (SIGCONT): the calls waiting on it
+    /// finish.
+    pub fn resume_daemon(&self) {
+        self.signal_daemon(rustix::process::Signal::CONT);
+    }
+
+    fn signal_daemon(&self, signal: rustix::process::Signal) {
+        let daemon = self.daemon.as_ref().expect("a killable view, running");
+        let pid = i32::try_from(daemon.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("a daemon's pid is positive");
+        rustix::process::kill_process(pid, signal).expect("signal bindfs");
+    }
+
     /// Unmounts the dead view and mounts a new one at the same path: what
     /// reconnecting a share does.
     pub fn restart(&mut self) {
@@ -247,6 +269,15 @@ impl Bindfs {
 
 impl Drop for Bindfs {
     fn drop(&mut self) {
+        // A paused daemon would keep the unmount waiting.
+        if let Some(daemon) = &self.daemon {
+            if let Some(pid) = i32::try_from(daemon.id())
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+            }
+        }
         unmount_patiently(&self.mnt);
         // A foreground bindfs exits once unmounted; one that did not is
         // killed, never left behind.

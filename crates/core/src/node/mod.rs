@@ -57,6 +57,7 @@ mod fake;
 mod fences;
 pub mod format;
 pub mod freeze;
+mod health;
 mod in_place;
 pub mod kernel;
 mod mounts;
@@ -140,6 +141,9 @@ pub struct Node {
     ephemeral: Option<ephemeral::Limits>,
     /// One admission of a new ephemeral volume at a time.
     ephemeral_admission: ephemeral::Admission,
+    /// The loop devices' I/O errors from the kernel log (empty unless
+    /// [`Node::with_kernel_log`] started following it).
+    loop_errors: crate::health::loop_errors::LoopErrors,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -149,8 +153,6 @@ pub struct Stats {
     pub bytes: Option<(u64, u64, u64)>,
     /// Inodes: total, available, used.
     pub inodes: Option<(u64, u64, u64)>,
-    /// Why the volume is abnormal, if it is.
-    pub problem: Option<String>,
 }
 
 fn lock_kind(mode: AccessMode) -> LockKind {
@@ -214,6 +216,7 @@ impl Node {
             freezes: freeze::Freezes::default(),
             ephemeral: None,
             ephemeral_admission: ephemeral::Admission::default(),
+            loop_errors: crate::health::loop_errors::LoopErrors::default(),
         };
         node.recover(pool)?;
         Ok(node)
@@ -225,6 +228,24 @@ impl Node {
     pub fn with_ephemeral(mut self, limits: Option<ephemeral::Limits>) -> Node {
         self.ephemeral = limits;
         self
+    }
+
+    /// This node counting its loop devices' I/O errors from `errors` (see
+    /// [`crate::health::loop_errors`]).
+    #[must_use]
+    pub fn with_kernel_log(mut self, errors: crate::health::loop_errors::LoopErrors) -> Node {
+        self.loop_errors = errors;
+        self
+    }
+
+    /// The volumes with a loop device of this node, as (volume id, device),
+    /// for the per-volume I/O figures: from the device table and the
+    /// pool's directory, one readdir and a stat per volume.
+    pub fn volume_devices(
+        &self,
+        pool: &Pool,
+    ) -> std::io::Result<Vec<(String, loopdev::LoopDevice)>> {
+        self.mounts(pool).volume_devices()
     }
 
     /// The resolved kubelet directory.

@@ -405,6 +405,16 @@ impl Mounts<'_> {
         ))
     }
 
+    /// Every volume of the pool with a settled loop device, as (id,
+    /// device).
+    pub fn volume_devices(&self) -> io::Result<Vec<(String, LoopDevice)>> {
+        Ok(self
+            .attached_images(true)?
+            .into_iter()
+            .map(|(dev, id)| (id, dev))
+            .collect())
+    }
+
     /// Every image volume of the pool whose filesystem is mounted under
     /// the kubelet directory, once each ([`filesystems`]). Found from the
     /// kernel (attached loop devices, their backing files, the mount

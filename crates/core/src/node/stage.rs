@@ -220,6 +220,8 @@ impl Node {
         };
         claim.attached(a.device);
         self.devices.attached(key, a.device, &v.id);
+        // Errors the number logged before belong to its last image.
+        self.loop_errors.forget(a.device.number);
         if !a.direct_io {
             log::info!(
                 "volume {}: the pool filesystem refused direct I/O; the loop device is buffered",

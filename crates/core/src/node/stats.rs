@@ -26,37 +26,25 @@ impl Node {
             });
         }
         let mut stats = Stats::default();
-        let mut problems = Vec::new();
-        if state != MountState::Mounted {
-            problems.push(format!("{} is not mounted", path.display()));
-        }
-        if v.layout == Layout::Image {
+        // What is wrong is the health's to say (`node::health`), which the
+        // caller asks under a deadline; here only the figures.
+        if v.layout == Layout::Image && v.access == AccessType::Block {
             let image = pool.image_path(&v.id);
-            match self.bound(&image) {
-                Ok(Some(bound)) if !bound.detaching => {
-                    if v.access == AccessType::Block {
-                        // A raw device has no free-space figure of its own;
-                        // where the spec has room for one, "used" is what
-                        // the image holds in the pool (st_blocks): blocks
-                        // the pod wrote and has not discarded.
-                        let dev = bound.device;
-                        let size = self.kernel.size(dev).map_err(sys("size of", dev.path()))?;
-                        let allocated = std::fs::metadata(&image)
-                            .map_err(sys("stat", &image))?
-                            .blocks()
-                            .saturating_mul(512)
-                            .min(size);
-                        stats.bytes = Some((size, size - allocated, allocated));
-                    }
+            if let Ok(Some(bound)) = self.bound(&image) {
+                if !bound.detaching {
+                    // A raw device has no free-space figure of its own;
+                    // where the spec has room for one, "used" is what the
+                    // image holds in the pool (st_blocks): blocks the pod
+                    // wrote and has not discarded.
+                    let dev = bound.device;
+                    let size = self.kernel.size(dev).map_err(sys("size of", dev.path()))?;
+                    let allocated = std::fs::metadata(&image)
+                        .map_err(sys("stat", &image))?
+                        .blocks()
+                        .saturating_mul(512)
+                        .min(size);
+                    stats.bytes = Some((size, size - allocated, allocated));
                 }
-                Ok(_) => match crate::sys::fs::exists(&image) {
-                    Ok(false) => problems.push(format!("image {} is gone", image.display())),
-                    Ok(true) => problems.push(format!("no loop device backs {}", image.display())),
-                    Err(e) => {
-                        problems.push(format!("image {} cannot be read: {e}", image.display()))
-                    }
-                },
-                Err(e) => problems.push(format!("loop devices cannot be listed: {e}")),
             }
         }
         if v.access == AccessType::Mount && state == MountState::Mounted {
@@ -71,30 +59,12 @@ impl Node {
             if v.subvolume {
                 // statvfs of a subvolume answers for the whole pool
                 // filesystem; the volume's size and use are its qgroup's.
-                let data = pool.data_path(&v.id);
-                match crate::pool::subvolumes::usage(&data) {
-                    Ok(q) => {
-                        let total = q.max_referenced.unwrap_or(v.capacity_bytes);
-                        stats.bytes =
-                            Some((total, total.saturating_sub(q.referenced), q.referenced));
-                    }
-                    Err(e) => problems.push(format!(
-                        "the qgroup of subvolume {} cannot be read: {e}",
-                        data.display()
-                    )),
+                if let Ok(q) = crate::pool::subvolumes::usage(&pool.data_path(&v.id)) {
+                    let total = q.max_referenced.unwrap_or(v.capacity_bytes);
+                    stats.bytes = Some((total, total.saturating_sub(q.referenced), q.referenced));
                 }
             }
         }
-        if let Some(reason) = self.custody.unproven(&v.id) {
-            problems.push(format!("its fence is not proven: {reason}"));
-        }
-        if state == MountState::Broken {
-            problems.push(format!(
-                "the filesystem at {} is gone (stale or disconnected)",
-                path.display()
-            ));
-        }
-        stats.problem = (!problems.is_empty()).then(|| problems.join("; "));
         Ok(stats)
     }
 

@@ -1272,11 +1272,19 @@ fn a_device_whose_fence_another_holds_is_reported_and_refused() {
     assert!(matches!(e, NodeError::FenceUnproven { .. }), "{e}");
     let e = bed.publish(&v, &staging, &target, RWO, false).unwrap_err();
     assert!(matches!(e, NodeError::FenceUnproven { .. }), "{e}");
-    let stats = bed.node.stats(&bed.pool, &v, &staging).unwrap();
-    let problem = stats.problem.unwrap();
+    let health = bed
+        .node
+        .volume_health(&bed.pool, &v, Some(&staging))
+        .unwrap();
     assert!(
-        problem.contains("another host may be writing it"),
-        "{problem}"
+        health.has(crate::health::Reason::FenceUnproven),
+        "{}",
+        health.message()
+    );
+    assert!(
+        health.message().contains("another host may be writing it"),
+        "{}",
+        health.message()
     );
     // The unstage is what resolves it.
     bed.node.unstage(&bed.pool, &v.id, &staging).unwrap();

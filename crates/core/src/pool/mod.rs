@@ -49,6 +49,7 @@ pub mod capacity;
 pub mod copy;
 pub mod error;
 pub mod freeze;
+pub mod health;
 pub mod lock_reach;
 pub mod new_volume;
 pub mod room;

@@ -1389,8 +1389,12 @@ fn a_delete_answers_ok_only_for_a_volume_proven_absent_or_deleted() {
     // Its image cannot be looked at: reported as unreadable, not missing.
     {
         let _eio = crate::faults::inject_eio(&format!("volumes/{}/image", v.id), 0);
-        let problem = pool.volume_problem(&v).unwrap();
-        assert!(problem.contains("unreadable"), "{problem}");
+        let h = pool.volume_health(&v);
+        assert!(
+            h.has(crate::health::Reason::DataUnreadable),
+            "{}",
+            h.message()
+        );
     }
     // The record is gone (ENOENT) and the directory cannot be looked at.
     let saved = std::fs::read(&record).unwrap();

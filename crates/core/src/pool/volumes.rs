@@ -17,6 +17,7 @@ use super::{
     PoolError, VolumeEntry, VolumeSpec, ALIGN, DEFAULT_CAPACITY,
 };
 use crate::faults::crash_point;
+use crate::health::{Finding, Health, Reason};
 use crate::sys::fs as sysfs;
 use crate::sys::lock::LockKind;
 use crate::volume::meta::{AccessType, CopyMethod, Layout, Source, VolumeMeta, FORMAT};
@@ -135,39 +136,55 @@ impl Pool {
             .map(|at| format!("its directory is mounted at {} on this host", at.display())))
     }
 
-    /// Why the volume is abnormal (its data is missing or shorter than its
-    /// capacity), or `None` when it looks healthy.
-    pub fn volume_problem(&self, v: &VolumeMeta) -> Option<String> {
-        match v.layout {
-            Layout::Image => {
-                let path = self.image_path(&v.id);
-                match sysfs::metadata_if_present(&path) {
-                    Err(e) => Some(format!("image {} is unreadable: {e}", path.display())),
-                    Ok(None) => Some(format!("image {} is missing", path.display())),
-                    Ok(Some(m)) if !m.is_file() => {
-                        Some(format!("image {} is not a file", path.display()))
-                    }
-                    Ok(Some(m)) if m.len() < v.capacity_bytes => Some(format!(
-                        "image {} is {} bytes, the volume is {}",
+    /// What is wrong with the volume's data in the pool ([`Reason::DataMissing`],
+    /// [`Reason::DataUnreadable`]): a `stat` of its image or directory.
+    /// Healthy when it is there, of its kind and size.
+    pub fn volume_health(&self, v: &VolumeMeta) -> Health {
+        let mut h = Health::ok();
+        let (path, what) = match v.layout {
+            Layout::Image => (self.image_path(&v.id), "image"),
+            Layout::Dir => (self.data_path(&v.id), "directory"),
+        };
+        let finding = match sysfs::metadata_if_present(&path) {
+            Err(e) => Some(Finding::new(
+                Reason::DataUnreadable,
+                format!(
+                    "{what} {} cannot be read: {e}. The pool answers with an error: check the pool's filesystem or share (dmesg, its server)",
+                    path.display()
+                ),
+            )),
+            Ok(None) => Some(Finding::new(
+                Reason::DataMissing,
+                format!(
+                    "{what} {} is gone from the pool: the volume's data is lost unless it is restored there from a backup or snapshot. Pods using it see I/O errors; delete the PersistentVolume once nothing needs it",
+                    path.display()
+                ),
+            )),
+            Ok(Some(m)) if v.layout == Layout::Image && !m.is_file() => Some(Finding::new(
+                Reason::DataUnreadable,
+                format!("image {} is not a file: something other than filevol replaced it; restore it or delete the volume", path.display()),
+            )),
+            Ok(Some(m)) if v.layout == Layout::Dir && !m.is_dir() => Some(Finding::new(
+                Reason::DataUnreadable,
+                format!("{} is not a directory: something other than filevol replaced it; restore it or delete the volume", path.display()),
+            )),
+            Ok(Some(m)) if v.layout == Layout::Image && m.len() < v.capacity_bytes => {
+                Some(Finding::new(
+                    Reason::DataUnreadable,
+                    format!(
+                        "image {} is {} bytes, the volume is {}: it was truncated outside filevol; expand the volume again or restore the image",
                         path.display(),
                         m.len(),
                         v.capacity_bytes
-                    )),
-                    Ok(Some(_)) => None,
-                }
+                    ),
+                ))
             }
-            Layout::Dir => {
-                let path = self.data_path(&v.id);
-                match sysfs::metadata_if_present(&path) {
-                    Err(e) => Some(format!("directory {} is unreadable: {e}", path.display())),
-                    Ok(None) => Some(format!("directory {} is missing", path.display())),
-                    Ok(Some(m)) if !m.is_dir() => {
-                        Some(format!("{} is not a directory", path.display()))
-                    }
-                    Ok(Some(_)) => None,
-                }
-            }
+            Ok(Some(_)) => None,
+        };
+        if let Some(f) = finding {
+            h.add(f);
         }
+        h
     }
 
     /// Volumes in id order from `start` (inclusive), at most `max` (0: all),

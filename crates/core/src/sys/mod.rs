@@ -7,12 +7,15 @@
 //! rustix themselves for plain reads of the system (stat, statvfs, access,
 //! seek) where a wrapper would add nothing.
 
+pub mod blockstat;
 pub mod btrfs;
 pub mod caps;
 pub mod command;
+pub mod deadline;
 pub mod extents;
 pub mod freeze;
 pub mod fs;
+pub mod kmsg;
 pub mod lock;
 pub mod loopdev;
 pub mod mount;
