@@ -223,6 +223,9 @@ impl Operation for csi::ListVolumesRequest {
         let start = validate::starting_token(&self.starting_token)?;
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
+            if let Some(h) = super::health::unreachable(&driver) {
+                return Err(Error::Unhealthy(h.message()));
+            }
             let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
             // One readdir answers for every volume of the page.
             let attached = driver.pool.attachments()?;
@@ -339,6 +342,19 @@ impl Operation for csi::ControllerGetVolumeRequest {
         Ok(Job::new(move || {
             let mut status = csi::controller_get_volume_response::VolumeStatus::new();
             let mut resp = csi::ControllerGetVolumeResponse::new();
+            // A pool that does not answer: the condition says so at once
+            // (the record cannot be read without hanging a worker).
+            if let Some(h) = super::health::unreachable(&driver) {
+                if !driver.config.volume_condition {
+                    return Err(Error::Unhealthy(h.message()));
+                }
+                let mut vol = csi::Volume::new();
+                vol.volume_id.clone_from(&self.volume_id);
+                resp.volume = Some(vol).into();
+                status.volume_condition = Some(convert::condition(&h)).into();
+                resp.status = Some(status).into();
+                return Ok(resp);
+            }
             match driver.pool.volume(&self.volume_id) {
                 Ok(v) => {
                     let attached = driver.pool.attachments()?;

@@ -204,8 +204,22 @@ fn read_probe(root: &Path) -> io::Result<()> {
             // Another process may write it at the same moment: either
             // write leaves the same bytes.
             let tmp = root.join(format!("{PROBE_FILE}.{}", std::process::id()));
-            std::fs::write(&tmp, vec![0u8; 4096])?;
-            std::fs::rename(&tmp, &path)?;
+            let written =
+                std::fs::write(&tmp, vec![0u8; 4096]).and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                // A pool that is full or read-only still answers: a read
+                // of its directory proves that much (the space findings
+                // say the rest).
+                let answers_anyway = matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EACCES)
+                );
+                if answers_anyway {
+                    return std::fs::read_dir(root)?.next().transpose().map(|_| ());
+                }
+                return Err(e);
+            }
         }
         Err(e) => return Err(e),
     }
@@ -254,6 +268,16 @@ fn from_pool(pool: &Health, v: Option<&VolumeMeta>) -> Health {
         }
     }
     h
+}
+
+/// Every volume's findings while the pool does not answer, if it does not:
+/// what the calls that would read the pool (ControllerGetVolume,
+/// ListVolumes, NodeGetVolumeStats) answer at once instead of hanging a
+/// worker on it.
+pub fn unreachable(driver: &Driver) -> Option<Health> {
+    let pool = driver.health.pool_health();
+    pool.has(Reason::PoolUnreachable)
+        .then(|| from_pool(&pool, None))
 }
 
 /// A volume's findings where it is looked at from the pool (the

@@ -161,6 +161,16 @@ impl Operation for csi::NodeGetVolumeStatsRequest {
         let driver = Arc::clone(driver);
         // Stats read only: no lock, so a long stage does not stall them.
         Ok(Job::new(move || {
+            // A pool that does not answer: no figures, and the condition
+            // says why (the record cannot be read without hanging).
+            if let Some(h) = super::health::unreachable(&driver) {
+                if !driver.config.volume_condition {
+                    return Err(Error::Unhealthy(h.message()));
+                }
+                let mut resp = csi::NodeGetVolumeStatsResponse::new();
+                resp.volume_condition = Some(convert::condition(&h)).into();
+                return Ok(resp);
+            }
             let v = driver.pool.volume(&self.volume_id)?;
             let stats = node(&driver)?.stats(&driver.pool, &v, &path)?;
             let mut resp = csi::NodeGetVolumeStatsResponse::new();

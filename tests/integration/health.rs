@@ -66,9 +66,14 @@ fn args(mode: &str, kubelet: &Path, extra: &[&str]) -> Opts {
 
 impl Split {
     fn start(pool: &Path, extra: &[&str]) -> Split {
+        Split::with_node_faults(pool, extra, "")
+    }
+
+    /// The same, the node plugin with `faults` (`FILEVOL_FAULTS`).
+    fn with_node_faults(pool: &Path, extra: &[&str], faults: &str) -> Split {
         let kubelet_dir = tempfile::tempdir().unwrap();
         let kubelet = kubelet_dir.path().canonicalize().unwrap();
-        let node = Driver::start_on(BIN, pool, args("node", &kubelet, extra));
+        let node = Driver::start_on(BIN, pool, args("node", &kubelet, extra).faults(faults));
         let controller = Driver::start_on(BIN, pool, args("controller", &kubelet, extra));
         Split {
             node,
@@ -476,13 +481,27 @@ fn filesystem_faults_and_a_missing_image_show_on_both_wires_and_clear() {
     assert!(site.node_health(&x, &tx).is_empty());
 
     // ext4 records an error (the kernel's own test hook: what a corrupted
-    // block found by the filesystem does).
+    // block found by the filesystem does), and with errors=remount-ro (set
+    // on the mounted filesystem) the kernel makes it read-only.
+    let remount = Command::new("mount")
+        .args(["-o", "remount,errors=remount-ro"])
+        .arg(&se)
+        .status()
+        .unwrap();
+    assert!(remount.success());
     let dev = filevol_kit::leaks::loop_of(&site.image(&e)).unwrap();
     std::fs::write(format!("/sys/fs/ext4/{dev}/trigger_fs_error"), "1").unwrap();
     within_30s(
-        "ext4 errors reported (v1.13)",
+        "ext4 errors and the read-only remount reported (v1.13)",
         || site.node_health(&e, &te),
-        |h| has(h, csi::VolumeHealthErrorType::DEGRADED, "filesystem_errors"),
+        |h| {
+            has(h, csi::VolumeHealthErrorType::DEGRADED, "filesystem_errors")
+                && has(
+                    h,
+                    csi::VolumeHealthErrorType::DEGRADED,
+                    "filesystem_read_only",
+                )
+        },
     );
     let (abnormal, message) = site.node_condition(&e, &te);
     assert!(
@@ -652,6 +671,23 @@ fn a_share_that_stops_answering_is_unreachable_and_no_worker_hangs() {
             start.elapsed()
         );
     }
+    // The v1.12 wire says so too, at once: ControllerGetVolume and
+    // NodeGetVolumeStats with the condition, ListVolumes UNAVAILABLE.
+    let (abnormal, message) = site.controller_condition(&id);
+    assert!(
+        abnormal && message.contains("pool_unreachable"),
+        "{message}"
+    );
+    let staging = staging_path(&site.kubelet, &id);
+    let (abnormal, message) = site.node_condition(&id, &staging);
+    assert!(
+        abnormal && message.contains("pool_unreachable"),
+        "{message}"
+    );
+    assert_eq!(
+        code(site.controller.controller().list_volumes(&req::list(0, ""))),
+        RpcStatusCode::UNAVAILABLE
+    );
     let text = scrape(&site.node.metrics_address());
     assert!(
         metric(&text, "filevol_pool_health{reason=\"pool_unreachable\"} 1"),
@@ -938,4 +974,57 @@ fn a_fence_another_holder_has_is_reported_until_it_is_this_node_s() {
     let mut del = csi::DeleteVolumeRequest::new();
     del.volume_id = id;
     controller.controller().delete_volume(&del).unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_health_call_does_not_wait_for_a_slow_stage_of_its_volume() {
+    let (_fs, pool) = pool_on("xfs", 1024);
+    // The stage sleeps 8 s after formatting, holding the volume's lock.
+    let site = Split::with_node_faults(&pool, &["--reserve", "0"], "delay:stage.formatted:8000");
+    let id = site.create("slow", 64, "ext4");
+    let cap = req::mount_cap(Mode::SINGLE_NODE_WRITER, "ext4");
+    site.controller
+        .controller()
+        .controller_publish_volume(&req::controller_publish(&id, NODE, cap.clone(), false))
+        .unwrap();
+    let staging = staging_path(&site.kubelet, &id);
+    let stage = {
+        let (n, r) = (site.node.node(), req::stage(&id, &staging, cap));
+        std::thread::spawn(move || n.node_stage_volume(&r).map(|_| ()))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let mut r = csi::NodeGetVolumeHealthRequest::new();
+    r.volume_id.clone_from(&id);
+    r.staging_target_path = staging.to_str().unwrap().into();
+    let start = Instant::now();
+    let answer = site.node.node().node_get_volume_health(&r);
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "NodeGetVolumeHealth waited {took:?} for the stage"
+    );
+    // Formatted and not mounted yet: the path is not a mount.
+    let found = entries(&answer.unwrap().volume_health.unwrap());
+    assert!(
+        has(
+            &found,
+            csi::VolumeHealthErrorType::INACCESSIBLE,
+            "not_mounted"
+        ),
+        "{found:?}"
+    );
+    let start = Instant::now();
+    assert!(site.controller_health(&id).is_empty());
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(
+        !stage.is_finished(),
+        "the stage was not slow: the test proves nothing"
+    );
+    stage.join().unwrap().unwrap();
+    assert!(site.node_health(&id, &staging).is_empty());
+    site.node
+        .node()
+        .node_unstage_volume(&req::unstage(&id, &staging))
+        .unwrap();
 }

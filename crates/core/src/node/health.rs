@@ -166,8 +166,12 @@ impl Node {
         };
         let has = |opts: &str, word: &str| opts.split(',').any(|o| o == word);
         // Mounted read-write, and the filesystem under it read-only: the
-        // kernel turned it (a read-only stage has both read-only).
-        if has(&mount.super_options, "ro") && has(&mount.options, "rw") {
+        // kernel turned it (a read-only stage has both read-only). Recent
+        // kernels' ext4 (6.18 here) keeps the superblock "rw" and says
+        // "emergency_ro" instead.
+        let kernel_ro =
+            has(&mount.super_options, "ro") || has(&mount.super_options, "emergency_ro");
+        if kernel_ro && has(&mount.options, "rw") {
             h.add(Finding::new(
                 Reason::FilesystemReadOnly,
                 format!(
