@@ -40,6 +40,10 @@
 # writing. The single-node shared-pool layout is the same overlay and is
 # left to a run that names it.
 #
+# The kubelet runs with the CSIVolumeHealth feature gate, and the base
+# layout shows it reading filevol's volume condition (a filesystem error
+# made in a pod's volume becomes a VolumeConditionAbnormal event).
+#
 # Time on the 2-core machine: base about 3 minutes, shared-pool-2n about
 # 6 (E2E_FULL=1: about 9), node-local about 1, plus about 40 s to build
 # the images and start the cluster; the Debian root filesystem is built
@@ -133,6 +137,29 @@ for image in "$W"/images/*.tar; do
 done
 kubectl apply -k "$K8S/crds" >/dev/null
 kubectl label node localhost filevol.csi.rs/pool=local --overwrite >/dev/null
+
+# kubelet again, with the CSIVolumeHealth feature gate (alpha): it reads the
+# volume condition of NodeGetVolumeStats (the v1.12 wire) and says an
+# abnormal one in a VolumeConditionAbnormal event on the pod, every
+# volumeStatsAggPeriod (10 s here, 1 minute by default). Same command line,
+# its config with the two settings added; its pods stay.
+kubelet_with_health_gate() {
+  local run=/run/k8s-test cluster=${K8S_WORK:-/tmp/k8s-test/cluster} pid arg
+  pid=$(cat "$run/kubelet.pid")
+  local -a cmd=()
+  while IFS= read -r -d '' arg; do
+    [[ $arg == --config=* ]] && arg=--config=$W/kubelet-health.yaml
+    cmd+=("$arg")
+  done </proc/"$pid"/cmdline
+  { cat "$cluster/kubelet-config.yaml"; printf '%s\n' 'featureGates: {CSIVolumeHealth: true}' 'volumeStatsAggPeriod: 10s'; } \
+    >"$W/kubelet-health.yaml"
+  kill "$pid"
+  wait_for "the kubelet to stop" 60 sh -c "! kill -0 $pid 2>/dev/null"
+  setsid "${cmd[@]}" >>"$cluster/logs/kubelet.log" 2>&1 </dev/null &
+  echo $! >"$run/kubelet.pid"
+  wait_for "kubelet healthz" 120 curl -fsS http://127.0.0.1:10248/healthz
+  wait_for "node localhost Ready" 120 sh -c "kubectl get node localhost -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"
+}
 
 pool_fs=$W/pool.img
 pool_mnt=$W/pool-fs
@@ -265,6 +292,26 @@ spec:
 EOF
 }
 # pod_events NAME [REASON]: the messages of the events of pod NAME.
+# A volume kubelet watches turns abnormal (ext4 records an error, through
+# the kernel's test hook): filevol's volume condition says so and kubelet,
+# with CSIVolumeHealth, puts it in an event on the pod.
+kubelet_reads_the_condition() { # layout
+  pvc watched filevol 64Mi
+  pod watcher watched 'sleep 600'
+  wait_for "pod watcher running" 120 sh -c "[ \"\$(kubectl -n $ns get pod watcher -o jsonpath='{.status.phase}')\" = Running ]"
+  local handle image dev
+  handle=$(kubectl get pv "$(kubectl -n "$ns" get pvc watched -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
+  image=$(pool_for "$1")/volumes/$handle/image
+  dev=$(losetup -j "$image" -n -O NAME | head -n 1)
+  sleep 15
+  expect "$1: kubelet sees a healthy volume as such" "$(pod_events watcher VolumeConditionAbnormal)" ""
+  echo 1 >"/sys/fs/ext4/$(basename "$dev")/trigger_fs_error"
+  wait_for "kubelet's VolumeConditionAbnormal event" 90 event_mentions watcher filesystem_errors
+  expect "$1: kubelet reports the volume condition (filesystem_errors)" \
+    "$(pod_events watcher VolumeConditionAbnormal | grep -c filesystem_errors || true)" 1
+  kubectl -n "$ns" delete pod watcher --wait=true --grace-period=1 >/dev/null
+}
+
 pod_events() {
   local selector=involvedObject.name=$1
   [[ -n ${2:-} ]] && selector+=,reason=$2
@@ -527,6 +574,8 @@ run_layout() {
     kubectl -n "$ns" delete pod inline-refused --wait=true --grace-period=1 >/dev/null
   fi
 
+  [[ $layout == base ]] && kubelet_reads_the_condition "$layout"
+
   # Data written and read back; then a new pod on the same claim reads it:
   # the volume was unstaged and staged again, never reformatted.
   pvc data filevol 64Mi
@@ -614,6 +663,7 @@ ephemeral_scenarios() { # layout
   kubectl -n "$ns" delete pod inline-big --wait=true --grace-period=1 >/dev/null
 }
 
+kubelet_with_health_gate
 for layout in "${layouts[@]}"; do
   run_layout "$layout"
 done
