@@ -52,10 +52,11 @@ pub fn render(out: &mut String, g: &HealthGauges) {
     );
     let _ = writeln!(
         out,
-        "# HELP filevol_pool_health Whether the pool has a finding of each reason now (1) or not (0): pool_low_space (free space at or below the reserve: thin volumes' writes are about to fail), pool_overcommitted (the volumes may write more than the pool can still hold), pool_unreachable (a read of the pool did not answer within --health-interval, or failed).\n# TYPE filevol_pool_health gauge"
+        "# HELP filevol_pool_health Whether the pool has a finding of each reason now (1) or not (0): pool_low_space (free space at or below the reserve), pool_out_of_space (next to nothing free: thin volumes' writes into new blocks fail now), pool_overcommitted (the volumes may write more than the pool can still hold), pool_unreachable (a read of the pool did not answer within --health-interval, or failed).\n# TYPE filevol_pool_health gauge"
     );
     for reason in [
         Reason::PoolLowSpace,
+        Reason::PoolOutOfSpace,
         Reason::PoolOvercommitted,
         Reason::PoolUnreachable,
     ] {
@@ -73,7 +74,7 @@ pub fn render(out: &mut String, g: &HealthGauges) {
     }
     let _ = writeln!(
         out,
-        "# HELP filevol_volumes_unhealthy Volumes this process looks at (a node plugin: those with a loop device or mount here; a controller: all) by their worst finding.\n# TYPE filevol_volumes_unhealthy gauge"
+        "# HELP filevol_volumes_unhealthy Volumes this process looks at (a node plugin: those with a loop device here; a controller: all) by their worst finding.\n# TYPE filevol_volumes_unhealthy gauge"
     );
     for severity in [Severity::Degraded, Severity::Inaccessible] {
         let n = g
@@ -171,6 +172,7 @@ mod tests {
         for want in [
             "filevol_pool_health{reason=\"pool_low_space\"} 1",
             "filevol_pool_health{reason=\"pool_unreachable\"} 0",
+            "filevol_pool_health{reason=\"pool_out_of_space\"} 0",
             "filevol_pool_unwritten_bytes 10",
             "filevol_pool_writable_bytes 4",
             "filevol_volumes_unhealthy{severity=\"degraded\"} 1",

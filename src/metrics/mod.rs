@@ -177,6 +177,18 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self, g: &Gauges) -> String {
+        let mut out = self.render_calls(Load {
+            queued: g.queued,
+            busy: g.busy,
+        });
+        render_pool(&mut out, g);
+        out
+    }
+
+    /// The calls' counters and latencies and the workers' load: what does
+    /// not read the pool, all a scrape carries while the pool does not
+    /// answer.
+    pub fn render_calls(&self, load: Load) -> String {
         let mut out = String::with_capacity(8192);
         out.push_str(
             "# HELP filevol_rpc_requests_total CSI calls answered, by RPC and gRPC status code.\n",
@@ -214,6 +226,26 @@ impl Metrics {
                 h.count
             );
         }
+        for (name, help, value) in [
+            (
+                "filevol_worker_queue_depth",
+                "Calls waiting for a worker.",
+                load.queued,
+            ),
+            ("filevol_workers_busy", "Workers running a call.", load.busy),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+/// The pool's figures and this node's mounts, read at scrape time.
+fn render_pool(out: &mut String, g: &Gauges) {
+    {
         // A family with labels: its HELP and TYPE once, then a line per
         // label value. Written here, before the one-value gauges, because
         // the closure below holds `out` until the last of them.
@@ -247,16 +279,6 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         };
-        gauge(
-            "filevol_worker_queue_depth",
-            "Calls waiting for a worker.",
-            g.queued.to_string(),
-        );
-        gauge(
-            "filevol_workers_busy",
-            "Workers running a call.",
-            g.busy.to_string(),
-        );
         gauge(
             "filevol_pool_capacity_bytes",
             "Bytes the pool can still promise to new volumes (GetCapacity): usable size x overcommit, less filevol_pool_provisioned_bytes, filevol_pool_snapshot_bytes, filevol_pool_template_bytes and creations in progress; above an overcommit of 1, at most the free bytes less the reserve.",
@@ -316,7 +338,6 @@ impl Metrics {
                 n.to_string(),
             );
         }
-        out
     }
 }
 

@@ -16,7 +16,7 @@ use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
 use crate::rpc::Rpc;
-use filevol_core::health::{Health, Reason};
+use filevol_core::health::Health;
 use filevol_core::pool::capability::{self, Capability};
 use filevol_core::pool::store::{self, Kind};
 use filevol_core::pool::{new_volume, PoolError, ALIGN};
@@ -184,6 +184,20 @@ impl Operation for csi::ValidateVolumeCapabilitiesRequest {
     }
 }
 
+/// Runs `work`, which reads the pool, under the health deadline: a pool
+/// that does not answer makes the call UNAVAILABLE at once (the watch
+/// knows) or at the deadline, never a worker hung on it.
+fn reading_the_pool<T: Send + 'static>(
+    driver: &Arc<Driver>,
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    if let Some(h) = super::health::unreachable(driver) {
+        return Err(Error::Unhealthy(h.message()));
+    }
+    super::health::under_deadline(driver, work)
+        .unwrap_or_else(|h| Err(Error::Unhealthy(h.message())))
+}
+
 /// The v1.12 conditions of a page of volumes whose records were read,
 /// where that is served (`--volume-condition`): from the same findings as
 /// the v1.13 health calls, all checked under one deadline.
@@ -223,45 +237,45 @@ impl Operation for csi::ListVolumesRequest {
         let start = validate::starting_token(&self.starting_token)?;
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
-            if let Some(h) = super::health::unreachable(&driver) {
-                return Err(Error::Unhealthy(h.message()));
-            }
-            let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
-            // One readdir answers for every volume of the page.
-            let attached = driver.pool.attachments()?;
-            let read: Vec<Arc<VolumeMeta>> = entries
-                .iter()
-                .filter_map(|(_, e)| e.as_ref().ok().cloned())
-                .collect();
-            let mut conditions = conditions(&driver, read).into_iter();
-            let mut resp = csi::ListVolumesResponse::new();
-            for (id, entry) in entries {
-                let mut e = csi::list_volumes_response::Entry::new();
-                let mut status = csi::list_volumes_response::VolumeStatus::new();
-                match entry {
-                    Ok(v) => {
-                        status.published_node_ids = convert::published_nodes(&attached, &v);
-                        status.volume_condition = conditions.next().flatten().into();
-                        e.volume = Some(convert::volume(&v)).into();
+            let outer = Arc::clone(&driver);
+            reading_the_pool(&outer, move || {
+                let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
+                // One readdir answers for every volume of the page.
+                let attached = driver.pool.attachments()?;
+                let read: Vec<Arc<VolumeMeta>> = entries
+                    .iter()
+                    .filter_map(|(_, e)| e.as_ref().ok().cloned())
+                    .collect();
+                let mut conditions = conditions(&driver, read).into_iter();
+                let mut resp = csi::ListVolumesResponse::new();
+                for (id, entry) in entries {
+                    let mut e = csi::list_volumes_response::Entry::new();
+                    let mut status = csi::list_volumes_response::VolumeStatus::new();
+                    match entry {
+                        Ok(v) => {
+                            status.published_node_ids = convert::published_nodes(&attached, &v);
+                            status.volume_condition = conditions.next().flatten().into();
+                            e.volume = Some(convert::volume(&v)).into();
+                        }
+                        Err(problem) => {
+                            let record = driver
+                                .pool
+                                .store()
+                                .object_dir(Kind::Volume, &id)
+                                .join(store::META);
+                            status.volume_condition =
+                                damaged_condition(&driver, &record, &problem).into();
+                            let mut vol = csi::Volume::new();
+                            vol.volume_id = id;
+                            e.volume = Some(vol).into();
+                        }
                     }
-                    Err(problem) => {
-                        let record = driver
-                            .pool
-                            .store()
-                            .object_dir(Kind::Volume, &id)
-                            .join(store::META);
-                        status.volume_condition =
-                            damaged_condition(&driver, &record, &problem).into();
-                        let mut vol = csi::Volume::new();
-                        vol.volume_id = id;
-                        e.volume = Some(vol).into();
-                    }
+                    e.status = Some(status).into();
+                    resp.entries.push(e);
                 }
-                e.status = Some(status).into();
-                resp.entries.push(e);
-            }
-            resp.next_token = validate::next_token(next);
-            Ok(resp)
+                resp.next_token = validate::next_token(next);
+                Ok(resp)
+            })
         }))
     }
 }
@@ -297,37 +311,40 @@ impl Operation for csi::ControllerListVolumeHealthRequest {
         let start = validate::starting_token(&self.starting_token)?;
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
-            // A pool that does not answer cannot be listed; say why at
-            // once rather than hang a worker on its directory.
-            let pool = driver.health.pool_health();
-            if pool.has(Reason::PoolUnreachable) {
-                return Err(Error::Unhealthy(pool.message()));
-            }
-            let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
-            let read: Vec<Arc<VolumeMeta>> = entries
-                .iter()
-                .filter_map(|(_, e)| e.as_ref().ok().cloned())
-                .collect();
-            let mut healths = super::health::of_volumes(&driver, read).into_iter();
-            let mut resp = csi::ControllerListVolumeHealthResponse::new();
-            for (id, entry) in entries {
-                let health = match entry {
-                    Ok(_) => healths.next().unwrap_or_default(),
-                    Err(problem) => {
-                        let mut h = Health::ok();
-                        let record = driver
-                            .pool
-                            .store()
-                            .object_dir(Kind::Volume, &id)
-                            .join(store::META);
-                        h.add(super::health::damaged(&record, &problem));
-                        h
+            // A pool that does not answer cannot be listed: UNAVAILABLE at
+            // once, or at the deadline, never a hung worker.
+            let outer = Arc::clone(&driver);
+            reading_the_pool(&outer, move || {
+                let (entries, next) = driver.pool.list_volumes(start.as_deref(), max)?;
+                let read: Vec<Arc<VolumeMeta>> = entries
+                    .iter()
+                    .filter_map(|(_, e)| e.as_ref().ok().cloned())
+                    .collect();
+                let mut healths = super::health::of_volumes(&driver, read).into_iter();
+                let mut resp = csi::ControllerListVolumeHealthResponse::new();
+                for (id, entry) in entries {
+                    let health = match entry {
+                        Ok(_) => healths.next().unwrap_or_default(),
+                        Err(problem) => {
+                            let mut h = Health::ok();
+                            let record = driver
+                                .pool
+                                .store()
+                                .object_dir(Kind::Volume, &id)
+                                .join(store::META);
+                            h.add(super::health::damaged(&record, &problem));
+                            h
+                        }
+                    };
+                    // Only volumes with findings: what the spec's answer
+                    // lists ("abnormal volume health entries").
+                    if !health.is_healthy() {
+                        resp.entries.push(convert::volume_health(&id, &health));
                     }
-                };
-                resp.entries.push(convert::volume_health(&id, &health));
-            }
-            resp.next_token = validate::next_token(next);
-            Ok(resp)
+                }
+                resp.next_token = validate::next_token(next);
+                Ok(resp)
+            })
         }))
     }
 }
@@ -340,45 +357,61 @@ impl Operation for csi::ControllerGetVolumeRequest {
         validate::id("volume_id", &self.volume_id)?;
         let driver = Arc::clone(driver);
         Ok(Job::new(move || {
-            let mut status = csi::controller_get_volume_response::VolumeStatus::new();
-            let mut resp = csi::ControllerGetVolumeResponse::new();
-            // A pool that does not answer: the condition says so at once
-            // (the record cannot be read without hanging a worker).
-            if let Some(h) = super::health::unreachable(&driver) {
-                if !driver.config.volume_condition {
-                    return Err(Error::Unhealthy(h.message()));
-                }
-                let mut vol = csi::Volume::new();
-                vol.volume_id.clone_from(&self.volume_id);
-                resp.volume = Some(vol).into();
-                status.volume_condition = Some(convert::condition(&h)).into();
-                resp.status = Some(status).into();
-                return Ok(resp);
-            }
-            match driver.pool.volume(&self.volume_id) {
-                Ok(v) => {
-                    let attached = driver.pool.attachments()?;
-                    status.published_node_ids = convert::published_nodes(&attached, &v);
-                    status.volume_condition = conditions(&driver, vec![Arc::new(v.clone())])
-                        .pop()
-                        .flatten()
-                        .into();
-                    resp.volume = Some(convert::volume(&v)).into();
-                }
-                // Damaged metadata is a condition to report, not a failure
-                // of the call: the health monitor should see it.
-                Err(PoolError::Damaged { path, problem }) => {
+            // A pool that does not answer: the condition says so, at once
+            // or at the deadline (the record cannot be read without
+            // hanging a worker).
+            let id = self.volume_id.clone();
+            let answer = super::health::unreachable(&driver).map_or_else(
+                || {
+                    let d = Arc::clone(&driver);
+                    super::health::under_deadline(&driver, move || get_volume(&d, &self.volume_id))
+                },
+                Err,
+            );
+            match answer {
+                Ok(answer) => answer,
+                Err(h) if driver.config.volume_condition => {
+                    let mut status = csi::controller_get_volume_response::VolumeStatus::new();
+                    let mut resp = csi::ControllerGetVolumeResponse::new();
                     let mut vol = csi::Volume::new();
-                    vol.volume_id.clone_from(&self.volume_id);
+                    vol.volume_id = id;
                     resp.volume = Some(vol).into();
-                    status.volume_condition = damaged_condition(&driver, &path, &problem).into();
+                    status.volume_condition = Some(convert::condition(&h)).into();
+                    resp.status = Some(status).into();
+                    Ok(resp)
                 }
-                Err(e) => return Err(e.into()),
+                Err(h) => Err(Error::Unhealthy(h.message())),
             }
-            resp.status = Some(status).into();
-            Ok(resp)
         }))
     }
+}
+
+/// ControllerGetVolume's answer, from the pool.
+fn get_volume(driver: &Arc<Driver>, id: &str) -> Result<csi::ControllerGetVolumeResponse, Error> {
+    let mut status = csi::controller_get_volume_response::VolumeStatus::new();
+    let mut resp = csi::ControllerGetVolumeResponse::new();
+    match driver.pool.volume(id) {
+        Ok(v) => {
+            let attached = driver.pool.attachments()?;
+            status.published_node_ids = convert::published_nodes(&attached, &v);
+            status.volume_condition = conditions(driver, vec![Arc::new(v.clone())])
+                .pop()
+                .flatten()
+                .into();
+            resp.volume = Some(convert::volume(&v)).into();
+        }
+        // Damaged metadata is a condition to report, not a failure of the
+        // call: the health monitor should see it.
+        Err(PoolError::Damaged { path, problem }) => {
+            let mut vol = csi::Volume::new();
+            vol.volume_id = id.to_owned();
+            resp.volume = Some(vol).into();
+            status.volume_condition = damaged_condition(driver, &path, &problem).into();
+        }
+        Err(e) => return Err(e.into()),
+    }
+    resp.status = Some(status).into();
+    Ok(resp)
 }
 
 impl Operation for csi::GetCapacityRequest {

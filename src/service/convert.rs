@@ -99,14 +99,16 @@ fn volume_status(f: &Finding) -> csi::VolumeHealthErrorType {
 }
 
 /// The v1.13 `VolumeHealth` of volume `id`: one entry per finding, none
-/// when it is healthy.
+/// when it is healthy. The entry's reason is the stable name in CamelCase
+/// (the spec asks for "a brief CamelCase string"); the metrics and the
+/// v1.12 message use the snake-case form.
 pub fn volume_health(id: &str, health: &Health) -> csi::VolumeHealth {
     let mut v = csi::VolumeHealth::new();
     v.volume_id = id.to_owned();
     for f in &health.findings {
         let mut e = csi::volume_health::VolumeHealthEntry::new();
         e.status = volume_status(f).into();
-        e.reason = f.reason.as_str().to_owned();
+        e.reason = f.reason.camel_case();
         e.message.clone_from(&f.message);
         v.health_statuses.push(e);
     }
@@ -129,7 +131,7 @@ pub fn storage_health(
                 Severity::Degraded => csi::StorageHealthErrorType::STORAGE_DEGRADED,
             }
             .into();
-            b.reason = f.reason.as_str().to_owned();
+            b.reason = f.reason.camel_case();
             b.message.clone_from(&f.message);
             b
         })
@@ -218,8 +220,8 @@ mod wire_tests {
         resp.volume_health = Some(volume_health("v", &finding(Reason::PoolFull, "m"))).into();
         let bytes = resp.write_to_bytes().unwrap();
         // VolumeHealthEntry { status (1) = DEGRADED (1), reason (2), message (3) }
-        let mut entry = vec![0x08, 0x01, 0x12, 9];
-        entry.extend_from_slice(b"pool_full");
+        let mut entry = vec![0x08, 0x01, 0x12, 8];
+        entry.extend_from_slice(b"PoolFull");
         entry.extend_from_slice(&[0x1a, 1, b'm']);
         // VolumeHealth { volume_id (1) = "v", health_statuses (2) = [entry] }
         let mut health = vec![0x0a, 1, b'v', 0x12, len(&entry)];
@@ -246,8 +248,8 @@ mod wire_tests {
         let bytes = resp.write_to_bytes().unwrap();
         // StorageBackendHealth { status (1) = STORAGE_UNREACHABLE (2),
         // reason (2), message (3) } as backend_health (1).
-        let mut entry = vec![0x08, 0x02, 0x12, 16];
-        entry.extend_from_slice(b"pool_unreachable");
+        let mut entry = vec![0x08, 0x02, 0x12, 15];
+        entry.extend_from_slice(b"PoolUnreachable");
         entry.extend_from_slice(&[0x1a, 1, b'm']);
         let mut want = vec![0x0a, len(&entry)];
         want.extend_from_slice(&entry);

@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ use parking_lot::{Condvar, Mutex};
 
 use super::Driver;
 use crate::error::Error;
+use crate::metrics::dir_usage::DirUsageSummary;
+use crate::metrics::Load;
 use filevol_core::health::{Finding, Health, Reason};
 use filevol_core::pool::room::Usage;
 use filevol_core::pool::{Pool, PoolError};
@@ -37,6 +40,15 @@ use filevol_core::volume::meta::VolumeMeta;
 /// The file every process reads to prove the pool answers. Written once,
 /// by whichever process finds it missing; never changed after.
 const PROBE_FILE: &str = ".health-probe";
+
+/// How many probe intervals the capacity figures may take before the pool
+/// counts as unreachable: they stat every image, which on a large pool on
+/// a share takes longer than the read that proves the pool answers.
+const FIGURES_INTERVALS: u32 = 6;
+
+/// The longest a scrape waits for the pool's figures and the volumes'
+/// health: under the metrics server's 5 s to answer.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(4);
 
 /// What the last finished probe found.
 #[derive(Debug, Clone, Default)]
@@ -51,8 +63,10 @@ pub struct PoolReport {
 
 #[derive(Debug, Default)]
 struct State {
-    /// When the probe running now started, if one is.
-    probing_since: Option<Instant>,
+    /// When the read of the probe running now started, while it reads.
+    reading_since: Option<Instant>,
+    /// When its capacity figures started, while it reads them.
+    figures_since: Option<Instant>,
     /// The last probe that finished.
     last: Option<PoolReport>,
 }
@@ -61,12 +75,15 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct PoolWatch {
     shared: Arc<(Mutex<State>, Condvar)>,
-    /// How often the pool is probed, and how long a probe may take before
-    /// the pool counts as unreachable.
+    /// How often the pool is probed, and how long a read of it may take
+    /// before the pool counts as unreachable.
     interval: Duration,
     root: std::path::PathBuf,
     /// When this process started serving (seconds since the epoch).
     started: f64,
+    /// Whether a scrape's gathering runs now (one at a time: a slow pool
+    /// leaves at most one behind).
+    gathering: Arc<AtomicBool>,
 }
 
 impl PoolWatch {
@@ -80,10 +97,11 @@ impl PoolWatch {
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            gathering: Arc::default(),
         }
     }
 
-    /// The deadline of a probe and of a volume's checks.
+    /// The deadline of a probe's read and of a volume's checks.
     pub fn deadline(&self) -> Duration {
         self.interval
     }
@@ -95,51 +113,110 @@ impl PoolWatch {
         std::thread::Builder::new()
             .name("pool-health".into())
             .spawn(move || loop {
-                {
-                    let mut st = watch.shared.0.lock();
-                    st.probing_since = Some(Instant::now());
-                }
                 let Some(driver) = weak.upgrade() else { return };
-                let report = probe(&driver.pool, &watch.root);
+                let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    watch.probe(&driver.pool)
+                }))
+                .unwrap_or_else(|_| {
+                    let mut report = PoolReport::default();
+                    report.health.add(Finding::new(
+                        Reason::PoolUnreachable,
+                        "the pool's health probe failed (a bug: the log has its panic); it is tried again",
+                    ));
+                    report
+                });
                 drop(driver);
-                log_change(watch.shared.0.lock().last.as_ref(), &report);
-                {
+                let before = {
                     let mut st = watch.shared.0.lock();
-                    st.probing_since = None;
-                    st.last = Some(report);
-                }
+                    st.reading_since = None;
+                    st.figures_since = None;
+                    st.last.replace(report.clone())
+                };
+                log_change(before.as_ref(), &report);
                 watch.shared.1.notify_all();
                 std::thread::sleep(watch.interval);
             })?;
         Ok(())
     }
 
-    /// The pool's findings now. Never blocks on the pool: a probe running
-    /// past the deadline is [`Reason::PoolUnreachable`]. Before the first
-    /// probe has finished, waits for it up to the deadline.
+    /// One probe: a read of [`PROBE_FILE`] that reaches the storage, then
+    /// the capacity figures, each phase marked in the state so that
+    /// [`PoolWatch::pool_health`] can tell one that hangs. A failed read is
+    /// [`Reason::PoolUnreachable`]; figures that cannot be read (a damaged
+    /// record) are logged and leave the space findings out.
+    fn probe(&self, pool: &Pool) -> PoolReport {
+        self.shared.0.lock().reading_since = Some(Instant::now());
+        let mut report = PoolReport::default();
+        if let Err(e) = read_probe(pool, &self.root) {
+            report.health.add(Finding::new(
+                Reason::PoolUnreachable,
+                format!(
+                    "the pool at {} answers a read with an error: {e}. A stale or lost share (ESTALE: remount it), a failing disk (EIO: dmesg)",
+                    self.root.display()
+                ),
+            ));
+            return report;
+        }
+        {
+            let mut st = self.shared.0.lock();
+            st.reading_since = None;
+            st.figures_since = Some(Instant::now());
+        }
+        match (pool.usage(), pool.allocation()) {
+            (Ok(usage), Ok(alloc)) => {
+                report.allocated = alloc.volume_images;
+                report.health = filevol_core::pool::health::assess(&usage, alloc.volume_images);
+                report.usage = Some(usage);
+            }
+            (Err(e), _) | (_, Err(e)) => log::warn!("pool health: capacity figures: {e}"),
+        }
+        report
+    }
+
+    /// The pool's findings now, waiting up to the deadline for the first
+    /// probe (a call that arrives as the process starts). Never blocks on
+    /// the pool.
     pub fn pool_health(&self) -> Health {
+        self.health_now(true)
+    }
+
+    /// The pool's findings now, without waiting for a first probe (the
+    /// metrics: a scrape has 5 s).
+    pub fn pool_health_now(&self) -> Health {
+        self.health_now(false)
+    }
+
+    /// A read running past the interval, or capacity figures running past
+    /// [`FIGURES_INTERVALS`] of them, is [`Reason::PoolUnreachable`].
+    fn health_now(&self, wait: bool) -> Health {
         let (lock, cv) = &*self.shared;
         let mut st = lock.lock();
-        if st.last.is_none() {
+        if wait && st.last.is_none() {
             let until = Instant::now() + self.interval;
             while st.last.is_none() && Instant::now() < until {
                 cv.wait_until(&mut st, until);
             }
         }
-        if let Some(since) = st.probing_since {
-            let waited = since.elapsed();
-            if waited > self.interval {
-                let mut h = Health::ok();
-                h.add(Finding::new(
-                    Reason::PoolUnreachable,
-                    format!(
-                        "the pool at {} has not answered a read for {}s: the share or disk below it stopped answering (a server gone, a network cut, a device failed). Check the mount (is the NFS server up? dmesg), not the volumes; this clears once a read returns",
-                        self.root.display(),
-                        waited.as_secs()
-                    ),
-                ));
-                return h;
-            }
+        let hung = |since: Option<Instant>, bound: Duration| {
+            since.map(|s| s.elapsed()).filter(|waited| *waited > bound)
+        };
+        let unreachable = |what: &str, waited: Duration| {
+            let mut h = Health::ok();
+            h.add(Finding::new(
+                Reason::PoolUnreachable,
+                format!(
+                    "the pool at {} has not answered {what} for {}s: the share or disk below it stopped answering (a server gone, a network cut, a device failed). Check the mount (is the NFS server up? dmesg), not the volumes; this clears once it answers",
+                    self.root.display(),
+                    waited.as_secs()
+                ),
+            ));
+            h
+        };
+        if let Some(waited) = hung(st.reading_since, self.interval) {
+            return unreachable("a read", waited);
+        }
+        if let Some(waited) = hung(st.figures_since, self.interval * FIGURES_INTERVALS) {
+            return unreachable("the stat of its volumes", waited);
         }
         st.last
             .as_ref()
@@ -166,44 +243,19 @@ fn log_change(before: Option<&PoolReport>, now: &PoolReport) {
     }
 }
 
-/// One probe: a read of [`PROBE_FILE`] that reaches the storage, then the
-/// capacity figures. A failed read is [`Reason::PoolUnreachable`]; figures
-/// that cannot be read (a damaged record) are logged and leave the space
-/// findings out.
-fn probe(pool: &Pool, root: &Path) -> PoolReport {
-    let mut report = PoolReport::default();
-    if let Err(e) = read_probe(root) {
-        report.health.add(Finding::new(
-            Reason::PoolUnreachable,
-            format!(
-                "the pool at {} answers a read with an error: {e}. A stale or lost share (ESTALE: remount it), a failing disk (EIO: dmesg), or a full pool that cannot write the probe file",
-                root.display()
-            ),
-        ));
-        return report;
-    }
-    match (pool.usage(), pool.allocation()) {
-        (Ok(usage), Ok(alloc)) => {
-            report.allocated = alloc.volume_images;
-            report.health = filevol_core::pool::health::assess(&usage, alloc.volume_images);
-            report.usage = Some(usage);
-        }
-        (Err(e), _) | (_, Err(e)) => log::warn!("pool health: capacity figures: {e}"),
-    }
-    report
-}
-
 /// Reads the probe file, bypassing the page cache where the filesystem
 /// allows (O_DIRECT), so the read reaches the disk or the server. Creates
 /// it first if it is missing.
-fn read_probe(root: &Path) -> io::Result<()> {
+fn read_probe(pool: &Pool, root: &Path) -> io::Result<()> {
     let path = root.join(PROBE_FILE);
     match std::fs::symlink_metadata(&path) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             // Another process may write it at the same moment: either
             // write leaves the same bytes.
-            let tmp = root.join(format!("{PROBE_FILE}.{}", std::process::id()));
+            // Made in this process's scratch (a name no other process
+            // uses, on the pool's filesystem), then renamed in place.
+            let tmp = pool.scratch_path("health-probe");
             let written =
                 std::fs::write(&tmp, vec![0u8; 4096]).and_then(|()| std::fs::rename(&tmp, &path));
             if let Err(e) = written {
@@ -257,7 +309,7 @@ fn from_pool(pool: &Health, v: Option<&VolumeMeta>) -> Health {
     for f in &pool.findings {
         match f.reason {
             Reason::PoolUnreachable => h.add(f.clone()),
-            Reason::PoolLowSpace if v.is_none_or(|v| !v.thick) => h.add(Finding::new(
+            Reason::PoolOutOfSpace if v.is_none_or(|v| !v.thick) => h.add(Finding::new(
                 Reason::PoolFull,
                 format!(
                     "the volume is thin and the pool is out of space, so its writes into blocks it never wrote fail ({})",
@@ -382,8 +434,16 @@ pub fn on_node(driver: &Arc<Driver>, id: &str, path: Option<&Path>) -> Result<He
 
 /// Runs `work` under the health deadline; a timeout is the pool not
 /// answering (`Err` holds that finding).
-fn under_deadline<T: Send + 'static>(
+pub fn under_deadline<T: Send + 'static>(
     driver: &Driver,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Health> {
+    bounded(driver.health.deadline(), work)
+}
+
+/// [`under_deadline`] with a deadline of its own.
+fn bounded<T: Send + 'static>(
+    deadline: Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Health> {
     let unreachable = |why: &str| {
@@ -391,26 +451,32 @@ fn under_deadline<T: Send + 'static>(
         h.add(Finding::new(
             Reason::PoolUnreachable,
             format!(
-                "the volume's checks did not finish in {}s ({why}): the pool's share or disk stopped answering. Check the pool's mount (dmesg, the server); this clears once it answers",
-                driver.health.deadline().as_secs()
+                "the checks that read the pool did not finish in {}s ({why}): the pool's share or disk stopped answering. Check the pool's mount (dmesg, the server); this clears once it answers",
+                deadline.as_secs()
             ),
         ));
         h
     };
-    match deadline::run("health-check", driver.health.deadline(), work) {
+    match deadline::run("health-check", deadline, work) {
         Outcome::Done(out) => Ok(out),
         Outcome::TimedOut => Err(unreachable("timed out")),
         Outcome::TooManyStuck => Err(unreachable("earlier checks are still stuck in the kernel")),
+        Outcome::Panicked => Err(unreachable("they failed: the log has the panic")),
     }
 }
 
-/// The health section of the metrics: the pool's findings from the watch,
-/// and where the pool answers, every volume this process looks at (a node
-/// plugin: those with a loop device here, with their I/O counters; a
-/// controller: every volume in the pool) with its findings. Gathered under
-/// the deadline: a pool that hangs leaves the volumes out, not the scrape.
-pub fn gauges(driver: &Arc<Driver>) -> crate::metrics::health::HealthGauges {
-    let pool = driver.health.pool_health();
+/// The whole Prometheus exposition of this process: the calls and the
+/// workers' load (never the pool's), then, gathered under
+/// `SCRAPE_DEADLINE` (4 s) on a thread of their own, the pool's figures and
+/// every volume this process looks at (a node plugin: those with a loop
+/// device here, with their I/O counters; a controller: every volume in
+/// the pool) with its findings, and last the pool's findings from the
+/// watch. A pool that does not answer, or a gathering that does not come
+/// back in time (or is still running from the last scrape), leaves the
+/// pool's figures and the volumes out of this scrape and says
+/// `pool_unreachable`: the scrape itself is never held up.
+pub fn exposition(driver: &Arc<Driver>, load: Load, dirs: &DirUsageSummary) -> String {
+    let mut pool = driver.health.pool_health_now();
     let mut g = crate::metrics::health::HealthGauges {
         owed_and_writable: driver.health.report().and_then(|r| {
             r.usage.map(|u| {
@@ -423,23 +489,61 @@ pub fn gauges(driver: &Arc<Driver>) -> crate::metrics::health::HealthGauges {
         started: driver.health.started,
         ..Default::default()
     };
-    if !pool.has(Reason::PoolUnreachable) {
-        let d = Arc::clone(driver);
-        match under_deadline(driver, move || volumes_and_io(&d)) {
-            Ok((volumes, looked_at, io)) => {
-                g.volumes = volumes;
-                g.looked_at = looked_at;
-                g.io = io;
+    let gathered = if pool.has(Reason::PoolUnreachable) {
+        None
+    } else if driver.health.gathering.swap(true, Ordering::AcqRel) {
+        pool.add(Finding::new(
+            Reason::PoolUnreachable,
+            "the last scrape's reads of the pool have not come back: the share or disk below it is slow or stopped answering",
+        ));
+        None
+    } else {
+        let (d, dirs, seen) = (Arc::clone(driver), dirs.clone(), pool.clone());
+        let flag = Arc::clone(&driver.health.gathering);
+        let gather = bounded(SCRAPE_DEADLINE, move || {
+            let _done = ClearOnDrop(flag);
+            let text = d
+                .executor
+                .metrics()
+                .exposition(load, &d.pool, d.node.as_ref(), &dirs);
+            (text, volumes_and_io(&d, &seen))
+        });
+        match gather {
+            Ok(out) => Some(out),
+            Err(h) => {
+                pool.extend(h);
+                None
             }
-            Err(h) => log::warn!("metrics: volume health: {}", h.message()),
         }
-    }
-    let pool_findings = from_pool(&pool, None);
-    for (_, h) in &mut g.volumes {
-        h.extend(pool_findings.clone());
-    }
+    };
+    let mut text = match gathered {
+        Some((text, (volumes, looked_at, io))) => {
+            g.volumes = volumes;
+            g.looked_at = looked_at;
+            g.io = io;
+            text
+        }
+        None => {
+            let mut text = driver.executor.metrics().render_calls(load);
+            if let Some(node) = &driver.node {
+                crate::metrics::render_trims(&mut text, node.trim_totals().read());
+                crate::metrics::render_fences(&mut text, node.custody_counts());
+            }
+            text
+        }
+    };
     g.pool = pool;
-    g
+    crate::metrics::health::render(&mut text, &g);
+    text
+}
+
+/// Clears a flag when dropped: the end of a gathering, however it ends.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 type VolumesAndIo = (
@@ -448,12 +552,28 @@ type VolumesAndIo = (
     Vec<(String, filevol_core::sys::blockstat::IoStat)>,
 );
 
-/// The unhealthy volumes this process looks at, how many it looked at,
-/// and the I/O counters of this node's devices.
-fn volumes_and_io(driver: &Driver) -> VolumesAndIo {
+/// The unhealthy volumes this process looks at (with what the pool's state
+/// `pool` means for each), how many it looked at, and the I/O counters of
+/// this node's devices.
+fn volumes_and_io(driver: &Driver, pool: &Health) -> VolumesAndIo {
     let mut unhealthy = Vec::new();
     let mut io = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    let mut look = |seen: &mut std::collections::HashSet<String>,
+                    id: String,
+                    found: Result<(Health, VolumeMeta), Health>| {
+        let h = match found {
+            Ok((mut h, v)) => {
+                h.extend(from_pool(pool, Some(&v)));
+                h
+            }
+            Err(h) => h,
+        };
+        if !h.is_healthy() {
+            unhealthy.push((id.clone(), h));
+        }
+        seen.insert(id);
+    };
     if let Some(node) = &driver.node {
         let devices = node.volume_devices(&driver.pool).unwrap_or_else(|e| {
             log::warn!("metrics: this node's loop devices: {e}");
@@ -464,24 +584,24 @@ fn volumes_and_io(driver: &Driver) -> VolumesAndIo {
                 Ok(stat) => io.push((id.clone(), stat)),
                 Err(e) => log::debug!("metrics: I/O counters of loop{}: {e}", dev.number),
             }
-            let h = match driver.pool.volume(&id) {
-                Ok(v) => node
-                    .volume_health(&driver.pool, &v, None)
-                    .unwrap_or_else(|e| {
-                        log::warn!("metrics: health of volume {id}: {e}");
-                        Health::ok()
-                    }),
+            let found = match driver.pool.volume(&id) {
+                Ok(v) => {
+                    let h = node
+                        .volume_health(&driver.pool, &v, None)
+                        .unwrap_or_else(|e| {
+                            log::warn!("metrics: health of volume {id}: {e}");
+                            Health::ok()
+                        });
+                    Ok((h, v))
+                }
                 Err(PoolError::Damaged { path, problem }) => {
                     let mut h = Health::ok();
                     h.add(damaged(&path, &problem));
-                    h
+                    Err(h)
                 }
-                Err(_) => Health::ok(),
+                Err(_) => continue,
             };
-            if !h.is_healthy() {
-                unhealthy.push((id.clone(), h));
-            }
-            seen.insert(id);
+            look(&mut seen, id, found);
         }
     }
     if driver.config.mode.serves_controller() {
@@ -494,20 +614,18 @@ fn volumes_and_io(driver: &Driver) -> VolumesAndIo {
             if seen.contains(&id) {
                 continue;
             }
-            let h = match driver.pool.volume(&id) {
-                Ok(v) => driver.pool.volume_health(&v),
+            let found = match driver.pool.volume(&id) {
+                Ok(v) => Ok((driver.pool.volume_health(&v), v)),
                 Err(PoolError::Damaged { path, problem }) => {
                     let mut h = Health::ok();
                     h.add(damaged(&path, &problem));
-                    h
+                    Err(h)
                 }
                 Err(_) => continue,
             };
-            if !h.is_healthy() {
-                unhealthy.push((id.clone(), h));
-            }
-            seen.insert(id);
+            look(&mut seen, id, found);
         }
     }
-    (unhealthy, seen.len(), io)
+    let looked_at = seen.len();
+    (unhealthy, looked_at, io)
 }

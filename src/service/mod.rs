@@ -131,24 +131,7 @@ impl Driver {
             queued: workers.queued(),
             busy: workers.busy(),
         };
-        let health = health::gauges(self);
-        let metrics = self.executor.metrics();
-        // A pool that does not answer would hang the figures read from it:
-        // the scrape then carries the calls, the load and the health only.
-        let mut text = if health
-            .pool
-            .has(filevol_core::health::Reason::PoolUnreachable)
-        {
-            metrics.render(&crate::metrics::Gauges {
-                queued: load.queued,
-                busy: load.busy,
-                ..Default::default()
-            })
-        } else {
-            metrics.exposition(load, &self.pool, self.node.as_ref(), dirs)
-        };
-        crate::metrics::health::render(&mut text, &health);
-        text
+        health::exposition(self, load, dirs)
     }
 }
 

@@ -162,17 +162,27 @@ impl Operation for csi::NodeGetVolumeStatsRequest {
         // Stats read only: no lock, so a long stage does not stall them.
         Ok(Job::new(move || {
             // A pool that does not answer: no figures, and the condition
-            // says why (the record cannot be read without hanging).
-            if let Some(h) = super::health::unreachable(&driver) {
-                if !driver.config.volume_condition {
-                    return Err(Error::Unhealthy(h.message()));
+            // says why. The figures read the record and may stat the
+            // image, so they are read under the health deadline too.
+            let figures = super::health::unreachable(&driver).map_or_else(
+                || {
+                    let (d, id, path) = (Arc::clone(&driver), self.volume_id.clone(), path.clone());
+                    super::health::under_deadline(&driver, move || {
+                        let v = d.pool.volume(&id)?;
+                        Ok::<_, Error>(node(&d)?.stats(&d.pool, &v, &path)?)
+                    })
+                },
+                Err,
+            );
+            let stats = match figures {
+                Ok(stats) => stats?,
+                Err(h) if driver.config.volume_condition => {
+                    let mut resp = csi::NodeGetVolumeStatsResponse::new();
+                    resp.volume_condition = Some(convert::condition(&h)).into();
+                    return Ok(resp);
                 }
-                let mut resp = csi::NodeGetVolumeStatsResponse::new();
-                resp.volume_condition = Some(convert::condition(&h)).into();
-                return Ok(resp);
-            }
-            let v = driver.pool.volume(&self.volume_id)?;
-            let stats = node(&driver)?.stats(&driver.pool, &v, &path)?;
+                Err(h) => return Err(Error::Unhealthy(h.message())),
+            };
             let mut resp = csi::NodeGetVolumeStatsResponse::new();
             let usage = |unit: csi::volume_usage::Unit, (total, avail, used): (u64, u64, u64)| {
                 let mut u = csi::VolumeUsage::new();
@@ -203,17 +213,29 @@ impl Operation for csi::NodeGetVolumeHealthRequest {
 
     fn prepare(self, driver: &Arc<Driver>) -> Result<Job<Self::Response>, Error> {
         validate::id("volume_id", &self.volume_id)?;
-        // The publish path where kubelet names one, else the staging path:
-        // either is a mount of the volume.
-        let path = if self.volume_publish_path.is_empty() {
-            node_path(driver, "staging_target_path", &self.staging_target_path)?
+        // The publish path where the CO names one, else the staging path:
+        // either is a mount of the volume. Both are optional (the CO may
+        // ask about a volume it only tried to stage): without one, the
+        // volume is looked at through its loop device.
+        let path = if !self.volume_publish_path.is_empty() {
+            Some(node_path(
+                driver,
+                "volume_publish_path",
+                &self.volume_publish_path,
+            )?)
+        } else if !self.staging_target_path.is_empty() {
+            Some(node_path(
+                driver,
+                "staging_target_path",
+                &self.staging_target_path,
+            )?)
         } else {
-            node_path(driver, "volume_publish_path", &self.volume_publish_path)?
+            None
         };
         let driver = Arc::clone(driver);
         // No lock: a health answer must not wait for a slow stage.
         Ok(Job::new(move || {
-            let health = super::health::on_node(&driver, &self.volume_id, Some(&path))?;
+            let health = super::health::on_node(&driver, &self.volume_id, path.as_deref())?;
             let mut resp = csi::NodeGetVolumeHealthResponse::new();
             resp.volume_health = Some(convert::volume_health(&self.volume_id, &health)).into();
             Ok(resp)

@@ -231,6 +231,11 @@ impl Bindfs {
         daemon.wait().expect("reap bindfs");
     }
 
+    /// The pid of the view's daemon ([`Bindfs::killable`] only).
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().expect("a killable view, running").id()
+    }
+
     /// Stops the view's daemon (SIGSTOP): the mount stays and every call
     /// that reaches it sleeps until [`Bindfs::resume_daemon`], as on a
     /// share whose server stopped answering.

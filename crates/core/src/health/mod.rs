@@ -55,9 +55,12 @@ impl Severity {
 /// interface: alert rules and scripts match on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
-    /// The pool's free space is below the reserve (or gone): thin volumes
-    /// are about to fail writes into blocks they never wrote.
+    /// The pool's free space is at or below the reserve: what is left is
+    /// all thin volumes have to write into.
     PoolLowSpace,
+    /// The pool filesystem is out of space (nearly nothing free): thin
+    /// volumes' writes into blocks they never wrote fail now.
+    PoolOutOfSpace,
     /// The volumes may still write more than the pool has free: the writes
     /// of an overcommitted pool will fail before its volumes are full.
     PoolOvercommitted,
@@ -98,6 +101,7 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::PoolLowSpace => "pool_low_space",
+            Reason::PoolOutOfSpace => "pool_out_of_space",
             Reason::PoolOvercommitted => "pool_overcommitted",
             Reason::PoolUnreachable => "pool_unreachable",
             Reason::RecordDamaged => "record_damaged",
@@ -116,8 +120,9 @@ impl Reason {
 
     /// Every reason, for the metrics (a series per reason, present at 0,
     /// so an alert can tell "healthy" from "not reported").
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::PoolLowSpace,
+        Reason::PoolOutOfSpace,
         Reason::PoolOvercommitted,
         Reason::PoolUnreachable,
         Reason::RecordDamaged,
@@ -133,6 +138,21 @@ impl Reason {
         Reason::FenceUnproven,
     ];
 
+    /// The name on the CSI v1.13 wire, whose `reason` fields are "a
+    /// brief CamelCase string": the stable name in CamelCase
+    /// (`pool_full` is `PoolFull`).
+    pub fn camel_case(self) -> String {
+        self.as_str()
+            .split('_')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
     /// How bad a finding of this reason is.
     pub fn severity(self) -> Severity {
         match self {
@@ -143,6 +163,7 @@ impl Reason {
             | Reason::NotMounted
             | Reason::NoLoopDevice => Severity::Inaccessible,
             Reason::PoolLowSpace
+            | Reason::PoolOutOfSpace
             | Reason::PoolOvercommitted
             | Reason::PoolFull
             | Reason::LoopIoErrors
@@ -272,5 +293,10 @@ mod tests {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c == '_'));
         }
+        assert_eq!(Reason::PoolFull.camel_case(), "PoolFull");
+        assert_eq!(
+            Reason::FilesystemReadOnly.camel_case(),
+            "FilesystemReadOnly"
+        );
     }
 }

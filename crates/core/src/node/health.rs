@@ -25,8 +25,9 @@ use crate::volume::meta::{AccessType, Layout, VolumeMeta};
 impl Node {
     /// What is wrong with volume `v` on this node. With `path` (a staging
     /// or target path a call names), that path must be a mount (a missing
-    /// path is [`NodeError::NotFound`], as the spec wants); without one
-    /// (the metrics), the volume is looked at through its loop device.
+    /// or unmounted one is [`Reason::NotMounted`]); without one (the
+    /// metrics, a call that names none), the volume is looked at through
+    /// its loop device.
     pub fn volume_health(
         &self,
         pool: &Pool,
@@ -36,12 +37,13 @@ impl Node {
         let mut h = Health::ok();
         if let Some(path) = path {
             match self.mount_state(path)? {
-                MountState::Missing => {
-                    return Err(NodeError::NotFound {
-                        what: "volume path",
-                        path: path.to_owned(),
-                    })
-                }
+                MountState::Missing => h.add(Finding::new(
+                    Reason::NotMounted,
+                    format!(
+                        "{} does not exist: the volume was never staged or published there, or that was undone",
+                        path.display()
+                    ),
+                )),
                 MountState::Mounted => {}
                 MountState::NotMounted => h.add(Finding::new(
                     Reason::NotMounted,
@@ -116,7 +118,17 @@ impl Node {
                 }
                 return Ok(());
             }
-            Err(e) => return Err(sys("list loop devices for", &image)(e)),
+            // The image cannot be looked at (its stat failed on the pool).
+            Err(e) => {
+                h.add(Finding::new(
+                    Reason::DataUnreadable,
+                    format!(
+                        "image {} cannot be read: {e}. Check the pool's filesystem or share",
+                        image.display()
+                    ),
+                ));
+                return Ok(());
+            }
         };
         let name = format!("loop{}", dev.number);
         if let Some(e) = self.loop_errors.recent(dev.number, kmsg::now()) {

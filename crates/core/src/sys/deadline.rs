@@ -29,6 +29,8 @@ pub enum Outcome<T> {
     TimedOut,
     /// Too many earlier calls are still stuck: it was not started.
     TooManyStuck,
+    /// It panicked (the panic is in the log); its thread is gone.
+    Panicked,
 }
 
 /// Threads past their deadline and still running, now.
@@ -63,7 +65,10 @@ pub fn run<T: Send + 'static>(
     }
     match rx.recv_timeout(deadline) {
         Ok(out) => Outcome::Done(out),
-        Err(_) => {
+        // The sender went without sending: the work panicked. Nothing is
+        // left running, so nothing is counted.
+        Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::Panicked,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
             // Counted before the receiver is dropped, so the thread's
             // decrement (which needs the send to fail) comes after it; a
             // thread that finished in between is taken back.
@@ -103,5 +108,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         panic!("the released thread is still counted stuck");
+    }
+
+    #[test]
+    fn work_that_panics_is_said_and_not_counted_stuck() {
+        let before = stuck();
+        let out: Outcome<()> = run("t", Duration::from_secs(5), || panic!("on purpose"));
+        assert_eq!(out, Outcome::Panicked);
+        assert_eq!(stuck(), before);
     }
 }
