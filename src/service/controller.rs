@@ -16,7 +16,6 @@ use crate::proto::csi;
 use crate::proto::csi::controller_service_capability::rpc::Type as CtrlCap;
 use crate::proto::csi::group_controller_service_capability::rpc::Type as GroupCap;
 use crate::rpc::Rpc;
-use filevol_core::health::Health;
 use filevol_core::pool::capability::{self, Capability};
 use filevol_core::pool::store::{self, Kind};
 use filevol_core::pool::{new_volume, PoolError, ALIGN};
@@ -214,6 +213,16 @@ fn conditions(
         .collect()
 }
 
+/// Where volume `id`'s record is: what a listing that found it damaged
+/// names.
+fn record_path(driver: &Driver, id: &str) -> std::path::PathBuf {
+    driver
+        .pool
+        .store()
+        .object_dir(Kind::Volume, id)
+        .join(store::META)
+}
+
 /// The v1.12 condition of a volume whose record is damaged, where that is
 /// served.
 fn damaged_condition(
@@ -221,11 +230,10 @@ fn damaged_condition(
     path: &std::path::Path,
     problem: &str,
 ) -> Option<csi::VolumeCondition> {
-    driver.config.volume_condition.then(|| {
-        let mut h = Health::ok();
-        h.add(super::health::damaged(path, problem));
-        convert::condition(&h)
-    })
+    driver
+        .config
+        .volume_condition
+        .then(|| convert::condition(&super::health::damaged(path, problem)))
 }
 
 impl Operation for csi::ListVolumesRequest {
@@ -258,13 +266,9 @@ impl Operation for csi::ListVolumesRequest {
                             e.volume = Some(convert::volume(&v)).into();
                         }
                         Err(problem) => {
-                            let record = driver
-                                .pool
-                                .store()
-                                .object_dir(Kind::Volume, &id)
-                                .join(store::META);
                             status.volume_condition =
-                                damaged_condition(&driver, &record, &problem).into();
+                                damaged_condition(&driver, &record_path(&driver, &id), &problem)
+                                    .into();
                             let mut vol = csi::Volume::new();
                             vol.volume_id = id;
                             e.volume = Some(vol).into();
@@ -326,14 +330,7 @@ impl Operation for csi::ControllerListVolumeHealthRequest {
                     let health = match entry {
                         Ok(_) => healths.next().unwrap_or_default(),
                         Err(problem) => {
-                            let mut h = Health::ok();
-                            let record = driver
-                                .pool
-                                .store()
-                                .object_dir(Kind::Volume, &id)
-                                .join(store::META);
-                            h.add(super::health::damaged(&record, &problem));
-                            h
+                            super::health::damaged(&record_path(&driver, &id), &problem)
                         }
                     };
                     // Only volumes with findings: what the spec's answer

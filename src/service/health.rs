@@ -345,11 +345,7 @@ pub fn in_pool(driver: &Arc<Driver>, id: &str) -> Result<Option<Health>, Error> 
     let checked = under_deadline(driver, move || match d.pool.volume(&id) {
         Ok(v) => Ok(Some((d.pool.volume_health(&v), Some(v)))),
         Err(PoolError::NotFound { .. }) => Ok(None),
-        Err(PoolError::Damaged { path, problem }) => {
-            let mut h = Health::ok();
-            h.add(damaged(&path, &problem));
-            Ok(Some((h, None)))
-        }
+        Err(PoolError::Damaged { path, problem }) => Ok(Some((damaged(&path, &problem), None))),
         Err(e) => Err(Error::from(e)),
     });
     let (mut h, v) = match checked {
@@ -385,15 +381,18 @@ pub fn of_volumes(driver: &Arc<Driver>, volumes: Vec<Arc<VolumeMeta>>) -> Vec<He
     checked.unwrap_or_else(|unreachable| vec![unreachable; n])
 }
 
-/// A damaged record's finding.
-pub fn damaged(path: &Path, problem: &str) -> Finding {
-    Finding::new(
+/// The health of a volume whose record at `path` is damaged: that finding
+/// alone.
+pub fn damaged(path: &Path, problem: &str) -> Health {
+    let mut h = Health::ok();
+    h.add(Finding::new(
         Reason::RecordDamaged,
         format!(
             "the volume's record {} is damaged ({problem}): filevol will not act on it. Restore it from a backup of the pool, or delete the volume",
             path.display()
         ),
-    )
+    ));
+    h
 }
 
 /// A volume's findings on this node, at `path` when a call names one:
@@ -416,11 +415,7 @@ pub fn on_node(driver: &Arc<Driver>, id: &str, path: Option<&Path>) -> Result<He
                 let h = node.volume_health(&d.pool, &v, path.as_deref())?;
                 Ok((h, Some(v)))
             }
-            Err(PoolError::Damaged { path, problem }) => {
-                let mut h = Health::ok();
-                h.add(damaged(&path, &problem));
-                Ok((h, None))
-            }
+            Err(PoolError::Damaged { path, problem }) => Ok((damaged(&path, &problem), None)),
             Err(e) => Err(Error::from(e)),
         }
     });
@@ -594,11 +589,7 @@ fn volumes_and_io(driver: &Driver, pool: &Health) -> VolumesAndIo {
                         });
                     Ok((h, v))
                 }
-                Err(PoolError::Damaged { path, problem }) => {
-                    let mut h = Health::ok();
-                    h.add(damaged(&path, &problem));
-                    Err(h)
-                }
+                Err(PoolError::Damaged { path, problem }) => Err(damaged(&path, &problem)),
                 Err(_) => continue,
             };
             look(&mut seen, id, found);
@@ -616,11 +607,7 @@ fn volumes_and_io(driver: &Driver, pool: &Health) -> VolumesAndIo {
             }
             let found = match driver.pool.volume(&id) {
                 Ok(v) => Ok((driver.pool.volume_health(&v), v)),
-                Err(PoolError::Damaged { path, problem }) => {
-                    let mut h = Health::ok();
-                    h.add(damaged(&path, &problem));
-                    Err(h)
-                }
+                Err(PoolError::Damaged { path, problem }) => Err(damaged(&path, &problem)),
                 Err(_) => continue,
             };
             look(&mut seen, id, found);

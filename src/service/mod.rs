@@ -122,7 +122,7 @@ impl Driver {
         )
     }
 
-    /// The Prometheus exposition (see `metrics::Metrics::exposition`);
+    /// The Prometheus exposition (see `health::exposition`);
     /// `dirs` is what the background measurement of directory volumes last
     /// found.
     pub fn metrics_text(self: &Arc<Self>, dirs: &DirUsageSummary) -> String {
