@@ -581,6 +581,11 @@ run_layout() {
   pvc data filevol 64Mi
   run_pod writer data 'printf "filevol e2e %s\n" 42 >/data/file; sync; cat /data/file' >/dev/null
   expect "$layout: data read back by a new pod" "$(run_pod reader data 'cat /data/file')" "filevol e2e 42"
+  # The database class: thick, zero-filled by CreateVolume, formatted at
+  # its first stage all the same.
+  pvc zeroed filevol-zero-filled 64Mi
+  expect "$layout: a zero-filled volume is formatted, written and read" \
+    "$(run_pod zeroed-rw zeroed 'echo zeroed >/data/z; sync; cat /data/z')" zeroed
 
   # fsGroup: the volume's files belong to the pod's group.
   pvc grouped filevol 64Mi

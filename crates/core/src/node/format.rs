@@ -85,7 +85,9 @@ pub fn probe(device: &Path, image: &Path) -> io::Result<Content> {
 /// read-write stage may give it a filesystem.
 ///
 /// - Where SEEK_DATA tells holes from data (`reports_holes`), an image with
-///   no data extent at all is blank: nothing was ever written to it.
+///   no data extent at all is blank: nothing was ever written to it. A
+///   zero-filled image (`zeroFill`) has data extents from the start, so
+///   the caller passes `false` for it and the record decides, as below.
 /// - Where it cannot (FUSE filesystems, NFS before 4.2, which call every
 ///   byte data), the pool's record decides: only an image that no node ever
 ///   formatted or handed out raw (`written == Some(false)`) *and* in which

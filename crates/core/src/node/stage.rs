@@ -471,10 +471,16 @@ impl Node {
         // is formatted again. Asked before the probe, which would call it
         // data (or a filesystem, one that may not be whole).
         let redo = v.formatting && v.written != Some(true);
+        // A zero-filled image has data extents from the day it was built:
+        // its holes prove nothing, so the record decides (never formatted
+        // or handed out, and no signature), as on a pool whose holes
+        // cannot be seen.
+        let holes_prove_blank =
+            pool.reports_holes() && !crate::volume::parameters::zero_fill(&v.parameters);
         if !redo
             && !self
                 .kernel
-                .blank_image(&image, pool.reports_holes(), v.written)
+                .blank_image(&image, holes_prove_blank, v.written)
                 .map_err(probe_failed(&image))?
         {
             return Ok((v, false));

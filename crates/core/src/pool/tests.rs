@@ -1531,3 +1531,55 @@ fn a_volume_whose_first_format_was_cut_short_is_not_snapshotted() {
     }
     assert!(pool.all_snapshots().unwrap().is_empty());
 }
+
+/// `zeroFill`: a new thick image, and a thick clone of a thin one, leave
+/// the build with zeros written over every hole (no unwritten extent for
+/// the first write to convert), the clone keeping its source's data; a
+/// thick image without it is preallocated only (all of it a hole to
+/// SEEK_HOLE: unwritten).
+#[test]
+fn a_zero_filled_thick_image_has_no_hole_left() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path(), false);
+    let image = |id: &str| dir.path().join("volumes").join(id).join("image");
+    let ranges = |id: &str| {
+        let f = std::fs::File::open(image(id)).unwrap();
+        crate::sys::extents::DataRanges::new(&f, 0, 16 * MIB)
+            .collect::<std::io::Result<Vec<_>>>()
+            .unwrap()
+    };
+    let thick = |name: &str, zero: bool| VolumeSpec {
+        thick: true,
+        parameters: BTreeMap::from([
+            ("thick".to_owned(), "true".to_owned()),
+            ("zeroFill".to_owned(), zero.to_string()),
+        ]),
+        ..spec(name, 16 * MIB)
+    };
+    let plain = pool.create_volume(&thick("plain", false)).unwrap();
+    assert!(ranges(&plain.id).is_empty(), "preallocation only");
+    let filled = pool.create_volume(&thick("filled", true)).unwrap();
+    assert_eq!(ranges(&filled.id), [(0, 16 * MIB)]);
+    assert!(allocated_of(&image(&filled.id)) >= 16 * MIB);
+
+    let source = pool.create_volume(&spec("source", 16 * MIB)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(image(&source.id))
+        .unwrap()
+        .write_all_at(&[0x5a; 4096], 4 * MIB)
+        .unwrap();
+    let clone = pool
+        .create_volume(&VolumeSpec {
+            source: Some(Source::Volume(source.id.clone())),
+            ..thick("clone", true)
+        })
+        .unwrap();
+    assert_eq!(ranges(&clone.id), [(0, 16 * MIB)]);
+    let f = std::fs::File::open(image(&clone.id)).unwrap();
+    let mut buf = [0u8; 8192];
+    f.read_exact_at(&mut buf, 4 * MIB).unwrap();
+    assert_eq!(buf[..4096], [0x5a; 4096], "the source's data");
+    assert_eq!(buf[4096..], [0; 4096]);
+}

@@ -314,6 +314,16 @@ impl Pool {
         Ok(())
     }
 
+    /// Whether the new image gets zeros written into its holes
+    /// (`zeroFill`, see [`sysfs::zero_fill`]): a thick one whose class
+    /// asks for it. It is done in the build, before the record is
+    /// committed: no node can have the image attached, so no pod's write
+    /// can land between the zeros, and a crash in the middle leaves a
+    /// build the janitor removes, never a half-filled volume.
+    fn zero_fills(&self, spec: &VolumeSpec) -> bool {
+        spec.thick && parameters::zero_fill(&spec.parameters)
+    }
+
     fn build_volume(
         &self,
         built: &Path,
@@ -349,6 +359,12 @@ impl Pool {
                                 .map_err(io_error("preallocate image", &image))?;
                             f.sync_all().map_err(io_error("sync image", &image))?;
                         }
+                        // New, so all of it, whether or not the pool
+                        // filesystem can tell holes from data.
+                        if self.zero_fills(spec) {
+                            sysfs::write_zeros(&f, 0, capacity)
+                                .map_err(io_error("zero-fill image", &image))?;
+                        }
                     }
                     Some(source) => {
                         let from = self.source_image(source);
@@ -378,6 +394,11 @@ impl Pool {
                                     .map_err(io_error("preallocate image", &image))?;
                             }
                             f.sync_all().map_err(io_error("sync image", &image))?;
+                            // The copy's holes only: its data stays.
+                            if self.zero_fills(spec) {
+                                sysfs::zero_fill(&f, capacity)
+                                    .map_err(io_error("zero-fill image", &image))?;
+                            }
                         }
                     }
                 }

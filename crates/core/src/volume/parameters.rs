@@ -17,6 +17,12 @@ pub const MKFS_OPTIONS: &str = "mkfsOptions";
 /// `discard`: `true` mounts the filesystem with `discard`, so space a pod
 /// frees goes back to the pool at once instead of at the next trim.
 pub const DISCARD: &str = "discard";
+/// `zeroFill`: `true` (with `thick=true`) writes zeros over the whole image
+/// at creation, so the pool filesystem holds written blocks rather than
+/// unwritten or absent ones, and the first write to each block inside the
+/// volume costs what an overwrite does. Not mutable: zeros are written only
+/// where no pod can be writing (a volume being built).
+pub const ZERO_FILL: &str = "zeroFill";
 /// Keys the external-provisioner adds itself (PVC name and namespace with
 /// `--extra-create-metadata`): recorded, never interpreted.
 pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
@@ -63,6 +69,8 @@ pub struct VolumeParameters {
     pub mkfs_options: Vec<String>,
     /// Mount with online discard.
     pub discard: bool,
+    /// Write zeros over the thick image at creation ([`ZERO_FILL`]).
+    pub zero_fill: bool,
 }
 
 /// What mutable parameters ask to change.
@@ -83,6 +91,7 @@ pub fn volume(
     let mut thick = false;
     let mut mkfs_options = Vec::new();
     let mut discard = false;
+    let mut zero_fill = false;
     for (key, value) in params {
         match key.as_str() {
             LAYOUT => {
@@ -100,12 +109,13 @@ pub fn volume(
             THICK => thick = boolean(Set::Parameters, THICK, value)?,
             MKFS_OPTIONS => mkfs_options = value.split_whitespace().map(str::to_owned).collect(),
             DISCARD => discard = boolean(Set::Parameters, DISCARD, value)?,
+            ZERO_FILL => zero_fill = boolean(Set::Parameters, ZERO_FILL, value)?,
             k if k.starts_with(CO_PREFIX) => {}
             other => {
                 return Err(ParamError::new(
                     Set::Parameters,
                     format!(
-                        "unknown parameter {other:?}; filevol takes layout, thick, mkfsOptions and discard"
+                        "unknown parameter {other:?}; filevol takes layout, thick, zeroFill, mkfsOptions and discard"
                     ),
                 ))
             }
@@ -119,6 +129,7 @@ pub fn volume(
         thick,
         mkfs_options,
         discard,
+        zero_fill,
     })
 }
 
@@ -128,11 +139,17 @@ impl VolumeParameters {
     /// the more basic mistake (a directory asked to be a block device).
     pub fn check_layout_options(&self) -> Result<(), ParamError> {
         if self.layout == Layout::Dir
-            && (self.thick || !self.mkfs_options.is_empty() || self.discard)
+            && (self.thick || self.zero_fill || !self.mkfs_options.is_empty() || self.discard)
         {
             return Err(ParamError::new(
                 Set::Parameters,
-                "thick, mkfsOptions and discard apply to image volumes only",
+                "thick, zeroFill, mkfsOptions and discard apply to image volumes only",
+            ));
+        }
+        if self.zero_fill && !self.thick {
+            return Err(ParamError::new(
+                Set::Parameters,
+                "zeroFill=true needs thick=true: the zeros are the preallocation, written",
             ));
         }
         if self.thick && self.discard {
@@ -172,6 +189,15 @@ pub fn mutable(params: &BTreeMap<String, String>) -> Result<MutableParameters, P
 /// preallocation wins.
 pub fn online_discard(params: &BTreeMap<String, String>, thick: bool) -> bool {
     !thick && params.get(DISCARD).map(String::as_str) == Some("true")
+}
+
+/// Whether a volume with `params` (its StorageClass parameters, checked by
+/// [`volume`] at creation, which refuses `zeroFill` on anything but a thick
+/// image) has zeros written over its image when it is built: the pool
+/// builds it so, and a node knows from it that the image's data extents
+/// are those zeros (see `node::format::blank_image`).
+pub fn zero_fill(params: &BTreeMap<String, String>) -> bool {
+    params.get(ZERO_FILL).map(String::as_str) == Some("true")
 }
 
 /// Checks the parameters of a call that takes none but the CO's own
@@ -218,6 +244,7 @@ mod tests {
                 thick: false,
                 mkfs_options: vec![],
                 discard: false,
+                zero_fill: false,
             }
         );
     }
@@ -261,6 +288,18 @@ mod tests {
             ),
             (map(&[("thick", "yes")]), map(&[]), Set::Parameters, "thick"),
             (map(&[]), map(&[("thick", "1")]), Set::Mutable, "thick"),
+            (
+                map(&[("zeroFill", "yes")]),
+                map(&[]),
+                Set::Parameters,
+                "zeroFill",
+            ),
+            (
+                map(&[]),
+                map(&[("zeroFill", "true")]),
+                Set::Mutable,
+                "zeroFill",
+            ),
             (map(&[]), map(&[("layout", "dir")]), Set::Mutable, "layout"),
             (
                 map(&[("csi.storage.k8s.io", "x")]),
@@ -285,6 +324,7 @@ mod tests {
         };
         for extra in [
             ("thick", "true"),
+            ("zeroFill", "true"),
             ("mkfsOptions", "-m 0"),
             ("discard", "true"),
         ] {
@@ -296,6 +336,29 @@ mod tests {
         // thick=false is no image option; images take both.
         check(&[("layout", "dir"), ("thick", "false")], &[]).unwrap();
         check(&[("thick", "true"), ("mkfsOptions", "-m 0")], &[]).unwrap();
+    }
+
+    #[test]
+    fn zero_fill_is_for_thick_images() {
+        let check = |p: &[(&str, &str)], m: &[(&str, &str)]| {
+            volume(&map(p), &map(m)).and_then(|v| v.check_layout_options().map(|()| v))
+        };
+        let v = check(&[("thick", "true"), ("zeroFill", "true")], &[]).unwrap();
+        assert!(v.thick && v.zero_fill);
+        assert!(!check(&[("zeroFill", "false")], &[]).unwrap().zero_fill);
+        // Thin, by the class or by a mutable override: refused.
+        for (p, m) in [
+            (&[("zeroFill", "true")][..], &[][..]),
+            (
+                &[("zeroFill", "true"), ("thick", "true")][..],
+                &[("thick", "false")][..],
+            ),
+        ] {
+            let e = check(p, m).unwrap_err();
+            assert!(e.reason.contains("needs thick=true"), "{e}");
+        }
+        assert!(zero_fill(&map(&[("thick", "true"), ("zeroFill", "true")])));
+        assert!(!zero_fill(&map(&[("thick", "true")])));
     }
 
     #[test]
