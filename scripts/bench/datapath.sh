@@ -4,7 +4,7 @@
 # p99 latency; sequential I/O) in filevol volumes (raw loop, ext4, xfs; thin
 # and thick) and on the pool filesystem and its block device, then pgbench
 # in a volume and on the pool filesystem. What each job does and why:
-# scripts/bench/datapath_bench.py. About 15 minutes; not in CI.
+# scripts/bench/datapath_bench.py. About 12 minutes; not in CI.
 #
 #   scripts/bench/datapath.sh
 #
@@ -24,6 +24,12 @@ ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing+=(postgresql)
 if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Debian's package starts a cluster of its own: not one this measures.
+  if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+    for c in /etc/postgresql/*/main; do
+      if [[ -d $c ]]; then pg_ctlcluster "$(basename "$(dirname "$c")")" main stop 2>/dev/null || true; fi
+    done
+  fi
 fi
 bin=$(bench_binary)
 
@@ -34,7 +40,17 @@ mkdir -p "$work/mnt"
 base=$(mktemp -d "${BENCH_POOL_DIR:-/var/tmp}/filevol-datapath.XXXXXX")
 chmod 755 "$base"
 mount --bind "$base" "$work/mnt"
-stop_postgres() { pkill -f "postgres -D $work" 2>/dev/null || true; pkill -f "postgres -D $base" 2>/dev/null || true; sleep 1; }
+# A run cut short leaves its clusters running, their data directories in
+# the volumes (under $work/kubelet) and the pool (under $work/mnt): an
+# immediate shutdown (SIGQUIT), waited for, before anything is unmounted.
+stop_postgres() {
+  pkill -QUIT -f "postgres -D $work" 2>/dev/null || return 0
+  local i
+  for ((i = 0; i < 100; i++)); do
+    pgrep -f "postgres -D $work" >/dev/null || return 0
+    sleep 0.1
+  done
+}
 trap 'stop_postgres; bench_exit; rm -rf "$base"' EXIT
 mkdir -p "$work/mnt/pool" "$work/kubelet"
 
@@ -49,5 +65,5 @@ bench_wait_sockets "$work/node.sock" "$work/controller.sock"
 
 python3 scripts/bench/datapath_bench.py --filevol "$bin" \
   --node "unix://$work/node.sock" --controller "unix://$work/controller.sock" \
-  --kubelet "$work/kubelet" --pool-fs "$work/mnt" \
+  --kubelet "$work/kubelet" --pool-fs "$work/mnt" --scratch "$work" \
   --runtime "${BENCH_RUNTIME:-2}" --runs "${BENCH_RUNS:-3}" --phases "${BENCH_PHASES:-fio,pgbench}"

@@ -41,10 +41,14 @@ FIRST_WRITE_SIZE = 256 << 20
 STEADY_SIZE = 512 << 20
 # Per run on a device: the steady region, then one per first-write depth.
 REGION = 512 << 20
-# What the runs write into a target: 4 regions a run, and room for the
-# filesystem's own metadata.
-VOLUME_SIZE = {"block": "6Gi", "ext4": "7Gi", "xfs": "7Gi"}
 SETTLE_SECONDS = 20
+
+
+def volume_size(kind, runs):
+    """What the runs write into a target: 4 regions a run, and for a
+    filesystem room for its own metadata."""
+    gib = runs * 4 * REGION >> 30
+    return f"{gib if kind == 'block' else gib + 1}Gi"
 
 
 def run(*argv, **kw):
@@ -187,7 +191,7 @@ def fio_phase(a, drv):
                     continue
                 label = f"{'raw loop' if kind == 'block' else kind}, {'thick' if thick else 'thin'}{', zero-filled' if zero else ''}"
                 made = time.monotonic()
-                where, gone = drv.volume(kind, thick, VOLUME_SIZE[kind], zero)
+                where, gone = drv.volume(kind, thick, volume_size(kind, a.runs), zero)
                 undo.append(gone)
                 targets.append((label, where, kind == "block", False))
                 print(f"# made: {label} in {time.monotonic() - made:.1f} s", flush=True)
@@ -260,7 +264,7 @@ class Postgres:
 
     def __init__(self, a, where, port):
         self.data = os.path.join(where, "pgdata")
-        self.sock = tempfile.mkdtemp(prefix="filevol-pg-")
+        self.sock = tempfile.mkdtemp(prefix="pg-", dir=a.scratch)
         self.port = str(port)
         os.chmod(self.sock, 0o777)
         os.makedirs(self.data, mode=0o700)
@@ -282,7 +286,7 @@ class Postgres:
 
 
 def pgbench_run(a, pg):
-    logs = tempfile.mkdtemp(prefix="filevol-pglog-")
+    logs = tempfile.mkdtemp(prefix="pglog-", dir=a.scratch)
     os.chmod(logs, 0o777)
     try:
         out = pg.pgbench("-c", str(a.pg_clients), "-j", "2", "-T", str(a.pg_seconds), "-l", "--log-prefix", "tx", cwd=logs)
@@ -302,12 +306,15 @@ def pgbench_phase(a, drv):
     pool_dir = os.path.join(a.pool_fs, "pgbench")
     os.makedirs(pool_dir)
     os.chmod(pool_dir, 0o755)
-    thin, undo_thin = drv.volume("ext4", False, "10Gi")
-    filled, undo_filled = drv.volume("ext4", True, "10Gi", zero_fill=True)
-    run("sync")
-    time.sleep(SETTLE_SECONDS)
+    undo = []
     clusters = {}
     try:
+        thin, gone = drv.volume("ext4", False, "10Gi")
+        undo.append(gone)
+        filled, gone = drv.volume("ext4", True, "10Gi", zero_fill=True)
+        undo.append(gone)
+        run("sync")
+        time.sleep(SETTLE_SECONDS)
         clusters["pool file"] = Postgres(a, pool_dir, 55432)
         clusters["ext4 volume, thin"] = Postgres(a, thin, 55433)
         clusters["ext4 volume, thick, zero-filled"] = Postgres(a, filled, 55434)
@@ -319,10 +326,15 @@ def pgbench_phase(a, drv):
             for k, pg in clusters.items():
                 runs[k].append(pgbench_run(a, pg))
     finally:
+        # Each in turn, whatever the one before did: a cluster still
+        # running keeps its volume from being unstaged.
         for pg in clusters.values():
-            pg.stop()
-        undo_thin()
-        undo_filled()
+            try:
+                pg.stop()
+            except SystemExit as e:
+                print(f"# {e}", flush=True)
+        for gone in reversed(undo):
+            gone()
         shutil.rmtree(pool_dir)
     print(f"\npgbench (TPC-B-like, scale {a.pg_scale}, {a.pg_clients} clients, {a.pg_seconds} s a run,"
           f" median of {a.runs} alternating runs; fsync on)\n")
@@ -341,6 +353,7 @@ def main():
     p.add_argument("--controller", required=True)
     p.add_argument("--kubelet", required=True)
     p.add_argument("--pool-fs", required=True, help="a directory on the pool filesystem, beside the pool")
+    p.add_argument("--scratch", required=True, help="a directory for sockets and logs, removed by the caller")
     p.add_argument("--runtime", type=int, default=2, help="seconds a time-bound job runs")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--phases", default="fio,pgbench")

@@ -89,9 +89,14 @@ impl Site {
         for (k, v) in params {
             r.parameters.insert((*k).into(), (*v).into());
         }
+        self.create_from(&r)
+    }
+
+    /// CreateVolume as asked (a clone, a restore); the new volume's id.
+    fn create_from(&self, r: &csi::CreateVolumeRequest) -> String {
         self.controller
             .controller()
-            .create_volume(&r)
+            .create_volume(r)
             .expect("CreateVolume")
             .volume
             .into_option()
@@ -250,15 +255,7 @@ fn a_trim_gives_deleted_data_back_and_a_snapshot_keeps_every_checksum() {
         );
         let mut restore = req::create_volume(&format!("restored-{fs}"), 1024 * MIB, cap.clone());
         restore.volume_content_source = Some(req::snapshot_source(&snap)).into();
-        let restored = site
-            .controller
-            .controller()
-            .create_volume(&restore)
-            .expect("restore")
-            .volume
-            .into_option()
-            .unwrap()
-            .volume_id;
+        let restored = site.create_from(&restore);
         let r_staging = site.stage(&restored, cap.clone());
         for (name, sum) in &files {
             assert_eq!(digest(&r_staging.join(name)), *sum, "{fs}: {name} changed");
@@ -603,6 +600,16 @@ fn a_zero_filled_volume_is_formatted_at_its_first_stage_and_kept_written() {
                 allocated(&image) >= len,
                 "{pool_fs}/{fs}: not all allocated"
             );
+
+            // A thin clone of it, never staged either: the zeros are its
+            // source's, and its own class does not say zeroFill.
+            let mut r = req::create_volume(&format!("clone-{fs}"), 320 * MIB, cap.clone());
+            r.volume_content_source = Some(req::volume_source(&id)).into();
+            let clone = site.create_from(&r);
+            let staging = site.stage(&clone, cap.clone());
+            write_files(&staging, 1, 1);
+            site.unstage(&clone, &staging);
+            site.delete(&clone);
 
             let staging = site.stage(&id, cap.clone());
             let files = write_files(&staging, 2, 8);

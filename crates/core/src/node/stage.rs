@@ -471,12 +471,16 @@ impl Node {
         // is formatted again. Asked before the probe, which would call it
         // data (or a filesystem, one that may not be whole).
         let redo = v.formatting && v.written != Some(true);
-        // A zero-filled image has data extents from the day it was built:
-        // its holes prove nothing, so the record decides (never formatted
-        // or handed out, and no signature), as on a pool whose holes
-        // cannot be seen.
-        let holes_prove_blank =
-            pool.reports_holes() && !crate::volume::parameters::zero_fill(&v.parameters);
+        // Holes prove an image blank only where filevol never put data
+        // extents in it itself: a zero-filled image has them from the day
+        // it was built, and a clone or restore has its source's (the
+        // zeros of a zero-filled source, copied or shared). For those the
+        // record decides (never formatted or handed out, which a copy
+        // inherits from its source, and no signature), as on a pool whose
+        // holes cannot be seen.
+        let holes_prove_blank = pool.reports_holes()
+            && v.source.is_none()
+            && !crate::volume::parameters::zero_fill(&v.parameters);
         if !redo
             && !self
                 .kernel

@@ -400,7 +400,7 @@ pub fn write_zeros(file: &File, start: u64, end: u64) -> io::Result<()> {
     const BATCH: u64 = 256 << 20;
     let flags = FallocateFlags::from_bits_retain(FALLOC_FL_WRITE_ZEROES);
     match rustix::fs::fallocate(file, flags, start, end - start) {
-        Ok(()) => return Ok(()),
+        Ok(()) => return file.sync_data(),
         // A kernel before 6.17, a filesystem or device without it.
         Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {}
         Err(e) => return Err(e.into()),
