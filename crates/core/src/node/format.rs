@@ -86,8 +86,9 @@ pub fn probe(device: &Path, image: &Path) -> io::Result<Content> {
 ///
 /// - Where SEEK_DATA tells holes from data (`reports_holes`), an image with
 ///   no data extent at all is blank: nothing was ever written to it. A
-///   zero-filled image (`zeroFill`) has data extents from the start, so
-///   the caller passes `false` for it and the record decides, as below.
+///   zero-filled image (`zeroFill`), or a clone or restore (its source's
+///   extents, zeros perhaps), can have data extents from the start, so the
+///   caller passes `false` for those and the record decides, as below.
 /// - Where it cannot (FUSE filesystems, NFS before 4.2, which call every
 ///   byte data), the pool's record decides: only an image that no node ever
 ///   formatted or handed out raw (`written == Some(false)`) *and* in which
