@@ -72,16 +72,16 @@ class Driver:
         a = self.a
         self.n += 1
         name = f"datapath-{self.n}-{kind}-{'thick' if thick else 'thin'}"
-        args = ["create-volume", name, "--size", size, "--param", f"thick={str(thick).lower()}"]
+        # The same shape for every call: a raw device or a filesystem.
+        shape = ["--block"] if kind == "block" else ["--fs-type", kind]
+        args = ["create-volume", name, "--size", size, "--param", f"thick={str(thick).lower()}", *shape]
         if zero_fill:
             args += ["--param", "zeroFill=true"]
-        args += ["--block"] if kind == "block" else ["--fs-type", kind]
         vid = self.client(a.controller, *args)[0]["response"]["volume"]["volumeId"]
         staging = os.path.join(a.kubelet, "plugins/kubernetes.io/csi/filevol.csi.rs", vid, "globalmount")
         target = os.path.join(a.kubelet, "pods", name, "volumes/kubernetes.io~csi/data/mount")
         os.makedirs(staging, exist_ok=True)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        shape = ["--block"] if kind == "block" else ["--fs-type", kind]
         self.client(a.node, "stage", vid, "--staging-path", staging, *shape)
         self.client(a.node, "publish", vid, "--staging-path", staging, "--target-path", target, *shape)
 
